@@ -1,0 +1,8 @@
+{
+  "targets": [
+    {
+      "target_name": "seekhole",
+      "sources": ["native/seekhole.c"]
+    }
+  ]
+}

@@ -1,0 +1,110 @@
+/**
+ * Findings are data: what is wrong with an image. Leak or corruption is the
+ * first fact of each; it drives repair modes and exit codes.
+ */
+export type Severity = 'leak' | 'corruption' | 'check-error'
+
+export interface GuestRange {
+  offset: number
+  length: number
+}
+
+export interface Finding {
+  kind: string
+  severity: Severity
+  /** the structure the problem is in: 'refcount', 'l1', 'l2', 'data', 'snapshot', 'cow-area'... */
+  structure: string
+  hostOffset?: number
+  cluster?: number
+  l1Index?: number
+  l2Index?: number
+  guestRanges?: GuestRange[]
+  message: string
+}
+
+/** Counts with qemu-img check's meaning, plus our findings. */
+export interface CheckReport {
+  filename: string
+  format: string
+  checkErrors: number
+  corruptions: number
+  leaks: number
+  corruptionsFixed: number
+  leaksFixed: number
+  totalClusters: number
+  allocatedClusters: number
+  fragmentedClusters: number
+  compressedClusters: number
+  imageEndOffset: number
+  findings: Finding[]
+}
+
+export type RepairMode = 'leaks' | 'all'
+
+/** qemu-img check's exit codes. */
+export const EXIT_CLEAN = 0
+export const EXIT_CHECK_FAILED = 1
+export const EXIT_CORRUPT = 2
+export const EXIT_LEAKS = 3
+export const EXIT_NO_CHECK = 63
+
+export function checkExitCode(r: Pick<CheckReport, 'checkErrors' | 'corruptions' | 'leaks'>): number {
+  if (r.checkErrors > 0) return EXIT_CHECK_FAILED
+  if (r.corruptions > 0) return EXIT_CORRUPT
+  if (r.leaks > 0) return EXIT_LEAKS
+  return EXIT_CLEAN
+}
+
+export function emptyReport(filename: string, format: string): CheckReport {
+  return {
+    filename,
+    format,
+    checkErrors: 0,
+    corruptions: 0,
+    leaks: 0,
+    corruptionsFixed: 0,
+    leaksFixed: 0,
+    totalClusters: 0,
+    allocatedClusters: 0,
+    fragmentedClusters: 0,
+    compressedClusters: 0,
+    imageEndOffset: 0,
+    findings: [],
+  }
+}
+
+export interface CheckOptions {
+  /** repair mode; absent = check only */
+  repair?: RepairMode
+  /** with repair: plan only, write nothing */
+  dryRun?: boolean
+  /** with repair: where to write the undo journal (a device path) */
+  journalPath?: string
+  /** format-specific switches, e.g. dmsnap's forceValid */
+  flags?: Record<string, boolean>
+  onProgress?: (done: number, total: number) => void
+}
+
+/** A planned or applied repair step, for --dry-run and the report. */
+export interface RepairAction {
+  kind: string
+  structure: string
+  hostOffset?: number
+  message: string
+}
+
+export interface RepairResult {
+  /** the first check (with leaksFixed/corruptionsFixed) */
+  before: CheckReport
+  /** the check after repairing; the exit code comes from this one */
+  after: CheckReport
+  actions: RepairAction[]
+  journalPath?: string
+  dryRun: boolean
+}
+
+/** Images whose format can be checked implement this. */
+export interface Checkable {
+  check(options?: CheckOptions): Promise<CheckReport>
+  repair?(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult>
+}

@@ -1,0 +1,16 @@
+/**
+ * The command table. Each entry loads its module only when that command runs,
+ * so `imgtool --version` stays fast.
+ */
+import type { CommandModule } from '../command.js'
+
+export interface CommandEntry {
+  name: string
+  load: () => Promise<CommandModule>
+}
+
+export const COMMANDS: CommandEntry[] = [
+  { name: 'info', load: async () => (await import('./info.js')).default },
+  { name: 'map', load: async () => (await import('./map.js')).default },
+  { name: 'cat', load: async () => (await import('./cat.js')).default },
+]

@@ -1,0 +1,69 @@
+import { Command, CommanderError } from 'commander'
+import { createRequire } from 'node:module'
+import type { CliIo } from './command.js'
+import { COMMANDS } from './commands/index.js'
+import { EXIT_FAILURE, renderError } from './errors.js'
+
+function version(): string {
+  const require = createRequire(import.meta.url)
+  return (require('../../package.json') as { version: string }).version
+}
+
+export async function main(argv: string[], io?: Partial<CliIo>): Promise<number> {
+  const cio: CliIo = {
+    stdout: io?.stdout ?? process.stdout,
+    stderr: io?.stderr ?? process.stderr,
+    isTTY: io?.isTTY ?? Boolean((process.stderr as { isTTY?: boolean }).isTTY),
+  }
+  let exitCode = 0
+  const program = new Command('imgtool')
+  program
+    .description('Check, repair, inspect and convert qcow2 images and dm-snapshot COW stores')
+    .version(version(), '-V, --version')
+    .exitOverride()
+    .configureOutput({
+      writeOut: (s) => cio.stdout.write(s),
+      writeErr: (s) => cio.stderr.write(s),
+    })
+    .showHelpAfterError('(run imgtool --help for usage)')
+
+  // Only the command being run is loaded; --help lists every command by loading them all.
+  const wanted = argv.slice(2).find((a) => !a.startsWith('-'))
+  const wantsHelp = !wanted || argv.includes('--help') || argv.includes('-h') || wanted === 'help'
+  for (const entry of COMMANDS) {
+    if (!wantsHelp && entry.name !== wanted) {
+      const mod = wanted && (await isAlias(entry, wanted))
+      if (!mod) continue
+    }
+    const mod = await entry.load()
+    const cmd = program.command(mod.name).description(mod.description)
+    for (const a of mod.aliases ?? []) cmd.alias(a)
+    mod.configure(cmd)
+    cmd.exitOverride()
+    cmd.action(async (...actionArgs: unknown[]) => {
+      const command = actionArgs[actionArgs.length - 1] as Command
+      const opts = command.opts()
+      try {
+        exitCode = await mod.run(command.args, opts, cio)
+      } catch (e) {
+        exitCode = renderError(e, cio.stderr)
+      }
+    })
+  }
+
+  try {
+    await program.parseAsync(argv)
+  } catch (e) {
+    if (e instanceof CommanderError) {
+      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version' || e.code === 'commander.help') return 0
+      return EXIT_FAILURE
+    }
+    return renderError(e, cio.stderr)
+  }
+  return exitCode
+}
+
+const ALIASES: Record<string, string[]> = { merge: ['commit'] }
+async function isAlias(entry: { name: string }, wanted: string): Promise<boolean> {
+  return (ALIASES[entry.name] ?? []).includes(wanted)
+}

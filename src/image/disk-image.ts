@@ -1,0 +1,82 @@
+/**
+ * One image interface for every format. convert, compare and map use only
+ * this, never a concrete format.
+ */
+
+/**
+ * Allocation status of a guest range, with qemu-img map's meaning:
+ * - present: allocated in some layer of the chain (BDRV_BLOCK_ALLOCATED)
+ * - zero: reads as zeros
+ * - data: backed by data somewhere (BDRV_BLOCK_DATA)
+ * - depth: the layer it came from (0 = this image, 1 = its backing file...)
+ * - hostOffset/file: where the bytes are when they map 1:1 to a host range
+ */
+export interface Extent {
+  start: number
+  length: number
+  depth: number
+  present: boolean
+  zero: boolean
+  data: boolean
+  hostOffset?: number
+  file?: string
+}
+
+export type ExtentKind = 'data' | 'zero' | 'unallocated'
+
+export function extentKind(e: Extent): ExtentKind {
+  if (e.zero) return 'zero'
+  if (e.data) return 'data'
+  return 'unallocated'
+}
+
+export interface SnapshotInfo {
+  id: string
+  name: string
+  vmStateSize: number
+  dateSec: number
+  dateNsec: number
+  vmClockNsec: number
+  icount?: number
+  /** guest disk size recorded with the snapshot (v3 extra data) */
+  diskSize?: number
+  l1TableOffset: number
+  l1Size: number
+  extraDataSize: number
+}
+
+/** What `info` shows, independent of rendering. Format-specific data keeps qemu's field names. */
+export interface ImageInfo {
+  filename: string
+  format: string
+  virtualSize: number
+  actualSize?: number
+  clusterSize?: number
+  dirty?: boolean
+  backingFilename?: string
+  fullBackingFilename?: string
+  backingFormat?: string
+  snapshots?: SnapshotInfo[]
+  formatSpecific?: { type: string; data: Record<string, unknown> }
+  /** the backing image's info, for --backing-chain */
+  backing?: ImageInfo
+}
+
+export interface DiskImage {
+  readonly format: string
+  readonly filename: string
+  readonly virtualSize: number
+  readonly readOnly: boolean
+  /** The backing image, when the format has one. */
+  readonly backing?: DiskImage | undefined
+  /** Guest bytes; ranges past the virtual size are refused. */
+  read(offset: number, length: number): Promise<Uint8Array>
+  /** Allocation status covering [offset, offset+length) in order, without gaps. */
+  extents(offset?: number, length?: number): AsyncIterable<Extent>
+  info(): Promise<ImageInfo>
+  /** Writable images implement these. */
+  write?(offset: number, data: Uint8Array): Promise<void>
+  writeZeroes?(offset: number, length: number, options?: { discard?: boolean }): Promise<void>
+  flush(): Promise<void>
+  close(): Promise<void>
+}

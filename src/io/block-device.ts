@@ -1,0 +1,56 @@
+/**
+ * The one narrow I/O interface every format goes through, so tests can count
+ * it, fail it, tear it and crash it. Offsets and lengths are bytes.
+ */
+export type IoTag =
+  | 'header'
+  | 'header-ext'
+  | 'l1'
+  | 'l2'
+  | 'reftable'
+  | 'refblock'
+  | 'snapshot'
+  | 'bitmap'
+  | 'data'
+  | 'compressed'
+  | 'journal'
+  | 'cow-header'
+  | 'cow-area'
+  | 'cow-data'
+  | 'origin'
+  | 'probe'
+  | (string & {})
+
+/** Host allocation status of a byte range (SEEK_DATA/SEEK_HOLE where the host supports it). */
+export interface HostStatus {
+  /** true: the range holds data; false: it is a hole (reads as zeros). */
+  data: boolean
+  /** how many bytes from `offset` share this status (at least 1, at most the length asked). */
+  length: number
+}
+
+export interface BlockDevice {
+  /** Current size in bytes. Reads beyond it return zeros (as QEMU's block layer does). */
+  readonly size: number
+  readonly readOnly: boolean
+  /** A name for messages: the file path, or a label for memory devices. */
+  readonly name: string
+  read(offset: number, length: number, tag?: IoTag): Promise<Uint8Array>
+  write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void>
+  /** The durability barrier: every write before it is durable after it. */
+  flush(): Promise<void>
+  truncate(size: number): Promise<void>
+  close(): Promise<void>
+  /** Optional: hole detection (files on Linux). Without it every byte counts as data. */
+  hostStatus?(offset: number, length: number): Promise<HostStatus>
+  /** Optional: bytes actually allocated on the host (st_blocks * 512). */
+  allocatedSize?(): Promise<number>
+}
+
+export interface OpenDeviceOptions {
+  readOnly: boolean
+  /** create (or truncate) the file */
+  create?: boolean
+}
+
+export type DeviceOpener = (path: string, options: OpenDeviceOptions) => Promise<BlockDevice>

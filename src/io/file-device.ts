@@ -1,0 +1,156 @@
+/**
+ * A BlockDevice on a file: positional reads and writes on a node:fs/promises
+ * FileHandle, never a whole-file load. Reads past the end return zeros.
+ */
+import { open, type FileHandle } from 'node:fs/promises'
+import { constants as fsConstants } from 'node:fs'
+import { ImageIoError, NotFoundError, ReadOnlyError, hex } from '../errors.js'
+import type { BlockDevice, HostStatus, IoTag, OpenDeviceOptions } from './block-device.js'
+import { ENXIO, seekHoleAddon } from './seek-hole.js'
+
+export class FileDevice implements BlockDevice {
+  private constructor(
+    private readonly fh: FileHandle,
+    readonly name: string,
+    readonly readOnly: boolean,
+    private len: number,
+  ) {}
+
+  static async open(path: string, options: OpenDeviceOptions): Promise<FileDevice> {
+    const flags = options.readOnly
+      ? fsConstants.O_RDONLY
+      : options.create
+        ? fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_TRUNC
+        : fsConstants.O_RDWR
+    let fh: FileHandle
+    try {
+      fh = await open(path, flags, 0o644)
+    } catch (e) {
+      throw fsError(e, path, 'open')
+    }
+    try {
+      const st = await fh.stat()
+      if (st.isDirectory()) throw new ImageIoError(`${path}: is a directory`, 'EISDIR', { file: path })
+      let size = st.size
+      if (st.isBlockDevice()) {
+        const { size: bsize } = await blockDeviceSize(fh)
+        size = bsize
+      }
+      return new FileDevice(fh, path, options.readOnly, size)
+    } catch (e) {
+      await fh.close().catch(() => undefined)
+      throw e
+    }
+  }
+
+  get size(): number {
+    return this.len
+  }
+
+  async read(offset: number, length: number, tag?: IoTag): Promise<Uint8Array> {
+    const out = new Uint8Array(length)
+    const avail = Math.max(0, Math.min(length, this.len - offset))
+    let done = 0
+    while (done < avail) {
+      let n: number
+      try {
+        ;({ bytesRead: n } = await this.fh.read(out, done, avail - done, offset + done))
+      } catch (e) {
+        throw fsError(e, this.name, `read ${tag ?? 'data'} at ${hex(offset + done)}`, offset + done, tag)
+      }
+      if (n === 0) break // file shrank underneath us: the rest reads as zeros
+      done += n
+    }
+    return out
+  }
+
+  async write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void> {
+    if (this.readOnly) {
+      throw new ReadOnlyError(`${this.name}: image is open read-only (write of ${tag ?? 'data'} at ${hex(offset)} refused)`, {
+        file: this.name,
+        offset,
+        structure: tag,
+      })
+    }
+    let done = 0
+    while (done < data.byteLength) {
+      try {
+        const { bytesWritten } = await this.fh.write(data, done, data.byteLength - done, offset + done)
+        done += bytesWritten
+      } catch (e) {
+        throw fsError(e, this.name, `write ${tag ?? 'data'} at ${hex(offset + done)}`, offset + done, tag)
+      }
+    }
+    if (offset + data.byteLength > this.len) this.len = offset + data.byteLength
+  }
+
+  async flush(): Promise<void> {
+    if (this.readOnly) return
+    try {
+      await this.fh.datasync()
+    } catch (e) {
+      throw fsError(e, this.name, 'flush')
+    }
+  }
+
+  async truncate(size: number): Promise<void> {
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: image is open read-only (truncate refused)`, { file: this.name })
+    try {
+      await this.fh.truncate(size)
+    } catch (e) {
+      throw fsError(e, this.name, `truncate to ${size}`)
+    }
+    this.len = size
+  }
+
+  async close(): Promise<void> {
+    await this.fh.close()
+  }
+
+  async allocatedSize(): Promise<number> {
+    const st = await this.fh.stat()
+    return st.blocks * 512
+  }
+
+  /** SEEK_DATA/SEEK_HOLE through the native addon when it was built; else all data. */
+  async hostStatus(offset: number, length: number): Promise<HostStatus> {
+    if (offset >= this.len) return { data: false, length }
+    const addon = seekHoleAddon()
+    const limit = Math.min(length, this.len - offset)
+    if (!addon) return { data: true, length: limit }
+    const fd = this.fh.fd
+    const dataAt = addon.seek(fd, offset, 0)
+    if (dataAt === -ENXIO) return { data: false, length: limit } // no data after offset
+    if (dataAt < 0) return { data: true, length: limit }
+    if (dataAt > offset) return { data: false, length: Math.min(limit, dataAt - offset) }
+    const holeAt = addon.seek(fd, offset, 1)
+    if (holeAt < 0) return { data: true, length: limit }
+    return { data: true, length: Math.max(1, Math.min(limit, holeAt - offset)) }
+  }
+}
+
+async function blockDeviceSize(fh: FileHandle): Promise<{ size: number }> {
+  // A block device's stat size is 0; find its end by reading the last bytes we can.
+  let lo = 0
+  let hi = 2 ** 52
+  const probe = new Uint8Array(1)
+  while (hi - lo > 512) {
+    const mid = Math.floor((lo + hi) / 1024) * 512
+    const { bytesRead } = await fh.read(probe, 0, 1, mid)
+    if (bytesRead === 1) lo = mid + 1
+    else hi = mid
+  }
+  return { size: Math.ceil(lo / 512) * 512 }
+}
+
+export function fsError(e: unknown, file: string, what: string, offset?: number, tag?: IoTag): Error {
+  const err = e as NodeJS.ErrnoException
+  const code = err?.code ?? 'EIO'
+  if (code === 'ENOENT') return new NotFoundError(`${file}: No such file or directory`, { file })
+  const reason = err?.message?.replace(/^[A-Z]+: /, '').replace(/, [a-z]+ .*$/, '') ?? String(e)
+  return new ImageIoError(`${file}: ${what} failed: ${code} (${reason})`, code, { file, offset, structure: tag }, { cause: e })
+}
+
+export async function openFileDevice(path: string, options: OpenDeviceOptions): Promise<BlockDevice> {
+  return FileDevice.open(path, options)
+}

@@ -1,0 +1,76 @@
+/** Opening images by path: probing, format drivers, backing chains. */
+import { resolve } from 'node:path'
+import { UsageError, WrongFormatError } from './errors.js'
+import type { BlockDevice, DeviceOpener } from './io/block-device.js'
+import { openFileDevice } from './io/file-device.js'
+import type { DiskImage } from './image/disk-image.js'
+import { MAX_CHAIN_DEPTH, type FormatDriver, type OpenContext, type OpenImageOptions } from './image/context.js'
+import { PROBE_BYTES, probeFormat, type FormatName } from './image/probe.js'
+import { rawDriver } from './formats/raw/image.js'
+import { qcow2Driver } from './formats/qcow2/driver.js'
+
+const DRIVERS: Record<string, FormatDriver> = {
+  raw: rawDriver,
+  qcow2: qcow2Driver,
+}
+
+export function registeredFormats(): string[] {
+  return Object.keys(DRIVERS)
+}
+
+export function driverFor(format: FormatName): FormatDriver {
+  const d = DRIVERS[format]
+  if (!d) throw new UsageError(`Unknown file format '${format}'`)
+  return d
+}
+
+/** Open an image on an already open device (tests use memory devices this way). */
+export async function openImageOnDevice(
+  device: BlockDevice,
+  options: OpenImageOptions & { context?: OpenContext },
+): Promise<DiskImage> {
+  const context = options.context ?? makeContext(openFileDevice)
+  let format = options.format
+  if (!format) format = probeFormat(await device.read(0, Math.min(PROBE_BYTES, Math.max(device.size, 4)), 'probe'))
+  return driverFor(format).open(device, context, options)
+}
+
+export function makeContext(openDevice: DeviceOpener): OpenContext {
+  const context: OpenContext = {
+    openDevice,
+    async openImage(path, options) {
+      const depth = options.depth ?? 0
+      const chain = options.chain ?? []
+      if (depth > MAX_CHAIN_DEPTH) {
+        throw new WrongFormatError(`${path}: backing chain is deeper than ${MAX_CHAIN_DEPTH} images`, { file: path, structure: 'backing chain' })
+      }
+      const key = resolve(path)
+      if (chain.includes(key)) {
+        throw new WrongFormatError(`${path}: backing chain loop (${[...chain, key].join(' -> ')})`, { file: path, structure: 'backing chain' })
+      }
+      const device = await openDevice(path, { readOnly: options.readOnly })
+      try {
+        return await openImageOnDevice(device, { ...options, depth, chain: [...chain, key], context })
+      } catch (e) {
+        await device.close().catch(() => undefined)
+        throw e
+      }
+    },
+  }
+  return context
+}
+
+/** Open an image file by path; `format` overrides probing. */
+export async function openImage(
+  path: string,
+  options: { format?: FormatName; readOnly?: boolean; options?: Record<string, string>; openDevice?: DeviceOpener } = {},
+): Promise<DiskImage> {
+  const context = makeContext(options.openDevice ?? openFileDevice)
+  return context.openImage(path, {
+    format: options.format,
+    readOnly: options.readOnly ?? true,
+    depth: 0,
+    chain: [],
+    options: options.options ?? {},
+  })
+}
