@@ -19,6 +19,23 @@ export interface Finding {
   l1Index?: number
   l2Index?: number
   guestRanges?: GuestRange[]
+  /** dm-snapshot: every chunk the finding names (COW chunk indices) */
+  chunks?: number[]
+  /** dm-snapshot: the record's origin chunk (old_chunk) */
+  oldChunk?: number
+  /** dm-snapshot: the record's COW chunk (new_chunk) */
+  newChunk?: number
+  /** dm-snapshot: metadata area and slot of the record */
+  area?: number
+  slot?: number
+  message: string
+}
+
+/** Something worth telling that is neither a leak nor a corruption (does not change the exit code). */
+export interface Notice {
+  kind: string
+  structure: string
+  cluster?: number
   message: string
 }
 
@@ -37,6 +54,8 @@ export interface CheckReport {
   compressedClusters: number
   imageEndOffset: number
   findings: Finding[]
+  /** informational observations (e.g. dm-snapshot: store full) */
+  notices?: Notice[]
 }
 
 export type RepairMode = 'leaks' | 'all'

@@ -26,3 +26,20 @@ export function canMergeExtents(
     a.file === b.file
   )
 }
+
+type MergeableExtent = Parameters<typeof canMergeExtents>[0]
+
+/** Merge a stream of extents the way qemu-img map merges its entries. */
+export async function* mergeExtents<T extends MergeableExtent>(source: AsyncIterable<T>): AsyncGenerator<T> {
+  let cur: T | undefined
+  for await (const e of source) {
+    if (e.length === 0) continue
+    if (cur && canMergeExtents(cur, e)) {
+      cur = { ...cur, length: cur.length + e.length }
+      continue
+    }
+    if (cur) yield cur
+    cur = { ...e }
+  }
+  if (cur) yield cur
+}

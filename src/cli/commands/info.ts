@@ -1,0 +1,31 @@
+import type { CommandModule } from '../command.js'
+import { addImageOptions, addOutputOption, oneImageArg, parseImageOptions, parseOutput, printJson } from '../common.js'
+
+const info: CommandModule = {
+  name: 'info',
+  description: 'show information about an image (qemu-img info)',
+  configure(cmd) {
+    addOutputOption(addImageOptions(cmd))
+      .option('--backing-chain', 'show every image of the backing chain')
+      .argument('<image>')
+  },
+  async run(args, opts, io) {
+    const path = oneImageArg(args)
+    const { format, options } = parseImageOptions(opts)
+    const output = parseOutput(opts)
+    const { openImage } = await import('../../open.js')
+    const { infoHuman, infoJson } = await import('../render/info.js')
+    const image = await openImage(path, { format, readOnly: true, options })
+    try {
+      const top = await image.info()
+      const chain = [top]
+      if (opts['backingChain']) for (let i = top.backing; i; i = i.backing) chain.push(i)
+      if (output === 'json') printJson(io.stdout, opts['backingChain'] ? chain.map(infoJson) : infoJson(top))
+      else io.stdout.write(chain.map(infoHuman).join('\n'))
+    } finally {
+      await image.close()
+    }
+    return 0
+  },
+}
+export default info

@@ -1,0 +1,59 @@
+import type { CommandModule } from '../command.js'
+import { addImageOptions, addOutputOption, oneImageArg, parseImageOptions, parseOutput } from '../common.js'
+import { writeOut } from '../stream.js'
+
+const map: CommandModule = {
+  name: 'map',
+  description: 'show the allocation status of every guest range (qemu-img map)',
+  configure(cmd) {
+    addOutputOption(addImageOptions(cmd))
+      .option('--start-offset <n>', 'first guest byte to map')
+      .option('--max-length <n>', 'how many guest bytes to map')
+      .argument('<image>')
+  },
+  async run(args, opts, io) {
+    const path = oneImageArg(args)
+    const { format, options } = parseImageOptions(opts)
+    const output = parseOutput(opts)
+    const { parseSize } = await import('../../util/size.js')
+    const { openImage } = await import('../../open.js')
+    const { mergeExtents } = await import('../../image/range.js')
+    const image = await openImage(path, { format, readOnly: true, options })
+    try {
+      const start = opts['startOffset'] !== undefined ? parseSize(String(opts['startOffset']), 'start offset') : 0
+      const size = image.virtualSize
+      const from = Math.min(start, size)
+      const maxLen = opts['maxLength'] !== undefined ? parseSize(String(opts['maxLength']), 'max length') : size
+      const length = Math.min(maxLen, size - from)
+      let first = true
+      if (output === 'human') await writeOut(io.stdout, `${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Mapped to'.padEnd(16)}File\n`)
+      else await writeOut(io.stdout, '[')
+      let batch = ''
+      for await (const e of mergeExtents(image.extents(from, length))) {
+        if (output === 'json') {
+          const off = e.hostOffset !== undefined ? `, "offset": ${e.hostOffset}` : ''
+          batch += `${first ? '' : ',\n'}{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}${off}}`
+        } else if (e.data && e.hostOffset !== undefined) {
+          batch += `${cHex(e.start).padEnd(16)}${cHex(e.length).padEnd(16)}${cHex(e.hostOffset).padEnd(16)}${e.file ?? ''}\n`
+        }
+        first = false
+        if (batch.length > 65536) {
+          await writeOut(io.stdout, batch)
+          batch = ''
+        }
+      }
+      if (output === 'json') batch += ']\n'
+      await writeOut(io.stdout, batch)
+    } finally {
+      await image.close()
+    }
+    return 0
+  },
+}
+
+/** printf("%#x"): 0 prints as "0", everything else with 0x. */
+function cHex(n: number): string {
+  return n === 0 ? '0' : '0x' + n.toString(16)
+}
+
+export default map

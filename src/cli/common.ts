@@ -1,0 +1,79 @@
+/** Options shared by commands that open one image, parsed with zod. */
+import type { Command } from 'commander'
+import { z } from 'zod'
+import { UsageError } from '../errors.js'
+import { FORMAT_NAMES, type FormatName } from '../image/probe.js'
+
+export function addImageOptions(cmd: Command): Command {
+  return cmd
+    .option('-f, --format <fmt>', `image format (${FORMAT_NAMES.join(', ')}); probed when absent`)
+    .option('-o, --options <opts>', 'format options as key=value[,key=value...] (e.g. origin=ORIGIN for dmsnap)')
+    .option('--origin <path>', 'dm-snapshot origin device or file (same as -o origin=PATH)')
+}
+
+export function addOutputOption(cmd: Command): Command {
+  return cmd
+    .option('--output <fmt>', 'output format: human or json', 'human')
+    .option('--json', 'same as --output json')
+}
+
+const formatSchema = z.enum(FORMAT_NAMES as unknown as [FormatName, ...FormatName[]])
+
+export interface ImageArgs {
+  format: FormatName | undefined
+  options: Record<string, string>
+}
+
+export function parseImageOptions(opts: Record<string, unknown>): ImageArgs {
+  let format: FormatName | undefined
+  if (opts['format'] !== undefined) {
+    const r = formatSchema.safeParse(opts['format'])
+    if (!r.success) throw new UsageError(`Unknown file format '${String(opts['format'])}' (known: ${FORMAT_NAMES.join(', ')})`)
+    format = r.data
+  }
+  const options = parseKeyValues(opts['options'] as string | undefined)
+  if (typeof opts['origin'] === 'string') options['origin'] = opts['origin']
+  return { format, options }
+}
+
+/** qemu-img's -o syntax: key=value,key=value (a doubled comma is a literal comma). */
+export function parseKeyValues(text: string | undefined): Record<string, string> {
+  const out: Record<string, string> = {}
+  if (!text) return out
+  const parts = text.replace(/,,/g, '\u0000').split(',')
+  for (const p of parts) {
+    if (!p) continue
+    const eq = p.indexOf('=')
+    const key = (eq < 0 ? p : p.slice(0, eq)).trim()
+    const value = (eq < 0 ? 'on' : p.slice(eq + 1)).replace(/\u0000/g, ',')
+    if (!key) throw new UsageError(`invalid option '${p}' in '${text}'`)
+    out[key] = value
+  }
+  return out
+}
+
+export type OutputMode = 'human' | 'json'
+
+export function parseOutput(opts: Record<string, unknown>): OutputMode {
+  if (opts['json']) return 'json'
+  const r = z.enum(['human', 'json']).safeParse(opts['output'] ?? 'human')
+  if (!r.success) throw new UsageError(`--output must be 'human' or 'json', not '${String(opts['output'])}'`)
+  return r.data
+}
+
+export function oneImageArg(args: string[], what = 'image file name'): string {
+  if (args.length !== 1) throw new UsageError(`Expecting one ${what}`)
+  return args[0]!
+}
+
+export function nonNegativeInt(text: unknown, what: string): number | undefined {
+  if (text === undefined) return undefined
+  const r = z.coerce.number().int().nonnegative().safeParse(text)
+  if (!r.success) throw new UsageError(`${what} must be a non-negative whole number, not '${String(text)}'`)
+  return r.data
+}
+
+/** JSON as qemu-img prints it: 4-space indentation, newline at the end. */
+export function printJson(stdout: NodeJS.WritableStream, value: unknown): void {
+  stdout.write(JSON.stringify(value, null, 4) + '\n')
+}

@@ -1,0 +1,230 @@
+/**
+ * Guest -> host mapping: walks L1 and L2 tables for a guest range and yields
+ * runs of equal status, merging host-contiguous data clusters so large reads
+ * become few device reads.
+ */
+import { CorruptImageError, hex } from '../../errors.js'
+import type { BlockDevice } from '../../io/block-device.js'
+import { Lru } from '../../util/lru.js'
+import { decodeL1, decodeL2, readBitmap, subclusterType, type L2DecodeContext, type L2Entry, type SubclusterType } from './entries.js'
+import { hasDataFile, hasExtendedL2, l2EntrySize, type Qcow2Header } from './header.js'
+import { SUBCLUSTERS_PER_CLUSTER } from './constants.js'
+
+export interface MappingRun {
+  guest: number
+  length: number
+  type: Exclude<SubclusterType, 'invalid'>
+  /** host byte offset of `guest` (normal, zero-alloc, unallocated-alloc) */
+  hostOffset?: number
+  /** compressed cluster: descriptor and the guest offset where its cluster starts */
+  compressed?: { hostOffset: number; size: number; clusterGuest: number }
+}
+
+/** L2 tables cached by host offset; budget in bytes (QEMU's default is 1 MiB). */
+export class L2Cache {
+  private readonly lru: Lru<number, Uint8Array>
+  constructor(clusterSize: number, budgetBytes = 4 * 1024 * 1024) {
+    this.lru = new Lru(Math.max(4, Math.floor(budgetBytes / clusterSize)))
+  }
+  get(offset: number): Uint8Array | undefined {
+    return this.lru.get(offset)
+  }
+  set(offset: number, table: Uint8Array): void {
+    this.lru.set(offset, table)
+  }
+  delete(offset: number): void {
+    this.lru.delete(offset)
+  }
+  clear(): void {
+    this.lru.clear()
+  }
+}
+
+export class ClusterMapper {
+  readonly clusterSize: number
+  readonly l2Entries: number
+  readonly subclusterSize: number
+  private readonly ctx: L2DecodeContext
+  private readonly l1View: DataView
+
+  constructor(
+    private readonly dev: BlockDevice,
+    private readonly h: Qcow2Header,
+    private readonly file: string,
+    /** the active L1 table bytes (l1Size * 8); writers update it in place */
+    readonly l1: Uint8Array,
+    readonly l2cache: L2Cache,
+  ) {
+    this.clusterSize = h.clusterSize
+    this.l2Entries = h.clusterSize / l2EntrySize(h)
+    this.subclusterSize = hasExtendedL2(h) ? h.clusterSize / SUBCLUSTERS_PER_CLUSTER : h.clusterSize
+    this.ctx = { clusterBits: h.clusterBits, extendedL2: hasExtendedL2(h), dataFile: hasDataFile(h) }
+    this.l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength)
+  }
+
+  get decodeContext(): L2DecodeContext {
+    return this.ctx
+  }
+
+  l1Entry(index: number) {
+    return decodeL1(this.l1View, index * 8)
+  }
+
+  /** Load the L2 table an L1 entry points at, refusing offsets that cannot be a table. */
+  async loadL2(l1Index: number, l2Offset: number): Promise<Uint8Array> {
+    const cached = this.l2cache.get(l2Offset)
+    if (cached) return cached
+    if (l2Offset % this.clusterSize !== 0) {
+      throw new CorruptImageError(
+        `qcow2: ${this.file}: L2 table offset ${hex(l2Offset)} is not aligned to cluster size ${hex(this.clusterSize)} (L1 index ${l1Index})`,
+        { file: this.file, structure: 'l1', offset: this.h.l1TableOffset + l1Index * 8 },
+      )
+    }
+    const eofLimit = Math.ceil(this.dev.size / this.clusterSize) * this.clusterSize
+    if (l2Offset + this.clusterSize > eofLimit) {
+      throw new CorruptImageError(
+        `qcow2: ${this.file}: L2 table offset ${hex(l2Offset)} is beyond the end of the file (size ${hex(this.dev.size)}, L1 index ${l1Index})`,
+        { file: this.file, structure: 'l1', offset: this.h.l1TableOffset + l1Index * 8 },
+      )
+    }
+    const t = await this.dev.read(l2Offset, this.clusterSize, 'l2')
+    this.l2cache.set(l2Offset, t)
+    return t
+  }
+
+  decodeEntry(table: DataView, index: number): L2Entry {
+    return decodeL2(table, index * l2EntrySize(this.h), this.ctx)
+  }
+
+  /**
+   * Runs covering [offset, offset+length) in guest order. Adjacent runs of the
+   * same type are merged when their host ranges are contiguous too.
+   */
+  async *map(offset: number, length: number): AsyncGenerator<MappingRun> {
+    const end = offset + length
+    const cs = this.clusterSize
+    let pending: MappingRun | undefined
+    const emit = function* (r: MappingRun): Generator<MappingRun> {
+      if (
+        pending &&
+        pending.type === r.type &&
+        !r.compressed &&
+        !pending.compressed &&
+        pending.guest + pending.length === r.guest &&
+        (pending.hostOffset === undefined) === (r.hostOffset === undefined) &&
+        (r.hostOffset === undefined || pending.hostOffset! + pending.length === r.hostOffset)
+      ) {
+        pending.length += r.length
+        return
+      }
+      if (pending) yield pending
+      pending = r
+    }
+
+    let pos = offset
+    while (pos < end) {
+      const cluster = Math.floor(pos / cs)
+      const l1Index = Math.floor(cluster / this.l2Entries)
+      let l2Index = cluster % this.l2Entries
+      const tableEnd = Math.min(end, (l1Index + 1) * this.l2Entries * cs)
+      const l1e = l1Index < this.h.l1Size ? this.l1Entry(l1Index) : undefined
+      if (!l1e || l1e.l2Offset === 0) {
+        yield* emit({ guest: pos, length: tableEnd - pos, type: 'unallocated' })
+        pos = tableEnd
+        continue
+      }
+      const raw = await this.loadL2(l1Index, l1e.l2Offset)
+      const dv = new DataView(raw.buffer, raw.byteOffset, raw.byteLength)
+      while (pos < tableEnd) {
+        const clusterStart = Math.floor(pos / cs) * cs
+        const clusterEnd = Math.min(tableEnd, clusterStart + cs)
+        const e = this.decodeEntry(dv, l2Index)
+        if (this.ctx.extendedL2) {
+          yield* this.extendedRuns(e, dv, l2Index, l1Index, l1e.l2Offset, pos, clusterStart, clusterEnd, emit)
+        } else {
+          yield* emit(this.standardRun(e, l1Index, l1e.l2Offset, l2Index, pos, clusterStart, clusterEnd))
+        }
+        pos = clusterEnd
+        l2Index++
+      }
+    }
+    if (pending) yield pending
+  }
+
+  private standardRun(e: L2Entry, l1Index: number, l2Offset: number, l2Index: number, pos: number, clusterStart: number, clusterEnd: number): MappingRun {
+    const length = clusterEnd - pos
+    switch (e.type) {
+      case 'unallocated':
+        return { guest: pos, length, type: 'unallocated' }
+      case 'compressed':
+        return { guest: pos, length, type: 'compressed', compressed: { hostOffset: e.hostOffset, size: e.size, clusterGuest: clusterStart } }
+      case 'zero':
+        if (this.h.version < 3) {
+          throw new CorruptImageError(
+            `qcow2: ${this.file}: zero cluster entry found in a v2 image (L2 table ${hex(l2Offset)}, index ${l2Index}, guest ${hex(clusterStart)})`,
+            { file: this.file, structure: 'l2', offset: l2Offset + l2Index * 8 },
+          )
+        }
+        if (e.hostOffset === 0) return { guest: pos, length, type: 'zero' }
+        this.checkHost(e.hostOffset, l1Index, l2Offset, l2Index, clusterStart)
+        return { guest: pos, length, type: 'zero-alloc', hostOffset: e.hostOffset + (pos - clusterStart) }
+      case 'normal':
+        this.checkHost(e.hostOffset, l1Index, l2Offset, l2Index, clusterStart)
+        return { guest: pos, length, type: 'normal', hostOffset: e.hostOffset + (pos - clusterStart) }
+    }
+  }
+
+  private *extendedRuns(
+    e: L2Entry,
+    dv: DataView,
+    l2Index: number,
+    l1Index: number,
+    l2Offset: number,
+    pos: number,
+    clusterStart: number,
+    clusterEnd: number,
+    emit: (r: MappingRun) => Generator<MappingRun>,
+  ): Generator<MappingRun> {
+    if (e.type === 'compressed') {
+      yield* emit({ guest: pos, length: clusterEnd - pos, type: 'compressed', compressed: { hostOffset: e.hostOffset, size: e.size, clusterGuest: clusterStart } })
+      return
+    }
+    if (e.type === 'normal') this.checkHost(e.hostOffset, l1Index, l2Offset, l2Index, clusterStart)
+    const bm = readBitmap(dv, l2Index * 16)
+    const sc = this.subclusterSize
+    let p = pos
+    while (p < clusterEnd) {
+      const i = Math.floor((p - clusterStart) / sc)
+      const scEnd = Math.min(clusterEnd, clusterStart + (i + 1) * sc)
+      const t = subclusterType(e, bm, i)
+      if (t === 'invalid') {
+        throw new CorruptImageError(
+          `qcow2: ${this.file}: invalid extended L2 bitmap 0x${bm.zero.toString(16).padStart(8, '0')}${bm.alloc.toString(16).padStart(8, '0')} (L2 table ${hex(l2Offset)}, index ${l2Index}, subcluster ${i})`,
+          { file: this.file, structure: 'l2', offset: l2Offset + l2Index * 16 },
+        )
+      }
+      const host = e.type === 'normal' ? e.hostOffset + (p - clusterStart) : undefined
+      if (t === 'normal' || t === 'zero-alloc' || t === 'unallocated-alloc') {
+        yield* emit({ guest: p, length: scEnd - p, type: t, hostOffset: host! })
+      } else if (t !== 'compressed') {
+        yield* emit({ guest: p, length: scEnd - p, type: t })
+      }
+      p = scEnd
+    }
+  }
+
+  private checkHost(host: number, l1Index: number, l2Offset: number, l2Index: number, clusterStart: number): void {
+    if (host % this.clusterSize !== 0) {
+      throw new CorruptImageError(
+        `qcow2: ${this.file}: data cluster offset ${hex(host)} is not aligned to cluster size ${hex(this.clusterSize)} (L1 index ${l1Index}, L2 table ${hex(l2Offset)}, index ${l2Index})`,
+        { file: this.file, structure: 'l2', offset: l2Offset + l2Index * l2EntrySize(this.h) },
+      )
+    }
+    if (this.ctx.dataFile && host !== clusterStart) {
+      throw new CorruptImageError(
+        `qcow2: ${this.file}: external data file cluster offset ${hex(host)} does not match guest offset ${hex(clusterStart)} (L2 index ${l2Index})`,
+        { file: this.file, structure: 'l2', offset: l2Offset + l2Index * l2EntrySize(this.h) },
+      )
+    }
+  }
+}

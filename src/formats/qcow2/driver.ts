@@ -1,0 +1,7 @@
+import type { FormatDriver } from '../../image/context.js'
+import { openQcow2 } from './image.js'
+
+export const qcow2Driver: FormatDriver = {
+  name: 'qcow2',
+  open: (device, context, options) => openQcow2(device, context, options),
+}

@@ -1,0 +1,367 @@
+/**
+ * A qcow2 image: open (header, L1, backing chain, data file, snapshot table,
+ * bitmap directory), guest reads, extents with qemu-img map's meaning, info.
+ */
+import { CorruptImageError, UnsupportedFeatureError, hex } from '../../errors.js'
+import type { BlockDevice } from '../../io/block-device.js'
+import type { OpenContext, OpenImageOptions } from '../../image/context.js'
+import type { DiskImage, Extent, ImageInfo, SnapshotInfo } from '../../image/disk-image.js'
+import { isFormatName } from '../../image/probe.js'
+import { checkGuestRange } from '../../image/range.js'
+import { Lru } from '../../util/lru.js'
+import { bitmapFlagNames, readBitmapDirectory, type Qcow2Bitmap } from './bitmap-directory.js'
+import { ClusterMapper, L2Cache, type MappingRun } from './cluster.js'
+import { decompressCluster } from './compress.js'
+import { COMPRESSION_ZSTD } from './constants.js'
+import {
+  bitmapsValid,
+  dataFileRaw,
+  hasDataFile,
+  hasExtendedL2,
+  hasLazyRefcounts,
+  isCorrupt,
+  isDirty,
+  readHeader,
+  type Qcow2Header,
+} from './header.js'
+import { combinePath } from './paths.js'
+import { RefcountReader } from './refcount.js'
+import { readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js'
+
+export class Qcow2Image implements DiskImage {
+  readonly format = 'qcow2'
+  readonly mapper: ClusterMapper
+  readonly refcounts: RefcountReader
+  private readonly compressedCache = new Lru<number, Uint8Array>(4)
+  private metadataPrealloc: boolean | undefined
+
+  constructor(
+    readonly device: BlockDevice,
+    readonly header: Qcow2Header,
+    readonly l1: Uint8Array,
+    /** where guest data lives: the image file, or the external data file */
+    readonly dataDevice: BlockDevice,
+    readonly backing: DiskImage | undefined,
+    readonly snapshots: Qcow2Snapshot[],
+    readonly bitmaps: Qcow2Bitmap[],
+    readonly context: OpenContext,
+    readonly openOptions: OpenImageOptions,
+  ) {
+    this.mapper = new ClusterMapper(device, header, device.name, l1, new L2Cache(header.clusterSize))
+    this.refcounts = new RefcountReader(device, header, device.name)
+  }
+
+  get filename(): string {
+    return this.device.name
+  }
+  get virtualSize(): number {
+    return this.header.size
+  }
+  get readOnly(): boolean {
+    return this.device.readOnly
+  }
+  get clusterSize(): number {
+    return this.header.clusterSize
+  }
+
+  /** Name of the backing file combined with this image's path, as QEMU shows it. */
+  get fullBackingFilename(): string | undefined {
+    return this.header.backingFile === undefined ? undefined : combinePath(this.filename, this.header.backingFile)
+  }
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    checkGuestRange(`qcow2: ${this.filename}: read`, offset, length, this.virtualSize)
+    this.refuseEncrypted()
+    // One mapping run covering the whole request: hand back the device buffer as is.
+    const out = new Uint8Array(length)
+    for await (const run of this.mapper.map(offset, length)) {
+      const at = run.guest - offset
+      const piece = await this.readRun(run)
+      if (piece) {
+        if (run.guest === offset && run.length === length) return piece
+        out.set(piece, at)
+      }
+    }
+    return out
+  }
+
+  /** Bytes of one run, or undefined when it reads as zeros. */
+  private async readRun(run: MappingRun): Promise<Uint8Array | undefined> {
+    switch (run.type) {
+      case 'normal':
+        return this.dataDevice.read(run.hostOffset!, run.length, 'data')
+      case 'zero':
+      case 'zero-alloc':
+        return undefined
+      case 'compressed': {
+        const c = run.compressed!
+        const cluster = await this.compressedCluster(c.hostOffset, c.size, c.clusterGuest)
+        const from = run.guest - c.clusterGuest
+        return cluster.subarray(from, from + run.length)
+      }
+      case 'unallocated':
+      case 'unallocated-alloc':
+        return this.readBacking(run.guest, run.length)
+    }
+  }
+
+  private async readBacking(offset: number, length: number): Promise<Uint8Array | undefined> {
+    const b = this.backing
+    if (!b || offset >= b.virtualSize) return undefined
+    const n = Math.min(length, b.virtualSize - offset)
+    const data = await b.read(offset, n)
+    if (n === length) return data
+    const out = new Uint8Array(length)
+    out.set(data)
+    return out
+  }
+
+  private async compressedCluster(hostOffset: number, size: number, guest: number): Promise<Uint8Array> {
+    const hit = this.compressedCache.get(hostOffset)
+    if (hit) return hit
+    const file = this.device.name
+    if (hasDataFile(this.header)) {
+      throw new CorruptImageError(`qcow2: ${file}: compressed cluster in an image with an external data file (guest ${hex(guest)})`, {
+        file,
+        structure: 'l2',
+        offset: hostOffset,
+      })
+    }
+    const eofLimit = Math.ceil(this.device.size / 512) * 512
+    if (hostOffset + size > eofLimit) {
+      throw new CorruptImageError(
+        `qcow2: ${file}: compressed cluster descriptor out of range: ${size} bytes at ${hex(hostOffset)} run past the end of the file (size ${hex(this.device.size)}, guest ${hex(guest)})`,
+        { file, structure: 'compressed', offset: hostOffset },
+      )
+    }
+    const raw = await this.device.read(hostOffset, size, 'compressed')
+    let data: Uint8Array
+    try {
+      data = decompressCluster(raw, this.clusterSize, this.header.compressionType)
+    } catch (e) {
+      const codec = this.header.compressionType === COMPRESSION_ZSTD ? 'zstd' : 'deflate'
+      throw new CorruptImageError(
+        `qcow2: ${file}: cannot decompress ${codec} cluster at ${hex(hostOffset)} (${size} bytes, guest ${hex(guest)}): ${(e as Error).message}`,
+        { file, structure: 'compressed', offset: hostOffset },
+      )
+    }
+    this.compressedCache.set(hostOffset, data)
+    return data
+  }
+
+  private refuseEncrypted(): void {
+    if (this.header.cryptMethod !== 0) {
+      throw new UnsupportedFeatureError(`qcow2: ${this.filename}: encrypted images (crypt_method ${this.header.cryptMethod}) cannot be read by imgtool`, {
+        file: this.filename,
+        structure: 'header',
+        offset: 32,
+      })
+    }
+  }
+
+  /**
+   * QEMU asks the host file whether data clusters are holes only when the
+   * image looks metadata-preallocated: more clusters have a refcount than the
+   * file has allocated blocks for (qcow2_detect_metadata_preallocation).
+   */
+  async detectMetadataPreallocation(): Promise<boolean> {
+    if (this.metadataPrealloc !== undefined) return this.metadataPrealloc
+    let result = false
+    if (this.device.allocatedSize) {
+      const realClusters = Math.floor((await this.device.allocatedSize()) / this.clusterSize)
+      const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2)
+      const endCluster = Math.ceil(this.device.size / this.clusterSize)
+      let count = 0
+      try {
+        for (let i = 0; i < endCluster && count <= threshold; i++) {
+          if ((await this.refcounts.get(i)) !== 0) count++
+        }
+        result = count > threshold
+      } catch {
+        result = false // QEMU ignores the failure and reports block status without it
+      }
+    }
+    this.metadataPrealloc = result
+    return result
+  }
+
+  async *extents(offset = 0, length = this.virtualSize - offset): AsyncIterable<Extent> {
+    checkGuestRange(`qcow2: ${this.filename}: map`, offset, length, this.virtualSize)
+    const recurse = await this.detectMetadataPreallocation()
+    for await (const run of this.mapper.map(offset, length)) {
+      yield* this.runExtents(run, recurse)
+    }
+  }
+
+  private async *runExtents(run: MappingRun, recurse: boolean): AsyncGenerator<Extent> {
+    const base = { start: run.guest, length: run.length, depth: 0 }
+    const file = this.dataDevice.name
+    switch (run.type) {
+      case 'normal': {
+        if (!recurse) {
+          yield { ...base, present: true, zero: false, data: true, hostOffset: run.hostOffset!, file }
+          return
+        }
+        let done = 0
+        while (done < run.length) {
+          const st = this.dataDevice.hostStatus
+            ? await this.dataDevice.hostStatus(run.hostOffset! + done, run.length - done)
+            : { data: true, length: run.length - done }
+          yield { start: run.guest + done, length: st.length, depth: 0, present: true, zero: !st.data, data: true, hostOffset: run.hostOffset! + done, file }
+          done += st.length
+        }
+        return
+      }
+      case 'zero-alloc':
+        yield { ...base, present: true, zero: true, data: false, hostOffset: run.hostOffset!, file }
+        return
+      case 'zero':
+        yield { ...base, present: true, zero: true, data: false }
+        return
+      case 'compressed':
+        yield { ...base, present: true, zero: false, data: true }
+        return
+      case 'unallocated':
+      case 'unallocated-alloc': {
+        const b = this.backing
+        const end = run.guest + run.length
+        if (!b) {
+          const e: Extent = { ...base, present: false, zero: true, data: false }
+          if (run.type === 'unallocated-alloc') {
+            e.hostOffset = run.hostOffset!
+            e.file = file
+          }
+          yield e
+          return
+        }
+        const inBacking = Math.min(end, b.virtualSize)
+        if (run.guest < inBacking) {
+          for await (const e of b.extents(run.guest, inBacking - run.guest)) yield { ...e, depth: e.depth + 1 }
+        }
+        if (inBacking < end) {
+          const from = Math.max(run.guest, inBacking)
+          yield { start: from, length: end - from, depth: 0, present: false, zero: true, data: false }
+        }
+        return
+      }
+    }
+  }
+
+  async info(): Promise<ImageInfo> {
+    const h = this.header
+    const data: Record<string, unknown> = {}
+    if (h.version === 2) {
+      data['compat'] = '0.10'
+      data['compression-type'] = 'zlib'
+      data['refcount-bits'] = 16
+    } else {
+      data['compat'] = '1.1'
+      data['compression-type'] = h.compressionType === COMPRESSION_ZSTD ? 'zstd' : 'zlib'
+      data['lazy-refcounts'] = hasLazyRefcounts(h)
+      if (this.bitmaps.length > 0) {
+        data['bitmaps'] = this.bitmaps.map((b) => ({ flags: bitmapFlagNames(b.flags), name: b.name, granularity: 2 ** b.granularityBits }))
+      }
+      data['refcount-bits'] = 2 ** h.refcountOrder
+      data['corrupt'] = isCorrupt(h)
+      data['extended-l2'] = hasExtendedL2(h)
+      if (h.dataFile !== undefined) data['data-file'] = h.dataFile
+      if (hasDataFile(h)) data['data-file-raw'] = dataFileRaw(h)
+    }
+    const info: ImageInfo = {
+      filename: this.filename,
+      format: 'qcow2',
+      virtualSize: h.size,
+      clusterSize: h.clusterSize,
+      dirty: isDirty(h),
+      formatSpecific: { type: 'qcow2', data },
+    }
+    if (this.device.allocatedSize) info.actualSize = await this.device.allocatedSize()
+    if (h.backingFile !== undefined) {
+      info.backingFilename = h.backingFile
+      info.fullBackingFilename = this.fullBackingFilename!
+      if (h.backingFormat !== undefined) info.backingFormat = h.backingFormat
+    }
+    if (this.snapshots.length > 0) info.snapshots = this.snapshots.map(snapshotInfo)
+    if (this.backing) info.backing = await this.backing.info()
+    return info
+  }
+
+  async flush(): Promise<void> {
+    await this.device.flush()
+    if (this.dataDevice !== this.device) await this.dataDevice.flush()
+  }
+
+  async close(): Promise<void> {
+    if (this.backing) await this.backing.close()
+    if (this.dataDevice !== this.device) await this.dataDevice.close()
+    await this.device.close()
+  }
+}
+
+function snapshotInfo(s: Qcow2Snapshot): SnapshotInfo {
+  const info: SnapshotInfo = {
+    id: s.id,
+    name: s.name,
+    vmStateSize: s.vmStateSizeLarge ?? s.vmStateSize,
+    dateSec: s.dateSec,
+    dateNsec: s.dateNsec,
+    vmClockNsec: s.vmClockNsec,
+    l1TableOffset: s.l1TableOffset,
+    l1Size: s.l1Size,
+    extraDataSize: s.extraData.byteLength,
+  }
+  if (s.icount !== undefined) info.icount = s.icount
+  if (s.diskSize !== undefined) info.diskSize = s.diskSize
+  return info
+}
+
+/** Open a qcow2 image on `device`. The caller owns `device` until this returns. */
+export async function openQcow2(device: BlockDevice, context: OpenContext, options: OpenImageOptions): Promise<Qcow2Image> {
+  const file = device.name
+  const forCheck = options.forCheck ?? false
+  const h = await readHeader(device, { file, readOnly: device.readOnly, forCheck })
+  const eofLimit = Math.ceil(device.size / h.clusterSize) * h.clusterSize
+  const l1Bytes = h.l1Size * 8
+  if (!forCheck && l1Bytes > 0 && h.l1TableOffset + l1Bytes > eofLimit) {
+    throw new CorruptImageError(
+      `qcow2: ${file}: L1 table at ${hex(h.l1TableOffset)} (${h.l1Size} entries) extends beyond the end of the file (size ${hex(device.size)})`,
+      { file, structure: 'l1', offset: 40 },
+    )
+  }
+  if (!forCheck && h.refcountTableOffset + h.refcountTableClusters * h.clusterSize > eofLimit) {
+    throw new CorruptImageError(
+      `qcow2: ${file}: refcount table at ${hex(h.refcountTableOffset)} (${h.refcountTableClusters} clusters) extends beyond the end of the file (size ${hex(device.size)})`,
+      { file, structure: 'reftable', offset: 48 },
+    )
+  }
+  const l1 = await device.read(h.l1TableOffset, l1Bytes, 'l1')
+
+  const opened: Array<{ close(): Promise<void> }> = []
+  try {
+    let dataDevice = device
+    if (hasDataFile(h)) {
+      const path = combinePath(file, h.dataFile!)
+      dataDevice = await context.openDevice(path, { readOnly: device.readOnly })
+      opened.push(dataDevice)
+    }
+    let backing: DiskImage | undefined
+    if (h.backingFile !== undefined) {
+      const path = combinePath(file, h.backingFile)
+      const fmt = h.backingFormat
+      backing = await context.openImage(path, {
+        format: fmt !== undefined && isFormatName(fmt) ? fmt : undefined,
+        readOnly: true,
+        depth: (options.depth ?? 0) + 1,
+        chain: options.chain ?? [],
+      })
+      opened.push(backing)
+    }
+    const snapshots =
+      forCheck || h.nbSnapshots === 0 ? [] : await readSnapshotTable(device, file, h.snapshotsOffset, h.nbSnapshots)
+    const bitmaps = h.bitmaps && bitmapsValid(h) && !forCheck ? await readBitmapDirectory(device, file, h.bitmaps) : []
+    return new Qcow2Image(device, h, l1, dataDevice, backing, snapshots, bitmaps, context, options)
+  } catch (e) {
+    for (const o of opened.reverse()) await o.close().catch(() => undefined)
+    throw e
+  }
+}
