@@ -1,4 +1,3 @@
-import { Command, CommanderError } from 'commander'
 import { createRequire } from 'node:module'
 import type { CliIo } from './command.js'
 import { COMMANDS } from './commands/index.js'
@@ -15,6 +14,13 @@ export async function main(argv: string[], io?: Partial<CliIo>): Promise<number>
     stderr: io?.stderr ?? process.stderr,
     isTTY: io?.isTTY ?? Boolean((process.stderr as { isTTY?: boolean }).isTTY),
   }
+  const args = argv.slice(2)
+  if (args.length === 1 && (args[0] === '--version' || args[0] === '-V')) {
+    // the fast path: no commander, no command modules
+    cio.stdout.write(version() + '\n')
+    return 0
+  }
+  const { Command, CommanderError } = await import('commander')
   let exitCode = 0
   const program = new Command('imgtool')
   program
@@ -29,19 +35,17 @@ export async function main(argv: string[], io?: Partial<CliIo>): Promise<number>
 
   // Only the command being run is loaded; --help lists every command by loading them all.
   const wanted = argv.slice(2).find((a) => !a.startsWith('-'))
-  const wantsHelp = !wanted || argv.includes('--help') || argv.includes('-h') || wanted === 'help'
+  const known = wanted !== undefined && COMMANDS.some((c) => c.name === wanted || (ALIASES[c.name] ?? []).includes(wanted))
+  const wantsHelp = !known || argv.includes('--help') || argv.includes('-h')
   for (const entry of COMMANDS) {
-    if (!wantsHelp && entry.name !== wanted) {
-      const mod = wanted && (await isAlias(entry, wanted))
-      if (!mod) continue
-    }
+    if (!wantsHelp && entry.name !== wanted && !(ALIASES[entry.name] ?? []).includes(wanted!)) continue
     const mod = await entry.load()
     const cmd = program.command(mod.name).description(mod.description)
     for (const a of mod.aliases ?? []) cmd.alias(a)
     mod.configure(cmd)
     cmd.exitOverride()
     cmd.action(async (...actionArgs: unknown[]) => {
-      const command = actionArgs[actionArgs.length - 1] as Command
+      const command = actionArgs[actionArgs.length - 1] as InstanceType<typeof Command>
       const opts = command.opts()
       try {
         exitCode = await mod.run(command.args, opts, cio)
@@ -63,7 +67,5 @@ export async function main(argv: string[], io?: Partial<CliIo>): Promise<number>
   return exitCode
 }
 
+/** Aliases must be known before a command module is loaded. */
 const ALIASES: Record<string, string[]> = { merge: ['commit'] }
-async function isAlias(entry: { name: string }, wanted: string): Promise<boolean> {
-  return (ALIASES[entry.name] ?? []).includes(wanted)
-}
