@@ -8,10 +8,12 @@ import { MAX_CHAIN_DEPTH, type FormatDriver, type OpenContext, type OpenImageOpt
 import { PROBE_BYTES, probeFormat, type FormatName } from './image/probe.js'
 import { rawDriver } from './formats/raw/image.js'
 import { qcow2Driver } from './formats/qcow2/driver.js'
+import { dmsnapDriver } from './formats/dmsnap/index.js'
 
 const DRIVERS: Record<string, FormatDriver> = {
   raw: rawDriver,
   qcow2: qcow2Driver,
+  dmsnap: dmsnapDriver,
 }
 
 export function registeredFormats(): string[] {

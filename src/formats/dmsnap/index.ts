@@ -1,0 +1,10 @@
+/** dm-snapshot persistent COW stores: the library API (the CLI calls these). */
+export { DmsnapImage, dmsnapDriver, parseOnFull, type DmsnapOpenOptions } from './image.js'
+export { StoreLayout, SNAP_MAGIC, DEFAULT_CHUNK_SECTORS, isValidChunkSectors } from './constants.js'
+export { createStore, parseCreateOptions, DEFAULT_CREATE_CHUNK_BYTES, type CreateStoreOptions } from './create.js'
+export { checkStore, analyzeStore, type StoreAnalysis, type RecordFault } from './check.js'
+export { repairStore, type RepairStoreOptions } from './repair.js'
+export { mergeStore, describeMerge, type MergeOptions, type MergeResult } from './merge.js'
+export { convertToCow, type ConvertToCowOptions, type ConvertToCowResult } from './convert.js'
+export { loadTable, statusNumbers, type ExceptionRecord, type LoadedTable } from './exceptions.js'
+export type { OnFull } from './commit.js'
