@@ -201,12 +201,7 @@ export class DmsnapImage implements DiskImage, Checkable {
 
   async flush(): Promise<void> {
     if (this.store && !this.readOnly) {
-      try {
-        await this.store.commit()
-      } catch (e) {
-        // a failed commit: the kernel invalidates the store; the records stay pending for a retry otherwise
-        throw e
-      }
+      if (this.store.valid) await this.store.commit()
       await this.cow.flush()
     }
     if (this.origin && !this.origin.readOnly) await this.origin.flush()

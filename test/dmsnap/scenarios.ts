@@ -1,0 +1,124 @@
+/**
+ * COW stores written by imgtool, built deterministically, each with the view we
+ * expect the kernel to serve. The kernel-verdict test sends them all to the
+ * oracle in one boot and records what the kernel said.
+ */
+import { MemoryDevice } from '../../src/io/memory-device.js'
+import { Prng } from '../support/prng.js'
+import { convertToCow, createStore, repairStore } from '../../src/formats/dmsnap/index.js'
+import { md5, openStore, rawImage } from './helpers.js'
+import { geometry, getRecord, removeRecord, setHeader, setRecord, truncateTo } from './damage.js'
+
+export const ORIGIN_BYTES = 256 * 1024
+
+export function makeOrigin(): Uint8Array {
+  return new Prng(20240601).bytes(ORIGIN_BYTES)
+}
+
+export interface Scenario {
+  name: string
+  cow: Uint8Array
+  /** md5 of the view the kernel must serve; null: the kernel must refuse I/O (Invalid) */
+  viewMd5: string | null
+  /** our status string, as info reports it */
+  status: string
+}
+
+async function statusOf(cow: Uint8Array, origin: Uint8Array): Promise<{ status: string; view: string | null }> {
+  const img = await openStore(new MemoryDevice(cow), rawImage(origin), { readOnly: true })
+  const status = String((await img.info()).formatSpecific!.data.status)
+  const view = img.valid ? md5(await img.read(0, img.virtualSize)) : null
+  return { status, view }
+}
+
+/** n random writes through the view (seeded), flushed every `flushEvery` writes */
+export async function randomWrites(dev: MemoryDevice, origin: Uint8Array, seed: number, n: number, maxLen: number, onFull: 'invalidate' | 'refuse' = 'refuse'): Promise<void> {
+  const img = await openStore(dev, rawImage(origin), { onFull })
+  const rng = new Prng(seed)
+  for (let i = 0; i < n; i++) {
+    const len = 512 * (1 + rng.int(maxLen / 512))
+    const off = 512 * rng.int((ORIGIN_BYTES - len) / 512)
+    try {
+      await img.write(off, rng.bytes(len))
+    } catch (e) {
+      if ((e as { errno?: string }).errno !== 'ENOSPC') throw e
+      if (!img.valid) return
+    }
+    if (i % 7 === 6) await img.flush()
+  }
+  await img.flush()
+}
+
+async function fresh(chunkBytes: number, cowBytes: number): Promise<MemoryDevice> {
+  const dev = new MemoryDevice(0, { name: 'cow' })
+  await createStore(dev, { chunkSectors: chunkBytes / 512, cowSize: cowBytes })
+  return dev
+}
+
+async function written(chunkBytes: number, cowBytes: number, seed: number, n: number, maxLen: number, onFull: 'invalidate' | 'refuse' = 'refuse'): Promise<Uint8Array> {
+  const origin = makeOrigin()
+  const dev = await fresh(chunkBytes, cowBytes)
+  await randomWrites(dev, origin, seed, n, maxLen, onFull)
+  return dev.snapshot()
+}
+
+async function repaired(cow: Uint8Array, mode: 'leaks' | 'all', flags: Record<string, boolean> = {}): Promise<Uint8Array> {
+  const dev = new MemoryDevice(cow, { name: 'cow' })
+  await repairStore(dev, { repair: mode, originSize: ORIGIN_BYTES, flags })
+  return dev.snapshot()
+}
+
+/** Every store the kernel is asked about, in a fixed order. */
+export async function buildScenarios(): Promise<Scenario[]> {
+  const origin = makeOrigin()
+  const out: { name: string; cow: Uint8Array }[] = []
+  const add = (name: string, cow: Uint8Array): void => void out.push({ name, cow })
+
+  add('create-c8', (await fresh(4096, 64 * 1024)).snapshot())
+  add('create-c32', (await fresh(16384, 256 * 1024)).snapshot())
+  add('writes-c8', await written(4096, 192 * 1024, 1, 40, 8192))
+  add('writes-c1-areas', await written(512, 160 * 1024, 2, 60, 2048))
+  add('writes-c16', await written(8192, 256 * 1024, 3, 20, 16384))
+  {
+    // exactly one full area of 32 one-sector chunks
+    const dev = await fresh(512, 20 * 1024)
+    const img = await openStore(dev, rawImage(origin))
+    for (let i = 0; i < 32; i++) await img.write(i * 2048, new Uint8Array(512).fill(i + 1))
+    await img.flush()
+    add('fullarea-c1', dev.snapshot())
+  }
+  add('full-c8-refused', await written(4096, 48 * 1024, 4, 40, 8192, 'refuse'))
+  add('full-c8-invalidated', await written(4096, 48 * 1024, 4, 40, 8192, 'invalidate'))
+  {
+    const dev = new MemoryDevice(0, { name: 'cow' })
+    const target = origin.slice()
+    const rng = new Prng(5)
+    for (let i = 0; i < 12; i++) target.set(rng.bytes(700), rng.int(ORIGIN_BYTES - 700))
+    await convertToCow(rawImage(target, 'target'), rawImage(origin), dev, { chunkSize: 4096 })
+    add('convert-c8', dev.snapshot())
+  }
+  // damaged, then repaired
+  const base = await written(4096, 192 * 1024, 6, 30, 8192)
+  const n = (await openStore(new MemoryDevice(base), rawImage(origin), { readOnly: true })).records.length
+  add('repair-leaks-c8', await repaired(removeRecord(removeRecord(base, 3, n), 10, n - 1), 'leaks'))
+  {
+    let d = setRecord(base, 2, 0, 1) // new chunk in area 0
+    d = setRecord(d, 5, 9999, 5000) // new chunk beyond the end
+    const [o4] = getRecord(d, 4)
+    d = setRecord(d, 8, o4, getRecord(d, 8)[1]) // duplicate old chunk
+    d = setRecord(d, n + 2, 7, 20) // garbage after the terminator
+    add('repair-all-c8', await repaired(d, 'all'))
+  }
+  add('repair-forcevalid-c8', await repaired(setHeader(base, 'valid', 0), 'all', { forceValid: true }))
+  {
+    const full = out.find((s) => s.name === 'fullarea-c1')!.cow
+    const g = geometry(full)
+    add('repair-truncated-c1', await repaired(truncateTo(full, (1 + (g.perArea + 1)) * g.chunkBytes), 'all'))
+  }
+  const scenarios: Scenario[] = []
+  for (const s of out) {
+    const st = await statusOf(s.cow, origin)
+    scenarios.push({ name: s.name, cow: s.cow, viewMd5: st.view, status: st.status })
+  }
+  return scenarios
+}

@@ -1,0 +1,177 @@
+/**
+ * Each finding kind, made by the damage library on a kernel-made store, detected
+ * with the right chunk numbers; then repaired to a clean store that keeps the view
+ * of every surviving record.
+ */
+import { describe, expect, it } from 'vitest'
+import { MemoryDevice } from '../../../src/io/memory-device.js'
+import { checkExitCode } from '../../../src/check/types.js'
+import { applyUndoJournal } from '../../../src/formats/dmsnap/journal.js'
+import { checkStore, repairStore } from '../../../src/formats/dmsnap/index.js'
+import { loadFixture, md5, openStore, rawImage } from '../../dmsnap/helpers.js'
+import { removeRecord, setHeader, setRecord, truncateTo, pokeBytes } from '../../dmsnap/damage.js'
+
+// c8-basic: chunk 4 KiB, 32 COW chunks, records (0,2) (2,3) (3,4) (16,5) (64,6) (65,7) (66,8)
+const { origin, cow } = loadFixture('c8-basic')
+const ORIGIN = origin.byteLength
+
+async function check(bytes: Uint8Array, withOrigin = true) {
+  return checkStore(new MemoryDevice(bytes, { name: 'cow' }), withOrigin ? { originSize: ORIGIN } : {})
+}
+const kinds = (r: { findings: { kind: string }[] }): string[] => [...new Set(r.findings.map((f) => f.kind))].sort()
+
+interface Case {
+  name: string
+  cow: () => Uint8Array
+  kind: string
+  expect: { cluster?: number; chunks?: number[]; newChunk?: number; oldChunk?: number; slot?: number; area?: number }
+  also?: string[]
+  exit: number
+  /** repair -r all makes it clean */
+  repairable: boolean
+}
+
+const CASES: Case[] = [
+  { name: 'a record removed by hand leaks its chunk', cow: () => removeRecord(cow, 3, 7), kind: 'leaked-chunk', expect: { cluster: 5, chunks: [5] }, exit: 3, repairable: true },
+  { name: 'new_chunk with high bits aliasing the header', cow: () => setRecord(cow, 1, 2, 1n << 56n), kind: 'new-chunk-header', expect: { cluster: 0, slot: 1 }, also: ['leaked-chunk'], exit: 2, repairable: true },
+  { name: 'new_chunk with high bits set', cow: () => setRecord(cow, 1, 2, (1n << 56n) + 3n), kind: 'new-chunk-high-bits', expect: { cluster: 3, slot: 1 }, also: ['leaked-chunk'], exit: 2, repairable: true },
+  { name: 'new_chunk pointing at metadata area 0', cow: () => setRecord(cow, 1, 2, 1), kind: 'new-chunk-in-metadata', expect: { newChunk: 1, oldChunk: 2, slot: 1 }, also: ['leaked-chunk'], exit: 2, repairable: true },
+  { name: 'new_chunk beyond the end of the COW', cow: () => setRecord(cow, 6, 66, 40), kind: 'new-chunk-beyond-end', expect: { newChunk: 40, slot: 6 }, also: ['leaked-chunk'], exit: 2, repairable: true },
+  { name: 'two origin chunks sharing one data chunk', cow: () => setRecord(cow, 4, 64, 5), kind: 'duplicate-new-chunk', expect: { newChunk: 5, oldChunk: 64 }, also: ['leaked-chunk'], exit: 2, repairable: true },
+  { name: 'an origin chunk mapped twice', cow: () => setRecord(cow, 4, 16, 6), kind: 'duplicate-old-chunk', expect: { chunks: [5, 6], oldChunk: 16 }, exit: 2, repairable: true },
+  { name: 'an exact duplicate record', cow: () => setRecord(cow, 7, 66, 8), kind: 'duplicate-record', expect: { newChunk: 8, slot: 7 }, exit: 3, repairable: true },
+  { name: 'old_chunk beyond the origin', cow: () => setRecord(cow, 4, 500, 6), kind: 'old-chunk-beyond-origin', expect: { oldChunk: 500, newChunk: 6 }, exit: 2, repairable: true },
+  { name: 'a record after the terminator', cow: () => setRecord(cow, 9, 500, 19), kind: 'garbage-after-terminator', expect: { cluster: 1, slot: 9, area: 0 }, exit: 2, repairable: true },
+  { name: 'bad magic', cow: () => setHeader(cow, 'magic', 0x12345678), kind: 'bad-magic', expect: { cluster: 0 }, exit: 2, repairable: true },
+  { name: 'bad version', cow: () => setHeader(cow, 'version', 2), kind: 'bad-version', expect: { cluster: 0 }, exit: 2, repairable: true },
+  { name: 'chunk size not a power of two', cow: () => setHeader(cow, 'chunkSize', 12), kind: 'bad-chunk-size', expect: { cluster: 0 }, exit: 2, repairable: false },
+  { name: 'chunk size zero', cow: () => setHeader(cow, 'chunkSize', 0), kind: 'bad-chunk-size', expect: { cluster: 0 }, exit: 2, repairable: false },
+  { name: 'uninitialised store (magic 0)', cow: () => setHeader(cow, 'magic', 0), kind: 'uninitialised', expect: { cluster: 0 }, exit: 2, repairable: false },
+  { name: 'invalidated store', cow: () => setHeader(cow, 'valid', 0), kind: 'invalidated', expect: { cluster: 0 }, exit: 2, repairable: false },
+]
+
+describe('dmsnap check: one finding kind at a time', () => {
+  it('reports nothing on the kernel-made store', async () => {
+    const r = await check(cow)
+    expect(r.findings).toEqual([])
+    expect(checkExitCode(r)).toBe(0)
+  })
+
+  for (const c of CASES) {
+    it(`reports ${c.kind} for ${c.name}`, async () => {
+      const r = await check(c.cow())
+      expect(kinds(r)).toEqual([c.kind, ...(c.also ?? [])].sort())
+      expect(r.findings.find((f) => f.kind === c.kind)).toMatchObject(c.expect)
+      expect(checkExitCode(r)).toBe(c.exit)
+    })
+  }
+
+  it('reports a truncated COW whose next area is missing, with its chunk', async () => {
+    const full = loadFixture('c1-fullarea').cow // chunk 512 B, area 0 full, area 1 at chunk 34
+    const r = await check(truncateTo(full, 34 * 512), false)
+    expect(r.findings).toMatchObject([{ kind: 'truncated-cow', cluster: 34, area: 1, severity: 'corruption' }])
+  })
+
+  it('reports 2 leaked chunks after two records are removed', async () => {
+    const r = await check(removeRecord(removeRecord(cow, 1, 7), 3, 6))
+    expect(r.findings.filter((f) => f.kind === 'leaked-chunk').map((f) => f.cluster)).toEqual([3, 6])
+    expect(r.leaks).toBe(2)
+  })
+
+  it('notices a full store without calling it corrupt', async () => {
+    const r = await check(loadFixture('c8-full-po').cow, false)
+    expect(r.findings).toEqual([])
+    expect(r.notices!.map((n) => n.kind)).toContain('store-full')
+  })
+
+  it('notices a non-standard valid value and garbage in the header chunk', async () => {
+    const r = await check(pokeBytes(setHeader(cow, 'valid', 2), 100, [1]))
+    expect(r.findings).toEqual([])
+    expect(r.notices!.map((n) => n.kind).sort()).toEqual(['header-tail-garbage', 'valid-nonstandard'])
+  })
+})
+
+async function viewByChunk(bytes: Uint8Array): Promise<Map<number, string>> {
+  const img = await openStore(new MemoryDevice(bytes), rawImage(origin), { readOnly: true, forCheck: true })
+  const out = new Map<number, string>()
+  for (const r of img.records) {
+    if (out.has(r.old) || !img.layout!.fits(r.new) || img.layout!.isMetadata(r.new) || r.old * 4096 >= ORIGIN) continue
+    out.set(r.old, md5(await img.read(r.old * 4096, 4096)))
+  }
+  return out
+}
+
+describe('dmsnap repair', () => {
+  for (const c of CASES) {
+    it(`${c.repairable ? 'fixes' : 'leaves alone'} ${c.kind} (${c.name}) with -r all`, async () => {
+      const damaged = c.cow()
+      const dev = new MemoryDevice(damaged, { name: 'cow' })
+      const res = await repairStore(dev, { repair: 'all', originSize: ORIGIN })
+      if (!c.repairable) {
+        expect(res.actions).toEqual([])
+        expect(md5(dev.snapshot())).toBe(md5(damaged))
+        return
+      }
+      expect(res.after.findings).toEqual([])
+      expect(checkExitCode(res.after)).toBe(0)
+      // every record that survives serves the data it served before the repair
+      const before = await viewByChunk(damaged.slice(0, 16).every((b, i) => b === cow[i]) ? damaged : cow)
+      const after = await viewByChunk(dev.snapshot())
+      for (const [old, sum] of after) if (before.has(old) && c.kind !== 'duplicate-new-chunk') expect(sum, `chunk ${old}`).toBe(before.get(old))
+    })
+  }
+
+  it('reclaims leaks with -r leaks, keeping the view byte for byte', async () => {
+    const damaged = removeRecord(removeRecord(cow, 1, 7), 3, 6)
+    const viewBefore = md5(await (await openStore(new MemoryDevice(damaged), rawImage(origin), { readOnly: true })).read(0, ORIGIN))
+    const dev = new MemoryDevice(damaged)
+    const res = await repairStore(dev, { repair: 'leaks' })
+    expect(res.before.leaks).toBe(2)
+    expect(res.before.leaksFixed).toBe(2)
+    expect(res.after.leaks + res.after.corruptions).toBe(0)
+    const img = await openStore(new MemoryDevice(dev.snapshot()), rawImage(origin), { readOnly: true })
+    expect(md5(await img.read(0, ORIGIN))).toBe(viewBefore)
+    expect((await img.info()).formatSpecific!.data['next-free-chunk']).toBe(7)
+  })
+
+  it('does not re-validate an invalidated store unless forced, and then only when every record checks out', async () => {
+    const inval = setHeader(cow, 'valid', 0)
+    const dev = new MemoryDevice(inval)
+    expect((await repairStore(dev, { repair: 'all' })).after.findings.map((f) => f.kind)).toEqual(['invalidated'])
+    const forced = await repairStore(dev, { repair: 'all', flags: { forceValid: true } })
+    expect(forced.after.findings).toEqual([])
+    const bad = new MemoryDevice(setRecord(inval, 2, 3, 40))
+    const refused = await repairStore(bad, { repair: 'all', flags: { forceValid: true } })
+    expect(refused.actions).toEqual([])
+    expect(refused.after.findings.map((f) => f.kind)).toContain('invalidated')
+  })
+
+  it('plans without writing on --dry-run', async () => {
+    const damaged = setRecord(cow, 4, 16, 6)
+    const dev = new MemoryDevice(damaged)
+    const res = await repairStore(dev, { repair: 'all', dryRun: true })
+    expect(res.dryRun).toBe(true)
+    expect(res.actions.map((a) => a.kind)).toContain('drop-record')
+    expect(md5(dev.snapshot())).toBe(md5(damaged))
+  })
+
+  it('writes an undo journal that puts the store back', async () => {
+    const damaged = setRecord(setRecord(cow, 4, 16, 6), 9, 500, 19)
+    const dev = new MemoryDevice(damaged)
+    const journal = new MemoryDevice(0, { name: 'journal' })
+    await repairStore(dev, { repair: 'all', journal })
+    expect(md5(dev.snapshot())).not.toBe(md5(damaged))
+    expect(await applyUndoJournal(journal, dev)).toBeGreaterThan(0)
+    expect(md5(dev.snapshot())).toBe(md5(damaged))
+  })
+
+  it('extends a truncated COW and zeroes the missing area', async () => {
+    const full = loadFixture('c1-fullarea')
+    const dev = new MemoryDevice(truncateTo(full.cow, 34 * 512))
+    const res = await repairStore(dev, { repair: 'all' })
+    expect(res.after.findings).toEqual([])
+    expect(dev.size).toBe(35 * 512)
+    const img = await openStore(dev, rawImage(full.origin), { readOnly: true })
+    expect(md5(await img.read(0, img.virtualSize))).toBe(full.manifest.observed.snapshot_md5_after_reload)
+  })
+})
