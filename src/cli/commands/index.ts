@@ -13,4 +13,5 @@ export const COMMANDS: CommandEntry[] = [
   { name: 'info', load: async () => (await import('./info.js')).default },
   { name: 'map', load: async () => (await import('./map.js')).default },
   { name: 'cat', load: async () => (await import('./cat.js')).default },
+  { name: 'merge', load: async () => (await import('./merge.js')).default },
 ]
