@@ -29,6 +29,8 @@ export class ExceptionStore {
   area: Uint8Array
   readonly pending: PendingException[] = []
   valid = true
+  /** records committed by this writer (since it was made from the on-disk table) */
+  committedTotal = 0
 
   constructor(
     readonly dev: BlockDevice,
@@ -101,6 +103,7 @@ export class ExceptionStore {
       await this.writeAreaSlots(first, last)
       this.pending.splice(0, batch.length)
       this.committed += batch.length
+      this.committedTotal += batch.length
       if (fills) {
         this.currentArea++
         this.committed = 0

@@ -64,10 +64,10 @@ export async function convertToCow(source: DiskImage, origin: DiskImage, cow: Bl
   for (const [i, c] of differing.entries()) {
     const n = Math.min(cb, size - c * cb)
     await img.write(c * cb, await source.read(c * cb, n))
-    if ((i + 1) % sizing.perArea === 0) await img.store!.commit()
+    if ((i + 1) % sizing.perArea === 0) await img.flush()
     options.onProgress?.(size + Math.round(((i + 1) / Math.max(1, differing.length)) * size), size * 2)
   }
-  await img.store!.commit()
+  await img.flush()
   await cow.flush()
   void nChunks
   return { exceptions: differing.length, chunkSize: cb, cowSize }

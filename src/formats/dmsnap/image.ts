@@ -29,19 +29,21 @@ export class DmsnapImage implements DiskImage, Checkable {
   readonly format = 'dmsnap'
   readonly layout: StoreLayout | undefined
   private lookup = new Map<number, number>()
-  readonly store: ExceptionStore | undefined
+  store: ExceptionStore | undefined
+  private table: LoadedTable | undefined
   onFull: OnFull
 
   private constructor(
     readonly cow: BlockDevice,
     readonly origin: DiskImage | undefined,
     readonly header: StoreHeader,
-    readonly table: LoadedTable | undefined,
+    table: LoadedTable | undefined,
     readonly readOnly: boolean,
     readonly forCheck: boolean,
     onFull: OnFull,
   ) {
     this.onFull = onFull
+    this.table = table
     if (table) {
       this.layout = new StoreLayout(header.chunkSectors, cow.size)
       this.lookup = buildLookup(table.records)
@@ -191,20 +193,43 @@ export class DmsnapImage implements DiskImage, Checkable {
         await this.cow.write(this.layout!.offset(neu), buf, 'cow-data')
         this.lookup.set(c, neu)
       }
-      await store.commit()
     } catch (e) {
       this.undoPending(mark)
       throw e
     }
+    await this.commit()
     await origin.write(offset, data)
   }
 
   async flush(): Promise<void> {
     if (this.store && !this.readOnly) {
-      if (this.store.valid) await this.store.commit()
+      if (this.store.valid) await this.commit()
       await this.cow.flush()
     }
     if (this.origin && !this.origin.readOnly) await this.origin.flush()
+  }
+
+  /**
+   * Commit pending records. If that fails part-way, the disk is the truth: reload the
+   * table from it (records that reached it stay; data chunks of the others lie above
+   * next_free, so nothing leaks) and rethrow.
+   */
+  private async commit(): Promise<void> {
+    const store = this.store!
+    try {
+      await store.commit()
+    } catch (e) {
+      try {
+        const t = await loadTable(this.cow, this.layout!)
+        this.table = t
+        this.lookup = buildLookup(t.records)
+        this.store = new ExceptionStore(this.cow, this.layout!, t)
+        this.store.valid = store.valid
+      } catch {
+        store.valid = false // cannot tell what is on disk: refuse further I/O, as the kernel invalidates
+      }
+      throw e
+    }
   }
 
   async close(): Promise<void> {
@@ -260,18 +285,19 @@ export class DmsnapImage implements DiskImage, Checkable {
       'chunk-sectors': this.header.chunkSectors,
       'cow-size': this.cow.size,
     }
-    if (this.layout && this.table) {
+    if (this.layout && this.table && this.store) {
       info.clusterSize = this.layout.chunkBytes
-      const st = statusNumbers(this.layout, this.table)
-      const lastFull = this.table.currentCommitted === 0 && this.table.currentArea > 0
-      const minChunks = Math.max(this.table.nextFree, lastFull ? this.layout.areaLocation(this.table.currentArea) + 1 : 0)
+      const live = { nextFree: this.store.nextFree, currentArea: this.store.currentArea, committed: this.store.committed }
+      const st = statusNumbers(this.layout, live)
+      const lastFull = live.committed === 0 && live.currentArea > 0
+      const minChunks = Math.max(live.nextFree, lastFull ? this.layout.areaLocation(live.currentArea) + 1 : 0)
       Object.assign(data, {
         'chunk-size': this.layout.chunkBytes,
-        exceptions: this.table.records.length,
+        exceptions: this.table.records.length + this.store.committedTotal + this.store.pending.length,
         'exceptions-per-area': this.layout.perArea,
-        areas: this.table.currentArea + 1,
-        'current-area': this.table.currentArea,
-        'next-free-chunk': this.table.nextFree,
+        areas: live.currentArea + 1,
+        'current-area': live.currentArea,
+        'next-free-chunk': live.nextFree,
         'cow-chunks': this.layout.cowChunks,
         'sectors-allocated': st.sectorsAllocated,
         'total-sectors': st.totalSectors,
