@@ -84,9 +84,9 @@ describe('dmsnap writer', () => {
 
   it('converts an image to a COW holding only the differing chunks, in ascending order', async () => {
     const target = ORIGIN.slice()
-    target[4096 * 9 + 1] ^= 1
-    target[4096 * 3] ^= 1
-    target[65535] ^= 1
+    target[4096 * 9 + 1] = target[4096 * 9 + 1]! ^ 1
+    target[4096 * 3] = target[4096 * 3]! ^ 1
+    target[65535] = target[65535]! ^ 1
     const dev = new MemoryDevice(0, { name: 'cow' })
     const r = await convertToCow(rawImage(target), rawImage(ORIGIN), dev, { chunkSize: 4096 })
     expect(r.exceptions).toBe(3)
