@@ -24,5 +24,6 @@ export function humanSize(bytes: number): string {
   }
   if (i === 0) return `${bytes} B`
   const s = v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(1) : v.toFixed(2)
-  return `${s.replace(/\.?0+$/, '')} ${units[i]}`
+  // trim trailing zeros of a fraction only ("1.50" -> "1.5", "100" stays "100")
+  return `${s.includes('.') ? s.replace(/\.?0+$/, '') : s} ${units[i]}`
 }

@@ -11,10 +11,23 @@ import { COMPRESSION_ZSTD } from './constants.js'
 export function decompressCluster(input: Uint8Array, clusterSize: number, compressionType: number): Uint8Array {
   if (compressionType === COMPRESSION_ZSTD) {
     const frame = input.subarray(0, zstdFrameLength(input))
-    const out = new Uint8Array(clusterSize)
-    const got = zstdDecompress(frame, out)
-    if (got.byteLength !== clusterSize) throw new Error(`zstd frame decompressed to ${got.byteLength} bytes, expected ${clusterSize}`)
-    return got
+    // Given an output buffer, fzstd allocates nothing more (memory stays bounded
+    // whatever the frame header claims), but it neither says how many bytes it
+    // wrote nor refuses a frame shorter or longer than the buffer. Decoding into
+    // two buffers with different fill bytes tells: the bytes it wrote are equal
+    // in both. QEMU fails a frame that does not fill the cluster exactly.
+    const a = new Uint8Array(clusterSize + 1)
+    const b = new Uint8Array(clusterSize + 1).fill(0xff)
+    zstdDecompress(frame, a)
+    zstdDecompress(frame, b)
+    if (a[clusterSize] === b[clusterSize]) throw new Error(`zstd frame decompresses to more than ${clusterSize} bytes`)
+    const out = a.subarray(0, clusterSize)
+    if (!Buffer.from(out.buffer, out.byteOffset, clusterSize).equals(Buffer.from(b.buffer, b.byteOffset, clusterSize))) {
+      let n = 0
+      while (a[n] === b[n]) n++
+      throw new Error(`zstd frame decompressed to ${n} bytes, expected ${clusterSize}`)
+    }
+    return out
   }
   // QEMU accepts a stream that fills the cluster even if it has no end marker, and ignores trailing bytes.
   let out: Buffer

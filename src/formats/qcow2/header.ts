@@ -96,6 +96,7 @@ export async function readHeader(dev: BlockDevice, opts: ParseHeaderOptions): Pr
       offset: 0,
     })
   }
+  if (fileSize < 8) fail(`header is truncated: the file is ${fileSize} bytes, a qcow2 header needs at least ${C.HEADER_V2_LENGTH}`, 0)
   const version = u32be(head, 4)
   if (version !== 2 && version !== 3) {
     throw new UnsupportedFeatureError(`qcow2: ${file}: Unsupported qcow2 version ${version} (header field version at 0x4)`, {
