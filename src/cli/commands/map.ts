@@ -42,6 +42,8 @@ const map: CommandModule = {
           batch = ''
         }
       }
+      // qemu-img prints one empty entry for an empty range
+      if (output === 'json' && first) batch += `{ "start": ${from}, "length": 0, "depth": 0, "present": false, "zero": false, "data": false}`
       if (output === 'json') batch += ']\n'
       await writeOut(io.stdout, batch)
     } finally {
