@@ -211,4 +211,38 @@ describe('dmsnap fault sweep', () => {
     expect(failures).toBeGreaterThan(20)
     console.log(`dmsnap writer fault sweep: ${counts.write} writes, ${counts.flush} flushes, ${counts.read} reads; ${failures} runs failed cleanly`)
   })
+
+  it('merge and repair: after any failed write or flush, no corruption, the view kept, and a rerun finishes', async () => {
+    const fx = loadFixture('c8-basic')
+    const O = fx.origin.byteLength
+    const view = md5(await (await openStore(new MemoryDevice(fx.cow), rawImage(fx.origin), { readOnly: true })).read(0, O))
+    let runs = 0
+    for (const op of ['write', 'flush'] as const) {
+      for (let nth = 1; nth <= 12; nth++) {
+        // merge: the fault hits the COW or the origin
+        for (const side of ['cow', 'origin'] as const) {
+          const cowDev = new MemoryDevice(fx.cow, { name: 'cow' })
+          const oDev = new MemoryDevice(fx.origin, { name: 'origin' })
+          const rule = [{ op, nth }]
+          const cow = side === 'cow' ? new FaultyDevice(cowDev, { rules: rule }) : cowDev
+          const origin = new RawImage(side === 'origin' ? new FaultyDevice(oDev, { rules: rule }) : oDev)
+          await mergeStore(cow, origin).catch((e: unknown) => expect(e).toBeInstanceOf(ImgtoolError))
+          expect((await checkStore(cowDev)).findings).toEqual([])
+          const img = await openStore(cowDev, rawImage(oDev), { readOnly: true })
+          expect(md5(await img.read(0, O)), `merge, ${side} ${op} #${nth}`).toBe(view)
+          await mergeStore(cowDev, rawImage(oDev))
+          expect(md5(oDev.snapshot())).toBe(view)
+          runs++
+        }
+        // repair -r leaks
+        const damaged = removeRecord(removeRecord(fx.cow, 1, 7), 3, 6)
+        const inner = new MemoryDevice(damaged)
+        await repairStore(new FaultyDevice(inner, { rules: [{ op, nth }] }), { repair: 'leaks' }).catch((e: unknown) => expect(e).toBeInstanceOf(ImgtoolError))
+        expect((await checkStore(inner)).corruptions).toBe(0)
+        expect((await repairStore(inner, { repair: 'leaks' })).after.findings).toEqual([])
+        runs++
+      }
+    }
+    console.log(`dmsnap merge/repair fault sweep: ${runs} runs`)
+  })
 })
