@@ -97,6 +97,20 @@ export async function buildScenarios(): Promise<Scenario[]> {
     await convertToCow(rawImage(target, 'target'), rawImage(origin), dev, { chunkSize: 4096 })
     add('convert-c8', dev.snapshot())
   }
+  {
+    // origin writes (rewriting the origin's own bytes, so the origin stays the shared one) mixed with snapshot writes
+    const dev = await fresh(4096, 96 * 1024)
+    const odev = new MemoryDevice(origin, { name: 'origin' })
+    const img = await openStore(dev, rawImage(odev))
+    const rng = new Prng(8)
+    for (let i = 0; i < 10; i++) {
+      const off = 512 * rng.int((ORIGIN_BYTES - 6000) / 512)
+      if (i % 2 === 0) await img.writeOrigin(off, origin.slice(off, off + 6000))
+      else await img.write(off, rng.bytes(3000))
+    }
+    await img.flush()
+    add('origin-writes-c8', dev.snapshot())
+  }
   // damaged, then repaired
   const base = await written(4096, 192 * 1024, 6, 30, 8192)
   const n = (await openStore(new MemoryDevice(base), rawImage(origin), { readOnly: true })).records.length
@@ -108,6 +122,12 @@ export async function buildScenarios(): Promise<Scenario[]> {
     d = setRecord(d, 8, o4, getRecord(d, 8)[1]) // duplicate old chunk
     d = setRecord(d, n + 2, 7, 20) // garbage after the terminator
     add('repair-all-c8', await repaired(d, 'all'))
+  }
+  {
+    let d = setRecord(base, 6, getRecord(base, 6)[0], getRecord(base, 3)[1]) // duplicate new chunk
+    d = setRecord(d, 7, 100000, getRecord(d, 7)[1]) // old chunk beyond the origin
+    d = setRecord(d, n, getRecord(d, 9)[0], getRecord(d, 9)[1]) // exact duplicate appended
+    add('repair-all-dups-c8', await repaired(d, 'all'))
   }
   add('repair-forcevalid-c8', await repaired(setHeader(base, 'valid', 0), 'all', { forceValid: true }))
   {

@@ -5,7 +5,7 @@
  * the old chunk out first, as snapshot-origin does.
  */
 import { CorruptImageError, ImageIoError, ReadOnlyError, UsageError, WrongFormatError, hex } from '../../errors.js'
-import type { BlockDevice } from '../../io/block-device.js'
+import type { BlockDevice, DeviceOpener } from '../../io/block-device.js'
 import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
 import type { FormatDriver, OpenContext, OpenImageOptions } from '../../image/context.js'
 import { canMergeExtents, checkGuestRange } from '../../image/range.js'
@@ -32,6 +32,8 @@ export class DmsnapImage implements DiskImage, Checkable {
   store: ExceptionStore | undefined
   private table: LoadedTable | undefined
   onFull: OnFull
+  /** how to open a journal device for repair (set by the driver from its OpenContext) */
+  openDevice?: DeviceOpener
 
   private constructor(
     readonly cow: BlockDevice,
@@ -322,7 +324,12 @@ export class DmsnapImage implements DiskImage, Checkable {
   async repair(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult> {
     if (this.cow.readOnly) throw new ReadOnlyError(`dmsnap: ${this.filename}: open read-write to repair`)
     const { repairStore } = await import('./repair.js')
-    return repairStore(this.cow, { ...options, originSize: this.origin?.virtualSize, origin: this.origin })
+    const journal = options.journalPath && !options.dryRun && this.openDevice ? await this.openDevice(options.journalPath, { readOnly: false, create: true }) : undefined
+    try {
+      return await repairStore(this.cow, { ...options, originSize: this.origin?.virtualSize, origin: this.origin, journal })
+    } finally {
+      await journal?.close()
+    }
   }
 
   /** Bytes of origin chunk `c` that exist (a partial last chunk is shorter). */
@@ -418,7 +425,9 @@ export const dmsnapDriver: FormatDriver = {
     const onFull = parseOnFull(options.options?.on_full)
     const origin = await openOrigin(context, options)
     try {
-      return await DmsnapImage.open(device, { origin, onFull, forCheck: options.forCheck, readOnly: options.readOnly })
+      const img = await DmsnapImage.open(device, { origin, onFull, forCheck: options.forCheck, readOnly: options.readOnly })
+      img.openDevice = context.openDevice
+      return img
     } catch (e) {
       if (origin) await origin.close().catch(() => undefined)
       throw e
