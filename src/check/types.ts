@@ -1,3 +1,5 @@
+import type { BlockDevice } from '../io/block-device.js'
+
 /**
  * Findings are data: what is wrong with an image. Leak or corruption is the
  * first fact of each; it drives repair modes and exit codes.
@@ -56,6 +58,8 @@ export interface CheckReport {
   findings: Finding[]
   /** informational observations (e.g. dm-snapshot: store full) */
   notices?: Notice[]
+  /** qcow2: the lines qemu-img check prints on stderr for the same problems (for comparison) */
+  diagnostics?: string[]
 }
 
 export type RepairMode = 'leaks' | 'all'
@@ -99,6 +103,8 @@ export interface CheckOptions {
   dryRun?: boolean
   /** with repair: where to write the undo journal (a device path) */
   journalPath?: string
+  /** with repair: the undo journal device, already open (the CLI opens journalPath) */
+  journal?: BlockDevice
   /** format-specific switches, e.g. dmsnap's forceValid */
   flags?: Record<string, boolean>
   onProgress?: (done: number, total: number) => void
