@@ -95,4 +95,16 @@ describe('dmsnap writer', () => {
     expect(md5(await img.read(0, target.byteLength))).toBe(md5(target))
     expect((await checkStore(dev)).findings).toEqual([])
   })
+
+  it('creates a store through the driver with -o chunk_size, and refuses bad options', async () => {
+    const { dmsnapDriver } = await import('../../../src/formats/dmsnap/index.js')
+    const { makeContext } = await import('../../../src/open.js')
+    const ctx = makeContext(async () => new MemoryDevice(ORIGIN))
+    const dev = new MemoryDevice(0, { name: 'cow' })
+    await dmsnapDriver.create!(dev, ctx, { size: 64 * 1024, options: { chunk_size: '8K' } })
+    const img = await openStore(dev, undefined, { readOnly: true })
+    expect((await img.info()).formatSpecific!.data).toMatchObject({ 'chunk-size': 8192, status: '32/128 32', exceptions: 0, valid: 1 })
+    await expect(dmsnapDriver.create!(new MemoryDevice(0), ctx, { size: 65536, options: { chunk_size: '3000' } })).rejects.toThrow(/power of two/)
+    await expect(dmsnapDriver.create!(new MemoryDevice(0), ctx, { size: 65536, options: { cluster_size: '4K' } })).rejects.toThrow(/unknown create option/)
+  })
 })
