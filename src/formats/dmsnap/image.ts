@@ -324,11 +324,12 @@ export class DmsnapImage implements DiskImage, Checkable {
   async repair(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult> {
     if (this.cow.readOnly) throw new ReadOnlyError(`dmsnap: ${this.filename}: open read-write to repair`)
     const { repairStore } = await import('./repair.js')
-    const journal = options.journalPath && !options.dryRun && this.openDevice ? await this.openDevice(options.journalPath, { readOnly: false, create: true }) : undefined
+    // the CLI passes the journal already open; a library caller may give only its path
+    const own = !options.journal && options.journalPath && !options.dryRun && this.openDevice ? await this.openDevice(options.journalPath, { readOnly: false, create: true }) : undefined
     try {
-      return await repairStore(this.cow, { ...options, originSize: this.origin?.virtualSize, origin: this.origin, journal })
+      return await repairStore(this.cow, { ...options, originSize: this.origin?.virtualSize, origin: this.origin, journal: options.journal ?? own })
     } finally {
-      await journal?.close()
+      await own?.close()
     }
   }
 

@@ -3,6 +3,8 @@
  * content is appended to the journal device and flushed. `applyUndoJournal`
  * puts the COW back as it was, newest entry first.
  *
+ * A COW that repair extended (truncated-cow) keeps its new length after an undo.
+ *
  * Layout: 16-byte magic "IMGTOOL-DMSUNDO1", then entries
  * { u64 LE offset, u32 LE length, u32 LE 0, bytes }.
  */
@@ -16,14 +18,15 @@ export class UndoJournal {
   private pos = 0
   constructor(readonly dev: BlockDevice) {}
 
-  async start(): Promise<void> {
-    await this.dev.write(0, MAGIC, 'journal')
-    this.pos = MAGIC.byteLength
-    await this.dev.flush()
-  }
+  /** Nothing is written until the first save: a repair with nothing to do leaves an empty journal. */
+  async start(): Promise<void> {}
 
   /** Save what is at [offset, offset+length) on `target` before it changes. */
   async save(target: BlockDevice, offset: number, length: number): Promise<void> {
+    if (this.pos === 0) {
+      await this.dev.write(0, MAGIC, 'journal')
+      this.pos = MAGIC.byteLength
+    }
     const old = await target.read(offset, length, 'journal')
     const e = new Uint8Array(16 + length)
     putU64le(e, 0, offset)
