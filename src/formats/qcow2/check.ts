@@ -184,7 +184,7 @@ class Analyzer {
   }
 
   /** qcow2_inc_refcounts_imrt; false when the region ends a cluster or more past EOF */
-  private inc(offset: number, size: number, what: string, ref?: EntryRef): boolean {
+  private inc(offset: number, size: number, what: string, ref?: EntryRef, offsetHex?: string): boolean {
     if (size <= 0) return true
     if (offset + size - this.fileSize >= this.cs) {
       const f: Omit<Finding, 'severity'> = {
@@ -203,7 +203,7 @@ class Analyzer {
       this.finding(
         'corruption',
         f,
-        `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset ${hex(offset)} size ${hex(size)}`,
+        `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset ${offsetHex ?? hex(offset)} size ${hex(size)}`,
       )
       return false
     }
@@ -279,7 +279,7 @@ class Analyzer {
             hostOffset: s.entryOffset,
             message: `qcow2: snapshot ${s.id} ('${s.name}'): L1 table offset ${hex(s.l1TableOffset)} is not cluster aligned; its tables are not walked and their clusters are kept`,
           },
-          `ERROR snapshot ${s.id} (${s.name}) l1_offset=${hex(s.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`,
+          `ERROR snapshot ${s.id} (${s.name}) l1_offset=${cHex(s.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`,
         )
         this.skippedSnapshots.push(s)
         continue
@@ -293,7 +293,7 @@ class Analyzer {
             hostOffset: s.entryOffset,
             message: `qcow2: snapshot ${s.id} ('${s.name}'): l1_size ${s.l1Size} is above QEMU's limit of ${MAX_L1_BYTES / 8}; its tables are not walked and their clusters are kept`,
           },
-          `ERROR snapshot ${s.id} (${s.name}) l1_size=${hex(s.l1Size)}: L1 table is too large; snapshot table entry corrupted`,
+          `ERROR snapshot ${s.id} (${s.name}) l1_size=${cHex(s.l1Size)}: L1 table is too large; snapshot table entry corrupted`,
         )
         this.skippedSnapshots.push(s)
         continue
@@ -430,11 +430,13 @@ class Analyzer {
       if (hi & 0x40000000) {
         // compressed
         const coffset = (hi & hiOffMask) * TWO32 + lo
+        // above 2^53 a double loses the low bits: print such offsets from a bigint
+        const cHexExact = () => entryHex(hi & hiOffMask, lo)
         if (hi & 0x80000000) {
           this.finding(
             'corruption',
-            this.entryFinding('compressed-copied', ref(), coffset, `compressed cluster at ${hex(coffset)} has the COPIED flag set`),
-            `ERROR: coffset=${hex(coffset)}: copied flag must never be set for compressed clusters`,
+            this.entryFinding('compressed-copied', ref(), coffset, `compressed cluster at ${cHexExact()} has the COPIED flag set`),
+            `ERROR: coffset=${cHexExact()}: copied flag must never be set for compressed clusters`,
           )
         }
         if (this.dataFile) {
@@ -452,13 +454,13 @@ class Analyzer {
             `ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=${entryHex(hi & 0x7fffffff, lo)}`,
           )
           const nsec = ((hi >>> (x - 32)) & csizeMask) + 1
-          const size = nsec * 512 - (coffset % 512)
+          const size = nsec * 512 - (lo % 512)
           for (let k = Math.floor(coffset / cs); k <= Math.floor((coffset + size - 1) / cs); k++) this.protectedClusters.add(k)
           continue
         }
         const nsec = ((hi >>> (x - 32)) & csizeMask) + 1
-        const size = nsec * 512 - (coffset % 512)
-        this.inc(coffset, size, 'compressed cluster', ref())
+        const size = nsec * 512 - (lo % 512)
+        this.inc(coffset, size, 'compressed cluster', ref(), (hi & hiOffMask) >= 0x200000 ? cHexExact() : undefined)
         if (stats) {
           stats.allocated++
           stats.compressed++
@@ -680,7 +682,7 @@ class Analyzer {
     const tableEntries = reftable.byteLength / 8
     const mismatches: Mismatch[] = []
     const unreadable = new Set<number>()
-    let highest = -1
+    let highest = 0 // qemu starts from cluster 0: the image end offset is at least one cluster
     for (let ti = 0, base = 0; base < nb; ti++, base += perBlock) {
       const end = Math.min(nb, base + perBlock)
       let blockOffset = 0
@@ -690,7 +692,7 @@ class Analyzer {
         if (!this.corruptSignalled) {
           this.corruptSignalled = true
           this.diagnostics.push(
-            `qcow2: Image is corrupt: Refblock offset ${hex(blockOffset)} unaligned (reftable index: ${hex(ti)}); further non-fatal corruption events will be suppressed`,
+            `qcow2: Image is corrupt: Refblock offset ${hex(blockOffset)} unaligned (reftable index: ${cHex(ti)}); further non-fatal corruption events will be suppressed`,
           )
         }
         for (let i = base; i < end; i++) {
@@ -860,4 +862,9 @@ class Analyzer {
 /** a 64-bit entry as qemu prints it with %#x / PRIx64 (we add 0x; slice(2) for PRIx64) */
 export function entryHex(hi: number, lo: number): string {
   return hex((BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0))
+}
+
+/** printf("%#x"): 0 prints as "0" */
+export function cHex(n: number): string {
+  return n === 0 ? '0' : hex(n)
 }
