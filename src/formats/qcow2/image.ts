@@ -6,6 +6,7 @@ import { CorruptImageError, UnsupportedFeatureError, hex } from '../../errors.js
 import type { BlockDevice } from '../../io/block-device.js'
 import type { OpenContext, OpenImageOptions } from '../../image/context.js'
 import type { DiskImage, Extent, ImageInfo, SnapshotInfo } from '../../image/disk-image.js'
+import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../../check/types.js'
 import { isFormatName } from '../../image/probe.js'
 import { checkGuestRange } from '../../image/range.js'
 import { Lru } from '../../util/lru.js'
@@ -27,6 +28,7 @@ import {
 import { combinePath } from './paths.js'
 import { RefcountReader } from './refcount.js'
 import { readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js'
+import { Qcow2Writer, type WriteZeroesOptions } from './write.js'
 
 export class Qcow2Image implements DiskImage {
   readonly format = 'qcow2'
@@ -34,6 +36,10 @@ export class Qcow2Image implements DiskImage {
   readonly refcounts: RefcountReader
   private readonly compressedCache = new Lru<number, Uint8Array>(4)
   private metadataPrealloc: boolean | undefined
+  /** the writer, attached when the image is opened read-write (write.ts) */
+  writer: Qcow2Writer | undefined
+  /** why no writer could be attached (read-only, unsupported feature) */
+  writerRefusal: Error | undefined
 
   constructor(
     readonly device: BlockDevice,
@@ -286,12 +292,58 @@ export class Qcow2Image implements DiskImage {
     return info
   }
 
+  /** qemu-img check's verdict (check.ts) */
+  async check(options: CheckOptions = {}): Promise<CheckReport> {
+    return (await import('./check-run.js')).checkQcow2(this, options)
+  }
+
+  /** check, repair, check again (repair.ts) */
+  async repair(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult> {
+    return (await import('./repair.js')).repairQcow2(this, options)
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    return this.requireWriter().write(offset, data)
+  }
+
+  async writeZeroes(offset: number, length: number, options?: WriteZeroesOptions): Promise<void> {
+    return this.requireWriter().writeZeroes(offset, length, options)
+  }
+
+  /** One whole cluster stored compressed (bytes from compress-write.ts). */
+  async writeCompressed(offset: number, compressed: Uint8Array): Promise<void> {
+    return this.requireWriter().writeCompressed(offset, compressed)
+  }
+
+  private requireWriter(): Qcow2Writer {
+    if (this.writer) return this.writer
+    throw this.writerRefusal ?? new UnsupportedFeatureError(`qcow2: ${this.filename}: image is not open for writing`)
+  }
+
+  /** Writers call this when compressed clusters are freed (their host bytes may be reused). */
+  dropCompressedCache(): void {
+    this.compressedCache.clear()
+  }
+
   async flush(): Promise<void> {
+    if (this.writer) return this.writer.flush()
     await this.device.flush()
     if (this.dataDevice !== this.device) await this.dataDevice.flush()
   }
 
   async close(): Promise<void> {
+    if (this.writer) {
+      try {
+        await this.writer.close()
+      } catch (e) {
+        await this.closeDevices().catch(() => undefined)
+        throw e
+      }
+    }
+    await this.closeDevices()
+  }
+
+  private async closeDevices(): Promise<void> {
     if (this.backing) await this.backing.close()
     if (this.dataDevice !== this.device) await this.dataDevice.close()
     await this.device.close()
@@ -359,7 +411,16 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
     const snapshots =
       forCheck || h.nbSnapshots === 0 ? [] : await readSnapshotTable(device, file, h.snapshotsOffset, h.nbSnapshots)
     const bitmaps = h.bitmaps && bitmapsValid(h) && !forCheck ? await readBitmapDirectory(device, file, h.bitmaps) : []
-    return new Qcow2Image(device, h, l1, dataDevice, backing, snapshots, bitmaps, context, options)
+    const image = new Qcow2Image(device, h, l1, dataDevice, backing, snapshots, bitmaps, context, options)
+    if (!device.readOnly && !forCheck) {
+      try {
+        image.writer = await Qcow2Writer.attach(image)
+      } catch (e) {
+        if (!(e instanceof UnsupportedFeatureError)) throw e
+        image.writerRefusal = e
+      }
+    }
+    return image
   } catch (e) {
     for (const o of opened.reverse()) await o.close().catch(() => undefined)
     throw e

@@ -1,0 +1,66 @@
+/** Helpers for writer tests: images on memory devices, opened through the real driver. */
+import type { BlockDevice } from '../../src/io/block-device.js'
+import { MemoryDevice } from '../../src/io/memory-device.js'
+import type { OpenContext } from '../../src/image/context.js'
+import { makeContext, openImageOnDevice } from '../../src/open.js'
+import { createQcow2 } from '../../src/formats/qcow2/create.js'
+import type { Qcow2Image } from '../../src/formats/qcow2/image.js'
+import { analyzeQcow2 } from '../../src/formats/qcow2/check.js'
+import { Prng } from '../support/prng.js'
+
+/** A set of named memory files: backing files and data files resolve here. */
+export class MemFiles {
+  readonly files = new Map<string, BlockDevice>()
+  readonly context: OpenContext
+  constructor() {
+    this.context = makeContext(async (path, options) => {
+      let d = this.files.get(path)
+      if (!d || options.create) {
+        d = new MemoryDevice(0, { name: path })
+        this.files.set(path, d)
+      }
+      return new Unclosable(d)
+    })
+  }
+}
+
+/** Memory devices survive close (so a test can reopen them). */
+export class Unclosable implements BlockDevice {
+  constructor(readonly inner: BlockDevice) {}
+  get size() { return this.inner.size }
+  get readOnly() { return false }
+  get name() { return this.inner.name }
+  read(o: number, l: number, t?: string) { return this.inner.read(o, l, t) }
+  write(o: number, d: Uint8Array, t?: string) { return this.inner.write(o, d, t) }
+  flush() { return this.inner.flush() }
+  truncate(s: number) { return this.inner.truncate(s) }
+  async close() {}
+}
+
+export async function createOn(dev: BlockDevice, size: number, options: Record<string, string> = {}, files = new MemFiles(), extra: { backingFile?: string; backingFormat?: string } = {}): Promise<void> {
+  await createQcow2(dev, files.context, { size, options, ...extra })
+}
+
+export async function openOn(dev: BlockDevice, files = new MemFiles(), readOnly = false): Promise<Qcow2Image> {
+  const d = dev instanceof Unclosable ? dev : new Unclosable(dev)
+  return (await openImageOnDevice(d, { format: 'qcow2', readOnly, context: files.context })) as Qcow2Image
+}
+
+/** Check counts from our checker (qemu-img check's algorithm). */
+export async function checkCounts(dev: BlockDevice, dataDevice?: BlockDevice): Promise<{ corruptions: number; leaks: number; checkErrors: number; diagnostics: string[] }> {
+  const a = await analyzeQcow2(dev, dataDevice ? { dataDevice } : {})
+  return { corruptions: a.report.corruptions, leaks: a.report.leaks, checkErrors: a.report.checkErrors, diagnostics: a.report.diagnostics }
+}
+
+export function randomBytes(rng: Prng, n: number): Uint8Array {
+  const b = new Uint8Array(n)
+  for (let i = 0; i < n; i++) b[i] = rng.int(256)
+  return b
+}
+
+/** A byte pattern that names its offset (for reading back). */
+export function pattern(offset: number, length: number, seed = 1): Uint8Array {
+  const b = new Uint8Array(length)
+  for (let i = 0; i < length; i++) b[i] = ((offset + i) * 31 + seed * 7 + ((offset + i) >>> 9)) & 0xff
+  return b
+}
