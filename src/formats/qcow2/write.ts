@@ -25,6 +25,7 @@ import { ALL_SUBCLUSTERS, getBitmap, setBitmap, setCompressed, setStandard, subc
 import { Mutex } from './mutex.js'
 import { OverlapGuard } from './overlap.js'
 import { RefcountWriter } from './refcount-writer.js'
+import { maxRefcount } from './refcount-codec.js'
 import { SUBCLUSTERS_PER_CLUSTER, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS } from './constants.js'
 import { markDirtyBit, rebuildRefcounts, walkMetadata } from './dirty.js'
 
@@ -735,7 +736,8 @@ export class Qcow2Writer {
     const cur = this.compressedCursor
     if (cur !== 0 && cur % this.cs !== 0 && this.cs - (cur % this.cs) >= size) {
       const cluster = cur - (cur % this.cs)
-      if ((await this.rc.get(cluster / this.cs)) > 0 && this.guard.kindAt(cluster / this.cs) === undefined) {
+      const n = await this.rc.get(cluster / this.cs)
+      if (n > 0 && n < maxRefcount(this.h.refcountOrder) && this.guard.kindAt(cluster / this.cs) === undefined) {
         await this.rc.update(cluster, 1, +1)
         this.compressedCursor = cur + size
         return { offset: cur, range: { offset: cluster, length: this.cs } }
