@@ -65,7 +65,7 @@ export function makeContext(openDevice: DeviceOpener): OpenContext {
 /** Open an image file by path; `format` overrides probing. */
 export async function openImage(
   path: string,
-  options: { format?: FormatName; readOnly?: boolean; options?: Record<string, string>; openDevice?: DeviceOpener } = {},
+  options: { format?: FormatName; readOnly?: boolean; options?: Record<string, string>; openDevice?: DeviceOpener; forCheck?: boolean } = {},
 ): Promise<DiskImage> {
   const context = makeContext(options.openDevice ?? openFileDevice)
   return context.openImage(path, {
@@ -74,5 +74,6 @@ export async function openImage(
     depth: 0,
     chain: [],
     options: options.options ?? {},
+    forCheck: options.forCheck ?? false,
   })
 }

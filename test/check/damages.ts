@@ -17,7 +17,16 @@ const hasSnap = (img: Qcow2Bytes) => img.nbSnapshots > 0
 export const DAMAGES: DamageKind[] = [
   { name: 'leak-1', repairable: true, apply: (i) => i.leak(1) },
   { name: 'leak-3', repairable: true, apply: (i) => i.leak(3) },
-  { name: 'refcount-too-high', repairable: true, apply: (i) => (hasData(i) && i.refcountOrder > 0 ? i.setRefcount(i.firstData().cluster, 2) : undefined) },
+  {
+    name: 'refcount-too-high',
+    repairable: true,
+    apply: (i) => {
+      if (!hasData(i)) return undefined
+      const c = i.firstData().cluster
+      const v = i.getRefcount(c) + 1
+      return v < 2 ** 2 ** i.refcountOrder ? i.setRefcount(c, v) : undefined
+    },
+  },
   { name: 'refcount-zero-data', repairable: true, apply: (i) => (hasData(i) ? i.setRefcount(i.firstData().cluster, 0) : undefined) },
   { name: 'refcount-zero-l2', repairable: true, apply: (i) => (i.l2Tables().length ? i.setRefcount(i.l2Tables()[0]!.offset / i.cs, 0) : undefined) },
   {
@@ -33,8 +42,9 @@ export const DAMAGES: DamageKind[] = [
   { name: 'copied-l1-cleared', repairable: true, apply: (i) => (i.l2Tables().length && !hasSnap(i) ? i.clearCopiedL1() : undefined) },
   { name: 'data-past-eof', repairable: true, losesData: true, apply: (i) => (hasData(i) ? i.dataPastEof() : undefined) },
   { name: 'data-into-reftable', repairable: true, losesData: true, apply: (i) => (hasData(i) ? i.dataIntoReftable() : undefined) },
-  { name: 'data-misaligned', repairable: false, apply: (i) => (hasData(i) ? i.misalignData() : undefined) },
-  { name: 'l2-table-misaligned', repairable: false, apply: (i) => (i.l2Tables().length ? i.misalignL2Table() : undefined) },
+  // with 512-byte clusters every offset an entry can hold is aligned
+  { name: 'data-misaligned', repairable: false, apply: (i) => (hasData(i) && i.cs > 512 ? i.misalignData() : undefined) },
+  { name: 'l2-table-misaligned', repairable: false, apply: (i) => (i.l2Tables().length && i.cs > 512 ? i.misalignL2Table() : undefined) },
   { name: 'l1-reserved-bits', repairable: false, apply: (i) => (i.l2Tables().length ? i.l1ReservedBits() : undefined) },
   { name: 'l2-reserved-bits', repairable: false, apply: (i) => (hasData(i) ? i.l2ReservedBits() : undefined) },
   { name: 'reftable-reserved-bits', repairable: true, apply: (i) => i.breakReftableEntry('reserved') },

@@ -13,5 +13,7 @@ export const COMMANDS: CommandEntry[] = [
   { name: 'info', load: async () => (await import('./info.js')).default },
   { name: 'map', load: async () => (await import('./map.js')).default },
   { name: 'cat', load: async () => (await import('./cat.js')).default },
+  { name: 'check', load: async () => (await import('./check.js')).default },
+  { name: 'repair', load: async () => (await import('./repair.js')).default },
   { name: 'merge', load: async () => (await import('./merge.js')).default },
 ]

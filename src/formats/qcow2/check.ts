@@ -141,6 +141,8 @@ class Analyzer {
   readonly protectedClusters = new Set<number>()
   readonly skippedSnapshots: CheckSnapshot[] = []
   readonly refblocksOutside: number[] = []
+  /** aligned-down offsets of L2 tables whose L1 entry is unaligned: their data is kept */
+  readonly unalignedL2: number[] = []
   private corruptSignalled = false
 
   constructor(
@@ -312,6 +314,7 @@ class Analyzer {
     this.checkRefblocks(reftable)
     // protect what skipped snapshots may still own (best effort walk, counts nothing)
     for (const s of this.skippedSnapshots) await this.protectSnapshot(s)
+    for (const off of this.unalignedL2) await this.protectL2(off)
 
     const cmp = await this.compare(reftable)
     const copied = await this.checkCopied(reftable, cmp)
@@ -404,6 +407,7 @@ class Analyzer {
           `ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`,
         )
       }
+      if (l2Offset % this.cs !== 0) this.unalignedL2.push(l2Offset - (l2Offset % this.cs))
       await this.walkL2(l2Offset, i, active, stats)
     }
   }
@@ -641,31 +645,39 @@ class Analyzer {
   private async protectSnapshot(s: CheckSnapshot): Promise<void> {
     const cs = this.cs
     const n = Math.min(s.l1Size, Math.max(0, Math.floor((this.fileSize - s.l1TableOffset) / 8)), MAX_L1_BYTES / 8)
-    const mark = (off: number, len: number) => {
-      if (off >= this.fileSize) return
-      for (let k = Math.floor(off / cs); k <= Math.floor((Math.min(off + len, this.fileSize) - 1) / cs); k++) this.protectedClusters.add(k)
-    }
-    mark(s.l1TableOffset, n * 8)
+    this.protectRange(s.l1TableOffset, n * 8)
     if (n === 0) return
     const l1 = await this.dev.read(s.l1TableOffset, n * 8, 'l1')
     const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength)
     for (let i = 0; i < n; i++) {
       const l2 = (dv.getUint32(i * 8, false) & 0x00ffffff) * TWO32 + ((dv.getUint32(i * 8 + 4, false) & 0xfffffe00) >>> 0)
-      if (l2 === 0 || l2 >= this.fileSize) continue
-      mark(l2, cs)
-      const t = await this.dev.read(l2, cs, 'l2')
-      const tv = new DataView(t.buffer, t.byteOffset, t.byteLength)
-      for (let j = 0; j < this.l2Count; j++) {
-        const hi = tv.getUint32(j * this.entrySize, false)
-        const lo = tv.getUint32(j * this.entrySize + 4, false)
-        if (hi & 0x40000000) {
-          const x = 70 - this.cb
-          const coff = (hi & (2 ** (x - 32) - 1)) * TWO32 + lo
-          mark(coff, (((hi >>> (x - 32)) & ((1 << (this.cb - 8)) - 1)) + 1) * 512 - (coff % 512))
-        } else {
-          const off = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
-          if (off !== 0) mark(off, cs)
-        }
+      if (l2 !== 0) await this.protectL2(l2 - (l2 % cs))
+    }
+  }
+
+  private protectRange(off: number, len: number): void {
+    if (off >= this.fileSize || len <= 0) return
+    const cs = this.cs
+    for (let k = Math.floor(off / cs); k <= Math.floor((Math.min(off + len, this.fileSize) - 1) / cs); k++) this.protectedClusters.add(k)
+  }
+
+  /** keep an L2 table we cannot trust, and everything it points at, from being freed */
+  private async protectL2(l2: number): Promise<void> {
+    const cs = this.cs
+    if (l2 === 0 || l2 >= this.fileSize) return
+    this.protectRange(l2, cs)
+    const t = await this.dev.read(l2, cs, 'l2')
+    const tv = new DataView(t.buffer, t.byteOffset, t.byteLength)
+    for (let j = 0; j < this.l2Count; j++) {
+      const hi = tv.getUint32(j * this.entrySize, false)
+      const lo = tv.getUint32(j * this.entrySize + 4, false)
+      if (hi & 0x40000000) {
+        const x = 70 - this.cb
+        const coff = (hi & (2 ** (x - 32) - 1)) * TWO32 + lo
+        this.protectRange(coff, (((hi >>> (x - 32)) & ((1 << (this.cb - 8)) - 1)) + 1) * 512 - (lo % 512))
+      } else {
+        const off = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
+        if (off !== 0) this.protectRange(off, cs)
       }
     }
   }
