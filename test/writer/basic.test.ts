@@ -2,6 +2,7 @@ import { describe, expect, it } from 'vitest'
 import { MemoryDevice } from '../../src/io/memory-device.js'
 import { Prng } from '../support/prng.js'
 import { MemFiles, checkCounts, createOn, openOn } from './helpers.js'
+import { sameBytes } from './helpers.js'
 
 const OPTION_SETS: Array<Record<string, string>> = [
   {},
@@ -41,7 +42,7 @@ describe('qcow2 writer: random writes read back and check clean', () => {
         }
       }
       const got = await img.read(0, size)
-      expect(Buffer.compare(Buffer.from(got), Buffer.from(expected))).toBe(0)
+      sameBytes(got, expected)
       await img.close()
       const c = await checkCounts(dev)
       expect(c, c.diagnostics.join('\n')).toMatchObject({ corruptions: 0, leaks: 0, checkErrors: 0 })

@@ -64,3 +64,11 @@ export function pattern(offset: number, length: number, seed = 1): Uint8Array {
   for (let i = 0; i < length; i++) b[i] = ((offset + i) * 31 + seed * 7 + ((offset + i) >>> 9)) & 0xff
   return b
 }
+
+/** Byte equality without vitest's slow deep compare; names the first differing offset. */
+export function sameBytes(got: Uint8Array, want: Uint8Array, what = 'bytes'): void {
+  if (got.byteLength === want.byteLength && Buffer.from(got.buffer, got.byteOffset, got.byteLength).equals(Buffer.from(want.buffer, want.byteOffset, want.byteLength))) return
+  let i = 0
+  while (i < Math.min(got.byteLength, want.byteLength) && got[i] === want[i]) i++
+  throw new Error(`${what}: differ at offset 0x${i.toString(16)} (got ${got[i]}, want ${want[i]}; lengths ${got.byteLength} / ${want.byteLength})`)
+}

@@ -249,7 +249,7 @@ export class Qcow2Writer {
     const base = { l1Index: i, lo: Infinity, hi: -1, allocated: [] as Range[], frees: [] as Range[], linked: false, attempted: false }
     if (l1e.l2Offset === 0) {
       if (!create) return undefined
-      const l2 = await this.rc.alloc(1)
+      const l2 = await this.alloc(1, undefined)
       this.guard.set(l2 / this.cs, 'l2')
       return { ...base, oldL2: 0, l2, mode: 'new', table: new Uint8Array(this.cs), allocated: [{ offset: l2, length: this.cs }] }
     }
@@ -257,7 +257,7 @@ export class Qcow2Writer {
     if ((await this.refcount(l1e.l2Offset)) === 1) {
       return { ...base, oldL2: l1e.l2Offset, l2: l1e.l2Offset, mode: 'inplace', table: old.slice() }
     }
-    const l2 = await this.rc.alloc(1)
+    const l2 = await this.alloc(1, undefined)
     this.guard.set(l2 / this.cs, 'l2')
     return {
       ...base,
@@ -268,6 +268,18 @@ export class Qcow2Writer {
       allocated: [{ offset: l2, length: this.cs }],
       frees: [{ offset: l1e.l2Offset, length: this.cs }],
     }
+  }
+
+  /** Allocate clusters; refcounts that call known metadata free mean a corrupt image. */
+  private async alloc(n: number, w: TableWork | undefined): Promise<number> {
+    const first = await this.rc.alloc(n)
+    if (w) w.allocated.push({ offset: first, length: n * this.cs })
+    const hit = this.guard.conflict(first, n * this.cs)
+    if (hit) {
+      await this.markCorrupt()
+      throw this.guard.error(first, n * this.cs, 'allocation (refcount 0)', hit)
+    }
+    return first
   }
 
   private touch(w: TableWork, i: number): void {
@@ -326,8 +338,7 @@ export class Qcow2Writer {
           if (hasDataFile(this.h)) {
             for (const pl of alloc) await this.fillNewCluster(w, pl.idx, pl.guest, pl.guest, pl.e, pl.from, data.subarray(pl.from - offset, pl.to - offset), writes, this.img.dataDevice)
           } else {
-            const first = await this.rc.alloc(alloc.length)
-            w.allocated.push({ offset: first, length: alloc.length * this.cs })
+            const first = await this.alloc(alloc.length, w)
             for (let k = 0; k < alloc.length; k++) {
               const pl = alloc[k]!
               await this.fillNewCluster(w, pl.idx, pl.guest, first + k * this.cs, pl.e, pl.from, data.subarray(pl.from - offset, pl.to - offset), writes, this.img.device)
@@ -449,25 +460,27 @@ export class Qcow2Writer {
     const allocating = works.some((w) => w.allocated.length > 0)
     if (allocating && this.rc.lazy) await this.ensureDirty()
     if (!this.rc.lazy) await this.rc.persist()
-    // B. data and new tables
+    // B. guest data, durable before anything maps it
     for (const d of writes) await this.guardedWrite(d.device, d.offset, d.data, 'data')
-    for (const w of works) {
-      if (w.mode !== 'inplace') await this.guardedWrite(dev, w.l2, w.table.slice(), 'l2', 'l2')
-    }
     if (needFlush) await this.flushDevices()
-    // C. link, in allocation order
+    // C. new tables' contents and links in existing tables, in allocation order; then L1 links
+    const es = this.ew.entrySize
     for (const w of works) {
-      if (w.mode === 'inplace') {
-        if (w.hi < 0) {
-          w.linked = true
-          continue
-        }
-        const es = this.ew.entrySize
+      if (w.mode !== 'inplace') {
+        await this.guardedWrite(dev, w.l2, w.table.slice(), 'l2', 'l2')
+      } else if (w.hi < 0) {
+        w.linked = true
+      } else {
         w.attempted = true
         await this.guardedWrite(dev, w.l2 + w.lo * es, w.table.slice(w.lo * es, (w.hi + 1) * es), 'l2', 'l2')
         w.linked = true
         this.img.mapper.l2cache.set(w.l2, w.table)
-      } else {
+      }
+    }
+    if (works.some((w) => w.mode !== 'inplace')) {
+      await this.flushDevices()
+      for (const w of works) {
+        if (w.mode === 'inplace') continue
         const b = new Uint8Array(8)
         putU64be(b, 0, encodeL1({ l2Offset: w.l2, copied: true }))
         w.attempted = true
@@ -743,7 +756,7 @@ export class Qcow2Writer {
         return { offset: cur, range: { offset: cluster, length: this.cs } }
       }
     }
-    const first = await this.rc.alloc(1)
+    const first = await this.alloc(1, undefined)
     this.compressedCursor = first + size
     return { offset: first, range: { offset: first, length: this.cs } }
   }
