@@ -26,7 +26,8 @@ async function fresh(size: number, options: Record<string, string>): Promise<{ b
 const META: IoTag[] = ['l2', 'l1']
 
 describe('rule 1: refcounts before mappings', () => {
-  for (const opts of [{ cluster_size: '512' }, { cluster_size: '4096', refcount_bits: '2' }, { cluster_size: '16384', extended_l2: 'on' }, { compat: '0.10', cluster_size: '1024' }]) {
+  const optionSets: Array<Record<string, string>> = [{ cluster_size: '512' }, { cluster_size: '4096', refcount_bits: '2' }, { cluster_size: '16384', extended_l2: 'on' }, { compat: '0.10', cluster_size: '1024' }]
+  for (const opts of optionSets) {
     it(`a refcount block write is flushed before any L2/L1 write (${JSON.stringify(opts)})`, async () => {
       const { base, files } = await fresh(2 * 1024 * 1024, opts)
       const dev = new TracingDevice(new Unclosable(base))
