@@ -15,6 +15,7 @@ import { createHash } from 'node:crypto'
 import { accessSync, constants as fsConstants, createReadStream, mkdtempSync, rmSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { delimiter, join } from 'node:path'
+import { Writable } from 'node:stream'
 import { afterAll, describe, it } from 'vitest'
 
 // ---------------------------------------------------------------------------
@@ -307,4 +308,28 @@ export function md5File(path: string): Promise<string> {
       .on('error', reject)
       .on('end', () => resolve(h.digest('hex')))
   })
+}
+
+// ---------------------------------------------------------------------------
+// capturing in-process output (the CLI's main() takes its streams as arguments)
+
+
+
+export interface Collector extends Writable {
+  bytes(): Buffer
+  text(): string
+}
+
+/** A writable stream that keeps everything written to it. */
+export function collector(): Collector {
+  const chunks: Buffer[] = []
+  const w = new Writable({
+    write(chunk: Buffer | string, _enc, cb) {
+      chunks.push(typeof chunk === 'string' ? Buffer.from(chunk) : Buffer.from(chunk))
+      cb()
+    },
+  }) as Collector
+  w.bytes = () => Buffer.concat(chunks)
+  w.text = () => Buffer.concat(chunks).toString('utf8')
+  return w
 }

@@ -179,10 +179,11 @@ export class Qcow2Image implements DiskImage {
       const endCluster = Math.ceil(this.device.size / this.clusterSize)
       let count = 0
       try {
-        for (let i = 0; i < endCluster && count <= threshold; i++) {
+        // as qcow2_detect_metadata_preallocation: reaching the threshold is enough
+        for (let i = 0; i < endCluster && count < threshold; i++) {
           if ((await this.refcounts.get(i)) !== 0) count++
         }
-        result = count > threshold
+        result = count >= threshold
       } catch {
         result = false // QEMU ignores the failure and reports block status without it
       }
@@ -246,7 +247,13 @@ export class Qcow2Image implements DiskImage {
         }
         if (inBacking < end) {
           const from = Math.max(run.guest, inBacking)
-          yield { start: from, length: end - from, depth: 0, present: false, zero: true, data: false }
+          const e: Extent = { start: from, length: end - from, depth: 0, present: false, zero: true, data: false }
+          if (run.type === 'unallocated-alloc') {
+            // qemu-img map: the layer's host offset stays valid past a shorter backing file
+            e.hostOffset = run.hostOffset! + (from - run.guest)
+            e.file = file
+          }
+          yield e
         }
         return
       }
