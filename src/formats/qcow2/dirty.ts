@@ -80,6 +80,51 @@ export async function walkMetadata(
   }
 }
 
+/**
+ * Make COPIED (bit 63) in the active L1 and L2 tables say "refcount is 1",
+ * as qemu-img check -r all does. Writes only the entries that change.
+ */
+export async function fixCopiedFlags(img: Qcow2Image, refcountOf: (cluster: number) => number): Promise<number> {
+  const h = img.header
+  const dev = img.device
+  const cs = h.clusterSize
+  const es = l2EntrySize(h)
+  const ctx = img.mapper.decodeContext
+  const dataFile = hasDataFile(h)
+  const l1dv = new DataView(img.l1.buffer, img.l1.byteOffset, img.l1.byteLength)
+  let fixed = 0
+  for (let i = 0; i < h.l1Size; i++) {
+    const e = decodeL1(l1dv, i * 8)
+    if (e.l2Offset === 0) continue
+    const t = (await img.mapper.loadL2(i, e.l2Offset)).slice()
+    const tdv = new DataView(t.buffer, t.byteOffset, t.byteLength)
+    let changed = false
+    for (let j = 0; j < cs / es; j++) {
+      const le = decodeL2(tdv, j * es, ctx)
+      if (!((le.type === 'normal' || le.type === 'zero') && (le.hostOffset !== 0 || (dataFile && le.type === 'normal')))) continue
+      const want = dataFile || refcountOf(Math.floor(le.hostOffset / cs)) === 1
+      if (want !== le.copied) {
+        const hi = tdv.getUint32(j * es, false)
+        tdv.setUint32(j * es, want ? (hi | 0x80000000) >>> 0 : (hi & 0x7fffffff) >>> 0, false)
+        changed = true
+        fixed++
+      }
+    }
+    if (changed) {
+      await dev.write(e.l2Offset, t, 'l2')
+      img.mapper.l2cache.set(e.l2Offset, t)
+    }
+    const want = refcountOf(Math.floor(e.l2Offset / cs)) === 1
+    if (want !== e.copied) {
+      const hi = l1dv.getUint32(i * 8, false)
+      l1dv.setUint32(i * 8, want ? (hi | 0x80000000) >>> 0 : (hi & 0x7fffffff) >>> 0, false)
+      await dev.write(h.l1TableOffset + i * 8, img.l1.slice(i * 8, i * 8 + 8), 'l1')
+      fixed++
+    }
+  }
+  return fixed
+}
+
 /** Recompute every refcount from the metadata and install fresh refcount structures. */
 export async function rebuildRefcounts(img: Qcow2Image): Promise<{ clusters: number }> {
   const h = img.header
@@ -141,6 +186,7 @@ export async function rebuildRefcounts(img: Qcow2Image): Promise<{ clusters: num
     i++
   }
   await dev.write(tableOffset, table, 'reftable')
+  await fixCopiedFlags(img, (c) => counts.get(c) ?? 0)
   await dev.flush()
   const hdr = new Uint8Array(12)
   putU64be(hdr, 0, tableOffset)

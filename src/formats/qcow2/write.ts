@@ -74,6 +74,7 @@ export class Qcow2Writer {
   readonly sc: number
   private closed = false
   private corrupt = false
+  private broken = false
   private dirtyMarked: boolean
   private compressedCursor = 0
   /** messages for the user (e.g. "refcounts rebuilt") */
@@ -168,7 +169,7 @@ export class Qcow2Writer {
     return this.mutex.run(async () => {
       if (this.closed) return
       this.closed = true
-      if (this.corrupt) return
+      if (this.corrupt || this.broken) return
       await this.rc.persist()
       await this.flushDevices()
       if (this.dirtyMarked && isDirty(this.h)) {
@@ -179,10 +180,75 @@ export class Qcow2Writer {
     })
   }
 
+  /**
+   * Metadata transactions for operations that change refcounts and COPIED
+   * flags together (snapshots): the dirty bit is set and flushed first, so a
+   * crash in between leaves an image that the next read-write open repairs
+   * (rebuildRefcounts fixes refcounts and COPIED flags). Call inside `mutex.run`.
+   */
+  async beginTransaction(): Promise<void> {
+    this.assertUsable()
+    await this.rc.persist()
+    await this.flushDevices()
+    if (this.h.version >= 3) await this.ensureDirty()
+  }
+
+  /**
+   * A transaction that failed half way: memory no longer matches the disk.
+   * The writer refuses further writes; the image stays dirty (v3) so the next
+   * read-write open rebuilds refcounts and COPIED flags.
+   */
+  abortTransaction(): void {
+    this.broken = true
+  }
+
+  async endTransaction(): Promise<void> {
+    await this.rc.persist()
+    await this.flushDevices()
+    if (this.dirtyMarked && !this.rc.lazy) {
+      await markDirtyBit(this.img.device, this.h, false)
+      await this.img.device.flush()
+      this.dirtyMarked = false
+    }
+  }
+
+  /** Flush the devices (inside `mutex.run`; `flush()` would wait for the mutex). */
+  flushNow(): Promise<void> {
+    return this.flushDevices()
+  }
+
+  /** After resize: the open image's tables no longer match the file. */
+  retire(): void {
+    this.closed = true
+  }
+
+  /** Allocation for other writer modules (snapshot tables, L1 copies), guarded like guest allocations. */
+  allocClusters(n: number): Promise<number> {
+    return this.alloc(n, undefined)
+  }
+
+  /** A guarded metadata write for other writer modules. */
+  async writeMetadata(offset: number, data: Uint8Array, tag: 'l1' | 'l2' | 'snapshot' | 'header'): Promise<void> {
+    const allowed = tag === 'l1' || tag === 'l2' ? tag : undefined
+    if (tag === 'header') return this.img.device.write(offset, data, tag)
+    if (tag === 'snapshot') {
+      const hit = this.guard.conflict(offset, data.byteLength, 'snapshot')
+      if (hit) {
+        await this.markCorrupt()
+        throw this.guard.error(offset, data.byteLength, 'snapshot table write', hit)
+      }
+      return this.img.device.write(offset, data, tag)
+    }
+    return this.guardedWrite(this.img.device, offset, data, tag, allowed)
+  }
+
   // ---------------------------------------------------------------- helpers
 
-  private assertUsable(): void {
+  assertUsable(): void {
     if (this.closed) throw new ImgtoolError('USAGE', `qcow2: ${this.img.filename}: image is closed`)
+    if (this.broken) {
+      throw new ImgtoolError('INTERNAL', `qcow2: ${this.img.filename}: a metadata transaction failed; close and reopen the image (it is repaired on open)`)
+    }
     if (this.corrupt) {
       throw new CorruptImageError(`qcow2: ${this.img.filename}: image is marked corrupt; writes are refused (run imgtool check -r all)`, {
         file: this.img.filename,

@@ -1,0 +1,89 @@
+/** Snapshots we create list and apply in qemu-img snapshot; resized images pass qemu-img check. */
+import { writeFileSync } from 'node:fs'
+import { join } from 'node:path'
+import { expect, it } from 'vitest'
+import { openFileDevice } from '../../src/io/file-device.js'
+import { makeContext, openImage } from '../../src/open.js'
+import { createQcow2 } from '../../src/formats/qcow2/create.js'
+import type { Qcow2Image } from '../../src/formats/qcow2/image.js'
+import { applySnapshot, createSnapshot, deleteSnapshot } from '../../src/formats/qcow2/snapshot-ops.js'
+import { resizeQcow2 } from '../../src/formats/qcow2/resize.js'
+import { Prng } from '../support/prng.js'
+import { describeQemu, makeTempDir, qemuImg, qemuImgOk, useTempDirs } from '../support/qemu.js'
+
+useTempDirs()
+
+async function check(path: string): Promise<void> {
+  const r = await qemuImg(['check', '--output=json', path])
+  const j = JSON.parse(r.stdout || '{}') as Record<string, number>
+  expect({ code: r.code, c: j['corruptions'] ?? 0, l: j['leaks'] ?? 0 }, r.stdout + r.stderr).toEqual({ code: 0, c: 0, l: 0 })
+}
+
+async function same(path: string, bytes: Uint8Array, dir: string): Promise<void> {
+  const raw = join(dir, 'want.raw')
+  writeFileSync(raw, bytes)
+  const r = await qemuImg(['compare', '-f', 'qcow2', '-F', 'raw', path, raw])
+  expect(r.code, r.stdout + r.stderr).toBe(0)
+}
+
+describeQemu('writer snapshots and resize with qemu-img', () => {
+  for (const opts of [{ cluster_size: '4096' }, { compat: '0.10', cluster_size: '1024' }, { cluster_size: '65536', extended_l2: 'on' }, { cluster_size: '2048', refcount_bits: '8', lazy_refcounts: 'on' }] as Array<Record<string, string>>) {
+    it(`qemu-img snapshot lists and applies our snapshots; we apply and delete qemu's (${JSON.stringify(opts)})`, async () => {
+      const dir = makeTempDir('imgtool-snap-')
+      const path = join(dir, 's.qcow2')
+      const size = 2 * 1024 * 1024
+      const dev = await openFileDevice(path, { readOnly: false, create: true })
+      await createQcow2(dev, makeContext(openFileDevice), { size, options: opts })
+      await dev.close()
+      const rng = new Prng(11)
+      const v0 = new Uint8Array(size)
+      let img = (await openImage(path, { readOnly: false })) as Qcow2Image
+      for (let i = 0; i < 8; i++) {
+        const off = rng.int(size - 100_000)
+        const d = rng.bytes(1 + rng.int(100_000))
+        await img.write(off, d)
+        v0.set(d, off)
+      }
+      await createSnapshot(img, 'ours-1')
+      const v1 = v0.slice()
+      await img.write(10_000, new Uint8Array(200_000).fill(0x42))
+      v1.fill(0x42, 10_000, 210_000)
+      await img.close()
+      await check(path)
+      const list = await qemuImgOk(['snapshot', '-l', path])
+      expect(list).toMatch(/ours-1/)
+      await same(path, v1, dir)
+      // qemu applies our snapshot
+      await qemuImgOk(['snapshot', '-a', 'ours-1', path])
+      await check(path)
+      await same(path, v0, dir)
+      // qemu makes one, we apply it after more writes, then delete both
+      await qemuImgOk(['snapshot', '-c', 'theirs', path])
+      img = (await openImage(path, { readOnly: false })) as Qcow2Image
+      await img.write(0, new Uint8Array(70_000).fill(7))
+      await applySnapshot(img, 'theirs')
+      await deleteSnapshot(img, 'ours-1')
+      await img.close()
+      await check(path)
+      await same(path, v0, dir)
+      expect(await qemuImgOk(['snapshot', '-l', path])).not.toMatch(/ours-1/)
+      img = (await openImage(path, { readOnly: false })) as Qcow2Image
+      await deleteSnapshot(img, 'theirs')
+      await img.close()
+      await check(path)
+      // resize: grow past the L1 table, qemu reads it
+      img = (await openImage(path, { readOnly: false })) as Qcow2Image
+      await resizeQcow2(img, 64 * 1024 * 1024)
+      img = (await openImage(path, { readOnly: false })) as Qcow2Image
+      await img.write(64 * 1024 * 1024 - 5000, new Uint8Array(5000).fill(5))
+      await img.close()
+      await check(path)
+      const big = new Uint8Array(64 * 1024 * 1024)
+      big.set(v0)
+      big.fill(5, big.byteLength - 5000)
+      await same(path, big, dir)
+      const info = JSON.parse(await qemuImgOk(['info', '--output=json', path])) as { 'virtual-size': number }
+      expect(info['virtual-size']).toBe(64 * 1024 * 1024)
+    })
+  }
+})
