@@ -44,6 +44,36 @@ export class CheckFailedError extends ImgtoolError {
   }
 }
 
+/**
+ * Reads a known sequence of tables ahead of their use (a few in flight), so
+ * the walk does not wait for one read at a time. Order of use is the order given.
+ */
+class Prefetcher {
+  private readonly inflight: Promise<Uint8Array>[] = []
+  private next = 0
+  constructor(
+    private readonly dev: BlockDevice,
+    private readonly items: ReadonlyArray<{ offset: number; length: number }>,
+    private readonly tag: string,
+    private readonly depth = 8,
+  ) {}
+  private fill(): void {
+    while (this.inflight.length < this.depth && this.next < this.items.length) {
+      const it = this.items[this.next++]!
+      const p = this.dev.read(it.offset, it.length, this.tag)
+      p.catch(() => undefined) // surfaced when taken
+      this.inflight.push(p)
+    }
+  }
+  take(): Promise<Uint8Array> {
+    this.fill()
+    const p = this.inflight.shift()
+    if (!p) throw new Error('prefetcher: nothing left to read')
+    this.fill()
+    return p
+  }
+}
+
 /** A location of an L1/L2 entry, for repair. */
 export interface EntryRef {
   /** L2: the table's host offset; L1: the L1 table's offset */
@@ -141,6 +171,16 @@ class Analyzer {
   readonly protectedClusters = new Set<number>()
   readonly skippedSnapshots: CheckSnapshot[] = []
   readonly refblocksOutside: number[] = []
+  /**
+   * OFLAG_COPIED pre-check, so the common clean case needs no second pass over
+   * the active L2 tables: one bit per cluster "an active entry with COPIED set
+   * points here"; the rare other cases (COPIED clear, several such entries,
+   * offsets out of range) are listed; past a limit we just do the second pass.
+   */
+  copiedBits: Uint8Array | undefined
+  copiedOdd: number[] = []
+  copiedFullPass = false
+  copiedSuspect = false
   /** aligned-down offsets of L2 tables whose L1 entry is unaligned: their data is kept */
   readonly unalignedL2: number[] = []
   private corruptSignalled = false
@@ -252,6 +292,8 @@ class Analyzer {
 
     const nb = Math.ceil(this.fileSize / cs)
     this.imrt = new Imrt(h.refcountOrder, nb)
+    if (this.dataFile) this.copiedFullPass = true
+    else this.copiedBits = new Uint8Array(Math.ceil(nb / 8))
     const virtual = Math.floor(h.size / 512) * 512
     this.report.totalClusters = Math.ceil(virtual / cs)
 
@@ -358,9 +400,9 @@ class Analyzer {
     }
   }
 
-  private async readTable(offset: number, length: number, tag: string, what: string): Promise<Uint8Array> {
+  private async readTable(offset: number, length: number, tag: string, what: string, pending?: Promise<Uint8Array>): Promise<Uint8Array> {
     try {
-      return await this.dev.read(offset, length, tag)
+      return await (pending ?? this.dev.read(offset, length, tag))
     } catch (e) {
       this.report.checkErrors++
       this.diagnostics.push(`ERROR: I/O error in ${what}`)
@@ -374,6 +416,12 @@ class Analyzer {
     this.inc(l1Offset, l1Size * 8, active ? 'active L1 table' : 'snapshot L1 table')
     const l1 = await this.readTable(l1Offset, l1Size * 8, 'l1', 'check_refcounts_l1')
     const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength)
+    const tables: { offset: number; length: number }[] = []
+    for (let i = 0; i < l1Size; i++) {
+      const off = (dv.getUint32(i * 8, false) & 0x00ffffff) * TWO32 + ((dv.getUint32(i * 8 + 4, false) & 0xfffffe00) >>> 0)
+      if (off !== 0) tables.push({ offset: off, length: this.cs })
+    }
+    const prefetch = new Prefetcher(this.dev, tables, 'l2')
     for (let i = 0; i < l1Size; i++) {
       const hi = dv.getUint32(i * 8, false)
       const lo = dv.getUint32(i * 8 + 4, false)
@@ -408,21 +456,25 @@ class Analyzer {
         )
       }
       if (l2Offset % this.cs !== 0) this.unalignedL2.push(l2Offset - (l2Offset % this.cs))
-      await this.walkL2(l2Offset, i, active, stats)
+      await this.walkL2(l2Offset, i, active, stats, prefetch.take())
     }
   }
 
   /** check_refcounts_l2, on one table read whole */
-  private async walkL2(l2Offset: number, l1Index: number, active: boolean, stats: WalkStats | undefined): Promise<void> {
+  private async walkL2(l2Offset: number, l1Index: number, active: boolean, stats: WalkStats | undefined, read: Promise<Uint8Array>): Promise<void> {
     const cs = this.cs
     const es = this.entrySize
-    const t = await this.readTable(l2Offset, cs, 'l2', 'check_refcounts_l2')
+    const t = await this.readTable(l2Offset, cs, 'l2', 'check_refcounts_l2', read)
     const dv = new DataView(t.buffer, t.byteOffset, t.byteLength)
     const ext = this.extL2
     const x = 70 - this.cb // compressed: offset bits
     const hiOffMask = 2 ** (x - 32) - 1
     const csizeMask = (1 << (this.cb - 8)) - 1
     let nextContiguous = 0
+    const counters = this.imrt.counters
+    const maxCount = this.imrt.max
+    const bits = active ? this.copiedBits : undefined
+    const bitsLimit = bits ? bits.length * 8 : 0
     for (let i = 0; i < this.l2Count; i++) {
       const o = i * es
       const hi = dv.getUint32(o, false)
@@ -524,8 +576,20 @@ class Analyzer {
         nextContiguous = offset + cs
       }
       if (!this.dataFile) {
-        const r = ref()
-        if (!this.inc(offset, cs, 'data cluster', r)) this.pastEof.push({ ref: r, kind: 'data', hostOffset: offset })
+        // fast path: an aligned cluster inside the file whose counter has room
+        const k = offset / cs
+        if (bits) {
+          if ((hi & 0x80000000) !== 0 && offset % cs === 0 && k < bitsLimit && ((bits[k >>> 3] as number) & (1 << (k & 7))) === 0) {
+            bits[k >>> 3] = (bits[k >>> 3] as number) | (1 << (k & 7))
+          } else if (this.copiedOdd.length < 1_000_000) this.copiedOdd.push(k)
+          else this.copiedFullPass = true
+        }
+        if (offset % cs === 0 && offset + cs <= this.fileSize && k < this.imrt.size && (counters[k] as number) < maxCount) {
+          counters[k] = (counters[k] as number) + 1
+        } else {
+          const r = ref()
+          if (!this.inc(offset, cs, 'data cluster', r)) this.pastEof.push({ ref: r, kind: 'data', hostOffset: offset })
+        }
       }
     }
   }
@@ -695,6 +759,14 @@ class Analyzer {
     const mismatches: Mismatch[] = []
     const unreadable = new Set<number>()
     let highest = 0 // qemu starts from cluster 0: the image end offset is at least one cluster
+    const bits = this.copiedBits
+    const blockAt = (ti: number) => (ti < tableEntries ? rdv.getUint32(ti * 8, false) * TWO32 + ((rdv.getUint32(ti * 8 + 4, false) & 0xfffffe00) >>> 0) : 0)
+    const wanted: { offset: number; length: number }[] = []
+    for (let ti = 0; ti * perBlock < nb; ti++) {
+      const off = blockAt(ti)
+      if (off !== 0 && off % cs === 0) wanted.push({ offset: off, length: cs })
+    }
+    const prefetch = new Prefetcher(this.dev, wanted, 'refblock')
     for (let ti = 0, base = 0; base < nb; ti++, base += perBlock) {
       const end = Math.min(nb, base + perBlock)
       let blockOffset = 0
@@ -725,7 +797,7 @@ class Analyzer {
       let block: Uint8Array | undefined
       if (blockOffset !== 0) {
         try {
-          block = await this.dev.read(blockOffset, cs, 'refblock')
+          block = await prefetch.take()
         } catch {
           for (let i = base; i < end; i++) {
             this.finding(
@@ -737,12 +809,16 @@ class Analyzer {
           continue
         }
       }
+      const b16 = block && order === 4 ? block : undefined
       for (let i = base; i < end; i++) {
-        const r1 = block ? getRefcountEntry(block, i - base, order) : 0
+        const r1 = b16 ? ((b16[(i - base) * 2] as number) << 8) | (b16[(i - base) * 2 + 1] as number) : block ? getRefcountEntry(block, i - base, order) : 0
         const r2 = counters[i] as number
-        if (r1 === 0 && r2 === 0) continue
+        if (r1 !== 1 && bits !== undefined && ((bits[i >>> 3] as number) & (1 << (i & 7))) !== 0) this.copiedSuspect = true
+        if (r1 === r2) {
+          if (r1 !== 0) highest = i
+          continue
+        }
         highest = i
-        if (r1 === r2) continue
         mismatches.push({ cluster: i, onDisk: r1, expected: r2 })
         if (r1 === 0) this.rebuild = true
         const f = {
@@ -791,20 +867,46 @@ class Analyzer {
     const nb = this.imrt.size
     const counters = this.imrt.counters
     let cachedBlock: { off: number; data: Uint8Array } | undefined
-    const onDisk = async (c: number): Promise<number | undefined> => {
+    const noMismatch = onDiskMap.size === 0
+    /** refcount block offset for cluster c: 0 = none, -1 = unreadable (unaligned) */
+    const blockFor = (c: number): number => {
       const ti = Math.floor(c / perBlock)
       if (ti >= tableEntries) return 0
       const off = rdv.getUint32(ti * 8, false) * TWO32 + ((rdv.getUint32(ti * 8 + 4, false) & 0xfffffe00) >>> 0)
+      return off % cs !== 0 ? -1 : off
+    }
+    /** the on-disk refcount: from the comparison where it ran (equal to the IMRT unless a mismatch was seen) */
+    const onDiskSync = (c: number): number | undefined | null => {
+      const off = blockFor(c)
       if (off === 0) return 0
-      if (off % cs !== 0) return undefined
+      if (off < 0) return undefined
       if (c < nb) {
+        if (noMismatch) return counters[c] as number
         const m = onDiskMap.get(c)
         return m !== undefined ? m : (counters[c] as number)
       }
+      return null // past the compared range: read the block
+    }
+    const onDisk = async (c: number): Promise<number | undefined> => {
+      const v = onDiskSync(c)
+      if (v !== null) return v
+      const off = blockFor(c)
       if (!cachedBlock || cachedBlock.off !== off) cachedBlock = { off, data: await this.dev.read(off, cs, 'refblock') }
       return getRefcountEntry(cachedBlock.data, c % perBlock, h.refcountOrder)
     }
     if (h.l1Size === 0) return out
+    // the L2 pass is needed only if some active entry may disagree with its refcount
+    let needL2Pass = this.copiedFullPass || this.copiedSuspect || byCluster.size > 0
+    for (let n = 0; !needL2Pass && n < this.copiedOdd.length; n++) {
+      const k = this.copiedOdd[n]!
+      if (!Number.isInteger(k) || k >= nb || onDiskMap.size > 0) needL2Pass = true
+      else {
+        const r = onDiskSync(k)
+        if (r === undefined) continue
+        // listed entries are mostly COPIED-clear ones: wrong only when the refcount is 1
+        if (r === null || r === 1) needL2Pass = true
+      }
+    }
     const l1 = await this.dev.read(h.l1TableOffset, h.l1Size * 8, 'l1')
     const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength)
     const es = this.entrySize
@@ -830,14 +932,15 @@ class Analyzer {
           `ERROR OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${entryHex(hi, lo).slice(2)} refcount=${rc}`,
         )
       }
-      let t: Uint8Array
-      try {
+      let t: Uint8Array = new Uint8Array(0)
+      if (needL2Pass) try {
         t = await this.dev.read(l2Offset, cs, 'l2')
       } catch (e) {
         this.report.checkErrors++
         this.diagnostics.push(`ERROR: Could not read L2 table: ${(e as Error).message}`)
         throw new CheckFailedError('EIO', `qcow2: ${this.file}: cannot read L2 table at ${hex(l2Offset)}`, this.diagnostics)
       }
+      if (!needL2Pass) continue
       const tv = new DataView(t.buffer, t.byteOffset, t.byteLength)
       for (let j = 0; j < this.l2Count; j++) {
         const ehi = tv.getUint32(j * es, false)
@@ -847,14 +950,16 @@ class Analyzer {
         const copiedFlag = (ehi & 0x80000000) !== 0
         if (off === 0 && !(this.dataFile && copiedFlag)) continue
         const cl = Math.floor(off / cs)
-        const mf = byCluster.get(cl)
+        if (!this.dataFile && copiedFlag && off % cs === 0 && cl < nb && noMismatch && (counters[cl] as number) === 1 && blockFor(cl) > 0) continue // the common case
+        const mf = byCluster.size ? byCluster.get(cl) : undefined
         if (mf && !mf.guestRanges) {
           mf.l1Index = i
           mf.l2Index = j
           mf.guestRanges = [{ offset: (i * this.l2Count + j) * cs, length: cs }]
           mf.message += ` (data of guest ${hex((i * this.l2Count + j) * cs)}, L1 index ${i}, L2 index ${j})`
         }
-        const r = this.dataFile ? 1 : await onDisk(cl)
+        let r: number | undefined | null = this.dataFile ? 1 : onDiskSync(cl)
+        if (r === null) r = await onDisk(cl)
         if (r === undefined) continue
         if ((r === 1) !== copiedFlag) {
           const ref: EntryRef = { tableOffset: l2Offset, index: j, active: true, l1Index: i, entrySize: es }
