@@ -16,6 +16,9 @@ import { describeQemu, makeTempDir, mapLimit, qemuImg, useTempDirs } from '../su
 import { fixture, fixtureBytes } from '../check/fixtures.js'
 import { DAMAGES, DAMAGE_FIXTURES } from '../check/damages.js'
 
+/** damage kinds repaired the same way as qemu-img (so the fixed counts must be its counts) */
+const FIXED_COUNTS_AS_QEMU = ['leak-1', 'leak-3', 'refcount-too-high', 'refcount-zero-data', 'refcount-zero-l2', 'refcount-too-low-shared', 'copied-l2-cleared', 'copied-l1-cleared', 'dirty-bit', 'corrupt-bit']
+
 function problems(stdout: string): number {
   try {
     const j = JSON.parse(stdout) as Record<string, number>
@@ -66,6 +69,17 @@ describeQemu(
           if (!expectClean && problems(after.stdout) > problems(before.stdout)) failures.push(`${label}: more problems after our repair (${after.stdout.replace(/\s+/g, ' ')}) than before (${before.stdout.replace(/\s+/g, ' ')})`)
           if (result.after.corruptions !== problemsOf(after.stdout, 'corruptions') || result.after.leaks !== problemsOf(after.stdout, 'leaks')) {
             if (after.stdout.trim()) failures.push(`${label}: our after-check (${result.after.corruptions} corruptions, ${result.after.leaks} leaks) differs from qemu-img's ${after.stdout.replace(/\s+/g, ' ')}`)
+          }
+          // the fixed counts, where qemu-img's repair fully succeeds too, are qemu-img's
+          if (FIXED_COUNTS_AS_QEMU.includes(dmg)) {
+            copyFileSync(`${base}-damaged.qcow2`, `${base}-qemu-counts.qcow2`)
+            const qj = await qemuImg(['check', '-f', 'qcow2', '-r', mode, '--output=json', `${base}-qemu-counts.qcow2`])
+            if (qj.code === 0) {
+              const j = JSON.parse(qj.stdout) as Record<string, number>
+              const theirs = { leaksFixed: j['leaks-fixed'] ?? 0, corruptionsFixed: j['corruptions-fixed'] ?? 0 }
+              const ours = { leaksFixed: result.before.leaksFixed, corruptionsFixed: result.before.corruptionsFixed }
+              if (JSON.stringify(ours) !== JSON.stringify(theirs)) failures.push(`${label}: fixed counts ${JSON.stringify(ours)}, qemu-img ${JSON.stringify(theirs)}`)
+            }
           }
           // guest data
           const same = await qemuImg(['compare', '-f', 'qcow2', '-F', 'qcow2', `${base}-orig.qcow2`, `${base}-ours.qcow2`])
