@@ -26,9 +26,8 @@ const map: CommandModule = {
       const maxLen = opts['maxLength'] !== undefined ? parseSize(String(opts['maxLength']), 'max length') : size
       const length = Math.min(maxLen, size - from)
       let first = true
-      if (output === 'human') await writeOut(io.stdout, `${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Mapped to'.padEnd(16)}File\n`)
-      else await writeOut(io.stdout, '[')
-      let batch = ''
+      // the opening goes out with the first batch: an image that fails early prints nothing on stdout
+      let batch = output === 'human' ? `${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Mapped to'.padEnd(16)}File\n` : '['
       for await (const e of mergeExtents(image.extents(from, length))) {
         if (output === 'json') {
           const off = e.hostOffset !== undefined ? `, "offset": ${e.hostOffset}` : ''

@@ -76,14 +76,14 @@ export class ClusterMapper {
     if (cached) return cached
     if (l2Offset % this.clusterSize !== 0) {
       throw new CorruptImageError(
-        `qcow2: ${this.file}: L2 table offset ${hex(l2Offset)} is not aligned to cluster size ${hex(this.clusterSize)} (L1 index ${l1Index})`,
+        `qcow2: ${this.file}: L2 table offset ${hex(l2Offset)} is not aligned to cluster size ${hex(this.clusterSize)} (L1 entry ${l1Index} at ${hex(this.h.l1TableOffset + l1Index * 8)})`,
         { file: this.file, structure: 'l1', offset: this.h.l1TableOffset + l1Index * 8 },
       )
     }
     const eofLimit = Math.ceil(this.dev.size / this.clusterSize) * this.clusterSize
     if (l2Offset + this.clusterSize > eofLimit) {
       throw new CorruptImageError(
-        `qcow2: ${this.file}: L2 table offset ${hex(l2Offset)} is beyond the end of the file (size ${hex(this.dev.size)}, L1 index ${l1Index})`,
+        `qcow2: ${this.file}: L2 table offset ${hex(l2Offset)} is beyond the end of the file (size ${hex(this.dev.size)}) (L1 entry ${l1Index} at ${hex(this.h.l1TableOffset + l1Index * 8)})`,
         { file: this.file, structure: 'l1', offset: this.h.l1TableOffset + l1Index * 8 },
       )
     }
@@ -161,7 +161,7 @@ export class ClusterMapper {
       case 'zero':
         if (this.h.version < 3) {
           throw new CorruptImageError(
-            `qcow2: ${this.file}: zero cluster entry found in a v2 image (L2 table ${hex(l2Offset)}, index ${l2Index}, guest ${hex(clusterStart)})`,
+            `qcow2: ${this.file}: zero cluster entry for guest ${hex(clusterStart)} found in a v2 image (L2 entry ${l2Index} at ${hex(l2Offset + l2Index * 8)})`,
             { file: this.file, structure: 'l2', offset: l2Offset + l2Index * 8 },
           )
         }
@@ -199,7 +199,7 @@ export class ClusterMapper {
       const t = subclusterType(e, bm, i)
       if (t === 'invalid') {
         throw new CorruptImageError(
-          `qcow2: ${this.file}: invalid extended L2 bitmap 0x${bm.zero.toString(16).padStart(8, '0')}${bm.alloc.toString(16).padStart(8, '0')} (L2 table ${hex(l2Offset)}, index ${l2Index}, subcluster ${i})`,
+          `qcow2: ${this.file}: invalid extended L2 bitmap 0x${bm.zero.toString(16).padStart(8, '0')}${bm.alloc.toString(16).padStart(8, '0')} at subcluster ${i} of guest ${hex(clusterStart)} (L2 entry ${l2Index} at ${hex(l2Offset + l2Index * 16)})`,
           { file: this.file, structure: 'l2', offset: l2Offset + l2Index * 16 },
         )
       }
@@ -216,13 +216,13 @@ export class ClusterMapper {
   private checkHost(host: number, l1Index: number, l2Offset: number, l2Index: number, clusterStart: number): void {
     if (host % this.clusterSize !== 0) {
       throw new CorruptImageError(
-        `qcow2: ${this.file}: data cluster offset ${hex(host)} is not aligned to cluster size ${hex(this.clusterSize)} (L1 index ${l1Index}, L2 table ${hex(l2Offset)}, index ${l2Index})`,
+        `qcow2: ${this.file}: data cluster offset ${hex(host)} for guest ${hex(clusterStart)} is not aligned to cluster size ${hex(this.clusterSize)} (L2 entry ${l2Index} at ${hex(l2Offset + l2Index * l2EntrySize(this.h))})`,
         { file: this.file, structure: 'l2', offset: l2Offset + l2Index * l2EntrySize(this.h) },
       )
     }
     if (this.ctx.dataFile && host !== clusterStart) {
       throw new CorruptImageError(
-        `qcow2: ${this.file}: external data file cluster offset ${hex(host)} does not match guest offset ${hex(clusterStart)} (L2 index ${l2Index})`,
+        `qcow2: ${this.file}: external data file cluster offset ${hex(host)} does not match guest offset ${hex(clusterStart)} (L2 entry ${l2Index} at ${hex(l2Offset + l2Index * l2EntrySize(this.h))})`,
         { file: this.file, structure: 'l2', offset: l2Offset + l2Index * l2EntrySize(this.h) },
       )
     }

@@ -2,7 +2,7 @@
  * A qcow2 image: open (header, L1, backing chain, data file, snapshot table,
  * bitmap directory), guest reads, extents with qemu-img map's meaning, info.
  */
-import { CorruptImageError, UnsupportedFeatureError, hex } from '../../errors.js'
+import { CorruptImageError, UnsupportedFeatureError, hex, isImgtoolError } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
 import type { OpenContext, OpenImageOptions } from '../../image/context.js'
 import type { DiskImage, Extent, ImageInfo, SnapshotInfo } from '../../image/disk-image.js'
@@ -13,7 +13,7 @@ import { Lru } from '../../util/lru.js'
 import { bitmapFlagNames, readBitmapDirectory, type Qcow2Bitmap } from './bitmap-directory.js'
 import { ClusterMapper, L2Cache, type MappingRun } from './cluster.js'
 import { decompressCluster } from './compress.js'
-import { COMPRESSION_ZSTD } from './constants.js'
+import { COMPRESSION_ZSTD, EXT_DATA_FILE } from './constants.js'
 import {
   bitmapsValid,
   dataFileRaw,
@@ -127,7 +127,7 @@ export class Qcow2Image implements DiskImage {
     if (hit) return hit
     const file = this.device.name
     if (hasDataFile(this.header)) {
-      throw new CorruptImageError(`qcow2: ${file}: compressed cluster in an image with an external data file (guest ${hex(guest)})`, {
+      throw new CorruptImageError(`qcow2: ${file}: compressed cluster for guest ${hex(guest)} in an image with an external data file (compressed cluster at ${hex(hostOffset)})`, {
         file,
         structure: 'l2',
         offset: hostOffset,
@@ -136,7 +136,7 @@ export class Qcow2Image implements DiskImage {
     const eofLimit = Math.ceil(this.device.size / 512) * 512
     if (hostOffset + size > eofLimit) {
       throw new CorruptImageError(
-        `qcow2: ${file}: compressed cluster descriptor out of range: ${size} bytes at ${hex(hostOffset)} run past the end of the file (size ${hex(this.device.size)}, guest ${hex(guest)})`,
+        `qcow2: ${file}: compressed cluster descriptor out of range: ${size} bytes for guest ${hex(guest)} run past the end of the file (size ${hex(this.device.size)}) (compressed cluster at ${hex(hostOffset)})`,
         { file, structure: 'compressed', offset: hostOffset },
       )
     }
@@ -147,7 +147,7 @@ export class Qcow2Image implements DiskImage {
     } catch (e) {
       const codec = this.header.compressionType === COMPRESSION_ZSTD ? 'zstd' : 'deflate'
       throw new CorruptImageError(
-        `qcow2: ${file}: cannot decompress ${codec} cluster at ${hex(hostOffset)} (${size} bytes, guest ${hex(guest)}): ${(e as Error).message}`,
+        `qcow2: ${file}: cannot decompress ${codec} cluster of ${size} bytes for guest ${hex(guest)}: ${(e as Error).message.replace(/^(zstd|deflate): /, '')} (compressed cluster at ${hex(hostOffset)})`,
         { file, structure: 'compressed', offset: hostOffset },
       )
     }
@@ -383,14 +383,14 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
   const l1Bytes = h.l1Size * 8
   if (!forCheck && l1Bytes > 0 && h.l1TableOffset + l1Bytes > eofLimit) {
     throw new CorruptImageError(
-      `qcow2: ${file}: L1 table at ${hex(h.l1TableOffset)} (${h.l1Size} entries) extends beyond the end of the file (size ${hex(device.size)})`,
-      { file, structure: 'l1', offset: 40 },
+      `qcow2: ${file}: L1 table of ${h.l1Size} entries extends beyond the end of the file (size ${hex(device.size)}) (L1 table at ${hex(h.l1TableOffset)})`,
+      { file, structure: 'l1', offset: h.l1TableOffset },
     )
   }
   if (!forCheck && h.refcountTableOffset + h.refcountTableClusters * h.clusterSize > eofLimit) {
     throw new CorruptImageError(
-      `qcow2: ${file}: refcount table at ${hex(h.refcountTableOffset)} (${h.refcountTableClusters} clusters) extends beyond the end of the file (size ${hex(device.size)})`,
-      { file, structure: 'reftable', offset: 48 },
+      `qcow2: ${file}: refcount table of ${h.refcountTableClusters} clusters extends beyond the end of the file (size ${hex(device.size)}) (refcount table at ${hex(h.refcountTableOffset)})`,
+      { file, structure: 'reftable', offset: h.refcountTableOffset },
     )
   }
   const l1 = await device.read(h.l1TableOffset, l1Bytes, 'l1')
@@ -400,19 +400,28 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
     let dataDevice = device
     if (hasDataFile(h)) {
       const path = combinePath(file, h.dataFile!)
-      dataDevice = await context.openDevice(path, { readOnly: device.readOnly })
+      const ext = h.extensions.find((x) => x.magic === EXT_DATA_FILE)
+      try {
+        dataDevice = await context.openDevice(path, { readOnly: device.readOnly })
+      } catch (e) {
+        throw relatedFileError(e, file, 'data file', h.dataFile!, path, (ext?.offset ?? 0) + 8)
+      }
       opened.push(dataDevice)
     }
     let backing: DiskImage | undefined
     if (h.backingFile !== undefined) {
       const path = combinePath(file, h.backingFile)
       const fmt = h.backingFormat
-      backing = await context.openImage(path, {
-        format: fmt !== undefined && isFormatName(fmt) ? fmt : undefined,
-        readOnly: true,
-        depth: (options.depth ?? 0) + 1,
-        chain: options.chain ?? [],
-      })
+      try {
+        backing = await context.openImage(path, {
+          format: fmt !== undefined && isFormatName(fmt) ? fmt : undefined,
+          readOnly: true,
+          depth: (options.depth ?? 0) + 1,
+          chain: options.chain ?? [],
+        })
+      } catch (e) {
+        throw relatedFileError(e, file, 'backing file', h.backingFile!, path, h.backingFileOffset)
+      }
       opened.push(backing)
     }
     const snapshots =
@@ -432,4 +441,21 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
     for (const o of opened.reverse()) await o.close().catch(() => undefined)
     throw e
   }
+}
+
+/**
+ * A backing or data file that cannot be opened (missing, or a backing chain
+ * that loops or is too deep) is a fact about this image: name it and the
+ * header field that points at the other file. Errors from inside a backing
+ * image that did open already name that image, and pass through.
+ */
+function relatedFileError(e: unknown, file: string, what: string, name: string, path: string, fieldOffset: number): unknown {
+  if (!isImgtoolError(e) || !(e.code === 'NOT_FOUND' || e.details.structure === 'backing chain')) return e
+  const prefix = `${path}: `
+  const why = e.message.startsWith(prefix) ? e.message.slice(prefix.length) : e.message
+  return new CorruptImageError(`qcow2: ${file}: ${what} ${name}: ${why} (${what} name at ${hex(fieldOffset)})`, {
+    file,
+    structure: `${what} name`,
+    offset: fieldOffset,
+  })
 }
