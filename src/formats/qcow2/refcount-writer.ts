@@ -355,11 +355,23 @@ export class RefcountWriter {
       await this.dev.write(off, this.blocks.get(off)!.slice(), 'refblock')
       this.dirtyBlocks.delete(off)
     }
-    for (const ti of [...this.dirtyEntries].sort((a, b) => a - b)) {
-      await this.dev.write(this.h.refcountTableOffset + ti * 8, this.table.slice(ti * 8, ti * 8 + 8), 'reftable')
-      this.dirtyEntries.delete(ti)
+    // An entry may only become durable once the block holding its block's own
+    // refcount is reachable: write entries in dependency order, flushing between rounds.
+    let first = true
+    while (this.dirtyEntries.size > 0) {
+      const pending = new Set(this.dirtyEntries)
+      const ready = [...pending].filter((ti) => {
+        const home = Math.floor(this.blockOffset(ti) / cs / this.perBlock)
+        return home === ti || !pending.has(home)
+      })
+      if (ready.length === 0) ready.push(...pending) // cannot happen: homes form no cycle
+      if (!first && !this.lazy) await this.dev.flush()
+      first = false
+      for (const ti of ready.sort((a, b) => a - b)) {
+        await this.dev.write(this.h.refcountTableOffset + ti * 8, this.table.slice(ti * 8, ti * 8 + 8), 'reftable')
+        this.dirtyEntries.delete(ti)
+      }
     }
-    void cs
   }
 
   /** A new block that was never written cannot be trusted on disk after a failure: keep it dirty. */

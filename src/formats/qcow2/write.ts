@@ -523,8 +523,9 @@ export class Qcow2Writer {
   private async commit(works: TableWork[], writes: DataWrite[], needFlush: boolean): Promise<void> {
     const dev = this.img.device
     // A. refcounts (lazy: kept in memory; the dirty bit is durable before anything depends on it)
-    const allocating = works.some((w) => w.allocated.length > 0)
-    if (allocating && this.rc.lazy) await this.ensureDirty()
+    // lazy refcounts: any refcount change (allocation or free) may reach the disk out of order
+    const changing = works.some((w) => w.allocated.length > 0 || w.frees.length > 0)
+    if (changing && this.rc.lazy) await this.ensureDirty()
     if (!this.rc.lazy) await this.rc.persist()
     // B. guest data, durable before anything maps it
     for (const d of writes) await this.guardedWrite(d.device, d.offset, d.data, 'data')

@@ -1,0 +1,458 @@
+/**
+ * Writer workloads shared by the crash sweep and the fault sweep. Each runs
+ * against an image on a device the sweep controls, and tells the harness what
+ * it wrote (`ctx.note`) and where it made its data durable (`ctx.flush`).
+ */
+import type { BlockDevice } from '../../src/io/block-device.js'
+import { MemoryDevice } from '../../src/io/memory-device.js'
+import { createQcow2 } from '../../src/formats/qcow2/create.js'
+import type { Qcow2Image } from '../../src/formats/qcow2/image.js'
+import { compressCluster } from '../../src/formats/qcow2/compress-write.js'
+import { applySnapshot, createSnapshot, deleteSnapshot } from '../../src/formats/qcow2/snapshot-ops.js'
+import { resizeQcow2 } from '../../src/formats/qcow2/resize.js'
+import { Prng } from '../support/prng.js'
+import { MemFiles, Unclosable, openOn, pattern } from '../writer/helpers.js'
+
+export interface WorkloadContext {
+  img: Qcow2Image
+  rng: Prng
+  size: number
+  write(offset: number, data: Uint8Array): Promise<void>
+  zero(offset: number, length: number, discard?: boolean): Promise<void>
+  compressed(clusterIndex: number, data: Uint8Array): Promise<void>
+  /** a user-level flush: everything before it must survive any later crash */
+  flush(): Promise<void>
+  reopen(): Promise<void>
+  /** the whole guest content may change (snapshot apply) */
+  touchAll(): void
+  snapshot(op: 'create' | 'apply' | 'delete', name: string): Promise<void>
+  resize(size: number): Promise<void>
+}
+
+export interface Workload {
+  name: string
+  size: number
+  options: Record<string, string>
+  /** raw backing file bytes */
+  backing?: Uint8Array
+  /** narrower crash-state options for workloads with long epochs */
+  sweep?: { exhaustiveLimit?: number; randomSubsets?: number; maxTornPerWrite?: number }
+  /** create the image inside the workload (on the swept device) */
+  createInside?: boolean
+  /** preparation on the durable base, before the swept part */
+  prepare?: (ctx: WorkloadContext) => Promise<void>
+  run: (ctx: WorkloadContext) => Promise<void>
+}
+
+const K = 1024
+
+export const WORKLOADS: Workload[] = [
+  {
+    name: 'small writes (512 B clusters)',
+    size: 128 * K,
+    options: { cluster_size: '512' },
+    run: async (c) => {
+      for (let i = 0; i < 9; i++) {
+        await c.write(c.rng.int(c.size - 800), pattern(i, 100 + c.rng.int(600), i))
+        if (i % 3 === 2) await c.flush()
+      }
+    },
+  },
+  {
+    name: 'a large write spanning several L2 tables',
+    size: 256 * K,
+    options: { cluster_size: '512' },
+    run: async (c) => {
+      await c.write(10_000, pattern(10_000, 150_000))
+      await c.flush()
+      await c.write(100_000, pattern(100_000, 80_000, 2))
+    },
+  },
+  {
+    name: 'partial clusters copied on write from a backing file',
+    size: 128 * K,
+    options: { cluster_size: '4096' },
+    backing: pattern(0, 128 * K, 77),
+    run: async (c) => {
+      for (let i = 0; i < 6; i++) await c.write(i * 9000 + 100, pattern(i, 300, 3))
+      await c.flush()
+      await c.write(60_000, pattern(60_000, 10_000, 4))
+    },
+  },
+  {
+    name: 'refcount table growth (64-bit refcounts, 512 B clusters)',
+    size: 3 * 1024 * K,
+    options: { cluster_size: '512', refcount_bits: '64' },
+    sweep: { exhaustiveLimit: 3, randomSubsets: 3, maxTornPerWrite: 1 },
+    run: async (c) => {
+      await c.write(0, pattern(0, 900_000))
+      await c.flush()
+      await c.write(900_000, pattern(900_000, 1_300_000))
+      await c.flush()
+      await c.write(2_500_000, pattern(1, 20_000))
+    },
+  },
+  {
+    name: 'refcount block growth',
+    size: 2 * 1024 * K,
+    options: { cluster_size: '1024', refcount_bits: '16' },
+    run: async (c) => {
+      for (let i = 0; i < 4; i++) {
+        await c.write(i * 400_000, pattern(i, 300_000, i))
+        if (i % 2 === 1) await c.flush()
+      }
+    },
+  },
+  {
+    name: 'compressed writes (zlib)',
+    size: 64 * K,
+    options: { cluster_size: '1024' },
+    run: async (c) => {
+      for (let i = 0; i < 8; i++) {
+        await c.compressed(i * 2, compressible(i, 1024))
+        if (i % 3 === 2) await c.flush()
+      }
+    },
+  },
+  {
+    name: 'compressed writes (zstd)',
+    size: 64 * K,
+    options: { cluster_size: '2048', compression_type: 'zstd' },
+    run: async (c) => {
+      for (let i = 0; i < 6; i++) {
+        await c.compressed(i, compressible(i, 2048))
+        if (i % 2 === 1) await c.flush()
+      }
+    },
+  },
+  {
+    name: 'zero writes keeping the allocation',
+    size: 64 * K,
+    options: { cluster_size: '1024' },
+    prepare: async (c) => c.write(0, pattern(0, 40_000)),
+    run: async (c) => {
+      await c.zero(2048, 8192)
+      await c.flush()
+      await c.zero(20_000, 3000)
+      await c.write(3000, pattern(5, 500))
+    },
+  },
+  {
+    name: 'zero writes with discard (clusters freed)',
+    size: 64 * K,
+    options: { cluster_size: '1024' },
+    prepare: async (c) => c.write(0, pattern(0, 40_000)),
+    run: async (c) => {
+      await c.zero(0, 16 * K, true)
+      await c.flush()
+      await c.write(1000, pattern(9, 3000))
+      await c.zero(30_000, 8 * K, true)
+    },
+  },
+  {
+    name: 'v2 zero writes (clusters become unallocated)',
+    size: 64 * K,
+    options: { compat: '0.10', cluster_size: '1024' },
+    prepare: async (c) => c.write(0, pattern(0, 30_000)),
+    run: async (c) => {
+      await c.zero(4096, 8192)
+      await c.flush()
+      await c.write(5000, pattern(1, 2000))
+    },
+  },
+  {
+    name: 'overwriting compressed clusters',
+    size: 32 * K,
+    options: { cluster_size: '1024' },
+    prepare: async (c) => {
+      for (let i = 0; i < 10; i++) await c.compressed(i, compressible(i, 1024))
+    },
+    run: async (c) => {
+      await c.write(1024 + 100, pattern(1, 200))
+      await c.flush()
+      await c.write(4096, pattern(2, 3072))
+      await c.zero(8192, 1024)
+    },
+  },
+  {
+    name: 'extended L2 subcluster writes',
+    size: 256 * K,
+    options: { cluster_size: '16384', extended_l2: 'on' },
+    backing: pattern(0, 256 * K, 12),
+    run: async (c) => {
+      for (let i = 0; i < 6; i++) await c.write(i * 1500 + 7, pattern(i, 200))
+      await c.flush()
+      await c.write(40_000, pattern(3, 30_000))
+    },
+  },
+  {
+    name: 'extended L2 zero writes',
+    size: 128 * K,
+    options: { cluster_size: '32768', extended_l2: 'on' },
+    prepare: async (c) => c.write(0, pattern(0, 100_000)),
+    run: async (c) => {
+      await c.zero(2048, 4096)
+      await c.flush()
+      await c.zero(32768, 32768, true)
+      await c.zero(70_000, 100)
+    },
+  },
+  {
+    name: 'snapshot create, then copy-on-write',
+    size: 64 * K,
+    options: { cluster_size: '1024' },
+    prepare: async (c) => c.write(0, pattern(0, 20_000)),
+    run: async (c) => {
+      await c.snapshot('create', 's1')
+      await c.write(500, pattern(1, 3000))
+      await c.flush()
+      await c.write(40_000, pattern(2, 2000))
+    },
+  },
+  {
+    name: 'snapshot delete',
+    size: 64 * K,
+    options: { cluster_size: '1024' },
+    prepare: async (c) => {
+      await c.write(0, pattern(0, 20_000))
+      await c.snapshot('create', 's1')
+      await c.write(100, pattern(1, 5000))
+    },
+    run: async (c) => {
+      await c.snapshot('delete', 's1')
+      await c.write(200, pattern(2, 100))
+    },
+  },
+  {
+    name: 'snapshot apply',
+    size: 64 * K,
+    options: { cluster_size: '2048' },
+    prepare: async (c) => {
+      await c.write(0, pattern(0, 20_000))
+      await c.snapshot('create', 's1')
+      await c.write(100, pattern(1, 5000))
+    },
+    run: async (c) => {
+      await c.snapshot('apply', 's1')
+      await c.write(3000, pattern(2, 100))
+    },
+  },
+  {
+    name: 'resize grow (new L1 table)',
+    size: 16 * K,
+    options: { cluster_size: '512' },
+    prepare: async (c) => c.write(0, pattern(0, 5000)),
+    run: async (c) => {
+      await c.resize(512 * K)
+      await c.write(400 * K, pattern(1, 3000))
+    },
+  },
+  {
+    name: 'resize shrink',
+    size: 256 * K,
+    options: { cluster_size: '1024' },
+    prepare: async (c) => c.write(0, pattern(0, 5000)),
+    run: async (c) => {
+      await c.resize(64 * K)
+      await c.write(10 * K, pattern(1, 3000))
+    },
+  },
+  {
+    name: 'lazy refcounts',
+    size: 128 * K,
+    options: { cluster_size: '1024', lazy_refcounts: 'on' },
+    run: async (c) => {
+      await c.write(0, pattern(0, 10_000))
+      await c.flush()
+      await c.write(50_000, pattern(1, 20_000))
+      await c.write(100, pattern(2, 100))
+    },
+  },
+  {
+    name: 'lazy refcounts with frees and a reopen',
+    size: 128 * K,
+    options: { cluster_size: '2048', lazy_refcounts: 'on' },
+    prepare: async (c) => c.write(0, pattern(0, 60_000)),
+    run: async (c) => {
+      await c.zero(0, 20_000, true)
+      await c.flush()
+      await c.reopen()
+      await c.write(70_000, pattern(3, 9000))
+    },
+  },
+  {
+    name: '1-bit refcounts with copy-on-write over compressed data',
+    size: 32 * K,
+    options: { cluster_size: '1024', refcount_bits: '1' },
+    prepare: async (c) => {
+      for (let i = 0; i < 4; i++) await c.compressed(i, compressible(i, 1024))
+    },
+    run: async (c) => {
+      await c.write(1500, pattern(1, 1000))
+      await c.flush()
+      await c.write(100, pattern(2, 100))
+    },
+  },
+  {
+    name: 'preallocated metadata, then writes into zeroed clusters',
+    size: 32 * K,
+    options: { cluster_size: '1024', preallocation: 'metadata' },
+    prepare: async (c) => c.zero(0, 16 * K),
+    run: async (c) => {
+      await c.write(1000, pattern(1, 2000))
+      await c.flush()
+      await c.write(20_000, pattern(2, 300))
+    },
+  },
+  {
+    name: 'concurrent writes on one image',
+    size: 128 * K,
+    options: { cluster_size: '512' },
+    run: async (c) => {
+      await Promise.all([c.write(0, pattern(0, 9000)), c.write(30_000, pattern(1, 9000)), c.write(70_000, pattern(2, 500)), c.flush()])
+      await c.flush()
+      await Promise.all([c.write(4000, pattern(3, 300)), c.zero(30_000, 4096)])
+    },
+  },
+  {
+    name: 'create',
+    size: 64 * K,
+    options: { cluster_size: '512' },
+    createInside: true,
+    run: async (c) => {
+      await c.write(0, pattern(0, 3000))
+    },
+  },
+]
+
+export function compressible(seed: number, n: number): Uint8Array {
+  const b = pattern(seed * 1000, n, seed)
+  b.fill(seed + 1, 0, Math.floor(n * 0.75))
+  return b
+}
+
+export interface Checkpoint {
+  /** device flushes done when the checkpoint's flush returned */
+  flushes: number
+  content: Uint8Array
+  /** index in `touched` of the first op issued after this checkpoint */
+  touchedFrom: number
+}
+
+export interface RunRecord {
+  checkpoints: Checkpoint[]
+  touched: Array<{ offset: number; length: number }>
+  expected: Uint8Array
+  files: MemFiles
+  /** device flushes done when the image first existed (create workload) */
+  imageFrom: number
+}
+
+/** A base image (durable) with the workload's preparation done. */
+export async function prepareBase(w: Workload): Promise<{ base: MemoryDevice; files: MemFiles; expected: Uint8Array }> {
+  const files = new MemFiles()
+  const base = new MemoryDevice(0, { name: 'img.qcow2' })
+  const expected = new Uint8Array(w.size)
+  const extra: { backingFile?: string; backingFormat?: string } = {}
+  if (w.backing) {
+    files.files.set('base.raw', new MemoryDevice(w.backing, { name: 'base.raw' }))
+    extra.backingFile = 'base.raw'
+    extra.backingFormat = 'raw'
+    expected.set(w.backing.subarray(0, w.size))
+  }
+  if (w.createInside) return { base, files, expected }
+  await createQcow2(base, files.context, { size: w.size, options: w.options, ...extra })
+  if (w.prepare) {
+    const rec = emptyRecord(expected, files)
+    const ctx = await makeContext(base, w, rec, () => 0)
+    await w.prepare(ctx)
+    await ctx.img.close()
+  }
+  return { base, files, expected }
+}
+
+function emptyRecord(expected: Uint8Array, files: MemFiles): RunRecord {
+  return { checkpoints: [], touched: [], expected, files, imageFrom: 0 }
+}
+
+async function makeContext(dev: BlockDevice, w: Workload, rec: RunRecord, flushCount: () => number): Promise<WorkloadContext> {
+  const files = rec.files
+  const touch = (offset: number, length: number) => rec.touched.push({ offset, length })
+  const ctx: WorkloadContext = {
+    img: await openOn(dev, files),
+    rng: new Prng(w.name.length * 7919),
+    size: rec.expected.byteLength,
+    async write(offset, data) {
+      touch(offset, data.byteLength)
+      await ctx.img.write(offset, data)
+      rec.expected.set(data, offset)
+    },
+    async zero(offset, length, discard = false) {
+      touch(offset, length)
+      await ctx.img.writeZeroes(offset, length, { discard })
+      rec.expected.fill(0, offset, offset + length)
+    },
+    async compressed(i, data) {
+      const cs = ctx.img.clusterSize
+      touch(i * cs, cs)
+      const z = await compressCluster(data, cs, ctx.img.header.compressionType)
+      if (!z) throw new Error('test data did not compress')
+      await ctx.img.writeCompressed(i * cs, z)
+      rec.expected.set(data, i * cs)
+    },
+    async flush() {
+      await ctx.img.flush()
+      rec.checkpoints.push({ flushes: flushCount(), content: rec.expected.slice(), touchedFrom: rec.touched.length })
+    },
+    async reopen() {
+      await ctx.img.close()
+      ctx.img = await openOn(dev, files)
+      rec.checkpoints.push({ flushes: flushCount(), content: rec.expected.slice(), touchedFrom: rec.touched.length })
+    },
+    touchAll() {
+      touch(0, rec.expected.byteLength)
+    },
+    async snapshot(op, name) {
+      if (op === 'create') {
+        await createSnapshot(ctx.img, name)
+        snaps.set(name, rec.expected.slice())
+      } else if (op === 'delete') {
+        await deleteSnapshot(ctx.img, name)
+      } else {
+        ctx.touchAll()
+        await applySnapshot(ctx.img, name)
+        rec.expected.set(snaps.get(name)!)
+      }
+    },
+    async resize(size) {
+      touch(Math.min(size, rec.expected.byteLength), Math.abs(size - rec.expected.byteLength))
+      await resizeQcow2(ctx.img, size)
+      const next = new Uint8Array(size)
+      next.set(rec.expected.subarray(0, Math.min(size, rec.expected.byteLength)))
+      rec.expected = next
+      ctx.size = size
+      ctx.img = await openOn(dev, files)
+    },
+  }
+  const snaps = snapshotMemory
+  return ctx
+}
+
+/** snapshot contents by name, kept across prepare and run (tests run workloads one at a time) */
+const snapshotMemory = new Map<string, Uint8Array>()
+
+/** Run the swept part of a workload on `dev`; the image is closed cleanly at the end. */
+export async function runWorkload(w: Workload, dev: BlockDevice, files: MemFiles, expected: Uint8Array, flushCount: () => number): Promise<RunRecord> {
+  const rec = emptyRecord(expected, files)
+  if (w.createInside) {
+    const extra: { backingFile?: string; backingFormat?: string } = w.backing ? { backingFile: 'base.raw', backingFormat: 'raw' } : {}
+    await createQcow2(new Unclosable(dev), files.context, { size: w.size, options: w.options, ...extra })
+    rec.imageFrom = flushCount()
+  }
+  const ctx = await makeContext(dev, w, rec, flushCount)
+  rec.checkpoints.push({ flushes: flushCount(), content: rec.expected.slice(), touchedFrom: 0 })
+  await w.run(ctx)
+  await ctx.img.close()
+  rec.checkpoints.push({ flushes: flushCount(), content: rec.expected.slice(), touchedFrom: rec.touched.length })
+  return rec
+}
