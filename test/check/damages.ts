@@ -64,9 +64,10 @@ export const DAMAGES: DamageKind[] = [
       return 'dirty + lazy refcounts, 3 data clusters with refcount 0'
     },
   },
-  { name: 'snapshot-extra-too-big', repairable: false, apply: (i) => (hasSnap(i) ? i.snapshotExtraTooBig() : undefined) },
+  { name: 'snapshot-extra-too-big', repairable: true, apply: (i) => (hasSnap(i) ? i.snapshotExtraTooBig() : undefined) },
   { name: 'snapshot-l1-unaligned', repairable: false, apply: (i) => (hasSnap(i) ? i.snapshotL1Unaligned() : undefined) },
-  { name: 'snapshot-too-many', repairable: false, apply: (i) => (hasSnap(i) ? i.snapshotTooMany() : undefined) },
+  { name: 'snapshot-incomplete', repairable: true, apply: (i) => (hasSnap(i) && i.version === 3 ? i.snapshotIncomplete() : undefined) },
+  { name: 'snapshot-too-many', repairable: true, apply: (i) => (hasSnap(i) ? i.snapshotTooMany() : undefined) },
   { name: 'snapshot-table-unaligned', repairable: false, apply: (i) => i.snapshotTableUnaligned() },
 ]
 

@@ -25,7 +25,8 @@
 import { ReadOnlyError, hex } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
 import type { CheckOptions, CheckReport, RepairAction, RepairMode, RepairResult } from '../../check/types.js'
-import { analyzeQcow2, type EntryRef, type Qcow2Analysis } from './check.js'
+import { CheckFailedError, analyzeQcow2, type EntryRef, type Qcow2Analysis } from './check.js'
+import { planSnapshotTable } from './repair-snapshots.js'
 import { hasExtendedL2, hasLazyRefcounts, isCorrupt, isDirty } from './header.js'
 import { Qcow2Journal, type JournalRegion } from './journal.js'
 import { maxRefcount, refcountsPerBlock, setRefcountEntry } from './refcount-codec.js'
@@ -74,13 +75,10 @@ interface Phase {
 /** Repair the qcow2 image on `dev` (the library entry point; Qcow2Image.repair delegates here). */
 export async function repairQcow2Device(dev: BlockDevice, o: RepairDeviceOptions): Promise<RepairResult> {
   const filename = o.filename ?? dev.name
-  const first = await analyzeQcow2(dev, { filename })
   const journal = o.journal && !o.dryRun ? new Qcow2Journal(o.journal) : undefined
   const actions: RepairAction[] = []
   let leaksFixed = 0
   let corruptionsFixed = 0
-  const dirtyLazy = isDirty(first.header) && hasLazyRefcounts(first.header)
-  const fixErrors = o.repair === 'all' || dirtyLazy
 
   const run = async (p: Phase): Promise<void> => {
     actions.push(...p.actions)
@@ -98,8 +96,28 @@ export async function repairQcow2Device(dev: BlockDevice, o: RepairDeviceOptions
     }
   }
 
+  // S. a snapshot table qemu-img check refuses or calls corrupt (-r all)
+  let first: Qcow2Analysis | undefined
+  let firstFailure: CheckFailedError | undefined
+  try {
+    first = await analyzeQcow2(dev, { filename })
+  } catch (e) {
+    if (!(e instanceof CheckFailedError)) throw e
+    firstFailure = e
+  }
+  if (o.repair === 'all' && (firstFailure || first!.snapshots.incomplete.length > 0 || first!.snapshots.snapshots.length > 0)) {
+    const sp = await planSnapshotTable(dev, filename)
+    if (sp) {
+      await run({ writes: sp.writes, then: sp.then, actions: sp.actions, leaksFixed: 0, corruptionsFixed: sp.fixed })
+      if (o.dryRun && firstFailure) throw firstFailure
+    }
+  }
+  if (firstFailure && (o.dryRun || o.repair !== 'all' || actions.length === 0)) throw firstFailure
+  let a = o.dryRun || actions.length === 0 ? first! : await analyzeQcow2(dev, { filename })
+  const dirtyLazy = isDirty(a.header) && hasLazyRefcounts(a.header)
+  const fixErrors = o.repair === 'all' || dirtyLazy
+
   // A. entries that point at nothing valid
-  let a = first
   if (o.repair === 'all') {
     const p = await planEntries(dev, a)
     await run(p)
@@ -133,8 +151,10 @@ export async function repairQcow2Device(dev: BlockDevice, o: RepairDeviceOptions
       corruptionsFixed: 0,
     })
   }
-  const before: CheckReport = { ...first.report, leaksFixed, corruptionsFixed }
-  const after: CheckReport = o.dryRun ? first.report : a.report
+  // the state before: the first check, or (when the snapshot table made it fail) the problems repaired
+  const firstReport = first?.report ?? { ...a.report, corruptions: a.report.corruptions + corruptionsFixed }
+  const before: CheckReport = { ...firstReport, leaksFixed, corruptionsFixed }
+  const after: CheckReport = o.dryRun ? firstReport : a.report
   const result: RepairResult = { before, after, actions, dryRun: Boolean(o.dryRun) }
   if (journal && journal.segments > 0 && o.journalPath) result.journalPath = o.journalPath
   return result
