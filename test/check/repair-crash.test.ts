@@ -29,6 +29,7 @@ const CASES: Case[] = [
   { fx: 'v3-rc1', name: 'refcount 0 raised in place (1-bit refcounts)', mode: 'all', damage: (i) => i.setRefcount(i.firstData().cluster, 0) },
   { fx: 'v3-c4k', name: 'refcount structure rebuilt', mode: 'all', damage: (i) => i.breakReftableEntry('unaligned') },
   { fx: 'v3-c512', name: 'entry past EOF cleared, then refcounts', mode: 'all', damage: (i) => (i.dataPastEof(), i.leak(1)) },
+  { fx: 'v3-snapshot', name: 'snapshot table rewritten (extra data too big)', mode: 'all', damage: (i) => i.snapshotExtraTooBig() },
   { fx: 'v2-c4k', name: 'OFLAG_COPIED fixed after a leak', mode: 'all', damage: (i) => i.setRefcount(i.firstData().cluster, 2) },
   {
     fx: 'v3-snapshot',
