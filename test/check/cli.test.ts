@@ -84,6 +84,22 @@ describe('imgtool check', () => {
     expect(existsSync(p + '.imgtool-undo')).toBe(false)
   })
 
+  it('repairs a dirty lazy-refcount image with -r leaks (qemu-img aborts there), JSON with fixed counts', async () => {
+    const dir = makeTempDir()
+    const p = join(dir, 'dirty.qcow2')
+    copyFileSync(join(QCOW2_DIR, 'v3-dirty-lazy.qcow2'), p)
+    const before = await cli('check', '--output', 'json', p)
+    expect(before.code).toBe(2)
+    const r = await cli('check', '-r', 'leaks', '--output', 'json', p)
+    expect(r.code).toBe(0)
+    const j = JSON.parse(r.out) as Record<string, unknown>
+    expect(j['corruptions-fixed']).toBe(3) // qemu-img -r all reports 3 too (the COPIED errors vanish with the refcounts)
+    expect(j['corruptions']).toBeUndefined()
+    expect(Object.keys(j).slice(0, 4)).toEqual(['image-end-offset', 'total-clusters', 'corruptions-fixed', 'check-errors'])
+    const after = await cli('info', '--output', 'json', p)
+    expect((JSON.parse(after.out) as Record<string, unknown>)['dirty-flag']).toBe(false)
+  })
+
   it('raw images have no check: exit 63', async () => {
     const dir = makeTempDir()
     const p = join(dir, 'disk.raw')
