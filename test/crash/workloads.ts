@@ -451,7 +451,12 @@ export async function runWorkload(w: Workload, dev: BlockDevice, files: MemFiles
   }
   const ctx = await makeContext(dev, w, rec, flushCount)
   rec.checkpoints.push({ flushes: flushCount(), content: rec.expected.slice(), touchedFrom: 0 })
-  await w.run(ctx)
+  try {
+    await w.run(ctx)
+  } catch (e) {
+    await ctx.img.close().catch(() => undefined)
+    throw e
+  }
   await ctx.img.close()
   rec.checkpoints.push({ flushes: flushCount(), content: rec.expected.slice(), touchedFrom: rec.touched.length })
   return rec

@@ -175,8 +175,17 @@ export class RefcountWriter {
       throw new ImgtoolError('NO_SPACE', `qcow2: ${this.file}: cannot allocate ${n} clusters at ${hex(start * this.cs)}: beyond the largest host offset`)
     }
     for (let i = 0; i < n; i++) this.reserved.add(start + i)
+    let done = 0
     try {
-      for (let i = 0; i < n; i++) await this.setCount(start + i, 1)
+      for (let i = 0; i < n; i++) {
+        await this.setCount(start + i, 1)
+        done++
+      }
+    } catch (e) {
+      // take back the counts already made: nothing references these clusters
+      for (let i = 0; i < done; i++) await this.setCount(start + i, 0).catch(() => undefined)
+      if (start < this.freeHint) this.freeHint = start
+      throw e
     } finally {
       for (let i = 0; i < n; i++) this.reserved.delete(start + i)
     }
@@ -292,6 +301,7 @@ export class RefcountWriter {
     // count the table and the new blocks: in the new blocks, or in existing ones
     const counted = start + tableClusters + newBlocks.length
     const touched = new Set<number>()
+    const changedInExisting: Array<{ blk: Uint8Array; index: number; off: number }> = []
     for (let c = start; c < counted; c++) {
       const ti = Math.floor(c / pb)
       const nb = newBlocks.find((x) => x.ti === ti)
@@ -301,18 +311,51 @@ export class RefcountWriter {
         const blk = await this.block(ti)
         setRefcountEntry(blk, c % pb, this.order, 1)
         touched.add(this.blockOffset(ti))
+        changedInExisting.push({ blk, index: c % pb, off: this.blockOffset(ti) })
       }
     }
-    for (const nb of newBlocks) await this.dev.write(nb.cluster * cs, nb.data.slice(), 'refblock')
-    for (const off of touched) await this.dev.write(off, this.blocks.get(off)!.slice(), 'refblock')
-    await this.dev.write(start * cs, table.slice(), 'reftable')
-    await this.dev.flush()
-    const hdr = new Uint8Array(12)
-    putU64be(hdr, 0, start * cs)
-    putU32be(hdr, 8, tableClusters)
-    await this.dev.write(48, hdr, 'header')
-    await this.dev.flush()
+    let switched = false
+    try {
+      for (const nb of newBlocks) await this.dev.write(nb.cluster * cs, nb.data.slice(), 'refblock')
+      for (const off of touched) await this.dev.write(off, this.blocks.get(off)!.slice(), 'refblock')
+      await this.dev.write(start * cs, table.slice(), 'reftable')
+      await this.dev.flush()
+      const hdr = new Uint8Array(12)
+      putU64be(hdr, 0, start * cs)
+      putU32be(hdr, 8, tableClusters)
+      await this.dev.write(48, hdr, 'header')
+      switched = true
+      await this.dev.flush()
+    } catch (e) {
+      if (!switched) {
+        // nothing points at the new structures: take back the counts made for them
+        for (const ch of changedInExisting) {
+          setRefcountEntry(ch.blk, ch.index, this.order, 0)
+          this.dirtyBlocks.add(ch.off)
+        }
+        throw e
+      }
+      // the header reached the device: the new table is in charge; the old one is freed after a good flush
+      this.installGrownTable(start, tableClusters, table, tableDv, newBlocks, counted, false)
+      throw e
+    }
+    this.installGrownTable(start, tableClusters, table, tableDv, newBlocks, counted, true)
+    await this.applyDeferredFrees()
+  }
 
+  /** Frees waiting for a successful flush (the old reftable after a flush failure). */
+  readonly deferredFrees: Array<{ offset: number; length: number }> = []
+
+  private installGrownTable(
+    start: number,
+    tableClusters: number,
+    table: Uint8Array,
+    tableDv: DataView,
+    newBlocks: Array<{ cluster: number; ti: number; data: Uint8Array }>,
+    counted: number,
+    flushed: boolean,
+  ): void {
+    const cs = this.cs
     const oldOffset = this.h.refcountTableOffset
     const oldClusters = this.h.refcountTableClusters
     this.h.refcountTableOffset = start * cs
@@ -326,8 +369,20 @@ export class RefcountWriter {
     for (let c = start; c < start + tableClusters; c++) this.hooks.onMetadata?.(c, 'reftable')
     this.top = Math.max(this.top, counted)
     for (let i = 0; i < oldClusters; i++) this.hooks.onMetadata?.(oldOffset / cs + i, undefined)
-    // the old table is unreferenced now that the header points at the new one
-    await this.update(oldOffset, oldClusters * cs, -1)
+    // the old table is unreferenced once the header switch is durable
+    this.deferredFrees.push({ offset: oldOffset, length: oldClusters * cs })
+    if (flushed) this.pendingGrowFree = true
+  }
+
+  private pendingGrowFree = false
+
+  /** Apply frees that waited for a durable flush (call after a successful flush). */
+  async applyDeferredFrees(): Promise<void> {
+    this.pendingGrowFree = false
+    while (this.deferredFrees.length > 0) {
+      const f = this.deferredFrees.shift()!
+      await this.update(f.offset, f.length, -1)
+    }
   }
 
   /** True when memory holds refcount changes not yet written. */

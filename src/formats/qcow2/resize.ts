@@ -37,27 +37,44 @@ export async function resizeQcow2(img: Qcow2Image, size: number): Promise<void> 
     let l1Size = h.l1Size
     let l1Offset = h.l1TableOffset
     const oldL1 = { offset: h.l1TableOffset, bytes: h.l1Size * 8 }
-    if (need > h.l1Size) {
-      const table = new Uint8Array(need * 8)
-      table.set(img.l1)
-      l1Offset = await w.allocClusters(Math.ceil((need * 8) / cs))
-      await w.writeMetadata(l1Offset, table, 'l1')
-      await w.rc.persist()
-      await w.flushNow()
-      l1Size = need
+    let allocated: { offset: number; bytes: number } | undefined
+    let switched = false
+    try {
+      if (need > h.l1Size) {
+        const table = new Uint8Array(need * 8)
+        table.set(img.l1)
+        l1Offset = await w.allocClusters(Math.ceil((need * 8) / cs))
+        allocated = { offset: l1Offset, bytes: need * 8 }
+        await w.writeMetadata(l1Offset, table, 'l1')
+        await w.rc.persist()
+        await w.flushNow()
+        l1Size = need
+      }
+      putU32be(hdr, 12, l1Size)
+      putU64be(hdr, 16, l1Offset)
+      await w.writeMetadata(24, hdr, 'header')
+      switched = true
+    } catch (e) {
+      // the header was not written: the new L1 table is unreferenced, give it back
+      if (allocated) {
+        await w.rc.update(allocated.offset, allocated.bytes, -1)
+        await w.rc.persist().catch(() => undefined)
+      }
+      throw e
+    } finally {
+      if (switched) {
+        h.size = newSize
+        if (l1Offset !== oldL1.offset) {
+          w.guard.setRange(oldL1.offset, oldL1.bytes, undefined)
+          w.guard.setRange(l1Offset, l1Size * 8, 'l1')
+          // the old table stays counted until the header switch is durable
+          if (oldL1.bytes > 0) w.deferFree(oldL1.offset, oldL1.bytes)
+          h.l1Size = l1Size
+          h.l1TableOffset = l1Offset
+        }
+      }
     }
-    putU32be(hdr, 12, l1Size)
-    putU64be(hdr, 16, l1Offset)
-    await w.writeMetadata(24, hdr, 'header')
     await w.flushNow()
-    h.size = newSize
-    if (l1Offset !== oldL1.offset) {
-      w.guard.setRange(oldL1.offset, oldL1.bytes, undefined)
-      w.guard.setRange(l1Offset, l1Size * 8, 'l1')
-      if (oldL1.bytes > 0) await w.rc.update(oldL1.offset, oldL1.bytes, -1)
-      h.l1Size = l1Size
-      h.l1TableOffset = l1Offset
-    }
     if (hasDataFile(h) && dataFileRaw(h) && img.dataDevice !== img.device) await img.dataDevice.truncate(newSize)
     await w.rc.persist()
     await w.flushNow()

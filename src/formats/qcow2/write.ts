@@ -162,6 +162,7 @@ export class Qcow2Writer {
     return this.mutex.run(async () => {
       await this.rc.persist()
       await this.flushDevices()
+      if (this.rc.dirty && !this.rc.lazy) await this.rc.persist()
     })
   }
 
@@ -172,6 +173,11 @@ export class Qcow2Writer {
       if (this.corrupt || this.broken) return
       await this.rc.persist()
       await this.flushDevices()
+      if (this.rc.dirty) {
+        // frees that waited for that flush
+        await this.rc.persist()
+        await this.flushDevices()
+      }
       if (this.dirtyMarked && isDirty(this.h)) {
         await markDirtyBit(this.img.device, this.h, false)
         await this.img.device.flush()
@@ -259,6 +265,12 @@ export class Qcow2Writer {
   private async flushDevices(): Promise<void> {
     if (this.img.dataDevice !== this.img.device) await this.img.dataDevice.flush()
     await this.img.device.flush()
+    if (this.rc.deferredFrees.length > 0) await this.rc.applyDeferredFrees()
+  }
+
+  /** Drop a reference once the next flush succeeds (it may still be reachable from what is on disk). */
+  deferFree(offset: number, length: number): void {
+    this.rc.deferredFrees.push({ offset, length })
   }
 
   /** Mark the image corrupt (v3 header bit) and refuse further writes. */
