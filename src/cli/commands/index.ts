@@ -16,4 +16,9 @@ export const COMMANDS: CommandEntry[] = [
   { name: 'check', load: async () => (await import('./check.js')).default },
   { name: 'repair', load: async () => (await import('./repair.js')).default },
   { name: 'merge', load: async () => (await import('./merge.js')).default },
+  { name: 'create', load: async () => (await import('./create.js')).default },
+  { name: 'convert', load: async () => (await import('./convert.js')).default },
+  { name: 'compare', load: async () => (await import('./compare.js')).default },
+  { name: 'snapshot', load: async () => (await import('./snapshot.js')).default },
+  { name: 'resize', load: async () => (await import('./resize.js')).default },
 ]

@@ -54,12 +54,13 @@ export async function compressCluster(data: Uint8Array, clusterSize: number, com
 const WORKER_SOURCE = `
 const { parentPort, workerData } = require('node:worker_threads')
 const zlib = require('node:zlib')
-let zstd
-async function ready() {
-  if (zstd) return zstd
-  zstd = require(workerData.zstdPath)
-  await zstd.init()
-  return zstd
+let zstdReady
+function ready() {
+  if (!zstdReady) {
+    const m = require(workerData.zstdPath)
+    zstdReady = m.init().then(() => m)
+  }
+  return zstdReady
 }
 parentPort.on('message', async (m) => {
   try {

@@ -1,0 +1,57 @@
+import type { CommandModule } from '../command.js'
+
+/** imgtool compare [-f FMT] [-F FMT] [-s] A B: exit 0 identical, 1 different, 2 error (as qemu-img) */
+const compare: CommandModule = {
+  name: 'compare',
+  description: 'check whether two images have the same contents (qemu-img compare)',
+  configure(cmd) {
+    cmd
+      .option('-f, --format <fmt>', 'format of the first image')
+      .option('-F, --second-format <fmt>', 'format of the second image')
+      .option('-s, --strict', 'strict mode: sizes and allocation must match too')
+      .option('-p, --progress', 'show progress')
+      .option('-q, --quiet', 'print nothing')
+      .argument('<image1>')
+      .argument('<image2>')
+  },
+  async run(args, opts, io) {
+    const { renderError } = await import('../errors.js')
+    try {
+      const { UsageError } = await import('../../errors.js')
+      const { isFormatName } = await import('../../image/probe.js')
+      if (args.length !== 2) throw new UsageError('Expecting two image file names')
+      const fmt = (v: unknown) => {
+        if (v === undefined) return undefined
+        if (!isFormatName(String(v))) throw new UsageError(`Unknown file format '${String(v)}'`)
+        return String(v) as import('../../image/probe.js').FormatName
+      }
+      const { openImage } = await import('../../open.js')
+      const { compareImages } = await import('../../convert/compare.js')
+      const a = await openImage(args[0]!, { format: fmt(opts['format']), readOnly: true })
+      try {
+        const b = await openImage(args[1]!, { format: fmt(opts['secondFormat']), readOnly: true })
+        try {
+          const spinner = opts['progress'] && io.isTTY && !opts['quiet'] ? (await import('ora')).default({ stream: io.stderr as NodeJS.WriteStream, text: 'comparing' }).start() : undefined
+          const r = await compareImages(a, b, {
+            strict: Boolean(opts['strict']),
+            onProgress: spinner ? (d, t) => void (spinner.text = `comparing (${((100 * d) / Math.max(1, t)).toFixed(2)}/100%)`) : undefined,
+          })
+          spinner?.stop()
+          const out: string[] = []
+          if (r.sizeMismatch && !opts['strict']) out.push('Warning: Image size mismatch!')
+          out.push(r.identical ? 'Images are identical.' : r.message)
+          if (!opts['quiet']) io.stdout.write(out.join('\n') + '\n')
+          return r.identical ? 0 : 1
+        } finally {
+          await b.close()
+        }
+      } finally {
+        await a.close()
+      }
+    } catch (e) {
+      renderError(e, io.stderr)
+      return 2
+    }
+  },
+}
+export default compare

@@ -1,0 +1,73 @@
+import type { CommandModule } from '../command.js'
+import { parseKeyValues } from '../common.js'
+
+/** imgtool create -f qcow2 [-o opt=val,...] [-b BACKING -F FMT] FILE [SIZE] (qemu-img create's syntax) */
+const create: CommandModule = {
+  name: 'create',
+  description: 'create a new image (qemu-img create)',
+  configure(cmd) {
+    cmd
+      .option('-f, --format <fmt>', 'image format (qcow2 or raw)', 'raw')
+      .option('-o, --options <opts>', 'format options: key=value[,key=value...] (cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, compression_type, preallocation, data_file, data_file_raw...)')
+      .option('-b, --backing <file>', 'backing file')
+      .option('-F, --backing-format <fmt>', 'backing file format')
+      .option('-u', 'do not open the backing file (SIZE is then required)')
+      .option('-q, --quiet', 'print nothing')
+      .argument('<file>')
+      .argument('[size]')
+  },
+  async run(args, opts, io) {
+    const { UsageError } = await import('../../errors.js')
+    const { parseSize } = await import('../../util/size.js')
+    const [file, sizeText] = args
+    if (!file) throw new UsageError('Expecting image file name')
+    const format = String(opts['format'] ?? 'raw')
+    if (format !== 'qcow2' && format !== 'raw') throw new UsageError(`Unknown file format '${format}' for create (qcow2, raw)`)
+    const options = parseKeyValues(opts['options'] as string | undefined)
+    const backing = (opts['backing'] as string | undefined) ?? options['backing_file']
+    const backingFormat = (opts['backingFormat'] as string | undefined) ?? options['backing_fmt']
+    if (backing !== undefined && backingFormat === undefined) throw new UsageError(`${file}: Backing file specified without backing format`)
+    const { openFileDevice } = await import('../../io/file-device.js')
+    const { makeContext, openImage, driverFor } = await import('../../open.js')
+    let size: number | undefined = sizeText !== undefined ? parseSize(sizeText) : options['size'] !== undefined ? parseSize(options['size']) : undefined
+    if (size === undefined && backing !== undefined && !opts['u']) {
+      const { combinePath } = await import('../../formats/qcow2/paths.js')
+      const { isFormatName } = await import('../../image/probe.js')
+      const b = await openImage(combinePath(file, backing), { format: isFormatName(backingFormat!) ? backingFormat : undefined, readOnly: true })
+      size = b.virtualSize
+      await b.close()
+    }
+    if (size === undefined) throw new UsageError('Image creation needs a size parameter')
+    if (format === 'raw' && (backing !== undefined || Object.keys(options).some((k) => k !== 'size' && k !== 'preallocation'))) {
+      throw new UsageError(`raw images take no options but size and preallocation`)
+    }
+    if (!opts['quiet']) {
+      const shown = Object.entries(options).filter(([k]) => k !== 'size').map(([k, v]) => ` ${k}=${v}`).join('')
+      io.stdout.write(`Formatting '${file}', fmt=${format}${shown}${backing ? ` backing_file=${backing} backing_fmt=${backingFormat}` : ''} size=${size}\n`)
+    }
+    const dev = await openFileDevice(file, { readOnly: false, create: true })
+    try {
+      if (format === 'raw') {
+        await dev.truncate(size)
+        if (options['preallocation'] === 'full' || options['preallocation'] === 'falloc') {
+          const zeros = new Uint8Array(Math.min(size, 4 << 20))
+          for (let p = 0; p < size; p += zeros.byteLength) await dev.write(p, zeros.subarray(0, Math.min(zeros.byteLength, size - p)), 'data')
+        }
+      } else {
+        const extra: { backingFile?: string; backingFormat?: string } = {}
+        if (backing !== undefined) {
+          extra.backingFile = backing
+          extra.backingFormat = backingFormat!
+        }
+        delete options['backing_file']
+        delete options['backing_fmt']
+        await driverFor('qcow2').create!(dev, makeContext(openFileDevice), { size, options, ...extra })
+      }
+      await dev.flush()
+    } finally {
+      await dev.close()
+    }
+    return 0
+  },
+}
+export default create
