@@ -187,6 +187,7 @@ async function apply(dev: BlockDevice, layout: StoreLayout, s: Step, journal: Un
     case 'header':
       return write(0, encodeHeader(s.header, layout.chunkBytes), 'cow-header')
     case 'extend':
+      if (journal) await journal.saveSize(dev) // undo truncates back to the old length
       await dev.truncate(s.size)
       return write(layout.offset(s.zeroChunk), new Uint8Array(layout.chunkBytes), 'cow-area')
     case 'zero-slots':

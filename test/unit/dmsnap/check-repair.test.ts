@@ -165,6 +165,35 @@ describe('dmsnap repair', () => {
     expect(md5(dev.snapshot())).toBe(md5(damaged))
   })
 
+  describe('undo restores the exact bytes and size of the COW before the repair', () => {
+    const full = loadFixture('c1-fullarea').cow
+    const undoCases: { name: string; cow: () => Uint8Array; mode: 'leaks' | 'all'; flags?: Record<string, boolean> }[] = [
+      ...CASES.map((c) => ({ name: `${c.kind} (${c.name})`, cow: c.cow, mode: 'all' as const })),
+      { name: 'leaks reclaimed with -r leaks', cow: () => removeRecord(removeRecord(cow, 1, 7), 3, 6), mode: 'leaks' },
+      { name: 'truncated COW, extended', cow: () => truncateTo(full, 34 * 512), mode: 'all' },
+      { name: 'truncated COW not a whole chunk, extended', cow: () => truncateTo(full, 34 * 512 + 100), mode: 'all' },
+      { name: 'shared chunk split at the next free chunk', cow: () => setRecord(cow, 7, 70, 5), mode: 'all' },
+      { name: 'invalidated store, forced valid', cow: () => setHeader(cow, 'valid', 0), mode: 'all', flags: { forceValid: true } },
+      { name: 'valid=2 and header tail garbage, normalised', cow: () => pokeBytes(setHeader(cow, 'valid', 2), 100, [1]), mode: 'all' },
+      { name: 'several faults at once', cow: () => setRecord(setRecord(setRecord(setRecord(cow, 1, 2, 40), 4, 16, 6), 6, 66, 5), 9, 500, 19), mode: 'all' },
+    ]
+    for (const c of undoCases) {
+      it(c.name, async () => {
+        const damaged = c.cow()
+        const dev = new MemoryDevice(damaged, { name: 'cow' })
+        const journal = new MemoryDevice(0, { name: 'journal' })
+        const res = await repairStore(dev, { repair: c.mode, originSize: ORIGIN, journal, flags: c.flags ?? {} })
+        const changed = md5(dev.snapshot()) !== md5(damaged) || dev.size !== damaged.byteLength
+        expect(changed).toBe(res.actions.length > 0)
+        expect(journal.size > 0).toBe(changed)
+        const applied = await applyUndoJournal(journal, dev)
+        expect(applied > 0).toBe(changed)
+        expect(dev.size).toBe(damaged.byteLength)
+        expect(md5(dev.snapshot())).toBe(md5(damaged))
+      })
+    }
+  })
+
   it('extends a truncated COW and zeroes the missing area', async () => {
     const full = loadFixture('c1-fullarea')
     const dev = new MemoryDevice(truncateTo(full.cow, 34 * 512))
