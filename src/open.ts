@@ -8,7 +8,12 @@ import { MAX_CHAIN_DEPTH, type FormatDriver, type OpenContext, type OpenImageOpt
 import { PROBE_BYTES, probeFormat, type FormatName } from './image/probe.js'
 import { rawDriver } from './formats/raw/image.js'
 import { qcow2Driver } from './formats/qcow2/driver.js'
-import { dmsnapDriver } from './formats/dmsnap/index.js'
+
+/** dm-snapshot is loaded when a dm-snapshot store is opened: a qcow2 command need not pay for it. */
+const dmsnapDriver: FormatDriver = {
+  name: 'dmsnap',
+  open: async (device, context, options) => (await import('./formats/dmsnap/index.js')).dmsnapDriver.open(device, context, options),
+}
 
 const DRIVERS: Record<string, FormatDriver> = {
   raw: rawDriver,

@@ -1,8 +1,19 @@
 /** Options shared by commands that open one image, parsed with zod. */
 import type { Command } from 'commander'
-import { z } from 'zod'
+import { createRequire } from 'node:module'
 import { UsageError } from '../errors.js'
-import { FORMAT_NAMES, type FormatName } from '../image/probe.js'
+import { FORMAT_NAMES, isFormatName, type FormatName } from '../image/probe.js'
+
+/**
+ * zod costs ~30 ms to load, more than reading a 1 TiB image's map takes; the
+ * enum checks every command makes are done without it, and it is loaded only
+ * where a schema is worth it.
+ */
+let zod: typeof import('zod') | undefined
+function z(): typeof import('zod').z {
+  zod ??= createRequire(import.meta.url)('zod') as typeof import('zod')
+  return zod.z
+}
 
 export function addImageOptions(cmd: Command): Command {
   return cmd
@@ -17,8 +28,6 @@ export function addOutputOption(cmd: Command): Command {
     .option('--json', 'same as --output json')
 }
 
-const formatSchema = z.enum(FORMAT_NAMES as unknown as [FormatName, ...FormatName[]])
-
 export interface ImageArgs {
   format: FormatName | undefined
   options: Record<string, string>
@@ -27,9 +36,9 @@ export interface ImageArgs {
 export function parseImageOptions(opts: Record<string, unknown>): ImageArgs {
   let format: FormatName | undefined
   if (opts['format'] !== undefined) {
-    const r = formatSchema.safeParse(opts['format'])
-    if (!r.success) throw new UsageError(`Unknown file format '${String(opts['format'])}' (known: ${FORMAT_NAMES.join(', ')})`)
-    format = r.data
+    const f = opts['format']
+    if (typeof f !== 'string' || !isFormatName(f)) throw new UsageError(`Unknown file format '${String(f)}' (known: ${FORMAT_NAMES.join(', ')})`)
+    format = f
   }
   const options = parseKeyValues(opts['options'] as string | undefined)
   if (typeof opts['origin'] === 'string') options['origin'] = opts['origin']
@@ -56,9 +65,9 @@ export type OutputMode = 'human' | 'json'
 
 export function parseOutput(opts: Record<string, unknown>): OutputMode {
   if (opts['json']) return 'json'
-  const r = z.enum(['human', 'json']).safeParse(opts['output'] ?? 'human')
-  if (!r.success) throw new UsageError(`--output must be 'human' or 'json', not '${String(opts['output'])}'`)
-  return r.data
+  const o = opts['output'] ?? 'human'
+  if (o !== 'human' && o !== 'json') throw new UsageError(`--output must be 'human' or 'json', not '${String(opts['output'])}'`)
+  return o
 }
 
 export function oneImageArg(args: string[], what = 'image file name'): string {
@@ -68,7 +77,7 @@ export function oneImageArg(args: string[], what = 'image file name'): string {
 
 export function nonNegativeInt(text: unknown, what: string): number | undefined {
   if (text === undefined) return undefined
-  const r = z.coerce.number().int().nonnegative().safeParse(text)
+  const r = z().coerce.number().int().nonnegative().safeParse(text)
   if (!r.success) throw new UsageError(`${what} must be a non-negative whole number, not '${String(text)}'`)
   return r.data
 }

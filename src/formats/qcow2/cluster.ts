@@ -20,6 +20,53 @@ export interface MappingRun {
   compressed?: { hostOffset: number; size: number; clusterGuest: number }
 }
 
+const TWO32 = 0x1_0000_0000
+
+/**
+ * Merges runs as they come: a run continues the pending one when it has the
+ * same type (never compressed), starts where it ends, and its host range (if
+ * any) continues the pending one's. Finished runs collect in `done`.
+ */
+export class RunMerger {
+  pending: MappingRun | undefined
+  done: MappingRun[] = []
+
+  add(r: MappingRun): void {
+    const p = this.pending
+    if (
+      p &&
+      p.type === r.type &&
+      !r.compressed &&
+      !p.compressed &&
+      p.guest + p.length === r.guest &&
+      (p.hostOffset === undefined) === (r.hostOffset === undefined) &&
+      (r.hostOffset === undefined || p.hostOffset! + p.length === r.hostOffset)
+    ) {
+      p.length += r.length
+      return
+    }
+    if (p) this.done.push(p)
+    this.pending = r
+  }
+
+  /** add() for a run given as scalars (host -1: none), allocating only when a new run starts. */
+  addScalar(type: 'normal' | 'zero' | 'zero-alloc' | 'unallocated', guest: number, length: number, host: number): void {
+    const p = this.pending
+    if (
+      p &&
+      p.type === type &&
+      !p.compressed &&
+      p.guest + p.length === guest &&
+      (host < 0 ? p.hostOffset === undefined : p.hostOffset !== undefined && p.hostOffset + p.length === host)
+    ) {
+      p.length += length
+      return
+    }
+    if (p) this.done.push(p)
+    this.pending = host < 0 ? { guest, length, type } : { guest, length, type, hostOffset: host }
+  }
+}
+
 /** L2 tables cached by host offset; budget in bytes (QEMU's default is 1 MiB). */
 export class L2Cache {
   private readonly lru: Lru<number, Uint8Array>
@@ -99,56 +146,126 @@ export class ClusterMapper {
   /**
    * Runs covering [offset, offset+length) in guest order. Adjacent runs of the
    * same type are merged when their host ranges are contiguous too.
+   *
+   * Runs are collected per L2 table by synchronous code and yielded afterwards:
+   * a 1 TiB image has 16M entries, and a generator (or an object) per entry
+   * costs seconds where this costs tens of milliseconds.
    */
   async *map(offset: number, length: number): AsyncGenerator<MappingRun> {
     const end = offset + length
     const cs = this.clusterSize
-    let pending: MappingRun | undefined
-    const emit = function* (r: MappingRun): Generator<MappingRun> {
-      if (
-        pending &&
-        pending.type === r.type &&
-        !r.compressed &&
-        !pending.compressed &&
-        pending.guest + pending.length === r.guest &&
-        (pending.hostOffset === undefined) === (r.hostOffset === undefined) &&
-        (r.hostOffset === undefined || pending.hostOffset! + pending.length === r.hostOffset)
-      ) {
-        pending.length += r.length
-        return
-      }
-      if (pending) yield pending
-      pending = r
-    }
-
+    const m = new RunMerger()
+    // On a read-only image (no writer can change a table meanwhile) the next L2
+    // table is read while this one is scanned. A failed read-ahead is reported
+    // only if the walk gets there.
+    let ahead: { l1Index: number; table: Promise<Uint8Array> } | undefined
     let pos = offset
     while (pos < end) {
       const cluster = Math.floor(pos / cs)
       const l1Index = Math.floor(cluster / this.l2Entries)
-      let l2Index = cluster % this.l2Entries
+      const l2Index = cluster % this.l2Entries
       const tableEnd = Math.min(end, (l1Index + 1) * this.l2Entries * cs)
       const l1e = l1Index < this.h.l1Size ? this.l1Entry(l1Index) : undefined
       if (!l1e || l1e.l2Offset === 0) {
-        yield* emit({ guest: pos, length: tableEnd - pos, type: 'unallocated' })
-        pos = tableEnd
-        continue
-      }
-      const raw = await this.loadL2(l1Index, l1e.l2Offset)
-      const dv = new DataView(raw.buffer, raw.byteOffset, raw.byteLength)
-      while (pos < tableEnd) {
-        const clusterStart = Math.floor(pos / cs) * cs
-        const clusterEnd = Math.min(tableEnd, clusterStart + cs)
-        const e = this.decodeEntry(dv, l2Index)
-        if (this.ctx.extendedL2) {
-          yield* this.extendedRuns(e, dv, l2Index, l1Index, l1e.l2Offset, pos, clusterStart, clusterEnd, emit)
-        } else {
-          yield* emit(this.standardRun(e, l1Index, l1e.l2Offset, l2Index, pos, clusterStart, clusterEnd))
+        m.add({ guest: pos, length: tableEnd - pos, type: 'unallocated' })
+      } else {
+        const raw = ahead?.l1Index === l1Index ? await ahead.table : await this.loadL2(l1Index, l1e.l2Offset)
+        ahead = undefined
+        if (this.dev.readOnly && tableEnd < end && l1Index + 1 < this.h.l1Size) {
+          const next = this.l1Entry(l1Index + 1)
+          if (next.l2Offset !== 0) {
+            ahead = { l1Index: l1Index + 1, table: this.loadL2(l1Index + 1, next.l2Offset) }
+            ahead.table.catch(() => undefined)
+          }
         }
-        pos = clusterEnd
-        l2Index++
+        const dv = new DataView(raw.buffer, raw.byteOffset, raw.byteLength)
+        if (this.ctx.extendedL2) this.scanExtended(m, dv, l1Index, l1e.l2Offset, l2Index, pos, tableEnd)
+        else this.scanStandard(m, dv, l1Index, l1e.l2Offset, l2Index, pos, tableEnd)
+      }
+      pos = tableEnd
+      if (m.done.length > 0) {
+        const done = m.done
+        m.done = []
+        yield* done
       }
     }
-    if (pending) yield pending
+    if (m.pending) yield m.pending
+  }
+
+  /** Standard L2 entries from `l2Index` covering [pos, tableEnd): the common ones decoded inline. */
+  private scanStandard(m: RunMerger, dv: DataView, l1Index: number, l2Offset: number, l2Index: number, pos: number, tableEnd: number): void {
+    const cs = this.clusterSize
+    const v2 = this.h.version < 3
+    const dataFile = this.ctx.dataFile
+    for (; pos < tableEnd; l2Index++) {
+      const clusterStart = Math.floor(pos / cs) * cs
+      const clusterEnd = Math.min(tableEnd, clusterStart + cs)
+      const hi = dv.getUint32(l2Index * 8, false)
+      const lo = dv.getUint32(l2Index * 8 + 4, false)
+      // the same classification as decodeL2 + standardRun; anything unusual
+      // (compressed, a v2 zero flag, a bad host offset) takes the slow path
+      let type: 'normal' | 'zero' | 'zero-alloc' | 'unallocated' | undefined
+      let host = -1
+      if ((hi & 0x40000000) === 0 && !(v2 && lo & 1)) {
+        const off = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
+        if (lo & 1) {
+          if (off === 0) type = 'zero'
+          else {
+            type = 'zero-alloc'
+            host = off
+          }
+        } else if (off === 0 && !(dataFile && (hi & 0x80000000) !== 0)) {
+          type = 'unallocated'
+        } else {
+          type = 'normal'
+          host = off
+        }
+        if (host >= 0 && (host % cs !== 0 || (dataFile && host !== clusterStart))) type = undefined
+      }
+      if (type === undefined) {
+        m.add(this.standardRun(this.decodeEntry(dv, l2Index), l1Index, l2Offset, l2Index, pos, clusterStart, clusterEnd))
+        pos = clusterEnd
+        continue
+      }
+      m.addScalar(type, pos, clusterEnd - pos, host < 0 ? -1 : host + (pos - clusterStart))
+      pos = clusterEnd
+      // Whole clusters whose raw entry is this one's with the host offset moved on by
+      // a cluster (or unchanged, without a host offset) continue the same run: same
+      // type, same flags, contiguous and aligned host ranges. Compare raw words only.
+      const step = host < 0 ? 0 : cs
+      let eHi = hi
+      let eLo = lo
+      let k = l2Index + 1
+      let q = pos
+      while (q + cs <= tableEnd) {
+        let nLo = eLo + step
+        let nHi = eHi
+        if (nLo >= TWO32) {
+          nLo -= TWO32
+          nHi++
+        }
+        if (dv.getUint32(k * 8, false) !== nHi || dv.getUint32(k * 8 + 4, false) !== nLo) break
+        eHi = nHi
+        eLo = nLo
+        k++
+        q += cs
+      }
+      if (q > pos) {
+        m.pending!.length += q - pos
+        l2Index = k - 1
+        pos = q
+      }
+    }
+  }
+
+  private scanExtended(m: RunMerger, dv: DataView, l1Index: number, l2Offset: number, l2Index: number, pos: number, tableEnd: number): void {
+    const cs = this.clusterSize
+    for (; pos < tableEnd; l2Index++) {
+      const clusterStart = Math.floor(pos / cs) * cs
+      const clusterEnd = Math.min(tableEnd, clusterStart + cs)
+      this.extendedRuns(m, this.decodeEntry(dv, l2Index), dv, l2Index, l1Index, l2Offset, pos, clusterStart, clusterEnd)
+      pos = clusterEnd
+    }
   }
 
   private standardRun(e: L2Entry, l1Index: number, l2Offset: number, l2Index: number, pos: number, clusterStart: number, clusterEnd: number): MappingRun {
@@ -174,7 +291,8 @@ export class ClusterMapper {
     }
   }
 
-  private *extendedRuns(
+  private extendedRuns(
+    m: RunMerger,
     e: L2Entry,
     dv: DataView,
     l2Index: number,
@@ -183,10 +301,9 @@ export class ClusterMapper {
     pos: number,
     clusterStart: number,
     clusterEnd: number,
-    emit: (r: MappingRun) => Generator<MappingRun>,
-  ): Generator<MappingRun> {
+  ): void {
     if (e.type === 'compressed') {
-      yield* emit({ guest: pos, length: clusterEnd - pos, type: 'compressed', compressed: { hostOffset: e.hostOffset, size: e.size, clusterGuest: clusterStart } })
+      m.add({ guest: pos, length: clusterEnd - pos, type: 'compressed', compressed: { hostOffset: e.hostOffset, size: e.size, clusterGuest: clusterStart } })
       return
     }
     if (e.type === 'normal') this.checkHost(e.hostOffset, l1Index, l2Offset, l2Index, clusterStart)
@@ -205,9 +322,9 @@ export class ClusterMapper {
       }
       const host = e.type === 'normal' ? e.hostOffset + (p - clusterStart) : undefined
       if (t === 'normal' || t === 'zero-alloc' || t === 'unallocated-alloc') {
-        yield* emit({ guest: p, length: scEnd - p, type: t, hostOffset: host! })
+        m.add({ guest: p, length: scEnd - p, type: t, hostOffset: host! })
       } else if (t !== 'compressed') {
-        yield* emit({ guest: p, length: scEnd - p, type: t })
+        m.add({ guest: p, length: scEnd - p, type: t })
       }
       p = scEnd
     }

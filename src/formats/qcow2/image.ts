@@ -28,7 +28,7 @@ import {
 import { combinePath } from './paths.js'
 import { RefcountReader } from './refcount.js'
 import { readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js'
-import { Qcow2Writer, type WriteZeroesOptions } from './write.js'
+import type { Qcow2Writer, WriteZeroesOptions } from './write.js'
 
 export class Qcow2Image implements DiskImage {
   readonly format = 'qcow2'
@@ -430,7 +430,8 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
     const image = new Qcow2Image(device, h, l1, dataDevice, backing, snapshots, bitmaps, context, options)
     if (!device.readOnly && !forCheck) {
       try {
-        image.writer = await Qcow2Writer.attach(image)
+        // the writer is loaded only for images opened read/write
+        image.writer = await (await import('./write.js')).Qcow2Writer.attach(image)
       } catch (e) {
         if (!(e instanceof UnsupportedFeatureError)) throw e
         image.writerRefusal = e
