@@ -68,6 +68,12 @@ describe('stores written by imgtool, judged by the kernel', async () => {
       if (s.viewMd5) {
         expect(v.kernel.snapshot_md5).toBe(s.viewMd5)
         expect(v.kernel.status.split(' ').slice(3).join(' ')).toBe(s.status)
+        if (s.sameViewAs) {
+          // repaired, the store serves what the kernel served for it damaged
+          const other = recorded.find((x) => x.name === s.sameViewAs)!
+          expect(other.kernel.activated).toBe(true)
+          expect(v.kernel.snapshot_md5, `the kernel's view of ${s.sameViewAs}`).toBe(other.kernel.snapshot_md5)
+        }
       } else {
         expect(v.kernel.status).toMatch(/Invalid$/)
       }

@@ -22,6 +22,8 @@ export interface Scenario {
   viewMd5: string | null
   /** our status string, as info reports it */
   status: string
+  /** the kernel must serve exactly the view it serves for this other store (a repair keeping the kernel's view) */
+  sameViewAs?: string
 }
 
 async function statusOf(cow: Uint8Array, origin: Uint8Array): Promise<{ status: string; view: string | null }> {
@@ -62,17 +64,28 @@ async function written(chunkBytes: number, cowBytes: number, seed: number, n: nu
   return dev.snapshot()
 }
 
-async function repaired(cow: Uint8Array, mode: 'leaks' | 'all', flags: Record<string, boolean> = {}): Promise<Uint8Array> {
+async function repaired(cow: Uint8Array, mode: 'leaks' | 'all', flags: Record<string, boolean> = {}, mustTake?: string): Promise<Uint8Array> {
   const dev = new MemoryDevice(cow, { name: 'cow' })
-  await repairStore(dev, { repair: mode, originSize: ORIGIN_BYTES, flags })
+  const res = await repairStore(dev, { repair: mode, originSize: ORIGIN_BYTES, flags })
+  if (mustTake && !res.actions.some((a) => a.kind === mustTake)) throw new Error(`scenario: the repair took no '${mustTake}' action: ${res.actions.map((a) => a.message).join('; ')}`)
   return dev.snapshot()
+}
+
+/** records in the table, and the first origin chunk no record maps */
+function tableOf(cow: Uint8Array): { n: number; unmapped: number } {
+  let n = 0
+  const mapped = new Set<bigint>()
+  while (getRecord(cow, n)[1] !== 0n) mapped.add(getRecord(cow, n++)[0])
+  let unmapped = 0
+  while (mapped.has(BigInt(unmapped))) unmapped++
+  return { n, unmapped }
 }
 
 /** Every store the kernel is asked about, in a fixed order. */
 export async function buildScenarios(): Promise<Scenario[]> {
   const origin = makeOrigin()
-  const out: { name: string; cow: Uint8Array }[] = []
-  const add = (name: string, cow: Uint8Array): void => void out.push({ name, cow })
+  const out: { name: string; cow: Uint8Array; sameViewAs?: string }[] = []
+  const add = (name: string, cow: Uint8Array, sameViewAs?: string): void => void out.push(sameViewAs ? { name, cow, sameViewAs } : { name, cow })
 
   add('create-c8', (await fresh(4096, 64 * 1024)).snapshot())
   add('create-c32', (await fresh(16384, 256 * 1024)).snapshot())
@@ -127,7 +140,9 @@ export async function buildScenarios(): Promise<Scenario[]> {
     let d = setRecord(base, 6, getRecord(base, 6)[0], getRecord(base, 3)[1]) // duplicate new chunk
     d = setRecord(d, 7, 100000, getRecord(d, 7)[1]) // old chunk beyond the origin
     d = setRecord(d, n, getRecord(d, 9)[0], getRecord(d, 9)[1]) // exact duplicate appended
-    add('repair-all-dups-c8', await repaired(d, 'all'))
+    // the shared chunk is split, not dropped: the repaired store serves the damaged store's view, as the kernel reads it
+    add('repair-all-dups-c8', await repaired(d, 'all', {}, 'split-shared-chunk'), 'damaged-all-dups-c8')
+    add('damaged-all-dups-c8', d)
   }
   add('repair-forcevalid-c8', await repaired(setHeader(base, 'valid', 0), 'all', { forceValid: true }))
   {
@@ -135,10 +150,44 @@ export async function buildScenarios(): Promise<Scenario[]> {
     const g = geometry(full)
     add('repair-truncated-c1', await repaired(truncateTo(full, (1 + (g.perArea + 1)) * g.chunkBytes), 'all'))
   }
+  // shared data chunks (duplicate new_chunk): split like the writer allocates, the kernel's view kept
+  {
+    // nothing leaks: the copy goes to the next free chunk
+    const t = tableOf(base)
+    const d = setRecord(base, t.n, t.unmapped, getRecord(base, 3)[1])
+    add('damaged-split-end-c8', d)
+    add('repair-split-end-c8', await repaired(d, 'all', {}, 'split-shared-chunk'), 'damaged-split-end-c8')
+  }
+  {
+    // several areas: a record in area 3 shares a chunk of area 0 (its own chunk leaks), and an appended one too
+    const w = out.find((s) => s.name === 'writes-c1-areas')!.cow
+    let d = setRecord(w, 100, getRecord(w, 100)[0], getRecord(w, 5)[1])
+    const t = tableOf(d)
+    if (t.n % 32 === 31) throw new Error('scenario: the appended record would fill an area')
+    d = setRecord(d, t.n, t.unmapped, getRecord(d, 40)[1])
+    add('damaged-split-c1-areas', d)
+    add('repair-split-c1-areas', await repaired(d, 'all', {}, 'split-shared-chunk'), 'damaged-split-c1-areas')
+  }
+  {
+    // area 0 full: the next free chunk lies past area 1, which the allocation skips
+    const full = out.find((s) => s.name === 'fullarea-c1')!.cow
+    const t = tableOf(full)
+    const d = setRecord(full, t.n, t.unmapped, getRecord(full, 3)[1])
+    add('damaged-split-fullarea-c1', d)
+    add('repair-split-fullarea-c1', await repaired(d, 'all', {}, 'split-shared-chunk'), 'damaged-split-fullarea-c1')
+  }
+  {
+    // a full store: no chunk for a copy, so the later record is dropped (its origin chunk falls back to the origin)
+    const full = out.find((s) => s.name === 'full-c8-refused')!.cow
+    const t = tableOf(full)
+    add('repair-split-full-c8', await repaired(setRecord(full, t.n, t.unmapped, getRecord(full, 0)[1]), 'all', {}, 'drop-record'))
+  }
   const scenarios: Scenario[] = []
   for (const s of out) {
     const st = await statusOf(s.cow, origin)
-    scenarios.push({ name: s.name, cow: s.cow, viewMd5: st.view, status: st.status })
+    const sc: Scenario = { name: s.name, cow: s.cow, viewMd5: st.view, status: st.status }
+    if (s.sameViewAs) sc.sameViewAs = s.sameViewAs
+    scenarios.push(sc)
   }
   return scenarios
 }

@@ -101,6 +101,88 @@ async function viewByChunk(bytes: Uint8Array): Promise<Map<number, string>> {
   return out
 }
 
+async function wholeView(bytes: Uint8Array, originBytes = origin): Promise<string> {
+  const img = await openStore(new MemoryDevice(bytes), rawImage(originBytes), { readOnly: true })
+  return md5(await img.read(0, originBytes.byteLength))
+}
+
+describe('dmsnap repair of a shared data chunk (duplicate new_chunk) keeps the view the kernel serves', () => {
+  const repairAll = async (bytes: Uint8Array, originSize = ORIGIN) => {
+    const dev = new MemoryDevice(bytes, { name: 'cow' })
+    const res = await repairStore(dev, { repair: 'all', originSize })
+    const img = await openStore(new MemoryDevice(dev.snapshot()), undefined, { readOnly: true })
+    return { dev, res, records: img.records.map((r) => [r.old, r.new]), info: (await img.info()).formatSpecific!.data }
+  }
+
+  it('copies the shared chunk into a leaked chunk when there is one', async () => {
+    // record 4 (64→6) now shares chunk 5 with record 3 (16→5); chunk 6 leaks
+    const damaged = setRecord(cow, 4, 64, 5)
+    const { dev, res, records } = await repairAll(damaged)
+    expect(res.actions.map((a) => a.kind)).toEqual(['split-shared-chunk'])
+    expect(res.actions[0]!.message).toMatch(/chunk 5 .* into free chunk 6 and repoint record 4 \(origin chunk 64\)/)
+    expect(records).toEqual([[0, 2], [2, 3], [3, 4], [16, 5], [64, 6], [65, 7], [66, 8]])
+    expect(res.after.findings).toEqual([])
+    expect(await wholeView(dev.snapshot())).toBe(await wholeView(damaged))
+  })
+
+  it('allocates like the writer when nothing leaks: the next free chunk', async () => {
+    const damaged = setRecord(cow, 7, 70, 5) // a record appended that shares chunk 5
+    const { dev, res, records, info } = await repairAll(damaged)
+    expect(res.actions.map((a) => a.kind)).toEqual(['split-shared-chunk'])
+    expect(records.at(-1)).toEqual([70, 9])
+    expect(info['next-free-chunk']).toBe(10)
+    expect(res.after.findings).toEqual([])
+    expect(await wholeView(dev.snapshot())).toBe(await wholeView(damaged))
+  })
+
+  it('skips a metadata area when allocating, as the writer does', async () => {
+    const fx = loadFixture('c1-fullarea') // chunk 512 B, area 0 full (chunks 2..33), area 1 at chunk 34, 40 chunks
+    const damaged = setRecord(fx.cow, 32, 40, 5) // area 1 slot 0: origin chunk 40 shares chunk 5
+    const { dev, res, records } = await repairAll(damaged, fx.origin.byteLength)
+    expect(res.after.findings).toEqual([])
+    expect(records.at(-1)).toEqual([40, 35])
+    expect(await wholeView(dev.snapshot(), fx.origin)).toBe(await wholeView(damaged, fx.origin))
+  })
+
+  it('gives every later user of a chunk its own copy', async () => {
+    const damaged = setRecord(setRecord(cow, 4, 64, 5), 5, 65, 5) // three records on chunk 5; 6 and 7 leak
+    const { dev, res, records } = await repairAll(damaged)
+    expect(res.actions.filter((a) => a.kind === 'split-shared-chunk')).toHaveLength(2)
+    expect(new Set(records.map((r) => r[1])).size).toBe(7)
+    expect(res.after.findings).toEqual([])
+    expect(await wholeView(dev.snapshot())).toBe(await wholeView(damaged))
+  })
+
+  it('without any free chunk drops the later record, and says that its data is lost', async () => {
+    const fx = loadFixture('c8-full-po') // 16 chunks, all used: no leak, no room
+    const damaged = setRecord(fx.cow, 14, 30, 2) // origin chunk 30 shares chunk 2 with origin chunk 0
+    const { dev, res, records } = await repairAll(damaged, fx.origin.byteLength)
+    expect(res.actions).toHaveLength(1)
+    expect(res.actions[0]).toMatchObject({ kind: 'drop-record' })
+    expect(res.actions[0]!.message).toMatch(/record 14 \(30→2\): duplicate-new-chunk: no free chunk left .* origin chunk 30 falls back to the origin: its snapshot data is lost/)
+    expect(records).toHaveLength(14)
+    expect(res.after.findings).toEqual([])
+    const img = await openStore(new MemoryDevice(dev.snapshot()), rawImage(fx.origin), { readOnly: true })
+    expect(md5(await img.read(30 * 4096, 4096))).toBe(md5(fx.origin.subarray(30 * 4096, 31 * 4096)))
+  })
+
+  it('plans the split on --dry-run without writing', async () => {
+    const damaged = setRecord(cow, 7, 70, 5)
+    const dev = new MemoryDevice(damaged)
+    const res = await repairStore(dev, { repair: 'all', dryRun: true })
+    expect(res.actions.map((a) => a.kind)).toEqual(['split-shared-chunk'])
+    expect(md5(dev.snapshot())).toBe(md5(damaged))
+  })
+
+  it('is left alone by -r leaks (a corruption, not a leak)', async () => {
+    const damaged = setRecord(cow, 7, 70, 5)
+    const dev = new MemoryDevice(damaged)
+    const res = await repairStore(dev, { repair: 'leaks' })
+    expect(res.actions).toEqual([])
+    expect(md5(dev.snapshot())).toBe(md5(damaged))
+  })
+})
+
 describe('dmsnap repair', () => {
   for (const c of CASES) {
     it(`${c.repairable ? 'fixes' : 'leaves alone'} ${c.kind} (${c.name}) with -r all`, async () => {
@@ -117,7 +199,9 @@ describe('dmsnap repair', () => {
       // every record that survives serves the data it served before the repair
       const before = await viewByChunk(damaged.slice(0, 16).every((b, i) => b === cow[i]) ? damaged : cow)
       const after = await viewByChunk(dev.snapshot())
-      for (const [old, sum] of after) if (before.has(old) && c.kind !== 'duplicate-new-chunk') expect(sum, `chunk ${old}`).toBe(before.get(old))
+      for (const [old, sum] of after) if (before.has(old)) expect(sum, `chunk ${old}`).toBe(before.get(old))
+      // a shared chunk is split, not dropped: the whole view stays the kernel's
+      if (c.kind === 'duplicate-new-chunk') expect(await wholeView(dev.snapshot())).toBe(await wholeView(damaged))
     })
   }
 
@@ -192,6 +276,16 @@ describe('dmsnap repair', () => {
         expect(md5(dev.snapshot())).toBe(md5(damaged))
       })
     }
+  })
+
+  it('zeroes a terminator with an old_chunk before dropping records, so it never ends up as garbage after the new terminator', async () => {
+    const damaged = setRecord(setRecord(cow, 7, 91, 0), 4, 16, 6) // terminator 91→0; record 4 duplicates origin chunk 16
+    expect((await check(damaged)).notices!.map((n) => n.kind)).toContain('terminator-old-chunk')
+    const dev = new MemoryDevice(damaged)
+    const res = await repairStore(dev, { repair: 'all', originSize: ORIGIN })
+    expect(res.actions.map((a) => a.kind)).toContain('zero-terminator')
+    expect(res.after.findings).toEqual([])
+    expect(res.after.notices!.map((n) => n.kind)).not.toContain('terminator-old-chunk')
   })
 
   it('extends a truncated COW and zeroes the missing area', async () => {
