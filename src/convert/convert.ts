@@ -14,6 +14,8 @@ import { isAllZero } from '../util/bytes.js'
 export interface CompressedTarget {
   clusterSize: number
   writeCompressed(offset: number, compressed: Uint8Array): Promise<void>
+  /** optional: several clusters in one metadata update */
+  writeCompressedBatch?(items: Array<{ offset: number; data: Uint8Array }>): Promise<void>
 }
 
 export function isCompressedTarget(d: unknown): d is CompressedTarget {
@@ -124,7 +126,8 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     result.bytesRead += c.length
     if (compress) {
       const target = dst as unknown as CompressedTarget
-      const pieces: Array<() => Promise<void>> = []
+      const plain: Array<{ offset: number; data: Uint8Array }> = []
+      const packed: Array<{ offset: number; data: Uint8Array }> = []
       const pending: Array<Promise<void>> = []
       for (let p = 0; p < buf.byteLength; ) {
         const abs = c.offset + p
@@ -133,25 +136,27 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
         p = cEnd
         if (isAllZero(piece)) continue
         if (abs % cs !== 0 || piece.byteLength !== cs) {
-          pieces.push(() => dst.write!(abs, piece))
+          plain.push({ offset: abs, data: piece })
           continue
         }
-        const slot: { z?: Uint8Array | undefined } = {}
-        pending.push(compress(piece).then((z) => void (slot.z = z)))
-        pieces.push(async () => {
-          if (slot.z) {
-            await target.writeCompressed(abs, slot.z)
-            result.compressedClusters++
-            result.bytesWritten += slot.z.byteLength
-          } else {
-            await dst.write!(abs, piece)
-            result.bytesWritten += piece.byteLength
-          }
-        })
+        pending.push(
+          compress(piece).then((z) => {
+            if (z) packed.push({ offset: abs, data: z })
+            else plain.push({ offset: abs, data: piece })
+          }),
+        )
       }
       await Promise.all(pending)
       return async () => {
-        for (const w of pieces) await w()
+        packed.sort((x, y) => x.offset - y.offset)
+        if (target.writeCompressedBatch && packed.length > 0) await target.writeCompressedBatch(packed)
+        else for (const z of packed) await target.writeCompressed(z.offset, z.data)
+        result.compressedClusters += packed.length
+        for (const z of packed) result.bytesWritten += z.data.byteLength
+        for (const w of plain.sort((x, y) => x.offset - y.offset)) {
+          await dst.write!(w.offset, w.data)
+          result.bytesWritten += w.data.byteLength
+        }
         progress(c.length)
       }
     }

@@ -14,7 +14,7 @@ const convert: CommandModule = {
       .option('-B, --backing <file>', 'target backing file: only data not in it is written')
       .option('-F, --backing-format <fmt>', 'format of the -B backing file')
       .option('-S, --sparse-size <size>', 'zero runs of at least SIZE bytes are left sparse (0: write all)', '4k')
-      .option('-m, --parallel <n>', 'I/Os in flight', '8')
+      .option('-m, --parallel <n>', 'I/Os in flight', '4')
       .option('-p, --progress', 'show progress (on a terminal)')
       .option('-q, --quiet', 'print nothing')
       .argument('<source>')
@@ -33,7 +33,7 @@ const convert: CommandModule = {
     const compress = Boolean(opts['compress'])
     if (compress && outFmt !== 'qcow2') throw new UsageError('Compression not supported for this file format')
     const minSparse = parseSize(String(opts['sparseSize'] ?? '4k'), '-S')
-    const inFlight = Number(opts['parallel'] ?? 8)
+    const inFlight = Number(opts['parallel'] ?? 4)
     if (!Number.isInteger(inFlight) || inFlight < 1) throw new UsageError('-m must be a positive whole number')
     const options = parseKeyValues(opts['options'] as string | undefined)
     const backing = opts['backing'] as string | undefined
@@ -78,7 +78,8 @@ const convert: CommandModule = {
         } finally {
           await dev.close()
         }
-        const dst = await openImage(dstPath, { format: outFmt, readOnly: false })
+        const { unsafeCacheOpener } = await import('../../convert/unsafe-cache.js')
+        const dst = await openImage(dstPath, { format: outFmt, readOnly: false, openDevice: unsafeCacheOpener(openFileDevice) })
         let pool: import('../../formats/qcow2/compress-write.js').CompressPool | undefined
         try {
           let compressFn: ((c: Uint8Array) => Promise<Uint8Array | undefined>) | undefined

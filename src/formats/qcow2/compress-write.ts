@@ -8,14 +8,15 @@
  * WebAssembly and shipped inside the npm package (no install script, no
  * download, no native build); Node 20 has no zstd, and fzstd only decompresses.
  *
- * `CompressPool` runs the codecs on worker threads (one per core by default)
- * so convert -c keeps every core busy; the workers are plain JavaScript
- * evaluated from a string, so they run the same from src (tests) and dist.
+ * `CompressPool` runs the codecs off the main thread so convert -c keeps every
+ * core busy: deflate on libuv's thread pool (zlib's async API), zstd on
+ * worker threads (one per core; plain JavaScript evaluated from a string, so
+ * they run the same from src and dist).
  */
 import { createRequire } from 'node:module'
 import { availableParallelism } from 'node:os'
 import { Worker } from 'node:worker_threads'
-import { deflateRawSync } from 'node:zlib'
+import { deflateRaw, deflateRawSync } from 'node:zlib'
 import { COMPRESSION_ZSTD } from './constants.js'
 
 const require = createRequire(import.meta.url)
@@ -88,10 +89,17 @@ export class CompressPool {
   private readonly load: number[] = []
   private nextId = 1
 
-  constructor(size = Math.max(1, availableParallelism())) {
+  private started = false
+
+  constructor(private readonly poolSize = Math.max(1, availableParallelism())) {}
+
+  private start(): void {
+    if (this.started) return
+    this.started = true
     const zstdPath = require.resolve('@bokuweb/zstd-wasm')
-    for (let i = 0; i < size; i++) {
-      const w = new Worker(WORKER_SOURCE, { eval: true, workerData: { zstdPath } })
+    for (let i = 0; i < this.poolSize; i++) {
+      // small heaps: a worker holds one cluster at a time
+      const w = new Worker(WORKER_SOURCE, { eval: true, workerData: { zstdPath }, resourceLimits: { maxYoungGenerationSizeMb: 2, maxOldGenerationSizeMb: 16 } })
       w.unref()
       w.on('message', (m: { id: number; out?: Uint8Array | null; error?: string }) => {
         const job = this.jobs.get(m.id)
@@ -100,6 +108,7 @@ export class CompressPool {
         this.load[i]!--
         if (m.error !== undefined) job.reject(new Error(`compression worker: ${m.error}`))
         else job.resolve(m.out ?? undefined)
+        this.dispatch()
       })
       w.on('error', (e) => {
         for (const [id, job] of this.jobs) {
@@ -113,18 +122,43 @@ export class CompressPool {
   }
 
   get size(): number {
-    return this.workers.length
+    return this.poolSize
   }
 
+  /** jobs not yet handed to a worker (each worker gets at most 2 at a time: bounded memory) */
+  private readonly waiting: Array<{ id: number; data: Uint8Array; clusterSize: number; type: number }> = []
+
   compress(data: Uint8Array, clusterSize: number, compressionType: number): Promise<Uint8Array | undefined> {
-    let best = 0
-    for (let i = 1; i < this.load.length; i++) if (this.load[i]! < this.load[best]!) best = i
+    if (compressionType !== COMPRESSION_ZSTD) {
+      // zlib runs on libuv's thread pool: parallel, without a JavaScript isolate per thread
+      return new Promise((resolve, reject) => {
+        deflateRaw(data, { level: 6, windowBits: 12, memLevel: 9 }, (err, out) => {
+          if (err) reject(err)
+          else resolve(out.byteLength < clusterSize ? new Uint8Array(out.buffer, out.byteOffset, out.byteLength) : undefined)
+        })
+      })
+    }
+    this.start()
     const id = this.nextId++
     return new Promise((resolve, reject) => {
       this.jobs.set(id, { resolve, reject })
-      this.load[best]!++
-      this.workers[best]!.postMessage({ id, type: compressionType, data, clusterSize })
+      this.waiting.push({ id, data, clusterSize, type: compressionType })
+      this.dispatch()
     })
+  }
+
+  private dispatch(): void {
+    for (;;) {
+      if (this.waiting.length === 0) return
+      let best = -1
+      for (let i = 0; i < this.load.length; i++) if (this.load[i]! < 2 && (best < 0 || this.load[i]! < this.load[best]!)) best = i
+      if (best < 0) return
+      const job = this.waiting.shift()!
+      this.load[best]!++
+      // a view would carry its whole underlying buffer through the structured clone: send a copy, transferred
+      const copy = job.data.slice()
+      this.workers[best]!.postMessage({ id: job.id, type: job.type, data: copy, clusterSize: job.clusterSize }, [copy.buffer])
+    }
   }
 
   async close(): Promise<void> {

@@ -12,7 +12,7 @@ import { parseSize } from '../../util/size.js'
 import * as C from './constants.js'
 import { encodeL1 } from './entries.js'
 import { l1EntriesNeeded, type Qcow2Header } from './header.js'
-import { ALL_SUBCLUSTERS, setBitmap, setStandard } from './l2-meta.js'
+import { ALL_SUBCLUSTERS, setBitmap } from './l2-meta.js'
 import { combinePath } from './paths.js'
 import { RefcountWriter } from './refcount-writer.js'
 import { setRefcountEntry } from './refcount-codec.js'
@@ -236,7 +236,6 @@ async function preallocate(device: BlockDevice, dataDev: BlockDevice | undefined
   const cs = h.clusterSize
   const es = o.extendedL2 ? 16 : 8
   const perL2 = cs / es
-  const ew = { entrySize: es, extended: o.extendedL2, clusterBits: h.clusterBits }
   const clusters = Math.ceil(h.size / cs)
   let end = 0
   const zeros = o.preallocation === 'full' || o.preallocation === 'falloc' ? new Uint8Array(Math.min(4 << 20, perL2 * cs)) : undefined
@@ -246,9 +245,12 @@ async function preallocate(device: BlockDevice, dataDev: BlockDevice | undefined
     const t = new Uint8Array(cs)
     let host = 0
     if (!dataDev) host = await rc.alloc(n)
+    const dv = new DataView(t.buffer)
     for (let j = 0; j < n; j++) {
-      const guest = (i * perL2 + j) * cs
-      setStandard(t, ew, j, { hostOffset: dataDev ? guest : host + j * cs, copied: true })
+      const off = dataDev ? (i * perL2 + j) * cs : host + j * cs
+      // normal entry with COPIED: bit 63 | offset (no BigInt in this hot loop)
+      dv.setUint32(j * es, (0x80000000 | Math.floor(off / 0x1_0000_0000)) >>> 0, false)
+      dv.setUint32(j * es + 4, off >>> 0, false)
       if (o.extendedL2) setBitmap(t, j, { alloc: ALL_SUBCLUSTERS, zero: 0 })
     }
     await device.write(l2, t, 'l2')

@@ -78,17 +78,19 @@ export class Qcow2Image implements DiskImage {
   async read(offset: number, length: number): Promise<Uint8Array> {
     checkGuestRange(`qcow2: ${this.filename}: read`, offset, length, this.virtualSize)
     this.refuseEncrypted()
-    // One mapping run covering the whole request: hand back the device buffer as is.
-    const out = new Uint8Array(length)
+    // One mapping run covering the whole request: hand back the device buffer as
+    // is (no second buffer, no copy); otherwise pieces go into one zeroed buffer.
+    let out: Uint8Array | undefined
     for await (const run of this.mapper.map(offset, length)) {
       const at = run.guest - offset
       const piece = await this.readRun(run)
       if (piece) {
         if (run.guest === offset && run.length === length) return piece
+        out ??= new Uint8Array(length)
         out.set(piece, at)
       }
     }
-    return out
+    return out ?? new Uint8Array(length)
   }
 
   /** Bytes of one run, or undefined when it reads as zeros. */
@@ -320,6 +322,11 @@ export class Qcow2Image implements DiskImage {
   /** One whole cluster stored compressed (bytes from compress-write.ts). */
   async writeCompressed(offset: number, compressed: Uint8Array): Promise<void> {
     return this.requireWriter().writeCompressed(offset, compressed)
+  }
+
+  /** Several whole clusters stored compressed, in one metadata update. */
+  async writeCompressedBatch(items: Array<{ offset: number; data: Uint8Array }>): Promise<void> {
+    return this.requireWriter().writeCompressedBatch(items)
   }
 
   private requireWriter(): Qcow2Writer {

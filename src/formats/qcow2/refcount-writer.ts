@@ -177,9 +177,20 @@ export class RefcountWriter {
     for (let i = 0; i < n; i++) this.reserved.add(start + i)
     let done = 0
     try {
-      for (let i = 0; i < n; i++) {
-        await this.setCount(start + i, 1)
-        done++
+      // block by block: one lookup per refcount block, not per cluster
+      while (done < n) {
+        const c = start + done
+        const ti = Math.floor(c / this.perBlock)
+        if (this.blockOffset(ti) === 0) {
+          await this.setCount(c, 1) // creates the block
+          done++
+          continue
+        }
+        const b = await this.block(ti)
+        const end = Math.min(n, (ti + 1) * this.perBlock - start)
+        setOnes(b, (start + done) % this.perBlock, (start + end - 1) % this.perBlock, this.order)
+        this.dirtyBlocks.add(this.blockOffset(ti))
+        done = end
       }
     } catch (e) {
       // take back the counts already made: nothing references these clusters
@@ -432,5 +443,19 @@ export class RefcountWriter {
   /** A new block that was never written cannot be trusted on disk after a failure: keep it dirty. */
   forgetCaches(): void {
     // blocks are the source of truth while the writer lives; nothing to drop
+  }
+}
+
+/** Set entries [first, last] of a block to 1 (fresh allocations): the hot loop of large allocations. */
+function setOnes(b: Uint8Array, first: number, last: number, order: number): void {
+  if (order === 4) {
+    for (let i = first; i <= last; i++) {
+      b[i * 2] = 0
+      b[i * 2 + 1] = 1
+    }
+  } else if (order === 3) {
+    b.fill(1, first, last + 1)
+  } else {
+    for (let i = first; i <= last; i++) setRefcountEntry(b, i, order, 1)
   }
 }

@@ -57,7 +57,19 @@ interface TableWork {
 interface DataWrite {
   device: BlockDevice
   offset: number
-  data: Uint8Array
+  parts: Uint8Array[]
+  length: number
+}
+
+function joined(d: DataWrite): Uint8Array {
+  if (d.parts.length === 1) return d.parts[0]!
+  const out = new Uint8Array(d.length)
+  let o = 0
+  for (const p of d.parts) {
+    out.set(p, o)
+    o += p.byteLength
+  }
+  return out
 }
 
 export interface WriteZeroesOptions {
@@ -517,17 +529,24 @@ export class Qcow2Writer {
     this.touch(w, idx)
   }
 
-  /** Queue a data write, merging with the previous one when host-contiguous. */
+  /**
+   * Queue a data write, merging with the previous one when host-contiguous:
+   * views of one buffer that are adjacent in memory too stay one view (no
+   * copy); other pieces are joined once, when the request is committed.
+   */
   private async dataWrite(writes: DataWrite[], device: BlockDevice, offset: number, data: Uint8Array): Promise<void> {
     const last = writes[writes.length - 1]
-    if (last && last.device === device && last.offset + last.data.byteLength === offset && last.data.byteLength + data.byteLength <= 8 * 1024 * 1024) {
-      const merged = new Uint8Array(last.data.byteLength + data.byteLength)
-      merged.set(last.data)
-      merged.set(data, last.data.byteLength)
-      last.data = merged
+    if (last && last.device === device && last.offset + last.length === offset && last.length + data.byteLength <= 8 * 1024 * 1024) {
+      const tail = last.parts[last.parts.length - 1]!
+      if (tail.buffer === data.buffer && tail.byteOffset + tail.byteLength === data.byteOffset) {
+        last.parts[last.parts.length - 1] = new Uint8Array(data.buffer, tail.byteOffset, tail.byteLength + data.byteLength)
+      } else {
+        last.parts.push(data)
+      }
+      last.length += data.byteLength
       return
     }
-    writes.push({ device, offset, data })
+    writes.push({ device, offset, parts: [data], length: data.byteLength })
   }
 
   // ---------------------------------------------------------------- commit / undo
@@ -540,7 +559,7 @@ export class Qcow2Writer {
     if (changing && this.rc.lazy) await this.ensureDirty()
     if (!this.rc.lazy) await this.rc.persist()
     // B. guest data, durable before anything maps it
-    for (const d of writes) await this.guardedWrite(d.device, d.offset, d.data, 'data')
+    for (const d of writes) await this.guardedWrite(d.device, d.offset, joined(d), 'data')
     if (needFlush) await this.flushDevices()
     // C. new tables' contents and links in existing tables, in allocation order; then L1 links
     const es = this.ew.entrySize
@@ -801,22 +820,45 @@ export class Qcow2Writer {
 
   // ---------------------------------------------------------------- compressed
 
-  private async doWriteCompressed(offset: number, compressed: Uint8Array): Promise<void> {
+  /** Several whole clusters stored compressed in one commit (one table update per L2 table). */
+  writeCompressedBatch(items: Array<{ offset: number; data: Uint8Array }>): Promise<void> {
+    for (const it of items) {
+      if (it.offset % this.cs !== 0) throw new ImgtoolError('USAGE', `qcow2: compressed write at ${hex(it.offset)} is not cluster aligned`)
+      checkGuestRange(`qcow2: ${this.img.filename}: compressed write`, it.offset, Math.min(this.cs, this.h.size - it.offset), this.h.size)
+      if (it.data.byteLength >= this.cs) throw new ImgtoolError('USAGE', `qcow2: compressed cluster of ${it.data.byteLength} bytes is not smaller than the cluster`)
+    }
+    if (hasDataFile(this.h)) throw new UnsupportedFeatureError(`qcow2: ${this.img.filename}: compressed writes are not possible with an external data file`)
+    return this.mutex.run(() => this.doWriteCompressedBatch(items))
+  }
+
+  private doWriteCompressed(offset: number, compressed: Uint8Array): Promise<void> {
+    return this.doWriteCompressedBatch([{ offset, data: compressed }])
+  }
+
+  private async doWriteCompressedBatch(items: Array<{ offset: number; data: Uint8Array }>): Promise<void> {
     this.assertUsable()
     const coverage = this.l2Entries * this.cs
     const works: TableWork[] = []
+    const writes: DataWrite[] = []
     try {
-      const w = (await this.prepareTable(Math.floor(offset / coverage), true))!
-      works.push(w)
-      const idx = (offset / this.cs) % this.l2Entries
-      const e = this.entry(w.table, idx)
-      const d = this.dropRef(e)
-      if (d) w.frees.push(d)
-      const host = await this.allocBytes(compressed.byteLength)
-      w.allocated.push(host.range)
-      setCompressed(w.table, this.ew, idx, host.offset, compressed.byteLength)
-      this.touch(w, idx)
-      await this.commit(works, [{ device: this.img.device, offset: host.offset, data: compressed }], true)
+      for (const it of [...items].sort((a, b) => a.offset - b.offset)) {
+        const l1Index = Math.floor(it.offset / coverage)
+        let w = works[works.length - 1]
+        if (!w || w.l1Index !== l1Index) {
+          w = (await this.prepareTable(l1Index, true))!
+          works.push(w)
+        }
+        const idx = (it.offset / this.cs) % this.l2Entries
+        const e = this.entry(w.table, idx)
+        const d = this.dropRef(e)
+        if (d) w.frees.push(d)
+        const host = await this.allocBytes(it.data.byteLength)
+        w.allocated.push(host.range)
+        setCompressed(w.table, this.ew, idx, host.offset, it.data.byteLength)
+        this.touch(w, idx)
+        await this.dataWrite(writes, this.img.device, host.offset, it.data)
+      }
+      await this.commit(works, writes, true)
     } catch (e) {
       await this.undo(works, e)
       throw e

@@ -1,0 +1,114 @@
+#!/usr/bin/env node
+/**
+ * Write-path benchmark: imgtool against qemu-img on the same inputs, run
+ * alternately, reporting median wall time, the ratio and peak RSS.
+ *
+ *   npm run build && node bench/write.mjs [--gb 4] [--runs 3] [--only convert-raw,convert-qcow2,convert-c,compare,create]
+ *
+ * Inputs (bench/work/, gitignored), made with node and qemu-img:
+ *   mixed-full.raw / full.qcow2   GB GiB, every byte written (compressible mixed data)
+ *   half.raw                      GB GiB, first half mixed data, second half zeros (sparse)
+ * Measures:
+ *   convert-raw     convert -O raw full.qcow2          (qcow2 -> raw)
+ *   convert-qcow2   convert -O qcow2 half.raw          (raw half zeros -> qcow2)
+ *   convert-c       convert -O qcow2 -c half.raw       (compressed, worker threads)
+ *   compare         compare full.qcow2 mixed-full.raw
+ *   create          create -f qcow2 -o preallocation=metadata X 1T
+ */
+import { spawn } from 'node:child_process'
+import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, rmSync, writeSync } from 'node:fs'
+import { dirname, join, resolve } from 'node:path'
+import { fileURLToPath } from 'node:url'
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
+const WORK = join(ROOT, 'bench', 'work')
+const BIN = join(ROOT, 'bin', 'imgtool')
+const TIME = existsSync('/usr/bin/time') ? '/usr/bin/time' : undefined
+const argv = process.argv.slice(2)
+const opt = (name, dflt) => {
+  const i = argv.indexOf(name)
+  return i >= 0 ? argv[i + 1] : dflt
+}
+const GB = Number(opt('--gb', '4'))
+const RUNS = Number(opt('--runs', '3'))
+const ONLY = opt('--only', 'convert-raw,convert-qcow2,convert-c,compare,create').split(',')
+const SIZE = GB * 1024 ** 3
+
+function run(cmd, args) {
+  return new Promise((res, rej) => {
+    const full = TIME ? [TIME, ['-f', '%M', cmd, ...args]] : [cmd, args]
+    const t0 = process.hrtime.bigint()
+    const p = spawn(full[0], full[1], { stdio: ['ignore', 'ignore', 'pipe'] })
+    let err = ''
+    p.stderr.on('data', (d) => (err += d))
+    p.on('close', (code) => {
+      const ms = Number(process.hrtime.bigint() - t0) / 1e6
+      if (code !== 0 && code !== 1) return rej(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err}`))
+      const rss = TIME ? Number(err.trim().split('\n').pop()) / 1024 : NaN
+      res({ ms, rss, code })
+    })
+  })
+}
+
+/** compressible but not trivial: runs of one random byte, 1..64 long */
+function mixedChunk(n, seed) {
+  const b = Buffer.alloc(n)
+  let x = seed >>> 0 || 1
+  let i = 0
+  while (i < n) {
+    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0
+    const len = 1 + (x & 63)
+    b.fill((x >>> 8) & 0xff, i, Math.min(n, i + len))
+    i += len
+  }
+  return b
+}
+
+function writeRaw(path, dataBytes) {
+  const fd = openSync(path, 'w')
+  const chunk = 8 * 1024 * 1024
+  for (let p = 0; p < dataBytes; p += chunk) writeSync(fd, mixedChunk(Math.min(chunk, dataBytes - p), p / chunk + 1), 0, Math.min(chunk, dataBytes - p), p)
+  ftruncateSync(fd, SIZE)
+  closeSync(fd)
+}
+
+async function prepare() {
+  mkdirSync(WORK, { recursive: true })
+  const full = join(WORK, `mixed-full-${GB}.raw`)
+  const half = join(WORK, `half-${GB}.raw`)
+  const q = join(WORK, `full-${GB}.qcow2`)
+  if (!existsSync(full)) writeRaw(full, SIZE)
+  if (!existsSync(half)) writeRaw(half, SIZE / 2)
+  if (!existsSync(q)) await run('qemu-img', ['convert', '-O', 'qcow2', full, q])
+  return { full, half, q }
+}
+
+const median = (xs) => xs.slice().sort((a, b) => a - b)[Math.floor(xs.length / 2)]
+
+async function bench(name, ours, theirs, cleanup) {
+  const a = []
+  const b = []
+  for (let i = 0; i < RUNS; i++) {
+    cleanup?.()
+    b.push(await run(theirs[0], theirs.slice(1)))
+    cleanup?.()
+    a.push(await run(BIN, ours))
+  }
+  cleanup?.()
+  const ma = median(a.map((r) => r.ms))
+  const mb = median(b.map((r) => r.ms))
+  const rss = Math.max(...a.map((r) => r.rss))
+  const line = `${name.padEnd(15)} imgtool ${(ma / 1000).toFixed(2)} s   qemu-img ${(mb / 1000).toFixed(2)} s   ratio ${(ma / mb).toFixed(2)}x   imgtool peak RSS ${rss.toFixed(0)} MiB`
+  console.log(line)
+  return line
+}
+
+const { full, half, q } = await prepare()
+const out = join(WORK, 'out.img')
+const rmOut = () => rmSync(out, { force: true })
+console.log(`# imgtool write bench, ${GB} GiB inputs, median of ${RUNS} alternating runs`)
+if (ONLY.includes('convert-raw')) await bench('convert-raw', ['convert', '-O', 'raw', q, out], ['qemu-img', 'convert', '-O', 'raw', q, out], rmOut)
+if (ONLY.includes('convert-qcow2')) await bench('convert-qcow2', ['convert', '-f', 'raw', '-O', 'qcow2', half, out], ['qemu-img', 'convert', '-f', 'raw', '-O', 'qcow2', half, out], rmOut)
+if (ONLY.includes('convert-c')) await bench('convert-c', ['convert', '-f', 'raw', '-O', 'qcow2', '-c', half, out], ['qemu-img', 'convert', '-f', 'raw', '-O', 'qcow2', '-c', half, out], rmOut)
+if (ONLY.includes('compare')) await bench('compare', ['compare', q, full], ['qemu-img', 'compare', q, full])
+if (ONLY.includes('create')) await bench('create-1T-meta', ['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', out, '1T'], ['qemu-img', 'create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', out, '1T'], rmOut)
