@@ -2,7 +2,7 @@
 import { join } from 'node:path'
 import { expect, it } from 'vitest'
 import { main } from '../../src/cli/main.js'
-import { collector, describeQemu, makeTempDir, qemuImg, qemuImgJson, qemuImgOk, qemuIoOk, useTempDirs } from '../support/qemu.js'
+import { collector, describeQemu, makeTempDir, qemuImg, qemuImgJson, qemuImgOk, qemuIo, qemuIoOk, useTempDirs } from '../support/qemu.js'
 
 useTempDirs()
 
@@ -60,5 +60,19 @@ describeQemu('create / snapshot / resize CLI', () => {
     const chk = await qemuImg(['check', img])
     expect(chk.code, chk.stdout + chk.stderr).toBe(0)
     await qemuIoOk(img, ['read -P 0x61 0 1M'], { format: 'qcow2' })
+  })
+
+  it('a dirty image (qemu-io abort with lazy refcounts) is repaired when opened read-write, and says so', async () => {
+    const img = join(dir, 'dirty.qcow2')
+    await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', 'lazy_refcounts=on,cluster_size=4096', img, '8M'])
+    await qemuIo(['-f', 'qcow2', '-c', 'write -P 0x71 0 300k', '-c', 'abort', img])
+    const before = await qemuImgJson<Record<string, unknown>>(['info', '--output=json', img])
+    expect(before['dirty-flag']).toBe(true)
+    const r = await cli('resize', img, '+1M')
+    expect(r.code, r.err).toBe(0)
+    expect(r.err).toMatch(/not closed cleanly; refcounts were rebuilt/)
+    const chk = await qemuImg(['check', img])
+    expect(chk.code, chk.stdout + chk.stderr).toBe(0)
+    await qemuIoOk(img, ['read -P 0x71 0 300k'], { format: 'qcow2' })
   })
 })

@@ -21,6 +21,7 @@ const resize: CommandModule = {
     const { openImage } = await import('../../open.js')
     const image = await openImage(path, { format, readOnly: false, options })
     let closed = false
+    for (const n of (image as { writer?: { notices: string[] } }).writer?.notices ?? []) io.stderr.write(`imgtool: ${n}\n`)
     try {
       const rel = sizeText.startsWith('+') ? 1 : sizeText.startsWith('-') ? -1 : 0
       const n = parseSize(rel ? sizeText.slice(1) : sizeText)
