@@ -6,7 +6,7 @@
  */
 import type { DiskImage, Extent } from '../image/disk-image.js'
 import { mergeExtents } from '../image/range.js'
-import { isAllZero } from '../util/bytes.js'
+import { isZeroFast as isAllZero } from './convert.js'
 
 export type CompareResult =
   | { identical: true; sizeMismatch: boolean }

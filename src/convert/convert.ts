@@ -8,7 +8,6 @@
 import { UsageError } from '../errors.js'
 import type { DiskImage, Extent } from '../image/disk-image.js'
 import { mergeExtents } from '../image/range.js'
-import { isAllZero } from '../util/bytes.js'
 
 /** A target that can store compressed clusters (qcow2), found by capability, not by format. */
 export interface CompressedTarget {
@@ -73,6 +72,19 @@ async function* plan(src: DiskImage, o: Required<Pick<ConvertOptions, 'chunkSize
   }
 }
 
+const ZEROS = Buffer.alloc(1024 * 1024)
+
+/** Zero test through memcmp (Buffer.equals): far faster than a JavaScript loop over data. */
+export function isZeroFast(b: Uint8Array): boolean {
+  let i = 0
+  while (i < b.byteLength) {
+    const n = Math.min(ZEROS.byteLength, b.byteLength - i)
+    if (!Buffer.from(b.buffer, b.byteOffset + i, n).equals(ZEROS.subarray(0, n))) return false
+    i += n
+  }
+  return true
+}
+
 /** Runs of [offset, length) holding non-zero `block`-aligned blocks (the rest is sparse). */
 export function dataRuns(buf: Uint8Array, offset: number, block: number): Chunk[] {
   if (block <= 0) return [{ offset, length: buf.byteLength }]
@@ -80,7 +92,7 @@ export function dataRuns(buf: Uint8Array, offset: number, block: number): Chunk[
   let i = 0
   while (i < buf.byteLength) {
     const next = Math.min(buf.byteLength, (Math.floor((offset + i) / block) + 1) * block - offset)
-    const zero = isAllZero(buf.subarray(i, next))
+    const zero = isZeroFast(buf.subarray(i, next))
     if (!zero) {
       const last = runs[runs.length - 1]
       if (last && last.offset + last.length === offset + i) last.length += next - i
@@ -134,7 +146,7 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
         const cEnd = Math.min(buf.byteLength, (Math.floor(abs / cs) + 1) * cs - c.offset)
         const piece = buf.subarray(p, cEnd)
         p = cEnd
-        if (isAllZero(piece)) continue
+        if (isZeroFast(piece)) continue
         if (abs % cs !== 0 || piece.byteLength !== cs) {
           plain.push({ offset: abs, data: piece })
           continue
