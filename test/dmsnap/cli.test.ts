@@ -43,4 +43,21 @@ describe('dmsnap through the CLI', () => {
       expect(md5(readFileSync(join(dir, 'cow.img')))).toBe(md5(readFileSync(join(FIXTURES, 'merged-c8-basic', 'cow.img'))))
     }
   })
+
+  it('check reports an invalidated store as a corruption; repair --force-valid re-validates it and check is clean after', async () => {
+    const dir = copyFixture('c8-invalid')
+    const origin = join(dir, 'origin.img')
+    const cow = join(dir, 'cow.img')
+    const before = await run(['check', '--origin', origin, '--output', 'json', cow])
+    expect(before.code).toBe(2)
+    expect(JSON.parse(before.out).corruptions).toBe(1)
+    const plain = await run(['repair', '--origin', origin, '--no-journal', cow])
+    expect(plain.code).toBe(2) // without --force-valid an invalidated store is left alone
+    const forced = await run(['repair', '--force-valid', '--origin', origin, '--output', 'json', '--no-journal', cow])
+    expect(forced.code).toBe(0)
+    expect(JSON.parse(forced.out)['corruptions-fixed']).toBe(1)
+    const after = await run(['check', '--origin', origin, cow])
+    expect(after.code).toBe(0)
+    expect(after.out).toContain('No errors were found on the image.')
+  })
 })

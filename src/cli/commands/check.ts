@@ -11,6 +11,7 @@ const check: CommandModule = {
       .option('-q, --quiet', 'print nothing on stdout')
       .option('--journal <path>', 'with -r: where to write the undo journal (default IMAGE.imgtool-undo[.N])')
       .option('--no-journal', 'with -r: repair without an undo journal')
+      .option('--force-valid', 'with -r all: re-validate an invalidated dm-snapshot store when every record checks out')
       .argument('[image...]')
   },
   async run(args, opts, io) {
@@ -28,6 +29,7 @@ const check: CommandModule = {
       repair: repair as 'leaks' | 'all' | undefined,
       dryRun: false,
       journal: opts['journal'] === false ? false : (opts['journal'] as string | undefined),
+      forceValid: Boolean(opts['forceValid']),
     })
   },
 }
@@ -42,6 +44,8 @@ export interface RunCheckArgs {
   dryRun: boolean
   /** journal path; undefined = default path; false = no journal */
   journal: string | false | undefined
+  /** dm-snapshot: re-validate an invalidated store when every record checks out */
+  forceValid?: boolean
 }
 
 /** check / check -r / repair: open with the check flag, one library call, render, qemu-img's exit code. */
@@ -77,6 +81,7 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
         journal = await openFileDevice(journalPath, { readOnly: false, create: true })
       }
       const opts: import('../../check/types.js').CheckOptions & { repair: 'leaks' | 'all' } = { repair: a.repair, dryRun: a.dryRun }
+      if (a.forceValid) opts.flags = { forceValid: true }
       if (journal && journalPath) {
         opts.journal = journal
         opts.journalPath = journalPath

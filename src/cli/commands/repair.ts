@@ -11,6 +11,7 @@ const repair: CommandModule = {
       .option('--journal <path>', 'where to write the undo journal (default IMAGE.imgtool-undo[.N])')
       .option('--no-journal', 'repair without an undo journal')
       .option('--undo <journal>', 'restore the image bytes saved in an undo journal')
+      .option('--force-valid', 're-validate an invalidated dm-snapshot store when every record checks out')
       .option('-q, --quiet', 'print nothing on stdout')
       .argument('[image...]')
   },
@@ -31,6 +32,7 @@ const repair: CommandModule = {
       repair: mode,
       dryRun: Boolean(opts['dryRun']),
       journal: opts['journal'] === false ? false : (opts['journal'] as string | undefined),
+      forceValid: Boolean(opts['forceValid']),
     })
   },
 }
