@@ -36,7 +36,7 @@ export async function compareImages(a: DiskImage, b: DiskImage, options: Compare
   }
   const common = Math.min(a.virtualSize, b.virtualSize)
   const total = Math.max(a.virtualSize, b.virtualSize)
-  const chunk = options.chunkSize ?? 4 * 1024 * 1024
+  const chunk = options.chunkSize ?? 2 * 1024 * 1024
   // walk both images' extents together; skip ranges that are zero in both
   const ea = statusRuns(a, common)
   const eb = statusRuns(b, common)
@@ -53,7 +53,7 @@ export async function compareImages(a: DiskImage, b: DiskImage, options: Compare
       // several reads in flight
       for (let p = pos; p < end; ) {
         const batch: Array<Promise<[Uint8Array, Uint8Array, number]>> = []
-        for (let k = 0; k < 4 && p < end; k++) {
+        for (let k = 0; k < 2 && p < end; k++) {
           const n = Math.min(chunk, end - p)
           const at = p
           batch.push(Promise.all([a.read(at, n), b.read(at, n)]).then(([x, y]) => [x, y, at]))
