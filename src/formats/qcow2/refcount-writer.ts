@@ -43,7 +43,7 @@ export class RefcountWriter {
   /** blocks created in memory whose content has never been written */
   private readonly newBlocks = new Set<number>()
   /** clusters handed out but not yet counted (during an allocation) */
-  private readonly reserved = new Set<number>()
+  private readonly reserved = new Reserved()
   /** first cluster that may be free */
   private freeHint = 0
   /** first cluster past every allocation and past the end of the file */
@@ -163,7 +163,7 @@ export class RefcountWriter {
 
   private topFree(): number {
     let t = this.top
-    for (const r of this.reserved) if (r >= t) t = r + 1
+    t = Math.max(t, this.reserved.end())
     return t
   }
 
@@ -174,7 +174,7 @@ export class RefcountWriter {
     if ((start + n) * this.cs > MAX_HOST_OFFSET) {
       throw new ImgtoolError('NO_SPACE', `qcow2: ${this.file}: cannot allocate ${n} clusters at ${hex(start * this.cs)}: beyond the largest host offset`)
     }
-    for (let i = 0; i < n; i++) this.reserved.add(start + i)
+    this.reserved.add(start, n)
     let done = 0
     try {
       // block by block: one lookup per refcount block, not per cluster
@@ -198,7 +198,7 @@ export class RefcountWriter {
       if (start < this.freeHint) this.freeHint = start
       throw e
     } finally {
-      for (let i = 0; i < n; i++) this.reserved.delete(start + i)
+      this.reserved.delete(start, n)
     }
     this.top = Math.max(this.top, start + n)
     if (start === this.freeHint) this.freeHint = start + n
@@ -243,7 +243,7 @@ export class RefcountWriter {
     if (ti >= this.tableEntries) await this.growTable(ti)
     if (this.blockOffset(ti) !== 0) return
     const b = await this.find(1)
-    this.reserved.add(b)
+    this.reserved.add(b, 1)
     try {
       const blk = new Uint8Array(this.cs)
       if (Math.floor(b / this.perBlock) === ti) {
@@ -261,7 +261,7 @@ export class RefcountWriter {
       this.top = Math.max(this.top, b + 1)
       this.hooks.onMetadata?.(b, 'refblock')
     } finally {
-      this.reserved.delete(b)
+      this.reserved.delete(b, 1)
     }
   }
 
@@ -457,5 +457,27 @@ function setOnes(b: Uint8Array, first: number, last: number, order: number): voi
     b.fill(1, first, last + 1)
   } else {
     for (let i = first; i <= last; i++) setRefcountEntry(b, i, order, 1)
+  }
+}
+
+/** Clusters handed out but not yet counted: a few ranges (nested allocations), not one entry per cluster. */
+class Reserved {
+  private readonly ranges: Array<[number, number]> = []
+  add(start: number, n: number): void {
+    this.ranges.push([start, start + n])
+  }
+  delete(start: number, n: number): void {
+    const i = this.ranges.findIndex(([a, b]) => a === start && b === start + n)
+    if (i >= 0) this.ranges.splice(i, 1)
+  }
+  has(c: number): boolean {
+    for (const [a, b] of this.ranges) if (c >= a && c < b) return true
+    return false
+  }
+  /** first cluster past every reserved range */
+  end(): number {
+    let e = 0
+    for (const [, b] of this.ranges) e = Math.max(e, b)
+    return e
   }
 }
