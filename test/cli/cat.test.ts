@@ -1,12 +1,12 @@
 /** imgtool cat: guest bytes to stdout, --offset/--length, errors, and a reader that goes away early. */
 import { spawn } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { readFileSync } from 'node:fs'
+import { closeSync, openSync, readFileSync, writeSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { main } from '../../src/cli/main.js'
 import { openImage } from '../../src/open.js'
-import { collector, findExecutable } from '../support/qemu.js'
+import { cleanupTempDirs, collector, findExecutable, makeTempDir } from '../support/qemu.js'
 
 const ROOT = resolve(__dirname, '..', '..')
 const BIN = join(ROOT, 'bin', 'imgtool')
@@ -97,6 +97,33 @@ describe('imgtool cat', () => {
     expect(err).toBe('')
     expect(code).toBe(0)
     expect(Buffer.concat(out).equals(await guest('v3-c4k.qcow2', 2040 * 1024, 2100 * 1024))).toBe(true)
+  })
+
+  it('stdout redirected to a file (the fast path: reused buffers, writes on the I/O threads) gets every byte', async () => {
+    const dir = makeTempDir('imgtool-cat-')
+    const cases: Array<[string, string[], () => Promise<Buffer>]> = [
+      ['v3-c4k.qcow2', [], () => guest('v3-c4k.qcow2')],
+      ['chain-top.qcow2', [], () => guest('chain-top.qcow2')],
+      ['v3-compressed-zstd-c4k.qcow2', [], () => guest('v3-compressed-zstd-c4k.qcow2')],
+      ['v3-extl2-c64k.qcow2', ['--offset', '12345', '--length', '1000000'], () => guest('v3-extl2-c64k.qcow2', 12345, 1000000)],
+      ['v3-c64k-1g.qcow2', ['--length', '40M'], () => guest('v3-c64k-1g.qcow2', 0, 40 * 1024 * 1024)],
+    ]
+    for (const [name, flags, want] of cases) {
+      const out = join(dir, `${name}.raw`)
+      const fd = openSync(out, 'w')
+      writeSync(fd, 'head:') // cat writes at the file's current offset
+      const child = spawn(process.execPath, [BIN, 'cat', ...flags, fx(name)], { stdio: ['ignore', fd, 'pipe'] })
+      closeSync(fd)
+      let err = ''
+      child.stderr!.on('data', (c: Buffer) => (err += c.toString()))
+      const code = await new Promise<number | null>((r) => child.on('close', r))
+      expect(err).toBe('')
+      expect(code).toBe(0)
+      const got = readFileSync(out)
+      expect(got.subarray(0, 5).toString()).toBe('head:')
+      expect(md5(got.subarray(5)), name).toBe(md5(await want()))
+    }
+    cleanupTempDirs(dir)
   })
 
   it.runIf(findExecutable('head') !== undefined)('cat | head -c 10 closes early without an error', async () => {
