@@ -382,14 +382,11 @@ export class RefcountWriter {
     for (let i = 0; i < oldClusters; i++) this.hooks.onMetadata?.(oldOffset / cs + i, undefined)
     // the old table is unreferenced once the header switch is durable
     this.deferredFrees.push({ offset: oldOffset, length: oldClusters * cs })
-    if (flushed) this.pendingGrowFree = true
+    void flushed
   }
-
-  private pendingGrowFree = false
 
   /** Apply frees that waited for a durable flush (call after a successful flush). */
   async applyDeferredFrees(): Promise<void> {
-    this.pendingGrowFree = false
     while (this.deferredFrees.length > 0) {
       const f = this.deferredFrees.shift()!
       await this.update(f.offset, f.length, -1)
@@ -438,11 +435,6 @@ export class RefcountWriter {
         this.dirtyEntries.delete(ti)
       }
     }
-  }
-
-  /** A new block that was never written cannot be trusted on disk after a failure: keep it dirty. */
-  forgetCaches(): void {
-    // blocks are the source of truth while the writer lives; nothing to drop
   }
 }
 

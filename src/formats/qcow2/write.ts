@@ -17,25 +17,26 @@
 import { CorruptImageError, ImgtoolError, ReadOnlyError, UnsupportedFeatureError, hex } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
 import { checkGuestRange } from '../../image/range.js'
-import { isAllZero, putU64be } from '../../util/bytes.js'
+import { putU64be } from '../../util/bytes.js'
 import { decodeL1, decodeL2, encodeL1, type L2Entry } from './entries.js'
-import { dataFileRaw, hasDataFile, hasExtendedL2, hasLazyRefcounts, isDirty, l2EntrySize, type Qcow2Header } from './header.js'
+import { hasDataFile, hasExtendedL2, hasLazyRefcounts, isDirty, l2EntrySize, type Qcow2Header } from './header.js'
 import type { Qcow2Image } from './image.js'
-import { ALL_SUBCLUSTERS, getBitmap, setBitmap, setCompressed, setStandard, subclusterMask, type EntryWriter } from './l2-meta.js'
+import { ALL_SUBCLUSTERS, getBitmap, setBitmap, setStandard, subclusterMask, type EntryWriter } from './l2-meta.js'
 import { Mutex } from './mutex.js'
 import { OverlapGuard } from './overlap.js'
 import { RefcountWriter } from './refcount-writer.js'
-import { maxRefcount } from './refcount-codec.js'
-import { SUBCLUSTERS_PER_CLUSTER, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, AUTOCLEAR_BITMAPS } from './constants.js'
+import { SUBCLUSTERS_PER_CLUSTER, INCOMPAT_CORRUPT, AUTOCLEAR_BITMAPS } from './constants.js'
 import { markDirtyBit, rebuildRefcounts, walkMetadata } from './dirty.js'
+import { writeZeroesLocked } from './write-zeroes.js'
+import { writeCompressedLocked } from './write-compressed.js'
 
-interface Range {
+export interface Range {
   offset: number
   length: number
 }
 
 /** The work on one L2 table within one request. */
-interface TableWork {
+export interface TableWork {
   l1Index: number
   /** table the entries are read from (0: none yet) */
   oldL2: number
@@ -54,7 +55,7 @@ interface TableWork {
   attempted: boolean
 }
 
-interface DataWrite {
+export interface DataWrite {
   device: BlockDevice
   offset: number
   parts: Uint8Array[]
@@ -88,7 +89,8 @@ export class Qcow2Writer {
   private corrupt = false
   private broken = false
   private dirtyMarked: boolean
-  private compressedCursor = 0
+  /** @internal byte cursor for packing compressed clusters (write-compressed.ts) */
+  compressedCursor = 0
   /** messages for the user (e.g. "refcounts rebuilt") */
   readonly notices: string[] = []
 
@@ -158,7 +160,7 @@ export class Qcow2Writer {
 
   writeZeroes(offset: number, length: number, options: WriteZeroesOptions = {}): Promise<void> {
     checkGuestRange(`qcow2: ${this.img.filename}: write zeroes`, offset, length, this.h.size)
-    return this.mutex.run(() => this.doWriteZeroes(offset, length, options.discard ?? false))
+    return this.mutex.run(() => writeZeroesLocked(this, offset, length, options.discard ?? false))
   }
 
   /** Store one whole cluster as compressed bytes (`compressed` from compress-write.ts). */
@@ -167,7 +169,7 @@ export class Qcow2Writer {
     checkGuestRange(`qcow2: ${this.img.filename}: compressed write`, offset, Math.min(this.cs, this.h.size - offset), this.h.size)
     if (hasDataFile(this.h)) throw new UnsupportedFeatureError(`qcow2: ${this.img.filename}: compressed writes are not possible with an external data file`)
     if (compressed.byteLength >= this.cs) throw new ImgtoolError('USAGE', `qcow2: compressed cluster of ${compressed.byteLength} bytes is not smaller than the cluster`)
-    return this.mutex.run(() => this.doWriteCompressed(offset, compressed))
+    return this.mutex.run(() => writeCompressedLocked(this, [{ offset, data: compressed }]))
   }
 
   flush(): Promise<void> {
@@ -274,7 +276,8 @@ export class Qcow2Writer {
     }
   }
 
-  private async flushDevices(): Promise<void> {
+  /** @internal */
+  async flushDevices(): Promise<void> {
     if (this.img.dataDevice !== this.img.device) await this.img.dataDevice.flush()
     await this.img.device.flush()
     if (this.rc.deferredFrees.length > 0) await this.rc.applyDeferredFrees()
@@ -300,7 +303,8 @@ export class Qcow2Writer {
     }
   }
 
-  private async guardedWrite(dev: BlockDevice, offset: number, data: Uint8Array, tag: string, allowed?: 'l1' | 'l2'): Promise<void> {
+  /** @internal */
+  async guardedWrite(dev: BlockDevice, offset: number, data: Uint8Array, tag: string, allowed?: 'l1' | 'l2'): Promise<void> {
     if (dev === this.img.device) {
       const hit = this.guard.conflict(offset, data.byteLength, allowed)
       if (hit) {
@@ -311,16 +315,19 @@ export class Qcow2Writer {
     await dev.write(offset, data, tag)
   }
 
-  private get l2Entries(): number {
+  /** @internal */
+  get l2Entries(): number {
     return this.cs / this.ew.entrySize
   }
 
-  private entry(t: Uint8Array, i: number): L2Entry {
+  /** @internal */
+  entry(t: Uint8Array, i: number): L2Entry {
     return decodeL2(new DataView(t.buffer, t.byteOffset, t.byteLength), i * this.ew.entrySize, this.img.mapper.decodeContext)
   }
 
   /** Old guest bytes of [offset, offset+length), zeros past the virtual size. */
-  private async oldGuest(offset: number, length: number): Promise<Uint8Array> {
+  /** @internal */
+  async oldGuest(offset: number, length: number): Promise<Uint8Array> {
     const n = Math.max(0, Math.min(length, this.h.size - offset))
     if (n === length) return this.img.read(offset, length)
     const out = new Uint8Array(length)
@@ -328,12 +335,14 @@ export class Qcow2Writer {
     return out
   }
 
-  private async refcount(host: number): Promise<number> {
+  /** @internal */
+  async refcount(host: number): Promise<number> {
     return this.rc.get(Math.floor(host / this.cs))
   }
 
   /** Get the table for L1 index `i` ready for changes: in place, new, or COW of a shared table. */
-  private async prepareTable(i: number, create: boolean): Promise<TableWork | undefined> {
+  /** @internal */
+  async prepareTable(i: number, create: boolean): Promise<TableWork | undefined> {
     if (i >= this.h.l1Size) throw new ImgtoolError('INTERNAL', `qcow2: L1 index ${i} beyond l1_size ${this.h.l1Size}`)
     const l1e = decodeL1(new DataView(this.img.l1.buffer, this.img.l1.byteOffset, this.img.l1.byteLength), i * 8)
     const base = { l1Index: i, lo: Infinity, hi: -1, allocated: [] as Range[], frees: [] as Range[], linked: false, attempted: false }
@@ -361,7 +370,8 @@ export class Qcow2Writer {
   }
 
   /** Allocate clusters; refcounts that call known metadata free mean a corrupt image. */
-  private async alloc(n: number, w: TableWork | undefined): Promise<number> {
+  /** @internal */
+  async alloc(n: number, w: TableWork | undefined): Promise<number> {
     const first = await this.rc.alloc(n)
     if (w) w.allocated.push({ offset: first, length: n * this.cs })
     const hit = this.guard.conflict(first, n * this.cs)
@@ -372,13 +382,15 @@ export class Qcow2Writer {
     return first
   }
 
-  private touch(w: TableWork, i: number): void {
+  /** @internal */
+  touch(w: TableWork, i: number): void {
     w.lo = Math.min(w.lo, i)
     w.hi = Math.max(w.hi, i)
   }
 
   /** Reference dropped by replacing entry `e` (nothing for external data clusters). */
-  private dropRef(e: L2Entry): Range | undefined {
+  /** @internal */
+  dropRef(e: L2Entry): Range | undefined {
     if (e.type === 'compressed') {
       const start = e.hostOffset - (e.hostOffset % 512)
       return { offset: start, length: e.sectors * 512 }
@@ -391,7 +403,8 @@ export class Qcow2Writer {
 
   // ---------------------------------------------------------------- write
 
-  private async doWrite(offset: number, data: Uint8Array): Promise<void> {
+  /** @internal */
+  async doWrite(offset: number, data: Uint8Array): Promise<void> {
     this.assertUsable()
     if (data.byteLength === 0) return
     const works: TableWork[] = []
@@ -448,7 +461,8 @@ export class Qcow2Writer {
    * One cluster of a write: 'inplace' (data only), 'meta' (in place, but the
    * entry changes: subclusters or a preallocated zero cluster), or 'alloc'.
    */
-  private async planClusterWrite(w: TableWork, idx: number, guest: number, from: number, piece: Uint8Array, writes: DataWrite[]): Promise<'inplace' | 'meta' | 'alloc'> {
+  /** @internal */
+  async planClusterWrite(w: TableWork, idx: number, guest: number, from: number, piece: Uint8Array, writes: DataWrite[]): Promise<'inplace' | 'meta' | 'alloc'> {
     const e = this.entry(w.table, idx)
     const dataDev = this.img.dataDevice
     const owned =
@@ -487,7 +501,8 @@ export class Qcow2Writer {
   }
 
   /** Bytes of [cluster+a, cluster+b): old guest content overlaid with `piece` (at guest `from`). */
-  private async subclusterBuffer(guest: number, a: number, b: number, from: number, piece: Uint8Array): Promise<Uint8Array> {
+  /** @internal */
+  async subclusterBuffer(guest: number, a: number, b: number, from: number, piece: Uint8Array): Promise<Uint8Array> {
     const total = b - a
     const covered = from === guest + a && piece.byteLength >= total
     const buf = covered ? new Uint8Array(total) : await this.oldGuest(guest + a, total)
@@ -496,7 +511,8 @@ export class Qcow2Writer {
   }
 
   /** Content for a newly allocated (or external) host cluster and its new entry. */
-  private async fillNewCluster(w: TableWork, idx: number, guest: number, host: number, e: L2Entry, from: number, piece: Uint8Array, writes: DataWrite[], dev: BlockDevice): Promise<void> {
+  /** @internal */
+  async fillNewCluster(w: TableWork, idx: number, guest: number, host: number, e: L2Entry, from: number, piece: Uint8Array, writes: DataWrite[], dev: BlockDevice): Promise<void> {
     const dropped = this.dropRef(e)
     if (dropped) w.frees.push(dropped)
     if (!this.ew.extended || e.type === 'compressed') {
@@ -534,7 +550,8 @@ export class Qcow2Writer {
    * views of one buffer that are adjacent in memory too stay one view (no
    * copy); other pieces are joined once, when the request is committed.
    */
-  private async dataWrite(writes: DataWrite[], device: BlockDevice, offset: number, data: Uint8Array): Promise<void> {
+  /** @internal */
+  async dataWrite(writes: DataWrite[], device: BlockDevice, offset: number, data: Uint8Array): Promise<void> {
     const last = writes[writes.length - 1]
     if (last && last.device === device && last.offset + last.length === offset && last.length + data.byteLength <= 8 * 1024 * 1024) {
       const tail = last.parts[last.parts.length - 1]!
@@ -551,7 +568,8 @@ export class Qcow2Writer {
 
   // ---------------------------------------------------------------- commit / undo
 
-  private async commit(works: TableWork[], writes: DataWrite[], needFlush: boolean): Promise<void> {
+  /** @internal */
+  async commit(works: TableWork[], writes: DataWrite[], needFlush: boolean): Promise<void> {
     const dev = this.img.device
     // A. refcounts (lazy: kept in memory; the dirty bit is durable before anything depends on it)
     // lazy refcounts: any refcount change (allocation or free) may reach the disk out of order
@@ -592,7 +610,8 @@ export class Qcow2Writer {
     await this.applyFrees(works)
   }
 
-  private async applyFrees(works: TableWork[]): Promise<void> {
+  /** @internal */
+  async applyFrees(works: TableWork[]): Promise<void> {
     const frees = works.filter((w) => w.linked).flatMap((w) => w.frees)
     if (frees.length === 0) return
     if (!this.rc.lazy) await this.flushDevices()
@@ -601,7 +620,8 @@ export class Qcow2Writer {
     if (!this.rc.lazy) await this.rc.persist()
   }
 
-  private async free(f: Range): Promise<void> {
+  /** @internal */
+  async free(f: Range): Promise<void> {
     await this.rc.update(f.offset, f.length, -1)
     this.compressedCursor = 0
     this.img.dropCompressedCache()
@@ -620,7 +640,8 @@ export class Qcow2Writer {
    * write that failed, read back what reached the disk and keep anything it
    * references. Linked tables still get their replaced references dropped.
    */
-  private async undo(works: TableWork[], cause: unknown): Promise<void> {
+  /** @internal */
+  async undo(works: TableWork[], cause: unknown): Promise<void> {
     void cause
     const toFree: Range[] = []
     for (const w of works) {
@@ -652,7 +673,8 @@ export class Qcow2Writer {
   }
 
   /** Host clusters of `w.allocated` that the on-disk metadata references right now. */
-  private async referencedOnDisk(w: TableWork): Promise<Set<number>> {
+  /** @internal */
+  async referencedOnDisk(w: TableWork): Promise<Set<number>> {
     const dev = this.img.device
     const out = new Set<number>()
     if (w.mode === 'inplace') {
@@ -678,147 +700,14 @@ export class Qcow2Writer {
     return out
   }
 
-  private async ensureDirty(): Promise<void> {
+  /** @internal */
+  async ensureDirty(): Promise<void> {
     if (this.dirtyMarked) return
     await markDirtyBit(this.img.device, this.h, true)
     await this.img.device.flush()
     this.dirtyMarked = true
   }
 
-  // ---------------------------------------------------------------- zeroes
-
-  private async doWriteZeroes(offset: number, length: number, discard: boolean): Promise<void> {
-    this.assertUsable()
-    if (length === 0) return
-    const g = this.sc
-    const end = offset + length
-    const a = Math.ceil(offset / g) * g
-    const b = Math.floor(end / g) * g
-    const partial: Range[] = []
-    if (a >= b) {
-      partial.push({ offset, length })
-    } else {
-      if (offset < a) partial.push({ offset, length: a - offset })
-      if (b < end) partial.push({ offset: b, length: end - b })
-    }
-    const raw = hasDataFile(this.h) && dataFileRaw(this.h)
-    const v2WithBacking = this.h.version < 3 && this.img.backing !== undefined
-    const fallback = raw || v2WithBacking
-    for (const p of partial) {
-      const cur = await this.oldGuest(p.offset, p.length)
-      if (!isAllZero(cur)) await this.doWrite(p.offset, new Uint8Array(p.length))
-    }
-    const whole = a < b ? { offset: a, length: b - a } : undefined
-    if (!whole) return
-    if (fallback) {
-      const chunk = 4 * 1024 * 1024
-      for (let p = whole.offset; p < whole.offset + whole.length; p += chunk) {
-        const n = Math.min(chunk, whole.offset + whole.length - p)
-        const cur = await this.oldGuest(p, n)
-        if (!isAllZero(cur)) await this.doWrite(p, new Uint8Array(n))
-      }
-      return
-    }
-    await this.zeroAligned(whole.offset, whole.length, discard)
-  }
-
-  /** Zero whole granules (clusters, or subclusters with extended L2) through entries. */
-  private async zeroAligned(offset: number, length: number, discard: boolean): Promise<void> {
-    const works: TableWork[] = []
-    const coverage = this.l2Entries * this.cs
-    const backing = this.img.backing !== undefined
-    const compressedPartial: Range[] = []
-    let needFlush = false
-    try {
-      let pos = offset
-      const end = offset + length
-      while (pos < end) {
-        const l1Index = Math.floor(pos / coverage)
-        const tEnd = Math.min(end, (l1Index + 1) * coverage)
-        const w = await this.prepareTable(l1Index, backing)
-        if (!w) {
-          pos = tEnd
-          continue
-        }
-        works.push(w)
-        if (w.mode !== 'inplace') needFlush = true
-        for (let p = pos; p < tEnd; ) {
-          const guest = Math.floor(p / this.cs) * this.cs
-          const to = Math.min(tEnd, guest + this.cs)
-          const idx = (guest / this.cs) % this.l2Entries
-          const r = await this.zeroCluster(w, idx, guest, p - guest, to - guest, discard)
-          if (r) compressedPartial.push(r)
-          p = to
-        }
-        pos = tEnd
-      }
-      await this.commit(works, [], needFlush)
-    } catch (e) {
-      await this.undo(works, e)
-      throw e
-    }
-    for (const r of compressedPartial) await this.doWrite(r.offset, new Uint8Array(r.length))
-  }
-
-  /** Zero [a, b) of one cluster in table copy `w`; returns a range to write as data instead. */
-  private async zeroCluster(w: TableWork, idx: number, guest: number, a: number, b: number, discard: boolean): Promise<Range | undefined> {
-    const e = this.entry(w.table, idx)
-    const backing = this.img.backing !== undefined
-    const dataFile = hasDataFile(this.h)
-    const wholeCluster = a === 0 && (b === this.cs || guest + b >= this.h.size)
-    const owned = e.type === 'normal' || (e.type === 'zero' && e.hostOffset !== 0)
-      ? dataFile || (await this.refcount((e as { hostOffset: number }).hostOffset)) === 1
-      : false
-    if (!this.ew.extended) {
-      if (this.h.version < 3) {
-        if (e.type === 'unallocated') return undefined
-        const d = this.dropRef(e)
-        if (d) w.frees.push(d)
-        setStandard(w.table, this.ew, idx, { hostOffset: 0, copied: false })
-        this.touch(w, idx)
-        return undefined
-      }
-      if (e.type === 'zero' && (e.hostOffset === 0 || !discard)) return undefined
-      if (e.type === 'unallocated' && !backing) return undefined
-      if (owned && !discard) {
-        setStandard(w.table, this.ew, idx, { hostOffset: (e as { hostOffset: number }).hostOffset, copied: true, zero: true })
-      } else {
-        const d = this.dropRef(e)
-        if (d) w.frees.push(d)
-        setStandard(w.table, this.ew, idx, { hostOffset: 0, copied: false, zero: true })
-      }
-      this.touch(w, idx)
-      return undefined
-    }
-    // extended L2
-    const s0 = Math.floor(a / this.sc)
-    const s1 = Math.floor((b - 1) / this.sc)
-    const mask = wholeCluster ? ALL_SUBCLUSTERS : subclusterMask(s0, s1)
-    if (e.type === 'compressed') {
-      if (!wholeCluster) return { offset: guest + a, length: b - a }
-      w.frees.push(this.dropRef(e)!)
-      setStandard(w.table, this.ew, idx, { hostOffset: 0, copied: false })
-      setBitmap(w.table, idx, { alloc: 0, zero: ALL_SUBCLUSTERS })
-      this.touch(w, idx)
-      return undefined
-    }
-    const bm = getBitmap(w.table, idx)
-    if (e.type === 'normal' && (mask === ALL_SUBCLUSTERS) && (discard || !owned)) {
-      const d = this.dropRef(e)
-      if (d) w.frees.push(d)
-      setStandard(w.table, this.ew, idx, { hostOffset: 0, copied: false })
-      setBitmap(w.table, idx, { alloc: 0, zero: ALL_SUBCLUSTERS })
-      this.touch(w, idx)
-      return undefined
-    }
-    const next = { alloc: (bm.alloc & ~mask) >>> 0, zero: (bm.zero | mask) >>> 0 }
-    if (next.alloc === bm.alloc && next.zero === bm.zero) return undefined
-    setBitmap(w.table, idx, next)
-    this.touch(w, idx)
-    return undefined
-  }
-
-  // ---------------------------------------------------------------- compressed
 
   /** Several whole clusters stored compressed in one commit (one table update per L2 table). */
   writeCompressedBatch(items: Array<{ offset: number; data: Uint8Array }>): Promise<void> {
@@ -828,57 +717,7 @@ export class Qcow2Writer {
       if (it.data.byteLength >= this.cs) throw new ImgtoolError('USAGE', `qcow2: compressed cluster of ${it.data.byteLength} bytes is not smaller than the cluster`)
     }
     if (hasDataFile(this.h)) throw new UnsupportedFeatureError(`qcow2: ${this.img.filename}: compressed writes are not possible with an external data file`)
-    return this.mutex.run(() => this.doWriteCompressedBatch(items))
+    return this.mutex.run(() => writeCompressedLocked(this, items))
   }
 
-  private doWriteCompressed(offset: number, compressed: Uint8Array): Promise<void> {
-    return this.doWriteCompressedBatch([{ offset, data: compressed }])
-  }
-
-  private async doWriteCompressedBatch(items: Array<{ offset: number; data: Uint8Array }>): Promise<void> {
-    this.assertUsable()
-    const coverage = this.l2Entries * this.cs
-    const works: TableWork[] = []
-    const writes: DataWrite[] = []
-    try {
-      for (const it of [...items].sort((a, b) => a.offset - b.offset)) {
-        const l1Index = Math.floor(it.offset / coverage)
-        let w = works[works.length - 1]
-        if (!w || w.l1Index !== l1Index) {
-          w = (await this.prepareTable(l1Index, true))!
-          works.push(w)
-        }
-        const idx = (it.offset / this.cs) % this.l2Entries
-        const e = this.entry(w.table, idx)
-        const d = this.dropRef(e)
-        if (d) w.frees.push(d)
-        const host = await this.allocBytes(it.data.byteLength)
-        w.allocated.push(host.range)
-        setCompressed(w.table, this.ew, idx, host.offset, it.data.byteLength)
-        this.touch(w, idx)
-        await this.dataWrite(writes, this.img.device, host.offset, it.data)
-      }
-      await this.commit(works, writes, true)
-    } catch (e) {
-      await this.undo(works, e)
-      throw e
-    }
-  }
-
-  /** Byte-granular space for compressed data, packed into the current compressed cluster when it fits. */
-  private async allocBytes(size: number): Promise<{ offset: number; range: Range }> {
-    const cur = this.compressedCursor
-    if (cur !== 0 && cur % this.cs !== 0 && this.cs - (cur % this.cs) >= size) {
-      const cluster = cur - (cur % this.cs)
-      const n = await this.rc.get(cluster / this.cs)
-      if (n > 0 && n < maxRefcount(this.h.refcountOrder) && this.guard.kindAt(cluster / this.cs) === undefined) {
-        await this.rc.update(cluster, 1, +1)
-        this.compressedCursor = cur + size
-        return { offset: cur, range: { offset: cluster, length: this.cs } }
-      }
-    }
-    const first = await this.alloc(1, undefined)
-    this.compressedCursor = first + size
-    return { offset: first, range: { offset: first, length: this.cs } }
-  }
 }
