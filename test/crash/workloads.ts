@@ -315,6 +315,17 @@ export const WORKLOADS: Workload[] = [
     },
   },
   {
+    name: 'external data file (metadata swept; the data file is modelled as always durable)',
+    size: 128 * K,
+    options: { cluster_size: '4096', data_file: 'img.data' },
+    run: async (c) => {
+      await c.write(100, pattern(0, 9000))
+      await c.flush()
+      await c.write(50_000, pattern(1, 20_000))
+      await c.zero(0, 8192)
+    },
+  },
+  {
     name: 'create',
     size: 64 * K,
     options: { cluster_size: '512' },

@@ -125,8 +125,15 @@ export async function runCombo(c: Combo, dir: string): Promise<void> {
     const args = ['create', '-q', '-f', 'qcow2', '-o', optString(c.options)]
     if (extra.backingFile) args.push('-b', extra.backingFile, '-F', extra.backingFormat!)
     await qemuImgOk([...args, path, String(c.size)], { cwd: dir })
-    await qemuIoOk(path, [`write -P 0x11 0 ${Math.min(c.size, 5000)}`], { format: 'qcow2', cwd: dir })
+    const cs = Number(c.options['cluster_size'])
+    const cmds = [`write -P 0x11 0 ${Math.min(c.size, 5000)}`]
+    // qemu-io writes compressed clusters only where nothing is allocated yet
+    const cOff = Math.ceil(8192 / cs) * cs
+    const compressedByQemu = c.options['data_file'] === undefined && c.options['preallocation'] === undefined && cOff + cs <= c.size
+    if (compressedByQemu) cmds.push(`write -c -P 0x12 ${cOff} ${cs}`)
+    await qemuIoOk(path, cmds, { format: 'qcow2', cwd: dir })
     expected.fill(0x11, 0, Math.min(c.size, 5000))
+    if (compressedByQemu) expected.fill(0x12, cOff, cOff + cs)
   } else {
     const dev = await openFileDevice(path, { readOnly: false, create: true })
     await createQcow2(dev, makeContext(openFileDevice), { size: c.size, options: c.options, ...extra })
