@@ -71,7 +71,24 @@ describeQemu('writer snapshots and resize with qemu-img', () => {
       await deleteSnapshot(img, 'theirs')
       await img.close()
       await check(path)
-      // resize: grow past the L1 table, qemu reads it
+      // an external data file: no internal snapshots, as in QEMU
+      const dpath = join(dir, 'd.qcow2')
+      const ddev = await openFileDevice(dpath, { readOnly: false, create: true })
+      await createQcow2(ddev, makeContext(openFileDevice), { size: 1024 * 1024, options: { data_file: 'd.raw' } })
+      await ddev.close()
+      const dimg = (await openImage(dpath, { readOnly: false })) as Qcow2Image
+      await expect(createSnapshot(dimg, 'x')).rejects.toThrow(/external data file/)
+      await dimg.close()
+      // resize with a snapshot present (QEMU allows it): grow past the L1 table, qemu reads it
+      const v3 = opts['compat'] !== '0.10'
+      img = (await openImage(path, { readOnly: false })) as Qcow2Image
+      await createSnapshot(img, 'before-resize')
+      if (!v3) {
+        await expect(resizeQcow2(img, 64 * 1024 * 1024)).rejects.toThrow(/v2 image which has snapshots/)
+        img = (await openImage(path, { readOnly: false })) as Qcow2Image
+        await deleteSnapshot(img, 'before-resize')
+      }
+      await img.close()
       img = (await openImage(path, { readOnly: false })) as Qcow2Image
       await resizeQcow2(img, 64 * 1024 * 1024)
       img = (await openImage(path, { readOnly: false })) as Qcow2Image
@@ -84,6 +101,11 @@ describeQemu('writer snapshots and resize with qemu-img', () => {
       await same(path, big, dir)
       const info = JSON.parse(await qemuImgOk(['info', '--output=json', path])) as { 'virtual-size': number }
       expect(info['virtual-size']).toBe(64 * 1024 * 1024)
+      if (v3) {
+        // qemu applies the snapshot taken before the resize
+        await qemuImgOk(['snapshot', '-a', 'before-resize', path])
+        await check(path)
+      }
     })
   }
 })

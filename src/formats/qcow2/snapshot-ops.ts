@@ -187,6 +187,9 @@ async function installTable(img: Qcow2Image, w: Qcow2Writer, snaps: Qcow2Snapsho
 
 export async function createSnapshot(img: Qcow2Image, name: string, now = Date.now()): Promise<SnapshotInfo> {
   const w = writerOf(img)
+  if (hasDataFile(img.header)) {
+    throw new UnsupportedFeatureError(`qcow2: ${img.filename}: internal snapshots are not supported with an external data file (as in QEMU)`)
+  }
   if (name === '') throw new UsageError('qcow2: a snapshot needs a name')
   return w.mutex.run(async () => {
     if (img.snapshots.some((s) => s.name === name || s.id === name)) {
