@@ -347,10 +347,10 @@ export class RefcountWriter {
         throw e
       }
       // the header reached the device: the new table is in charge; the old one is freed after a good flush
-      this.installGrownTable(start, tableClusters, table, tableDv, newBlocks, counted, false)
+      this.installGrownTable(start, tableClusters, table, tableDv, newBlocks, counted)
       throw e
     }
-    this.installGrownTable(start, tableClusters, table, tableDv, newBlocks, counted, true)
+    this.installGrownTable(start, tableClusters, table, tableDv, newBlocks, counted)
     await this.applyDeferredFrees()
   }
 
@@ -364,7 +364,6 @@ export class RefcountWriter {
     tableDv: DataView,
     newBlocks: Array<{ cluster: number; ti: number; data: Uint8Array }>,
     counted: number,
-    flushed: boolean,
   ): void {
     const cs = this.cs
     const oldOffset = this.h.refcountTableOffset
@@ -382,7 +381,6 @@ export class RefcountWriter {
     for (let i = 0; i < oldClusters; i++) this.hooks.onMetadata?.(oldOffset / cs + i, undefined)
     // the old table is unreferenced once the header switch is durable
     this.deferredFrees.push({ offset: oldOffset, length: oldClusters * cs })
-    void flushed
   }
 
   /** Apply frees that waited for a durable flush (call after a successful flush). */

@@ -32,7 +32,7 @@ export async function writeCompressedLocked(wr: Qcow2Writer, items: Array<{ offs
     }
     await wr.commit(works, writes, true)
   } catch (e) {
-    await wr.undo(works, e)
+    await wr.undo(works)
     throw e
   }
 }

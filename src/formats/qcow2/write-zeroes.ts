@@ -76,7 +76,7 @@ async function zeroAligned(wr: Qcow2Writer, offset: number, length: number, disc
     }
     await wr.commit(works, [], needFlush)
   } catch (e) {
-    await wr.undo(works, e)
+    await wr.undo(works)
     throw e
   }
   for (const r of compressedPartial) await wr.doWrite(r.offset, new Uint8Array(r.length))

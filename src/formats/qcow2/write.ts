@@ -452,7 +452,7 @@ export class Qcow2Writer {
       }
       await this.commit(works, writes, needFlush)
     } catch (e) {
-      await this.undo(works, e)
+      await this.undo(works)
       throw e
     }
   }
@@ -641,8 +641,7 @@ export class Qcow2Writer {
    * references. Linked tables still get their replaced references dropped.
    */
   /** @internal */
-  async undo(works: TableWork[], cause: unknown): Promise<void> {
-    void cause
+  async undo(works: TableWork[]): Promise<void> {
     const toFree: Range[] = []
     for (const w of works) {
       if (w.linked) continue
