@@ -13,9 +13,13 @@ import { collector, describeQemu, makeTempDir, qemuImg, qemuImgJson, qemuImgOk, 
 useTempDirs()
 
 async function cli(...argv: string[]): Promise<{ code: number; out: string; err: string; bytes: Buffer }> {
+  return cliTTY(false, ...argv)
+}
+
+async function cliTTY(isTTY: boolean, ...argv: string[]): Promise<{ code: number; out: string; err: string; bytes: Buffer }> {
   const stdout = collector()
   const stderr = collector()
-  const code = await main(['node', 'imgtool', ...argv], { stdout, stderr, isTTY: false })
+  const code = await main(['node', 'imgtool', ...argv], { stdout, stderr, isTTY })
   return { code, out: stdout.text(), err: stderr.text(), bytes: stdout.bytes() }
 }
 
@@ -58,14 +62,19 @@ describeQemu('convert and compare (CLI) against qemu-img', () => {
     })
   }
 
-  it('converts to raw on stdout (-)', async () => {
-    const r = await cli('convert', '-O', 'raw', src, '-')
+  it('converts to raw on stdout (-), progress never on stdout', async () => {
+    const r = await cliTTY(true, 'convert', '-p', '-O', 'raw', src, '-')
     expect(r.code, r.err).toBe(0)
     const raw = join(dir, 'stdout.raw')
     writeFileSync(raw, r.bytes)
     expect(r.bytes.byteLength).toBe(8 * 1024 * 1024)
     const cmp = await qemuImg(['compare', '-f', 'qcow2', '-F', 'raw', src, raw])
     expect(cmp.code).toBe(0)
+  })
+
+  it('-p without a terminal prints nothing', async () => {
+    const r = await cli('convert', '-p', '-O', 'qcow2', src, join(dir, 'quiet.qcow2'))
+    expect([r.code, r.out, r.err]).toEqual([0, '', ''])
   })
 
   it('converts with -B: only what differs from the backing file is written', async () => {
