@@ -25,7 +25,7 @@ import { WORKLOADS, prepareBase, runWorkload, type RunRecord } from './workloads
 
 useTempDirs()
 
-const OPTIONS = { subsets: true, torn: true, exhaustiveLimit: 6, randomSubsets: 10, maxTornPerWrite: 3 }
+const OPTIONS = { subsets: true, torn: true, exhaustiveLimit: 8, randomSubsets: 16, maxTornPerWrite: 4, tornTail: true }
 let totalStates = 0
 let leakyStates = 0
 let repaired = 0
