@@ -49,3 +49,28 @@ describe('qcow2 writer: random writes read back and check clean', () => {
     })
   }
 })
+
+describe('extended L2 with preallocated metadata over a backing file', () => {
+  it('keeps subclusters unallocated (backing shows through) until written', async () => {
+    const files = new MemFiles()
+    const backing = new Prng(5).bytes(512 * 1024)
+    files.files.set('base.raw', new MemoryDevice(backing, { name: 'base.raw' }))
+    const dev = new MemoryDevice(0, { name: 'x.qcow2' })
+    await createOn(dev, 512 * 1024, { extended_l2: 'on', cluster_size: '32768', preallocation: 'metadata' }, files, { backingFile: 'base.raw', backingFormat: 'raw' })
+    const img = await openOn(dev, files)
+    const expected = backing.slice()
+    sameBytes(await img.read(0, expected.byteLength), expected, 'before writes')
+    const rng = new Prng(6)
+    for (let i = 0; i < 30; i++) {
+      const off = rng.int(expected.byteLength - 5000)
+      const d = rng.bytes(1 + rng.int(5000))
+      await img.write(off, d)
+      expected.set(d, off)
+    }
+    await img.writeZeroes(40_000, 3000)
+    expected.fill(0, 40_000, 43_000)
+    sameBytes(await img.read(0, expected.byteLength), expected, 'after writes')
+    await img.close()
+    expect(await checkCounts(dev)).toMatchObject({ corruptions: 0, leaks: 0 })
+  })
+})

@@ -12,7 +12,6 @@ import { parseSize } from '../../util/size.js'
 import * as C from './constants.js'
 import { encodeL1 } from './entries.js'
 import { l1EntriesNeeded, type Qcow2Header } from './header.js'
-import { ALL_SUBCLUSTERS, setBitmap } from './l2-meta.js'
 import { combinePath } from './paths.js'
 import { RefcountWriter } from './refcount-writer.js'
 import { setRefcountEntry } from './refcount-codec.js'
@@ -93,7 +92,9 @@ export function parseCreateOptions(o: CreateImageOptions): Qcow2CreateOptions {
   const backingFile = opts['backing_file'] ?? o.backingFile
   const backingFormat = opts['backing_fmt'] ?? o.backingFormat
   if (backingFormat !== undefined && backingFile === undefined) throw new UsageError('Backing format cannot be used without backing file')
-  if (backingFile !== undefined && pre !== 'off') throw new UsageError('Backing file and preallocation can only be used at the same time if extended_l2 is on')
+  if (backingFile !== undefined && pre !== 'off' && !extendedL2) {
+    throw new UsageError('Backing file and preallocation can only be used at the same time if extended_l2 is on')
+  }
   const dataFile = opts['data_file']
   const dataFileRaw = bool('data_file_raw', opts['data_file_raw'], false)
   if (dataFile !== undefined && version === 2) throw new UsageError('External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)')
@@ -251,7 +252,7 @@ async function preallocate(device: BlockDevice, dataDev: BlockDevice | undefined
       // normal entry with COPIED: bit 63 | offset (no BigInt in this hot loop)
       dv.setUint32(j * es, (0x80000000 | Math.floor(off / 0x1_0000_0000)) >>> 0, false)
       dv.setUint32(j * es + 4, off >>> 0, false)
-      if (o.extendedL2) setBitmap(t, j, { alloc: ALL_SUBCLUSTERS, zero: 0 })
+      // extended L2: the subclusters stay unallocated (they read as zeros or from the backing file), as QEMU does
     }
     await device.write(l2, t, 'l2')
     putU64be(l1, i * 8, encodeL1({ l2Offset: l2, copied: true }))
