@@ -75,7 +75,20 @@ export class Qcow2Image implements DiskImage {
     return this.header.backingFile === undefined ? undefined : combinePath(this.filename, this.header.backingFile)
   }
 
-  async read(offset: number, length: number): Promise<Uint8Array> {
+  /**
+   * Guest bytes. On an image open for writing, reads share the writer's mutex
+   * (issue rule 4): they run alongside each other but never alongside a
+   * write, discard, snapshot operation or resize, so a read never returns
+   * bytes of a cluster that was freed and reused while it was mapped.
+   */
+  read(offset: number, length: number): Promise<Uint8Array> {
+    const w = this.writer
+    if (w) return w.mutex.shared(() => this.readUnlocked(offset, length))
+    return this.readUnlocked(offset, length)
+  }
+
+  /** @internal guest read without the writer's mutex: for the writer itself, which holds it. */
+  async readUnlocked(offset: number, length: number): Promise<Uint8Array> {
     checkGuestRange(`qcow2: ${this.filename}: read`, offset, length, this.virtualSize)
     this.refuseEncrypted()
     // One mapping run covering the whole request: hand back the device buffer as

@@ -329,9 +329,9 @@ export class Qcow2Writer {
   /** @internal */
   async oldGuest(offset: number, length: number): Promise<Uint8Array> {
     const n = Math.max(0, Math.min(length, this.h.size - offset))
-    if (n === length) return this.img.read(offset, length)
+    if (n === length) return this.img.readUnlocked(offset, length)
     const out = new Uint8Array(length)
-    if (n > 0) out.set(await this.img.read(offset, n))
+    if (n > 0) out.set(await this.img.readUnlocked(offset, n))
     return out
   }
 
