@@ -30,6 +30,8 @@ export function decompressCluster(input: Uint8Array, clusterSize: number, compre
     return out
   }
   // QEMU accepts a stream that fills the cluster even if it has no end marker, and ignores trailing bytes.
+  // QEMU inflates with windowBits -12 but into one cluster-sized buffer, so zlib resolves matches
+  // anywhere in the cluster: the full window here accepts the same streams.
   let out: Buffer
   try {
     out = inflateRawSync(input, { finishFlush: zc.Z_SYNC_FLUSH, maxOutputLength: clusterSize })

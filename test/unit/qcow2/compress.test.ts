@@ -105,8 +105,18 @@ describe('decompressCluster', () => {
       const data = new Uint8Array(cs)
       for (let i = 0; i < cs; i += 97) data.set(prng.bytes(Math.min(20, cs - i)), i)
       const trailing = prng.bytes(511)
-      const out = decompressCluster(concat(deflateRawSync(data), trailing), cs, COMPRESSION_ZLIB)
+      const out = decompressCluster(concat(deflateRawSync(data, { windowBits: 12 }), trailing), cs, COMPRESSION_ZLIB)
       expect(Buffer.from(out).equals(Buffer.from(data)), `cluster size ${cs}`).toBe(true)
+    }
+  })
+
+  it('accepts deflate whose matches reach more than 4 KiB back: QEMU inflates a whole cluster into one buffer', () => {
+    const prng = new Prng(13)
+    const block = prng.bytes(24576)
+    const data = concat(block, block, prng.bytes(16384)) // the second copy matches 24 KiB back, across Node's 16 KiB output chunks
+    for (const windowBits of [12, 15]) {
+      const out = decompressCluster(deflateRawSync(data, { windowBits }), 65536, COMPRESSION_ZLIB)
+      expect(Buffer.from(out).equals(Buffer.from(data))).toBe(true)
     }
   })
 
