@@ -13,6 +13,7 @@ import { qcow2Driver } from './formats/qcow2/driver.js'
 const dmsnapDriver: FormatDriver = {
   name: 'dmsnap',
   open: async (device, context, options) => (await import('./formats/dmsnap/index.js')).dmsnapDriver.open(device, context, options),
+  create: async (device, context, options) => (await import('./formats/dmsnap/index.js')).dmsnapDriver.create!(device, context, options),
 }
 
 const DRIVERS: Record<string, FormatDriver> = {

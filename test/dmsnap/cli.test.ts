@@ -7,6 +7,11 @@ import { Writable } from 'node:stream'
 import { main } from '../../src/cli/main.js'
 import { FIXTURES, md5 } from './helpers.js'
 
+function md5Of(manifestPath: string): string {
+  const m = JSON.parse(readFileSync(manifestPath, 'utf8')) as { expected: { snapshot_md5: string } }
+  return m.expected.snapshot_md5
+}
+
 async function run(args: string[]): Promise<{ code: number; out: string; err: string }> {
   let out = ''
   let err = ''
@@ -59,5 +64,31 @@ describe('dmsnap through the CLI', () => {
     const after = await run(['check', '--origin', origin, cow])
     expect(after.code).toBe(0)
     expect(after.out).toContain('No errors were found on the image.')
+  })
+
+  it('create -f dmsnap --origin makes an empty store; convert -O dmsnap stores only the differing chunks; compare and convert back agree', async () => {
+    const dir = copyFixture('c8-basic')
+    const origin = join(dir, 'origin.img')
+    const created = await run(['create', '-f', 'dmsnap', '--origin', origin, '-o', 'chunk_size=4K', '-q', join(dir, 'fresh.cow'), '1M'])
+    expect(created.err).toBe('')
+    expect(created.code).toBe(0)
+    const fresh = await run(['info', '--origin', origin, '--output', 'json', join(dir, 'fresh.cow')])
+    expect(JSON.parse(fresh.out)['format-specific'].data).toMatchObject({ exceptions: 0, 'chunk-size': 4096, status: '16/2048 16' })
+    expect((await run(['check', join(dir, 'fresh.cow')])).code).toBe(0)
+
+    // the kernel-made snapshot view, flattened, then stored again as a fresh COW against the same origin
+    const view = join(dir, 'view.raw')
+    expect((await run(['convert', '-f', 'dmsnap', '--origin', origin, '-O', 'raw', join(dir, 'cow.img'), view])).code).toBe(0)
+    expect(md5(readFileSync(view))).toBe(md5Of(join(FIXTURES, 'c8-basic', 'manifest.json')))
+    const again = join(dir, 'again.cow')
+    expect((await run(['convert', '-O', 'dmsnap', '-o', `origin=${origin},chunk_size=4K`, view, again])).code).toBe(0)
+    const info = await run(['info', '--origin', origin, '--output', 'json', again])
+    const original = await run(['info', '--origin', origin, '--output', 'json', join(dir, 'cow.img')])
+    expect(JSON.parse(info.out)['format-specific'].data.exceptions).toBeLessThanOrEqual(JSON.parse(original.out)['format-specific'].data.exceptions)
+    const cmp = await run(['compare', '-f', 'dmsnap', '--origin', origin, again, view])
+    expect(cmp.out).toContain('Images are identical.')
+    expect(cmp.code).toBe(0)
+    expect((await run(['check', '--origin', origin, again])).code).toBe(0)
+    expect((await run(['convert', '-O', 'dmsnap', view, join(dir, 'x.cow')])).code).toBe(1) // no origin given
   })
 })

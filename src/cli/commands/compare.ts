@@ -9,6 +9,7 @@ const compare: CommandModule = {
       .option('-f, --format <fmt>', 'format of the first image')
       .option('-F, --second-format <fmt>', 'format of the second image')
       .option('-s, --strict', 'strict mode: sizes and allocation must match too')
+      .option('--origin <path>', 'origin of a dm-snapshot image among the two (-f/-F dmsnap)')
       .option('-p, --progress', 'show progress')
       .option('-q, --quiet', 'print nothing')
       .argument('<image1>')
@@ -27,9 +28,10 @@ const compare: CommandModule = {
       }
       const { openImage } = await import('../../open.js')
       const { compareImages } = await import('../../convert/compare.js')
-      const a = await openImage(args[0]!, { format: fmt(opts['format']), readOnly: true })
+      const options: Record<string, string> = typeof opts['origin'] === 'string' ? { origin: opts['origin'] } : {}
+      const a = await openImage(args[0]!, { format: fmt(opts['format']), readOnly: true, options })
       try {
-        const b = await openImage(args[1]!, { format: fmt(opts['secondFormat']), readOnly: true })
+        const b = await openImage(args[1]!, { format: fmt(opts['secondFormat']), readOnly: true, options })
         try {
           const spinner = opts['progress'] && io.isTTY && !opts['quiet'] ? (await import('ora')).default({ stream: io.stderr as NodeJS.WriteStream, text: 'comparing' }).start() : undefined
           const r = await compareImages(a, b, {

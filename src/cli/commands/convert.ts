@@ -8,7 +8,8 @@ const convert: CommandModule = {
   configure(cmd) {
     cmd
       .option('-f, --format <fmt>', 'source format (probed when absent)')
-      .option('-O, --output-format <fmt>', 'target format: raw or qcow2', 'raw')
+      .option('-O, --output-format <fmt>', 'target format: raw, qcow2, or dmsnap (a COW store against -o origin=PATH)', 'raw')
+      .option('--origin <path>', 'origin of a dm-snapshot source (with -f dmsnap)')
       .option('-c, --compress', 'write compressed clusters (qcow2)')
       .option('-o, --options <opts>', 'target format options (as for create)')
       .option('-B, --backing <file>', 'target backing file: only data not in it is written')
@@ -27,7 +28,7 @@ const convert: CommandModule = {
     if (args.length !== 2) throw new UsageError('Expecting one source and one target')
     const [srcPath, dstPath] = args as [string, string]
     const outFmt = String(opts['outputFormat'] ?? 'raw')
-    if (outFmt !== 'raw' && outFmt !== 'qcow2') throw new UsageError(`Unknown target format '${outFmt}' (raw or qcow2)`)
+    if (outFmt !== 'raw' && outFmt !== 'qcow2' && outFmt !== 'dmsnap') throw new UsageError(`Unknown target format '${outFmt}' (raw, qcow2, dmsnap)`)
     const srcFmt = opts['format'] === undefined ? undefined : String(opts['format'])
     if (srcFmt !== undefined && !isFormatName(srcFmt)) throw new UsageError(`Unknown file format '${srcFmt}'`)
     const compress = Boolean(opts['compress'])
@@ -41,7 +42,8 @@ const convert: CommandModule = {
     const { openImage, makeContext, driverFor } = await import('../../open.js')
     const { openFileDevice } = await import('../../io/file-device.js')
     const { convert: run, rawStream } = await import('../../convert/convert.js')
-    const src = await openImage(srcPath, { format: srcFmt as never, readOnly: true })
+    const srcOptions: Record<string, string> = typeof opts['origin'] === 'string' ? { origin: opts['origin'] } : {}
+    const src = await openImage(srcPath, { format: srcFmt as never, readOnly: true, options: srcOptions })
     try {
       const showProgress = Boolean(opts['progress']) && io.isTTY && !opts['quiet']
       const spinner = showProgress ? (await import('ora')).default({ stream: io.stderr as NodeJS.WriteStream, text: 'converting' }).start() : undefined
@@ -63,6 +65,7 @@ const convert: CommandModule = {
           }
           return 0
         }
+        if (outFmt === 'dmsnap') return await convertToDmsnap(src, dstPath, options, onProgress)
         const dev = await openFileDevice(dstPath, { readOnly: false, create: true })
         try {
           if (outFmt === 'raw') await dev.truncate(src.virtualSize)
@@ -105,3 +108,39 @@ const convert: CommandModule = {
   },
 }
 export default convert
+
+/** -O dmsnap: a COW store holding the chunks where the source differs from the origin. */
+async function convertToDmsnap(
+  src: import('../../image/disk-image.js').DiskImage,
+  dstPath: string,
+  options: Record<string, string>,
+  onProgress: ((done: number, total: number) => void) | undefined,
+): Promise<number> {
+  const { UsageError } = await import('../../errors.js')
+  const { parseSize } = await import('../../util/size.js')
+  const { openImage } = await import('../../open.js')
+  const { openFileDevice } = await import('../../io/file-device.js')
+  const { convertToCow } = await import('../../formats/dmsnap/index.js')
+  for (const k of Object.keys(options)) {
+    if (!['origin', 'chunk_size', 'cow_size'].includes(k)) throw new UsageError(`-O dmsnap: unknown option '${k}' (origin, chunk_size, cow_size)`)
+  }
+  const originPath = options['origin']
+  if (!originPath) throw new UsageError('-O dmsnap needs the origin: -o origin=PATH')
+  const origin = await openImage(originPath, { readOnly: true })
+  try {
+    const dev = await openFileDevice(dstPath, { readOnly: false, create: true })
+    try {
+      const o: { chunkSize?: number; cowSize?: number; onProgress?: (d: number, t: number) => void } = {}
+      if (options['chunk_size'] !== undefined) o.chunkSize = parseSize(options['chunk_size'], 'chunk_size')
+      if (options['cow_size'] !== undefined) o.cowSize = parseSize(options['cow_size'], 'cow_size')
+      if (onProgress) o.onProgress = onProgress
+      await convertToCow(src, origin, dev, o)
+      await dev.flush()
+    } finally {
+      await dev.close()
+    }
+  } finally {
+    await origin.close()
+  }
+  return 0
+}

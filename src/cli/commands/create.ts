@@ -7,7 +7,8 @@ const create: CommandModule = {
   description: 'create a new image (qemu-img create)',
   configure(cmd) {
     cmd
-      .option('-f, --format <fmt>', 'image format (qcow2 or raw)', 'raw')
+      .option('-f, --format <fmt>', 'image format (qcow2, raw, or dmsnap: a dm-snapshot COW store)', 'raw')
+      .option('--origin <path>', 'dmsnap: the origin the store snapshots (same as -o origin=PATH)')
       .option('-o, --options <opts>', 'format options: key=value[,key=value...] (cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, compression_type, preallocation, data_file, data_file_raw...)')
       .option('-b, --backing <file>', 'backing file')
       .option('-F, --backing-format <fmt>', 'backing file format')
@@ -22,8 +23,10 @@ const create: CommandModule = {
     const [file, sizeText] = args
     if (!file) throw new UsageError('Expecting image file name')
     const format = String(opts['format'] ?? 'raw')
-    if (format !== 'qcow2' && format !== 'raw') throw new UsageError(`Unknown file format '${format}' for create (qcow2, raw)`)
+    if (format !== 'qcow2' && format !== 'raw' && format !== 'dmsnap') throw new UsageError(`Unknown file format '${format}' for create (qcow2, raw, dmsnap)`)
     const options = parseKeyValues(opts['options'] as string | undefined)
+    if (typeof opts['origin'] === 'string') options['origin'] = opts['origin']
+    if (options['origin'] !== undefined && format !== 'dmsnap') throw new UsageError('--origin goes with -f dmsnap')
     const backing = (opts['backing'] as string | undefined) ?? options['backing_file']
     const backingFormat = (opts['backingFormat'] as string | undefined) ?? options['backing_fmt']
     if (backing !== undefined && backingFormat === undefined) throw new UsageError(`${file}: Backing file specified without backing format`)
@@ -47,7 +50,10 @@ const create: CommandModule = {
     }
     const dev = await openFileDevice(file, { readOnly: false, create: true })
     try {
-      if (format === 'raw') {
+      if (format === 'dmsnap') {
+        if (backing !== undefined) throw new UsageError('dmsnap stores take --origin, not a backing file')
+        await driverFor('dmsnap').create!(dev, makeContext(openFileDevice), { size, options })
+      } else if (format === 'raw') {
         await dev.truncate(size)
         if (options['preallocation'] === 'full' || options['preallocation'] === 'falloc') {
           const zeros = new Uint8Array(Math.min(size, 4 << 20))
