@@ -5,7 +5,9 @@
  */
 import { maxRefcount } from './refcount-codec.js'
 import { setCompressed } from './l2-meta.js'
-import type { DataWrite, Qcow2Writer, Range, TableWork } from './write.js'
+import type { Qcow2Writer } from './write.js'
+import { commit, prepareTable, undo, type Range, type TableWork } from './write-commit.js'
+import { dataWrite, type DataWrite } from './write-plan.js'
 
 export async function writeCompressedLocked(wr: Qcow2Writer, items: Array<{ offset: number; data: Uint8Array }>): Promise<void> {
   wr.assertUsable()
@@ -17,7 +19,7 @@ export async function writeCompressedLocked(wr: Qcow2Writer, items: Array<{ offs
       const l1Index = Math.floor(it.offset / coverage)
       let w = works[works.length - 1]
       if (!w || w.l1Index !== l1Index) {
-        w = (await wr.prepareTable(l1Index, true))!
+        w = (await prepareTable(wr, l1Index, true))!
         works.push(w)
       }
       const idx = (it.offset / wr.cs) % wr.l2Entries
@@ -28,11 +30,11 @@ export async function writeCompressedLocked(wr: Qcow2Writer, items: Array<{ offs
       w.allocated.push(host.range)
       setCompressed(w.table, wr.ew, idx, host.offset, it.data.byteLength)
       wr.touch(w, idx)
-      await wr.dataWrite(writes, wr.img.device, host.offset, it.data)
+      await dataWrite(writes, wr.img.device, host.offset, it.data)
     }
-    await wr.commit(works, writes, true)
+    await commit(wr, works, writes, true)
   } catch (e) {
-    await wr.undo(works)
+    await undo(wr, works)
     throw e
   }
 }

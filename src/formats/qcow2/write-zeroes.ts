@@ -7,7 +7,9 @@
 import { dataFileRaw, hasDataFile } from './header.js'
 import { isAllZero } from '../../util/bytes.js'
 import { ALL_SUBCLUSTERS, getBitmap, setBitmap, setStandard, subclusterMask } from './l2-meta.js'
-import type { Qcow2Writer, Range, TableWork } from './write.js'
+import type { Qcow2Writer } from './write.js'
+import { commit, prepareTable, undo, type Range, type TableWork } from './write-commit.js'
+import { writeLocked } from './write-plan.js'
 
 export async function writeZeroesLocked(wr: Qcow2Writer, offset: number, length: number, discard: boolean): Promise<void> {
   wr.assertUsable()
@@ -28,7 +30,7 @@ export async function writeZeroesLocked(wr: Qcow2Writer, offset: number, length:
   const fallback = raw || v2WithBacking
   for (const p of partial) {
     const cur = await wr.oldGuest(p.offset, p.length)
-    if (!isAllZero(cur)) await wr.doWrite(p.offset, new Uint8Array(p.length))
+    if (!isAllZero(cur)) await writeLocked(wr, p.offset, new Uint8Array(p.length))
   }
   const whole = a < b ? { offset: a, length: b - a } : undefined
   if (!whole) return
@@ -37,7 +39,7 @@ export async function writeZeroesLocked(wr: Qcow2Writer, offset: number, length:
     for (let p = whole.offset; p < whole.offset + whole.length; p += chunk) {
       const n = Math.min(chunk, whole.offset + whole.length - p)
       const cur = await wr.oldGuest(p, n)
-      if (!isAllZero(cur)) await wr.doWrite(p, new Uint8Array(n))
+      if (!isAllZero(cur)) await writeLocked(wr, p, new Uint8Array(n))
     }
     return
   }
@@ -57,7 +59,7 @@ async function zeroAligned(wr: Qcow2Writer, offset: number, length: number, disc
     while (pos < end) {
       const l1Index = Math.floor(pos / coverage)
       const tEnd = Math.min(end, (l1Index + 1) * coverage)
-      const w = await wr.prepareTable(l1Index, backing)
+      const w = await prepareTable(wr, l1Index, backing)
       if (!w) {
         pos = tEnd
         continue
@@ -74,12 +76,12 @@ async function zeroAligned(wr: Qcow2Writer, offset: number, length: number, disc
       }
       pos = tEnd
     }
-    await wr.commit(works, [], needFlush)
+    await commit(wr, works, [], needFlush)
   } catch (e) {
-    await wr.undo(works)
+    await undo(wr, works)
     throw e
   }
-  for (const r of compressedPartial) await wr.doWrite(r.offset, new Uint8Array(r.length))
+  for (const r of compressedPartial) await writeLocked(wr, r.offset, new Uint8Array(r.length))
 }
 
 /** Zero [a, b) of one cluster in table copy `w`; returns a range to write as data instead. */

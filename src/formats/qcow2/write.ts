@@ -4,24 +4,20 @@
  * tables), zero writes (v3 zero flag, discard), subcluster writes for extended
  * L2, compressed cluster writes.
  *
- * Every request runs through one commit protocol (under the image's mutex):
- *   A. allocate (memory), persist refcount blocks           rule 1
- *   B. write guest data and new L2 tables, flush             rule 2
- *   C. link: L2 entries of existing tables, L1 entries of new/COWed tables,
- *      in allocation order (seed: complete in allocation order)
- *   D. flush, then drop the references that were replaced
- * If anything fails before an allocation is linked, every such allocation
- * is freed again, across all L2 tables the request touched; a cluster whose
- * link may have reached the disk is never freed (seed: qcow2 L2Meta undo).
+ * This module: the writer object (attach, public operations, transactions,
+ * allocation and the overlap guard). A request is planned in write-plan.ts
+ * (copy-on-write, partial clusters) and committed in write-commit.ts (the
+ * ordering protocol: refcounts, data, links, frees; undo after a failure).
+ * Every operation runs under the image's mutex.
  */
 import { CorruptImageError, ImgtoolError, ReadOnlyError, UnsupportedFeatureError, hex } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
 import { checkGuestRange } from '../../image/range.js'
 import { putU64be } from '../../util/bytes.js'
-import { decodeL1, decodeL2, encodeL1, type L2Entry } from './entries.js'
+import { decodeL2, type L2Entry } from './entries.js'
 import { hasDataFile, hasExtendedL2, hasLazyRefcounts, isDirty, l2EntrySize, type Qcow2Header } from './header.js'
 import type { Qcow2Image } from './image.js'
-import { ALL_SUBCLUSTERS, getBitmap, setBitmap, setStandard, subclusterMask, type EntryWriter } from './l2-meta.js'
+import type { EntryWriter } from './l2-meta.js'
 import { Mutex } from './mutex.js'
 import { OverlapGuard } from './overlap.js'
 import { RefcountWriter } from './refcount-writer.js'
@@ -29,49 +25,8 @@ import { SUBCLUSTERS_PER_CLUSTER, INCOMPAT_CORRUPT, AUTOCLEAR_BITMAPS } from './
 import { markDirtyBit, rebuildRefcounts, walkMetadata } from './dirty.js'
 import { writeZeroesLocked } from './write-zeroes.js'
 import { writeCompressedLocked } from './write-compressed.js'
-
-export interface Range {
-  offset: number
-  length: number
-}
-
-/** The work on one L2 table within one request. */
-export interface TableWork {
-  l1Index: number
-  /** table the entries are read from (0: none yet) */
-  oldL2: number
-  /** table the entries are written to */
-  l2: number
-  mode: 'inplace' | 'new' | 'cow'
-  table: Uint8Array
-  lo: number
-  hi: number
-  /** clusters allocated for this table's entries (data, compressed bytes): freed if never linked */
-  allocated: Range[]
-  /** references dropped once the link is durable */
-  frees: Range[]
-  linked: boolean
-  /** a link write for this table was issued (it may have reached the disk) */
-  attempted: boolean
-}
-
-export interface DataWrite {
-  device: BlockDevice
-  offset: number
-  parts: Uint8Array[]
-  length: number
-}
-
-function joined(d: DataWrite): Uint8Array {
-  if (d.parts.length === 1) return d.parts[0]!
-  const out = new Uint8Array(d.length)
-  let o = 0
-  for (const p of d.parts) {
-    out.set(p, o)
-    o += p.byteLength
-  }
-  return out
-}
+import { writeLocked } from './write-plan.js'
+import type { Range, TableWork } from './write-commit.js'
 
 export interface WriteZeroesOptions {
   /** free whole clusters instead of keeping them allocated as zero (qemu's MAY_UNMAP) */
@@ -155,7 +110,7 @@ export class Qcow2Writer {
 
   write(offset: number, data: Uint8Array): Promise<void> {
     checkGuestRange(`qcow2: ${this.img.filename}: write`, offset, data.byteLength, this.h.size)
-    return this.mutex.run(() => this.doWrite(offset, data))
+    return this.mutex.run(() => writeLocked(this, offset, data))
   }
 
   writeZeroes(offset: number, length: number, options: WriteZeroesOptions = {}): Promise<void> {
@@ -340,34 +295,6 @@ export class Qcow2Writer {
     return this.rc.get(Math.floor(host / this.cs))
   }
 
-  /** Get the table for L1 index `i` ready for changes: in place, new, or COW of a shared table. */
-  /** @internal */
-  async prepareTable(i: number, create: boolean): Promise<TableWork | undefined> {
-    if (i >= this.h.l1Size) throw new ImgtoolError('INTERNAL', `qcow2: L1 index ${i} beyond l1_size ${this.h.l1Size}`)
-    const l1e = decodeL1(new DataView(this.img.l1.buffer, this.img.l1.byteOffset, this.img.l1.byteLength), i * 8)
-    const base = { l1Index: i, lo: Infinity, hi: -1, allocated: [] as Range[], frees: [] as Range[], linked: false, attempted: false }
-    if (l1e.l2Offset === 0) {
-      if (!create) return undefined
-      const l2 = await this.alloc(1, undefined)
-      this.guard.set(l2 / this.cs, 'l2')
-      return { ...base, oldL2: 0, l2, mode: 'new', table: new Uint8Array(this.cs), allocated: [{ offset: l2, length: this.cs }] }
-    }
-    const old = await this.img.mapper.loadL2(i, l1e.l2Offset)
-    if ((await this.refcount(l1e.l2Offset)) === 1) {
-      return { ...base, oldL2: l1e.l2Offset, l2: l1e.l2Offset, mode: 'inplace', table: old.slice() }
-    }
-    const l2 = await this.alloc(1, undefined)
-    this.guard.set(l2 / this.cs, 'l2')
-    return {
-      ...base,
-      oldL2: l1e.l2Offset,
-      l2,
-      mode: 'cow',
-      table: old.slice(),
-      allocated: [{ offset: l2, length: this.cs }],
-      frees: [{ offset: l1e.l2Offset, length: this.cs }],
-    }
-  }
 
   /** Allocate clusters; refcounts that call known metadata free mean a corrupt image. */
   /** @internal */
@@ -401,303 +328,6 @@ export class Qcow2Writer {
     return undefined
   }
 
-  // ---------------------------------------------------------------- write
-
-  /** @internal */
-  async doWrite(offset: number, data: Uint8Array): Promise<void> {
-    this.assertUsable()
-    if (data.byteLength === 0) return
-    const works: TableWork[] = []
-    const writes: DataWrite[] = []
-    let needFlush = false
-    const coverage = this.l2Entries * this.cs
-    try {
-      let pos = offset
-      const end = offset + data.byteLength
-      while (pos < end) {
-        const l1Index = Math.floor(pos / coverage)
-        const tEnd = Math.min(end, (l1Index + 1) * coverage)
-        const w = (await this.prepareTable(l1Index, true))!
-        works.push(w)
-        if (w.mode !== 'inplace') needFlush = true
-        // clusters needing a new host cluster, allocated together in guest order
-        const plans: Array<{ idx: number; guest: number; from: number; to: number; e: L2Entry }> = []
-        for (let p = pos; p < tEnd; ) {
-          const cStart = Math.floor(p / this.cs) * this.cs
-          const to = Math.min(tEnd, cStart + this.cs)
-          const idx = (cStart / this.cs) % this.l2Entries
-          plans.push({ idx, guest: cStart, from: p, to, e: this.entry(w.table, idx) })
-          p = to
-        }
-        const alloc: typeof plans = []
-        for (const pl of plans) {
-          const piece = data.subarray(pl.from - offset, pl.to - offset)
-          const r = await this.planClusterWrite(w, pl.idx, pl.guest, pl.from, piece, writes)
-          if (r === 'alloc') alloc.push(pl)
-          else if (r === 'meta') needFlush = true
-        }
-        if (alloc.length > 0) {
-          needFlush = true
-          if (hasDataFile(this.h)) {
-            for (const pl of alloc) await this.fillNewCluster(w, pl.idx, pl.guest, pl.guest, pl.e, pl.from, data.subarray(pl.from - offset, pl.to - offset), writes, this.img.dataDevice)
-          } else {
-            const first = await this.alloc(alloc.length, w)
-            for (let k = 0; k < alloc.length; k++) {
-              const pl = alloc[k]!
-              await this.fillNewCluster(w, pl.idx, pl.guest, first + k * this.cs, pl.e, pl.from, data.subarray(pl.from - offset, pl.to - offset), writes, this.img.device)
-            }
-          }
-        }
-        pos = tEnd
-      }
-      await this.commit(works, writes, needFlush)
-    } catch (e) {
-      await this.undo(works)
-      throw e
-    }
-  }
-
-  /**
-   * One cluster of a write: 'inplace' (data only), 'meta' (in place, but the
-   * entry changes: subclusters or a preallocated zero cluster), or 'alloc'.
-   */
-  /** @internal */
-  async planClusterWrite(w: TableWork, idx: number, guest: number, from: number, piece: Uint8Array, writes: DataWrite[]): Promise<'inplace' | 'meta' | 'alloc'> {
-    const e = this.entry(w.table, idx)
-    const dataDev = this.img.dataDevice
-    const owned =
-      (e.type === 'normal' || (e.type === 'zero' && e.hostOffset !== 0)) &&
-      (hasDataFile(this.h) || (await this.refcount(e.hostOffset)) === 1)
-    if (!owned) return 'alloc'
-    const host = (e as { hostOffset: number }).hostOffset
-    if (!this.ew.extended) {
-      if (e.type === 'normal') {
-        await this.dataWrite(writes, dataDev, host + (from - guest), piece)
-        return 'inplace'
-      }
-      // preallocated zero cluster: write the whole cluster, then drop the zero flag
-      const buf = new Uint8Array(this.cs)
-      buf.set(piece, from - guest)
-      await this.dataWrite(writes, dataDev, host, buf)
-      setStandard(w.table, this.ew, idx, { hostOffset: host, copied: true })
-      this.touch(w, idx)
-      return 'meta'
-    }
-    // extended L2, host cluster owned: write subclusters in place, mark them allocated
-    const bm = getBitmap(w.table, idx)
-    const s0 = Math.floor((from - guest) / this.sc)
-    const s1 = Math.floor((from - guest + piece.byteLength - 1) / this.sc)
-    const mask = subclusterMask(s0, s1)
-    if ((bm.alloc & mask) === mask) {
-      await this.dataWrite(writes, dataDev, host + (from - guest), piece)
-      return 'inplace'
-    }
-    const bufStart = s0 * this.sc
-    const buf = await this.subclusterBuffer(guest, bufStart, (s1 + 1) * this.sc, from, piece)
-    await this.dataWrite(writes, dataDev, host + bufStart, buf)
-    setBitmap(w.table, idx, { alloc: (bm.alloc | mask) >>> 0, zero: (bm.zero & ~mask) >>> 0 })
-    this.touch(w, idx)
-    return 'meta'
-  }
-
-  /** Bytes of [cluster+a, cluster+b): old guest content overlaid with `piece` (at guest `from`). */
-  /** @internal */
-  async subclusterBuffer(guest: number, a: number, b: number, from: number, piece: Uint8Array): Promise<Uint8Array> {
-    const total = b - a
-    const covered = from === guest + a && piece.byteLength >= total
-    const buf = covered ? new Uint8Array(total) : await this.oldGuest(guest + a, total)
-    buf.set(piece, from - guest - a)
-    return buf
-  }
-
-  /** Content for a newly allocated (or external) host cluster and its new entry. */
-  /** @internal */
-  async fillNewCluster(w: TableWork, idx: number, guest: number, host: number, e: L2Entry, from: number, piece: Uint8Array, writes: DataWrite[], dev: BlockDevice): Promise<void> {
-    const dropped = this.dropRef(e)
-    if (dropped) w.frees.push(dropped)
-    if (!this.ew.extended || e.type === 'compressed') {
-      const full = from === guest && piece.byteLength === this.cs
-      const buf = full ? piece : await this.oldGuest(guest, this.cs)
-      if (!full) buf.set(piece, from - guest)
-      await this.dataWrite(writes, dev, host, buf)
-      setStandard(w.table, this.ew, idx, { hostOffset: host, copied: true })
-      if (this.ew.extended) setBitmap(w.table, idx, { alloc: ALL_SUBCLUSTERS, zero: 0 })
-      this.touch(w, idx)
-      return
-    }
-    const bm = getBitmap(w.table, idx)
-    const s0 = Math.floor((from - guest) / this.sc)
-    const s1 = Math.floor((from - guest + piece.byteLength - 1) / this.sc)
-    const mask = subclusterMask(s0, s1)
-    if (e.type === 'normal') {
-      // a shared cluster: copy its allocated subclusters, then the new ones
-      const old = await this.img.dataDevice.read(e.hostOffset, this.cs, 'data')
-      const mid = await this.subclusterBuffer(guest, s0 * this.sc, (s1 + 1) * this.sc, from, piece)
-      old.set(mid, s0 * this.sc)
-      await this.dataWrite(writes, dev, host, old)
-    } else {
-      const bufStart = s0 * this.sc
-      const mid = await this.subclusterBuffer(guest, bufStart, (s1 + 1) * this.sc, from, piece)
-      await this.dataWrite(writes, dev, host + bufStart, mid)
-    }
-    setStandard(w.table, this.ew, idx, { hostOffset: host, copied: true })
-    setBitmap(w.table, idx, { alloc: (bm.alloc | mask) >>> 0, zero: (bm.zero & ~mask) >>> 0 })
-    this.touch(w, idx)
-  }
-
-  /**
-   * Queue a data write, merging with the previous one when host-contiguous:
-   * views of one buffer that are adjacent in memory too stay one view (no
-   * copy); other pieces are joined once, when the request is committed.
-   */
-  /** @internal */
-  async dataWrite(writes: DataWrite[], device: BlockDevice, offset: number, data: Uint8Array): Promise<void> {
-    const last = writes[writes.length - 1]
-    if (last && last.device === device && last.offset + last.length === offset && last.length + data.byteLength <= 8 * 1024 * 1024) {
-      const tail = last.parts[last.parts.length - 1]!
-      if (tail.buffer === data.buffer && tail.byteOffset + tail.byteLength === data.byteOffset) {
-        last.parts[last.parts.length - 1] = new Uint8Array(data.buffer, tail.byteOffset, tail.byteLength + data.byteLength)
-      } else {
-        last.parts.push(data)
-      }
-      last.length += data.byteLength
-      return
-    }
-    writes.push({ device, offset, parts: [data], length: data.byteLength })
-  }
-
-  // ---------------------------------------------------------------- commit / undo
-
-  /** @internal */
-  async commit(works: TableWork[], writes: DataWrite[], needFlush: boolean): Promise<void> {
-    const dev = this.img.device
-    // A. refcounts (lazy: kept in memory; the dirty bit is durable before anything depends on it)
-    // lazy refcounts: any refcount change (allocation or free) may reach the disk out of order
-    const changing = works.some((w) => w.allocated.length > 0 || w.frees.length > 0)
-    if (changing && this.rc.lazy) await this.ensureDirty()
-    if (!this.rc.lazy) await this.rc.persist()
-    // B. guest data, durable before anything maps it
-    for (const d of writes) await this.guardedWrite(d.device, d.offset, joined(d), 'data')
-    if (needFlush) await this.flushDevices()
-    // C. new tables' contents and links in existing tables, in allocation order; then L1 links
-    const es = this.ew.entrySize
-    for (const w of works) {
-      if (w.mode !== 'inplace') {
-        await this.guardedWrite(dev, w.l2, w.table.slice(), 'l2', 'l2')
-      } else if (w.hi < 0) {
-        w.linked = true
-      } else {
-        w.attempted = true
-        await this.guardedWrite(dev, w.l2 + w.lo * es, w.table.slice(w.lo * es, (w.hi + 1) * es), 'l2', 'l2')
-        w.linked = true
-        this.img.mapper.l2cache.set(w.l2, w.table)
-      }
-    }
-    if (works.some((w) => w.mode !== 'inplace')) {
-      await this.flushDevices()
-      for (const w of works) {
-        if (w.mode === 'inplace') continue
-        const b = new Uint8Array(8)
-        putU64be(b, 0, encodeL1({ l2Offset: w.l2, copied: true }))
-        w.attempted = true
-        await this.guardedWrite(dev, this.h.l1TableOffset + w.l1Index * 8, b, 'l1', 'l1')
-        w.linked = true
-        this.img.l1.set(b, w.l1Index * 8)
-        this.img.mapper.l2cache.set(w.l2, w.table)
-      }
-    }
-    // D. drop replaced references once the new links are durable
-    await this.applyFrees(works)
-  }
-
-  /** @internal */
-  async applyFrees(works: TableWork[]): Promise<void> {
-    const frees = works.filter((w) => w.linked).flatMap((w) => w.frees)
-    if (frees.length === 0) return
-    if (!this.rc.lazy) await this.flushDevices()
-    for (const w of works) if (w.linked) w.frees = []
-    for (const f of frees) await this.free(f)
-    if (!this.rc.lazy) await this.rc.persist()
-  }
-
-  /** @internal */
-  async free(f: Range): Promise<void> {
-    await this.rc.update(f.offset, f.length, -1)
-    this.compressedCursor = 0
-    this.img.dropCompressedCache()
-    const first = Math.floor(f.offset / this.cs)
-    const last = Math.floor((f.offset + f.length - 1) / this.cs)
-    for (let c = first; c <= last; c++) {
-      if (this.guard.kindAt(c) === 'l2' && (await this.rc.get(c)) === 0) {
-        this.guard.set(c, undefined)
-        this.img.mapper.l2cache.delete(c * this.cs)
-      }
-    }
-  }
-
-  /**
-   * After a failure: free what was allocated and never linked; for a link
-   * write that failed, read back what reached the disk and keep anything it
-   * references. Linked tables still get their replaced references dropped.
-   */
-  /** @internal */
-  async undo(works: TableWork[]): Promise<void> {
-    const toFree: Range[] = []
-    for (const w of works) {
-      if (w.linked) continue
-      let linkedOnDisk: Set<number> = new Set()
-      try {
-        if (w.attempted) linkedOnDisk = await this.referencedOnDisk(w)
-      } catch {
-        continue // cannot tell: leak rather than risk freeing a linked cluster
-      }
-      for (const r of w.allocated) {
-        for (let c = r.offset; c < r.offset + r.length; c += this.cs) {
-          if (!linkedOnDisk.has(c)) toFree.push({ offset: c, length: Math.min(this.cs, r.offset + r.length - c) })
-        }
-      }
-    }
-    try {
-      for (const f of toFree) {
-        await this.rc.update(f.offset, f.length, -1)
-        const c = Math.floor(f.offset / this.cs)
-        if (this.guard.kindAt(c) === 'l2' && (await this.rc.get(c)) === 0) this.guard.set(c, undefined)
-      }
-      this.compressedCursor = 0
-      await this.applyFrees(works)
-      if (!this.rc.lazy) await this.rc.persist()
-    } catch {
-      // the refcount changes stay dirty in memory and are written by the next flush or close
-    }
-  }
-
-  /** Host clusters of `w.allocated` that the on-disk metadata references right now. */
-  /** @internal */
-  async referencedOnDisk(w: TableWork): Promise<Set<number>> {
-    const dev = this.img.device
-    const out = new Set<number>()
-    if (w.mode === 'inplace') {
-      if (w.hi < 0) return out
-      const disk = await dev.read(w.l2, this.cs, 'l2')
-      this.img.mapper.l2cache.set(w.l2, disk)
-      for (let i = w.lo; i <= w.hi; i++) {
-        const e = this.entry(disk, i)
-        if (e.type === 'normal' || e.type === 'zero') out.add(e.hostOffset)
-        if (e.type === 'compressed') out.add(e.hostOffset - (e.hostOffset % this.cs))
-      }
-      return out
-    }
-    const b = await dev.read(this.h.l1TableOffset + w.l1Index * 8, 8, 'l1')
-    const l1e = decodeL1(new DataView(b.buffer, b.byteOffset, 8), 0)
-    if (l1e.l2Offset === w.l2) {
-      // the new table is linked after all: it and everything it references stay
-      this.img.l1.set(b, w.l1Index * 8)
-      this.img.mapper.l2cache.set(w.l2, w.table)
-      w.linked = true
-      for (const r of w.allocated) for (let c = r.offset; c < r.offset + r.length; c += this.cs) out.add(c)
-    }
-    return out
-  }
 
   /** @internal */
   async ensureDirty(): Promise<void> {
