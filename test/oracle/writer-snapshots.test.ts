@@ -1,5 +1,5 @@
 /** Snapshots we create list and apply in qemu-img snapshot; resized images pass qemu-img check. */
-import { writeFileSync } from 'node:fs'
+import { copyFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { expect, it } from 'vitest'
 import { openFileDevice } from '../../src/io/file-device.js'
@@ -106,6 +106,62 @@ describeQemu('writer snapshots and resize with qemu-img', () => {
         await qemuImgOk(['snapshot', '-a', 'before-resize', path])
         await check(path)
       }
+    })
+  }
+})
+
+describeQemu('snapshot apply with another disk size, against qemu-img snapshot -a', () => {
+  for (const opts of [{ cluster_size: '4096' }, { cluster_size: '65536', extended_l2: 'on' }, { cluster_size: '1024', refcount_bits: '4', lazy_refcounts: 'on' }] as Array<Record<string, string>>) {
+    it(`we and qemu-img give the same guest bytes and virtual size (${JSON.stringify(opts)})`, async () => {
+      const dir = makeTempDir('imgtool-snapsize-')
+      const path = join(dir, 'ours.qcow2')
+      const theirs = join(dir, 'theirs.qcow2')
+      const small = 3 * 1024 * 1024 + 512
+      const big = 200 * 1024 * 1024
+      const dev = await openFileDevice(path, { readOnly: false, create: true })
+      await createQcow2(dev, makeContext(openFileDevice), { size: small, options: opts })
+      await dev.close()
+      let img = (await openImage(path, { readOnly: false })) as Qcow2Image
+      const vSmall = new Uint8Array(small)
+      vSmall.fill(1, 5000, 900_000)
+      vSmall.fill(6, small - 20_000)
+      await img.write(5000, vSmall.subarray(5000, 900_000))
+      await img.write(small - 20_000, vSmall.subarray(small - 20_000))
+      await createSnapshot(img, 'small')
+      await resizeQcow2(img, big)
+      img = (await openImage(path, { readOnly: false })) as Qcow2Image
+      await img.write(big - 300_000, new Uint8Array(250_000).fill(2))
+      await img.write(100_000, new Uint8Array(4000).fill(3))
+      await createSnapshot(img, 'big')
+      const vBig = new Uint8Array(big)
+      vBig.set(vSmall)
+      vBig.fill(2, big - 300_000, big - 50_000)
+      vBig.fill(3, 100_000, 104_000)
+      await img.write(0, new Uint8Array(8000).fill(4)) // after the snapshot: goes with the apply
+      await img.close()
+      await check(path)
+
+      const info = async (p: string) => (JSON.parse(await qemuImgOk(['info', '--output=json', p])) as { 'virtual-size': number })['virtual-size']
+      for (const [name, want] of [['small', vSmall], ['big', vBig], ['small', vSmall]] as const) {
+        copyFileSync(path, theirs)
+        await qemuImgOk(['snapshot', '-a', name, theirs])
+        img = (await openImage(path, { readOnly: false })) as Qcow2Image
+        await applySnapshot(img, name)
+        expect(img.virtualSize).toBe(want.byteLength)
+        await img.close()
+        await check(path)
+        await check(theirs)
+        expect(await info(path)).toBe(await info(theirs))
+        expect(await info(path)).toBe(want.byteLength)
+        await same(path, want, dir)
+        await same(theirs, want, dir)
+        const cmp = await qemuImg(['compare', '-s', path, theirs])
+        expect(cmp.code, cmp.stdout + cmp.stderr).toBe(0)
+      }
+      // qemu keeps writing to the image we resized by applying
+      await qemuImgOk(['snapshot', '-a', 'big', path])
+      await check(path)
+      await same(path, vBig, dir)
     })
   }
 })

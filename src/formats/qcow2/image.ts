@@ -32,7 +32,8 @@ import type { Qcow2Writer, WriteZeroesOptions } from './write.js'
 
 export class Qcow2Image implements DiskImage {
   readonly format = 'qcow2'
-  readonly mapper: ClusterMapper
+  /** replaced (with `l1`) only by `replaceL1`, under the writer's mutex */
+  mapper: ClusterMapper
   readonly refcounts: RefcountReader
   private readonly compressedCache = new Lru<number, Uint8Array>(4)
   private metadataPrealloc: boolean | undefined
@@ -44,7 +45,8 @@ export class Qcow2Image implements DiskImage {
   constructor(
     readonly device: BlockDevice,
     readonly header: Qcow2Header,
-    readonly l1: Uint8Array,
+    /** the active L1 table; writers update it in place (or replace it: `replaceL1`) */
+    public l1: Uint8Array,
     /** where guest data lives: the image file, or the external data file */
     readonly dataDevice: BlockDevice,
     readonly backing: DiskImage | undefined,
@@ -55,6 +57,16 @@ export class Qcow2Image implements DiskImage {
   ) {
     this.mapper = new ClusterMapper(device, header, device.name, l1, new L2Cache(header.clusterSize))
     this.refcounts = new RefcountReader(device, header, device.name)
+  }
+
+  /**
+   * @internal The writer switched to another active L1 table, possibly of
+   * another size (snapshot apply that resized the image; header fields are
+   * already updated). The mapper follows it; cached L2 tables stay valid.
+   */
+  replaceL1(l1: Uint8Array): void {
+    this.l1 = l1
+    this.mapper = new ClusterMapper(this.device, this.header, this.device.name, l1, this.mapper.l2cache)
   }
 
   get filename(): string {

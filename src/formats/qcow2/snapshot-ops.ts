@@ -12,7 +12,7 @@ import type { SnapshotInfo } from '../../image/disk-image.js'
 import { putU16be, putU32be, putU64be } from '../../util/bytes.js'
 import { decodeL1, decodeL2 } from './entries.js'
 import { fixCopiedFlags } from './dirty.js'
-import { hasDataFile, l2EntrySize } from './header.js'
+import { hasDataFile, l1EntriesNeeded, l2EntrySize } from './header.js'
 import type { Qcow2Image } from './image.js'
 import { SNAPSHOT_FIXED_BYTES, snapshotTableBytes, type Qcow2Snapshot } from './snapshot-table.js'
 import type { Qcow2Writer } from './write.js'
@@ -285,36 +285,75 @@ async function fixActiveCopied(img: Qcow2Image, w: Qcow2Writer): Promise<void> {
   await fixCopiedFlags(img, (c) => counts.get(c) ?? 0)
 }
 
+/**
+ * Apply (goto) a snapshot. When the snapshot's disk size differs from the
+ * image's, the image takes the snapshot's size, as qcow2_snapshot_goto does
+ * (it truncates first); a v2 image with snapshots cannot be resized, so there
+ * it is refused as in QEMU. A size change, or a snapshot L1 table larger than
+ * the active one, gets a new active L1 table: written and flushed, then one
+ * header write switches size, l1_size and l1_table_offset together, so a
+ * crash leaves either the old image or the snapshot's, never a mix.
+ */
 export async function applySnapshot(img: Qcow2Image, nameOrId: string): Promise<void> {
   const w = writerOf(img)
   return w.mutex.run(async () => {
     const s = find(img, nameOrId)
     const h = img.header
-    if (s.diskSize !== undefined && s.diskSize !== h.size) {
-      throw new UnsupportedFeatureError(`qcow2: ${img.filename}: snapshot '${s.name}' has a different disk size (${s.diskSize}) than the image (${h.size}); resize first`)
+    const cs = h.clusterSize
+    const newSize = s.diskSize ?? h.size
+    const resize = newSize !== h.size
+    if (resize && h.version < 3) {
+      throw new UnsupportedFeatureError(`qcow2: ${img.filename}: snapshot '${s.name}' has another disk size (${newSize}) than the image (${h.size}): Can't resize a v2 image which has snapshots`)
     }
-    if (s.l1Size > h.l1Size) throw new UnsupportedFeatureError(`qcow2: ${img.filename}: snapshot '${s.name}' has a larger L1 table than the image`)
     w.assertUsable()
-    const snapL1 = new Uint8Array(h.l1Size * 8)
+    const newTable = resize || s.l1Size > h.l1Size
+    const l1Size = newTable ? Math.max(s.l1Size, l1EntriesNeeded({ ...h, size: newSize })) : h.l1Size
+    const snapL1 = new Uint8Array(l1Size * 8)
     if (s.l1Size > 0) snapL1.set(await img.device.read(s.l1TableOffset, s.l1Size * 8, 'l1'))
-    await checkOverflow(img, w, snapL1, h.l1Size)
+    await checkOverflow(img, w, snapL1, l1Size)
     return transaction(w, async () => {
     // new references first, so nothing reaches zero while still referenced
-    await updateReachable(img, w, snapL1, h.l1Size, +1)
+    await updateReachable(img, w, snapL1, l1Size, +1)
     await w.rc.persist()
     await w.flushNow()
     const old = img.l1.slice()
-    if (h.l1Size > 0) await w.writeMetadata(h.l1TableOffset, snapL1.slice(), 'l1')
-    await w.flushNow()
-    img.l1.set(snapL1)
+    const oldL1 = { offset: h.l1TableOffset, size: h.l1Size }
+    if (newTable) {
+      const offset = l1Size > 0 ? await w.allocClusters(Math.ceil((l1Size * 8) / cs)) : 0
+      if (l1Size > 0) {
+        await w.writeMetadata(offset, snapL1.slice(), 'l1')
+        w.guard.setRange(offset, l1Size * 8, 'l1')
+      }
+      await w.rc.persist()
+      await w.flushNow()
+      const hdr = new Uint8Array(24) // size (24), crypt_method (32), l1_size (36), l1_table_offset (40)
+      putU64be(hdr, 0, newSize)
+      putU32be(hdr, 8, h.cryptMethod)
+      putU32be(hdr, 12, l1Size)
+      putU64be(hdr, 16, offset)
+      await w.writeMetadata(24, hdr, 'header')
+      await w.flushNow()
+      h.size = newSize
+      h.l1Size = l1Size
+      h.l1TableOffset = offset
+      img.replaceL1(snapL1.slice())
+      if (oldL1.size > 0) {
+        w.guard.setRange(oldL1.offset, oldL1.size * 8, undefined)
+        await w.rc.update(oldL1.offset, oldL1.size * 8, -1)
+      }
+    } else {
+      if (h.l1Size > 0) await w.writeMetadata(h.l1TableOffset, snapL1.slice(), 'l1')
+      await w.flushNow()
+      img.l1.set(snapL1)
+    }
     img.mapper.l2cache.clear()
     img.dropCompressedCache()
-    await updateReachable(img, w, old, h.l1Size, -1)
+    await updateReachable(img, w, old, oldL1.size, -1)
     // guard: the active L2 tables are the snapshot's now
     const dv = new DataView(snapL1.buffer)
-    for (let i = 0; i < h.l1Size; i++) {
+    for (let i = 0; i < l1Size; i++) {
       const e = decodeL1(dv, i * 8)
-      if (e.l2Offset !== 0) w.guard.set(e.l2Offset / h.clusterSize, 'l2')
+      if (e.l2Offset !== 0) w.guard.set(e.l2Offset / cs, 'l2')
     }
     await w.rc.persist()
     await w.flushNow()
