@@ -463,135 +463,217 @@ class Analyzer {
   /** check_refcounts_l2, on one table read whole */
   private async walkL2(l2Offset: number, l1Index: number, active: boolean, stats: WalkStats | undefined, read: Promise<Uint8Array>): Promise<void> {
     const cs = this.cs
-    const es = this.entrySize
     const t = await this.readTable(l2Offset, cs, 'l2', 'check_refcounts_l2', read)
+    this.scanL2(t, l2Offset, l1Index, active, stats)
+  }
+
+  /**
+   * The entries of one L2 table. Synchronous, so V8 optimises it once for all
+   * tables (an async function is re-entered through on-stack replacement and
+   * kept boxing the 64-bit offsets: a heap number per entry, 16 bytes of
+   * garbage per cluster).
+   */
+  private scanL2(t: Uint8Array, l2Offset: number, l1Index: number, active: boolean, stats: WalkStats | undefined): void {
+    const cs = this.cs
+    const cb = this.cb
+    const es = this.entrySize
     const dv = new DataView(t.buffer, t.byteOffset, t.byteLength)
+    const n = this.l2Count
+    // Fast path, in 32-bit integers only: an aligned data cluster (any COPIED
+    // flag) with no reserved bits, inside the file, whose counter has room.
+    // Everything else, and every entry that reports something, takes slowL2Entry.
+    const fast = !this.dataFile
+    const loMask = this.extL2 ? cs - 1 : (cs - 1) & ~1 // alignment and reserved bits (bit 0: the zero flag, v3)
+    const shift = 32 - cb
+    const hiLimit = 2 ** (30 - shift) // keeps the cluster index below 2^30
+    const kEnd = Math.min(Math.floor(this.fileSize / cs), this.imrt.size, 2 ** 30)
+    let counters = this.imrt.counters
+    const maxCount = this.imrt.max
+    const bits = active ? this.copiedBits : undefined
+    const bitsLimit = bits ? bits.length * 8 : 0
+    const copiedOdd = this.copiedOdd
+    const ext = this.extL2
+    /** the next contiguous host cluster: -1 none yet, -2 a byte offset kept in nextBytes (see contiguousAfter) */
+    let nextK = -1
+    for (let i = 0; i < n; i++) {
+      const o = i * es
+      const hi = dv.getInt32(o, false)
+      const lo = dv.getInt32(o + 4, false)
+      if (hi === 0 && lo === 0 && (!ext || dv.getInt32(o + 12, false) === 0)) continue // unallocated
+      const hiOff = hi & 0x00ffffff
+      if (fast && (hi & 0x7f000000) === 0 && (lo & loMask) === 0 && hiOff < hiLimit && (!ext || (dv.getInt32(o + 8, false) & dv.getInt32(o + 12, false)) === 0)) {
+        const k = (hiOff << shift) | (lo >>> cb)
+        if (k !== 0 && k < kEnd) {
+          if (stats) {
+            stats.allocated++
+            if (nextK !== -1 && (nextK === -2 ? k * cs !== this.nextBytes[0] : k !== nextK)) stats.fragmented++
+            nextK = k + 1
+          }
+          if (bits) {
+            if (hi < 0 && k < bitsLimit && ((bits[k >>> 3] as number) & (1 << (k & 7))) === 0) bits[k >>> 3] = (bits[k >>> 3] as number) | (1 << (k & 7))
+            else if (copiedOdd.length < 1_000_000) copiedOdd.push(k)
+            else this.copiedFullPass = true
+          }
+          const c = counters[k] as number
+          if (c < maxCount) {
+            counters[k] = c + 1
+            continue
+          }
+          const r = this.l2Ref(l2Offset, i, active, l1Index)
+          this.inc(k * cs, cs, 'data cluster', r) // reports the overflow
+          counters = this.imrt.counters
+          continue
+        }
+      }
+      nextK = this.slowL2Entry(dv, i, l2Offset, l1Index, active, stats, nextK)
+      counters = this.imrt.counters // inc() may have grown the array
+    }
+  }
+
+  /** scratch for a next-contiguous offset that is no small cluster index */
+  private readonly nextBytes = new Float64Array(1)
+
+  /** the next-contiguous state for a byte offset: a cluster index when it is one, else -2 with the offset in nextBytes */
+  private contiguousAfter(offset: number): number {
+    const cs = this.cs
+    if (offset % cs === 0 && offset / cs < 2 ** 30) return offset / cs
+    this.nextBytes[0] = offset
+    return -2
+  }
+
+  /** one L2 entry, every case (qemu's check_refcounts_l2); returns the next-contiguous state */
+  private slowL2Entry(dv: DataView, i: number, l2Offset: number, l1Index: number, active: boolean, stats: WalkStats | undefined, nextK: number): number {
+    const cs = this.cs
+    const es = this.entrySize
     const ext = this.extL2
     const x = 70 - this.cb // compressed: offset bits
     const hiOffMask = 2 ** (x - 32) - 1
     const csizeMask = (1 << (this.cb - 8)) - 1
-    let nextContiguous = 0
-    const counters = this.imrt.counters
     const maxCount = this.imrt.max
     const bits = active ? this.copiedBits : undefined
     const bitsLimit = bits ? bits.length * 8 : 0
-    for (let i = 0; i < this.l2Count; i++) {
-      const o = i * es
-      const hi = dv.getUint32(o, false)
-      const lo = dv.getUint32(o + 4, false)
-      const bmZero = ext ? dv.getUint32(o + 8, false) : 0
-      const bmAlloc = ext ? dv.getUint32(o + 12, false) : 0
-      if (hi === 0 && lo === 0 && bmAlloc === 0) continue
-      const ref = (): EntryRef => ({ tableOffset: l2Offset, index: i, active, l1Index, entrySize: es })
-      if (hi & 0x40000000) {
-        // compressed
-        const coffset = (hi & hiOffMask) * TWO32 + lo
-        // above 2^53 a double loses the low bits: print such offsets from a bigint
-        const cHexExact = () => entryHex(hi & hiOffMask, lo)
-        if (hi & 0x80000000) {
-          this.finding(
-            'corruption',
-            this.entryFinding('compressed-copied', ref(), coffset, `compressed cluster at ${cHexExact()} has the COPIED flag set`),
-            `ERROR: coffset=${cHexExact()}: copied flag must never be set for compressed clusters`,
-          )
-        }
-        if (this.dataFile) {
-          this.finding(
-            'corruption',
-            this.entryFinding('compressed-data-file', ref(), coffset, 'compressed cluster in an image with an external data file'),
-            `ERROR compressed cluster ${i} with data file, entry=${entryHex(hi & 0x7fffffff, lo)}`,
-          )
-          continue
-        }
-        if (ext && (bmAlloc !== 0 || bmZero !== 0)) {
-          this.finding(
-            'corruption',
-            this.entryFinding('compressed-bitmap', ref(), coffset, `compressed cluster has a non-zero subcluster bitmap; its host cluster is kept, not freed`),
-            `ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=${entryHex(hi & 0x7fffffff, lo)}`,
-          )
-          const nsec = ((hi >>> (x - 32)) & csizeMask) + 1
-          const size = nsec * 512 - (lo % 512)
-          for (let k = Math.floor(coffset / cs); k <= Math.floor((coffset + size - 1) / cs); k++) this.protectedClusters.add(k)
-          continue
-        }
+    const o = i * es
+    const hi = dv.getUint32(o, false)
+    const lo = dv.getUint32(o + 4, false)
+    const bmZero = ext ? dv.getUint32(o + 8, false) : 0
+    const bmAlloc = ext ? dv.getUint32(o + 12, false) : 0
+    if (hi === 0 && lo === 0 && bmAlloc === 0) return nextK
+    if (hi & 0x40000000) {
+      // compressed
+      const coffset = (hi & hiOffMask) * TWO32 + lo
+      // above 2^53 a double loses the low bits: print such offsets from a bigint
+      const cHexExact = () => entryHex(hi & hiOffMask, lo)
+      if (hi & 0x80000000) {
+        this.finding(
+          'corruption',
+          this.entryFinding('compressed-copied', this.l2Ref(l2Offset, i, active, l1Index), coffset, `compressed cluster at ${cHexExact()} has the COPIED flag set`),
+          `ERROR: coffset=${cHexExact()}: copied flag must never be set for compressed clusters`,
+        )
+      }
+      if (this.dataFile) {
+        this.finding(
+          'corruption',
+          this.entryFinding('compressed-data-file', this.l2Ref(l2Offset, i, active, l1Index), coffset, 'compressed cluster in an image with an external data file'),
+          `ERROR compressed cluster ${i} with data file, entry=${entryHex(hi & 0x7fffffff, lo)}`,
+        )
+        return nextK
+      }
+      if (ext && (bmAlloc !== 0 || bmZero !== 0)) {
+        this.finding(
+          'corruption',
+          this.entryFinding('compressed-bitmap', this.l2Ref(l2Offset, i, active, l1Index), coffset, `compressed cluster has a non-zero subcluster bitmap; its host cluster is kept, not freed`),
+          `ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=${entryHex(hi & 0x7fffffff, lo)}`,
+        )
         const nsec = ((hi >>> (x - 32)) & csizeMask) + 1
         const size = nsec * 512 - (lo % 512)
-        this.inc(coffset, size, 'compressed cluster', ref(), (hi & hiOffMask) >= 0x200000 ? cHexExact() : undefined)
-        if (stats) {
-          stats.allocated++
-          stats.compressed++
-          stats.fragmented++
-        }
-        continue
+        for (let k = Math.floor(coffset / cs); k <= Math.floor((coffset + size - 1) / cs); k++) this.protectedClusters.add(k)
+        return nextK
       }
-      if ((lo & 0x1fe) !== 0 || (hi & 0x3f000000) !== 0) {
-        this.finding(
-          'corruption',
-          this.entryFinding('l2-reserved-bits', ref(), undefined, `L2 entry ${entryHex(hi, lo)} has reserved bits set`),
-          `ERROR found l2 entry with reserved bits set: ${entryHex(hi, lo).slice(2)}`,
-        )
-      }
-      const offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
-      const zeroFlag = !ext && (lo & 1) !== 0
-      if (zeroFlag && offset === 0) continue // ZERO_PLAIN
-      if (offset === 0 && !(this.dataFile && (hi & 0x80000000) !== 0)) {
-        // UNALLOCATED
-        if (ext && bmAlloc !== 0) {
-          this.finding(
-            'corruption',
-            this.entryFinding('extl2-unallocated-bitmap', ref(), undefined, `unallocated cluster has allocation bits set in its subcluster bitmap (${hex(bmAlloc)})`),
-            'ERROR: Unallocated cluster has non-zero subcluster allocation map',
-          )
-        }
-        continue
-      }
-      // NORMAL or ZERO_ALLOC
-      if (ext && (bmZero & bmAlloc) !== 0) {
-        this.finding(
-          'corruption',
-          this.entryFinding('extl2-bitmap', ref(), offset, `subclusters both allocated and zero (bitmap alloc ${hex(bmAlloc)}, zero ${hex(bmZero)})`),
-          `ERROR offset=${offset.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`,
-        )
-      }
-      if (offset % cs !== 0) {
-        const containsData = ext ? bmAlloc !== 0 : !zeroFlag
-        if (!containsData) {
-          this.zeroAllocUnaligned.push(ref())
-          this.finding(
-            'corruption',
-            this.entryFinding('zero-alloc-unaligned', ref(), offset, `preallocated zero cluster offset ${hex(offset)} is not cluster aligned`),
-            `ERROR offset=${offset.toString(16)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`,
-          )
-        } else {
-          this.finding(
-            'corruption',
-            this.entryFinding('data-unaligned', ref(), offset, `data cluster offset ${hex(offset)} is not cluster aligned`),
-            `ERROR offset=${offset.toString(16)}: Data cluster is not properly aligned; L2 entry corrupted.`,
-          )
-        }
-      }
+      const nsec = ((hi >>> (x - 32)) & csizeMask) + 1
+      const size = nsec * 512 - (lo % 512)
+      this.inc(coffset, size, 'compressed cluster', this.l2Ref(l2Offset, i, active, l1Index), (hi & hiOffMask) >= 0x200000 ? cHexExact() : undefined)
       if (stats) {
         stats.allocated++
-        if (nextContiguous !== 0 && offset !== nextContiguous) stats.fragmented++
-        nextContiguous = offset + cs
+        stats.compressed++
+        stats.fragmented++
       }
-      if (!this.dataFile) {
-        // fast path: an aligned cluster inside the file whose counter has room
-        const k = offset / cs
-        if (bits) {
-          if ((hi & 0x80000000) !== 0 && offset % cs === 0 && k < bitsLimit && ((bits[k >>> 3] as number) & (1 << (k & 7))) === 0) {
-            bits[k >>> 3] = (bits[k >>> 3] as number) | (1 << (k & 7))
-          } else if (this.copiedOdd.length < 1_000_000) this.copiedOdd.push(k)
-          else this.copiedFullPass = true
-        }
-        if (offset % cs === 0 && offset + cs <= this.fileSize && k < this.imrt.size && (counters[k] as number) < maxCount) {
-          counters[k] = (counters[k] as number) + 1
-        } else {
-          const r = ref()
-          if (!this.inc(offset, cs, 'data cluster', r)) this.pastEof.push({ ref: r, kind: 'data', hostOffset: offset })
-        }
+      return nextK
+    }
+    if ((lo & 0x1fe) !== 0 || (hi & 0x3f000000) !== 0) {
+      this.finding(
+        'corruption',
+        this.entryFinding('l2-reserved-bits', this.l2Ref(l2Offset, i, active, l1Index), undefined, `L2 entry ${entryHex(hi, lo)} has reserved bits set`),
+        `ERROR found l2 entry with reserved bits set: ${entryHex(hi, lo).slice(2)}`,
+      )
+    }
+    const offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
+    const zeroFlag = !ext && (lo & 1) !== 0
+    if (zeroFlag && offset === 0) return nextK // ZERO_PLAIN
+    if (offset === 0 && !(this.dataFile && (hi & 0x80000000) !== 0)) {
+      // UNALLOCATED
+      if (ext && bmAlloc !== 0) {
+        this.finding(
+          'corruption',
+          this.entryFinding('extl2-unallocated-bitmap', this.l2Ref(l2Offset, i, active, l1Index), undefined, `unallocated cluster has allocation bits set in its subcluster bitmap (${hex(bmAlloc)})`),
+          'ERROR: Unallocated cluster has non-zero subcluster allocation map',
+        )
+      }
+      return nextK
+    }
+    // NORMAL or ZERO_ALLOC
+    if (ext && (bmZero & bmAlloc) !== 0) {
+      this.finding(
+        'corruption',
+        this.entryFinding('extl2-bitmap', this.l2Ref(l2Offset, i, active, l1Index), offset, `subclusters both allocated and zero (bitmap alloc ${hex(bmAlloc)}, zero ${hex(bmZero)})`),
+        `ERROR offset=${offset.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`,
+      )
+    }
+    if (offset % cs !== 0) {
+      const containsData = ext ? bmAlloc !== 0 : !zeroFlag
+      if (!containsData) {
+        this.zeroAllocUnaligned.push(this.l2Ref(l2Offset, i, active, l1Index))
+        this.finding(
+          'corruption',
+          this.entryFinding('zero-alloc-unaligned', this.l2Ref(l2Offset, i, active, l1Index), offset, `preallocated zero cluster offset ${hex(offset)} is not cluster aligned`),
+          `ERROR offset=${offset.toString(16)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`,
+        )
+      } else {
+        this.finding(
+          'corruption',
+          this.entryFinding('data-unaligned', this.l2Ref(l2Offset, i, active, l1Index), offset, `data cluster offset ${hex(offset)} is not cluster aligned`),
+          `ERROR offset=${offset.toString(16)}: Data cluster is not properly aligned; L2 entry corrupted.`,
+        )
       }
     }
+    let next = nextK
+    if (stats) {
+      stats.allocated++
+      const nextContiguous = nextK === -1 ? 0 : nextK === -2 ? (this.nextBytes[0] as number) : nextK * cs
+      if (nextContiguous !== 0 && offset !== nextContiguous) stats.fragmented++
+      next = this.contiguousAfter(offset + cs)
+    }
+    if (!this.dataFile) {
+      const k = offset / cs
+      const counters = this.imrt.counters
+      if (bits) {
+        if ((hi & 0x80000000) !== 0 && offset % cs === 0 && k < bitsLimit && ((bits[k >>> 3] as number) & (1 << (k & 7))) === 0) {
+          bits[k >>> 3] = (bits[k >>> 3] as number) | (1 << (k & 7))
+        } else if (this.copiedOdd.length < 1_000_000) this.copiedOdd.push(k)
+        else this.copiedFullPass = true
+      }
+      if (offset % cs === 0 && offset + cs <= this.fileSize && k < this.imrt.size && (counters[k] as number) < maxCount) {
+        counters[k] = (counters[k] as number) + 1
+      } else {
+        const r = this.l2Ref(l2Offset, i, active, l1Index)
+        if (!this.inc(offset, cs, 'data cluster', r)) this.pastEof.push({ ref: r, kind: 'data', hostOffset: offset })
+      }
+    }
+    return next
+  }
+
+  /** where an L2 entry is (made only when something is reported: no allocation per entry) */
+  private l2Ref(l2Offset: number, index: number, active: boolean, l1Index: number): EntryRef {
+    return { tableOffset: l2Offset, index, active, l1Index, entrySize: this.entrySize }
   }
 
   private entryFinding(kind: string, ref: EntryRef, hostOffset: number | undefined, what: string): Omit<Finding, 'severity'> {
