@@ -1,37 +1,92 @@
 /*
- * lseek(SEEK_DATA / SEEK_HOLE) for Node, which has no binding for it.
- * qemu-img reports host holes as zero ranges; this lets imgtool do the same.
- * seek(fd, offset, whence) -> new offset, or -errno (ENXIO past the last data).
+ * File-offset primitives Node has no binding for.
+ *
+ * seek(fd, offset, whence) -> lseek(SEEK_DATA / SEEK_HOLE): whence 0 = SEEK_DATA,
+ *   1 = SEEK_HOLE; the new offset, or -errno (ENXIO past the last data).
+ *   qemu-img reports host holes as zero ranges; this lets imgtool do the same.
+ * lseek(fd, offset, whence) -> plain lseek: whence 0 = SEEK_SET, 1 = SEEK_CUR,
+ *   2 = SEEK_END; the new offset, or -errno. cat uses it to learn where the
+ *   shell's stdout file stands and to leave it at the end of what it wrote.
+ * getfl(fd) -> fcntl(fd, F_GETFL): the status flags, or -errno.
+ * O_APPEND -> this platform's O_APPEND bit (positional writes to an append-mode
+ *   file land at its end on Linux, so cat must not use them there).
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <node_api.h>
 #include <sys/types.h>
 #include <unistd.h>
 
-static napi_value do_seek(napi_env env, napi_callback_info info) {
+/* fd, offset, whence from the three arguments; 0 when they are not numbers */
+static int get_args(napi_env env, napi_callback_info info, size_t want, int32_t *fd, int64_t *off, int32_t *whence) {
   size_t argc = 3;
   napi_value argv[3];
-  int32_t fd = -1, whence = 0;
-  int64_t off = 0;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < want) return 0;
+  if (napi_get_value_int32(env, argv[0], fd) != napi_ok) return 0;
+  if (want >= 2 && napi_get_value_int64(env, argv[1], off) != napi_ok) return 0;
+  if (want >= 3 && napi_get_value_int32(env, argv[2], whence) != napi_ok) return 0;
+  return 1;
+}
+
+static napi_value result(napi_env env, int64_t r) {
   napi_value out;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 3) return NULL;
-  napi_get_value_int32(env, argv[0], &fd);
-  napi_get_value_int64(env, argv[1], &off);
-  napi_get_value_int32(env, argv[2], &whence);
-#if defined(SEEK_DATA) && defined(SEEK_HOLE)
-  off_t r = lseek(fd, (off_t)off, whence == 0 ? SEEK_DATA : SEEK_HOLE);
-  napi_create_int64(env, r < 0 ? -(int64_t)errno : (int64_t)r, &out);
-#else
-  napi_create_int64(env, -(int64_t)ENOSYS, &out);
-#endif
+  napi_create_int64(env, r < 0 ? -(int64_t)errno : r, &out);
   return out;
 }
 
-static napi_value init(napi_env env, napi_value exports) {
+static napi_value einval(napi_env env) {
+  napi_value out;
+  napi_create_int64(env, -(int64_t)EINVAL, &out);
+  return out;
+}
+
+static napi_value do_seek(napi_env env, napi_callback_info info) {
+  int32_t fd = -1, whence = 0;
+  int64_t off = 0;
+  if (!get_args(env, info, 3, &fd, &off, &whence)) return NULL;
+#if defined(SEEK_DATA) && defined(SEEK_HOLE)
+  return result(env, (int64_t)lseek(fd, (off_t)off, whence == 0 ? SEEK_DATA : SEEK_HOLE));
+#else
+  napi_value out;
+  napi_create_int64(env, -(int64_t)ENOSYS, &out);
+  return out;
+#endif
+}
+
+static napi_value do_lseek(napi_env env, napi_callback_info info) {
+  int32_t fd = -1, whence = 0;
+  int64_t off = 0;
+  if (!get_args(env, info, 3, &fd, &off, &whence)) return einval(env);
+  int w;
+  switch (whence) {
+    case 0: w = SEEK_SET; break;
+    case 1: w = SEEK_CUR; break;
+    case 2: w = SEEK_END; break;
+    default: return einval(env);
+  }
+  return result(env, (int64_t)lseek(fd, (off_t)off, w));
+}
+
+static napi_value do_getfl(napi_env env, napi_callback_info info) {
+  int32_t fd = -1;
+  if (!get_args(env, info, 1, &fd, NULL, NULL)) return einval(env);
+  return result(env, (int64_t)fcntl(fd, F_GETFL));
+}
+
+static void export_fn(napi_env env, napi_value exports, const char *name, napi_callback cb) {
   napi_value fn;
-  napi_create_function(env, "seek", NAPI_AUTO_LENGTH, do_seek, NULL, &fn);
-  napi_set_named_property(env, exports, "seek", fn);
+  napi_create_function(env, name, NAPI_AUTO_LENGTH, cb, NULL, &fn);
+  napi_set_named_property(env, exports, name, fn);
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_value v;
+  export_fn(env, exports, "seek", do_seek);
+  export_fn(env, exports, "lseek", do_lseek);
+  export_fn(env, exports, "getfl", do_getfl);
+  napi_create_int32(env, O_APPEND, &v);
+  napi_set_named_property(env, exports, "O_APPEND", v);
   return exports;
 }
 

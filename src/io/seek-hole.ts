@@ -1,12 +1,21 @@
 /**
- * Loads the optional native lseek(SEEK_DATA/SEEK_HOLE) addon built by `npm install`
- * (native/seekhole.c). Without it, hole detection is simply unavailable.
+ * Loads the optional native addon built by `npm install` (native/seekhole.c):
+ * lseek(SEEK_DATA/SEEK_HOLE) for hole detection, and plain lseek plus
+ * fcntl(F_GETFL) for the file offset of a descriptor someone else opened
+ * (cat's stdout). Without it, hole detection is simply unavailable and cat
+ * writes its output one write after another.
  */
 import { createRequire } from 'node:module'
 
 export interface SeekHole {
   /** whence 0 = SEEK_DATA, 1 = SEEK_HOLE; returns the offset or -errno */
   seek(fd: number, offset: number, whence: 0 | 1): number
+  /** whence 0 = SEEK_SET, 1 = SEEK_CUR, 2 = SEEK_END; returns the new offset or -errno (absent from addons built before it) */
+  lseek?(fd: number, offset: number, whence: 0 | 1 | 2): number
+  /** fcntl(fd, F_GETFL): the status flags or -errno */
+  getfl?(fd: number): number
+  /** the platform's O_APPEND bit */
+  O_APPEND?: number
 }
 
 let loaded: SeekHole | null | undefined
@@ -24,3 +33,28 @@ export function seekHoleAddon(): SeekHole | null {
 }
 
 export const ENXIO = 6
+
+/** The file offset of a descriptor, as the process that opened it sees it. */
+export interface FileOffset {
+  /** the current offset (lseek SEEK_CUR), or -errno */
+  tell(fd: number): number
+  /** set the offset (lseek SEEK_SET); the new offset, or -errno */
+  seekTo(fd: number, offset: number): number
+  /** whether writes to fd go to the end of the file whatever their position (O_APPEND), or undefined when unknown */
+  isAppend(fd: number): boolean | undefined
+}
+
+/** lseek/fcntl for a descriptor's offset, or null without the addon (or with one built before they existed). */
+export function fileOffsetAddon(): FileOffset | null {
+  const a = seekHoleAddon()
+  if (!a || typeof a.lseek !== 'function' || typeof a.getfl !== 'function' || typeof a.O_APPEND !== 'number') return null
+  const { lseek, getfl, O_APPEND } = a
+  return {
+    tell: (fd) => lseek(fd, 0, 1),
+    seekTo: (fd, offset) => lseek(fd, offset, 0),
+    isAppend(fd) {
+      const fl = getfl(fd)
+      return fl < 0 ? undefined : (fl & O_APPEND) !== 0
+    },
+  }
+}
