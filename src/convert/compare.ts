@@ -7,6 +7,7 @@
 import type { DiskImage, Extent } from '../image/disk-image.js'
 import { mergeExtents } from '../image/range.js'
 import { isZeroFast as isAllZero } from './convert.js'
+import { BufferPool, HostFiles, readGuest, sourceOf, type Source } from './host-reads.js'
 
 export type CompareResult =
   | { identical: true; sizeMismatch: boolean }
@@ -15,6 +16,13 @@ export type CompareResult =
 export interface CompareOptions {
   strict?: boolean
   chunkSize?: number
+  /** reads in flight per image (default 4) */
+  inFlight?: number
+  /**
+   * read ranges that extents map 1:1 to a host file straight from that file
+   * into reused buffers (host-reads.ts); for images opened from files (the CLI)
+   */
+  hostFiles?: boolean
   onProgress?: (done: number, total: number) => void
 }
 
@@ -29,6 +37,13 @@ function firstDiff(a: Uint8Array, b: Uint8Array): number {
   return -1
 }
 
+/** First non-zero 512-byte sector of a buffer, or -1. */
+function firstNonZero(a: Uint8Array): number {
+  if (isAllZero(a)) return -1
+  for (let i = 0; i < a.byteLength; i++) if (a[i] !== 0) return Math.floor(i / 512) * 512
+  return -1
+}
+
 export async function compareImages(a: DiskImage, b: DiskImage, options: CompareOptions = {}): Promise<CompareResult> {
   const sizeMismatch = a.virtualSize !== b.virtualSize
   if (sizeMismatch && options.strict) {
@@ -37,41 +52,73 @@ export async function compareImages(a: DiskImage, b: DiskImage, options: Compare
   const common = Math.min(a.virtualSize, b.virtualSize)
   const total = Math.max(a.virtualSize, b.virtualSize)
   const chunk = options.chunkSize ?? 2 * 1024 * 1024
-  // walk both images' extents together; skip ranges that are zero in both
-  const ea = statusRuns(a, common)
-  const eb = statusRuns(b, common)
-  let ca = (await ea.next()).value as Extent | undefined
-  let cb = (await eb.next()).value as Extent | undefined
-  let pos = 0
-  while (pos < common && ca && cb) {
-    const end = Math.min(ca.start + ca.length, cb.start + cb.length)
-    if (options.strict && ca.present !== cb.present) {
-      return { identical: false, sizeMismatch, reason: 'status', offset: pos, message: `Strict mode: Offset ${pos} block status mismatch!` }
+  const inFlight = Math.max(1, options.inFlight ?? 4)
+  const hostFiles = options.hostFiles ?? false
+  const files = new HostFiles()
+  const pool = new BufferPool(chunk)
+  try {
+    // walk both images' extents together: ranges that read as zeros in both are not read,
+    // ranges that read as zeros in one are read from the other only
+    const ea = statusRuns(a, common)
+    const eb = statusRuns(b, common)
+    let ca = (await ea.next()).value as Extent | undefined
+    let cb = (await eb.next()).value as Extent | undefined
+    let pos = 0
+    /** pieces in flight, checked in guest order: the first difference is the lowest */
+    const queue: Array<{ at: number; end: number; diff: Promise<number> }> = []
+    const settle = async (): Promise<CompareResult | undefined> => {
+      const job = queue.shift()!
+      const d = await job.diff
+      options.onProgress?.(job.end, total)
+      if (d < 0) return undefined
+      const offset = job.at + d
+      for (const j of queue) j.diff.catch(() => undefined)
+      return { identical: false, sizeMismatch, reason: 'content', offset, message: `Content mismatch at offset ${offset}!` }
     }
-    const bothZero = !ca.data && !cb.data
-    if (!bothZero) {
-      // several reads in flight
-      for (let p = pos; p < end; ) {
-        const batch: Array<Promise<[Uint8Array, Uint8Array, number]>> = []
-        for (let k = 0; k < 2 && p < end; k++) {
-          const n = Math.min(chunk, end - p)
-          const at = p
-          batch.push(Promise.all([a.read(at, n), b.read(at, n)]).then(([x, y]) => [x, y, at]))
-          p += n
+    const piece = async (at: number, n: number, sa: Source, sb: Source): Promise<number> => {
+      const [x, y] = await Promise.all([
+        sa.kind === 'zero' ? undefined : readGuest(a, sa, at, n, files, pool),
+        sb.kind === 'zero' ? undefined : readGuest(b, sb, at, n, files, pool),
+      ])
+      const d = x && y ? firstDiff(x, y) : firstNonZero((x ?? y)!)
+      if (x) pool.put(x)
+      if (y) pool.put(y)
+      return d
+    }
+    while (pos < common && ca && cb) {
+      const end = Math.min(ca.start + ca.length, cb.start + cb.length)
+      if (options.strict && ca.present !== cb.present) {
+        while (queue.length > 0) {
+          const r = await settle()
+          if (r) return r
         }
-        for (const r of await Promise.all(batch)) {
-          const d = firstDiff(r[0], r[1])
-          if (d >= 0) {
-            const offset = r[2] + d
-            return { identical: false, sizeMismatch, reason: 'content', offset, message: `Content mismatch at offset ${offset}!` }
+        return { identical: false, sizeMismatch, reason: 'status', offset: pos, message: `Strict mode: Offset ${pos} block status mismatch!` }
+      }
+      if (ca.zero && cb.zero) {
+        queue.push({ at: pos, end, diff: Promise.resolve(-1) })
+      } else {
+        for (let p = pos; p < end; ) {
+          const n = Math.min(chunk, end - p)
+          const diff = piece(p, n, sourceOf(ca, p, hostFiles), sourceOf(cb, p, hostFiles))
+          diff.catch(() => undefined) // surfaced when settled
+          queue.push({ at: p, end: p + n, diff })
+          p += n
+          while (queue.length >= inFlight) {
+            const r = await settle()
+            if (r) return r
           }
         }
       }
+      pos = end
+      if (ca.start + ca.length <= pos) ca = (await ea.next()).value as Extent | undefined
+      if (cb.start + cb.length <= pos) cb = (await eb.next()).value as Extent | undefined
     }
-    options.onProgress?.(end, total)
-    pos = end
-    if (ca.start + ca.length <= pos) ca = (await ea.next()).value as Extent | undefined
-    if (cb.start + cb.length <= pos) cb = (await eb.next()).value as Extent | undefined
+    while (queue.length > 0) {
+      const r = await settle()
+      if (r) return r
+    }
+  } finally {
+    await files.close()
   }
   if (sizeMismatch) {
     const big = a.virtualSize > b.virtualSize ? a : b

@@ -8,6 +8,7 @@
 import { UsageError } from '../errors.js'
 import type { DiskImage, Extent } from '../image/disk-image.js'
 import { mergeExtents } from '../image/range.js'
+import { BufferPool, HostFiles, readGuest, sourceOf, type Source } from './host-reads.js'
 
 /** A target that can store compressed clusters (qcow2), found by capability, not by format. */
 export interface CompressedTarget {
@@ -36,6 +37,11 @@ export interface ConvertOptions {
   chunkSize?: number
   /** reads in flight (default 4) */
   inFlight?: number
+  /**
+   * read ranges that extents map 1:1 to a host file straight from that file
+   * into reused buffers (host-reads.ts); for sources opened from files (the CLI)
+   */
+  hostFiles?: boolean
   onProgress?: (done: number, total: number) => void
 }
 
@@ -50,8 +56,15 @@ interface Chunk {
   length: number
 }
 
+interface DataChunk extends Chunk {
+  source: Source
+}
+
 /** The source's extents as work: data chunks to copy, zero ranges to write (backing mode only). */
-async function* plan(src: DiskImage, o: Required<Pick<ConvertOptions, 'chunkSize'>> & ConvertOptions): AsyncGenerator<{ kind: 'data' | 'zero' | 'skip'; c: Chunk }> {
+async function* plan(
+  src: DiskImage,
+  o: Required<Pick<ConvertOptions, 'chunkSize'>> & ConvertOptions,
+): AsyncGenerator<{ kind: 'zero'; c: Chunk } | { kind: 'skip'; c: Chunk } | { kind: 'data'; c: DataChunk }> {
   for await (const e of mergeExtents(src.extents(0, src.virtualSize)) as AsyncIterable<Extent>) {
     const fromBacking = e.depth > 0 || !e.present
     let kind: 'data' | 'zero' | 'skip'
@@ -59,14 +72,14 @@ async function* plan(src: DiskImage, o: Required<Pick<ConvertOptions, 'chunkSize
     else if (o.targetHasBacking && !fromBacking && e.zero) kind = 'zero'
     else kind = 'skip'
     if (kind !== 'data') {
-      yield { kind, c: { offset: e.start, length: e.length } }
+      yield kind === 'zero' ? { kind, c: { offset: e.start, length: e.length } } : { kind, c: { offset: e.start, length: e.length } }
       continue
     }
     let pos = e.start
     const end = e.start + e.length
     while (pos < end) {
       const next = Math.min(end, (Math.floor(pos / o.chunkSize) + 1) * o.chunkSize)
-      yield { kind, c: { offset: pos, length: next - pos } }
+      yield { kind, c: { offset: pos, length: next - pos, source: sourceOf(e, pos, o.hostFiles ?? false) } }
       pos = next
     }
   }
@@ -92,7 +105,8 @@ export function dataRuns(buf: Uint8Array, offset: number, block: number): Chunk[
   let i = 0
   while (i < buf.byteLength) {
     const next = Math.min(buf.byteLength, (Math.floor((offset + i) / block) + 1) * block - offset)
-    const zero = isZeroFast(buf.subarray(i, next))
+    // most data blocks start with a non-zero byte: no memcmp for those
+    const zero = buf[i] === 0 && buf[next - 1] === 0 && isZeroFast(buf.subarray(i, next))
     if (!zero) {
       const last = runs[runs.length - 1]
       if (last && last.offset + last.length === offset + i) last.length += next - i
@@ -133,8 +147,13 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     await writeChain
   }
 
-  const prepareData = async (c: Chunk): Promise<Prepared> => {
-    const buf = await src.read(c.offset, c.length)
+  const files = new HostFiles()
+  const pool = new BufferPool(chunkSize)
+  const prepareData = async (c: DataChunk): Promise<Prepared> => {
+    // zero-flagged data (a host hole under a preallocated cluster) reads as zeros: nothing to
+    // write when zero blocks are skipped anyway (-S > 0, or -c)
+    if (c.source.kind === 'zero' && (minSparse > 0 || compress)) return async () => progress(c.length)
+    const buf = await readGuest(src, c.source.kind === 'zero' ? { kind: 'image' } : c.source, c.offset, c.length, files, pool)
     result.bytesRead += c.length
     if (compress) {
       const target = dst as unknown as CompressedTarget
@@ -169,6 +188,7 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
           await dst.write!(w.offset, w.data)
           result.bytesWritten += w.data.byteLength
         }
+        pool.put(buf)
         progress(c.length)
       }
     }
@@ -178,10 +198,12 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
         await dst.write!(r.offset, buf.subarray(r.offset - c.offset, r.offset - c.offset + r.length))
         result.bytesWritten += r.length
       }
+      pool.put(buf)
       progress(c.length)
     }
   }
 
+  try {
   for await (const item of plan(src, { ...options, chunkSize })) {
     if (item.kind === 'skip') {
       queue.push(Promise.resolve(async () => progress(item.c.length)))
@@ -201,6 +223,10 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     while (queue.length >= inFlight) await drainOne()
   }
   while (queue.length > 0) await drainOne()
+  } finally {
+    await Promise.allSettled(queue)
+    await files.close()
+  }
   await dst.flush()
   return result
 }

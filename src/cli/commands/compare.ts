@@ -36,6 +36,7 @@ const compare: CommandModule = {
           const spinner = opts['progress'] && io.isTTY && !opts['quiet'] ? (await import('ora')).default({ stream: io.stderr as NodeJS.WriteStream, text: 'comparing' }).start() : undefined
           const r = await compareImages(a, b, {
             strict: Boolean(opts['strict']),
+            hostFiles: true,
             onProgress: spinner ? (d, t) => void (spinner.text = `comparing (${((100 * d) / Math.max(1, t)).toFixed(2)}/100%)`) : undefined,
           })
           spinner?.stop()

@@ -16,6 +16,7 @@ const convert: CommandModule = {
       .option('-F, --backing-format <fmt>', 'format of the -B backing file')
       .option('-S, --sparse-size <size>', 'zero runs of at least SIZE bytes are left sparse (0: write all)', '4k')
       .option('-m, --parallel <n>', 'I/Os in flight', '4')
+      .option('-t, --cache <mode>', 'target cache mode: unsafe (as qemu-img: no flush at all) or writeback (flushed once, at the end)', 'unsafe')
       .option('-p, --progress', 'show progress (on a terminal)')
       .option('-q, --quiet', 'print nothing')
       .argument('<source>')
@@ -36,6 +37,8 @@ const convert: CommandModule = {
     const minSparse = parseSize(String(opts['sparseSize'] ?? '4k'), '-S')
     const inFlight = Number(opts['parallel'] ?? 4)
     if (!Number.isInteger(inFlight) || inFlight < 1) throw new UsageError('-m must be a positive whole number')
+    const cache = String(opts['cache'] ?? 'unsafe')
+    if (cache !== 'unsafe' && cache !== 'writeback') throw new UsageError(`Invalid cache option: ${cache} (unsafe, writeback)`)
     const options = parseKeyValues(opts['options'] as string | undefined)
     const backing = opts['backing'] as string | undefined
     if (backing !== undefined && outFmt !== 'qcow2') throw new UsageError('-B needs a target format with backing files (qcow2)')
@@ -82,7 +85,7 @@ const convert: CommandModule = {
           await dev.close()
         }
         const { unsafeCacheOpener } = await import('../../convert/unsafe-cache.js')
-        const dst = await openImage(dstPath, { format: outFmt, readOnly: false, openDevice: unsafeCacheOpener(openFileDevice) })
+        const dst = await openImage(dstPath, { format: outFmt, readOnly: false, openDevice: unsafeCacheOpener(openFileDevice, cache) })
         let pool: import('../../formats/qcow2/compress-write.js').CompressPool | undefined
         try {
           let compressFn: ((c: Uint8Array) => Promise<Uint8Array | undefined>) | undefined
@@ -93,7 +96,7 @@ const convert: CommandModule = {
             const p = pool
             compressFn = (c) => p.compress(c, q.clusterSize, q.header.compressionType)
           }
-          await run(src, dst, { minSparse, inFlight, targetHasBacking: backing !== undefined, ...(compressFn ? { compress: compressFn } : {}), ...(onProgress ? { onProgress } : {}) })
+          await run(src, dst, { minSparse, inFlight, hostFiles: true, targetHasBacking: backing !== undefined, ...(compressFn ? { compress: compressFn } : {}), ...(onProgress ? { onProgress } : {}) })
         } finally {
           await pool?.close()
           await dst.close()

@@ -156,7 +156,7 @@ export class CompressPool {
       const job = this.waiting.shift()!
       this.load[best]!++
       // a view would carry its whole underlying buffer through the structured clone: send a copy, transferred
-      const copy = job.data.slice()
+      const copy = Uint8Array.prototype.slice.call(job.data) // a copy even for a Buffer (whose slice() is a view)
       this.workers[best]!.postMessage({ id: job.id, type: job.type, data: copy, clusterSize: job.clusterSize }, [copy.buffer])
     }
   }
