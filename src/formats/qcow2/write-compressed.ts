@@ -30,7 +30,7 @@ export async function writeCompressedLocked(wr: Qcow2Writer, items: Array<{ offs
       w.allocated.push(host.range)
       setCompressed(w.table, wr.ew, idx, host.offset, it.data.byteLength)
       wr.touch(w, idx)
-      await dataWrite(writes, wr.img.device, host.offset, it.data)
+      dataWrite(writes, wr.img.device, host.offset, it.data)
     }
     await commit(wr, works, writes, true)
   } catch (e) {

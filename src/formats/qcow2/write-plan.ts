@@ -46,6 +46,11 @@ export async function writeLocked(wr: Qcow2Writer, offset: number, data: Uint8Ar
       }
       const alloc: typeof plans = []
       for (const pl of plans) {
+        // no host cluster of its own (unallocated, compressed, plain zero): a new one, without asking
+        if (pl.e.type === 'unallocated' || pl.e.type === 'compressed' || (pl.e.type === 'zero' && pl.e.hostOffset === 0)) {
+          alloc.push(pl)
+          continue
+        }
         const piece = data.subarray(pl.from - offset, pl.to - offset)
         const r = await planClusterWrite(wr, w, pl.idx, pl.guest, pl.from, piece, writes)
         if (r === 'alloc') alloc.push(pl)
@@ -59,7 +64,9 @@ export async function writeLocked(wr: Qcow2Writer, offset: number, data: Uint8Ar
           const first = await wr.alloc(alloc.length, w)
           for (let k = 0; k < alloc.length; k++) {
             const pl = alloc[k]!
-            await fillNewCluster(wr, w, pl.idx, pl.guest, first + k * wr.cs, pl.e, pl.from, data.subarray(pl.from - offset, pl.to - offset), writes, wr.img.device)
+            const piece = data.subarray(pl.from - offset, pl.to - offset)
+            if (!wr.ew.extended && pl.from === pl.guest && piece.byteLength === wr.cs) fillWholeCluster(wr, w, pl.idx, first + k * wr.cs, pl.e, piece, writes, wr.img.device)
+            else await fillNewCluster(wr, w, pl.idx, pl.guest, first + k * wr.cs, pl.e, pl.from, piece, writes, wr.img.device)
           }
         }
       }
@@ -86,13 +93,13 @@ export async function planClusterWrite(wr: Qcow2Writer, w: TableWork, idx: numbe
   const host = (e as { hostOffset: number }).hostOffset
   if (!wr.ew.extended) {
     if (e.type === 'normal') {
-      await dataWrite(writes, dataDev, host + (from - guest), piece)
+      dataWrite(writes, dataDev, host + (from - guest), piece)
       return 'inplace'
     }
     // preallocated zero cluster: write the whole cluster, then drop the zero flag
     const buf = new Uint8Array(wr.cs)
     buf.set(piece, from - guest)
-    await dataWrite(writes, dataDev, host, buf)
+    dataWrite(writes, dataDev, host, buf)
     setStandard(w.table, wr.ew, idx, { hostOffset: host, copied: true })
     wr.touch(w, idx)
     return 'meta'
@@ -103,12 +110,12 @@ export async function planClusterWrite(wr: Qcow2Writer, w: TableWork, idx: numbe
   const s1 = Math.floor((from - guest + piece.byteLength - 1) / wr.sc)
   const mask = subclusterMask(s0, s1)
   if ((bm.alloc & mask) === mask) {
-    await dataWrite(writes, dataDev, host + (from - guest), piece)
+    dataWrite(writes, dataDev, host + (from - guest), piece)
     return 'inplace'
   }
   const bufStart = s0 * wr.sc
   const buf = await subclusterBuffer(wr, guest, bufStart, (s1 + 1) * wr.sc, from, piece)
-  await dataWrite(writes, dataDev, host + bufStart, buf)
+  dataWrite(writes, dataDev, host + bufStart, buf)
   setBitmap(w.table, idx, { alloc: (bm.alloc | mask) >>> 0, zero: (bm.zero & ~mask) >>> 0 })
   wr.touch(w, idx)
   return 'meta'
@@ -125,18 +132,16 @@ export async function subclusterBuffer(wr: Qcow2Writer, guest: number, a: number
 
 /** Content for a newly allocated (or external) host cluster and its new entry. */
 export async function fillNewCluster(wr: Qcow2Writer, w: TableWork, idx: number, guest: number, host: number, e: L2Entry, from: number, piece: Uint8Array, writes: DataWrite[], dev: BlockDevice): Promise<void> {
-  const dropped = wr.dropRef(e)
-  if (dropped) w.frees.push(dropped)
   if (!wr.ew.extended || e.type === 'compressed') {
     const full = from === guest && piece.byteLength === wr.cs
+    // the whole cluster is written: no copy-on-write, nothing to wait for (the common case of a large write)
     const buf = full ? piece : await wr.oldGuest(guest, wr.cs)
     if (!full) buf.set(piece, from - guest)
-    await dataWrite(writes, dev, host, buf)
-    setStandard(w.table, wr.ew, idx, { hostOffset: host, copied: true })
-    if (wr.ew.extended) setBitmap(w.table, idx, { alloc: ALL_SUBCLUSTERS, zero: 0 })
-    wr.touch(w, idx)
+    fillWholeCluster(wr, w, idx, host, e, buf, writes, dev)
     return
   }
+  const dropped = wr.dropRef(e)
+  if (dropped) w.frees.push(dropped)
   const bm = getBitmap(w.table, idx)
   const s0 = Math.floor((from - guest) / wr.sc)
   const s1 = Math.floor((from - guest + piece.byteLength - 1) / wr.sc)
@@ -146,14 +151,24 @@ export async function fillNewCluster(wr: Qcow2Writer, w: TableWork, idx: number,
     const old = await wr.img.dataDevice.read(e.hostOffset, wr.cs, 'data')
     const mid = await subclusterBuffer(wr, guest, s0 * wr.sc, (s1 + 1) * wr.sc, from, piece)
     old.set(mid, s0 * wr.sc)
-    await dataWrite(writes, dev, host, old)
+    dataWrite(writes, dev, host, old)
   } else {
     const bufStart = s0 * wr.sc
     const mid = await subclusterBuffer(wr, guest, bufStart, (s1 + 1) * wr.sc, from, piece)
-    await dataWrite(writes, dev, host + bufStart, mid)
+    dataWrite(writes, dev, host + bufStart, mid)
   }
   setStandard(w.table, wr.ew, idx, { hostOffset: host, copied: true })
   setBitmap(w.table, idx, { alloc: (bm.alloc | mask) >>> 0, zero: (bm.zero & ~mask) >>> 0 })
+  wr.touch(w, idx)
+}
+
+/** A new host cluster holding `buf` (the whole cluster) for entry `idx`, replacing entry `e`. */
+function fillWholeCluster(wr: Qcow2Writer, w: TableWork, idx: number, host: number, e: L2Entry, buf: Uint8Array, writes: DataWrite[], dev: BlockDevice): void {
+  const dropped = wr.dropRef(e)
+  if (dropped) w.frees.push(dropped)
+  dataWrite(writes, dev, host, buf)
+  setStandard(w.table, wr.ew, idx, { hostOffset: host, copied: true })
+  if (wr.ew.extended) setBitmap(w.table, idx, { alloc: ALL_SUBCLUSTERS, zero: 0 })
   wr.touch(w, idx)
 }
 
@@ -162,7 +177,7 @@ export async function fillNewCluster(wr: Qcow2Writer, w: TableWork, idx: number,
  * views of one buffer that are adjacent in memory too stay one view (no
  * copy); other pieces are joined once, when the request is committed.
  */
-export async function dataWrite(writes: DataWrite[], device: BlockDevice, offset: number, data: Uint8Array): Promise<void> {
+export function dataWrite(writes: DataWrite[], device: BlockDevice, offset: number, data: Uint8Array): void {
   const last = writes[writes.length - 1]
   if (last && last.device === device && last.offset + last.length === offset && last.length + data.byteLength <= 8 * 1024 * 1024) {
     const tail = last.parts[last.parts.length - 1]!
