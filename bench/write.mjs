@@ -3,7 +3,7 @@
  * Write-path benchmark: imgtool against qemu-img on the same inputs, run
  * alternately, reporting median wall time, the ratio and peak RSS.
  *
- *   npm run build && node bench/write.mjs [--gb 4] [--runs 3] [--only convert-raw,convert-qcow2,convert-c,compare,create]
+ *   npm run build && node bench/write.mjs [--gb 4] [--runs 5] [--only convert-raw,convert-qcow2,convert-c,compare,create]
  *
  * Inputs (bench/work/, gitignored), made with node and qemu-img:
  *   mixed-full.raw / full.qcow2   GB GiB, every byte written (compressible mixed data)
@@ -15,7 +15,7 @@
  *   compare         compare full.qcow2 mixed-full.raw
  *   create          create -f qcow2 -o preallocation=metadata X 1T
  */
-import { spawn } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, rmSync, writeSync } from 'node:fs'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
@@ -30,7 +30,7 @@ const opt = (name, dflt) => {
   return i >= 0 ? argv[i + 1] : dflt
 }
 const GB = Number(opt('--gb', '4'))
-const RUNS = Number(opt('--runs', '3'))
+const RUNS = Number(opt('--runs', '5'))
 const ONLY = opt('--only', 'convert-raw,convert-qcow2,convert-c,compare,create').split(',')
 const SIZE = GB * 1024 ** 3
 
@@ -85,20 +85,30 @@ async function prepare() {
 
 const median = (xs) => xs.slice().sort((a, b) => a - b)[Math.floor(xs.length / 2)]
 
+/**
+ * Before each timed run (outside the timing): remove the output and sync, so
+ * neither tool pays for the previous run's dirty pages being written back.
+ */
+function settle(cleanup) {
+  cleanup?.()
+  spawnSync('sync')
+}
+
 async function bench(name, ours, theirs, cleanup) {
   const a = []
   const b = []
   for (let i = 0; i < RUNS; i++) {
-    cleanup?.()
+    settle(cleanup)
     b.push(await run(theirs[0], theirs.slice(1)))
-    cleanup?.()
+    settle(cleanup)
     a.push(await run(BIN, ours))
   }
   cleanup?.()
   const ma = median(a.map((r) => r.ms))
   const mb = median(b.map((r) => r.ms))
   const rss = Math.max(...a.map((r) => r.rss))
-  const line = `${name.padEnd(15)} imgtool ${(ma / 1000).toFixed(2)} s   qemu-img ${(mb / 1000).toFixed(2)} s   ratio ${(ma / mb).toFixed(2)}x   imgtool peak RSS ${rss.toFixed(0)} MiB`
+  const all = (xs) => xs.map((r) => (r.ms / 1000).toFixed(2)).join(' ')
+  const line = `${name.padEnd(15)} imgtool ${(ma / 1000).toFixed(2)} s   qemu-img ${(mb / 1000).toFixed(2)} s   ratio ${(ma / mb).toFixed(2)}x   imgtool peak RSS ${rss.toFixed(0)} MiB   (imgtool: ${all(a)}; qemu-img: ${all(b)})`
   console.log(line)
   return line
 }
