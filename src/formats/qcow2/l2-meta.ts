@@ -3,7 +3,7 @@
  * or extended 16-byte entries with their subcluster bitmap).
  */
 import { putU32be, putU64be } from '../../util/bytes.js'
-import { encodeL2Compressed, encodeL2Standard, readBitmap, type SubclusterBitmap } from './entries.js'
+import { encodeL2Compressed, readBitmap, type SubclusterBitmap } from './entries.js'
 
 export const ALL_SUBCLUSTERS = 0xffffffff
 
@@ -13,9 +13,22 @@ export interface EntryWriter {
   clusterBits: number
 }
 
+/** encodeL2Standard without a BigInt: this runs once per cluster of every write. */
 export function setStandard(t: Uint8Array, ew: EntryWriter, index: number, e: { hostOffset: number; copied: boolean; zero?: boolean }): void {
-  putU64be(t, index * ew.entrySize, encodeL2Standard(e))
+  const o = index * ew.entrySize
+  const hi = (Math.floor(e.hostOffset / TWO32) | (e.copied ? 0x80000000 : 0)) >>> 0
+  const lo = ((e.hostOffset % TWO32) | (e.zero ? 1 : 0)) >>> 0
+  t[o] = hi >>> 24
+  t[o + 1] = (hi >>> 16) & 0xff
+  t[o + 2] = (hi >>> 8) & 0xff
+  t[o + 3] = hi & 0xff
+  t[o + 4] = lo >>> 24
+  t[o + 5] = (lo >>> 16) & 0xff
+  t[o + 6] = (lo >>> 8) & 0xff
+  t[o + 7] = lo & 0xff
 }
+
+const TWO32 = 0x1_0000_0000
 
 export function setCompressed(t: Uint8Array, ew: EntryWriter, index: number, hostOffset: number, size: number): void {
   putU64be(t, index * ew.entrySize, encodeL2Compressed(hostOffset, size, ew.clusterBits))
