@@ -1,12 +1,14 @@
 /** imgtool cat: guest bytes to stdout, --offset/--length, errors, and a reader that goes away early. */
 import { spawn } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { closeSync, openSync, readFileSync, writeSync } from 'node:fs'
+import { closeSync, existsSync, openSync, readFileSync, readSync, writeFileSync, writeSync } from 'node:fs'
 import { join, resolve } from 'node:path'
-import { describe, expect, it } from 'vitest'
+import { afterAll, describe, expect, it } from 'vitest'
+import { positionedOutput } from '../../src/cli/commands/cat.js'
 import { main } from '../../src/cli/main.js'
+import { fileOffsetAddon } from '../../src/io/seek-hole.js'
 import { openImage } from '../../src/open.js'
-import { cleanupTempDirs, collector, findExecutable, makeTempDir } from '../support/qemu.js'
+import { cleanupTempDirs, collector, describeQemu, findExecutable, makeTempDir, QEMU_IMG, qemuImgOk, qemuIoOk } from '../support/qemu.js'
 
 const ROOT = resolve(__dirname, '..', '..')
 const BIN = join(ROOT, 'bin', 'imgtool')
@@ -168,3 +170,221 @@ describe('imgtool cat', () => {
     expect(n).toBeGreaterThan(0)
   })
 })
+
+// ---------------------------------------------------------------------------
+// stdout as the shell sets it up: `> out`, `>> out`, `{ a; cat; b; } > out`, `1<> out`, a pipe.
+// With the addon (native/seekhole.c: lseek, fcntl) cat writes a file it may place writes in
+// by position, several at once, and leaves the file offset after its bytes; without it
+// (IMGTOOL_NO_SEEK_HOLE=1), and for `>>`, `1<>` and pipes, it writes in order at the offset.
+// Every mode must leave the same bytes, equal to qemu-img convert's, and the same offset.
+
+const sq = (s: string): string => `'${s.replace(/'/g, `'\\''`)}'`
+const IMGTOOL = `${sq(process.execPath)} ${sq(BIN)}`
+const MODES: Array<[string, NodeJS.ProcessEnv]> = [
+  ['addon (positional writes where possible)', {}],
+  ['no addon (writes in order)', { IMGTOOL_NO_SEEK_HOLE: '1' }],
+]
+
+function sh(script: string, env: NodeJS.ProcessEnv = {}): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolvePromise, reject) => {
+    const child = spawn('sh', ['-c', script], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...env } })
+    let stderr = ''
+    child.stderr.on('data', (c: Buffer) => (stderr += c.toString()))
+    child.on('error', reject)
+    child.on('close', (code) => resolvePromise({ code, stderr }))
+  })
+}
+
+const shellDir = makeTempDir('imgtool-cat-sh-')
+afterAll(() => cleanupTempDirs(shellDir))
+
+/** qemu-img convert -O raw of a fixture (made once), or undefined without qemu-img. */
+const rawCache = new Map<string, string>()
+async function qemuRaw(name: string): Promise<string | undefined> {
+  if (QEMU_IMG === undefined) return undefined
+  let p = rawCache.get(name)
+  if (!p) {
+    p = join(shellDir, `${name}.qemu.raw`)
+    await qemuImgOk(['convert', '-O', 'raw', fx(name), p])
+    rawCache.set(name, p)
+  }
+  return p
+}
+
+/** The guest bytes cat must write: qemu-img convert's output, else the library's read checked against the fixture md5. */
+async function expected(name: string, offset: number, length: number | undefined): Promise<Buffer> {
+  const raw = await qemuRaw(name)
+  if (raw !== undefined) {
+    const fd = openSync(raw, 'r')
+    try {
+      const n = length ?? readFileSync(raw).length - offset
+      const b = Buffer.alloc(n)
+      expect(readSync(fd, b, 0, n, offset)).toBe(n)
+      if (offset === 0 && length === undefined) expect(md5(b), name).toBe(readFileSync(fx(`${name}.md5`), 'utf8').trim())
+      return b
+    } finally {
+      closeSync(fd)
+    }
+  }
+  const b = await guest(name, offset, length)
+  if (offset === 0 && length === undefined) expect(md5(b), name).toBe(readFileSync(fx(`${name}.md5`), 'utf8').trim())
+  return b
+}
+
+describe('imgtool cat through a real shell', () => {
+  it('the addon is built with lseek and fcntl (so the positional path is what the "addon" mode tests)', () => {
+    if (!existsSync(join(ROOT, 'build', 'Release', 'seekhole.node'))) {
+      console.warn('[imgtool tests] native addon not built: cat through a shell is tested without positional writes only')
+      return
+    }
+    expect(fileOffsetAddon()).not.toBeNull()
+  })
+
+  const cases: Array<[string, string[], number, number | undefined]> = [
+    ['v3-c4k.qcow2', [], 0, undefined],
+    ['chain-top.qcow2', [], 0, undefined],
+    ['v3-compressed-zstd-c4k.qcow2', [], 0, undefined],
+    ['v3-extl2-c64k.qcow2', ['--offset', '12345', '--length', '1000000'], 12345, 1000000],
+    // 30 MiB across the data in the middle of the image: many chunks, unaligned to them
+    ['v3-c64k-1g.qcow2', ['--offset', '511999999', '--length', '30M'], 511999999, 30 * 1024 * 1024],
+    ['v3-c4k.qcow2', ['--offset', '8M'], 8 * 1024 * 1024, 0],
+  ]
+
+  for (const [mode, env] of MODES) {
+    it(`every shell redirection gets qemu-img convert's bytes and leaves the offset after them: ${mode}`, async () => {
+      for (const [name, flags, offset, length] of cases) {
+        const want = await expected(name, offset, length)
+        const what = `${name} ${flags.join(' ')}`
+        const cmd = `${IMGTOOL} cat ${flags.map(sq).join(' ')} ${sq(fx(name))}`
+        const out = join(shellDir, 'out')
+        const check = async (script: string, before: Buffer, after: Buffer, form: string): Promise<void> => {
+          const r = await sh(script, env)
+          expect([r.code, r.stderr], `${what}: ${form}`).toEqual([0, ''])
+          const got = readFileSync(out)
+          expect(got.length, `${what}: ${form}`).toBe(before.length + want.length + after.length)
+          expect(got.subarray(0, before.length).equals(before), `${what}: ${form}: bytes before`).toBe(true)
+          expect(md5(got.subarray(before.length, before.length + want.length)), `${what}: ${form}: guest bytes`).toBe(md5(want))
+          expect(got.subarray(before.length + want.length).equals(after), `${what}: ${form}: bytes after`).toBe(true)
+        }
+        const none = Buffer.alloc(0)
+        await check(`${cmd} > ${sq(out)}`, none, none, '> out')
+        await check(`{ ${cmd}; echo tail; } > ${sq(out)}`, none, Buffer.from('tail\n'), '{ cat; echo tail; } > out')
+        await check(`{ printf head; ${cmd}; echo tail; } > ${sq(out)}`, Buffer.from('head'), Buffer.from('tail\n'), '{ printf head; cat; echo tail; } > out')
+        await check(`printf 'old bytes' > ${sq(out)} && ${cmd} >> ${sq(out)} && echo tail >> ${sq(out)}`, Buffer.from('old bytes'), Buffer.from('tail\n'), '>> out after existing bytes')
+        // append mode after the shell's own write: the offset is at the end, but a positional
+        // write would still go to the end of the file, in whatever order the writes finish
+        await check(`: > ${sq(out)} && { printf head; ${cmd}; echo tail; } >> ${sq(out)}`, Buffer.from('head'), Buffer.from('tail\n'), '{ printf head; cat; echo tail; } >> out')
+        await check(`${cmd} | cat > ${sq(out)}`, none, none, '| cat > out')
+        // 1<> over existing bytes: they are overwritten in place, and those past the guest bytes stay
+        const old = Buffer.from('x'.repeat(64))
+        writeFileSync(out, old)
+        const r = await sh(`${cmd} 1<> ${sq(out)}`, env)
+        expect([r.code, r.stderr], `${what}: 1<> out`).toEqual([0, ''])
+        const got = readFileSync(out)
+        expect(got.length, `${what}: 1<> out`).toBe(Math.max(64, want.length))
+        expect(md5(got.subarray(0, want.length)), `${what}: 1<> out`).toBe(md5(want))
+        expect(got.subarray(want.length).equals(old.subarray(Math.min(64, want.length))), `${what}: 1<> out, the old bytes after`).toBe(true)
+      }
+    })
+  }
+
+  it('positional writes only where they leave what writes in order would: a file, not append mode, nothing after the offset', async () => {
+    if (fileOffsetAddon() === null) return // without the addon there is no positional path at all
+    const dir = makeTempDir('imgtool-cat-pos-')
+    const p = join(dir, 'f')
+    const stream = (fd: number) => ({ fd }) as unknown as NodeJS.WritableStream
+    // `> f`: at 0, empty
+    let fd = openSync(p, 'w')
+    expect(await positionedOutput(stream(fd))).toMatchObject({ fd, start: 0, sizeBefore: 0 })
+    // `{ printf head; cat; } > f`: at the end of what is there
+    writeSync(fd, 'head')
+    expect(await positionedOutput(stream(fd))).toMatchObject({ fd, start: 4, sizeBefore: 4 })
+    closeSync(fd)
+    // `>> f`: append mode, where Linux puts a positional write at the end
+    fd = openSync(p, 'a')
+    expect(await positionedOutput(stream(fd))).toBeUndefined()
+    closeSync(fd)
+    // `1<> f`: bytes after the offset
+    fd = openSync(p, 'r+')
+    expect(await positionedOutput(stream(fd))).toBeUndefined()
+    closeSync(fd)
+    // a pipe, and a stream without a descriptor
+    const child = spawn('sleep', ['5'], { stdio: ['pipe', 'ignore', 'ignore'] })
+    expect(await positionedOutput(child.stdin as unknown as NodeJS.WritableStream)).toBeUndefined()
+    child.kill()
+    expect(await positionedOutput(collector())).toBeUndefined()
+    cleanupTempDirs(dir)
+  })
+})
+
+describeQemu('imgtool cat: a read failing part way leaves the same bytes and offset in every mode', () => {
+  it('a damaged compressed cluster at 5 MiB: exit 1, one line, the chunks before it written, the offset after them', async () => {
+    const dir = makeTempDir('imgtool-cat-fail-')
+    const img = join(dir, 'damaged.qcow2')
+    await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=64k,compression_type=zstd', img, '8M'])
+    // the compressed cluster first (qemu writes compressed clusters only where none is allocated)
+    await qemuIoOk(img, ['write -c -P 0x66 5M 64k', 'write -P 0x5a 0 5M', 'write -P 0x5b 5184k 3008k'], { format: 'qcow2' })
+    const b = readFileSync(img)
+    const l1 = Number(b.readBigUInt64BE(40))
+    const l2 = Number(b.readBigUInt64BE(l1) & 0x00ff_ffff_ffff_fe00n)
+    const v = b.readBigUInt64BE(l2 + 80 * 8) // guest cluster 80 = 5 MiB
+    expect(v & (1n << 62n), 'guest cluster 80 is compressed').not.toBe(0n)
+    const host = Number(v & ((1n << 54n) - 1n)) // 70 - cluster_bits 16
+    for (let i = 0; i < 256; i++) b[host + i] = (i * 151 + 7) & 0xff
+    writeFileSync(img, b)
+    const good = Buffer.concat([Buffer.alloc(5 * 1024 * 1024, 0x5a), Buffer.alloc(64 * 1024, 0x66), Buffer.alloc(3008 * 1024, 0x5b)])
+    const out = join(dir, 'out')
+    const line = `imgtool: qcow2: ${img}: cannot decompress zstd cluster`
+    for (const [flags, offset] of [[[], 0], [['--offset', '12345'], 12345], [['--offset', '3M', '--length', '4M'], 3 * 1024 * 1024]] as Array<[string[], number]>) {
+      // writes in order stop at the 1 MiB read that fails: everything before it is out
+      const kept = Math.floor((5 * 1024 * 1024 - offset) / (1024 * 1024)) * 1024 * 1024
+      for (const [mode, env] of MODES) {
+        const what = `${flags.join(' ')} ${mode}`
+        const r = await sh(`{ printf head; ${IMGTOOL} cat ${flags.map(sq).join(' ')} ${sq(img)}; echo "exit $?"; } > ${sq(out)}`, env)
+        expect(r.code, what).toBe(0)
+        expect(r.stderr.split('\n').length, `${what}: one line: ${r.stderr}`).toBe(2)
+        expect(r.stderr.startsWith(line), `${what}: ${r.stderr}`).toBe(true)
+        const got = readFileSync(out)
+        expect(got.subarray(0, 4).toString(), what).toBe('head')
+        expect(got.length, what).toBe(4 + kept + 'exit 1\n'.length)
+        expect(got.subarray(4, 4 + kept).equals(good.subarray(offset, offset + kept)), what).toBe(true)
+        expect(got.subarray(4 + kept).toString(), what).toBe('exit 1\n')
+        // stderr on the same file (2>&1): the one line lands right after the bytes written
+        const r2 = await sh(`{ printf head; ${IMGTOOL} cat ${flags.map(sq).join(' ')} ${sq(img)}; echo "exit $?"; } > ${sq(out)} 2>&1`, env)
+        expect(r2.code, what).toBe(0)
+        const got2 = readFileSync(out)
+        expect(got2.subarray(0, 4 + kept).equals(got.subarray(0, 4 + kept)), `${what} 2>&1`).toBe(true)
+        expect(got2.subarray(4 + kept).toString(), `${what} 2>&1`).toBe(`${r.stderr}exit 1\n`)
+      }
+    }
+    cleanupTempDirs(dir)
+  })
+}, ['qemu-img', 'qemu-io'])
+
+describeQemu('imgtool cat: memory stays bounded on an image whose runs are all short', () => {
+  it.runIf(existsSync('/usr/bin/time'))('512 MiB of 64 KiB clusters in reverse host order: qemu-img convert\'s bytes, peak RSS < 200 MiB in every mode', async () => {
+    // Each 1 or 2 MiB read is pieced together from 64 KiB host runs. The pieces were once
+    // kept by the buffer pool for good (1.2 GiB of RSS for 1 GiB); now they are reused.
+    const dir = makeTempDir('imgtool-cat-rss-')
+    const img = join(dir, 'reverse.qcow2')
+    await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=64k', img, '512M'])
+    const cmds: string[] = []
+    for (let i = 512 * 16 - 1; i >= 0; i--) cmds.push(`write -q -P ${(i % 250) + 1} ${i * 64}k 64k`)
+    await qemuIoOk(img, cmds, { format: 'qcow2' })
+    const ref = join(dir, 'ref.raw')
+    await qemuImgOk(['convert', '-O', 'raw', img, ref])
+    const want = md5(readFileSync(ref))
+    const out = join(dir, 'out')
+    const rss = join(dir, 'rss')
+    for (const [mode, env] of MODES) {
+      for (const [form, redirect] of [['> out', `> ${sq(out)}`], ['| cat > out', `| cat > ${sq(out)}`]]) {
+        const r = await sh(`/usr/bin/time -f %M -o ${sq(rss)} ${IMGTOOL} cat ${sq(img)} ${redirect}`, env)
+        expect([r.code, r.stderr], `${mode} ${form}`).toEqual([0, ''])
+        expect(md5(readFileSync(out)), `${mode} ${form}`).toBe(want)
+        const kib = Number(readFileSync(rss, 'utf8').trim().split('\n').pop())
+        expect(kib, `${mode} ${form}: peak RSS in KiB`).toBeLessThan(200 * 1024)
+      }
+    }
+    cleanupTempDirs(dir)
+  })
+}, ['qemu-img', 'qemu-io'])

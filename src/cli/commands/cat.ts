@@ -1,6 +1,9 @@
-import { fstatSync, write } from 'node:fs'
+import { AsyncLocalStorage } from 'node:async_hooks'
+import { fstatSync, ftruncate, write } from 'node:fs'
 import type { FileHandle } from 'node:fs/promises'
+import type { DiskImage } from '../../image/disk-image.js'
 import type { BlockDevice, DeviceOpener } from '../../io/block-device.js'
+import type { FileOffset } from '../../io/seek-hole.js'
 import type { CommandModule } from '../command.js'
 import { addImageOptions, oneImageArg, parseImageOptions } from '../common.js'
 import { PipeClosed, writeOut } from '../stream.js'
@@ -13,6 +16,15 @@ import { PipeClosed, writeOut } from '../stream.js'
  */
 const CHUNK = 1024 * 1024
 const AHEAD = 2
+
+/**
+ * stdout a file cat may write by position (positionedOutput): bytes per read and
+ * write, a multiple of CHUNK (a failed one is redone CHUNK by CHUNK), and chunks
+ * read and written at once, as qemu-img convert does (2 MiB requests, several in
+ * flight). Memory in flight: 8 MiB.
+ */
+const PLACED_CHUNK = 2 * CHUNK
+const PLACED_INFLIGHT = 4
 
 const cat: CommandModule = {
   name: 'cat',
@@ -41,13 +53,20 @@ const cat: CommandModule = {
       // Walk the allocation map of the range first: a damaged table fails here, before
       // a byte is written (metadata only; cheap next to copying the data).
       for await (const _ of image.extents(offset, length)) void _
+      // stdout a regular file whose offset the addon can read and set: positional
+      // writes, several in flight, as qemu-img convert does.
+      const placed = await positionedOutput(io.stdout)
+      if (placed) {
+        await copyPlaced(image, offset, end, placed, pool)
+        return 0
+      }
       // Read the next chunks while this one is being written; write in order.
       const queue: Array<Promise<Uint8Array>> = []
       let readPos = offset
       const fill = (): void => {
         while (queue.length < AHEAD && readPos < end) {
           const n = Math.min(CHUNK, end - readPos)
-          const p = image.read(readPos, n)
+          const p = pool.read(image, readPos, n)
           p.catch(() => undefined) // reported when its turn comes
           queue.push(p)
           readPos += n
@@ -63,7 +82,7 @@ const cat: CommandModule = {
         const data = await queue.shift()!
         fill()
         if (fd !== undefined) {
-          await writeFd(fd, data)
+          await writeFd(fd, data, null)
           pool.giveBack(data) // the kernel has the bytes now
           continue
         }
@@ -84,33 +103,61 @@ const cat: CommandModule = {
   },
 }
 /**
+ * Buffers for the 'data' reads of the devices cat opens (unzeroedReadOpener), reused
+ * instead of allocated anew for every read. A read through read() below hands back,
+ * once image.read is done, every buffer it took and did not return: the pieces
+ * qcow2 copies into one buffer when a chunk spans several host runs (garbage the
+ * collector would otherwise free late: 1 GiB of 64 KiB runs in reverse order
+ * peaked at 170 MiB without this, and at 1.2 GiB before buffers were tracked
+ * weakly). The buffer image.read returns goes back with giveBack() once the
+ * kernel has copied it (writes to a file only). This relies on what qcow2 and raw
+ * do: a 'data' read is copied or returned, never kept (compressed clusters, the
+ * only cached data, are read with another tag).
+ */
+class ReadBuffers {
+  private readonly free = new Map<number, Uint8Array[]>()
+  private freeBytes = 0
+  // weak: a buffer that is never given back (an error, a pipe) must not be kept
+  private readonly lent = new WeakSet<Uint8Array>()
+  private readonly reads = new AsyncLocalStorage<Uint8Array[]>()
+
+  /** image.read, with the buffers it took and did not return given back when it is done. */
+  async read(image: DiskImage, offset: number, length: number): Promise<Uint8Array> {
+    const taken: Uint8Array[] = []
+    const data = await this.reads.run(taken, () => image.read(offset, length))
+    for (const b of taken) if (b.buffer !== data.buffer) this.giveBack(b)
+    return data
+  }
+
+  take(length: number): Uint8Array {
+    const b = this.free.get(length)?.pop()
+    if (b) this.freeBytes -= length
+    const out = b ?? new Uint8Array(Buffer.allocUnsafeSlow(length).buffer, 0, length)
+    this.lent.add(out)
+    this.reads.getStore()?.push(out)
+    return out
+  }
+
+  /** Give back a buffer taken here (else a no-op) that nothing uses any more. */
+  giveBack(b: Uint8Array): void {
+    if (!this.lent.delete(b)) return
+    if (this.freeBytes + b.byteLength > KEEP_FREE) return
+    const list = this.free.get(b.byteLength) ?? []
+    list.push(b)
+    this.free.set(b.byteLength, list)
+    this.freeBytes += b.byteLength
+  }
+}
+
+/** Bytes of unused read buffers kept for reuse. */
+const KEEP_FREE = 32 * 1024 * 1024
+
+/**
  * Files opened for cat: the file device, except that large reads land in
  * buffers that are not zeroed first (every byte is then written by the read,
  * or zeroed past the end of the file). Zeroing 4 GiB of buffers was a quarter
  * of cat's time. Small reads (metadata) and everything else go to the file device.
  */
-/**
- * Buffers for 'data' reads that cat hands back once the kernel has copied them
- * (writes to a file only): qcow2 and raw never keep a 'data' read, so a buffer
- * image.read returned as is can be reused for the next read of the same size.
- */
-class ReadBuffers {
-  private readonly free = new Map<number, Uint8Array[]>()
-  private readonly lent = new Set<Uint8Array>()
-  take(length: number): Uint8Array {
-    const b = this.free.get(length)?.pop() ?? new Uint8Array(Buffer.allocUnsafeSlow(length).buffer, 0, length)
-    this.lent.add(b)
-    return b
-  }
-  /** Give back a buffer image.read returned, if it is one of ours (else a no-op). */
-  giveBack(b: Uint8Array): void {
-    if (!this.lent.delete(b)) return
-    const list = this.free.get(b.byteLength) ?? []
-    if (list.length < 8) list.push(b)
-    this.free.set(b.byteLength, list)
-  }
-}
-
 async function unzeroedReadOpener(pool: ReadBuffers): Promise<DeviceOpener> {
   const { openFileDevice, fsError } = await import('../../io/file-device.js')
   const { open } = await import('node:fs/promises')
@@ -176,11 +223,12 @@ function regularFileFd(stream: NodeJS.WritableStream): number | undefined {
   }
 }
 
-function writeFd(fd: number, data: Uint8Array): Promise<void> {
+/** Write all of data at `position` (null: at the file's offset, moving it on). */
+function writeFd(fd: number, data: Uint8Array, position: number | null): Promise<void> {
   return new Promise((resolve, reject) => {
     let done = 0
     const step = (): void =>
-      write(fd, data, done, data.byteLength - done, null, (err, n) => {
+      write(fd, data, done, data.byteLength - done, position === null ? null : position + done, (err, n) => {
         if (err) return reject(err)
         done += n
         if (done < data.byteLength) step()
@@ -188,6 +236,107 @@ function writeFd(fd: number, data: Uint8Array): Promise<void> {
       })
     step()
   })
+}
+
+/** stdout as a file cat may write by position: where its offset stands, and what was there before. */
+export interface PlacedOutput {
+  fd: number
+  /** the file offset when cat started: guest byte `offset` goes here */
+  start: number
+  /** the file's size then (at most `start`) */
+  sizeBefore: number
+  offsets: FileOffset
+}
+
+/**
+ * stdout when positional writes leave exactly the file sequential writes would:
+ * a regular file, not in append mode (where Linux puts every write at the end
+ * whatever its position), with the addon to read and set its offset, and with
+ * nothing at or after the offset (`> out`, `{ a; imgtool cat b; } > out`), so
+ * that after a failure the file can be cut back to the bytes before the failed
+ * chunk. Anything else (a pipe, a tty, `>>`, `1<>` over existing bytes, no
+ * addon): undefined, and cat writes in order at the file's offset.
+ */
+export async function positionedOutput(stream: NodeJS.WritableStream): Promise<PlacedOutput | undefined> {
+  const fd = regularFileFd(stream)
+  if (fd === undefined) return undefined
+  const { fileOffsetAddon } = await import('../../io/seek-hole.js')
+  const offsets = fileOffsetAddon()
+  if (!offsets || offsets.isAppend(fd) !== false) return undefined
+  const start = offsets.tell(fd)
+  if (start < 0) return undefined
+  let sizeBefore: number
+  try {
+    sizeBefore = fstatSync(fd).size
+  } catch {
+    return undefined
+  }
+  if (sizeBefore > start) return undefined
+  return { fd, start, sizeBefore, offsets }
+}
+
+/**
+ * Guest bytes [offset, end) to out.start.. by positional writes, PLACED_INFLIGHT
+ * chunks read and written at once (qemu-img convert's shape: 2 MiB requests from
+ * several threads), then the file offset set to the end of the bytes written, as
+ * sequential writes would have left it. A failed read or write: the chunks
+ * before the first failed one are written, anything after it is cut off again,
+ * the offset is left after the good bytes, and the error of the first failed
+ * chunk is thrown, which is what the sequential path does too.
+ */
+async function copyPlaced(image: DiskImage, offset: number, end: number, out: PlacedOutput, pool: ReadBuffers): Promise<void> {
+  let next = offset
+  let failedAt = Infinity
+  let failure: unknown
+  const worker = async (): Promise<void> => {
+    while (next < end && next < failedAt) {
+      const pos = next
+      const n = Math.min(PLACED_CHUNK, end - pos)
+      next += n
+      try {
+        const data = await pool.read(image, pos, n)
+        if (pos > failedAt) return
+        await writeFd(out.fd, data, out.start + (pos - offset))
+        pool.giveBack(data) // the kernel has the bytes now
+      } catch (e) {
+        if (pos < failedAt) {
+          failedAt = pos
+          failure = e
+        }
+        return
+      }
+    }
+  }
+  await Promise.all(Array.from({ length: PLACED_INFLIGHT }, worker))
+  let goodEnd = out.start + (Math.min(failedAt, end) - offset)
+  if (failure !== undefined) {
+    // The sequential path reads CHUNK bytes at a time: write the CHUNKs of the failed
+    // chunk before the one that fails, so that the same bytes are kept and the same
+    // error is reported.
+    const stop = Math.min(failedAt + PLACED_CHUNK, end)
+    for (let at = failedAt; at < stop; at += CHUNK) {
+      try {
+        const data = await pool.read(image, at, Math.min(CHUNK, stop - at))
+        await writeFd(out.fd, data, out.start + (at - offset))
+        pool.giveBack(data)
+      } catch (e) {
+        failure = e
+        break
+      }
+      goodEnd = out.start + (Math.min(at + CHUNK, stop) - offset)
+    }
+    // what the sequential path leaves: the good bytes and nothing after them
+    const keep = goodEnd > out.start ? goodEnd : out.sizeBefore
+    try {
+      if (fstatSync(out.fd).size > keep) await new Promise<void>((res, rej) => ftruncate(out.fd, keep, (e) => (e ? rej(e) : res())))
+    } catch {
+      // the error that matters is the one below
+    }
+    out.offsets.seekTo(out.fd, goodEnd)
+    throw failure
+  }
+  const r = out.offsets.seekTo(out.fd, goodEnd)
+  if (r < 0) throw Object.assign(new Error(`cannot set the offset of standard output (errno ${-r})`), { errno: r })
 }
 
 export default cat
