@@ -32,7 +32,7 @@ const map: CommandModule = {
         if (output === 'json') {
           const off = e.hostOffset !== undefined ? `, "offset": ${e.hostOffset}` : ''
           batch += `${first ? '' : ',\n'}{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}${off}}`
-        } else if (e.data && e.hostOffset !== undefined) {
+        } else if (e.data && !e.zero && e.hostOffset !== undefined) {
           batch += `${cHex(e.start).padEnd(16)}${cHex(e.length).padEnd(16)}${cHex(e.hostOffset).padEnd(16)}${e.file ?? ''}\n`
         }
         first = false
