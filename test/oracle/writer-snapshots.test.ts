@@ -165,3 +165,20 @@ describeQemu('snapshot apply with another disk size, against qemu-img snapshot -
     })
   }
 })
+
+describeQemu('imgtool snapshot -l prints what qemu-img snapshot -l prints', () => {
+  it('on qemu-made snapshots (icount recorded) and on ours (no icount)', async () => {
+    const { execFileSync } = await import('node:child_process')
+    const { resolve } = await import('node:path')
+    const bin = resolve(__dirname, '..', '..', 'bin', 'imgtool')
+    const fixtures = resolve(__dirname, '..', '..', 'images', 'qcow2')
+    const dir = makeTempDir('imgtool-snaplist-')
+    const ours = join(dir, 'ours.qcow2')
+    await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', ours, '1M'])
+    execFileSync(process.execPath, [bin, 'snapshot', '-c', 'first', ours])
+    for (const path of [join(fixtures, 'v3-snapshot.qcow2'), join(fixtures, 'v2-snapshot.qcow2'), ours]) {
+      const want = await qemuImgOk(['snapshot', '-l', path])
+      expect(execFileSync(process.execPath, [bin, 'snapshot', '-l', path], { encoding: 'utf8' }), path).toBe(want)
+    }
+  })
+})

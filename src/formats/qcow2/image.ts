@@ -5,7 +5,7 @@
 import { CorruptImageError, UnsupportedFeatureError, hex, isImgtoolError } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
 import type { OpenContext, OpenImageOptions } from '../../image/context.js'
-import type { DiskImage, Extent, ImageInfo, SnapshotInfo } from '../../image/disk-image.js'
+import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
 import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../../check/types.js'
 import { isFormatName } from '../../image/probe.js'
 import { checkGuestRange } from '../../image/range.js'
@@ -27,7 +27,7 @@ import {
 } from './header.js'
 import { combinePath } from './paths.js'
 import { RefcountReader } from './refcount.js'
-import { readSnapshotTable, type Qcow2Snapshot } from './snapshot-table.js'
+import { readSnapshotTable, snapshotInfo, type Qcow2Snapshot } from './snapshot-table.js'
 import type { Qcow2Writer, WriteZeroesOptions } from './write.js'
 
 export class Qcow2Image implements DiskImage {
@@ -389,22 +389,6 @@ export class Qcow2Image implements DiskImage {
   }
 }
 
-function snapshotInfo(s: Qcow2Snapshot): SnapshotInfo {
-  const info: SnapshotInfo = {
-    id: s.id,
-    name: s.name,
-    vmStateSize: s.vmStateSizeLarge ?? s.vmStateSize,
-    dateSec: s.dateSec,
-    dateNsec: s.dateNsec,
-    vmClockNsec: s.vmClockNsec,
-    l1TableOffset: s.l1TableOffset,
-    l1Size: s.l1Size,
-    extraDataSize: s.extraData.byteLength,
-  }
-  if (s.icount !== undefined) info.icount = s.icount
-  if (s.diskSize !== undefined) info.diskSize = s.diskSize
-  return info
-}
 
 /** Open a qcow2 image on `device`. The caller owns `device` until this returns. */
 export async function openQcow2(device: BlockDevice, context: OpenContext, options: OpenImageOptions): Promise<Qcow2Image> {

@@ -14,7 +14,7 @@ import { decodeL1, decodeL2 } from './entries.js'
 import { fixCopiedFlags } from './dirty.js'
 import { hasDataFile, l1EntriesNeeded, l2EntrySize } from './header.js'
 import type { Qcow2Image } from './image.js'
-import { SNAPSHOT_FIXED_BYTES, snapshotTableBytes, type Qcow2Snapshot } from './snapshot-table.js'
+import { SNAPSHOT_FIXED_BYTES, snapshotInfo, snapshotTableBytes, type Qcow2Snapshot } from './snapshot-table.js'
 import type { Qcow2Writer } from './write.js'
 
 function writerOf(img: Qcow2Image): Qcow2Writer {
@@ -23,18 +23,7 @@ function writerOf(img: Qcow2Image): Qcow2Writer {
 }
 
 export function listSnapshots(img: Qcow2Image): SnapshotInfo[] {
-  return img.snapshots.map((s) => ({
-    id: s.id,
-    name: s.name,
-    vmStateSize: s.vmStateSizeLarge ?? s.vmStateSize,
-    dateSec: s.dateSec,
-    dateNsec: s.dateNsec,
-    vmClockNsec: s.vmClockNsec,
-    l1TableOffset: s.l1TableOffset,
-    l1Size: s.l1Size,
-    extraDataSize: s.extraData.byteLength,
-    ...(s.diskSize !== undefined ? { diskSize: s.diskSize } : {}),
-  }))
+  return img.snapshots.map(snapshotInfo)
 }
 
 /** Run `body` as a writer transaction; a failure part way leaves the writer refusing until reopen. */

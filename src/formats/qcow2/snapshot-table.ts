@@ -1,5 +1,6 @@
 /** The internal snapshot table: parsing (names, ids, sizes, L1 offsets, extra data). */
 import { CorruptImageError, hex } from '../../errors.js'
+import type { SnapshotInfo } from '../../image/disk-image.js'
 import type { BlockDevice } from '../../io/block-device.js'
 import { u16be, u32be, u64be } from '../../util/bytes.js'
 import { MAX_SNAPSHOTS, MAX_SNAPSHOT_EXTRA_DATA, MAX_SNAPSHOT_TABLE_BYTES } from './constants.js'
@@ -75,4 +76,22 @@ export function snapshotTableBytes(snaps: Qcow2Snapshot[], offset: number): numb
   const last = snaps[snaps.length - 1]!
   const lastLen = SNAPSHOT_FIXED_BYTES + last.extraData.byteLength + new TextEncoder().encode(last.id).byteLength + new TextEncoder().encode(last.name).byteLength
   return last.entryOffset - offset + Math.ceil(lastLen / 8) * 8
+}
+
+/** What info and `snapshot -l` show of a snapshot. */
+export function snapshotInfo(s: Qcow2Snapshot): SnapshotInfo {
+  const info: SnapshotInfo = {
+    id: s.id,
+    name: s.name,
+    vmStateSize: s.vmStateSizeLarge ?? s.vmStateSize,
+    dateSec: s.dateSec,
+    dateNsec: s.dateNsec,
+    vmClockNsec: s.vmClockNsec,
+    l1TableOffset: s.l1TableOffset,
+    l1Size: s.l1Size,
+    extraDataSize: s.extraData.byteLength,
+  }
+  if (s.icount !== undefined) info.icount = s.icount
+  if (s.diskSize !== undefined) info.diskSize = s.diskSize
+  return info
 }
