@@ -3,8 +3,9 @@
  * qcow2 check benchmark: `imgtool check` against `qemu-img check`, whole
  * commands timed the same way, run alternately on the same images.
  *
- *   node bench/check.mjs [--runs N] [--mem-runs N] [--only time,mem] [--sizes 128G,256G,512G,1T]
- *                        [--extra-sizes 2T,4T] [--gc-diagnostic] [--max-load L] [--keep] [--dist]
+ *   node bench/check.mjs [--runs N] [--mem-runs N] [--only time,mem] [--images meta-1T,random-4k,full-4g]
+ *                        [--sizes 128G,256G,512G,1T] [--extra-sizes 2T,4T] [--gc-diagnostic] [--max-load L]
+ *                        [--keep] [--dist]
  *
  * Part 1, time (--runs, default 5, after one untimed warm-up of each command):
  *   node bin/imgtool check IMG                 vs  qemu-img check IMG
@@ -48,6 +49,7 @@ const { values: args } = parseArgs({
     runs: { type: 'string', default: '5' },
     'mem-runs': { type: 'string', default: '3' },
     only: { type: 'string', default: 'time,mem' },
+    images: { type: 'string', default: 'meta-1T,random-4k,full-4g' },
     sizes: { type: 'string', default: '128G,256G,512G,1T' },
     'extra-sizes': { type: 'string', default: '' },
     'gc-diagnostic': { type: 'boolean', default: false },
@@ -59,6 +61,7 @@ const { values: args } = parseArgs({
 const RUNS = Number(args.runs)
 const MEM_RUNS = Number(args['mem-runs'])
 const ONLY = new Set(args.only.split(','))
+const IMAGES = new Set(args.images.split(','))
 const SIZES = args.sizes.split(',').filter(Boolean)
 const EXTRA = args['extra-sizes'].split(',').filter(Boolean)
 const MAX_LOAD = args['max-load'] === undefined ? undefined : Number(args['max-load'])
@@ -232,10 +235,12 @@ function sameJson(ours, theirs) {
 
 if (ONLY.has('time')) {
   const images = [
-    { key: 'meta-1T', name: '1 TiB preallocation=metadata, 64 KiB clusters', path: makeMeta('1T'), target: 0.8 },
-    { key: 'random-4k', name: '2 GiB, 4 KiB clusters written in random order', path: makeRandom4k(), target: 0.5 },
-    { key: 'full-4g', name: '4 GiB fully written, 64 KiB clusters', path: makeFull4g(), target: undefined },
+    { key: 'meta-1T', name: '1 TiB preallocation=metadata, 64 KiB clusters', make: () => makeMeta('1T'), target: 0.8 },
+    { key: 'random-4k', name: '2 GiB, 4 KiB clusters written in random order', make: makeRandom4k, target: 0.5 },
+    { key: 'full-4g', name: '4 GiB fully written, 64 KiB clusters', make: makeFull4g, target: undefined },
   ]
+    .filter((i) => IMAGES.has(i.key))
+    .map((i) => ({ ...i, path: i.make() }))
   results.time = []
   for (const img of images) {
     const modes = [
