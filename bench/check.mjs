@@ -410,3 +410,4 @@ if (!args.keep) {
   log('images deleted (--keep keeps them)')
 }
 rmSync(TIME_OUT, { force: true })
+rmSync(GC_PRELOAD, { force: true })
