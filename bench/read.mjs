@@ -3,7 +3,8 @@
  * Read-path benchmark: imgtool against qemu-img on the same inputs, run
  * alternately, reporting median wall time, the ratio and peak RSS.
  *
- *   npm run build && node bench/read.mjs [--runs N] [--only info,map,cat,startup] [--keep]
+ *   npm run build && node bench/read.mjs [--runs N] [--cat-runs N] [--only info,map,cat,startup] [--keep]
+ *                                        [--baseline DIR]
  *
  * Builds into bench/work/ (gitignored) with qemu-img/qemu-io:
  *   meta-1t.qcow2   1 TiB, preallocation=metadata, 64 KiB clusters (~170 MB on disk, sparse)
@@ -16,10 +17,17 @@
  *   cat       imgtool cat IMG > out                 vs qemu-img convert -O raw IMG out
  *   startup   imgtool --version                     vs node -e 0
  * Peak RSS comes from /usr/bin/time -f %M when present (else from a wrapper
- * that reads process.resourceUsage().maxRSS in a child).
+ * that polls the child's VmHWM in /proc).
+ *
+ * --cat-runs N    rounds of the cat measurement (default: --runs, at most 5)
+ * --baseline DIR  another checkout of imgtool, built (DIR/bin/imgtool, DIR/dist): its cat
+ *                 runs in the same rounds, so before/after figures share the machine's load
+ * The load average (1 min) is printed before and after each measurement: other work on
+ * the machine moves these figures by tens of percent.
  */
 import { spawn, spawnSync } from 'node:child_process'
 import { closeSync, existsSync, mkdirSync, openSync, readFileSync, rmSync, statSync, statfsSync, writeFileSync } from 'node:fs'
+import { loadavg } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
 
@@ -37,6 +45,8 @@ const opt = (name, dflt) => {
 const RUNS = Number(opt('--runs', '5'))
 const ONLY = opt('--only', 'info,map,cat,startup').split(',')
 const KEEP = argv.includes('--keep')
+const CAT_RUNS = Number(opt('--cat-runs', String(Math.max(3, Math.min(RUNS, 5)))))
+const BASELINE = opt('--baseline', undefined)
 
 const GiB = 1024 ** 3
 
@@ -86,12 +96,26 @@ function build() {
 // ---------------------------------------------------------------------------
 // running one command: wall time (parent clock) and peak RSS
 
+// Without /usr/bin/time: the child's peak RSS is its VmHWM, polled every 5 ms until it
+// exits (process.resourceUsage() would give the wrapper's own, RUSAGE_SELF).
 const RSS_WRAPPER = `
-const { spawnSync } = require('node:child_process')
+const { spawn } = require('node:child_process')
+const { readFileSync } = require('node:fs')
 const [cmd, ...args] = process.argv.slice(1)
-const r = spawnSync(cmd, args, { stdio: 'inherit' })
-process.stderr.write('\\nMAXRSS_KIB ' + process.resourceUsage().maxRSS + '\\n')
-process.exit(r.status ?? 1)
+const child = spawn(cmd, args, { stdio: 'inherit' })
+let hwm = 0
+const poll = () => {
+  try {
+    const m = /VmHWM:\\s*(\\d+)/.exec(readFileSync('/proc/' + child.pid + '/status', 'utf8'))
+    if (m) hwm = Math.max(hwm, Number(m[1]))
+  } catch {}
+}
+const timer = setInterval(poll, 5)
+child.on('exit', (code) => {
+  clearInterval(timer)
+  process.stderr.write('\\nMAXRSS_KIB ' + hwm + '\\n')
+  process.exit(code ?? 1)
+})
 `
 
 /** Run cmd with stdout to `outPath` (or /dev/null); returns { ms, rssKiB }. */
@@ -139,26 +163,31 @@ function dropOutput(p) {
 
 /**
  * Alternate A and B `runs` times (A first on even rounds, B first on odd ones),
- * after one untimed warm-up of each.
+ * after one untimed warm-up of each. `extra` (the baseline build) runs in the same
+ * rounds, between them.
  */
-async function duel(name, a, b, runs, target) {
-  const res = { a: [], b: [] }
+async function duel(name, a, b, runs, target, extra) {
+  const res = { a: [], b: [], x: [] }
+  const load0 = loadavg()[0]
   process.stdout.write(`${name}: warm-up`)
-  for (const side of [a, b]) {
+  for (const side of [a, b, extra]) {
+    if (!side) continue
     side.before?.()
     await measure(side.cmd, side.args, side.out)
     side.after?.()
   }
   for (let i = 0; i < runs; i++) {
-    const order = i % 2 === 0 ? [['a', a], ['b', b]] : [['b', b], ['a', a]]
+    const order = i % 2 === 0 ? [['a', a], ['x', extra], ['b', b]] : [['b', b], ['x', extra], ['a', a]]
     for (const [key, side] of order) {
+      if (!side) continue
       side.before?.()
       res[key].push(await measure(side.cmd, side.args, side.out))
       side.after?.()
     }
     process.stdout.write(` ${i + 1}`)
   }
-  process.stdout.write('\n')
+  const load1 = loadavg()[0]
+  process.stdout.write(`  (load average ${load0.toFixed(2)} -> ${load1.toFixed(2)})\n`)
   const ma = median(res.a.map((r) => r.ms))
   const mb = median(res.b.map((r) => r.ms))
   const row = {
@@ -170,7 +199,14 @@ async function duel(name, a, b, runs, target) {
     rssImgtool: Math.max(...res.a.map((r) => r.rssKiB)),
     rssOther: Math.max(...res.b.map((r) => r.rssKiB)),
     all: { imgtool: res.a.map((r) => Math.round(r.ms)), [b.label]: res.b.map((r) => Math.round(r.ms)) },
+    load: [load0, load1],
     target,
+  }
+  if (extra) {
+    row.baseline = median(res.x.map((r) => r.ms))
+    row.baselineRatio = row.baseline / mb
+    row.rssBaseline = Math.max(...res.x.map((r) => r.rssKiB))
+    row.all[extra.label] = res.x.map((r) => Math.round(r.ms))
   }
   return row
 }
@@ -225,7 +261,13 @@ async function mainBench() {
   if (ONLY.includes('cat')) {
     const outA = join(WORK, 'out-imgtool.raw')
     const outB = join(WORK, 'out-qemu.raw')
-    const catRuns = Math.max(3, Math.min(RUNS, 5))
+    const outX = join(WORK, 'out-baseline.raw')
+    let extra
+    if (BASELINE) {
+      const bin = join(resolve(BASELINE), 'bin', 'imgtool')
+      if (!existsSync(bin) || !existsSync(join(resolve(BASELINE), 'dist', 'cli', 'main.js'))) throw new Error(`--baseline ${BASELINE}: no built imgtool there`)
+      extra = { cmd: NODE, args: [bin, 'cat', full], out: outX, label: `baseline ${BASELINE}`, before: () => dropOutput(outX), after: () => dropOutput(outX) }
+    }
     rows.push(
       await duel(
         'cat > file (4 GiB fully written)',
@@ -237,8 +279,9 @@ async function mainBench() {
           before: () => dropOutput(outB),
           after: () => dropOutput(outB),
         },
-        catRuns,
+        CAT_RUNS,
         1.0,
+        extra,
       ),
     )
   }
@@ -252,6 +295,10 @@ async function mainBench() {
       `${pad(r.name, 46)}${pad(`${r.imgtool.toFixed(0)} ms`, 11)}${pad(`${r.other.toFixed(0)} ms (${r.otherName})`, 30)}${pad(`${r.ratio.toFixed(2)}x`, 8)}${pad(ok, 9)}${pad(`${(r.rssImgtool / 1024).toFixed(0)} MiB`, 13)}${(r.rssOther / 1024).toFixed(0)} MiB`,
     )
   }
+  for (const r of rows.filter((r) => r.baseline !== undefined)) {
+    console.log(`${pad(`  baseline: ${r.name}`, 46)}${pad(`${r.baseline.toFixed(0)} ms`, 11)}${pad('', 30)}${pad(`${r.baselineRatio.toFixed(2)}x`, 8)}${pad('', 9)}${(r.rssBaseline / 1024).toFixed(0)} MiB`)
+  }
+  for (const r of rows) console.log(`  ${r.name}: ${Object.entries(r.all).map(([k, v]) => `${k} [${v.join(', ')}]`).join('; ')}`)
   const rssMax = Math.max(...rows.map((r) => r.rssImgtool)) / 1024
   console.log(`\npeak RSS of imgtool over all runs: ${rssMax.toFixed(0)} MiB (target < 150 MiB: ${rssMax < 150 ? 'ok' : 'MISS'})`)
   writeFileSync(join(WORK, 'last-run.json'), JSON.stringify({ date: new Date().toISOString(), node: process.version, rows }, null, 2) + '\n')
