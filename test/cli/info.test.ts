@@ -1,19 +1,8 @@
 /** imgtool info: option parsing, JSON and human rendering, -f, errors and exit codes (in process). */
 import { readFileSync, statSync } from 'node:fs'
-import { join, resolve } from 'node:path'
+import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
-import { main } from '../../src/cli/main.js'
-import { collector } from '../support/qemu.js'
-
-const FIXTURES = resolve(__dirname, '..', '..', 'images', 'qcow2')
-const fx = (name: string): string => join(FIXTURES, name)
-
-async function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  const out = collector()
-  const err = collector()
-  const code = await main(['node', 'imgtool', ...args], { stdout: out, stderr: err, isTTY: false })
-  return { code, stdout: out.text(), stderr: err.text() }
-}
+import { cli, FIXTURES, fx } from '../support/cli.js'
 
 describe('imgtool info', () => {
   it('--output json prints qemu-img style JSON: 4-space indent, newline at the end', async () => {

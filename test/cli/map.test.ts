@@ -1,19 +1,9 @@
 /** imgtool map: JSON and human rendering against qemu-img map, ranges, errors and exit codes. */
 import { readFileSync } from 'node:fs'
-import { join, resolve } from 'node:path'
+import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
-import { main } from '../../src/cli/main.js'
-import { collector, describeQemu, qemuImg, qemuImgOk } from '../support/qemu.js'
-
-const FIXTURES = resolve(__dirname, '..', '..', 'images', 'qcow2')
-const fx = (name: string): string => join(FIXTURES, name)
-
-async function cli(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  const out = collector()
-  const err = collector()
-  const code = await main(['node', 'imgtool', ...args], { stdout: out, stderr: err, isTTY: false })
-  return { code, stdout: out.text(), stderr: err.text() }
-}
+import { describeQemu, qemuImg, qemuImgOk } from '../support/qemu.js'
+import { cli, FIXTURES, fx } from '../support/cli.js'
 
 describe('imgtool map', () => {
   it('--output json, --json and --output=json print the golden qemu-img map text', async () => {
