@@ -10,11 +10,17 @@
  * getfl(fd) -> fcntl(fd, F_GETFL): the status flags, or -errno.
  * O_APPEND -> this platform's O_APPEND bit (positional writes to an append-mode
  *   file land at its end on Linux, so cat must not use them there).
+ * copyRange(fdIn, offIn, fdOut, offOut, length) -> a Promise of the bytes copied
+ *   (fewer at the end of the input file) or -errno, by copy_file_range(2) on a
+ *   libuv thread: the kernel moves page-cache pages from one file to the other
+ *   with one copy instead of read()'s and write()'s two. -ENOSYS where there is
+ *   no copy_file_range.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <node_api.h>
+#include <stdlib.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -74,6 +80,75 @@ static napi_value do_getfl(napi_env env, napi_callback_info info) {
   return result(env, (int64_t)fcntl(fd, F_GETFL));
 }
 
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  int32_t fd_in, fd_out;
+  int64_t off_in, off_out, len;
+  int64_t result; /* bytes copied, or -errno when none were */
+} copy_req;
+
+static void copy_execute(napi_env env, void *data) {
+  (void)env;
+  copy_req *r = (copy_req *)data;
+#if defined(__linux__)
+  int64_t done = 0;
+  while (done < r->len) {
+    off_t in = (off_t)(r->off_in + done), out = (off_t)(r->off_out + done);
+    ssize_t n = copy_file_range(r->fd_in, &in, r->fd_out, &out, (size_t)(r->len - done), 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (done == 0) {
+        r->result = -(int64_t)errno;
+        return;
+      }
+      break;
+    }
+    if (n == 0) break; /* end of the input file */
+    done += n;
+  }
+  r->result = done;
+#else
+  r->result = -(int64_t)ENOSYS;
+#endif
+}
+
+static void copy_complete(napi_env env, napi_status status, void *data) {
+  copy_req *r = (copy_req *)data;
+  napi_value v;
+  napi_create_int64(env, status == napi_ok ? r->result : -(int64_t)ECANCELED, &v);
+  napi_resolve_deferred(env, r->deferred, v);
+  napi_delete_async_work(env, r->work);
+  free(r);
+}
+
+static napi_value do_copy_range(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5], promise, name;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5) return einval(env);
+  copy_req *r = (copy_req *)calloc(1, sizeof *r);
+  if (!r) return einval(env);
+  if (napi_get_value_int32(env, argv[0], &r->fd_in) != napi_ok || napi_get_value_int64(env, argv[1], &r->off_in) != napi_ok ||
+      napi_get_value_int32(env, argv[2], &r->fd_out) != napi_ok || napi_get_value_int64(env, argv[3], &r->off_out) != napi_ok ||
+      napi_get_value_int64(env, argv[4], &r->len) != napi_ok || r->off_in < 0 || r->off_out < 0 || r->len < 0) {
+    free(r);
+    return einval(env);
+  }
+  if (napi_create_promise(env, &r->deferred, &promise) != napi_ok) {
+    free(r);
+    return einval(env);
+  }
+  napi_create_string_utf8(env, "imgtool.copyRange", NAPI_AUTO_LENGTH, &name);
+  if (napi_create_async_work(env, NULL, name, copy_execute, copy_complete, r, &r->work) != napi_ok || napi_queue_async_work(env, r->work) != napi_ok) {
+    r->result = -(int64_t)ENOMEM;
+    napi_value v;
+    napi_create_int64(env, r->result, &v);
+    napi_resolve_deferred(env, r->deferred, v);
+    free(r);
+  }
+  return promise;
+}
+
 static void export_fn(napi_env env, napi_value exports, const char *name, napi_callback cb) {
   napi_value fn;
   napi_create_function(env, name, NAPI_AUTO_LENGTH, cb, NULL, &fn);
@@ -85,6 +160,7 @@ static napi_value init(napi_env env, napi_value exports) {
   export_fn(env, exports, "seek", do_seek);
   export_fn(env, exports, "lseek", do_lseek);
   export_fn(env, exports, "getfl", do_getfl);
+  export_fn(env, exports, "copyRange", do_copy_range);
   napi_create_int32(env, O_APPEND, &v);
   napi_set_named_property(env, exports, "O_APPEND", v);
   return exports;

@@ -2,8 +2,8 @@
  * Loads the optional native addon built by `npm install` (native/seekhole.c):
  * lseek(SEEK_DATA/SEEK_HOLE) for hole detection, and plain lseek plus
  * fcntl(F_GETFL) for the file offset of a descriptor someone else opened
- * (cat's stdout). Without it, hole detection is simply unavailable and cat
- * writes its output one write after another.
+ * (cat's stdout), and copy_file_range. Without it, hole detection is simply
+ * unavailable and cat writes its output one write after another.
  */
 import { createRequire } from 'node:module'
 
@@ -16,6 +16,8 @@ export interface SeekHole {
   getfl?(fd: number): number
   /** the platform's O_APPEND bit */
   O_APPEND?: number
+  /** copy_file_range on a libuv thread: bytes copied (fewer at the input's end) or -errno */
+  copyRange?(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): Promise<number> | number
 }
 
 let loaded: SeekHole | null | undefined
@@ -57,4 +59,17 @@ export function fileOffsetAddon(): FileOffset | null {
       return fl < 0 ? undefined : (fl & O_APPEND) !== 0
     },
   }
+}
+
+/**
+ * copy_file_range(fdIn, offIn -> fdOut, offOut, length) off the main thread: the
+ * bytes copied (fewer when the input ends first) or -errno; null without the addon.
+ */
+export type CopyRange = (fdIn: number, offIn: number, fdOut: number, offOut: number, length: number) => Promise<number>
+
+export function copyRangeAddon(): CopyRange | null {
+  const a = seekHoleAddon()
+  if (!a || typeof a.copyRange !== 'function') return null
+  const copyRange = a.copyRange
+  return async (fdIn, offIn, fdOut, offOut, length) => copyRange(fdIn, offIn, fdOut, offOut, length)
 }
