@@ -1,7 +1,7 @@
 /** imgtool cat: guest bytes to stdout, --offset/--length, errors, and a reader that goes away early. */
 import { spawn } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { closeSync, existsSync, openSync, readFileSync, readSync, writeFileSync, writeSync } from 'node:fs'
+import { closeSync, existsSync, openSync, readdirSync, readFileSync, readSync, writeFileSync, writeSync } from 'node:fs'
 import { join, resolve } from 'node:path'
 import { afterAll, describe, expect, it } from 'vitest'
 import { positionedOutput } from '../../src/cli/commands/cat.js'
@@ -288,6 +288,26 @@ describe('imgtool cat through a real shell', () => {
     })
   }
 
+  // Every fixture with qemu's md5 through `> out`: with the addon, copy_file_range for the chunks
+  // stored as is and read() with a positional write for the rest; without it, writes in order.
+  // Compressed, zero, extended-L2, preallocated, backing-chain, external-data-file...
+  const fixtures = readdirSync(FIXTURES)
+    .filter((f) => f.endsWith('.md5'))
+    .map((f) => f.slice(0, -'.md5'.length))
+    .filter((name) => existsSync(fx(name)))
+  it(`every fixture (${fixtures.length}) gives qemu-img convert's md5 through > out, with and without the addon`, async () => {
+    expect(fixtures.length).toBeGreaterThan(30)
+    const out = join(shellDir, 'fixture.out')
+    for (const name of fixtures) {
+      const want = readFileSync(fx(`${name}.md5`), 'utf8').trim()
+      for (const [mode, env] of MODES) {
+        const r = await sh(`${IMGTOOL} cat ${sq(fx(name))} > ${sq(out)}`, env)
+        expect([r.code, r.stderr], `${name} ${mode}`).toEqual([0, ''])
+        expect(md5(readFileSync(out)), `${name} ${mode}`).toBe(want)
+      }
+    }
+  })
+
   it('positional writes only where they leave what writes in order would: a file, not append mode, nothing after the offset', async () => {
     if (fileOffsetAddon() === null) return // without the addon there is no positional path at all
     const dir = makeTempDir('imgtool-cat-pos-')
@@ -383,6 +403,62 @@ describeQemu('imgtool cat: memory stays bounded on an image whose runs are all s
         expect(md5(readFileSync(out)), `${mode} ${form}`).toBe(want)
         const kib = Number(readFileSync(rss, 'utf8').trim().split('\n').pop())
         expect(kib, `${mode} ${form}: peak RSS in KiB`).toBeLessThan(200 * 1024)
+      }
+    }
+    cleanupTempDirs(dir)
+  })
+}, ['qemu-img', 'qemu-io'])
+
+describeQemu('imgtool cat: chunks stored as is are copied by the kernel (copy_file_range), the rest read', () => {
+  it('full images with compressed, zero and discarded clusters, an external data file, a backing file, a host file cut short: the bytes of qemu-img convert and of writes in order; an encrypted one refused', async () => {
+    const dir = makeTempDir('imgtool-cat-cfr-')
+    const M = 1024 * 1024
+    const make = async (name: string, opts: string, cmds: string[], backing?: string): Promise<string> => {
+      const img = join(dir, name)
+      const args = ['create', '-q', '-f', 'qcow2', '-o', opts]
+      if (backing) args.push('-b', backing, '-F', 'qcow2')
+      await qemuImgOk([...args, img, '20M'])
+      await qemuIoOk(img, cmds, { format: 'qcow2' })
+      return img
+    }
+    const images: Array<[string, string]> = []
+    // compressed first: qemu compresses only into unallocated clusters
+    images.push(['mixed', await make('mixed.qcow2', 'cluster_size=64k', ['write -c -P 0x33 3M 64k', 'write -P 0x11 0 3M', 'write -P 0x12 3136k 16320k', 'write -z 7M 64k', 'discard 9M 128k', 'write -P 0x13 19M 1M'])])
+    images.push(['external data file', await make('ext.qcow2', `cluster_size=64k,data_file=${join(dir, 'ext.data')}`, ['write -P 0x21 0 20M', 'write -z 5M 1M'])])
+    images.push(['extended L2', await make('extl2.qcow2', 'cluster_size=128k,extended_l2=on', ['write -P 0x41 0 20M', 'write -P 0x42 4100k 4k', 'write -z 6M 4k'])])
+    const base = await make('base.qcow2', 'cluster_size=64k', ['write -P 0x51 0 20M'])
+    images.push(['backing file', await make('top.qcow2', 'cluster_size=64k', ['write -P 0x52 2M 6M', 'write -P 0x53 12M 1M'], base)])
+    // the last data cluster runs past the end of the host file: read() gives zeros there
+    const short = await make('short.qcow2', 'cluster_size=64k', ['write -P 0x61 0 20M'])
+    const b = readFileSync(short)
+    writeFileSync(short, b.subarray(0, b.length - 40000))
+    images.push(['host file cut short', short])
+
+    const out = join(dir, 'out')
+    // an encrypted image (crypt_method 1 in the header): refused before a byte is copied, as read() refuses it
+    const enc = await make('enc.qcow2', 'cluster_size=64k', ['write -P 0x71 0 20M'])
+    const h = readFileSync(enc)
+    h.writeUInt32BE(1, 32)
+    writeFileSync(enc, h)
+    for (const [mode, env] of MODES) {
+      const r = await sh(`${IMGTOOL} cat ${sq(enc)} > ${sq(out)}`, env)
+      expect([r.code, r.stderr], `encrypted, ${mode}`).toEqual([1, `imgtool: qcow2: ${enc}: encrypted images (crypt_method 1) cannot be read by imgtool\n`])
+      expect(readFileSync(out).length, `encrypted, ${mode}`).toBe(0)
+    }
+    for (const [what, img] of images) {
+      const ref = join(dir, 'ref.raw')
+      await qemuImgOk(['convert', '-O', 'raw', img, ref])
+      const all = readFileSync(ref)
+      for (const [flags, from, len] of [[[], 0, all.length], [['--offset', '1234567', '--length', '15000000'], 1234567, 15000000]] as Array<[string[], number, number]>) {
+        const want = md5(all.subarray(from, from + len))
+        for (const [mode, env] of MODES) {
+          const r = await sh(`{ printf head; ${IMGTOOL} cat ${flags.map(sq).join(' ')} ${sq(img)}; echo tail; } > ${sq(out)}`, env)
+          expect([r.code, r.stderr], `${what} ${flags.join(' ')} ${mode}`).toEqual([0, ''])
+          const got = readFileSync(out)
+          expect(got.length, `${what} ${flags.join(' ')} ${mode}`).toBe(4 + len + 5)
+          expect(md5(got.subarray(4, 4 + len)), `${what} ${flags.join(' ')} ${mode}`).toBe(want)
+          expect(got.subarray(0, 4).toString() + got.subarray(4 + len).toString(), `${what} ${flags.join(' ')} ${mode}`).toBe('headtail\n')
+        }
       }
     }
     cleanupTempDirs(dir)
