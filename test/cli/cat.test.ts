@@ -6,7 +6,7 @@ import { join, resolve } from 'node:path'
 import { afterAll, describe, expect, it } from 'vitest'
 import { positionedOutput } from '../../src/cli/commands/cat.js'
 import { main } from '../../src/cli/main.js'
-import { fileOffsetAddon } from '../../src/io/seek-hole.js'
+import { copyRangeAddon, fileOffsetAddon } from '../../src/io/seek-hole.js'
 import { openImage } from '../../src/open.js'
 import { cleanupTempDirs, collector, describeQemu, findExecutable, makeTempDir, QEMU_IMG, qemuImgOk, qemuIoOk } from '../support/qemu.js'
 
@@ -232,12 +232,13 @@ async function expected(name: string, offset: number, length: number | undefined
 }
 
 describe('imgtool cat through a real shell', () => {
-  it('the addon is built with lseek and fcntl (so the positional path is what the "addon" mode tests)', () => {
+  it('the addon is built with lseek, fcntl and copy_file_range (so the positional path is what the "addon" mode tests)', () => {
     if (!existsSync(join(ROOT, 'build', 'Release', 'seekhole.node'))) {
       console.warn('[imgtool tests] native addon not built: cat through a shell is tested without positional writes only')
       return
     }
     expect(fileOffsetAddon()).not.toBeNull()
+    expect(copyRangeAddon()).not.toBeNull()
   })
 
   const cases: Array<[string, string[], number, number | undefined]> = [
