@@ -15,6 +15,11 @@
  *   libuv thread: the kernel moves page-cache pages from one file to the other
  *   with one copy instead of read()'s and write()'s two. -ENOSYS where there is
  *   no copy_file_range.
+ * fallocate(fd, offset, length) -> a Promise of 0 or -errno, by fallocate(2)
+ *   with mode 0 on a libuv thread: the range gets blocks without any data being
+ *   written (it reads as zeros where nothing was), and the file grows to cover
+ *   it. -EOPNOTSUPP where the filesystem cannot, -ENOSYS off Linux; the caller
+ *   decides what to do then (qemu-img's posix_fallocate lets glibc write zeros).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -149,6 +154,62 @@ static napi_value do_copy_range(napi_env env, napi_callback_info info) {
   return promise;
 }
 
+typedef struct {
+  napi_async_work work;
+  napi_deferred deferred;
+  int32_t fd;
+  int64_t off, len;
+  int64_t result; /* 0, or -errno */
+} falloc_req;
+
+static void falloc_execute(napi_env env, void *data) {
+  (void)env;
+  falloc_req *r = (falloc_req *)data;
+#if defined(__linux__)
+  int rc;
+  do {
+    rc = fallocate(r->fd, 0, (off_t)r->off, (off_t)r->len);
+  } while (rc < 0 && errno == EINTR);
+  r->result = rc < 0 ? -(int64_t)errno : 0;
+#else
+  r->result = -(int64_t)ENOSYS;
+#endif
+}
+
+static void falloc_complete(napi_env env, napi_status status, void *data) {
+  falloc_req *r = (falloc_req *)data;
+  napi_value v;
+  napi_create_int64(env, status == napi_ok ? r->result : -(int64_t)ECANCELED, &v);
+  napi_resolve_deferred(env, r->deferred, v);
+  napi_delete_async_work(env, r->work);
+  free(r);
+}
+
+static napi_value do_fallocate(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3], promise, name;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 3) return einval(env);
+  falloc_req *r = (falloc_req *)calloc(1, sizeof *r);
+  if (!r) return einval(env);
+  if (napi_get_value_int32(env, argv[0], &r->fd) != napi_ok || napi_get_value_int64(env, argv[1], &r->off) != napi_ok ||
+      napi_get_value_int64(env, argv[2], &r->len) != napi_ok || r->off < 0 || r->len <= 0) {
+    free(r);
+    return einval(env);
+  }
+  if (napi_create_promise(env, &r->deferred, &promise) != napi_ok) {
+    free(r);
+    return einval(env);
+  }
+  napi_create_string_utf8(env, "imgtool.fallocate", NAPI_AUTO_LENGTH, &name);
+  if (napi_create_async_work(env, NULL, name, falloc_execute, falloc_complete, r, &r->work) != napi_ok || napi_queue_async_work(env, r->work) != napi_ok) {
+    napi_value v;
+    napi_create_int64(env, -(int64_t)ENOMEM, &v);
+    napi_resolve_deferred(env, r->deferred, v);
+    free(r);
+  }
+  return promise;
+}
+
 static void export_fn(napi_env env, napi_value exports, const char *name, napi_callback cb) {
   napi_value fn;
   napi_create_function(env, name, NAPI_AUTO_LENGTH, cb, NULL, &fn);
@@ -161,6 +222,7 @@ static napi_value init(napi_env env, napi_value exports) {
   export_fn(env, exports, "lseek", do_lseek);
   export_fn(env, exports, "getfl", do_getfl);
   export_fn(env, exports, "copyRange", do_copy_range);
+  export_fn(env, exports, "fallocate", do_fallocate);
   napi_create_int32(env, O_APPEND, &v);
   napi_set_named_property(env, exports, "O_APPEND", v);
   return exports;

@@ -2,8 +2,9 @@
  * Loads the optional native addon built by `npm install` (native/seekhole.c):
  * lseek(SEEK_DATA/SEEK_HOLE) for hole detection, and plain lseek plus
  * fcntl(F_GETFL) for the file offset of a descriptor someone else opened
- * (cat's stdout), and copy_file_range. Without it, hole detection is simply
- * unavailable and cat writes its output one write after another.
+ * (cat's stdout), copy_file_range, and fallocate. Without it, hole detection is
+ * simply unavailable, cat writes its output one write after another, and
+ * preallocation writes zeros.
  */
 import { createRequire } from 'node:module'
 
@@ -18,6 +19,8 @@ export interface SeekHole {
   O_APPEND?: number
   /** copy_file_range on a libuv thread: bytes copied (fewer at the input's end) or -errno */
   copyRange?(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): Promise<number> | number
+  /** fallocate(fd, 0, offset, length) on a libuv thread: 0 or -errno (absent from addons built before it) */
+  fallocate?(fd: number, offset: number, length: number): Promise<number> | number
 }
 
 let loaded: SeekHole | null | undefined
@@ -73,3 +76,20 @@ export function copyRangeAddon(): CopyRange | null {
   const copyRange = a.copyRange
   return async (fdIn, offIn, fdOut, offOut, length) => copyRange(fdIn, offIn, fdOut, offOut, length)
 }
+
+/**
+ * fallocate(fd, mode 0, offset, length) off the main thread: 0, or -errno
+ * (-EOPNOTSUPP where the filesystem cannot, -ENOSYS off Linux); null without
+ * the addon (or with one built before it had fallocate).
+ */
+export type Fallocate = (fd: number, offset: number, length: number) => Promise<number>
+
+export function fallocateAddon(): Fallocate | null {
+  const a = seekHoleAddon()
+  if (!a || typeof a.fallocate !== 'function') return null
+  const fallocate = a.fallocate
+  return async (fd, offset, length) => fallocate(fd, offset, length)
+}
+
+export const EOPNOTSUPP = 95
+export const ENOSYS = 38
