@@ -45,6 +45,13 @@ export interface BlockDevice {
   hostStatus?(offset: number, length: number): Promise<HostStatus>
   /** Optional: bytes actually allocated on the host (st_blocks * 512). */
   allocatedSize?(): Promise<number>
+  /**
+   * Optional: host blocks for [offset, offset+length) without writing data, as
+   * posix_fallocate (preallocation=falloc): bytes already there are kept, bytes
+   * past the old end read as zeros, and the device grows to cover the range.
+   * Call it through allocate() in prealloc.ts, which writes for devices without it.
+   */
+  allocate?(offset: number, length: number): Promise<void>
 }
 
 export interface OpenDeviceOptions {

@@ -58,6 +58,13 @@ export class MemoryDevice implements BlockDevice {
     this.len = size
   }
 
+  /** preallocation: the device grows to cover the range (zeros); bytes already there are kept */
+  async allocate(offset: number, length: number): Promise<void> {
+    this.assertOpen()
+    if (this.readOnly) throw new ReadOnlyError(`${this.name}: device is read-only`, { file: this.name })
+    if (length > 0 && offset + length > this.len) await this.truncate(offset + length)
+  }
+
   async close(): Promise<void> {
     this.closed = true
   }
