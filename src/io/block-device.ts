@@ -36,6 +36,12 @@ export interface BlockDevice {
   /** A name for messages: the file path, or a label for memory devices. */
   readonly name: string
   read(offset: number, length: number, tag?: IoTag): Promise<Uint8Array>
+  /**
+   * Optional: read `buf.byteLength` bytes at `offset` into `buf` (past the end:
+   * zeros), so a caller can reuse its buffers. Call it through readInto()
+   * below, which falls back to read() for devices without it.
+   */
+  readInto?(offset: number, buf: Uint8Array, tag?: IoTag): Promise<void>
   write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void>
   /** The durability barrier: every write before it is durable after it. */
   flush(): Promise<void>
@@ -52,6 +58,12 @@ export interface BlockDevice {
    * Call it through allocate() in prealloc.ts, which writes for devices without it.
    */
   allocate?(offset: number, length: number): Promise<void>
+}
+
+/** Read into `buf`: the device's readInto when it has one, else read() and a copy. */
+export async function readInto(dev: BlockDevice, offset: number, buf: Uint8Array, tag?: IoTag): Promise<void> {
+  if (dev.readInto) return dev.readInto(offset, buf, tag)
+  buf.set(await dev.read(offset, buf.byteLength, tag))
 }
 
 export interface OpenDeviceOptions {

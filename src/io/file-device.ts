@@ -51,7 +51,19 @@ export class FileDevice implements BlockDevice {
 
   async read(offset: number, length: number, tag?: IoTag): Promise<Uint8Array> {
     const out = new Uint8Array(length)
-    const avail = Math.max(0, Math.min(length, this.len - offset))
+    await this.fill(offset, out, tag)
+    return out
+  }
+
+  /** read() into the caller's buffer (every byte of it is written: past the end, zeros) */
+  async readInto(offset: number, buf: Uint8Array, tag?: IoTag): Promise<void> {
+    const done = await this.fill(offset, buf, tag)
+    if (done < buf.byteLength) buf.fill(0, done)
+  }
+
+  /** positional reads into `out` up to the end of the file; returns the bytes read */
+  private async fill(offset: number, out: Uint8Array, tag?: IoTag): Promise<number> {
+    const avail = Math.max(0, Math.min(out.byteLength, this.len - offset))
     let done = 0
     while (done < avail) {
       let n: number
@@ -63,7 +75,7 @@ export class FileDevice implements BlockDevice {
       if (n === 0) break // file shrank underneath us: the rest reads as zeros
       done += n
     }
-    return out
+    return done
   }
 
   async write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void> {

@@ -37,6 +37,14 @@ export class MemoryDevice implements BlockDevice {
     return out
   }
 
+  /** read() into the caller's buffer: a copy, zeros past the end */
+  async readInto(offset: number, buf: Uint8Array, _tag?: IoTag): Promise<void> {
+    this.assertOpen()
+    const n = offset < this.len ? Math.min(this.len - offset, buf.byteLength) : 0
+    if (n > 0) buf.set(this.buf.subarray(offset, offset + n))
+    if (n < buf.byteLength) buf.fill(0, n)
+  }
+
   async write(offset: number, data: Uint8Array, _tag?: IoTag): Promise<void> {
     this.assertOpen()
     if (this.readOnly) throw new ReadOnlyError(`${this.name}: device is read-only`, { file: this.name, offset })
