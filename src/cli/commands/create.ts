@@ -54,11 +54,7 @@ const create: CommandModule = {
         if (backing !== undefined) throw new UsageError('dmsnap stores take --origin, not a backing file')
         await driverFor('dmsnap').create!(dev, makeContext(openFileDevice), { size, options })
       } else if (format === 'raw') {
-        await dev.truncate(size)
-        if (options['preallocation'] === 'full' || options['preallocation'] === 'falloc') {
-          const zeros = new Uint8Array(Math.min(size, 4 << 20))
-          for (let p = 0; p < size; p += zeros.byteLength) await dev.write(p, zeros.subarray(0, Math.min(zeros.byteLength, size - p)), 'data')
-        }
+        await driverFor('raw').create!(dev, makeContext(openFileDevice), { size, options })
       } else {
         const extra: { backingFile?: string; backingFormat?: string } = {}
         if (backing !== undefined) {

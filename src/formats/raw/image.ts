@@ -3,6 +3,7 @@ import type { BlockDevice } from '../../io/block-device.js'
 import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
 import type { FormatDriver } from '../../image/context.js'
 import { checkGuestRange } from '../../image/range.js'
+import { createRaw } from './create.js'
 
 export class RawImage implements DiskImage {
   readonly format = 'raw'
@@ -75,5 +76,8 @@ export const rawDriver: FormatDriver = {
   name: 'raw',
   async open(device) {
     return new RawImage(device)
+  },
+  async create(device, _context, options) {
+    await createRaw(device, options)
   },
 }
