@@ -3,6 +3,7 @@ import { MemoryDevice } from '../../src/io/memory-device.js'
 import { CompressPool, compressCluster } from '../../src/formats/qcow2/compress-write.js'
 import { decompressCluster } from '../../src/formats/qcow2/compress.js'
 import { Prng } from '../support/prng.js'
+import { FaultyDevice } from '../support/faulty-device.js'
 import { MemFiles, checkCounts, createOn, openOn, pattern } from './helpers.js'
 import { sameBytes } from './helpers.js'
 
@@ -55,4 +56,108 @@ describe('compressed cluster writes', () => {
       sameBytes(await again2.read(0, expected.byteLength), expected)
     })
   }
+
+  /** Compressed entries of the first L2 table: [host offset, sectors]. */
+  async function compressedEntries(dev: MemoryDevice, cs: number): Promise<Array<[number, number]>> {
+    const h = await dev.read(0, 104)
+    const v = new DataView(h.buffer, h.byteOffset)
+    const l1 = Number(v.getBigUint64(40))
+    const l2 = Number((await dev.read(l1, 8).then((b) => new DataView(b.buffer, b.byteOffset).getBigUint64(0))) & 0x00fffffffffffe00n)
+    const t = await dev.read(l2, cs)
+    const tv = new DataView(t.buffer, t.byteOffset)
+    const bits = Math.log2(cs)
+    const x = 62n - BigInt(bits - 8)
+    const out: Array<[number, number]> = []
+    for (let i = 0; i < cs / 8; i++) {
+      const e = tv.getBigUint64(i * 8)
+      if (((e >> 62n) & 1n) === 0n) continue
+      out.push([Number(e & ((1n << x) - 1n)), Number((e >> x) & ((1n << BigInt(bits - 8)) - 1n)) + 1])
+    }
+    return out
+  }
+
+  /** Clusters that compress to a bit more than half their size: two never fit in one host cluster. */
+  function halfCompressible(seed: number, cs: number): Uint8Array {
+    const d = new Prng(seed).bytes(cs)
+    d.fill(seed & 0xff, 0, Math.floor(cs * 0.4))
+    return d
+  }
+
+  it('runs compressed bytes on into the next host cluster when it follows, as QEMU packs them', async () => {
+    const cs = 4096
+    const dev = new MemoryDevice(0, { name: 'span.qcow2' })
+    const files = new MemFiles()
+    await createOn(dev, 256 * 1024, { cluster_size: String(cs) }, files)
+    const img = await openOn(dev, files)
+    const expected = new Uint8Array(256 * 1024)
+    let bytes = 0
+    const before = dev.size
+    for (let c = 0; c < 24; c++) {
+      const data = halfCompressible(c + 1, cs)
+      const z = (await compressCluster(data, cs, 0))!
+      expect(z.byteLength).toBeGreaterThan(cs / 2)
+      bytes += z.byteLength
+      await img.writeCompressed(c * cs, z)
+      expected.set(data, c * cs)
+    }
+    await img.close()
+    const entries = await compressedEntries(dev, cs)
+    expect(entries.length).toBe(24)
+    // packed end to end: each starts where the previous one ended
+    for (let i = 1; i < entries.length; i++) {
+      const [prev] = entries[i - 1]!
+      expect(entries[i]![0]).toBeGreaterThan(prev)
+    }
+    const spanning = entries.filter(([o, s]) => Math.floor(o / cs) !== Math.floor((o - (o % 512) + s * 512 - 1) / cs))
+    expect(spanning.length).toBeGreaterThan(10)
+    // no cluster-end waste: the file grew by the compressed bytes and the new L2 table (a cluster
+    // per compressed cluster, as before this packing, would be 24 clusters)
+    expect(dev.size - before).toBeLessThanOrEqual(Math.ceil(bytes / cs) * cs + 2 * cs)
+    const counts = await checkCounts(dev)
+    expect(counts, counts.diagnostics.join('\n')).toMatchObject({ corruptions: 0, leaks: 0, checkErrors: 0 })
+    const again = await openOn(dev, files, true)
+    sameBytes(await again.read(0, expected.byteLength), expected)
+    // freeing spanning data drops the reference of both clusters it touches
+    const rw = await openOn(dev, files)
+    for (let c = 0; c < 24; c += 2) await rw.writeZeroes(c * cs, cs, { discard: true })
+    await rw.write(cs + 10, new Uint8Array(100).fill(7))
+    for (let c = 0; c < 24; c += 2) expected.fill(0, c * cs, (c + 1) * cs)
+    expected.fill(7, cs + 10, cs + 110)
+    sameBytes(await rw.read(0, expected.byteLength), expected)
+    await rw.close()
+    const after = await checkCounts(dev)
+    expect(after, after.diagnostics.join('\n')).toMatchObject({ corruptions: 0, leaks: 0, checkErrors: 0 })
+  })
+
+  it('a failed link after a spanning allocation frees both references and nothing linked', async () => {
+    const cs = 4096
+    for (let nth = 1; nth <= 3; nth++) {
+      const mem = new MemoryDevice(0, { name: 'undo.qcow2' })
+      const files = new MemFiles()
+      await createOn(mem, 256 * 1024, { cluster_size: String(cs) }, files)
+      const dev = new FaultyDevice(mem)
+      const img = await openOn(dev, files)
+      const expected = new Uint8Array(256 * 1024)
+      for (let c = 0; c < 3; c++) {
+        const data = halfCompressible(c + 1, cs)
+        await img.writeCompressed(c * cs, (await compressCluster(data, cs, 0))!)
+        expected.set(data, c * cs)
+      }
+      await img.flush()
+      // the next cluster runs into a new host cluster; its L2 write fails
+      dev.failOn({ op: 'write', tag: 'l2', nth })
+      const data = halfCompressible(9, cs)
+      const z = (await compressCluster(data, cs, 0))!
+      const tries = [img.writeCompressed(3 * cs, z), img.writeCompressed(4 * cs, z), img.writeCompressed(5 * cs, z)]
+      const results = await Promise.allSettled(tries)
+      for (let k = 0; k < 3; k++) if (results[k]!.status === 'fulfilled') expected.set(data, (3 + k) * cs)
+      expect(results.some((r) => r.status === 'rejected')).toBe(true)
+      dev.clearFaults()
+      await img.close()
+      const counts = await checkCounts(mem)
+      expect(counts, `nth ${nth}: ${counts.diagnostics.join('\n')}`).toMatchObject({ corruptions: 0, leaks: 0, checkErrors: 0 })
+      const again = await openOn(mem, files, true)
+      sameBytes(await again.read(0, expected.byteLength), expected)
+    }
+  })
 })

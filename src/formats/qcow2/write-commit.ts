@@ -190,7 +190,12 @@ export async function referencedOnDisk(wr: Qcow2Writer, w: TableWork): Promise<S
     for (let i = w.lo; i <= w.hi; i++) {
       const e = wr.entry(disk, i)
       if (e.type === 'normal' || e.type === 'zero') out.add(e.hostOffset)
-      if (e.type === 'compressed') out.add(e.hostOffset - (e.hostOffset % wr.cs))
+      if (e.type === 'compressed') {
+        // compressed bytes may run into the next host cluster: every cluster they touch is referenced
+        const start = e.hostOffset - (e.hostOffset % 512)
+        const last = start + e.sectors * 512 - 1
+        for (let c = start - (start % wr.cs); c <= last; c += wr.cs) out.add(c)
+      }
     }
     return out
   }

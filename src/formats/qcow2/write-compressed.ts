@@ -39,19 +39,41 @@ export async function writeCompressedLocked(wr: Qcow2Writer, items: Array<{ offs
   }
 }
 
-/** Byte-granular space for compressed data, packed into the current compressed cluster when it fits. */
+/**
+ * Byte-granular space for compressed data, as QEMU's qcow2_alloc_bytes: packed
+ * after the previous compressed cluster's bytes; when they do not fit in the
+ * rest of its host cluster, a new cluster is allocated and, if it directly
+ * follows, the data spans both (every cluster the bytes touch gets a
+ * reference); otherwise the data starts at the new cluster.
+ */
 async function allocBytes(wr: Qcow2Writer, size: number): Promise<{ offset: number; range: Range }> {
-  const cur = wr.compressedCursor
-  if (cur !== 0 && cur % wr.cs !== 0 && wr.cs - (cur % wr.cs) >= size) {
-    const cluster = cur - (cur % wr.cs)
-    const n = await wr.rc.get(cluster / wr.cs)
-    if (n > 0 && n < maxRefcount(wr.h.refcountOrder) && wr.guard.kindAt(cluster / wr.cs) === undefined) {
-      await wr.rc.update(cluster, 1, +1)
-      wr.compressedCursor = cur + size
-      return { offset: cur, range: { offset: cluster, length: wr.cs } }
+  const cs = wr.cs
+  let cur = wr.compressedCursor
+  if (cur !== 0) {
+    const cluster = cur - (cur % cs)
+    const n = await wr.rc.get(cluster / cs)
+    // the packing cluster must still be ours to share: referenced, below the maximum, not metadata
+    if (n === 0 || n >= maxRefcount(wr.h.refcountOrder) || wr.guard.kindAt(cluster / cs) !== undefined) cur = 0
+  }
+  let offset: number
+  let range: Range
+  if (cur !== 0 && cs - (cur % cs) >= size) {
+    offset = cur
+    await wr.rc.update(cur - (cur % cs), 1, +1)
+    range = { offset: cur - (cur % cs), length: cs }
+  } else {
+    const fresh = await wr.alloc(1, undefined)
+    if (cur !== 0 && cur - (cur % cs) + cs === fresh) {
+      // contiguous: the bytes run from the old cluster into the new one
+      offset = cur
+      await wr.rc.update(cur - (cur % cs), 1, +1)
+      range = { offset: cur - (cur % cs), length: 2 * cs }
+    } else {
+      offset = fresh
+      range = { offset: fresh, length: cs }
     }
   }
-  const first = await wr.alloc(1, undefined)
-  wr.compressedCursor = first + size
-  return { offset: first, range: { offset: first, length: wr.cs } }
+  const next = offset + size
+  wr.compressedCursor = next % cs === 0 ? 0 : next
+  return { offset, range }
 }
