@@ -7,7 +7,24 @@
  */
 import { CorruptImageError, hex } from '../../errors.js'
 
-export type OverlapKind = 'header' | 'l1' | 'l2' | 'reftable' | 'refblock' | 'snapshot' | 'snapshot-l1' | 'snapshot-l2' | 'bitmap'
+/**
+ * QEMU's overlap check knows only the bitmap directory (QCOW2_OL_BITMAP_DIRECTORY);
+ * we also guard bitmap tables and data clusters: a write over them means the
+ * refcounts lied just the same.
+ */
+export type OverlapKind =
+  | 'header'
+  | 'l1'
+  | 'l2'
+  | 'reftable'
+  | 'refblock'
+  | 'snapshot'
+  | 'snapshot-l1'
+  | 'snapshot-l2'
+  | 'bitmap'
+  | 'bitmap-directory'
+  | 'bitmap-table'
+  | 'bitmap-data'
 
 export class OverlapGuard {
   private readonly kinds = new Map<number, OverlapKind>()

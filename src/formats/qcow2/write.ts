@@ -15,13 +15,14 @@ import type { BlockDevice } from '../../io/block-device.js'
 import { checkGuestRange } from '../../image/range.js'
 import { putU64be } from '../../util/bytes.js'
 import { decodeL2, type L2Entry } from './entries.js'
-import { hasDataFile, hasExtendedL2, hasLazyRefcounts, isDirty, l2EntrySize, type Qcow2Header } from './header.js'
+import { bitmapsValid, hasDataFile, hasExtendedL2, hasLazyRefcounts, isDirty, l2EntrySize, type Qcow2Header } from './header.js'
 import type { Qcow2Image } from './image.js'
 import type { EntryWriter } from './l2-meta.js'
 import { Mutex } from './mutex.js'
 import { OverlapGuard } from './overlap.js'
 import { RefcountWriter } from './refcount-writer.js'
-import { SUBCLUSTERS_PER_CLUSTER, INCOMPAT_CORRUPT, AUTOCLEAR_BITMAPS } from './constants.js'
+import { SUBCLUSTERS_PER_CLUSTER, INCOMPAT_CORRUPT } from './constants.js'
+import { PersistentBitmaps } from './bitmap-write.js'
 import { markDirtyBit, rebuildRefcounts, walkMetadata } from './dirty.js'
 import { writeZeroesLocked } from './write-zeroes.js'
 import { writeCompressedLocked } from './write-compressed.js'
@@ -48,6 +49,8 @@ export class Qcow2Writer {
   compressedCursor = 0
   /** messages for the user (e.g. "refcounts rebuilt") */
   readonly notices: string[] = []
+  /** the image's persistent dirty bitmaps (bitmap-write.ts); undefined when it has none */
+  bitmaps: PersistentBitmaps | undefined
 
   private constructor(
     readonly img: Qcow2Image,
@@ -67,8 +70,11 @@ export class Qcow2Writer {
     const h = img.header
     if (img.device.readOnly) throw new ReadOnlyError(`qcow2: ${img.filename}: image is open read-only`)
     if (h.cryptMethod !== 0) throw new UnsupportedFeatureError(`qcow2: ${img.filename}: writing encrypted images is not supported`)
-    if ((h.autoclearFeatures & BigInt(AUTOCLEAR_BITMAPS)) !== 0n) {
-      throw new UnsupportedFeatureError(`qcow2: ${img.filename}: writing images with persistent bitmaps is not supported`)
+    if (isDirty(h) && bitmapsValid(h) && (h.bitmaps?.nbBitmaps ?? 0) > 0) {
+      // rebuildRefcounts (dirty.ts) does not count bitmap clusters: rebuilding would free them under the bitmaps
+      throw new UnsupportedFeatureError(
+        `qcow2: ${img.filename}: the image was not closed cleanly and has persistent bitmaps; repair it first (imgtool check -r all)`,
+      )
     }
     const notices: string[] = []
     if (isDirty(h)) {
@@ -90,6 +96,12 @@ export class Qcow2Writer {
     guardFill = []
     await w.loadGuard()
     img.refcounts.invalidate()
+    // bitmaps: loaded as QEMU loads them, IN_USE durable before the first guest write
+    w.bitmaps = await PersistentBitmaps.load(img)
+    if (w.bitmaps) {
+      for (const r of w.bitmaps.guardRanges()) w.guard.setRange(r.offset, r.length, r.kind)
+      await w.bitmaps.markInUse(w)
+    }
     return w
   }
 
@@ -110,11 +122,13 @@ export class Qcow2Writer {
 
   write(offset: number, data: Uint8Array): Promise<void> {
     checkGuestRange(`qcow2: ${this.img.filename}: write`, offset, data.byteLength, this.h.size)
+    this.noteGuestChange(offset, data.byteLength)
     return this.mutex.run(() => writeLocked(this, offset, data))
   }
 
   writeZeroes(offset: number, length: number, options: WriteZeroesOptions = {}): Promise<void> {
     checkGuestRange(`qcow2: ${this.img.filename}: write zeroes`, offset, length, this.h.size)
+    this.noteGuestChange(offset, length)
     return this.mutex.run(() => writeZeroesLocked(this, offset, length, options.discard ?? false))
   }
 
@@ -124,9 +138,20 @@ export class Qcow2Writer {
     checkGuestRange(`qcow2: ${this.img.filename}: compressed write`, offset, Math.min(this.cs, this.h.size - offset), this.h.size)
     if (hasDataFile(this.h)) throw new UnsupportedFeatureError(`qcow2: ${this.img.filename}: compressed writes are not possible with an external data file`)
     if (compressed.byteLength >= this.cs) throw new ImgtoolError('USAGE', `qcow2: compressed cluster of ${compressed.byteLength} bytes is not smaller than the cluster`)
+    this.noteGuestChange(offset, Math.min(this.cs, this.h.size - offset))
     return this.mutex.run(() => writeCompressedLocked(this, [{ offset, data: compressed }]))
   }
 
+  /**
+   * Guest bytes [offset, offset+length) are about to change: every enabled
+   * persistent bitmap gets their bits set (in memory; stored on close). Every
+   * path that changes guest content calls it before the change.
+   */
+  noteGuestChange(offset: number, length: number): void {
+    this.bitmaps?.note(offset, length)
+  }
+
+  /** Plain flush: data and refcounts. Bitmaps are stored only on close, as QEMU does. */
   flush(): Promise<void> {
     return this.mutex.run(async () => {
       await this.rc.persist()
@@ -147,6 +172,8 @@ export class Qcow2Writer {
         await this.rc.persist()
         await this.flushDevices()
       }
+      // bitmaps: new data, tables and directory, durable before the header points at them
+      if (this.bitmaps) await this.bitmaps.store(this)
       if (this.dirtyMarked && isDirty(this.h)) {
         await markDirtyBit(this.img.device, this.h, false)
         await this.img.device.flush()
@@ -346,6 +373,7 @@ export class Qcow2Writer {
       if (it.data.byteLength >= this.cs) throw new ImgtoolError('USAGE', `qcow2: compressed cluster of ${it.data.byteLength} bytes is not smaller than the cluster`)
     }
     if (hasDataFile(this.h)) throw new UnsupportedFeatureError(`qcow2: ${this.img.filename}: compressed writes are not possible with an external data file`)
+    for (const it of items) this.noteGuestChange(it.offset, Math.min(this.cs, this.h.size - it.offset))
     return this.mutex.run(() => writeCompressedLocked(this, items))
   }
 
