@@ -257,6 +257,64 @@ export const WORKLOADS: Workload[] = [
       await c.write(150 * K, pattern(4, 900))
     },
   },
+  // v2 (compat=0.10) has no dirty bit: its snapshot operations must be leak-only at every crash point by themselves
+  {
+    name: 'v2 snapshot create on an image with data and a snapshot',
+    size: 64 * K,
+    options: { compat: '0.10', cluster_size: '1024' },
+    prepare: async (c) => {
+      await c.write(0, pattern(0, 20_000))
+      await c.snapshot('create', 'v2a')
+      await c.write(30_000, pattern(1, 6000))
+    },
+    run: async (c) => {
+      await c.snapshot('create', 'v2b')
+      await c.write(500, pattern(2, 3000))
+      await c.flush()
+      await c.write(31_000, pattern(3, 2000))
+    },
+  },
+  {
+    name: 'v2 snapshot delete (of several)',
+    size: 64 * K,
+    options: { compat: '0.10', cluster_size: '1024' },
+    prepare: async (c) => {
+      await c.write(0, pattern(0, 20_000))
+      await c.snapshot('create', 'v2a')
+      await c.write(100, pattern(1, 9000))
+      await c.snapshot('create', 'v2b')
+      await c.write(40_000, pattern(2, 4000))
+      await c.snapshot('create', 'v2c')
+      await c.write(3000, pattern(3, 3000))
+    },
+    run: async (c) => {
+      // clusters only v2c and the active image share: their refcount drops to 1
+      await c.snapshot('delete', 'v2c')
+      await c.write(41_000, pattern(4, 100))
+      await c.flush()
+      await c.snapshot('delete', 'v2a')
+      await c.write(200, pattern(5, 100))
+    },
+  },
+  {
+    name: 'v2 snapshot apply (of several), then writes',
+    size: 64 * K,
+    options: { compat: '0.10', cluster_size: '2048' },
+    prepare: async (c) => {
+      await c.write(0, pattern(0, 20_000))
+      await c.snapshot('create', 'v2a')
+      await c.write(100, pattern(1, 5000))
+      await c.snapshot('create', 'v2b')
+      await c.write(30_000, pattern(2, 9000))
+    },
+    run: async (c) => {
+      await c.snapshot('apply', 'v2a')
+      await c.write(3000, pattern(3, 100))
+      await c.flush()
+      await c.snapshot('apply', 'v2b')
+      await c.write(50_000, pattern(4, 700))
+    },
+  },
   {
     name: 'resize grow (new L1 table)',
     size: 16 * K,

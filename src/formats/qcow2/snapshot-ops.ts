@@ -6,6 +6,8 @@
  * flushed first and cleared after, and a crash in between leaves an image that
  * the next read-write open repairs. A new snapshot table is written and flushed
  * before the header points at it (one 12-byte write), the old one freed after.
+ * v2 images have no dirty bit: there each operation is a shadow commit
+ * (snapshot-v2.ts), switched by one header write.
  */
 import { NotFoundError, UnsupportedFeatureError, UsageError } from '../../errors.js'
 import type { SnapshotInfo } from '../../image/disk-image.js'
@@ -16,6 +18,7 @@ import { hasDataFile, l1EntriesNeeded, l2EntrySize } from './header.js'
 import type { Qcow2Image } from './image.js'
 import { SNAPSHOT_FIXED_BYTES, snapshotInfo, snapshotTableBytes, type Qcow2Snapshot } from './snapshot-table.js'
 import type { Qcow2Writer } from './write.js'
+import { commitV2 } from './snapshot-v2.js'
 
 function writerOf(img: Qcow2Image): Qcow2Writer {
   if (!img.writer) throw img.writerRefusal ?? new UnsupportedFeatureError(`qcow2: ${img.filename}: image is not open for writing`)
@@ -69,6 +72,31 @@ async function checkOverflow(img: Qcow2Image, w: Qcow2Writer, l1: Uint8Array, l1
     if ((await w.rc.get(c)) + n > max) {
       throw new UnsupportedFeatureError(`qcow2: ${img.filename}: refcount of cluster 0x${(c * cs).toString(16)} would exceed ${max} (refcount_bits ${2 ** h.refcountOrder}); nothing was changed`)
     }
+  }
+}
+
+/** A new snapshot entry for the active image, its L1 table at `l1Offset`. */
+function newSnapshot(img: Qcow2Image, name: string, now: number, l1Offset: number): Qcow2Snapshot {
+  const h = img.header
+  const maxId = img.snapshots.reduce((m, s) => Math.max(m, Number.parseInt(s.id, 10) || 0), 0)
+  const extra = new Uint8Array(24)
+  putU64be(extra, 0, 0)
+  putU64be(extra, 8, h.size)
+  putU64be(extra, 16, 0xffffffffffffffffn)
+  return {
+    entryOffset: 0,
+    l1TableOffset: l1Offset,
+    l1Size: h.l1Size,
+    id: String(maxId + 1),
+    name,
+    dateSec: Math.floor(now / 1000),
+    dateNsec: (now % 1000) * 1_000_000,
+    vmClockNsec: 0,
+    vmStateSize: 0,
+    extraData: extra,
+    vmStateSizeLarge: 0,
+    diskSize: h.size,
+    icount: -1,
   }
 }
 
@@ -188,6 +216,13 @@ export async function createSnapshot(img: Qcow2Image, name: string, now = Date.n
     const cs = h.clusterSize
     w.assertUsable()
     await checkOverflow(img, w, img.l1, h.l1Size)
+    if (h.version < 3) {
+      // the snapshot takes the active L1 table as it is; the active image gets a copy
+      const snap = newSnapshot(img, name, now, h.l1Size > 0 ? h.l1TableOffset : 0)
+      const snaps = [...img.snapshots, snap]
+      await commitV2(img, w, { l1: img.l1.slice(), l1Size: h.l1Size, snapshots: snaps, table: encodeSnapshotTable(snaps) })
+      return listSnapshots(img).find((s) => s.id === snap.id)!
+    }
     return transaction(w, async () => {
     const l1 = img.l1.slice()
     let l1Offset = 0
@@ -202,26 +237,7 @@ export async function createSnapshot(img: Qcow2Image, name: string, now = Date.n
     // the active tables are shared now: COPIED goes
     await fixCopiedFlags(img, () => 2)
     img.mapper.l2cache.clear()
-    const maxId = img.snapshots.reduce((m, s) => Math.max(m, Number.parseInt(s.id, 10) || 0), 0)
-    const extra = new Uint8Array(24)
-    putU64be(extra, 0, 0)
-    putU64be(extra, 8, h.size)
-    putU64be(extra, 16, 0xffffffffffffffffn)
-    const snap: Qcow2Snapshot = {
-      entryOffset: 0,
-      l1TableOffset: l1Offset,
-      l1Size: h.l1Size,
-      id: String(maxId + 1),
-      name,
-      dateSec: Math.floor(now / 1000),
-      dateNsec: (now % 1000) * 1_000_000,
-      vmClockNsec: 0,
-      vmStateSize: 0,
-      extraData: extra,
-      vmStateSizeLarge: 0,
-      diskSize: h.size,
-      icount: -1,
-    }
+    const snap = newSnapshot(img, name, now, l1Offset)
     await installTable(img, w, [...img.snapshots, snap])
     return listSnapshots(img).find((s) => s.id === snap.id)!
     })
@@ -233,6 +249,11 @@ export async function deleteSnapshot(img: Qcow2Image, nameOrId: string): Promise
   return w.mutex.run(async () => {
     const s = find(img, nameOrId)
     w.assertUsable()
+    if (img.header.version < 3) {
+      const snaps = img.snapshots.filter((x) => x !== s)
+      await commitV2(img, w, { l1: img.l1.slice(), l1Size: img.header.l1Size, snapshots: snaps, table: encodeSnapshotTable(snaps) })
+      return
+    }
     return transaction(w, async () => {
     await installTable(img, w, img.snapshots.filter((x) => x !== s))
     const l1 = s.l1Size > 0 ? await img.device.read(s.l1TableOffset, s.l1Size * 8, 'l1') : new Uint8Array(0)
@@ -300,6 +321,12 @@ export async function applySnapshot(img: Qcow2Image, nameOrId: string): Promise<
     const snapL1 = new Uint8Array(l1Size * 8)
     if (s.l1Size > 0) snapL1.set(await img.device.read(s.l1TableOffset, s.l1Size * 8, 'l1'))
     await checkOverflow(img, w, snapL1, l1Size)
+    if (h.version < 3) {
+      // v2: no resize (refused above); the active L1 becomes a copy of the snapshot's
+      const snaps = [...img.snapshots]
+      await commitV2(img, w, { l1: snapL1, l1Size, snapshots: snaps, table: encodeSnapshotTable(snaps) })
+      return
+    }
     return transaction(w, async () => {
     // new references first, so nothing reaches zero while still referenced
     await updateReachable(img, w, snapL1, l1Size, +1)
