@@ -201,6 +201,15 @@ export class CrashDevice implements BlockDevice {
     return out
   }
 
+  /** read() into the caller's buffer: a copy of what a reader sees now, zeros past the end */
+  async readInto(offset: number, buf: Uint8Array, _tag?: IoTag): Promise<void> {
+    this.assertOpen()
+    const c = this.current
+    const n = offset < c.len ? Math.min(c.len - offset, buf.byteLength) : 0
+    if (n > 0) buf.set(c.buf.subarray(offset, offset + n))
+    if (n < buf.byteLength) buf.fill(0, n)
+  }
+
   async write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void> {
     this.assertOpen()
     if (data.byteLength === 0) return

@@ -15,12 +15,14 @@
  * that many leading bytes of it are written first (clamped to the write's length),
  * modelling a torn write that reported an error. A failed truncate does not
  * reach the inner device. A failed read or flush is not passed on either.
+ * readInto (when the caller reuses its buffers) is a read: counted and failed
+ * by the same 'read' rules.
  *
  * Sweeps: `counts` / `count(op, tag)` tell how many ops the device saw, so a test
  * can run a workload once with no rules to learn N, then re-run it N times with
  * `nth = 1..N`. `sweepFaults()` below does exactly that.
  */
-import type { BlockDevice, HostStatus, IoTag } from '../../src/io/block-device.js'
+import { readInto, type BlockDevice, type HostStatus, type IoTag } from '../../src/io/block-device.js'
 import { ImageIoError, hex } from '../../src/errors.js'
 
 export type FaultOp = 'read' | 'write' | 'flush' | 'truncate'
@@ -148,6 +150,13 @@ export class FaultyDevice implements BlockDevice {
     const rule = this.see('read', tag)
     if (rule) throw this.fault('read', tag, offset, length, rule.errno)
     return this.inner.read(offset, length, tag)
+  }
+
+  /** a read like read(): counted, and failed by the same 'read' rules (the buffer is then left as it was) */
+  async readInto(offset: number, buf: Uint8Array, tag?: IoTag): Promise<void> {
+    const rule = this.see('read', tag)
+    if (rule) throw this.fault('read', tag, offset, buf.byteLength, rule.errno)
+    return readInto(this.inner, offset, buf, tag)
   }
 
   async write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void> {

@@ -12,10 +12,10 @@
  * helpers use them strictly: "A is durable before B" means some flush was issued
  * after A settled and settled before B was issued.
  *
- * Recorded fields: flush has offset 0, length 0; truncate has offset = the new
+ * readInto is recorded as a read (length = the buffer's). Recorded fields: flush has offset 0, length 0; truncate has offset = the new
  * size, length 0. Failed ops are recorded too (`ok: false`, `error`).
  */
-import type { BlockDevice, HostStatus, IoTag } from '../../src/io/block-device.js'
+import { readInto, type BlockDevice, type HostStatus, type IoTag } from '../../src/io/block-device.js'
 import { hex } from '../../src/errors.js'
 
 export type TraceOpKind = 'read' | 'write' | 'flush' | 'truncate'
@@ -120,6 +120,11 @@ export class TracingDevice implements BlockDevice {
 
   read(offset: number, length: number, tag?: IoTag): Promise<Uint8Array> {
     return this.run({ op: 'read', offset, length, tag }, () => this.inner.read(offset, length, tag))
+  }
+
+  /** recorded as a read; passed to the inner device's readInto (or its read, copied) */
+  readInto(offset: number, buf: Uint8Array, tag?: IoTag): Promise<void> {
+    return this.run({ op: 'read', offset, length: buf.byteLength, tag }, () => readInto(this.inner, offset, buf, tag))
   }
 
   write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void> {

@@ -213,6 +213,7 @@ export async function compareRefcounts(st: CheckState, reftable: Uint8Array): Pr
         )
       }
     }
+    if (block) prefetch.release(block) // nothing above keeps it: its buffer is reused
   }
   return { mismatches, unreadable, highest }
 }

@@ -57,15 +57,16 @@ export async function walkL1(st: CheckState, l1Offset: number, l1Size: number, a
       )
     }
     if (l2Offset % st.cs !== 0) st.unalignedL2.push(l2Offset - (l2Offset % st.cs))
-    await walkL2(st, l2Offset, i, active, stats, prefetch.take())
+    await walkL2(st, l2Offset, i, active, stats, prefetch)
   }
 }
 
-/** check_refcounts_l2, on one table read whole */
-export async function walkL2(st: CheckState, l2Offset: number, l1Index: number, active: boolean, stats: WalkStats | undefined, read: Promise<Uint8Array>): Promise<void> {
+/** check_refcounts_l2, on one table read whole (the read-ahead's next one; its buffer is reused once scanned) */
+export async function walkL2(st: CheckState, l2Offset: number, l1Index: number, active: boolean, stats: WalkStats | undefined, prefetch: Prefetcher): Promise<void> {
   const cs = st.cs
-  const t = await st.readTable(l2Offset, cs, 'l2', 'check_refcounts_l2', read)
-  scanL2(st, t, l2Offset, l1Index, active, stats)
+  const t = await st.readTable(l2Offset, cs, 'l2', 'check_refcounts_l2', prefetch.take())
+  scanL2(st, t, l2Offset, l1Index, active, stats) // keeps nothing of t
+  prefetch.release(t)
 }
 
 /**
