@@ -17,6 +17,7 @@ import { readHeader } from '../../src/formats/qcow2/header.js'
 import { BME_FLAG_IN_USE, decodeBitmapTableEntry, readBitmapDirectory } from '../../src/formats/qcow2/bitmap-directory.js'
 import { setBits } from '../../src/formats/qcow2/bitmap-write.js'
 import { CrashDevice } from '../support/crash-device.js'
+import { FaultyDevice, type FaultOp } from '../support/faulty-device.js'
 import { Prng } from '../support/prng.js'
 import { describeQemu, makeTempDir, qemuImg, qemuImgOk, qemuIoOk, useTempDirs } from '../support/qemu.js'
 import { checkCounts, openOn, pattern, Unclosable } from './helpers.js'
@@ -175,7 +176,7 @@ describeQemu('persistent bitmaps written by imgtool (vs qemu-io)', () => {
     })
   }
 
-  for (const delta of [3 * 1024 * 1024 + 512, -1024 * 1024]) {
+  for (const delta of [3 * 1024 * 1024 + 512, 36 * 1024 * 1024, -1024 * 1024]) {
     it(`resize by ${delta} bytes: bitmaps resized as qemu-img resize does (new area clean, cut bits dropped)`, async () => {
       const dir = makeTempDir('imgtool-bitmaps-')
       const size = 4 * 1024 * 1024
@@ -309,6 +310,61 @@ describeQemu('persistent bitmaps written by imgtool (vs qemu-io)', () => {
     await img.close()
   })
 
+  it('an I/O error at any write or flush of open or close: no corruption, no leak unless the header switch was under way', async () => {
+    const dir = makeTempDir('imgtool-bitmaps-')
+    const size = 4 * 1024 * 1024
+    const base = await makeBase(dir, 'base.qcow2', 4096, size, [{ name: 'a' }, { name: 'fine', g: 512 }])
+    await qemuIoOk(base, ['write -P 1 8192 4096'])
+    const baseBytes = new Uint8Array(readFileSync(base))
+    interface Run { dev: MemoryDevice; failed: boolean; headerTried: boolean; ops: number }
+    const run = async (phase: 'open' | 'close', op: FaultOp, nth: number): Promise<Run> => {
+      const dev = new MemoryDevice(baseBytes, { name: 'x.qcow2' })
+      const faulty = new FaultyDevice(dev)
+      if (phase === 'open') faulty.failOn({ op, nth })
+      let img
+      try {
+        img = await openOn(faulty)
+      } catch {
+        return { dev, failed: true, headerTried: faulty.count('write', 'header') > 0, ops: 0 }
+      }
+      const openOps = faulty.count(op)
+      faulty.clearFaults()
+      if (phase === 'open') return { dev, failed: false, headerTried: false, ops: openOps }
+      await img.write(100_000, pattern(100_000, 20_000))
+      await img.writeZeroes(0, 1000)
+      const before = faulty.count('write', 'header')
+      const opsBefore = faulty.count(op)
+      faulty.failOn({ op, nth })
+      let failed = false
+      try {
+        await img.close()
+      } catch {
+        failed = true
+      }
+      return { dev, failed, headerTried: faulty.count('write', 'header') > before, ops: faulty.count(op) - opsBefore }
+    }
+    let cases = 0
+    for (const phase of ['open', 'close'] as const) {
+      for (const op of ['write', 'flush'] as const) {
+        const total = (await run(phase, op, 1_000_000)).ops
+        expect(total).toBeGreaterThan(1)
+        for (let nth = 1; nth <= total; nth++) {
+          const r = await run(phase, op, nth)
+          expect(r.failed, `${phase} ${op} #${nth} did not fail`).toBe(true)
+          cases++
+          const c = await checkCounts(new MemoryDevice(r.dev.snapshot()))
+          expect(c.corruptions, `${phase} ${op} #${nth}: ${c.diagnostics.join('; ')}`).toBe(0)
+          if (!r.headerTried) expect(c.leaks, `${phase} ${op} #${nth}: leaks before the header switch`).toBe(0)
+          for (const b of await dumpBitmaps(r.dev.snapshot())) {
+            if (phase === 'close' && !(b.flags & BME_FLAG_IN_USE)) expect(r.headerTried, `${phase} ${op} #${nth}: bitmap ${b.name} consistent after a failed close`).toBe(true)
+          }
+        }
+      }
+    }
+    console.log(`[bitmap fault sweep] ${cases} failed opens/closes checked`)
+    expect(cases).toBeGreaterThan(5)
+  })
+
   it('crash at every point of open + writes + flush + writes + close: no corruption; bitmaps in use, or consistent and covering every change', async () => {
     const dir = makeTempDir('imgtool-bitmaps-')
     const size = 4 * 1024 * 1024
@@ -373,6 +429,7 @@ describeQemu('persistent bitmaps written by imgtool (vs qemu-io)', () => {
         throw new Error(`${s.description}: ${(e as Error).message}`, { cause: e })
       }
     }
+    console.log(`[bitmap crash sweep] ${states} crash states: bitmap entries in use ${inUse}, consistent old ${consistentOld}, consistent new ${consistentNew}; ${sample.length} also checked by qemu-img`)
     expect(states).toBeGreaterThan(20)
     expect(inUse).toBeGreaterThan(0)
     expect(consistentNew).toBeGreaterThan(0)
