@@ -392,15 +392,70 @@ export const WORKLOADS: Workload[] = [
       await Promise.all([c.write(4000, pattern(3, 300)), c.zero(30_000, 4096)])
     },
   },
+  // external data files: the data file loses its unflushed writes at the same crash point as the image
   {
-    name: 'external data file (metadata swept; the data file is modelled as always durable)',
+    name: 'external data file: writes, partial clusters, zero writes',
     size: 128 * K,
     options: { cluster_size: '4096', data_file: 'img.data' },
+    prepare: async (c) => c.write(0, pattern(0, 40_000)),
     run: async (c) => {
-      await c.write(100, pattern(0, 9000))
+      await c.write(100, pattern(1, 9000))
       await c.flush()
-      await c.write(50_000, pattern(1, 20_000))
+      await c.write(50_000, pattern(2, 20_000))
       await c.zero(0, 8192)
+      await c.flush()
+      await c.zero(12_000, 10_000, true)
+      await c.write(13_000, pattern(3, 500))
+      await c.write(90_000, pattern(4, 300))
+      await c.flush()
+      await c.write(5000, pattern(5, 100))
+    },
+  },
+  {
+    name: 'external data file (data_file_raw): writes, partial clusters, zero writes',
+    size: 128 * K,
+    options: { cluster_size: '4096', data_file: 'img.data', data_file_raw: 'on' },
+    prepare: async (c) => c.write(0, pattern(0, 40_000)),
+    run: async (c) => {
+      await c.write(100, pattern(1, 9000))
+      await c.flush()
+      await c.write(50_000, pattern(2, 20_000))
+      await c.zero(0, 8192)
+      await c.flush()
+      await c.zero(12_000, 10_000, true)
+      await c.write(13_000, pattern(3, 500))
+      await c.flush()
+      await c.write(90_000, pattern(4, 300))
+    },
+  },
+  {
+    name: 'external data file over a backing file: partial clusters copied on write, zero writes',
+    size: 128 * K,
+    options: { cluster_size: '4096', data_file: 'img.data' },
+    backing: pattern(0, 128 * K, 41),
+    run: async (c) => {
+      for (let i = 0; i < 4; i++) await c.write(i * 9000 + 300, pattern(i, 700, 6))
+      await c.flush()
+      await c.zero(40_960, 8192)
+      await c.zero(60_000, 9000, true)
+      await c.flush()
+      await c.write(61_000, pattern(7, 200))
+      await c.write(100_000, pattern(8, 5000))
+    },
+  },
+  {
+    name: 'external data file with extended L2: subcluster writes and zero writes',
+    size: 256 * K,
+    options: { cluster_size: '16384', extended_l2: 'on', data_file: 'img.data' },
+    prepare: async (c) => c.write(0, pattern(0, 30_000)),
+    run: async (c) => {
+      for (let i = 0; i < 4; i++) await c.write(40_000 + i * 1500, pattern(i, 200))
+      await c.flush()
+      await c.zero(2048, 4096)
+      await c.zero(16_384, 16_384, true)
+      await c.flush()
+      await c.write(17_000, pattern(9, 600))
+      await c.write(100_000, pattern(10, 20_000))
     },
   },
   {
@@ -435,6 +490,31 @@ export interface RunRecord {
   files: MemFiles
   /** device flushes done when the image first existed (create workload) */
   imageFrom: number
+}
+
+/** The external data file's name, if the workload has one. */
+export function dataFileOf(w: Workload): string | undefined {
+  return w.options['data_file']
+}
+
+/**
+ * A copy of `files` for one run or one crash state: backing files shared (read
+ * only), everything else (the data file) copied, or replaced by `override`.
+ */
+export function copyFiles(files: MemFiles, override: Record<string, BlockDevice> = {}): MemFiles {
+  const out = new MemFiles()
+  for (const [name, d] of files.files) {
+    if (override[name]) continue
+    out.files.set(name, name === 'base.raw' ? d : new MemoryDevice(snapshotOf(d), { name }))
+  }
+  for (const [name, d] of Object.entries(override)) out.files.set(name, d)
+  return out
+}
+
+function snapshotOf(d: BlockDevice): Uint8Array {
+  const inner = d instanceof Unclosable ? d.inner : d
+  if (!(inner instanceof MemoryDevice)) throw new Error(`copyFiles: ${d.name} is not a memory device`)
+  return inner.snapshot()
 }
 
 /** A base image (durable) with the workload's preparation done. */

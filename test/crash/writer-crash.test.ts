@@ -9,8 +9,12 @@
  *   `qemu-img check -r leaks` the leaky ones are clean.
  * A dirty image (lazy refcounts, snapshot transactions) is first opened
  * read-write, which repairs it, as QEMU does on open.
+ * An image with an external data file runs on a CrashGroup: the data file
+ * loses its unflushed writes (all, some, torn) at the same crash point as the
+ * image, and the flushed bytes are read back through the image from the data
+ * file as the crash left it; qemu-img checks the pair side by side.
  */
-import { writeFileSync } from 'node:fs'
+import { mkdirSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { afterAll, describe, expect, it } from 'vitest'
 import { u32be, u64be } from '../../src/util/bytes.js'
@@ -18,22 +22,35 @@ import type { MemoryDevice } from '../../src/io/memory-device.js'
 import { analyzeQcow2 } from '../../src/formats/qcow2/check.js'
 import { repairQcow2Device } from '../../src/formats/qcow2/repair.js'
 import { MemoryDevice as MemDev } from '../../src/io/memory-device.js'
-import { CrashDevice, type CrashState } from '../support/crash-device.js'
+import { CrashDevice } from '../support/crash-device.js'
+import { CrashGroup } from '../support/crash-group.js'
 import { hasQemuImg, makeTempDir, mapLimit, qemuImg, useTempDirs } from '../support/qemu.js'
 import { openOn, Unclosable } from '../writer/helpers.js'
-import { WORKLOADS, prepareBase, runWorkload, type RunRecord } from './workloads.js'
+import { WORKLOADS, copyFiles, dataFileOf, prepareBase, runWorkload, type RunRecord, type Workload } from './workloads.js'
 
 useTempDirs()
 
 const OPTIONS = { subsets: true, torn: true, exhaustiveLimit: 8, randomSubsets: 16, maxTornPerWrite: 4, tornTail: true }
+/** qemu-img checks per workload (leaky states first come, then every 17th state) */
+const QEMU_PER_WORKLOAD = 6
 let totalStates = 0
 let leakyStates = 0
 let repaired = 0
-const qemuSample: Array<{ name: string; bytes: Uint8Array; leaks: number }> = []
+const perWorkload: string[] = []
+/** sampled states, with the files that sit next to the image (data file, backing file) */
+const qemuSample: Array<{ name: string; bytes: Uint8Array; beside: Array<{ name: string; bytes: Uint8Array }>; leaks: number }> = []
 
 afterAll(() => {
-  console.log(`[writer crash sweep] ${totalStates} crash states checked over ${WORKLOADS.length} workloads; ${repaired} leaky ones repaired clean by repair -r leaks; ${qemuSample.length} also checked by qemu-img`)
+  console.log(`[writer crash sweep] ${totalStates} crash states checked over ${WORKLOADS.length} workloads; ${repaired} leaky ones repaired clean by repair -r leaks; ${qemuSample.length} also checked by qemu-img\n  ${perWorkload.join('\n  ')}`)
 })
+
+/** One crash image: the image file and, for an external data file, that file as the crash left it. */
+interface Crashed {
+  device: MemoryDevice
+  data?: MemoryDevice
+  flushes: number
+  description: string
+}
 
 function expectedAt(rec: RunRecord, flushes: number): { content: Uint8Array; skip: Array<{ offset: number; length: number }> } {
   let cp = rec.checkpoints[0]!
@@ -41,8 +58,10 @@ function expectedAt(rec: RunRecord, flushes: number): { content: Uint8Array; ski
   return { content: cp.content, skip: rec.touched.slice(cp.touchedFrom) }
 }
 
-async function verify(state: CrashState, rec: RunRecord, name: string, sampleEvery: number): Promise<void> {
+async function verify(state: Crashed, rec: RunRecord, w: Workload, quota: { taken: number }, sampleEvery: number): Promise<void> {
   let dev: MemoryDevice = state.device
+  const dataName = dataFileOf(w)
+  const files = dataName && state.data ? copyFiles(rec.files, { [dataName]: state.data }) : rec.files
   const head = await dev.read(0, 112)
   if (u32be(head, 0) !== 0x514649fb) {
     // create had not written its header yet: no image, nothing to check
@@ -50,14 +69,14 @@ async function verify(state: CrashState, rec: RunRecord, name: string, sampleEve
     return
   }
   if ((u64be(head, 72) & 1n) !== 0n && u32be(head, 4) === 3) {
-    const img = await openOn(dev, rec.files) // repairs
+    const img = await openOn(dev, files) // repairs
     await img.close()
   }
-  const a = await analyzeQcow2(dev)
+  const a = await analyzeQcow2(dev, state.data ? { dataDevice: state.data } : {})
   expect({ corruptions: a.report.corruptions, checkErrors: a.report.checkErrors }, a.report.diagnostics.join('\n')).toEqual({ corruptions: 0, checkErrors: 0 })
   // flushed bytes read back
   const { content, skip } = expectedAt(rec, state.flushes)
-  const img = await openOn(dev, rec.files, true)
+  const img = await openOn(dev, files, true)
   const n = Math.min(img.virtualSize, content.byteLength)
   const got = await img.read(0, n)
   const mask = new Uint8Array(n)
@@ -72,29 +91,58 @@ async function verify(state: CrashState, rec: RunRecord, name: string, sampleEve
     expect({ c: r.after.corruptions, l: r.after.leaks, e: r.after.checkErrors }, r.after.diagnostics?.join('\n')).toEqual({ c: 0, l: 0, e: 0 })
     repaired++
   }
-  // a bounded sample for qemu-img: some leaky states (to repair) and some others
+  // a bounded sample for qemu-img, from every workload: some leaky states (to repair) and some others
   const leaky = a.report.leaks > 0 && leakyStates++ % 6 === 0
-  if (qemuSample.length < 140 && (leaky || totalStates % sampleEvery === 0)) {
-    qemuSample.push({ name: `${name}: ${state.description}`, bytes: dev.snapshot(), leaks: a.report.leaks })
+  if (quota.taken < QEMU_PER_WORKLOAD && (leaky || totalStates % sampleEvery === 0)) {
+    quota.taken++
+    qemuSample.push({
+      name: `${w.name}: ${state.description}`,
+      bytes: dev.snapshot(),
+      beside: [
+        ...(dataName && state.data ? [{ name: dataName, bytes: state.data.snapshot() }] : []),
+        ...(w.backing ? [{ name: 'base.raw', bytes: w.backing }] : []),
+      ],
+      leaks: a.report.leaks,
+    })
   }
+}
+
+/** Run the workload on crash devices; every crash image of the run, in order. */
+async function* crashImages(w: Workload): AsyncGenerator<{ state: Crashed; rec: RunRecord }> {
+  const { base, files, expected } = await prepareBase(w)
+  const options = { ...OPTIONS, ...(w.sweep ?? {}) }
+  const dataName = dataFileOf(w)
+  if (!dataName) {
+    const dev = new CrashDevice(base, { name: 'img.qcow2' })
+    const rec = await runWorkload(w, new Unclosable(dev), files, expected.slice(), () => dev.flushCount)
+    for (const s of dev.allCrashStates(options)) yield { state: s, rec }
+    return
+  }
+  // the image and its data file lose power together
+  const group = new CrashGroup()
+  const dev = group.add('img.qcow2', base)
+  const data = group.add(dataName, (files.files.get(dataName) as MemoryDevice).snapshot())
+  const runFiles = copyFiles(files, { [dataName]: data })
+  const rec = await runWorkload(w, new Unclosable(dev), runFiles, expected.slice(), () => group.flushCount)
+  for (const s of group.allCrashStates(options)) yield { state: { device: s.devices[0]!, data: s.devices[1]!, flushes: s.flushes, description: s.description }, rec }
 }
 
 describe('qcow2 writer crash sweep', () => {
   for (const w of WORKLOADS) {
     it(`${w.name}: 0 corruptions and flushed data intact at every crash point`, async () => {
-      const { base, files, expected } = await prepareBase(w)
-      const dev = new CrashDevice(base, { name: 'img.qcow2' })
-      const rec = await runWorkload(w, new Unclosable(dev), files, expected.slice(), () => dev.flushCount)
+      const started = Date.now()
+      const quota = { taken: 0 }
       let states = 0
-      for (const s of dev.allCrashStates({ ...OPTIONS, ...(w.sweep ?? {}) })) {
+      for await (const { state, rec } of crashImages(w)) {
         states++
         totalStates++
         try {
-          await verify(s, rec, w.name, 17)
+          await verify(state, rec, w, quota, 17)
         } catch (e) {
-          throw new Error(`${w.name}: ${s.description}: ${(e as Error).message}`, { cause: e })
+          throw new Error(`${w.name}: ${state.description}: ${(e as Error).message}`, { cause: e })
         }
       }
+      perWorkload.push(`${String(states).padStart(5)} states (${quota.taken} for qemu-img) ${String(Date.now() - started).padStart(6)} ms  ${w.name}`)
       expect(states).toBeGreaterThan(3)
     })
   }
@@ -104,16 +152,23 @@ describe('qcow2 writer crash sweep', () => {
     const picks = qemuSample
     expect(picks.length).toBeGreaterThan(20)
     await mapLimit(picks, 2, async (s, i) => {
-      const path = join(dir, `s${i}.qcow2`)
+      // each state in its own directory, qemu-img run there: a data file or backing file sits next to its
+      // image under its own name (qemu 7.2 opens a relative data_file name from its working directory)
+      const sub = join(dir, `s${i}`)
+      mkdirSync(sub)
+      const path = join(sub, 'img.qcow2')
       writeFileSync(path, s.bytes)
-      const r = await qemuImg(['check', '--output=json', '-f', 'qcow2', path])
+      for (const f of s.beside) writeFileSync(join(sub, f.name), f.bytes)
+      const r = await qemuImg(['check', '--output=json', '-f', 'qcow2', 'img.qcow2'], { cwd: sub })
+      expect([0, 2, 3], `${s.name}: qemu-img check could not check the image\n${r.stderr}`).toContain(r.code)
       const j = JSON.parse(r.stdout || '{}') as Record<string, number>
+      expect(j['filename'], `${s.name}: no JSON from qemu-img check\n${r.stderr}`).toBeDefined()
       expect(j['corruptions'] ?? 0, `${s.name}\n${r.stderr}`).toBe(0)
       expect(j['check-errors'] ?? 0, `${s.name}\n${r.stderr}`).toBe(0)
       if ((j['leaks'] ?? 0) > 0) {
-        const fix = await qemuImg(['check', '-r', 'leaks', '-f', 'qcow2', path])
+        const fix = await qemuImg(['check', '-r', 'leaks', '-f', 'qcow2', 'img.qcow2'], { cwd: sub })
         expect(fix.code, `${s.name}\n${fix.stdout}${fix.stderr}`).toBe(0)
-        const again = await qemuImg(['check', '-f', 'qcow2', path])
+        const again = await qemuImg(['check', '-f', 'qcow2', 'img.qcow2'], { cwd: sub })
         expect(again.code, `${s.name}\n${again.stdout}${again.stderr}`).toBe(0)
       }
     })
