@@ -6,7 +6,8 @@
  * - every byte that was flushed before the crash (and not rewritten since) reads back;
  * - our `repair -r leaks` leaves leaky states clean (every third one);
  * - qemu-img check agrees (0 corruptions) on a sample of states, and after
- *   `qemu-img check -r leaks` the leaky ones are clean.
+ *   `qemu-img check -r leaks` the leaky ones are clean;
+ * and the image the workload left at its clean close has no leaks either.
  * A dirty image (lazy refcounts, snapshot transactions) is first opened
  * read-write, which repairs it, as QEMU does on open.
  * An image with an external data file runs on a CrashGroup: the data file
@@ -84,6 +85,13 @@ async function verify(state: Crashed, rec: RunRecord, w: Workload, quota: { take
   for (let i = 0; i < n; i++) {
     if (mask[i] === 0 && got[i] !== content[i]) throw new Error(`flushed byte at guest 0x${i.toString(16)} reads ${got[i]}, expected ${content[i]}`)
   }
+  // data_file_raw: the data file alone is the guest disk, flushed bytes included
+  if (state.data && w.options['data_file_raw'] === 'on') {
+    const raw = await state.data.read(0, n)
+    for (let i = 0; i < n; i++) {
+      if (mask[i] === 0 && raw[i] !== content[i]) throw new Error(`raw data file byte 0x${i.toString(16)} is ${raw[i]}, expected ${content[i]}`)
+    }
+  }
   // our repair -r leaks leaves a leaky state clean (every few leaky states)
   if (a.report.leaks > 0 && leakyStates % 3 === 0) {
     const copy = new MemDev(dev.snapshot(), { name: 'repair.qcow2' })
@@ -107,6 +115,16 @@ async function verify(state: Crashed, rec: RunRecord, w: Workload, quota: { take
   }
 }
 
+/** A workload that ran to its clean close leaves an image without leaks or corruptions. */
+async function expectCleanClose(w: Workload, image: Uint8Array, data?: Uint8Array): Promise<void> {
+  const a = await analyzeQcow2(new MemDev(image, { name: 'img.qcow2' }), data ? { dataDevice: new MemDev(data, { name: 'img.data' }) } : {})
+  expect({ corruptions: a.report.corruptions, leaks: a.report.leaks, checkErrors: a.report.checkErrors }, `${w.name}: after close\n${a.report.diagnostics.join('\n')}`).toEqual({
+    corruptions: 0,
+    leaks: 0,
+    checkErrors: 0,
+  })
+}
+
 /** Run the workload on crash devices; every crash image of the run, in order. */
 async function* crashImages(w: Workload): AsyncGenerator<{ state: Crashed; rec: RunRecord }> {
   const { base, files, expected } = await prepareBase(w)
@@ -115,6 +133,7 @@ async function* crashImages(w: Workload): AsyncGenerator<{ state: Crashed; rec: 
   if (!dataName) {
     const dev = new CrashDevice(base, { name: 'img.qcow2' })
     const rec = await runWorkload(w, new Unclosable(dev), files, expected.slice(), () => dev.flushCount)
+    await expectCleanClose(w, dev.snapshot())
     for (const s of dev.allCrashStates(options)) yield { state: s, rec }
     return
   }
@@ -124,6 +143,7 @@ async function* crashImages(w: Workload): AsyncGenerator<{ state: Crashed; rec: 
   const data = group.add(dataName, (files.files.get(dataName) as MemoryDevice).snapshot())
   const runFiles = copyFiles(files, { [dataName]: data })
   const rec = await runWorkload(w, new Unclosable(dev), runFiles, expected.slice(), () => group.flushCount)
+  await expectCleanClose(w, await dev.read(0, dev.size), await data.read(0, data.size))
   for (const s of group.allCrashStates(options)) yield { state: { device: s.devices[0]!, data: s.devices[1]!, flushes: s.flushes, description: s.description }, rec }
 }
 

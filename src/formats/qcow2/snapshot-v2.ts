@@ -10,15 +10,20 @@
  * between leaves a corruption. No order of in-place writes avoids it.
  *
  * So a v2 snapshot operation is a shadow commit. Everything that changes is
- * written to clusters past the end of everything in use (free in the current
- * refcounts, referenced by nothing): copies of the active L2 tables whose
- * COPIED flags change, the new active L1 table, the new snapshot table, and a
- * complete new refcount table and blocks counted from the new metadata. One
- * flush, then one 36-byte header write in the first sector switches l1_size,
- * l1_table_offset, refcount_table_offset, refcount_table_clusters,
- * nb_snapshots and snapshots_offset together; a crash leaves the old image or
- * the new one, each with exact refcounts (not even a leak). The old
- * structures become free space. Nothing in the image is written in place.
+ * written to clusters that nothing references and no refcount structure uses
+ * (free space inside the file first, then past its end): copies of the active
+ * L2 tables whose COPIED flags change, the new active L1 table, the new
+ * snapshot table, and a complete new refcount table and blocks counted from
+ * the new metadata. One flush, then one 36-byte header write in the first
+ * sector switches l1_size, l1_table_offset, refcount_table_offset,
+ * refcount_table_clusters, nb_snapshots and snapshots_offset together. A
+ * crash leaves the old image or the new one, each with exact refcounts (not
+ * even a leak); nothing the old image uses is written. Afterwards the old
+ * structures are free space.
+ *
+ * Cost: every L2 table of every snapshot is read (QEMU's update walks only the
+ * snapshot's), and the refcount blocks are all written anew (about 2 bytes per
+ * cluster of the file). Memory: 5 bytes per host cluster.
  */
 import { CorruptImageError, ImgtoolError, hex } from '../../errors.js'
 import { putU32be, putU64be } from '../../util/bytes.js'
@@ -48,6 +53,28 @@ function entryBytes(s: Qcow2Snapshot): number {
   return Math.ceil((SNAPSHOT_FIXED_BYTES + s.extraData.byteLength + enc.encode(s.id).byteLength + enc.encode(s.name).byteLength) / 8) * 8
 }
 
+/** A growable per-cluster array (refcounts of the new tree; use marks of the old one). */
+class PerCluster<T extends Uint32Array | Uint8Array> {
+  constructor(
+    public a: T,
+    private readonly make: (n: number) => T,
+  ) {}
+  get(c: number): number {
+    return c < this.a.length ? this.a[c]! : 0
+  }
+  add(c: number, n = 1): void {
+    this.set(c, this.get(c) + n)
+  }
+  set(c: number, v: number): void {
+    if (c >= this.a.length) {
+      const next = this.make(Math.max(c + 1, this.a.length * 2))
+      next.set(this.a)
+      this.a = next
+    }
+    this.a[c] = v
+  }
+}
+
 /** Run the shadow commit for `next` (inside the writer's mutex, writer usable). */
 export async function commitV2(img: Qcow2Image, w: Qcow2Writer, next: V2Tree): Promise<void> {
   const h = img.header
@@ -61,6 +88,22 @@ export async function commitV2(img: Qcow2Image, w: Qcow2Writer, next: V2Tree): P
     for (let c = Math.floor(off / cs); c <= Math.floor((off + len - 1) / cs); c++) out.push(c)
     return out
   }
+  const l2Offsets = (l1: Uint8Array, size: number): number[] => {
+    const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength)
+    const out: number[] = []
+    for (let i = 0; i < size; i++) out.push(decodeL1(dv, i * 8).l2Offset)
+    return out
+  }
+  const readL1 = (off: number, size: number): Promise<Uint8Array> => (size > 0 ? dev.read(off, size * 8, 'l1') : Promise.resolve(new Uint8Array(0)))
+  /** host clusters an L2 table's entries reference, once per entry */
+  const dataOf = (t: Uint8Array, visit: (c: number) => void): void => {
+    const dv = new DataView(t.buffer, t.byteOffset, t.byteLength)
+    for (let j = 0; j < cs / es; j++) {
+      const le = decodeL2(dv, j * es, ctx)
+      if (le.type === 'compressed') for (const c of clusters(le.hostOffset - (le.hostOffset % 512), le.sectors * 512)) visit(c)
+      else if ((le.type === 'normal' || le.type === 'zero') && le.hostOffset !== 0) visit(le.hostOffset / cs)
+    }
+  }
 
   // everything on disk now, so the old structures are exact while the new ones are built
   await w.beginTransaction()
@@ -69,52 +112,38 @@ export async function commitV2(img: Qcow2Image, w: Qcow2Writer, next: V2Tree): P
     await w.flushNow()
   }
 
-  const tables = new Map<number, Uint8Array>()
-  const l2 = async (off: number): Promise<Uint8Array> => {
-    let t = tables.get(off)
-    if (!t) {
-      t = await dev.read(off, cs, 'l2')
-      tables.set(off, t)
-    }
-    return t
-  }
-  const readL1 = (off: number, size: number): Promise<Uint8Array> => (size > 0 ? dev.read(off, size * 8, 'l1') : Promise.resolve(new Uint8Array(0)))
-  const l2Offsets = (l1: Uint8Array, size: number): number[] => {
-    const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength)
-    const out: number[] = []
-    for (let i = 0; i < size; i++) out.push(decodeL1(dv, i * 8).l2Offset)
-    return out
-  }
+  const start = Math.ceil(dev.size / cs) + 1
+  /** what the old image uses (nothing of it is written before the switch) */
+  const used = new PerCluster(new Uint8Array(start), (n) => new Uint8Array(n))
+  /** references in the new image: its refcounts */
+  const counts = new PerCluster(new Uint32Array(start), (n) => new Uint32Array(n))
+  const count = (off: number, len: number, n = 1): void => clusters(off, len).forEach((c) => counts.add(c, n))
 
-  // what the old tree occupies: nothing of it may be overwritten before the switch
-  const oldMeta = new Set<number>([0])
-  for (const [c] of await w.rc.metadataClusters()) oldMeta.add(c)
-  for (const c of clusters(h.l1TableOffset, h.l1Size * 8)) oldMeta.add(c)
-  for (const off of l2Offsets(img.l1, h.l1Size)) if (off !== 0) oldMeta.add(off / cs)
-  if (h.nbSnapshots > 0) for (const c of clusters(h.snapshotsOffset, snapshotTableBytes(img.snapshots, h.snapshotsOffset))) oldMeta.add(c)
+  // the old image: header, refcount structures, L1 tables, snapshot table
+  const oldMeta: number[] = [0]
+  for (const [c] of await w.rc.metadataClusters()) oldMeta.push(c)
+  oldMeta.push(...clusters(h.l1TableOffset, h.l1Size * 8))
+  if (h.nbSnapshots > 0) oldMeta.push(...clusters(h.snapshotsOffset, snapshotTableBytes(img.snapshots, h.snapshotsOffset)))
+  const oldL1s: Array<[Uint8Array, number]> = [[img.l1, h.l1Size]]
   for (const s of img.snapshots) {
-    for (const c of clusters(s.l1TableOffset, s.l1Size * 8)) oldMeta.add(c)
-    for (const off of l2Offsets(await readL1(s.l1TableOffset, s.l1Size), s.l1Size)) if (off !== 0) oldMeta.add(off / cs)
+    oldMeta.push(...clusters(s.l1TableOffset, s.l1Size * 8))
+    oldL1s.push([await readL1(s.l1TableOffset, s.l1Size), s.l1Size])
   }
-
-  // references to data (and compressed bytes) from every L1 table of the new tree
-  const counts = new Map<number, number>()
-  const add = (off: number, len: number): void => {
-    for (const c of clusters(off, len)) counts.set(c, (counts.get(c) ?? 0) + 1)
-  }
+  for (const c of oldMeta) used.set(c, 1)
+  // the new image's L1 tables; how often each L2 table is reached from them
   const snapL1s = await Promise.all(next.snapshots.map((s) => readL1(s.l1TableOffset, s.l1Size)))
-  const allL1s: Array<[Uint8Array, number]> = [[next.l1, next.l1Size], ...next.snapshots.map((s, i): [Uint8Array, number] => [snapL1s[i]!, s.l1Size])]
-  for (const [l1, size] of allL1s) {
-    for (const off of l2Offsets(l1, size)) {
-      if (off === 0) continue
-      const t = await l2(off)
-      const dv = new DataView(t.buffer, t.byteOffset, t.byteLength)
-      for (let j = 0; j < cs / es; j++) {
-        const le = decodeL2(dv, j * es, ctx)
-        if (le.type === 'compressed') add(le.hostOffset - (le.hostOffset % 512), le.sectors * 512)
-        else if ((le.type === 'normal' || le.type === 'zero') && le.hostOffset !== 0) add(le.hostOffset, cs)
-      }
-    }
+  const newL1s: Array<[Uint8Array, number]> = [[next.l1, next.l1Size], ...next.snapshots.map((s, i): [Uint8Array, number] => [snapL1s[i]!, s.l1Size])]
+  const reach = new Map<number, number>()
+  for (const [l1, size] of oldL1s) for (const off of l2Offsets(l1, size)) if (off !== 0) reach.set(off, reach.get(off) ?? 0)
+  for (const [l1, size] of newL1s) for (const off of l2Offsets(l1, size)) if (off !== 0) reach.set(off, (reach.get(off) ?? 0) + 1)
+  // every L2 table once: its data is used by the old image and counted once per new reference
+  for (const [off, n] of reach) {
+    used.set(off / cs, 1)
+    const t = await dev.read(off, cs, 'l2')
+    dataOf(t, (c) => {
+      used.set(c, 1)
+      if (n > 0) counts.add(c, n)
+    })
   }
 
   // active L2 tables whose COPIED flags change get a copy (the old table stays as it is)
@@ -124,7 +153,7 @@ export async function commitV2(img: Qcow2Image, w: Qcow2Writer, next: V2Tree): P
   for (let i = 0; i < next.l1Size; i++) {
     const e = decodeL1(activeDv, i * 8)
     if (e.l2Offset === 0) continue
-    const t = (await l2(e.l2Offset)).slice()
+    const t = await dev.read(e.l2Offset, cs, 'l2')
     const dv = new DataView(t.buffer, t.byteOffset, t.byteLength)
     let changed = false
     for (let j = 0; j < cs / es; j++) {
@@ -139,33 +168,36 @@ export async function commitV2(img: Qcow2Image, w: Qcow2Writer, next: V2Tree): P
     if (changed) copies.push({ index: i, table: t, offset: 0 })
   }
 
-  // new clusters go past the end of everything, old or new
-  let top = Math.ceil(dev.size / cs)
-  for (const c of oldMeta) top = Math.max(top, c + 1)
-  for (const c of counts.keys()) top = Math.max(top, c + 1)
-  for (const [l1, size] of allL1s) for (const off of l2Offsets(l1, size)) if (off !== 0) top = Math.max(top, off / cs + 1)
-  for (const s of next.snapshots) for (const c of clusters(s.l1TableOffset, s.l1Size * 8)) top = Math.max(top, c + 1)
-  let cursor = top
-  const take = (bytes: number): number => {
-    const off = cursor * cs
-    cursor += Math.ceil(bytes / cs)
-    return off
+  // new clusters: free in the old image and unused by the new one (first fit), counted as taken
+  let hint = 1
+  const isFree = (c: number): boolean => used.get(c) === 0 && counts.get(c) === 0 && w.guard.kindAt(c) === undefined
+  const take = (n: number): number => {
+    for (let c = hint; ; c++) {
+      let k = 0
+      while (k < n && isFree(c + k)) k++
+      if (k === n) {
+        for (let i = 0; i < n; i++) counts.add(c + i)
+        if (n === 1 || c === hint) hint = c + n
+        return c * cs
+      }
+      c += k
+    }
   }
   for (const c of copies) {
-    c.offset = take(cs)
+    c.offset = take(1)
     putU64be(active, c.index * 8, encodeL1({ l2Offset: c.offset, copied: true }))
   }
-  const l1Offset = next.l1Size > 0 ? take(next.l1Size * 8) : 0
-  const tableOffset = next.snapshots.length > 0 ? take(next.table.byteLength) : 0
+  const l1Offset = next.l1Size > 0 ? take(Math.ceil((next.l1Size * 8) / cs)) : 0
+  const tableOffset = next.snapshots.length > 0 ? take(Math.ceil(next.table.byteLength / cs)) : 0
 
-  // the rest of the references: header, L1 tables, L2 tables (once per L1 reaching them), snapshot table
-  add(0, cs)
-  add(l1Offset, next.l1Size * 8)
-  add(tableOffset, next.snapshots.length > 0 ? next.table.byteLength : 0)
-  for (const [l1, size] of [[active, next.l1Size] as [Uint8Array, number], ...allL1s.slice(1)]) {
-    for (const off of l2Offsets(l1, size)) if (off !== 0) add(off, cs)
-  }
-  for (const s of next.snapshots) add(s.l1TableOffset, s.l1Size * 8)
+  // the other references: header, snapshot L1 tables, L2 tables (once per L1 reaching them; the copies are counted by take)
+  count(0, cs)
+  for (const s of next.snapshots) count(s.l1TableOffset, s.l1Size * 8)
+  const copied = new Set(copies.map((c) => c.index))
+  l2Offsets(active, next.l1Size).forEach((off, i) => {
+    if (off !== 0 && !copied.has(i)) count(off, cs)
+  })
+  for (const [l1, size] of newL1s.slice(1)) for (const off of l2Offsets(l1, size)) if (off !== 0) count(off, cs)
   for (let i = 0; i < next.l1Size; i++) {
     const e = decodeL1(activeDv, i * 8)
     if (e.l2Offset === 0) continue
@@ -173,14 +205,10 @@ export async function commitV2(img: Qcow2Image, w: Qcow2Writer, next: V2Tree): P
     if (want !== e.copied) putU64be(active, i * 8, encodeL1({ l2Offset: e.l2Offset, copied: want }))
   }
 
-  // a new refcount structure after all that, describing itself too
-  const rt = layoutRefcounts(counts, cursor, cs, h.refcountOrder, img.filename)
-  const max = maxRefcount(h.refcountOrder)
-  for (const [c, n] of counts) {
-    if (n > max) throw new CorruptImageError(`qcow2: ${img.filename}: cluster ${hex(c * cs)} would have ${n} references, more than refcount_bits allows; nothing was changed`)
-  }
+  // a new refcount structure, counting itself
+  const rt = layoutRefcounts(counts, take, cs, h.refcountOrder, img.filename)
 
-  // writes: all to clusters nothing references yet
+  // writes: all to clusters nothing uses yet
   for (const c of copies) await w.writeMetadata(c.offset, c.table, 'l2')
   if (next.l1Size > 0) await w.writeMetadata(l1Offset, active.slice(), 'l1')
   if (next.snapshots.length > 0) await w.writeMetadata(tableOffset, next.table, 'snapshot')
@@ -222,7 +250,7 @@ export async function commitV2(img: Qcow2Image, w: Qcow2Writer, next: V2Tree): P
   img.replaceL1(active)
   img.dropCompressedCache()
   img.refcounts.invalidate()
-  await reloadWriter(img, w, oldMeta)
+  await reloadWriter(img, w, [...oldMeta, ...[...reach.keys()].map((off) => off / cs)])
   await w.endTransaction()
 }
 
@@ -232,7 +260,7 @@ export async function commitV2(img: Qcow2Image, w: Qcow2Writer, next: V2Tree): P
  * from the new table. (A `Qcow2Writer.reloadRefcounts()` in write.ts would be
  * the tidier home for this.)
  */
-async function reloadWriter(img: Qcow2Image, w: Qcow2Writer, oldMeta: Set<number>): Promise<void> {
+async function reloadWriter(img: Qcow2Image, w: Qcow2Writer, oldMeta: number[]): Promise<void> {
   const h = img.header
   const cs = h.clusterSize
   const g = w.guard
@@ -260,43 +288,66 @@ async function reloadWriter(img: Qcow2Image, w: Qcow2Writer, oldMeta: Set<number
   }
 }
 
-/** Refcount table and blocks placed from cluster `start` on, counting themselves into `counts`. */
+/**
+ * A refcount table and blocks for `counts`, placed by `take` (which counts
+ * what it hands out), grown until they describe themselves too.
+ */
 function layoutRefcounts(
-  counts: Map<number, number>,
-  start: number,
+  counts: PerCluster<Uint32Array>,
+  take: (n: number) => number,
   cs: number,
   order: number,
   file: string,
 ): { tableOffset: number; tableClusters: number; table: Uint8Array; blocks: Array<[number, Uint8Array]> } {
   const pb = refcountsPerBlock(cs, order)
-  const usedTis = new Set<number>()
-  for (const c of counts.keys()) usedTis.add(Math.floor(c / pb))
-  let tableClusters = 1
-  let blockTis: number[] = []
+  const max = maxRefcount(order)
+  const tis = (): number[] => {
+    const out: number[] = []
+    const a = counts.a
+    for (let ti = 0; ti * pb < a.length; ti++) {
+      const end = Math.min(a.length, (ti + 1) * pb)
+      for (let c = ti * pb; c < end; c++) {
+        if (a[c] === 0) continue
+        if (a[c]! > max) throw new CorruptImageError(`qcow2: ${file}: cluster ${hex(c * cs)} would have ${a[c]} references, more than refcount_bits allows; nothing was changed`)
+        out.push(ti)
+        break
+      }
+    }
+    return out
+  }
+  const tableSize = (needed: number[]): number => Math.max(1, Math.ceil((((needed[needed.length - 1] ?? 0) + 1) * 8) / cs))
+  let tableClusters = tableSize(tis())
+  let tableOffset = take(tableClusters)
+  const blocks: number[] = []
   for (let iter = 0; ; iter++) {
     if (iter > 64) throw new ImgtoolError('INTERNAL', `qcow2: ${file}: refcount structure layout did not settle`)
-    const end = start + tableClusters + blockTis.length
-    const tis = new Set(usedTis)
-    for (let ti = Math.floor(start / pb); ti <= Math.floor((end - 1) / pb); ti++) tis.add(ti)
-    const sorted = [...tis].sort((a, b) => a - b)
-    const t = Math.max(1, Math.ceil((((sorted[sorted.length - 1] ?? 0) + 1) * 8) / cs))
-    if (t === tableClusters && sorted.length === blockTis.length) break
-    tableClusters = t
-    blockTis = sorted
+    const needed = tis()
+    if (tableSize(needed) > tableClusters) {
+      // a larger table elsewhere; the smaller one's clusters are free again
+      for (let i = 0; i < tableClusters; i++) counts.add(tableOffset / cs + i, -1)
+      tableClusters = tableSize(needed)
+      tableOffset = take(tableClusters)
+      continue
+    }
+    if (blocks.length < needed.length) {
+      while (blocks.length < needed.length) blocks.push(take(1))
+      continue
+    }
+    if (blocks.length > needed.length) {
+      counts.add(blocks.pop()! / cs, -1)
+      continue
+    }
+    if (tableClusters * cs > MAX_REFTABLE_BYTES) throw new ImgtoolError('NO_SPACE', `qcow2: ${file}: refcount table would exceed 8 MiB`)
+    const table = new Uint8Array(tableClusters * cs)
+    const out: Array<[number, Uint8Array]> = []
+    needed.forEach((ti, i) => {
+      const off = blocks[i]!
+      putU64be(table, ti * 8, off)
+      const b = new Uint8Array(cs)
+      const end = Math.min(counts.a.length, (ti + 1) * pb)
+      for (let c = ti * pb; c < end; c++) if (counts.a[c] !== 0) setRefcountEntry(b, c - ti * pb, order, counts.a[c]!)
+      out.push([off, b])
+    })
+    return { tableOffset, tableClusters, table, blocks: out }
   }
-  if (tableClusters * cs > MAX_REFTABLE_BYTES) throw new ImgtoolError('NO_SPACE', `qcow2: ${file}: refcount table would exceed 8 MiB`)
-  const table = new Uint8Array(tableClusters * cs)
-  const byTi = new Map<number, Uint8Array>()
-  const blocks: Array<[number, Uint8Array]> = []
-  blockTis.forEach((ti, i) => {
-    const off = (start + tableClusters + i) * cs
-    putU64be(table, ti * 8, off)
-    const b = new Uint8Array(cs)
-    byTi.set(ti, b)
-    blocks.push([off, b])
-  })
-  for (let c = start; c < start + tableClusters + blockTis.length; c++) counts.set(c, (counts.get(c) ?? 0) + 1)
-  const max = maxRefcount(order)
-  for (const [c, n] of counts) setRefcountEntry(byTi.get(Math.floor(c / pb))!, c % pb, order, Math.min(n, max))
-  return { tableOffset: start * cs, tableClusters, table, blocks }
 }
