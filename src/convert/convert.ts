@@ -40,6 +40,8 @@ export interface ConvertOptions {
   chunkSize?: number
   /** reads in flight (default 4) */
   inFlight?: number
+  /** chunks whose writes are submitted and not finished (default 2) */
+  writesInFlight?: number
   /**
    * read ranges that extents map 1:1 to a host file straight from that file
    * into reused buffers (host-reads.ts); for sources opened from files (the CLI)
@@ -132,6 +134,7 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
   const chunkSize = Math.max(cs, Math.floor((options.chunkSize ?? (compress ? 2 : 8) * 1024 * 1024) / cs) * cs)
   const minSparse = options.minSparse ?? 4096
   const inFlight = Math.max(1, options.inFlight ?? 4)
+  const writesInFlight = Math.max(1, options.writesInFlight ?? 2)
   const total = src.virtualSize
   const result: ConvertResult = { bytesRead: 0, bytesWritten: 0, compressedClusters: 0 }
   let done = 0
@@ -140,15 +143,18 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     options.onProgress?.(Math.min(done, total), total)
   }
 
-  // prepared chunks, written strictly in guest order
+  // prepared chunks, submitted strictly in guest order; a few chunks' writes are in flight at once
+  // (the target orders them: qcow2 plans the next request while the previous one's data is written)
   type Prepared = () => Promise<void>
   const queue: Array<Promise<Prepared>> = []
-  let writeChain: Promise<void> = Promise.resolve()
+  const writing: Array<Promise<void>> = []
   const drainOne = async () => {
     const job = queue.shift()!
     const write = await job
-    writeChain = writeChain.then(write)
-    await writeChain
+    const done = write()
+    done.catch(() => undefined) // surfaced when awaited below
+    writing.push(done)
+    while (writing.length > writesInFlight) await writing.shift()!
   }
 
   const files = new HostFiles()
@@ -198,10 +204,12 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     }
     const runs = dataRuns(buf, c.offset, minSparse)
     return async () => {
-      for (const r of runs) {
-        await dst.write!(r.offset, buf.subarray(r.offset - c.offset, r.offset - c.offset + r.length))
-        result.bytesWritten += r.length
-      }
+      // every run submitted now, in order; the buffer goes back to the pool once all are written
+      const submitted = runs.map((r) => dst.write!(r.offset, buf.subarray(r.offset - c.offset, r.offset - c.offset + r.length)))
+      const settled = await Promise.allSettled(submitted)
+      const failed = settled.find((x) => x.status === 'rejected')
+      if (failed) throw (failed as PromiseRejectedResult).reason
+      for (const r of runs) result.bytesWritten += r.length
       pool.put(buf)
       progress(c.length)
     }
@@ -227,8 +235,10 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     while (queue.length >= inFlight) await drainOne()
   }
   while (queue.length > 0) await drainOne()
+  while (writing.length > 0) await writing.shift()!
   } finally {
     await Promise.allSettled(queue)
+    await Promise.allSettled(writing)
     await files.close()
   }
   await dst.flush()

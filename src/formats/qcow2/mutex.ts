@@ -17,9 +17,12 @@ export class Mutex {
   private readonly sharedSince = new Set<Promise<unknown>>()
   private held = 0
   private sharedHeld = 0
+  /** operations called so far (run and shared) */
+  private calls = 0
 
   run<T>(fn: () => Promise<T>): Promise<T> {
     const before = this.sharedSince.size === 0 ? this.lastExclusive : Promise.all([this.lastExclusive, ...this.sharedSince])
+    this.calls++
     const result = before.then(async () => {
       this.held++
       try {
@@ -34,6 +37,7 @@ export class Mutex {
   }
 
   shared<T>(fn: () => Promise<T>): Promise<T> {
+    this.calls++
     const result = this.lastExclusive.then(async () => {
       this.sharedHeld++
       try {
@@ -53,6 +57,15 @@ export class Mutex {
   /** true while an exclusive operation is running (for assertions in tests). */
   get locked(): boolean {
     return this.held > 0
+  }
+
+  /**
+   * Operations called so far: an operation that admits more work while it
+   * runs (the write pipeline) stops admitting once this moved past its own
+   * call, so what was called later still runs later (FIFO).
+   */
+  get called(): number {
+    return this.calls
   }
 
   /** true while a shared operation (a guest read) is running. */

@@ -26,7 +26,7 @@ import { PersistentBitmaps } from './bitmap-write.js'
 import { markDirtyBit, rebuildRefcounts, walkMetadata } from './dirty.js'
 import { writeZeroesLocked } from './write-zeroes.js'
 import { writeCompressedLocked } from './write-compressed.js'
-import { writeLocked } from './write-plan.js'
+import { WritePipeline } from './write-pipeline.js'
 import type { Range, TableWork } from './write-commit.js'
 
 export interface WriteZeroesOptions {
@@ -36,6 +36,8 @@ export interface WriteZeroesOptions {
 
 export class Qcow2Writer {
   readonly mutex = new Mutex()
+  /** guest writes: data writes of consecutive requests in flight together (write-pipeline.ts) */
+  private readonly pipeline = new WritePipeline(this)
   readonly guard: OverlapGuard
   readonly h: Qcow2Header
   readonly cs: number
@@ -123,7 +125,7 @@ export class Qcow2Writer {
   write(offset: number, data: Uint8Array): Promise<void> {
     checkGuestRange(`qcow2: ${this.img.filename}: write`, offset, data.byteLength, this.h.size)
     this.noteGuestChange(offset, data.byteLength)
-    return this.mutex.run(() => writeLocked(this, offset, data))
+    return this.pipeline.submit(offset, data)
   }
 
   writeZeroes(offset: number, length: number, options: WriteZeroesOptions = {}): Promise<void> {
