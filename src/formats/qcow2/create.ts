@@ -1,7 +1,8 @@
 /**
  * Creating a qcow2 image with every option qemu-img create knows (except
  * encryption): the same layout QEMU makes (header, refcount table, refcount
- * block, L1 table, then preallocated metadata), written so that a crash leaves
+ * block, L1 table, then preallocated metadata; for falloc/full the layout of
+ * prealloc-data.ts), written so that a crash leaves
  * either no image (the header is written last) or a complete one.
  */
 import { UnsupportedFeatureError, UsageError } from '../../errors.js'
@@ -14,6 +15,8 @@ import { encodeL1 } from './entries.js'
 import { l1EntriesNeeded, type Qcow2Header } from './header.js'
 import { combinePath } from './paths.js'
 import { RefcountWriter } from './refcount-writer.js'
+import { preallocateData } from './prealloc-data.js'
+import { createRawFile } from '../../io/prealloc.js'
 import { setRefcountEntry } from './refcount-codec.js'
 
 export type Preallocation = 'off' | 'metadata' | 'falloc' | 'full'
@@ -215,11 +218,18 @@ export async function createQcow2(device: BlockDevice, context: OpenContext, opt
   try {
     if (o.dataFile !== undefined) {
       dataDev = await context.openDevice(combinePath(device.name, o.dataFile), { readOnly: false, create: true })
-      if (o.dataFileRaw || o.preallocation !== 'off') await dataDev.truncate(o.size)
+      // qemu-img creates the data file as a raw file of the virtual size, passing falloc/full on (metadata is off for it)
+      await createRawFile(dataDev, o.size, o.preallocation === 'falloc' || o.preallocation === 'full' ? o.preallocation : 'off')
     }
     const prealloc = o.preallocation !== 'off' || o.dataFileRaw
     let end = 0
-    if (prealloc && o.size > 0) end = await preallocate(device, dataDev, h, o, rc, l1)
+    if (!dataDev && (o.preallocation === 'falloc' || o.preallocation === 'full')) {
+      // falloc/full in the image file itself: qemu's layout (new refcount area, then the data, then the
+      // L2 tables); even for size 0, where qemu still moves the refcount table
+      end = await preallocateData(device, h, o.extendedL2, o.preallocation, rc, l1)
+    } else if (prealloc && o.size > 0) {
+      end = await preallocate(device, dataDev, h, o, rc, l1)
+    }
     await rc.persist()
     if (h.l1Size > 0) await device.write(h.l1TableOffset, l1, 'l1')
     if (end > device.size) await device.truncate(end)
@@ -232,14 +242,18 @@ export async function createQcow2(device: BlockDevice, context: OpenContext, opt
   }
 }
 
-/** L2 tables (and data clusters, in the image file) for the whole virtual size; returns the file end. */
+/**
+ * preallocation=metadata (and falloc/full with an external data file, whose
+ * data qemu leaves to the data file's own creation): L2 tables and data
+ * clusters for the whole virtual size, nothing written into the data clusters;
+ * returns the file end.
+ */
 async function preallocate(device: BlockDevice, dataDev: BlockDevice | undefined, h: Qcow2Header, o: Qcow2CreateOptions, rc: RefcountWriter, l1: Uint8Array): Promise<number> {
   const cs = h.clusterSize
   const es = o.extendedL2 ? 16 : 8
   const perL2 = cs / es
   const clusters = Math.ceil(h.size / cs)
   let end = 0
-  const zeros = o.preallocation === 'full' || o.preallocation === 'falloc' ? new Uint8Array(Math.min(4 << 20, perL2 * cs)) : undefined
   for (let i = 0; i * perL2 < clusters; i++) {
     const n = Math.min(perL2, clusters - i * perL2)
     const l2 = await rc.alloc(1)
@@ -256,13 +270,7 @@ async function preallocate(device: BlockDevice, dataDev: BlockDevice | undefined
     }
     await device.write(l2, t, 'l2')
     putU64be(l1, i * 8, encodeL1({ l2Offset: l2, copied: true }))
-    const target = dataDev ?? device
-    const from = dataDev ? i * perL2 * cs : host
-    const len = n * cs
-    if (zeros) {
-      for (let p = 0; p < len; p += zeros.byteLength) await target.write(from + p, zeros.subarray(0, Math.min(zeros.byteLength, len - p)), 'data')
-    }
-    if (!dataDev) end = Math.max(end, host + len)
+    if (!dataDev) end = Math.max(end, host + n * cs)
     // keep memory flat on huge images: write refcount blocks as we go
     if (i % 64 === 63) await rc.persist()
   }
