@@ -219,11 +219,33 @@ export class Qcow2Image implements DiskImage {
     return result
   }
 
+  /**
+   * Extents with qemu-img map's meaning. On an image open for writing, each
+   * L2 table's range is mapped under the writer's mutex (shared, like a
+   * read) and yielded after it is released: every window is one consistent
+   * state, and a caller that writes between two extents does not deadlock.
+   */
   async *extents(offset = 0, length = this.virtualSize - offset): AsyncIterable<Extent> {
     checkGuestRange(`qcow2: ${this.filename}: map`, offset, length, this.virtualSize)
-    const recurse = await this.detectMetadataPreallocation()
-    for await (const run of this.mapper.map(offset, length)) {
-      yield* this.runExtents(run, recurse)
+    const w = this.writer
+    if (!w) {
+      const recurse = await this.detectMetadataPreallocation()
+      for await (const run of this.mapper.map(offset, length)) yield* this.runExtents(run, recurse)
+      return
+    }
+    const recurse = await w.mutex.shared(() => this.detectMetadataPreallocation())
+    const window = this.mapper.l2Entries * this.clusterSize
+    const end = offset + length
+    for (let pos = offset; pos < end; ) {
+      const next = Math.min(end, (Math.floor(pos / window) + 1) * window)
+      const from = pos
+      const batch = await w.mutex.shared(async () => {
+        const out: Extent[] = []
+        for await (const run of this.mapper.map(from, next - from)) for await (const e of this.runExtents(run, recurse)) out.push(e)
+        return out
+      })
+      yield* batch
+      pos = next
     }
   }
 
