@@ -299,15 +299,63 @@ describeQemu('persistent bitmaps written by imgtool (vs qemu-io)', () => {
     await expect(w.writeMetadata(ext.directoryOffset, new Uint8Array(512), 'l2')).rejects.toThrow(/overlaps with bitmap-directory/)
   })
 
-  it('refuses a dirty image with bitmaps (refcount rebuild would drop bitmap clusters)', async () => {
+  it('a dirty image with bitmaps (lazy refcounts, not closed) is rebuilt on open keeping every bitmap cluster', async () => {
     const dir = makeTempDir('imgtool-bitmaps-')
-    const base = await makeBase(dir, 'base.qcow2', 4096, 4 * 1024 * 1024, [{ name: 'a' }])
+    const path = join(dir, 'dirty.qcow2')
+    await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096,lazy_refcounts=on', path, '8M'])
+    await qemuImgOk(['bitmap', '--add', '-g', '4096', path, 'a'])
+    // bits set by QEMU: the bitmap has data clusters of its own
+    await qemuIoOk(path, ['write -P 1 0 64k', 'write -P 2 5M 8k'])
+    const before = await dumpBitmaps(readFileSync(path))
+    expect(before[0]!.bits.length).toBeGreaterThan(0)
+    // imgtool writes with lazy refcounts and "crashes": the image is left dirty, refcounts stale
+    const dev = new MemoryDevice(readFileSync(path), { name: 'dirty.qcow2' })
+    const img = await openOn(dev)
+    await img.write(1024 * 1024, pattern(1024 * 1024, 256 * 1024, 3))
+    await img.flush()
+    const crashed = dev.snapshot()
+    const hd = await readHeader(new MemoryDevice(crashed), { file: 'x', readOnly: true, forCheck: true })
+    expect(Number(hd.incompatibleFeatures & 1n)).toBe(1)
+    // read-write open: refcounts rebuilt, counting the bitmap directory, tables and data
+    const again = new MemoryDevice(crashed, { name: 'dirty.qcow2' })
+    const img2 = await openOn(again)
+    expect(img2.writer, String(img2.writerRefusal)).toBeDefined()
+    expect(img2.writer!.notices.join('\n')).toMatch(/refcounts were rebuilt/)
+    await img2.write(6 * 1024 * 1024, pattern(0, 4096, 4))
+    await img2.close()
+    const out = again.snapshot()
+    expect(await checkCounts(new MemoryDevice(out))).toMatchObject({ corruptions: 0, leaks: 0, checkErrors: 0 })
+    const p = join(dir, 'after.qcow2')
+    writeFileSync(p, out)
+    const qc = await qemuImg(['check', '-f', 'qcow2', p])
+    expect(qc.code, qc.stdout + qc.stderr).toBe(0)
+    // the bitmap was in use when the writer "crashed": QEMU's rule, it stays in use (inconsistent), its data intact
+    const after = await dumpBitmaps(out)
+    expect(after[0]!.flags & BME_FLAG_IN_USE).toBe(BME_FLAG_IN_USE)
+    expect(after[0]!.bits).toEqual(before[0]!.bits)
+    const ro = await openOn(new MemoryDevice(out), undefined, true)
+    expect(Buffer.from(await ro.read(1024 * 1024, 256 * 1024)).equals(Buffer.from(pattern(1024 * 1024, 256 * 1024, 3)))).toBe(true)
+    expect((await ro.read(0, 1))[0]).toBe(1)
+  })
+
+  it('resize with a bitmap in use (inconsistent) is refused as qemu-img resize refuses it', async () => {
+    const dir = makeTempDir('imgtool-bitmaps-')
+    const base = await makeBase(dir, 'base.qcow2', 4096, 4 * 1024 * 1024, [{ name: 'b0' }])
     const bytes = readFileSync(base)
-    bytes[79] = bytes[79]! | 1 // incompatible feature bit 0: dirty
-    const img = await openOn(new MemoryDevice(bytes, { name: 'x.qcow2' }))
-    expect(img.writer).toBeUndefined()
-    expect(String(img.writerRefusal)).toMatch(/not closed cleanly and has persistent bitmaps/)
+    const h = await readHeader(new MemoryDevice(bytes), { file: 'x', readOnly: true, forCheck: true })
+    const e = (await readBitmapDirectory(new MemoryDevice(bytes), 'x', h.bitmaps!))[0]!
+    new DataView(bytes.buffer, bytes.byteOffset).setUint32(e.entryOffset + 12, e.flags | BME_FLAG_IN_USE)
+    const theirs = join(dir, 'theirs.qcow2')
+    writeFileSync(theirs, bytes)
+    const q = await qemuImg(['resize', '-f', 'qcow2', theirs, '+1M'])
+    expect(q.code).toBe(1)
+    expect(q.stderr).toMatch(/Bitmap 'b0' is inconsistent and cannot be used/)
+    const dev = new MemoryDevice(bytes, { name: 'x.qcow2' })
+    const img = await openOn(dev)
+    await expect(resizeQcow2(img, 5 * 1024 * 1024)).rejects.toThrow(/Bitmap 'b0' is inconsistent and cannot be used/)
+    expect(img.virtualSize).toBe(4 * 1024 * 1024)
     await img.close()
+    expect(await checkCounts(new MemoryDevice(dev.snapshot()))).toMatchObject({ corruptions: 0, leaks: 0, checkErrors: 0 })
   })
 
   it('an I/O error at any write or flush of open or close: no corruption, no leak unless the header switch was under way', async () => {

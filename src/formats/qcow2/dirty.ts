@@ -15,12 +15,13 @@ import type { BlockDevice } from '../../io/block-device.js'
 import { putU32be, putU64be } from '../../util/bytes.js'
 import { INCOMPAT_DIRTY, MAX_REFTABLE_BYTES } from './constants.js'
 import { decodeL1, decodeL2 } from './entries.js'
-import { hasDataFile, l2EntrySize, type Qcow2Header } from './header.js'
+import { readBitmapDirectory } from './bitmap-directory.js'
+import { bitmapsValid, hasDataFile, l2EntrySize, type Qcow2Header } from './header.js'
 import type { Qcow2Image } from './image.js'
 import { maxRefcount, refcountsPerBlock, setRefcountEntry } from './refcount-codec.js'
 import { snapshotTableBytes } from './snapshot-table.js'
 
-export type WalkKind = 'header' | 'l1' | 'l2' | 'data' | 'compressed' | 'snapshot' | 'snapshot-l1'
+export type WalkKind = 'header' | 'l1' | 'l2' | 'data' | 'compressed' | 'snapshot' | 'snapshot-l1' | 'bitmap'
 
 /** Write the dirty bit (incompatible feature bit 0) as one 8-byte write in the first sector. */
 export async function markDirtyBit(dev: BlockDevice, h: Qcow2Header, on: boolean): Promise<void> {
@@ -69,6 +70,21 @@ export async function walkMetadata(
     }
   }
   if (h.l1Size > 0) await walkL1(img.l1, 'l1', h.l1TableOffset, h.l1Size)
+  // persistent bitmaps: directory, tables and data clusters (as qemu-img check counts them)
+  if (h.bitmaps && bitmapsValid(h) && h.bitmaps.nbBitmaps > 0) {
+    visit(h.bitmaps.directoryOffset, h.bitmaps.directorySize, 'bitmap')
+    for (const bm of await readBitmapDirectory(dev, img.filename, h.bitmaps)) {
+      if (bm.tableSize === 0) continue
+      visit(bm.tableOffset, bm.tableSize * 8, 'bitmap')
+      if (!options.data) continue
+      const t = await dev.read(bm.tableOffset, bm.tableSize * 8, 'bitmap')
+      const tdv = new DataView(t.buffer, t.byteOffset, t.byteLength)
+      for (let i = 0; i < bm.tableSize; i++) {
+        const off = Number(tdv.getBigUint64(i * 8) & 0x00fffffffffffe00n)
+        if (off !== 0) visit(off, cs, 'bitmap')
+      }
+    }
+  }
   if (h.nbSnapshots > 0) {
     const snaps = img.snapshots
     visit(h.snapshotsOffset, snapshotTableBytes(snaps, h.snapshotsOffset), 'snapshot')

@@ -17,6 +17,8 @@ export async function resizeQcow2(img: Qcow2Image, size: number): Promise<void> 
   try {
     await w.mutex.run(async () => {
       w.assertUsable()
+      // an inconsistent (in use) bitmap cannot be resized: refused as qemu-img resize does
+      w.bitmaps?.checkResizable()
       const h = img.header
       const cs = h.clusterSize
       // v3 snapshots keep their own disk sizes (QEMU 7.2 resizes such images); v2 ones do not

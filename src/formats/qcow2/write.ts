@@ -72,12 +72,6 @@ export class Qcow2Writer {
     const h = img.header
     if (img.device.readOnly) throw new ReadOnlyError(`qcow2: ${img.filename}: image is open read-only`)
     if (h.cryptMethod !== 0) throw new UnsupportedFeatureError(`qcow2: ${img.filename}: writing encrypted images is not supported`)
-    if (isDirty(h) && bitmapsValid(h) && (h.bitmaps?.nbBitmaps ?? 0) > 0) {
-      // rebuildRefcounts (dirty.ts) does not count bitmap clusters: rebuilding would free them under the bitmaps
-      throw new UnsupportedFeatureError(
-        `qcow2: ${img.filename}: the image was not closed cleanly and has persistent bitmaps; repair it first (imgtool check -r all)`,
-      )
-    }
     const notices: string[] = []
     if (isDirty(h)) {
       await rebuildRefcounts(img)
