@@ -64,6 +64,7 @@ describe('qcow2 writer fault sweep', () => {
       const bytes = base.snapshot()
       const dataName = dataFileOf(w)
       let faults = 0
+      let dataFaults = 0
       // faults in the image file
       for (const [op, errno] of KINDS) {
         let runFiles = files
@@ -96,13 +97,14 @@ describe('qcow2 writer fault sweep', () => {
               await runWorkload(w, new Unclosable(image), runFiles, expected.slice(), () => 0)
             },
             async (p) => {
-              if (await checkAfterFault(w, p, errno, image, copyFiles(files, { [dataName]: p.device.inner }))) faults++
+              if (await checkAfterFault(w, p, errno, image, copyFiles(files, { [dataName]: p.device.inner }))) dataFaults++
             },
           )
         }
       }
-      injected += faults
-      perWorkload.push(`${String(faults).padStart(5)} faults ${String(Date.now() - started).padStart(6)} ms  ${w.name}`)
+      injected += faults + dataFaults
+      const split = dataName ? ` (${faults} in the image, ${dataFaults} in the data file)` : ''
+      perWorkload.push(`${String(faults + dataFaults).padStart(5)} faults ${String(Date.now() - started).padStart(6)} ms  ${w.name}${split}`)
     })
   }
 })

@@ -227,12 +227,24 @@ export async function commitV2(img: Qcow2Image, w: Qcow2Writer, next: V2Tree): P
   try {
     await w.writeMetadata(36, hdr, 'header')
     await w.flushNow()
+    await follow(img, w, next, { l1Offset, tableOffset, active, rt, oldGuard: [...oldMeta, ...[...reach.keys()].map((off) => off / cs)] })
   } catch (e) {
-    w.abortTransaction() // the switch may or may not be on disk: memory cannot tell
+    // the switch may or may not be on disk, or memory is half way: the writer refuses until the image is reopened
+    w.abortTransaction()
     throw e
   }
+  await w.endTransaction()
+}
 
-  // memory follows the disk
+/** Memory follows the disk after the switch: header fields, tables, snapshot list, the writer's refcounts. */
+async function follow(
+  img: Qcow2Image,
+  w: Qcow2Writer,
+  next: V2Tree,
+  o: { l1Offset: number; tableOffset: number; active: Uint8Array; rt: { tableOffset: number; tableClusters: number }; oldGuard: number[] },
+): Promise<void> {
+  const h = img.header
+  const { l1Offset, tableOffset, active, rt } = o
   h.l1Size = next.l1Size
   h.l1TableOffset = l1Offset
   h.refcountTableOffset = rt.tableOffset
@@ -250,8 +262,7 @@ export async function commitV2(img: Qcow2Image, w: Qcow2Writer, next: V2Tree): P
   img.replaceL1(active)
   img.dropCompressedCache()
   img.refcounts.invalidate()
-  await reloadWriter(img, w, [...oldMeta, ...[...reach.keys()].map((off) => off / cs)])
-  await w.endTransaction()
+  await reloadWriter(img, w, o.oldGuard)
 }
 
 /**
