@@ -25,7 +25,7 @@
  * snapshot's), and the refcount blocks are all written anew (about 2 bytes per
  * cluster of the file). Memory: 5 bytes per host cluster.
  */
-import { CorruptImageError, ImgtoolError, hex } from '../../errors.js'
+import { CorruptImageError, ImgtoolError, UnsupportedFeatureError, hex } from '../../errors.js'
 import { putU32be, putU64be } from '../../util/bytes.js'
 import { MAX_REFTABLE_BYTES } from './constants.js'
 import { decodeL1, decodeL2, encodeL1 } from './entries.js'
@@ -105,6 +105,10 @@ export async function commitV2(img: Qcow2Image, w: Qcow2Writer, next: V2Tree): P
     }
   }
 
+  if (h.bitmaps !== undefined) {
+    // (QEMU writes bitmaps only to v3 images) their clusters are not in the walk below
+    throw new UnsupportedFeatureError(`qcow2: ${img.filename}: snapshot operations on a v2 image with a bitmaps extension are not supported`)
+  }
   // everything on disk now, so the old structures are exact while the new ones are built
   await w.beginTransaction()
   if (w.rc.dirty) {
