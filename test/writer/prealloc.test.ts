@@ -294,6 +294,26 @@ describeQemu('preallocation=falloc|full against qemu-img create', () => {
     }
   }
 
+  for (const mode of ['falloc', 'full']) {
+    it(`qcow2 ${mode} over a backing file (extended L2): the same file; the backing file shows through`, async () => {
+      const ours = join(dir, `backing-${mode}`, 'ours')
+      const theirs = join(dir, `backing-${mode}`, 'theirs')
+      for (const d of [ours, theirs]) {
+        mkdirSync(d, { recursive: true })
+        writeFileSync(join(d, 'base.raw'), Buffer.alloc(3 * M, 0x5a))
+      }
+      const o = `preallocation=${mode},extended_l2=on`
+      const r = await cli('create', '-q', '-f', 'qcow2', '-o', o, '-b', 'base.raw', '-F', 'raw', join(ours, 'img.qcow2'), '3M')
+      expect(r.code, r.stderr).toBe(0)
+      await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', o, '-b', 'base.raw', '-F', 'raw', 'img.qcow2', '3M'], { cwd: theirs })
+      sameBytes(join(ours, 'img.qcow2'), join(theirs, 'img.qcow2'), 65536, o)
+      expect(await qemuImgOk(['map', '--output=json', 'img.qcow2'], { cwd: ours })).toBe(await qemuImgOk(['map', '--output=json', 'img.qcow2'], { cwd: theirs }))
+      const cmp = await qemuImg(['compare', '-f', 'qcow2', '-F', 'raw', 'img.qcow2', 'base.raw'], { cwd: ours })
+      expect(cmp.code, cmp.stdout + cmp.stderr).toBe(0)
+      expect(statSync(join(ours, 'img.qcow2')).blocks * 512).toBeGreaterThanOrEqual(3 * M)
+    })
+  }
+
   for (const mode of ['off', 'metadata', 'falloc', 'full']) {
     for (const extra of ['', ',data_file_raw=on,cluster_size=4096']) {
       it(`qcow2 ${mode} with an external data file${extra}: the data file as qemu makes it`, async () => {
