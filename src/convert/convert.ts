@@ -16,6 +16,8 @@ export interface CompressedTarget {
   writeCompressed(offset: number, compressed: Uint8Array): Promise<void>
   /** optional: several clusters in one metadata update */
   writeCompressedBatch?(items: Array<{ offset: number; data: Uint8Array }>): Promise<void>
+  /** optional: called once after the last compressed write (qcow2: the file's end aligned to 512 bytes, as qemu-img) */
+  finishCompressed?(): Promise<void>
 }
 
 export function isCompressedTarget(d: unknown): d is CompressedTarget {
@@ -27,6 +29,8 @@ export interface ConvertOptions {
   minSparse?: number
   /** -c: compress whole clusters with this codec (undefined result: store uncompressed) */
   compress?: (cluster: Uint8Array) => Promise<Uint8Array | undefined>
+  /** -c, optional: compress the whole clusters at `offsets` of `buf` in one go (same results as `compress`) */
+  compressMany?: (buf: Uint8Array, offsets: readonly number[]) => Promise<Array<Uint8Array | undefined>>
   /**
    * -B: the target has a backing file holding the source's backing content:
    * skip what the source takes from its backing chain, write zeros the source
@@ -65,28 +69,41 @@ interface DataChunk extends Chunk {
   source: Source
 }
 
-/** The source's extents as work: data chunks to copy, zero ranges to write (backing mode only). */
+/**
+ * The source's extents as work: data chunks to copy, zero ranges to write
+ * (backing mode only). With `align` (-c: the target's cluster size) data is
+ * taken in whole clusters, as qemu-img convert -c reads it: a cluster that
+ * holds any data is read whole (holes in it read as zeros) and compressed
+ * whole; the parts of other extents that such a cluster covers are dropped.
+ */
 async function* plan(
   src: DiskImage,
   o: Required<Pick<ConvertOptions, 'chunkSize'>> & ConvertOptions,
+  align = 0,
 ): AsyncGenerator<{ kind: 'zero'; c: Chunk } | { kind: 'skip'; c: Chunk } | { kind: 'data'; c: DataChunk }> {
+  let covered = 0 // the end of the last data chunk (align mode)
   for await (const e of mergeExtents(src.extents(0, src.virtualSize)) as AsyncIterable<Extent>) {
     const fromBacking = e.depth > 0 || !e.present
     let kind: 'data' | 'zero' | 'skip'
     if (e.data && !(o.targetHasBacking && e.depth > 0)) kind = 'data'
     else if (o.targetHasBacking && !fromBacking && e.zero) kind = 'zero'
     else kind = 'skip'
+    const eEnd = e.start + e.length
     if (kind !== 'data') {
-      yield kind === 'zero' ? { kind, c: { offset: e.start, length: e.length } } : { kind, c: { offset: e.start, length: e.length } }
+      const start = Math.max(e.start, covered)
+      if (start < eEnd) yield { kind, c: { offset: start, length: eEnd - start } }
       continue
     }
-    let pos = e.start
-    const end = e.start + e.length
+    let pos = align > 0 ? Math.max(covered, Math.floor(e.start / align) * align) : e.start
+    const end = align > 0 ? Math.min(src.virtualSize, Math.ceil(eEnd / align) * align) : eEnd
     while (pos < end) {
       const next = Math.min(end, (Math.floor(pos / o.chunkSize) + 1) * o.chunkSize)
-      yield { kind, c: { offset: pos, length: next - pos, source: sourceOf(e, pos, o.hostFiles ?? false) } }
+      // a chunk reaching past the extent (whole clusters) is read through the image
+      const source = pos >= e.start && next <= eEnd ? sourceOf(e, pos, o.hostFiles ?? false) : ({ kind: 'image' } as const)
+      yield { kind, c: { offset: pos, length: next - pos, source } }
       pos = next
     }
+    covered = Math.max(covered, end)
   }
 }
 
@@ -167,36 +184,64 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     result.bytesRead += c.length
     if (compress) {
       const target = dst as unknown as CompressedTarget
-      const plain: Array<{ offset: number; data: Uint8Array }> = []
-      const packed: Array<{ offset: number; data: Uint8Array }> = []
-      const pending: Array<Promise<void>> = []
+      // the clusters of the chunk in guest order: skipped (zero), compressed, or stored as they are
+      const items: Array<{ offset: number; data: Uint8Array; packed: boolean }> = []
+      const whole: number[] = [] // offsets in buf (or in `tail`) of the clusters to compress
+      let tail: Uint8Array | undefined // the image's last cluster, cut short by its end: padded with zeros, as QEMU does
       for (let p = 0; p < buf.byteLength; ) {
         const abs = c.offset + p
         const cEnd = Math.min(buf.byteLength, (Math.floor(abs / cs) + 1) * cs - c.offset)
         const piece = buf.subarray(p, cEnd)
+        const at = p
         p = cEnd
         if (isZeroFast(piece)) continue
-        if (abs % cs !== 0 || piece.byteLength !== cs) {
-          plain.push({ offset: abs, data: piece })
+        const last = abs % cs === 0 && piece.byteLength < cs && abs + piece.byteLength === src.virtualSize && abs + cs > src.virtualSize
+        if (last) {
+          tail = new Uint8Array(cs)
+          tail.set(piece)
+        } else if (abs % cs !== 0 || piece.byteLength !== cs) {
+          items.push({ offset: abs, data: piece, packed: false })
           continue
         }
-        pending.push(
-          compress(piece).then((z) => {
-            if (z) packed.push({ offset: abs, data: z })
-            else plain.push({ offset: abs, data: piece })
-          }),
-        )
+        items.push({ offset: abs, data: last ? tail! : piece, packed: true })
+        if (!last) whole.push(at)
       }
-      await Promise.all(pending)
+      const zs = options.compressMany ? await options.compressMany(buf, whole) : await Promise.all(whole.map((at) => compress(buf.subarray(at, at + cs))))
+      if (tail) zs.push(options.compressMany ? (await options.compressMany(tail, [0]))[0] : await compress(tail))
+      let k = 0
+      for (const it of items) {
+        if (!it.packed) continue
+        const z = zs[k++]
+        if (z) it.data = z
+        else {
+          it.packed = false
+          // stored as it is: the real bytes (the tail's padding is not written past the end)
+          if (it.data === tail) it.data = buf.subarray(it.offset - c.offset, it.offset - c.offset + (src.virtualSize - it.offset))
+        }
+      }
       return async () => {
-        packed.sort((x, y) => x.offset - y.offset)
-        if (target.writeCompressedBatch && packed.length > 0) await target.writeCompressedBatch(packed)
-        else for (const z of packed) await target.writeCompressed(z.offset, z.data)
-        result.compressedClusters += packed.length
-        for (const z of packed) result.bytesWritten += z.data.byteLength
-        for (const w of plain.sort((x, y) => x.offset - y.offset)) {
-          await dst.write!(w.offset, w.data)
-          result.bytesWritten += w.data.byteLength
+        // every write submitted now, in guest order (the target runs them in call order, so clusters are
+        // allocated as qemu-img allocates them); runs of compressed clusters go in one batch each
+        const submitted: Array<Promise<void>> = []
+        for (let i = 0; i < items.length; ) {
+          if (!items[i]!.packed) {
+            const w = items[i++]!
+            submitted.push(dst.write!(w.offset, w.data))
+            continue
+          }
+          let j = i
+          while (j < items.length && items[j]!.packed) j++
+          const run = items.slice(i, j).map((x) => ({ offset: x.offset, data: x.data }))
+          if (target.writeCompressedBatch) submitted.push(target.writeCompressedBatch(run))
+          else for (const z of run) submitted.push(target.writeCompressed(z.offset, z.data))
+          i = j
+        }
+        const settled = await Promise.allSettled(submitted)
+        const failed = settled.find((x) => x.status === 'rejected')
+        if (failed) throw (failed as PromiseRejectedResult).reason
+        for (const it of items) {
+          result.bytesWritten += it.data.byteLength
+          if (it.packed) result.compressedClusters++
         }
         pool.put(buf)
         progress(c.length)
@@ -216,7 +261,7 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
   }
 
   try {
-  for await (const item of plan(src, { ...options, chunkSize })) {
+  for await (const item of plan(src, { ...options, chunkSize }, compress ? cs : 0)) {
     if (item.kind === 'skip') {
       queue.push(Promise.resolve(async () => progress(item.c.length)))
     } else if (item.kind === 'zero') {
@@ -241,6 +286,8 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     await Promise.allSettled(writing)
     await files.close()
   }
+  const ct = compress ? (dst as unknown as CompressedTarget) : undefined
+  if (ct?.finishCompressed) await ct.finishCompressed()
   await dst.flush()
   return result
 }

@@ -4,11 +4,13 @@
  * smaller; -B output relies on its backing file; our compare gives qemu-img
  * compare's exit codes and first differing offset.
  */
-import { statSync, writeFileSync } from 'node:fs'
+import { readFileSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { expect, it } from 'vitest'
 import { main } from '../../src/cli/main.js'
-import { collector, describeQemu, makeTempDir, qemuImg, qemuImgJson, qemuImgOk, qemuIoOk, useTempDirs } from '../support/qemu.js'
+import { deflateAddon } from '../../src/formats/qcow2/deflate-addon.js'
+import { Prng } from '../support/prng.js'
+import { REQUIRE_QEMU, collector, describeQemu, makeTempDir, qemuImg, qemuImgJson, qemuImgOk, qemuIoOk, useTempDirs } from '../support/qemu.js'
 
 useTempDirs()
 
@@ -61,6 +63,58 @@ describeQemu('convert and compare (CLI) against qemu-img', () => {
       }
     })
   }
+
+  it('-c: the same file as qemu-img convert -c, byte for byte, with the deflate addon on the system zlib', async () => {
+    const addon = deflateAddon()
+    const systemZlib = addon !== null && addon.zlibVersion() !== process.versions.zlib
+    if (!systemZlib) {
+      // CI builds the addon against Debian's zlib1g-dev (.ci/run); elsewhere the bytes may differ from qemu-img's
+      if (REQUIRE_QEMU) throw new Error(`the deflate addon is ${addon ? `on Node's zlib ${addon.zlibVersion()}` : 'not built'}: install zlib1g-dev and rebuild`)
+      console.log('[convert -c identity] skipped: the deflate addon does not use the system zlib')
+      return
+    }
+    // compressible text-like clusters, random (incompressible) clusters, zero clusters, a partial tail
+    const rng = new Prng(21)
+    const size = 3 * 1024 * 1024 + 12345
+    const raw = new Uint8Array(size)
+    for (let off = 0; off < size; off += 4096) {
+      const kind = rng.int(4)
+      const n = Math.min(4096, size - off)
+      if (kind === 0) continue
+      if (kind === 1) raw.set(rng.bytes(n), off)
+      else for (let i = 0; i < n; i++) raw[off + i] = 97 + ((i * 7 + (off >> 12) + rng.int(3)) % 26)
+    }
+    const src = join(dir, 'c-src.raw')
+    writeFileSync(src, raw)
+    // a sparse raw file (4 KiB pieces in holes: clusters partly data) and a qcow2 source with 4 KiB clusters
+    const sparse = join(dir, 'c-sparse.raw')
+    await qemuImgOk(['create', '-q', '-f', 'raw', sparse, '5M'])
+    const sparseQ = join(dir, 'c-sparse.qcow2')
+    await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', sparseQ, '5M'])
+    const cmds: string[] = []
+    for (let i = 0; i < 40; i++) cmds.push(`write -P ${i % 3 === 0 ? 0 : 0x41 + (i % 20)} ${rng.int(1280) * 4096} 4096`)
+    cmds.push(`write -P 0x5a ${5 * 1024 * 1024 - 4096} 4096`)
+    await qemuIoOk(sparse, cmds, { format: 'raw' })
+    await qemuIoOk(sparseQ, cmds, { format: 'qcow2' })
+    const cases: Array<[string, string, number, string[]]> = []
+    for (const cs of [512, 4096, 65536, 2 * 1024 * 1024]) cases.push(['raw', src, cs, []])
+    for (const cs of [512, 65536]) cases.push(['raw', sparse, cs, []])
+    cases.push(['qcow2', sparseQ, 65536, []])
+    cases.push(['raw', src, 4096, ['refcount_bits=1']])
+    for (const [fmt, input, cs, extra] of cases) {
+      const what = `${input} -> cluster ${cs} ${extra.join(',')}`
+      const opts = [`cluster_size=${cs}`, ...extra].join(',')
+      const ours = join(dir, 'c-ours.qcow2')
+      const theirs = join(dir, 'c-theirs.qcow2')
+      const r = await cli('convert', '-c', '-f', fmt, '-O', 'qcow2', '-o', opts, input, ours)
+      expect(r.code, r.err).toBe(0)
+      await qemuImgOk(['convert', '-c', '-f', fmt, '-O', 'qcow2', '-o', opts, input, theirs])
+      const a = readFileSync(ours)
+      const b = readFileSync(theirs)
+      expect(a.byteLength, `${what}: file size`).toBe(b.byteLength)
+      expect(a.equals(b), `${what}: bytes differ from qemu-img's`).toBe(true)
+    }
+  })
 
   it('converts to raw on stdout (-), progress never on stdout', async () => {
     const r = await cliTTY(true, 'convert', '-p', '-O', 'raw', src, '-')

@@ -88,15 +88,18 @@ const convert: CommandModule = {
         const dst = await openImage(dstPath, { format: outFmt, readOnly: false, openDevice: unsafeCacheOpener(openFileDevice, cache) })
         let pool: import('../../formats/qcow2/compress-write.js').CompressPool | undefined
         try {
-          let compressFn: ((c: Uint8Array) => Promise<Uint8Array | undefined>) | undefined
+          let compressFns: Pick<import('../../convert/convert.js').ConvertOptions, 'compress' | 'compressMany'> = {}
           if (compress) {
             const { CompressPool } = await import('../../formats/qcow2/compress-write.js')
             const q = dst as import('../../formats/qcow2/image.js').Qcow2Image
             pool = new CompressPool()
             const p = pool
-            compressFn = (c) => p.compress(c, q.clusterSize, q.header.compressionType)
+            compressFns = {
+              compress: (c) => p.compress(c, q.clusterSize, q.header.compressionType),
+              compressMany: (buf, offsets) => p.compressMany(buf, offsets, q.clusterSize, q.header.compressionType),
+            }
           }
-          await run(src, dst, { minSparse, inFlight, hostFiles: true, targetHasBacking: backing !== undefined, ...(compressFn ? { compress: compressFn } : {}), ...(onProgress ? { onProgress } : {}) })
+          await run(src, dst, { minSparse, inFlight, hostFiles: true, targetHasBacking: backing !== undefined, ...compressFns, ...(onProgress ? { onProgress } : {}) })
         } finally {
           await pool?.close()
           await dst.close()

@@ -146,7 +146,9 @@ export function buildHeaderCluster(h: Qcow2Header, o: Qcow2CreateOptions): Uint8
   }
   if (o.backingFormat !== undefined) ext(C.EXT_BACKING_FORMAT, enc.encode(o.backingFormat))
   if (o.dataFile !== undefined) ext(C.EXT_DATA_FILE, enc.encode(o.dataFile))
-  if (h.version === 3) {
+  // qemu-img 7.2 writes the feature name table only with clusters of 8 KiB and more
+  // (checked for 512 B..64 KiB, with and without backing and data files)
+  if (h.version === 3 && h.clusterSize >= 8192) {
     const t = new Uint8Array(FEATURES.length * 48)
     FEATURES.forEach(([type, bit, name], i) => {
       t[i * 48] = type

@@ -376,6 +376,11 @@ export class Qcow2Image implements DiskImage {
     return this.requireWriter().writeCompressedBatch(items)
   }
 
+  /** The end of a compressed stream (qemu-img convert -c): the file's end aligned up to 512 bytes. */
+  async finishCompressed(): Promise<void> {
+    return this.requireWriter().alignFileEnd()
+  }
+
   private requireWriter(): Qcow2Writer {
     if (this.writer) return this.writer
     throw this.writerRefusal ?? new UnsupportedFeatureError(`qcow2: ${this.filename}: image is not open for writing`)

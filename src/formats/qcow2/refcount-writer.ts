@@ -42,6 +42,8 @@ export class RefcountWriter {
   private readonly dirtyEntries = new Set<number>()
   /** blocks created in memory whose content has never been written */
   private readonly newBlocks = new Set<number>()
+  /** refcount blocks created and table growths so far (callers compare it around an allocation) */
+  structureChanges = 0
   /** clusters handed out but not yet counted (during an allocation) */
   private readonly reserved = new Reserved()
   /** first cluster that may be free */
@@ -242,6 +244,7 @@ export class RefcountWriter {
   private async createBlock(ti: number): Promise<void> {
     if (ti >= this.tableEntries) await this.growTable(ti)
     if (this.blockOffset(ti) !== 0) return
+    this.structureChanges++
     const b = await this.find(1)
     this.reserved.add(b, 1)
     try {
@@ -276,6 +279,7 @@ export class RefcountWriter {
    * is the old table freed.
    */
   private async growTable(needIndex: number): Promise<void> {
+    this.structureChanges++
     await this.persist() // existing state first, so the new table copies what is on disk
     const cs = this.cs
     const pb = this.perBlock

@@ -44,7 +44,8 @@ export async function writeCompressedLocked(wr: Qcow2Writer, items: Array<{ offs
  * after the previous compressed cluster's bytes; when they do not fit in the
  * rest of its host cluster, a new cluster is allocated and, if it directly
  * follows, the data spans both (every cluster the bytes touch gets a
- * reference); otherwise the data starts at the new cluster.
+ * reference); otherwise, or when the allocation had to add a refcount block,
+ * the data starts at the new cluster.
  */
 async function allocBytes(wr: Qcow2Writer, size: number): Promise<{ offset: number; range: Range }> {
   const cs = wr.cs
@@ -62,8 +63,12 @@ async function allocBytes(wr: Qcow2Writer, size: number): Promise<{ offset: numb
     await wr.rc.update(cur - (cur % cs), 1, +1)
     range = { offset: cur - (cur % cs), length: cs }
   } else {
+    const changes = wr.rc.structureChanges
     const fresh = await wr.alloc(1, undefined)
-    if (cur !== 0 && cur - (cur % cs) + cs === fresh) {
+    // QEMU retries an allocation that had to add a refcount block (-EAGAIN) from a fresh cluster:
+    // no spanning then, the rest of the old cluster stays unused
+    const grew = wr.rc.structureChanges !== changes
+    if (cur !== 0 && !grew && cur - (cur % cs) + cs === fresh) {
       // contiguous: the bytes run from the old cluster into the new one
       offset = cur
       await wr.rc.update(cur - (cur % cs), 1, +1)

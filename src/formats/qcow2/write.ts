@@ -361,6 +361,20 @@ export class Qcow2Writer {
   }
 
 
+  /**
+   * Grow the file to a multiple of 512 bytes, as QEMU does when convert -c
+   * ends (a zero-length compressed write: "align end of file to a sector
+   * boundary"); compressed data packed byte by byte may end mid-sector.
+   */
+  alignFileEnd(): Promise<void> {
+    return this.mutex.run(async () => {
+      this.assertUsable()
+      const n = this.img.device.size
+      const aligned = Math.ceil(n / 512) * 512
+      if (aligned !== n) await this.img.device.truncate(aligned)
+    })
+  }
+
   /** Several whole clusters stored compressed in one commit (one table update per L2 table). */
   writeCompressedBatch(items: Array<{ offset: number; data: Uint8Array }>): Promise<void> {
     for (const it of items) {
