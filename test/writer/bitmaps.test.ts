@@ -12,7 +12,7 @@ import { describe, expect, it } from 'vitest'
 import { MemoryDevice } from '../../src/io/memory-device.js'
 import { analyzeQcow2 } from '../../src/formats/qcow2/check.js'
 import { resizeQcow2 } from '../../src/formats/qcow2/resize.js'
-import { createSnapshot, deleteSnapshot } from '../../src/formats/qcow2/snapshot-ops.js'
+import { applySnapshot, createSnapshot, deleteSnapshot } from '../../src/formats/qcow2/snapshot-ops.js'
 import { readHeader } from '../../src/formats/qcow2/header.js'
 import { BME_FLAG_IN_USE, decodeBitmapTableEntry, readBitmapDirectory } from '../../src/formats/qcow2/bitmap-directory.js'
 import { setBits } from '../../src/formats/qcow2/bitmap-write.js'
@@ -354,6 +354,25 @@ describeQemu('persistent bitmaps written by imgtool (vs qemu-io)', () => {
     const img = await openOn(dev)
     await expect(resizeQcow2(img, 5 * 1024 * 1024)).rejects.toThrow(/Bitmap 'b0' is inconsistent and cannot be used/)
     expect(img.virtualSize).toBe(4 * 1024 * 1024)
+    await img.close()
+    expect(await checkCounts(new MemoryDevice(dev.snapshot()))).toMatchObject({ corruptions: 0, leaks: 0, checkErrors: 0 })
+  })
+
+  it('snapshot apply on an image with bitmaps is refused as qemu-img snapshot -a refuses it, nothing changed', async () => {
+    const dir = makeTempDir('imgtool-bitmaps-')
+    const base = await makeBase(dir, 'base.qcow2', 4096, 4 * 1024 * 1024, [{ name: 'a' }, { name: 'd', disabled: true }])
+    await qemuIoOk(base, ['write -P 1 0 8k'])
+    await qemuImgOk(['snapshot', '-c', 's', base])
+    await qemuIoOk(base, ['write -P 2 0 8k'])
+    const theirs = join(dir, 'theirs.qcow2')
+    copyFileSync(base, theirs)
+    const q = await qemuImg(['snapshot', '-a', 's', theirs])
+    expect(q.code).toBe(1)
+    expect(q.stderr).toMatch(/Could not apply snapshot 's': Device has active dirty bitmaps/)
+    const dev = new MemoryDevice(readFileSync(base), { name: 'x.qcow2' })
+    const img = await openOn(dev)
+    await expect(applySnapshot(img, 's')).rejects.toThrow(/Could not apply snapshot 's': Device has active dirty bitmaps/)
+    expect((await img.read(0, 1))[0]).toBe(2)
     await img.close()
     expect(await checkCounts(new MemoryDevice(dev.snapshot()))).toMatchObject({ corruptions: 0, leaks: 0, checkErrors: 0 })
   })

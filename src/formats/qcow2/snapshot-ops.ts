@@ -307,6 +307,8 @@ async function fixActiveCopied(img: Qcow2Image, w: Qcow2Writer): Promise<void> {
 export async function applySnapshot(img: Qcow2Image, nameOrId: string): Promise<void> {
   const w = writerOf(img)
   return w.mutex.run(async () => {
+    // QEMU refuses before it looks the snapshot up (bdrv_snapshot_goto): the bitmaps would not match the data
+    w.bitmaps?.checkSnapshotApply(nameOrId)
     const s = find(img, nameOrId)
     const h = img.header
     const cs = h.clusterSize
