@@ -272,17 +272,14 @@ async function follow(
 /**
  * The writer's refcount state and overlap guard after the switch. The writer
  * keeps its identity (and mutex); its RefcountWriter is replaced by one loaded
- * from the new table. (A `Qcow2Writer.reloadRefcounts()` in write.ts would be
- * the tidier home for this.)
+ * from the new table.
  */
 async function reloadWriter(img: Qcow2Image, w: Qcow2Writer, oldMeta: number[]): Promise<void> {
   const h = img.header
   const cs = h.clusterSize
   const g = w.guard
   const rc = await RefcountWriter.load(img.device, h, img.filename, { onMetadata: (c, k) => g.set(c, k) })
-  rc.lazy = w.rc.lazy
-  ;(w as unknown as { rc: RefcountWriter }).rc = rc
-  w.compressedCursor = 0
+  w.replaceRefcounts(rc)
   for (const c of oldMeta) g.set(c, undefined)
   g.set(0, 'header')
   for (const [c, k] of await rc.metadataClusters()) g.set(c, k)

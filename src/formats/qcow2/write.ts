@@ -54,10 +54,28 @@ export class Qcow2Writer {
   /** the image's persistent dirty bitmaps (bitmap-write.ts); undefined when it has none */
   bitmaps: PersistentBitmaps | undefined
 
+  /** the image's refcounts (replaced only by `replaceRefcounts`) */
+  private refcounts: RefcountWriter
+
+  get rc(): RefcountWriter {
+    return this.refcounts
+  }
+
+  /**
+   * After a commit that switched the image to a new refcount table (the v2
+   * snapshot shadow commit): count with `rc` from now on, same laziness.
+   */
+  replaceRefcounts(rc: RefcountWriter): void {
+    rc.lazy = this.refcounts.lazy
+    this.refcounts = rc
+    this.compressedCursor = 0
+  }
+
   private constructor(
     readonly img: Qcow2Image,
-    readonly rc: RefcountWriter,
+    rc: RefcountWriter,
   ) {
+    this.refcounts = rc
     this.h = img.header
     this.cs = img.header.clusterSize
     this.ew = { entrySize: l2EntrySize(this.h), extended: hasExtendedL2(this.h), clusterBits: this.h.clusterBits }
