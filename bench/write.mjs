@@ -113,12 +113,34 @@ async function bench(name, ours, theirs, cleanup) {
   return line
 }
 
+/** Both tools' outputs for the same job, compared byte for byte with cmp (outside any timing). */
+async function sameOutput(name, ours, theirs) {
+  const a = join(WORK, 'same-ours.img')
+  const b = join(WORK, 'same-theirs.img')
+  rmSync(a, { force: true })
+  rmSync(b, { force: true })
+  await run(BIN, [...ours, a])
+  await run(theirs[0], [...theirs.slice(1), b])
+  const same = spawnSync('cmp', ['-s', a, b]).status === 0
+  rmSync(a, { force: true })
+  rmSync(b, { force: true })
+  const line = `${name.padEnd(15)} output ${same ? 'byte-identical to' : 'DIFFERS from'} qemu-img's`
+  console.log(line)
+  return line
+}
+
 const { full, half, q } = await prepare()
 const out = join(WORK, 'out.img')
 const rmOut = () => rmSync(out, { force: true })
 console.log(`# imgtool write bench, ${GB} GiB inputs, median of ${RUNS} alternating runs`)
 if (ONLY.includes('convert-raw')) await bench('convert-raw', ['convert', '-O', 'raw', q, out], ['qemu-img', 'convert', '-O', 'raw', q, out], rmOut)
-if (ONLY.includes('convert-qcow2')) await bench('convert-qcow2', ['convert', '-f', 'raw', '-O', 'qcow2', half, out], ['qemu-img', 'convert', '-f', 'raw', '-O', 'qcow2', half, out], rmOut)
-if (ONLY.includes('convert-c')) await bench('convert-c', ['convert', '-f', 'raw', '-O', 'qcow2', '-c', half, out], ['qemu-img', 'convert', '-f', 'raw', '-O', 'qcow2', '-c', half, out], rmOut)
+if (ONLY.includes('convert-qcow2')) {
+  await bench('convert-qcow2', ['convert', '-f', 'raw', '-O', 'qcow2', half, out], ['qemu-img', 'convert', '-f', 'raw', '-O', 'qcow2', half, out], rmOut)
+  await sameOutput('convert-qcow2', ['convert', '-f', 'raw', '-O', 'qcow2', half], ['qemu-img', 'convert', '-f', 'raw', '-O', 'qcow2', half])
+}
+if (ONLY.includes('convert-c')) {
+  await bench('convert-c', ['convert', '-f', 'raw', '-O', 'qcow2', '-c', half, out], ['qemu-img', 'convert', '-f', 'raw', '-O', 'qcow2', '-c', half, out], rmOut)
+  await sameOutput('convert-c', ['convert', '-f', 'raw', '-O', 'qcow2', '-c', half], ['qemu-img', 'convert', '-f', 'raw', '-O', 'qcow2', '-c', half])
+}
 if (ONLY.includes('compare')) await bench('compare', ['compare', q, full], ['qemu-img', 'compare', q, full])
 if (ONLY.includes('create')) await bench('create-1T-meta', ['create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', out, '1T'], ['qemu-img', 'create', '-q', '-f', 'qcow2', '-o', 'preallocation=metadata', out, '1T'], rmOut)
