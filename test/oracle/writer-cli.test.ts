@@ -1,4 +1,5 @@
 /** create, snapshot and resize through the CLI, checked by qemu-img. */
+import { existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { expect, it } from 'vitest'
 import { main } from '../../src/cli/main.js'
@@ -37,6 +38,40 @@ describeQemu('create / snapshot / resize CLI', () => {
     expect(info['backing-filename-format']).toBe('raw')
     expect((await cli('create', '-f', 'qcow2', '-b', 'base.raw', join(dir, 'x.qcow2'))).code).toBe(1) // -F required
     expect((await cli('create', '-f', 'qcow2', '-o', 'cluster_size=1000', join(dir, 'x.qcow2'), '1M')).err).toMatch(/power of two/)
+  })
+
+  it("create: qemu-img's Formatting line, and no file (an existing one untouched) when the options are wrong", async () => {
+    await qemuImgOk(['create', '-q', '-f', 'raw', join(dir, 'fb.raw'), '1M'])
+    const cases: Array<[string, string[]]> = [
+      ['qcow2', []],
+      ['qcow2', ['-o', 'compat=0.10']],
+      ['qcow2', ['-o', 'cluster_size=64k,lazy_refcounts=true,compat=v3,extended_l2=on,refcount_bits=16']],
+      ['qcow2', ['-o', 'preallocation=metadata,compression_type=zstd,refcount_bits=8']],
+      ['qcow2', ['-o', 'data_file=fd.raw,data_file_raw=on']],
+      ['qcow2', ['-b', 'fb.raw', '-F', 'raw']],
+      ['raw', []],
+      ['raw', ['-o', 'preallocation=full']],
+    ]
+    for (const [fmt, args] of cases) {
+      const ours = await cli('create', '-f', fmt, ...args, join(dir, 'fmt.img'), '1M')
+      const theirs = await qemuImg(['create', '-f', fmt, ...args, 'fmt.img', '1M'], { cwd: dir })
+      expect(theirs.code, theirs.stderr).toBe(0)
+      expect(ours.out.replace(join(dir, 'fmt.img'), 'fmt.img'), `${fmt} ${args.join(' ')}`).toBe(theirs.stdout)
+    }
+    for (const [fmt, o] of [['qcow2', 'preallocation=foo'], ['qcow2', 'cluster_size=3000'], ['raw', 'preallocation=foo'], ['qcow2', 'data_file=no/such/dir/d.raw']]) {
+      const fresh = join(dir, `none-${fmt}.img`)
+      const ours = await cli('create', '-q', '-f', fmt!, '-o', o!, fresh, '1M')
+      const theirs = await qemuImg(['create', '-q', '-f', fmt!, '-o', o!, `none-q-${fmt}.img`, '1M'], { cwd: dir })
+      expect([ours.code, theirs.code], o).toEqual([1, 1])
+      expect(existsSync(fresh), `${o}: imgtool left a file`).toBe(false)
+      expect(existsSync(join(dir, `none-q-${fmt}.img`)), `${o}: qemu-img left a file`).toBe(false)
+      const kept = join(dir, 'kept.img')
+      writeFileSync(kept, 'precious')
+      if (!o!.startsWith('data_file')) {
+        expect((await cli('create', '-q', '-f', fmt!, '-o', o!, kept, '1M')).code).toBe(1)
+        expect(readFileSync(kept, 'utf8'), `${o}: an existing file was changed`).toBe('precious')
+      }
+    }
   })
 
   it('snapshot -c/-l/-a/-d and resize, with qemu-img reading the result', async () => {

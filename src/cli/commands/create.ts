@@ -44,11 +44,23 @@ const create: CommandModule = {
     if (format === 'raw' && (backing !== undefined || Object.keys(options).some((k) => k !== 'size' && k !== 'preallocation'))) {
       throw new UsageError(`raw images take no options but size and preallocation`)
     }
-    if (!opts['quiet']) {
-      const shown = Object.entries(options).filter(([k]) => k !== 'size').map(([k, v]) => ` ${k}=${v}`).join('')
-      io.stdout.write(`Formatting '${file}', fmt=${format}${shown}${backing ? ` backing_file=${backing} backing_fmt=${backingFormat}` : ''} size=${size}\n`)
+    if (!opts['quiet']) io.stdout.write(`Formatting '${file}', fmt=${format}${formattingOptions(format, size, options, backing, backingFormat, parseSize)}\n`)
+    // options checked before the file is touched: a mistake leaves no new file and an existing one intact, as qemu-img
+    if (format === 'qcow2') {
+      const { parseCreateOptions } = await import('../../formats/qcow2/create.js')
+      const o = { ...options }
+      delete o['backing_file']
+      delete o['backing_fmt']
+      parseCreateOptions({ size, options: o, ...(backing !== undefined ? { backingFile: backing, backingFormat: backingFormat! } : {}) })
+    } else if (format === 'raw' && options['preallocation'] !== 'metadata') {
+      // (qemu-img creates the file before it refuses metadata for raw)
+      const { parseRawPreallocation } = await import('../../formats/raw/create.js')
+      parseRawPreallocation(options['preallocation'], file)
     }
+    const { existsSync, rmSync } = await import('node:fs')
+    const existed = existsSync(file)
     const dev = await openFileDevice(file, { readOnly: false, create: true })
+    let ok = false
     try {
       if (format === 'dmsnap') {
         if (backing !== undefined) throw new UsageError('dmsnap stores take --origin, not a backing file')
@@ -66,10 +78,48 @@ const create: CommandModule = {
         await driverFor('qcow2').create!(dev, makeContext(openFileDevice), { size, options, ...extra })
       }
       await dev.flush()
+      ok = true
     } finally {
       await dev.close()
+      // a qcow2 image that could not be made is not left behind half made (qemu-img leaves none)
+      if (!ok && !existed && format === 'qcow2') rmSync(file, { force: true })
     }
     return 0
   },
 }
 export default create
+
+/**
+ * The options part of qemu-img create's "Formatting" line: qcow2 lists its
+ * options in QEMU's order with their defaults (sizes as numbers, the rest as
+ * given); raw lists size, then preallocation when given.
+ */
+function formattingOptions(format: string, size: number, o: Record<string, string>, backing: string | undefined, backingFormat: string | undefined, parseSize: (s: string) => number): string {
+  const parts: string[] = []
+  const num = (v: string | undefined, d: number): string => {
+    if (v === undefined) return String(d)
+    try {
+      return String(parseSize(v))
+    } catch {
+      return v
+    }
+  }
+  if (format === 'qcow2') {
+    parts.push(`cluster_size=${num(o['cluster_size'], 65536)}`, `extended_l2=${o['extended_l2'] ?? 'off'}`)
+    if (o['preallocation'] !== undefined) parts.push(`preallocation=${o['preallocation']}`)
+    parts.push(`compression_type=${o['compression_type'] ?? 'zlib'}`, `size=${size}`)
+    if (o['compat'] !== undefined) parts.push(`compat=${o['compat']}`)
+    if (backing !== undefined) parts.push(`backing_file=${backing}`)
+    if (backingFormat !== undefined) parts.push(`backing_fmt=${backingFormat}`)
+    if (o['data_file'] !== undefined) parts.push(`data_file=${o['data_file']}`)
+    if (o['data_file_raw'] !== undefined) parts.push(`data_file_raw=${o['data_file_raw']}`)
+    parts.push(`lazy_refcounts=${o['lazy_refcounts'] ?? 'off'}`, `refcount_bits=${num(o['refcount_bits'], 16)}`)
+  } else if (format === 'raw') {
+    parts.push(`size=${size}`)
+    if (o['preallocation'] !== undefined) parts.push(`preallocation=${o['preallocation']}`)
+  } else {
+    for (const [k, v] of Object.entries(o)) if (k !== 'size') parts.push(`${k}=${v}`)
+    parts.push(`size=${size}`)
+  }
+  return parts.map((p) => ` ${p}`).join('')
+}
