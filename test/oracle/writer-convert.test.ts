@@ -116,6 +116,18 @@ describeQemu('convert and compare (CLI) against qemu-img', () => {
     }
   })
 
+  it('-O raw -o preallocation=off|falloc|full: the same file, size and allocated blocks as qemu-img', async () => {
+    for (const o of [[], ['-o', 'preallocation=falloc'], ['-o', 'preallocation=full']]) {
+      const ours = join(dir, 'pre-ours.raw')
+      const theirs = join(dir, 'pre-theirs.raw')
+      const r = await cli('convert', '-O', 'raw', ...o, src, ours)
+      expect(r.code, r.err).toBe(0)
+      await qemuImgOk(['convert', '-O', 'raw', ...o, src, theirs])
+      expect(readFileSync(ours).equals(readFileSync(theirs)), o.join(' ')).toBe(true)
+      expect(Math.abs(statSync(ours).blocks - statSync(theirs).blocks), `${o.join(' ')}: allocated blocks`).toBeLessThanOrEqual(8)
+    }
+  })
+
   it('converts to raw on stdout (-), progress never on stdout', async () => {
     const r = await cliTTY(true, 'convert', '-p', '-O', 'raw', src, '-')
     expect(r.code, r.err).toBe(0)

@@ -71,7 +71,7 @@ const convert: CommandModule = {
         if (outFmt === 'dmsnap') return await convertToDmsnap(src, dstPath, options, onProgress)
         const dev = await openFileDevice(dstPath, { readOnly: false, create: true })
         try {
-          if (outFmt === 'raw') await dev.truncate(src.virtualSize)
+          if (outFmt === 'raw') await driverFor('raw').create!(dev, makeContext(openFileDevice), { size: src.virtualSize, options })
           else {
             const extra: { backingFile?: string; backingFormat?: string } = {}
             if (backing !== undefined) {
