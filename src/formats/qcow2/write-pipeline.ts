@@ -66,6 +66,8 @@ export class WritePipeline {
   private current: Session | undefined
   /** table copies of planned, uncommitted requests, by L1 index: what the next plan starts from */
   private readonly shadow = new Map<number, TableWork>()
+  /** the data writes of the last planned request (settled, never rejected) */
+  private lastData: Promise<unknown> = Promise.resolve()
 
   constructor(private readonly wr: Qcow2Writer) {}
 
@@ -134,6 +136,7 @@ export class WritePipeline {
       s.open = false
       if (this.current === s) this.current = undefined
       this.shadow.clear()
+      this.lastData = Promise.resolve()
     }
   }
 
@@ -169,6 +172,7 @@ export class WritePipeline {
       p.job.reject(this.abandoned(p.job, cause))
     }
     this.shadow.clear()
+    this.lastData = Promise.resolve()
   }
 
   private abandoned(job: Job, cause?: unknown): Error {
@@ -274,12 +278,18 @@ export class WritePipeline {
       throw e
     }
     for (const w of works) this.shadow.set(w.l1Index, w)
-    const dataDone = (async () => {
+    // data writes go out one request after the other: a request may overwrite in place a cluster
+    // that an earlier one in flight is still writing, and two writes to one place may land in
+    // either order. Planning and commits still overlap them; the device gets the next write at once.
+    const dataDone = this.lastData.then(async (earlier) => {
+      // after a failed data write nothing more goes out: the requests behind it are abandoned
+      if (earlier !== undefined) throw earlier
       for (const d of writes) await wr.guardedWrite(d.device, d.offset, joinParts(d), 'data')
-    })().then(
+    }).then(
       () => undefined,
       (e: unknown) => e ?? new Error('data write failed'),
     )
+    this.lastData = dataDone
     return { job, works, needFlush, dataDone }
   }
 }
