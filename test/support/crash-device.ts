@@ -109,8 +109,8 @@ export interface CrashState {
   torn?: { seq: number; from: number; to: number }
 }
 
-/** A growable byte image (synchronous), with MemoryDevice semantics. */
-class Image {
+/** A growable byte image (synchronous), with MemoryDevice semantics (crash-group.ts uses it too). */
+export class Image {
   buf: Uint8Array
   len: number
   constructor(buf: Uint8Array, len = buf.byteLength) {

@@ -24,7 +24,7 @@ import { createHash } from 'node:crypto'
 import type { BlockDevice, IoTag } from '../../src/io/block-device.js'
 import { MemoryDevice } from '../../src/io/memory-device.js'
 import { hex } from '../../src/errors.js'
-import { tornCuts, type CrashStateOptions } from './crash-device.js'
+import { Image as Bytes, tornCuts, type CrashStateOptions } from './crash-device.js'
 import { Prng } from './prng.js'
 
 export type GroupEvent =
@@ -46,34 +46,6 @@ export interface GroupCrashState {
   /** seqs of the pending events applied in full */
   applied: number[]
   pending: number[]
-}
-
-/** A growable byte image with MemoryDevice semantics. */
-class Bytes {
-  constructor(
-    public buf: Uint8Array,
-    public len = buf.byteLength,
-  ) {}
-  clone(): Bytes {
-    return new Bytes(this.buf.slice(0, this.len))
-  }
-  write(offset: number, data: Uint8Array): void {
-    const end = offset + data.byteLength
-    this.ensure(end)
-    this.buf.set(data, offset)
-    if (end > this.len) this.len = end
-  }
-  truncate(size: number): void {
-    if (size < this.len) this.buf.fill(0, size, this.len)
-    this.ensure(size)
-    this.len = size
-  }
-  private ensure(n: number): void {
-    if (n <= this.buf.byteLength) return
-    const next = new Uint8Array(Math.max(n, this.buf.byteLength * 2))
-    next.set(this.buf.subarray(0, this.len))
-    this.buf = next
-  }
 }
 
 const cloneAll = (w: Bytes[]): Bytes[] => w.map((b) => b.clone())

@@ -41,7 +41,8 @@ export interface TableWork {
   attempted: boolean
 }
 
-function joined(d: DataWrite): Uint8Array {
+/** The bytes of a queued data write as one buffer (its parts joined once). */
+export function joined(d: DataWrite): Uint8Array {
   if (d.parts.length === 1) return d.parts[0]!
   const out = new Uint8Array(d.length)
   let o = 0

@@ -32,7 +32,7 @@ import { ImgtoolError } from '../../errors.js'
 import { decodeL1 } from './entries.js'
 import { hasDataFile } from './header.js'
 import { ALL_SUBCLUSTERS, getBitmap, setBitmap, setStandard, subclusterMask } from './l2-meta.js'
-import { commit, prepareTable, undo, type TableWork } from './write-commit.js'
+import { commit, joined, prepareTable, undo, type TableWork } from './write-commit.js'
 import { dataWrite, writeLocked, type DataWrite } from './write-plan.js'
 import type { Qcow2Writer } from './write.js'
 
@@ -284,7 +284,7 @@ export class WritePipeline {
     const dataDone = this.lastData.then(async (earlier) => {
       // after a failed data write nothing more goes out: the requests behind it are abandoned
       if (earlier !== undefined) throw earlier
-      for (const d of writes) await wr.guardedWrite(d.device, d.offset, joinParts(d), 'data')
+      for (const d of writes) await wr.guardedWrite(d.device, d.offset, joined(d), 'data')
     }).then(
       () => undefined,
       (e: unknown) => e ?? new Error('data write failed'),
@@ -292,15 +292,4 @@ export class WritePipeline {
     this.lastData = dataDone
     return { job, works, needFlush, dataDone }
   }
-}
-
-function joinParts(d: DataWrite): Uint8Array {
-  if (d.parts.length === 1) return d.parts[0]!
-  const out = new Uint8Array(d.length)
-  let o = 0
-  for (const p of d.parts) {
-    out.set(p, o)
-    o += p.byteLength
-  }
-  return out
 }
