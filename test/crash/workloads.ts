@@ -467,6 +467,25 @@ export const WORKLOADS: Workload[] = [
       await c.write(0, pattern(0, 3000))
     },
   },
+  {
+    name: 'create with preallocation=metadata, then writes',
+    size: 64 * K,
+    options: { cluster_size: '1024', preallocation: 'metadata' },
+    createInside: true,
+    run: async (c) => {
+      await c.write(5000, pattern(0, 3000))
+    },
+  },
+  {
+    name: 'create with preallocation=falloc, then writes',
+    size: 64 * K,
+    options: { cluster_size: '1024', preallocation: 'falloc' },
+    createInside: true,
+    run: async (c) => {
+      await c.write(2000, pattern(0, 5000))
+      await c.zero(10 * K, 4 * K)
+    },
+  },
 ]
 
 export function compressible(seed: number, n: number): Uint8Array {
