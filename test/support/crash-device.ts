@@ -224,6 +224,15 @@ export class CrashDevice implements BlockDevice {
     this.current.truncate(size)
   }
 
+  /**
+   * posix_fallocate: the file grows to offset+length (zeros), logged as a
+   * truncate that extends it, so a crash before the next flush may lose it.
+   */
+  async allocate(offset: number, length: number): Promise<void> {
+    this.assertOpen()
+    if (offset + length > this.current.len) await this.truncate(offset + length)
+  }
+
   async flush(): Promise<void> {
     this.assertOpen()
     for (const e of this.pendingWrites()) this.durable.apply(e)

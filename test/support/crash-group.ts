@@ -248,6 +248,12 @@ export class CrashMember implements BlockDevice {
     this.assertOpen()
     this.group.record({ member: this.index, kind: 'truncate', size })
   }
+
+  /** posix_fallocate: the file grows to offset+length, an extending truncate that a crash may lose */
+  async allocate(offset: number, length: number): Promise<void> {
+    this.assertOpen()
+    if (offset + length > this.size) this.group.record({ member: this.index, kind: 'truncate', size: offset + length })
+  }
   async flush(): Promise<void> {
     this.assertOpen()
     this.group.record({ member: this.index, kind: 'flush' })

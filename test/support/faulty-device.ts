@@ -23,6 +23,7 @@
  * `nth = 1..N`. `sweepFaults()` below does exactly that.
  */
 import { readInto, type BlockDevice, type HostStatus, type IoTag } from '../../src/io/block-device.js'
+import { allocate } from '../../src/io/prealloc.js'
 import { ImageIoError, hex } from '../../src/errors.js'
 
 export type FaultOp = 'read' | 'write' | 'flush' | 'truncate'
@@ -170,6 +171,16 @@ export class FaultyDevice implements BlockDevice {
       throw this.fault('write', tag, offset, data.byteLength, 'ENOSPC')
     }
     return this.inner.write(offset, data, tag)
+  }
+
+  /** posix_fallocate: counted and failed as a write (no tag); ENOSPC past sizeLimit */
+  async allocate(offset: number, length: number): Promise<void> {
+    const rule = this.see('write', undefined)
+    if (rule) throw this.fault('write', undefined, offset, length, rule.errno)
+    if (this.sizeLimit !== undefined && offset + length > Math.max(this.sizeLimit, this.inner.size)) {
+      throw this.fault('write', undefined, offset, length, 'ENOSPC')
+    }
+    return allocate(this.inner, offset, length)
   }
 
   async flush(): Promise<void> {

@@ -16,9 +16,10 @@
  * size, length 0. Failed ops are recorded too (`ok: false`, `error`).
  */
 import { readInto, type BlockDevice, type HostStatus, type IoTag } from '../../src/io/block-device.js'
+import { allocate } from '../../src/io/prealloc.js'
 import { hex } from '../../src/errors.js'
 
-export type TraceOpKind = 'read' | 'write' | 'flush' | 'truncate'
+export type TraceOpKind = 'read' | 'write' | 'flush' | 'truncate' | 'allocate'
 
 export interface TraceOp {
   /** Clock value when the op was issued (monotonic, never reset by clear()). */
@@ -140,6 +141,11 @@ export class TracingDevice implements BlockDevice {
 
   truncate(size: number): Promise<void> {
     return this.run({ op: 'truncate', offset: size, length: 0, tag: undefined }, () => this.inner.truncate(size))
+  }
+
+  /** posix_fallocate of [offset, offset+length): recorded as 'allocate'; by the inner device's allocate, or by writing */
+  allocate(offset: number, length: number): Promise<void> {
+    return this.run({ op: 'allocate', offset, length, tag: undefined }, () => allocate(this.inner, offset, length))
   }
 
   close(): Promise<void> {

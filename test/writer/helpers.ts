@@ -26,7 +26,13 @@ export class MemFiles {
 
 /** Memory devices survive close (so a test can reopen them). */
 export class Unclosable implements BlockDevice {
-  constructor(readonly inner: BlockDevice) {}
+  allocate?: (offset: number, length: number) => Promise<void>
+  readInto?: (offset: number, buf: Uint8Array, tag?: string) => Promise<void>
+  constructor(readonly inner: BlockDevice) {
+    // optional capabilities pass through only where the inner device has them
+    if (inner.allocate) this.allocate = (o, l) => inner.allocate!(o, l)
+    if (inner.readInto) this.readInto = (o, b, t) => inner.readInto!(o, b, t)
+  }
   get size() { return this.inner.size }
   get readOnly() { return false }
   get name() { return this.inner.name }

@@ -1,4 +1,4 @@
-/** readInto through the test devices: faults, traces and crash images see it as a read. */
+/** The optional device capabilities through the test devices: readInto and allocate are seen as a read and a write. */
 import { describe, expect, it } from 'vitest'
 import { readInto, type BlockDevice } from '../../../src/io/block-device.js'
 import { MemoryDevice } from '../../../src/io/memory-device.js'
@@ -66,5 +66,38 @@ describe('readInto through the test devices', () => {
     const buf = new Uint8Array(16)
     await readInto(dev, 8, buf)
     expect([...buf.subarray(0, 6)]).toEqual([filled(1024)[8], filled(1024)[9], 9, 9, 9, filled(1024)[13]])
+  })
+})
+
+describe('allocate (posix_fallocate) through the test devices', () => {
+  it('the crash device grows the file by an extending truncate that a crash before the next flush loses', async () => {
+    const dev = new CrashDevice(filled(1024), { name: 'c' })
+    await dev.allocate(512, 4096)
+    expect(dev.size).toBe(4608)
+    expect((await dev.read(1024, 16)).every((b) => b === 0)).toBe(true)
+    const sizes = [...dev.allCrashStates()].map((s) => s.device.size)
+    expect(sizes).toContain(1024)
+    expect(sizes).toContain(4608)
+    await dev.flush()
+    await dev.allocate(0, 100) // inside the file: nothing to do
+    expect(dev.events.filter((e) => e.kind === 'truncate').length).toBe(1)
+  })
+
+  it('the faulty device counts and fails it as a write, and refuses past its size limit (ENOSPC)', async () => {
+    const dev = new FaultyDevice(new MemoryDevice(0, { name: 'f' }), { sizeLimit: 8192 })
+    dev.failOn({ op: 'write', nth: 1 })
+    await expect(dev.allocate(0, 4096)).rejects.toThrow(/injected/)
+    await dev.allocate(0, 4096)
+    expect(dev.size).toBe(4096)
+    await expect(dev.allocate(4096, 8192)).rejects.toThrow(/ENOSPC|No space/)
+    expect(dev.counts.write).toBe(3)
+  })
+
+  it('the tracing device records it as allocate, passing it on (or writing zeros where the inner device cannot)', async () => {
+    const dev = new TracingDevice(plain(new MemoryDevice(0, { name: 't' })))
+    await dev.allocate(0, 2048)
+    expect(dev.trace[0]!.op).toBe('allocate')
+    expect(dev.trace.length).toBe(1)
+    expect(dev.size).toBe(2048)
   })
 })
