@@ -115,6 +115,22 @@ export const WORKLOADS: Workload[] = [
     },
   },
   {
+    // clusters that compress to a little over half their size: the bytes run on into the next
+    // host cluster (qcow2_alloc_bytes packing), each spanning entry references two clusters
+    name: 'compressed writes spanning host clusters (zlib)',
+    size: 64 * K,
+    options: { cluster_size: '1024' },
+    run: async (c) => {
+      for (let i = 0; i < 8; i++) {
+        await c.compressed(i, halfCompressible(i, 1024))
+        if (i % 3 === 2) await c.flush()
+      }
+      // overwrite two spanning clusters: their references are dropped from both clusters
+      await c.write(1024 + 100, pattern(1, 300))
+      await c.zero(3 * 1024, 1024)
+    },
+  },
+  {
     name: 'compressed writes (zstd)',
     size: 64 * K,
     options: { cluster_size: '2048', compression_type: 'zstd' },
@@ -487,6 +503,13 @@ export const WORKLOADS: Workload[] = [
     },
   },
 ]
+
+/** A cluster that deflates to a bit more than half its size (noise after a run of one byte). */
+export function halfCompressible(seed: number, n: number): Uint8Array {
+  const b = new Prng(seed + 77).bytes(n)
+  b.fill(seed & 0xff, 0, Math.floor(n * 0.4))
+  return b
+}
 
 export function compressible(seed: number, n: number): Uint8Array {
   const b = pattern(seed * 1000, n, seed)
