@@ -16,9 +16,10 @@
  *      data flushed, then links in allocation order, then frees);
  *   3. a request planned on top of an uncommitted one (same L2 table) starts
  *      from that one's table copy; commits run strictly in request order.
- * If a request fails, it is undone (its never-linked clusters freed) and
- * every request planned after it fails too and is undone: their table
- * copies were built on the failed one's entries. No cluster that is linked
+ * If a request's data write or commit fails, it is undone (its never-linked
+ * clusters freed) and every request planned after it fails too and is
+ * undone: their table copies were built on the failed one's entries. A
+ * request whose planning fails undoes only itself. No cluster that is linked
  * is ever freed, and a failed stream leaves no leaks (seed: L2Meta rollback).
  *
  * Only the common shape is pipelined: every cluster of the request either
@@ -100,7 +101,8 @@ export class WritePipeline {
             this.wr.assertUsable()
             p = await this.plan(job)
           } catch (e) {
-            await this.failAll(planned, e)
+            // the plan undid its own allocations and left the table copies alone: the requests
+            // planned before it are intact and still commit, as they would have one at a time
             job.reject(e)
             continue
           }
