@@ -17,11 +17,14 @@ import { createRequire } from 'node:module'
 import { availableParallelism } from 'node:os'
 import { Worker } from 'node:worker_threads'
 import { deflateRaw, deflateRawSync } from 'node:zlib'
+import { ImgtoolError } from '../../errors.js'
 import { COMPRESSION_ZSTD } from './constants.js'
 import { deflateAddon } from './deflate-addon.js'
 
 const require = createRequire(import.meta.url)
 const ZSTD_LEVEL = 3
+/** QEMU's deflate parameters (qcow2_compress): default level, 4 KiB window, raw stream */
+const DEFLATE = { level: 6, windowBits: 12, memLevel: 9 } as const
 
 interface ZstdModule {
   init(): Promise<void>
@@ -48,7 +51,7 @@ export async function compressCluster(data: Uint8Array, clusterSize: number, com
   if (compressionType === COMPRESSION_ZSTD) {
     out = (await loadZstd()).compress(data, ZSTD_LEVEL)
   } else {
-    out = deflateRawSync(data, { level: 6, windowBits: 12, memLevel: 9 })
+    out = deflateRawSync(data, DEFLATE)
   }
   return out.byteLength < clusterSize ? new Uint8Array(out.buffer, out.byteOffset, out.byteLength) : undefined
 }
@@ -68,7 +71,7 @@ parentPort.on('message', async (m) => {
   try {
     let out
     if (m.type === ${COMPRESSION_ZSTD}) out = (await ready()).compress(m.data, ${ZSTD_LEVEL})
-    else out = zlib.deflateRawSync(m.data, { level: 6, windowBits: 12, memLevel: 9 })
+    else out = zlib.deflateRawSync(m.data, ${JSON.stringify(DEFLATE)})
     const copy = new Uint8Array(out.byteLength)
     copy.set(out)
     parentPort.postMessage({ id: m.id, out: copy.byteLength < m.clusterSize ? copy : null }, [copy.buffer])
@@ -133,7 +136,7 @@ export class CompressPool {
     if (compressionType !== COMPRESSION_ZSTD) {
       // zlib runs on libuv's thread pool: parallel, without a JavaScript isolate per thread
       return new Promise((resolve, reject) => {
-        deflateRaw(data, { level: 6, windowBits: 12, memLevel: 9 }, (err, out) => {
+        deflateRaw(data, DEFLATE, (err, out) => {
           if (err) reject(err)
           else resolve(out.byteLength < clusterSize ? new Uint8Array(out.buffer, out.byteOffset, out.byteLength) : undefined)
         })
@@ -159,8 +162,8 @@ export class CompressPool {
     const n = offsets.length
     const out = new Uint8Array(n * clusterSize)
     const sizes = new Int32Array(n)
-    const rc = await addon.deflateClusters(buf, Int32Array.from(offsets), clusterSize, 6, 12, 9, out, sizes)
-    if (rc !== 0) throw new Error(`deflate: zlib error ${rc}`)
+    const rc = await addon.deflateClusters(buf, Int32Array.from(offsets), clusterSize, DEFLATE.level, DEFLATE.windowBits, DEFLATE.memLevel, out, sizes)
+    if (rc !== 0) throw new ImgtoolError('INTERNAL', `qcow2: deflate: zlib could not set up a stream (error ${rc})`)
     const result: Array<Uint8Array | undefined> = []
     for (let i = 0; i < n; i++) result.push(sizes[i]! >= 0 ? out.subarray(i * clusterSize, i * clusterSize + sizes[i]!) : undefined)
     return result
