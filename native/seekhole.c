@@ -85,17 +85,22 @@ static napi_value do_getfl(napi_env env, napi_callback_info info) {
   return result(env, (int64_t)fcntl(fd, F_GETFL));
 }
 
+/*
+ * copyRange and fallocate: one request shape, run on a libuv thread, settling a
+ * Promise of an int64 (bytes copied / 0, or -errno).
+ */
+typedef enum { OP_COPY, OP_FALLOC } op_kind;
+
 typedef struct {
   napi_async_work work;
   napi_deferred deferred;
-  int32_t fd_in, fd_out;
+  op_kind op;
+  int32_t fd_in, fd_out; /* fallocate: fd_out */
   int64_t off_in, off_out, len;
-  int64_t result; /* bytes copied, or -errno when none were */
-} copy_req;
+  int64_t result;
+} io_req;
 
-static void copy_execute(napi_env env, void *data) {
-  (void)env;
-  copy_req *r = (copy_req *)data;
+static void copy_execute(io_req *r) {
 #if defined(__linux__)
   int64_t done = 0;
   while (done < r->len) {
@@ -118,57 +123,11 @@ static void copy_execute(napi_env env, void *data) {
 #endif
 }
 
-static void copy_complete(napi_env env, napi_status status, void *data) {
-  copy_req *r = (copy_req *)data;
-  napi_value v;
-  napi_create_int64(env, status == napi_ok ? r->result : -(int64_t)ECANCELED, &v);
-  napi_resolve_deferred(env, r->deferred, v);
-  napi_delete_async_work(env, r->work);
-  free(r);
-}
-
-static napi_value do_copy_range(napi_env env, napi_callback_info info) {
-  size_t argc = 5;
-  napi_value argv[5], promise, name;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5) return einval(env);
-  copy_req *r = (copy_req *)calloc(1, sizeof *r);
-  if (!r) return einval(env);
-  if (napi_get_value_int32(env, argv[0], &r->fd_in) != napi_ok || napi_get_value_int64(env, argv[1], &r->off_in) != napi_ok ||
-      napi_get_value_int32(env, argv[2], &r->fd_out) != napi_ok || napi_get_value_int64(env, argv[3], &r->off_out) != napi_ok ||
-      napi_get_value_int64(env, argv[4], &r->len) != napi_ok || r->off_in < 0 || r->off_out < 0 || r->len < 0) {
-    free(r);
-    return einval(env);
-  }
-  if (napi_create_promise(env, &r->deferred, &promise) != napi_ok) {
-    free(r);
-    return einval(env);
-  }
-  napi_create_string_utf8(env, "imgtool.copyRange", NAPI_AUTO_LENGTH, &name);
-  if (napi_create_async_work(env, NULL, name, copy_execute, copy_complete, r, &r->work) != napi_ok || napi_queue_async_work(env, r->work) != napi_ok) {
-    r->result = -(int64_t)ENOMEM;
-    napi_value v;
-    napi_create_int64(env, r->result, &v);
-    napi_resolve_deferred(env, r->deferred, v);
-    free(r);
-  }
-  return promise;
-}
-
-typedef struct {
-  napi_async_work work;
-  napi_deferred deferred;
-  int32_t fd;
-  int64_t off, len;
-  int64_t result; /* 0, or -errno */
-} falloc_req;
-
-static void falloc_execute(napi_env env, void *data) {
-  (void)env;
-  falloc_req *r = (falloc_req *)data;
+static void falloc_execute(io_req *r) {
 #if defined(__linux__)
   int rc;
   do {
-    rc = fallocate(r->fd, 0, (off_t)r->off, (off_t)r->len);
+    rc = fallocate(r->fd_out, 0, (off_t)r->off_out, (off_t)r->len);
   } while (rc < 0 && errno == EINTR);
   r->result = rc < 0 ? -(int64_t)errno : 0;
 #else
@@ -176,8 +135,15 @@ static void falloc_execute(napi_env env, void *data) {
 #endif
 }
 
-static void falloc_complete(napi_env env, napi_status status, void *data) {
-  falloc_req *r = (falloc_req *)data;
+static void io_execute(napi_env env, void *data) {
+  (void)env;
+  io_req *r = (io_req *)data;
+  if (r->op == OP_COPY) copy_execute(r);
+  else falloc_execute(r);
+}
+
+static void io_complete(napi_env env, napi_status status, void *data) {
+  io_req *r = (io_req *)data;
   napi_value v;
   napi_create_int64(env, status == napi_ok ? r->result : -(int64_t)ECANCELED, &v);
   napi_resolve_deferred(env, r->deferred, v);
@@ -185,29 +151,52 @@ static void falloc_complete(napi_env env, napi_status status, void *data) {
   free(r);
 }
 
-static napi_value do_fallocate(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3], promise, name;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 3) return einval(env);
-  falloc_req *r = (falloc_req *)calloc(1, sizeof *r);
-  if (!r) return einval(env);
-  if (napi_get_value_int32(env, argv[0], &r->fd) != napi_ok || napi_get_value_int64(env, argv[1], &r->off) != napi_ok ||
-      napi_get_value_int64(env, argv[2], &r->len) != napi_ok || r->off < 0 || r->len <= 0) {
-    free(r);
-    return einval(env);
-  }
+/* Queue `r` (its fields set); returns the Promise, or -EINVAL when no promise could be made. */
+static napi_value io_queue(napi_env env, io_req *r, const char *what) {
+  napi_value promise, name;
   if (napi_create_promise(env, &r->deferred, &promise) != napi_ok) {
     free(r);
     return einval(env);
   }
-  napi_create_string_utf8(env, "imgtool.fallocate", NAPI_AUTO_LENGTH, &name);
-  if (napi_create_async_work(env, NULL, name, falloc_execute, falloc_complete, r, &r->work) != napi_ok || napi_queue_async_work(env, r->work) != napi_ok) {
+  napi_create_string_utf8(env, what, NAPI_AUTO_LENGTH, &name);
+  if (napi_create_async_work(env, NULL, name, io_execute, io_complete, r, &r->work) != napi_ok || napi_queue_async_work(env, r->work) != napi_ok) {
     napi_value v;
     napi_create_int64(env, -(int64_t)ENOMEM, &v);
     napi_resolve_deferred(env, r->deferred, v);
     free(r);
   }
   return promise;
+}
+
+static napi_value do_copy_range(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 5) return einval(env);
+  io_req *r = (io_req *)calloc(1, sizeof *r);
+  if (!r) return einval(env);
+  r->op = OP_COPY;
+  if (napi_get_value_int32(env, argv[0], &r->fd_in) != napi_ok || napi_get_value_int64(env, argv[1], &r->off_in) != napi_ok ||
+      napi_get_value_int32(env, argv[2], &r->fd_out) != napi_ok || napi_get_value_int64(env, argv[3], &r->off_out) != napi_ok ||
+      napi_get_value_int64(env, argv[4], &r->len) != napi_ok || r->off_in < 0 || r->off_out < 0 || r->len < 0) {
+    free(r);
+    return einval(env);
+  }
+  return io_queue(env, r, "imgtool.copyRange");
+}
+
+static napi_value do_fallocate(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 3) return einval(env);
+  io_req *r = (io_req *)calloc(1, sizeof *r);
+  if (!r) return einval(env);
+  r->op = OP_FALLOC;
+  if (napi_get_value_int32(env, argv[0], &r->fd_out) != napi_ok || napi_get_value_int64(env, argv[1], &r->off_out) != napi_ok ||
+      napi_get_value_int64(env, argv[2], &r->len) != napi_ok || r->off_out < 0 || r->len <= 0) {
+    free(r);
+    return einval(env);
+  }
+  return io_queue(env, r, "imgtool.fallocate");
 }
 
 static void export_fn(napi_env env, napi_value exports, const char *name, napi_callback cb) {
