@@ -29,7 +29,7 @@
  * allocation, a preallocated zero cluster, an external data file) waits for
  * the pipeline to empty and then takes the ordinary path (write-plan.ts).
  */
-import { ImgtoolError } from '../../errors.js'
+import { ImgtoolError, hex } from '../../errors.js'
 import { decodeL1 } from './entries.js'
 import { hasDataFile } from './header.js'
 import { ALL_SUBCLUSTERS, getBitmap, setBitmap, setStandard, subclusterMask } from './l2-meta.js'
@@ -179,7 +179,7 @@ export class WritePipeline {
 
   private abandoned(job: Job, cause?: unknown): Error {
     const why = cause instanceof Error ? `: ${cause.message}` : ''
-    return new ImgtoolError('IO', `qcow2: ${this.wr.img.filename}: write of ${job.data.byteLength} bytes at ${job.offset} abandoned: an earlier write in flight failed${why}`)
+    return new ImgtoolError('IO', `qcow2: ${this.wr.img.filename}: write of ${job.data.byteLength} bytes at guest offset ${hex(job.offset)} abandoned: an earlier write in flight failed${why}`)
   }
 
   /** Plan a request of the pipelined shape and issue its data write; undefined for any other shape. */
@@ -248,7 +248,7 @@ export class WritePipeline {
           w = { l1Index: t.l1Index, oldL2: t.l2, l2: t.l2, mode: 'inplace', table: t.table.slice(), lo: Infinity, hi: -1, allocated: [], frees: [], linked: false, attempted: false }
         } else {
           w = (await prepareTable(wr, t.l1Index, true))!
-          if (w.mode === 'cow') throw new ImgtoolError('INTERNAL', `qcow2: L2 table of L1 index ${t.l1Index} became shared while planning`)
+          if (w.mode === 'cow') throw new ImgtoolError('INTERNAL', `qcow2: ${wr.img.filename}: L2 table of L1 index ${t.l1Index} (at ${hex(t.l2)}) became shared while a write was planned`)
         }
         works.push(w)
         if (w.mode !== 'inplace') needFlush = true
