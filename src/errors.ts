@@ -14,6 +14,7 @@ export type ErrorCode =
   | 'READ_ONLY'
   | 'NO_SPACE'
   | 'INTERNAL'
+  | 'INTERRUPTED'
 
 export interface ErrorDetails {
   file?: string
@@ -75,6 +76,13 @@ export class ImageIoError extends ImgtoolError {
 export class ReadOnlyError extends ImgtoolError {
   constructor(message: string, details: ErrorDetails = {}) {
     super('READ_ONLY', message, details)
+  }
+}
+
+/** The operation was stopped by its AbortSignal (the CLI: SIGINT or SIGTERM). */
+export class AbortedError extends ImgtoolError {
+  constructor(message: string, details: ErrorDetails = {}) {
+    super('INTERRUPTED', message, details)
   }
 }
 

@@ -53,6 +53,8 @@ export interface ImageInfo {
   actualSize?: number
   clusterSize?: number
   dirty?: boolean
+  /** the guest data is encrypted (qcow2 crypt_method 1 or 2): imgtool cannot read it */
+  encrypted?: boolean
   backingFilename?: string
   fullBackingFilename?: string
   backingFormat?: string
