@@ -86,6 +86,14 @@ export class AbortedError extends ImgtoolError {
   }
 }
 
+/** Throw AbortedError when `signal` has fired (the library's one spelling of throwIfAborted). */
+export function checkAborted(signal: AbortSignal | undefined, what: string): void {
+  if (signal?.aborted) {
+    const why = signal.reason instanceof Error ? signal.reason.message : 'aborted'
+    throw new AbortedError(`${what}: ${why}`)
+  }
+}
+
 export function isImgtoolError(e: unknown): e is ImgtoolError {
   return e instanceof ImgtoolError
 }

@@ -5,7 +5,7 @@
  * 4 KiB like qemu-img), optionally compressing whole clusters (-c), with
  * several reads in flight and writes issued in guest order.
  */
-import { UsageError } from '../errors.js'
+import { UsageError, checkAborted } from '../errors.js'
 import type { DiskImage, Extent } from '../image/disk-image.js'
 import { mergeExtents } from '../image/range.js'
 import { BufferPool, HostFiles, readGuest, sourceOf, type Source } from './host-reads.js'
@@ -273,7 +273,7 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
   // (unallocated, zero, or from a backing file the target does not have) is written as zeros
   const allocateAll = minSparse === 0 && !compress && !options.targetHasBacking
   for await (const item of plan(src, { ...options, chunkSize }, compress ? cs : 0)) {
-    options.signal?.throwIfAborted()
+    checkAborted(options.signal, 'convert')
     if (allocateAll && item.kind !== 'data') {
       for (let p = item.c.offset; p < item.c.offset + item.c.length; p += chunkSize) {
         const n = Math.min(chunkSize, item.c.offset + item.c.length - p)
@@ -304,7 +304,7 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     while (queue.length >= inFlight) await drainOne()
   }
   while (queue.length > 0) {
-    options.signal?.throwIfAborted()
+    checkAborted(options.signal, 'convert')
     await drainOne()
   }
   while (writing.length > 0) await writing.shift()!

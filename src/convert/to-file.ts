@@ -10,7 +10,7 @@
  */
 import { lstat, rm, stat } from 'node:fs/promises'
 import { dirname, resolve } from 'node:path'
-import { AbortedError, ImgtoolError, UnsupportedFeatureError, UsageError } from '../errors.js'
+import { AbortedError, ImgtoolError, UnsupportedFeatureError, UsageError, checkAborted } from '../errors.js'
 import type { BlockDevice, DeviceOpener } from '../io/block-device.js'
 import { openFileDevice } from '../io/file-device.js'
 import type { DiskImage } from '../image/disk-image.js'
@@ -121,7 +121,7 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
   const options = { ...(o.options ?? {}) }
   if (o.compress && o.targetFormat !== 'qcow2') throw new UsageError('Compression not supported for this file format')
   if (o.backingFile !== undefined && o.targetFormat !== 'qcow2') throw new UsageError('-B needs a target format with backing files (qcow2)')
-  o.signal?.throwIfAborted()
+  checkAborted(o.signal, 'convert')
 
   // 1. the source, every file it reads recorded
   const sourceFiles: string[] = []
@@ -149,7 +149,7 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
       protect.push({ path, role: "the target's own backing file" })
     }
     await refuseSourceAsTarget(dstPath, protect)
-    o.signal?.throwIfAborted()
+    checkAborted(o.signal, 'convert')
     return await writeTarget(src, origin, dstPath, o, options)
   } finally {
     await origin?.close().catch(() => undefined)
@@ -233,7 +233,7 @@ async function createTarget(dev: BlockDevice, src: DiskImage, origin: DiskImage 
 
 /** The error to report: an abort becomes AbortedError; either way the message says what became of the target. */
 async function cleanUp(e: unknown, dstPath: string, created: boolean, existed: boolean, isBlock: boolean): Promise<unknown> {
-  const aborted = e instanceof Error && (e.name === 'AbortError' || e instanceof AbortedError || (e as { code?: string }).code === 'ABORT_ERR')
+  const aborted = e instanceof AbortedError || (e instanceof Error && e.name === 'AbortError')
   const fate = isBlock
     ? `the target '${dstPath}' is left partial`
     : created
@@ -241,7 +241,7 @@ async function cleanUp(e: unknown, dstPath: string, created: boolean, existed: b
         ? `the partial target '${dstPath}' was removed (it had been emptied)`
         : `the partial target '${dstPath}' was removed`
       : undefined
-  if (aborted) return new AbortedError(`convert: interrupted${fate ? `; ${fate}` : ''}`, { file: dstPath })
+  if (aborted) return new AbortedError(`${(e as Error).message}${fate ? `; ${fate}` : ''}`, { file: dstPath })
   if (fate && e instanceof ImgtoolError) {
     e.message = `${e.message} (${fate})`
   }
