@@ -79,6 +79,13 @@ export class ReadOnlyError extends ImgtoolError {
   }
 }
 
+/** The image's format has no check (qemu-img check's exit code 63: raw). */
+export class NoCheckError extends UnsupportedFeatureError {
+  constructor(message: string, details: ErrorDetails = {}) {
+    super(message, details)
+  }
+}
+
 /** The operation was stopped by its AbortSignal (the CLI: SIGINT or SIGTERM). */
 export class AbortedError extends ImgtoolError {
   constructor(message: string, details: ErrorDetails = {}) {

@@ -2,6 +2,7 @@
  * One image interface for every format. convert, compare and map use only
  * this, never a concrete format.
  */
+import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../check/types.js'
 
 /**
  * Allocation status of a guest range, with qemu-img map's meaning:
@@ -81,4 +82,7 @@ export interface DiskImage {
   writeZeroes?(offset: number, length: number, options?: { discard?: boolean }): Promise<void>
   flush(): Promise<void>
   close(): Promise<void>
+  /** Formats that can be checked (qemu-img check) implement these. */
+  check?(options?: CheckOptions): Promise<CheckReport>
+  repair?(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult>
 }
