@@ -5,8 +5,9 @@
  * 130 (SIGINT) or 143 (SIGTERM), as a shell reports a command killed by them.
  *
  * A command that does not watch the signal (a reader: nothing to clean up)
- * is ended at once; one that does gets a few seconds to stop before it is
- * ended anyway. A second signal ends the process at once.
+ * is ended at once, by the signal itself (its default action); one that
+ * does gets a few seconds to stop and exits 130/143, or is ended by the
+ * signal once they are up. A second signal ends the process at once.
  */
 export const EXIT_SIGINT = 130
 export const EXIT_SIGTERM = 143
@@ -39,12 +40,22 @@ export function installInterrupts(proc: NodeJS.Process = process): Interrupts {
     }
     hooks.clear()
   }
+  let received: NodeJS.Signals = 'SIGINT'
+  /**
+   * End now: the hooks, then the signal again with its default action. Not
+   * process.exit(): that waits for libuv's worker threads, and one blocked in
+   * the kernel (an open(2) of a FIFO, a dead NFS server) would keep the
+   * process alive through every SIGTERM. The shell sees 130/143 either way.
+   */
   const end = () => {
     runHooks()
-    proc.exit(code)
+    proc.off('SIGINT', handler)
+    proc.off('SIGTERM', handler)
+    proc.kill(proc.pid, received)
   }
   const handler = (sig: NodeJS.Signals) => {
     if (code !== undefined) return end() // the second signal: now
+    received = sig
     code = sig === 'SIGTERM' ? EXIT_SIGTERM : EXIT_SIGINT
     runHooks()
     controller.abort(new DOMException(`interrupted by ${sig}`, 'AbortError'))
