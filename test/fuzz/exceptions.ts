@@ -1,0 +1,36 @@
+/**
+ * The deliberate differences from qemu-img, each narrow: an invariant plus a
+ * condition on what both tools said. EXCEPTIONS.md gives the reasons; every
+ * entry here has a section there under the same id.
+ */
+import type { Mutation } from './mutate.js'
+import type { ProcResult } from './proc.js'
+import type { CmdResult } from './worker-client.js'
+
+export interface ExceptionContext {
+  seed: string
+  format: 'qcow2' | 'dmsnap'
+  mutations: readonly Mutation[]
+  itCheck?: CmdResult
+  qCheck?: ProcResult
+  itRepair?: CmdResult
+  qRepair?: ProcResult
+  qAfterIt?: ProcResult
+}
+
+export interface FuzzException {
+  id: string
+  invariant: string
+  match(ctx: ExceptionContext, detail: string): boolean
+}
+
+const qErr = (p: ProcResult | undefined): string => (p ? p.stderr : '')
+
+export const EXCEPTIONS: FuzzException[] = []
+
+export function matchException(invariant: string, ctx: ExceptionContext, detail: string): string | undefined {
+  for (const e of EXCEPTIONS) if (e.invariant === invariant && e.match(ctx, detail)) return e.id
+  return undefined
+}
+
+void qErr
