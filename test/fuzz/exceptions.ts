@@ -16,6 +16,8 @@ export interface ExceptionContext {
   itRepair?: CmdResult
   qRepair?: ProcResult
   qAfterIt?: ProcResult
+  /** repair-guest: every lost sector was mapped onto a cluster that is metadata in the unmutated seed */
+  lostOnSeedMetadata?: boolean
 }
 
 export interface FuzzException {

@@ -10,6 +10,7 @@ import { runProc, type ProcResult } from './proc.js'
 import { IMGTOOL_BIN, type BuiltSeed } from './seeds.js'
 import { ImgtoolWorker, type CmdResult } from './worker-client.js'
 import { matchException, type ExceptionContext } from './exceptions.js'
+import { qcow2Layout } from './layout.js'
 
 export const INVARIANTS = [
   'error-shape', // stderr: nothing, or one line "imgtool: …", no "internal error", no stack; documented exit code
@@ -128,6 +129,35 @@ function jsonOr<T>(s: string): T | undefined {
   }
 }
 
+interface MapEntry {
+  start: number
+  length: number
+  depth: number
+  offset?: number
+}
+
+/**
+ * Whether every lost guest sector was, in the mutant, mapped (by qemu-img map)
+ * onto a host cluster that holds metadata in the unmutated seed: guest bytes
+ * that were never guest data, only an entry bent to point at a table.
+ */
+async function lostOnSeedMetadata(cwd: string, main: string, seedBytes: Uint8Array, lostAt: number[]): Promise<boolean> {
+  const m = await runProc('qemu-img', ['map', '--output=json', '-f', 'qcow2', main], { timeoutMs: QEMU_TIMEOUT, cwd })
+  if (m.code !== 0) return false
+  const entries = jsonOr<MapEntry[]>(m.stdout.toString('utf8'))
+  if (!entries) return false
+  const seed = qcow2Layout(seedBytes)
+  const cs = seed.clusterSize
+  const meta = seed.regions.map((g) => ({ lo: Math.floor(g.offset / cs) * cs, hi: g.offset + g.length }))
+  for (const g of lostAt) {
+    const e = entries.find((x) => g >= x.start && g < x.start + x.length)
+    if (!e || e.depth !== 0 || e.offset === undefined) return false
+    const host = e.offset + (g - e.start)
+    if (!meta.some((r) => host >= r.lo && host < r.hi)) return false
+  }
+  return true
+}
+
 export class Harness {
   readonly worker: ImgtoolWorker
   constructor(
@@ -165,7 +195,8 @@ export class Harness {
       const name = argv[0]!
       if (res.timedOut) hangs.push(`${argv.join(' ')}: no answer after ${timeoutMs} ms`)
       else {
-        const v = shapeViolation(res, name === 'check' && !argv.includes('-r'))
+        // check and repair report verdicts through exit codes 2/3 with nothing on stderr
+        const v = shapeViolation(res, (name === 'check' && !argv.includes('-r')) || (name === 'repair' && !argv.includes('--undo')))
         if (v) shapes.push(`${argv.join(' ')}: ${v}`)
       }
       if (res.maxRssKiB > this.opts.rssLimitKiB) mem.push(`${argv.join(' ')}: peak RSS ${Math.round(res.maxRssKiB / 1024)} MiB`)
@@ -273,6 +304,7 @@ export class Harness {
             const qa = readFileSync(qaRaw)
             let lost = 0
             let first = -1
+            const lostAt: number[] = []
             const n = Math.min(orig.length, qb.length)
             for (let o = 0; o < n; o += 512) {
               const so = orig.subarray(o, o + 512)
@@ -280,8 +312,10 @@ export class Harness {
               if (!so.equals(qa.subarray(o, o + 512))) {
                 lost++
                 if (first < 0) first = o
+                lostAt.push(o)
               }
             }
+            if (lost > 0) ctx.exc.lostOnSeedMetadata = await lostOnSeedMetadata(r, rec.main, seedBytes, lostAt)
             record(ctx, 'repair-guest', lost === 0, `${lost} sectors (${lost * 512} bytes) that qemu-img's repair keeps changed by imgtool's repair, first at guest 0x${first.toString(16)}; guest size ${orig.length} -> ${qa.length}`)
           }
         }
@@ -307,7 +341,7 @@ export class Harness {
         const pr = await runProc(process.execPath, [IMGTOOL_BIN, ...args], { timeoutMs, cwd, measureRss: true, stdoutLimit: 1 << 20, env: { ...process.env, IMGTOOL_DEBUG: '' } })
         if (pr.timedOut) hangs.push(`node bin/imgtool ${args.join(' ')}: killed after ${timeoutMs} ms`)
         else {
-          const v = shapeViolation({ code: pr.code, stderr: pr.stderr, signal: pr.signal }, c === 'check')
+          const v = shapeViolation({ code: pr.code, stderr: pr.stderr, signal: pr.signal }, c === 'check' || c === 'repair')
           record(ctx, 'cli', v === undefined, `node bin/imgtool ${args.join(' ')}: ${v}`)
           if (pr.maxRssKiB !== undefined && pr.maxRssKiB > this.opts.rssLimitKiB) mem.push(`node bin/imgtool ${args.join(' ')}: peak RSS ${Math.round(pr.maxRssKiB / 1024)} MiB`)
         }

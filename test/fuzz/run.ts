@@ -1,18 +1,22 @@
 /**
  * The long fuzz run:
  *
- *   npm run fuzz -- --count 500 --seed 1 --jobs 2 [--seeds a,b] [--timeout 60000] [--cli-rate 0.2] [--out DIR]
+ *   npm run fuzz -- --count 500 --seed 1 --jobs 2 [--start K] [--seeds a,b] [--timeout MS] [--cli-rate 0.2] [--out DIR]
+ *   npm run fuzz -- --replay test/fuzz/regressions [--jobs 2]      (every committed regression case)
+ *   npm run fuzz -- --minimize FILE.jsonl                          (shrink each case's mutation list)
  *
  * Prints pass/fail/excepted counts per invariant, and writes every failing
  * case as a candidate regression case (JSON lines) under --out (default
  * $TMPDIR/imgtool-fuzz-out), with all results in results-seed<S>.jsonl.
  * Copy the candidates worth keeping into test/fuzz/regressions/.
  */
-import { appendFileSync, mkdirSync, rmSync } from 'node:fs'
+import { appendFileSync, mkdirSync, readFileSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { drawCase } from './cases.js'
-import { DEFAULT_OPTIONS, Harness, INVARIANTS, type CaseResult } from './harness.js'
+import { drawCase, loadRegressions, type RegressionCase } from './cases.js'
+import { DEFAULT_OPTIONS, type FuzzCase } from './harness.js'
+import { minimize, runPool } from './pool.js'
+import { summarize } from './summary.js'
 import { buildSeeds, SEEDS } from './seeds.js'
 
 interface Args {
@@ -24,6 +28,8 @@ interface Args {
   timeout: number
   cliRate: number
   out: string
+  replay?: string
+  minimize?: string
 }
 
 function parseArgs(argv: string[]): Args {
@@ -37,71 +43,72 @@ function parseArgs(argv: string[]): Args {
       i++
       return n
     }
+    const str = (): string => {
+      if (v === undefined) throw new Error(`fuzz: ${k} needs a value`)
+      i++
+      return v
+    }
     if (k === '--count') a.count = num()
     else if (k === '--seed') a.seed = num()
     else if (k === '--jobs') a.jobs = Math.max(1, num())
     else if (k === '--start') a.start = num()
     else if (k === '--timeout') a.timeout = num()
     else if (k === '--cli-rate') a.cliRate = num()
-    else if (k === '--seeds') {
-      a.seeds = (v ?? '').split(',').filter(Boolean)
-      i++
-    } else if (k === '--out') {
-      a.out = v ?? a.out
-      i++
-    } else throw new Error(`fuzz: unknown option ${k}`)
+    else if (k === '--seeds') a.seeds = str().split(',').filter(Boolean)
+    else if (k === '--out') a.out = str()
+    else if (k === '--replay') a.replay = str()
+    else if (k === '--minimize') a.minimize = str()
+    else throw new Error(`fuzz: unknown option ${k}`)
   }
   return a
 }
 
-export function summarize(results: CaseResult[]): string {
-  const lines = ['invariant          passed  failed  excepted']
-  for (const inv of INVARIANTS) {
-    const c = { pass: 0, fail: 0, excepted: 0 }
-    for (const r of results) for (const o of r.outcomes) if (o.invariant === inv) c[o.status]++
-    lines.push(`${inv.padEnd(18)} ${String(c.pass).padStart(6)}  ${String(c.fail).padStart(6)}  ${String(c.excepted).padStart(8)}`)
-  }
-  const failing = results.filter((r) => r.outcomes.some((o) => o.status === 'fail')).length
-  lines.push(`cases: ${results.length}, with a failure: ${failing}`)
-  return lines.join('\n')
+function readCases(path: string): RegressionCase[] {
+  if (statSync(path).isDirectory()) return loadRegressions(path)
+  return readFileSync(path, 'utf8')
+    .split('\n')
+    .filter((l) => l.trim())
+    .map((l) => JSON.parse(l) as RegressionCase)
 }
 
 async function mainRun(): Promise<void> {
   const args = parseArgs(process.argv.slice(2))
-  const names = args.seeds ?? SEEDS.map((s) => s.name)
-  const seeds = await buildSeeds(names)
-  mkdirSync(args.out, { recursive: true })
-  const candidates = join(args.out, `candidates-seed${args.seed}.jsonl`)
-  const resultsFile = join(args.out, `results-seed${args.seed}.jsonl`)
-  const work = join(tmpdir(), `imgtool-fuzz-work-${process.pid}`)
-  const results: CaseResult[] = []
-  let next = args.start
-  const end = args.start + args.count
-  const t0 = Date.now()
-  const job = async (j: number): Promise<void> => {
-    const h = new Harness({ ...DEFAULT_OPTIONS, timeoutMs: args.timeout }, join(work, `job${j}`))
-    try {
-      for (;;) {
-        const k = next++
-        if (k >= end) return
-        const fc = drawCase(args.seed, k, seeds, args.cliRate)
-        const res = await h.runCase(seeds.get(fc.seed)!, fc, k)
-        results.push(res)
-        appendFileSync(resultsFile, JSON.stringify({ k, ...res }) + '\n')
-        for (const o of res.outcomes.filter((x) => x.status === 'fail')) {
-          appendFileSync(candidates, JSON.stringify({ seed: fc.seed, mutations: fc.mutations, ...(fc.cliCommand ? { cliCommand: fc.cliCommand } : {}), invariant: o.invariant, detail: o.detail, found: `fuzz --seed ${args.seed} case ${k}` }) + '\n')
-        }
-        const fails = res.outcomes.filter((o) => o.status === 'fail').map((o) => o.invariant)
-        process.stdout.write(`[${results.length}/${args.count}] case ${k} ${fc.seed} ${res.ms} ms${fails.length ? ` FAIL ${fails.join(',')}` : ''}\n`)
-      }
-    } finally {
-      h.close()
+  const hopts = { timeoutMs: args.timeout }
+  if (args.minimize) {
+    for (const rc of readCases(args.minimize)) {
+      const m = await minimize(rc, rc.invariant, hopts)
+      console.log(JSON.stringify({ ...rc, mutations: m.mutations, cliCommand: m.cliCommand }))
     }
+    return
   }
-  await Promise.all(Array.from({ length: args.jobs }, (_, j) => job(j)))
-  rmSync(work, { recursive: true, force: true })
-  console.log(summarize(results))
+  mkdirSync(args.out, { recursive: true })
+  const tag = args.replay ? 'replay' : `seed${args.seed}`
+  const candidates = join(args.out, `candidates-${tag}.jsonl`)
+  const resultsFile = join(args.out, `results-${tag}.jsonl`)
+  let cases: Array<{ k: number; fc: FuzzCase; found: string }>
+  if (args.replay) {
+    cases = readCases(args.replay).map((rc, k) => ({ k, fc: { seed: rc.seed, mutations: rc.mutations, ...(rc.cliCommand ? { cliCommand: rc.cliCommand } : {}) }, found: rc.found }))
+  } else {
+    const seeds = await buildSeeds(args.seeds ?? SEEDS.map((s) => s.name))
+    cases = []
+    for (let k = args.start; k < args.start + args.count; k++) cases.push({ k, fc: drawCase(args.seed, k, seeds, args.cliRate), found: `fuzz --seed ${args.seed} case ${k}` })
+  }
+  const byK = new Map(cases.map((c) => [c.k, c]))
+  const t0 = Date.now()
+  let done = 0
+  const results = await runPool(cases, args.jobs, hopts, (k, res) => {
+    done++
+    const c = byK.get(k)!
+    appendFileSync(resultsFile, JSON.stringify({ k, ...res }) + '\n')
+    for (const o of res.outcomes.filter((x) => x.status === 'fail')) {
+      appendFileSync(candidates, JSON.stringify({ ...c.fc, invariant: o.invariant, detail: o.detail, found: c.found }) + '\n')
+    }
+    const fails = res.outcomes.filter((o) => o.status === 'fail').map((o) => o.invariant)
+    process.stdout.write(`[${done}/${cases.length}] case ${k} ${c.fc.seed} ${res.ms} ms${fails.length ? ` FAIL ${fails.join(',')}` : ''}\n`)
+  })
+  console.log(summarize(results.values()))
   console.log(`${((Date.now() - t0) / 1000).toFixed(0)} s; results ${resultsFile}; candidate regression cases ${candidates}`)
+  process.exitCode = [...results.values()].some((r) => r.outcomes.some((o) => o.status === 'fail')) ? 1 : 0
 }
 
 await mainRun()

@@ -43,7 +43,7 @@ const WORKER = join(REPO, 'test', 'fuzz', 'worker.mjs')
 export class ImgtoolWorker {
   private child: ChildProcess | undefined
   private seq = 0
-  private pending: { id: number; resolve: (r: Reply | { died: string }) => void } | undefined
+  private pending: { id: number; child: ChildProcess; resolve: (r: Reply | { died: string }) => void } | undefined
   restarts = 0
 
   constructor(private readonly rssLimitKiB: number) {
@@ -67,9 +67,12 @@ export class ImgtoolWorker {
       }
     })
     child.stderr!.on('data', () => undefined)
+    child.stdin!.on('error', () => undefined) // EPIPE to a worker that died: its exit settles the request
     child.on('exit', (code, signal) => {
       if (this.child === child) this.child = undefined
-      if (this.pending) {
+      // only the death of the process serving the request fails it (a worker
+      // retired after a command may exit while the next one already runs)
+      if (this.pending && this.pending.child === child) {
         const p = this.pending
         this.pending = undefined
         p.resolve({ died: signal ? `signal ${signal}` : `exit ${code}` })
@@ -91,7 +94,7 @@ export class ImgtoolWorker {
     const started = Date.now()
     let timer: NodeJS.Timeout | undefined
     const got = await new Promise<Reply | { died: string } | 'timeout'>((resolve) => {
-      this.pending = { id, resolve }
+      this.pending = { id, child, resolve }
       timer = setTimeout(() => resolve('timeout'), opts.timeoutMs)
       child.stdin!.write(JSON.stringify({ id, argv, cwd, stdoutFile: opts.stdoutFile }) + '\n')
     })
