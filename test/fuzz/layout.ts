@@ -28,20 +28,27 @@ export interface Layout {
 }
 
 function u64(b: Uint8Array, o: number): number {
-  if (o + 8 > b.length) return 0
+  if (!Number.isSafeInteger(o) || o < 0 || o + 8 > b.length) return 0
   const dv = new DataView(b.buffer, b.byteOffset, b.byteLength)
   return Number(dv.getBigUint64(o))
 }
 function u32(b: Uint8Array, o: number): number {
-  if (o + 4 > b.length) return 0
+  if (!Number.isSafeInteger(o) || o < 0 || o + 4 > b.length) return 0
   return new DataView(b.buffer, b.byteOffset, b.byteLength).getUint32(o)
 }
 function u16(b: Uint8Array, o: number): number {
-  if (o + 2 > b.length) return 0
+  if (!Number.isSafeInteger(o) || o < 0 || o + 2 > b.length) return 0
   return new DataView(b.buffer, b.byteOffset, b.byteLength).getUint16(o)
 }
 
-const L2_OFFSET_MASK = 0x00ff_ffff_ffff_fe00
+const pad8 = (n: number): number => Math.ceil(n / 8) * 8
+
+/** bits 9..55 of an entry (L1/L2/refcount-table offset field), by arithmetic: JS bit operators are 32-bit */
+function entryOffset(b: Uint8Array, o: number): number {
+  if (!Number.isSafeInteger(o) || o < 0 || o + 8 > b.length) return 0
+  const v = new DataView(b.buffer, b.byteOffset, b.byteLength).getBigUint64(o)
+  return Number(v & 0x00ff_ffff_ffff_fe00n)
+}
 
 export function qcow2Layout(b: Uint8Array): Layout {
   const fields: Field[] = []
@@ -76,7 +83,7 @@ export function qcow2Layout(b: Uint8Array): Layout {
     h('header_length', 100, 4, 'size')
     headerLength = u32(b, 100)
     refcountOrder = u32(b, 96)
-    extendedL2 = (u64(b, 72) & 16) !== 0
+    extendedL2 = (u32(b, 76) & 16) !== 0
     if (headerLength > 104) h('compression_type', 104, 1, 'count')
   }
   regions.push({ name: 'header', offset: 0, length: Math.min(cs, b.length) })
@@ -99,7 +106,7 @@ export function qcow2Layout(b: Uint8Array): Layout {
       // backing format / data file name: the name bytes
       if (len > 0) fields.push({ name: `ext[${i}].name0`, offset: eo + 8, width: 1, kind: 'misc' })
     }
-    eo += 8 + ((len + 7) & ~7)
+    eo += 8 + pad8(len)
   }
   const backingOff = u64(b, 8)
   const backingLen = u32(b, 16)
@@ -115,9 +122,8 @@ export function qcow2Layout(b: Uint8Array): Layout {
     if (off <= 0 || off % 8 || off >= b.length || n <= 0 || n > 1 << 16) return
     regions.push({ name: tag, offset: off, length: Math.min(n * 8, b.length - off) })
     for (let i = 0; i < n && off + 8 * i + 8 <= b.length; i++) {
-      const e = u64(b, off + 8 * i)
       fields.push({ name: entryName(tag, off, i), offset: off + 8 * i, width: 8, kind: 'entry' })
-      const l2 = e & L2_OFFSET_MASK
+      const l2 = entryOffset(b, off + 8 * i)
       if (l2 && l2 % cs === 0 && l2 + cs <= b.length && !l2Seen.has(l2)) {
         l2Seen.add(l2)
         regions.push({ name: 'l2', offset: l2, length: cs })
@@ -147,7 +153,7 @@ export function qcow2Layout(b: Uint8Array): Layout {
     if (extra >= 24) fields.push({ name: `${p}.icount`, offset: so + 56, width: 8, kind: 'misc' })
     regions.push({ name: p, offset: so, length: 40 + extra + u16(b, so + 12) + u16(b, so + 14) })
     addL1(`snapl1`, u64(b, so), u32(b, so + 8))
-    so += (40 + extra + u16(b, so + 12) + u16(b, so + 14) + 7) & ~7
+    so += pad8(40 + extra + u16(b, so + 12) + u16(b, so + 14))
   }
   // refcount table and blocks
   const rto = u64(b, 48)
@@ -159,8 +165,8 @@ export function qcow2Layout(b: Uint8Array): Layout {
       const e = u64(b, rto + 8 * i)
       if (e === 0 && i > 2) continue
       fields.push({ name: entryName('reftable', rto, i), offset: rto + 8 * i, width: 8, kind: 'entry' })
-      const rb = e & ~(cs - 1)
-      if (rb > 0 && rb + cs <= b.length) {
+      const rb = entryOffset(b, rto + 8 * i)
+      if (rb > 0 && rb % cs === 0 && rb + cs <= b.length) {
         regions.push({ name: 'refblock', offset: rb, length: cs })
         const bits = 2 ** (refcountOrder <= 6 ? refcountOrder : 4)
         if (bits >= 8) {
@@ -191,7 +197,7 @@ export function qcow2Layout(b: Uint8Array): Layout {
         regions.push({ name: `${p}.table`, offset: to, length: Math.min(ts * 8, b.length - to) })
         for (let j = 0; j < Math.min(ts, 8); j++) fields.push({ name: `${p}.table[${j}]`, offset: to + 8 * j, width: 8, kind: 'entry' })
       }
-      d += (24 + u16(b, d + 18) + u32(b, d + 20) + 7) & ~7
+      d += pad8(24 + u16(b, d + 18) + u32(b, d + 20))
     }
   }
   return { format: 'qcow2', fileSize: b.length, clusterSize: cs, fields, regions }
