@@ -26,13 +26,16 @@ export interface FuzzException {
   match(ctx: ExceptionContext, detail: string): boolean
 }
 
-const qErr = (p: ProcResult | undefined): string => (p ? p.stderr : '')
-
-export const EXCEPTIONS: FuzzException[] = []
+export const EXCEPTIONS: FuzzException[] = [
+  {
+    // EXCEPTIONS.md#x1
+    id: 'X1-guest-on-metadata',
+    invariant: 'repair-guest',
+    match: (ctx) => ctx.format === 'qcow2' && ctx.lostOnSeedMetadata === true,
+  },
+]
 
 export function matchException(invariant: string, ctx: ExceptionContext, detail: string): string | undefined {
   for (const e of EXCEPTIONS) if (e.invariant === invariant && e.match(ctx, detail)) return e.id
   return undefined
 }
-
-void qErr

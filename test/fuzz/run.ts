@@ -14,7 +14,8 @@ import { appendFileSync, mkdirSync, readFileSync, statSync } from 'node:fs'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { drawCase, loadRegressions, type RegressionCase } from './cases.js'
-import { DEFAULT_OPTIONS, type FuzzCase } from './harness.js'
+import { DEFAULT_OPTIONS, type CaseResult, type FuzzCase } from './harness.js'
+import { classify } from './classify.js'
 import { minimize, runPool } from './pool.js'
 import { summarize } from './summary.js'
 import { buildSeeds, SEEDS } from './seeds.js'
@@ -30,6 +31,7 @@ interface Args {
   out: string
   replay?: string
   minimize?: string
+  classify?: string
 }
 
 function parseArgs(argv: string[]): Args {
@@ -58,6 +60,7 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--out') a.out = str()
     else if (k === '--replay') a.replay = str()
     else if (k === '--minimize') a.minimize = str()
+    else if (k === '--classify') a.classify = str()
     else throw new Error(`fuzz: unknown option ${k}`)
   }
   return a
@@ -71,9 +74,48 @@ function readCases(path: string): RegressionCase[] {
     .map((l) => JSON.parse(l) as RegressionCase)
 }
 
+/** Failures of a results file by invariant and class, with the smallest case of each class. */
+function printClasses(path: string): void {
+  const rows = readFileSync(path, 'utf8')
+    .split('\n')
+    .filter((l) => l.trim())
+    .map((l) => JSON.parse(l) as CaseResult & { k: number })
+  const byInv = new Map<string, Map<string, { label: string; n: number; example?: { k: number; fc: FuzzCase; detail: string } }>>()
+  const mutants = new Map<string, Set<number>>()
+  for (const r of rows) {
+    for (const o of r.outcomes) {
+      if (o.status !== 'fail') continue
+      const c = classify(o.invariant, o.detail ?? '', r.case)
+      const m = byInv.get(o.invariant) ?? new Map()
+      byInv.set(o.invariant, m)
+      const e = m.get(c.id) ?? { label: c.label, n: 0 }
+      e.n++
+      const size = (fc: FuzzCase): number => fc.mutations.length * 1000 + JSON.stringify(fc.mutations).length
+      if (!e.example || size(r.case) < size(e.example.fc)) e.example = { k: r.k, fc: r.case, detail: o.detail ?? '' }
+      m.set(c.id, e)
+      const s = mutants.get(c.id) ?? new Set()
+      s.add(r.k)
+      mutants.set(c.id, s)
+    }
+  }
+  console.log(`${rows.length} cases; failing mutants: ${new Set(rows.filter((r) => r.outcomes.some((o) => o.status === 'fail')).map((r) => r.k)).size}`)
+  console.log('mutants per class: ' + [...mutants].map(([id, s]) => `${id} ${s.size}`).join(', '))
+  for (const [inv, m] of byInv) {
+    console.log(`\n## ${inv}`)
+    for (const [id, e] of [...m].sort((a, b) => b[1].n - a[1].n)) {
+      console.log(`- ${id} x${e.n}: ${e.label}`)
+      if (e.example) console.log(`  case ${e.example.k}: ${JSON.stringify({ seed: e.example.fc.seed, mutations: e.example.fc.mutations, ...(e.example.fc.cliCommand ? { cliCommand: e.example.fc.cliCommand } : {}) })}\n  -> ${e.example.detail.slice(0, 400)}`)
+    }
+  }
+}
+
 async function mainRun(): Promise<void> {
   const args = parseArgs(process.argv.slice(2))
   const hopts = { timeoutMs: args.timeout }
+  if (args.classify) {
+    printClasses(args.classify)
+    return
+  }
   if (args.minimize) {
     for (const rc of readCases(args.minimize)) {
       const m = await minimize(rc, rc.invariant, hopts)
