@@ -25,6 +25,7 @@ export const INVARIANTS = [
   'repair-verdict', // after imgtool repair, qemu-img check not corrupt where qemu's repair succeeds / imgtool said clean
   'repair-atomic', // a repair that fails (exit 1) leaves the image as it was
   'repair-selfcheck', // imgtool repair exit 0 => imgtool check exit 0 afterwards
+  'dry-run', // repair --dry-run (read-only) does not fail where the repair itself does not
   'undo', // repair --undo JOURNAL restores the exact bytes
   'cli', // a sample through the real CLI (node bin/imgtool): same shape rules, RSS via /usr/bin/time
 ] as const
@@ -195,7 +196,7 @@ export class Harness {
       const name = argv[0]!
       if (res.timedOut) hangs.push(`${argv.join(' ')}: no answer after ${timeoutMs} ms`)
       else {
-        // check and repair report verdicts through exit codes 2/3 with nothing on stderr
+        // check and repair (and its dry run) report verdicts through exit codes 2/3 with nothing on stderr
         const v = shapeViolation(res, (name === 'check' && !argv.includes('-r')) || (name === 'repair' && !argv.includes('--undo')))
         if (v) shapes.push(`${argv.join(' ')}: ${v}`)
       }
@@ -228,6 +229,7 @@ export class Harness {
       itCat = await it(['cat', ...fmt, rec.main], r, itRaw)
       if (isQ) qConv = await qemu(['convert', '-f', 'qcow2', '-O', 'raw', rec.main, qRaw], r)
     }
+    const itDry = await it(['repair', '--dry-run', ...fmt, rec.main], r)
     const after = hashDir(r)
     const changed = diffHashes(before, after)
     record(ctx, 'readonly', changed.length === 0, `read-only commands changed files: ${changed.join(', ')}`)
@@ -270,6 +272,7 @@ export class Harness {
     const changedByRepair = md5(repaired) !== mutantMd5
     if (!itRepair.timedOut) {
       record(ctx, 'repair-atomic', !(itRepair.code === 1 && changedByRepair), `imgtool repair failed (exit 1: ${itRepair.stderr.trim().slice(0, 200)}) after changing the image`)
+      if (!itDry.timedOut) record(ctx, 'dry-run', !(itDry.code === 1 && itRepair.code !== 1), `repair --dry-run exit 1 (${itDry.stderr.trim().slice(0, 200)}), repair exit ${itRepair.code}`)
       if (itRepair.code === 0) {
         const self = await it(['check', '--output', 'json', ...fmt, rec.main], i)
         if (!self.timedOut) record(ctx, 'repair-selfcheck', self.code === 0, `imgtool repair exit 0, then imgtool check exit ${self.code}`)
