@@ -110,11 +110,16 @@ function interesting(p: Prng, f: Field, v: bigint, layout: Layout): bigint {
   return p.chance(0.25) ? pick(p, common) : pick(p, xs)
 }
 
+const GEOMETRY = /^header\.(size|cluster_bits|l1_size|l1_table_offset|refcount_table_offset|refcount_table_clusters|nb_snapshots|snapshots_offset|refcount_order|header_length|chunk_size|magic)$|^bitmapext\.|^snap\[\d+\]\.l1_|^bitmap\[\d+\]\.table_/
+
 function fieldMutation(p: Prng, b: Uint8Array, layout: Layout): Mutation {
   // half the time a header-ish field, else any structure entry
   const header = layout.fields.filter((f) => f.name.startsWith('header.') || f.name.startsWith('ext') || f.name.startsWith('bitmapext') || f.name.startsWith('backing'))
   const rest = layout.fields.filter((f) => !header.includes(f))
-  const pool = p.chance(0.45) || rest.length === 0 ? header : rest
+  // table geometry (where a table is and how big it says it is) is where one bent field does the most
+  const geometry = layout.fields.filter((f) => GEOMETRY.test(f.name))
+  const r = p.next()
+  const pool = r < 0.2 && geometry.length ? geometry : r < 0.55 || rest.length === 0 ? header : rest
   const f = pick(p, pool)
   const v = readField(b, f)
   const nv = interesting(p, f, v, layout)
