@@ -9,10 +9,15 @@ import type { FuzzCase, Invariant } from './harness.js'
 
 /** Case k of run seed S: its own PRNG stream, so a case does not depend on the others or on --jobs. */
 export function caseRng(runSeed: number, k: number): Prng {
-  let h = (runSeed ^ 0x9e3779b9) >>> 0
-  h = Math.imul(h ^ (k + 0x7f4a7c15), 0x85ebca6b) >>> 0
-  h = Math.imul(h ^ (h >>> 13), 0xc2b2ae35) >>> 0
-  return new Prng((h ^ (h >>> 16)) >>> 0)
+  // two full murmur3 finalizer rounds: the run seed first, then the case index,
+  // so (S, k) and (S', k') never share a stream by an XOR coincidence
+  const fmix = (h: number): number => {
+    h = Math.imul(h ^ (h >>> 16), 0x85ebca6b) >>> 0
+    h = Math.imul(h ^ (h >>> 13), 0xc2b2ae35) >>> 0
+    return (h ^ (h >>> 16)) >>> 0
+  }
+  const s = fmix((runSeed >>> 0) ^ 0x9e3779b9)
+  return new Prng(fmix((s + Math.imul(k + 1, 0x7f4a7c15)) >>> 0))
 }
 
 export function drawSeedName(p: Prng, names: readonly string[] = SEEDS.map((s) => s.name)): string {
