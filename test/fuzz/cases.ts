@@ -49,7 +49,9 @@ export interface RegressionCase extends FuzzCase {
   invariant: Invariant
   /** what the harness said then */
   detail: string
-  /** the known defect it is an instance of (D1..D22), or NEW-n */
+  /** other invariants the same mutant failed */
+  also?: Invariant[]
+  /** the known defect(s) it is an instance of (D1..D22, comma-separated), or NEW-n (FINDINGS.md) */
   class?: string
   /** where it came from, e.g. "fuzz --seed 7 case 123" */
   found: string
