@@ -34,7 +34,8 @@ export async function runPool(
   try {
     await Promise.all(Array.from({ length: Math.max(1, jobs) }, (_, j) => job(j)))
   } finally {
-    rmSync(work, { recursive: true, force: true })
+    if (opts.keep) console.log(`case directories kept under ${work}`)
+    else rmSync(work, { recursive: true, force: true })
   }
   return out
 }

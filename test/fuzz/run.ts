@@ -4,6 +4,8 @@
  *   npm run fuzz -- --count 500 --seed 1 --jobs 2 [--start K] [--seeds a,b] [--timeout MS] [--cli-rate 0.2] [--out DIR]
  *   npm run fuzz -- --replay test/fuzz/regressions [--jobs 2]      (every committed regression case)
  *   npm run fuzz -- --minimize FILE.jsonl                          (shrink each case's mutation list)
+ *   npm run fuzz -- --classify results-seedS.jsonl                 (failures by invariant and known-defect class)
+ *   --keep leaves each case's directory (mutant, copies, journal) for a look by hand
  *
  * Prints pass/fail/excepted counts per invariant, and writes every failing
  * case as a candidate regression case (JSON lines) under --out (default
@@ -32,10 +34,11 @@ interface Args {
   replay?: string
   minimize?: string
   classify?: string
+  keep: boolean
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { count: 100, seed: 1, jobs: 1, start: 0, timeout: DEFAULT_OPTIONS.timeoutMs, cliRate: 0.2, out: join(tmpdir(), 'imgtool-fuzz-out') }
+  const a: Args = { count: 100, seed: 1, jobs: 1, start: 0, timeout: DEFAULT_OPTIONS.timeoutMs, cliRate: 0.2, out: join(tmpdir(), 'imgtool-fuzz-out'), keep: false }
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i]!
     const v = argv[i + 1]
@@ -61,6 +64,7 @@ function parseArgs(argv: string[]): Args {
     else if (k === '--replay') a.replay = str()
     else if (k === '--minimize') a.minimize = str()
     else if (k === '--classify') a.classify = str()
+    else if (k === '--keep') a.keep = true
     else throw new Error(`fuzz: unknown option ${k}`)
   }
   return a
@@ -111,7 +115,7 @@ function printClasses(path: string): void {
 
 async function mainRun(): Promise<void> {
   const args = parseArgs(process.argv.slice(2))
-  const hopts = { timeoutMs: args.timeout }
+  const hopts = { timeoutMs: args.timeout, keep: args.keep }
   if (args.classify) {
     printClasses(args.classify)
     return
