@@ -26,6 +26,7 @@ export const CLASS_RULES: ClassRule[] = [
   { id: 'D4', label: 'repair fails after writing (EFBIG, l1 at the header, …)', test: (i, d) => (i === 'error-shape' || i === 'repair-atomic') && /EFBIG/.test(d) },
   { id: 'NEW-3', label: 'other error-shape failures', test: (i) => i === 'error-shape' || i === 'cli' },
   { id: 'NEW-9', label: 'after imgtool repair qemu-img cannot read the image it reads after its own repair (new refcount structure written over a table declared past EOF)', test: (i, d) => i === 'repair-guest' && /not after imgtool's/.test(d) },
+  { id: 'NEW-11', label: 'v2 image over a backing file: repair clears a data entry that points past EOF, so the backing file shows through where qemu-img reads zeros', test: (i, _d, fc) => i === 'repair-guest' && fc.seed === 'v2-chain-raw' },
   { id: 'D2', label: 'repair zeroes guest data: refcount table declared over data (refcount_table_clusters/offset bent)', test: (i, _d, fc) => i === 'repair-guest' && /refcount_table_(clusters|offset)|reftable/.test(muts(fc)) },
   { id: 'D3', label: 'repair zeroes guest data: L1 declared over data (l1_size/l1_table_offset bent)', test: (i, _d, fc) => i === 'repair-guest' && /header\.l1_(size|table_offset)/.test(muts(fc)) },
   { id: 'D14/D2', label: 'repair zeroes guest data: an L1 entry aimed at a table (the L1 itself), repair "clears L2 entries" of it (D14 pattern 2)', test: (i, _d, fc) => i === 'repair-guest' && fc.mutations.some((m) => /^l1\[/.test(m.why)) },
