@@ -65,8 +65,7 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
     io.stderr.write(`imgtool: Could not open '${a.path}': ${oneLine(e)}\n`)
     return 1
   }
-  let journal: import('../../io/block-device.js').BlockDevice | undefined
-  let journalPath: string | undefined
+  let created: import('../journal-file.js').CreatedJournal | undefined
   try {
     const c = image as typeof image & Partial<import('../../check/types.js').Checkable>
     if (typeof c.check !== 'function' || (a.repair && typeof c.repair !== 'function')) {
@@ -76,15 +75,14 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
     let report: import('../../check/types.js').CheckReport
     if (a.repair) {
       if (writes && a.journal !== false) {
-        const { openFileDevice } = await import('../../io/file-device.js')
-        journalPath = a.journal ?? (await freeJournalPath(a.path))
-        journal = await openFileDevice(journalPath, { readOnly: false, create: true })
+        const { createJournal } = await import('../journal-file.js')
+        created = await createJournal(a.path, a.journal)
       }
       const opts: import('../../check/types.js').CheckOptions & { repair: 'leaks' | 'all' } = { repair: a.repair, dryRun: a.dryRun }
       if (a.forceValid) opts.flags = { forceValid: true }
-      if (journal && journalPath) {
-        opts.journal = journal
-        opts.journalPath = journalPath
+      if (created) {
+        opts.journal = created.device
+        opts.journalPath = created.path
       }
       const result = await c.repair!(opts)
       if (a.dryRun) {
@@ -96,7 +94,10 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
       const fixed = result.before.leaksFixed + result.before.corruptionsFixed
       if (fixed > 0 && a.output === 'human') out(repairBanner(result.before.leaksFixed, result.before.corruptionsFixed))
       report = { ...result.after, leaksFixed: result.before.leaksFixed, corruptionsFixed: result.before.corruptionsFixed }
-      if (journal && result.journalPath) io.stderr.write(`imgtool: undo journal written to ${result.journalPath} (restore with: imgtool repair --undo ${result.journalPath} ${a.path})\n`)
+      if (created && result.journalPath) {
+        const where = created.fallbackReason ? ` (${created.fallbackReason})` : ''
+        io.stderr.write(`imgtool: undo journal written to ${result.journalPath}${where} (restore with: imgtool repair --undo ${result.journalPath} ${a.path})\n`)
+      }
     } else {
       report = await c.check({})
     }
@@ -115,9 +116,10 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
     throw e
   } finally {
     await image.close()
-    if (journal) {
-      await journal.close()
-      if (journalPath) await dropEmptyJournal(journalPath)
+    if (created) {
+      await created.device.close()
+      const { dropJournalIfEmpty } = await import('../journal-file.js')
+      await dropJournalIfEmpty(created)
     }
   }
 }
@@ -151,28 +153,6 @@ export async function runUndo(io: CliIo, journalPath: string, imagePath: string,
     }
   } finally {
     await journal.close()
-  }
-}
-
-async function freeJournalPath(image: string): Promise<string> {
-  const { access } = await import('node:fs/promises')
-  for (let n = 0; ; n++) {
-    const p = `${image}.imgtool-undo${n === 0 ? '' : '.' + n}`
-    try {
-      await access(p)
-    } catch {
-      return p
-    }
-  }
-}
-
-/** a journal that recorded nothing (nothing was repaired) is removed */
-async function dropEmptyJournal(path: string): Promise<void> {
-  const { stat, unlink } = await import('node:fs/promises')
-  try {
-    if ((await stat(path)).size === 0) await unlink(path)
-  } catch {
-    /* already gone */
   }
 }
 

@@ -325,7 +325,7 @@ export class DmsnapImage implements DiskImage, Checkable {
     if (this.cow.readOnly) throw new ReadOnlyError(`dmsnap: ${this.filename}: open read-write to repair`)
     const { repairStore } = await import('./repair.js')
     // the CLI passes the journal already open; a library caller may give only its path
-    const own = !options.journal && options.journalPath && !options.dryRun && this.openDevice ? await this.openDevice(options.journalPath, { readOnly: false, create: true }) : undefined
+    const own = !options.journal && options.journalPath && !options.dryRun && this.openDevice ? await this.openDevice(options.journalPath, { readOnly: false, create: true, exclusive: true }) : undefined
     try {
       return await repairStore(this.cow, { ...options, originSize: this.origin?.virtualSize, origin: this.origin, journal: options.journal ?? own })
     } finally {
