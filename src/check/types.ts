@@ -1,4 +1,5 @@
 import type { BlockDevice } from '../io/block-device.js'
+import type { JournalIdentity } from './undo.js'
 
 /**
  * Findings are data: what is wrong with an image. Leak or corruption is the
@@ -105,6 +106,8 @@ export interface CheckOptions {
   journalPath?: string
   /** with repair: the undo journal device, already open (the CLI opens journalPath) */
   journal?: BlockDevice
+  /** with repair: the image's identity, recorded in the journal's seal so undo can refuse another image */
+  journalIdentity?: JournalIdentity
   /** format-specific switches, e.g. dmsnap's forceValid */
   flags?: Record<string, boolean>
   onProgress?: (done: number, total: number) => void

@@ -2,7 +2,7 @@
 import { chmodSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { PassThrough } from 'node:stream'
-import { execFileSync } from 'node:child_process'
+import { execFileSync, spawn } from 'node:child_process'
 import { main } from '../../src/cli/main.js'
 import { Qcow2Bytes } from '../support/damage.js'
 import { fixture, fixtureBytes } from '../check/fixtures.js'
@@ -54,4 +54,22 @@ export function makeReadOnlyDir(dir: string): (() => void) | undefined {
     execFileSync('chattr', ['-i', dir], { stdio: 'ignore' })
     chmodSync(dir, 0o755)
   }
+}
+
+/** node bin/imgtool ARGS (the build in dist/), killed after `timeoutMs` */
+export function imgtoolChild(args: string[], timeoutMs = 120_000): Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }> {
+  return new Promise((resolvePromise, reject) => {
+    const bin = join(import.meta.dirname, '..', '..', 'bin', 'imgtool')
+    const child = spawn(process.execPath, [bin, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, IMGTOOL_DEBUG: '' } })
+    const out: Buffer[] = []
+    const err: Buffer[] = []
+    child.stdout.on('data', (c: Buffer) => out.push(c))
+    child.stderr.on('data', (c: Buffer) => err.push(c))
+    const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs)
+    child.on('error', reject)
+    child.on('close', (code, signal) => {
+      clearTimeout(timer)
+      resolvePromise({ code, signal, stdout: Buffer.concat(out).toString('utf8'), stderr: Buffer.concat(err).toString('utf8') })
+    })
+  })
 }

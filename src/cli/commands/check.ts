@@ -83,6 +83,7 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
       if (created) {
         opts.journal = created.device
         opts.journalPath = created.path
+        opts.journalIdentity = await imageIdentity(a.path)
       }
       const result = await c.repair!(opts)
       if (a.dryRun) {
@@ -124,26 +125,29 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
   }
 }
 
-/** repair --undo JOURNAL IMAGE: put back the bytes a repair overwrote. */
-export async function runUndo(io: CliIo, journalPath: string, imagePath: string, output: OutputMode): Promise<number> {
+/** repair --undo JOURNAL IMAGE: put back the bytes a repair overwrote, after checking IMAGE is what that repair left. */
+export async function runUndo(io: CliIo, journalPath: string, imagePath: string, output: OutputMode, force = false): Promise<number> {
   const { openFileDevice } = await import('../../io/file-device.js')
   const { printJson } = await import('../common.js')
   const journal = await openFileDevice(journalPath, { readOnly: true })
   try {
+    const head = await journal.read(0, 16, 'journal')
+    const magic = new TextDecoder().decode(head)
+    if (!magic.startsWith('IMGTOOL-QC2UNDO') && !magic.startsWith('IMGTOOL-DMSUNDO')) {
+      io.stderr.write(`imgtool: ${journalPath} is not an imgtool undo journal\n`)
+      return 1
+    }
+    const current = await imageIdentity(imagePath)
+    const options: import('../../check/undo.js').UndoOptions = { force, checkIdentity: (sealed) => identityMismatch(sealed, current) }
     const image = await openFileDevice(imagePath, { readOnly: false })
     try {
-      const head = await journal.read(0, 16, 'journal')
-      const magic = new TextDecoder().decode(head)
       let restored: number
       if (magic.startsWith('IMGTOOL-QC2UNDO')) {
         const { applyQcow2Undo } = await import('../../formats/qcow2/journal.js')
-        restored = (await applyQcow2Undo(journal, image)).regions
-      } else if (magic.startsWith('IMGTOOL-DMSUNDO')) {
-        const { applyUndoJournal } = await import('../../formats/dmsnap/journal.js')
-        restored = await applyUndoJournal(journal, image)
+        restored = (await applyQcow2Undo(journal, image, options)).regions
       } else {
-        io.stderr.write(`imgtool: ${journalPath} is not an imgtool undo journal\n`)
-        return 1
+        const { applyUndoJournal } = await import('../../formats/dmsnap/journal.js')
+        restored = await applyUndoJournal(journal, image, options)
       }
       if (output === 'json') printJson(io.stdout, { filename: imagePath, journal: journalPath, 'regions-restored': restored })
       else io.stdout.write(`Restored ${restored} regions of ${imagePath} from ${journalPath}.\n`)
@@ -154,6 +158,27 @@ export async function runUndo(io: CliIo, journalPath: string, imagePath: string,
   } finally {
     await journal.close()
   }
+}
+
+/** what a journal's seal records of the image: the path as given, the absolute path, st_dev and st_ino */
+async function imageIdentity(path: string): Promise<import('../../check/undo.js').JournalIdentity> {
+  const { stat } = await import('node:fs/promises')
+  const { resolve } = await import('node:path')
+  const id: import('../../check/undo.js').JournalIdentity = { path, absolutePath: resolve(path) }
+  try {
+    const st = await stat(path, { bigint: true })
+    id.dev = String(st.dev)
+    id.ino = String(st.ino)
+  } catch {
+    /* the open reports it */
+  }
+  return id
+}
+
+function identityMismatch(sealed: import('../../check/undo.js').JournalIdentity, current: import('../../check/undo.js').JournalIdentity): string | undefined {
+  if (sealed.dev === undefined || sealed.ino === undefined) return undefined // written by a library caller that gave no identity
+  if (sealed.dev === current.dev && sealed.ino === current.ino) return undefined
+  return `the journal belongs to ${sealed.absolutePath ?? sealed.path} (device ${sealed.dev}, inode ${sealed.ino}), not to ${current.path} (device ${current.dev ?? '?'}, inode ${current.ino ?? '?'})`
 }
 
 function oneLine(e: unknown): string {

@@ -69,6 +69,7 @@ export async function repairStore(dev: BlockDevice, options: RepairStoreOptions)
     a = await analyzeStore(dev, aOpts)
     if (!p.replan) break
   }
+  if (journal) await journal.seal(dev, SECTOR_BYTES, options.journalIdentity) // the repair has finished: tie the journal to what it left
   const after = options.dryRun ? before : a.report
   before.leaksFixed = Math.max(0, before.leaks - after.leaks)
   before.corruptionsFixed = Math.max(0, before.corruptions - after.corruptions)
