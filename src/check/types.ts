@@ -23,11 +23,11 @@ export interface Finding {
   l2Index?: number
   guestRanges?: GuestRange[]
   /** dm-snapshot: every chunk the finding names (COW chunk indices) */
-  chunks?: number[]
+  chunks?: Array<number | bigint>
   /** dm-snapshot: the record's origin chunk (old_chunk) */
-  oldChunk?: number
+  oldChunk?: number | bigint
   /** dm-snapshot: the record's COW chunk (new_chunk) */
-  newChunk?: number
+  newChunk?: number | bigint
   /** dm-snapshot: metadata area and slot of the record */
   area?: number
   slot?: number
@@ -55,7 +55,7 @@ export interface CheckReport {
   allocatedClusters: number
   fragmentedClusters: number
   compressedClusters: number
-  imageEndOffset: number
+  imageEndOffset: number | bigint
   findings: Finding[]
   /** informational observations (e.g. dm-snapshot: store full) */
   notices?: Notice[]
