@@ -175,3 +175,28 @@ describe('dm-snapshot undo journals are sealed too (D7)', () => {
     expect(Buffer.from(dev.snapshot()).equals(Buffer.from(damagedCow))).toBe(true)
   })
 })
+
+describe('a repair that stops part way says where its journal is', () => {
+  useTempDirs()
+
+  it('one line: the error, then the undo command (the journal has no seal: --force)', async () => {
+    const dir = makeTempDir()
+    // D11's trigger: a refcount table entry of all ones and 20 snapshots at offset 0; the repair rewrites the
+    // snapshot table, then fails in the re-analysis
+    const img = damaged(dir, 'v3-c4k', (i) => {
+      i.poke(i.reftableOffset, new Array(8).fill(0xff))
+      i.poke(60, [0, 0, 0, 20])
+    })
+    const before = readFileSync(img)
+    const r = await cli('repair', img)
+    if (r.code === 0 || readFileSync(img).equals(before)) {
+      console.warn('[journal tests] this repair no longer stops after writing (D11 fixed?): nothing to check here')
+      return
+    }
+    const j = img + '.imgtool-undo'
+    expect(r.code).toBe(1)
+    expect(r.err).toMatch(new RegExp(`^imgtool: [^\\n]+ \\(the repair stopped part way; to put ${img} back: imgtool repair --undo ${j} --force ${img}\\)\\n$`))
+    expect((await cli('repair', '--undo', j, '--force', img)).code).toBe(0)
+    expect(readFileSync(img).equals(before)).toBe(true)
+  })
+})

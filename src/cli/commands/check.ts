@@ -109,6 +109,13 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
     if (report.checkErrors > 0) io.stderr.write('imgtool: Check failed\n')
     return code
   } catch (e) {
+    if (created && created.device.size > 0) {
+      // the repair stopped after it had changed the image: say where the bytes it changed are, in the one line
+      const { isImgtoolError } = await import('../../errors.js')
+      const why = isImgtoolError(e) ? oneLine(e) : `internal error: ${oneLine(e)}`
+      io.stderr.write(`imgtool: ${why} (the repair stopped part way; to put ${a.path} back: imgtool repair --undo ${created.path} --force ${a.path})\n`)
+      return 1
+    }
     const f = e as { strerror?: string; diagnostics?: string[] }
     if (typeof f.strerror === 'string') {
       io.stderr.write(`imgtool: ${oneLine(e)}\nimgtool: Check failed: ${f.strerror}\n`)
