@@ -1,4 +1,5 @@
 import type { BlockDevice } from '../io/block-device.js'
+import type { JournalIdentity } from './undo.js'
 
 /**
  * Findings are data: what is wrong with an image. Leak or corruption is the
@@ -22,11 +23,11 @@ export interface Finding {
   l2Index?: number
   guestRanges?: GuestRange[]
   /** dm-snapshot: every chunk the finding names (COW chunk indices) */
-  chunks?: number[]
+  chunks?: Array<number | bigint>
   /** dm-snapshot: the record's origin chunk (old_chunk) */
-  oldChunk?: number
+  oldChunk?: number | bigint
   /** dm-snapshot: the record's COW chunk (new_chunk) */
-  newChunk?: number
+  newChunk?: number | bigint
   /** dm-snapshot: metadata area and slot of the record */
   area?: number
   slot?: number
@@ -54,7 +55,7 @@ export interface CheckReport {
   allocatedClusters: number
   fragmentedClusters: number
   compressedClusters: number
-  imageEndOffset: number
+  imageEndOffset: number | bigint
   findings: Finding[]
   /** informational observations (e.g. dm-snapshot: store full) */
   notices?: Notice[]
@@ -105,6 +106,8 @@ export interface CheckOptions {
   journalPath?: string
   /** with repair: the undo journal device, already open (the CLI opens journalPath) */
   journal?: BlockDevice
+  /** with repair: the image's identity, recorded in the journal's seal so undo can refuse another image */
+  journalIdentity?: JournalIdentity
   /** format-specific switches, e.g. dmsnap's forceValid */
   flags?: Record<string, boolean>
   onProgress?: (done: number, total: number) => void

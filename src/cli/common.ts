@@ -84,5 +84,23 @@ export function nonNegativeInt(text: unknown, what: string): number | undefined 
 
 /** JSON as qemu-img prints it: 4-space indentation, newline at the end. */
 export function printJson(stdout: NodeJS.WritableStream, value: unknown): void {
-  stdout.write(JSON.stringify(value, null, 4) + '\n')
+  stdout.write(jsonText(value) + '\n')
+}
+
+/** JSON.stringify with 4 spaces, a bigint printed as the exact integer it is (u64 values above 2^53) */
+export function jsonText(value: unknown): string {
+  let big = false
+  const mark = `\u0000big${Math.random().toString(36).slice(2)}:`
+  const text = JSON.stringify(
+    value,
+    (_k, v: unknown) => {
+      if (typeof v !== 'bigint') return v
+      big = true
+      return mark + v.toString()
+    },
+    4,
+  )
+  if (!big) return text
+  const escaped = JSON.stringify(mark).slice(1, -1).replace(/[.*+?^${}()|[\]\\]/g, '\\$&')
+  return text.replace(new RegExp(`"${escaped}(-?\\d+)"`, 'g'), '$1')
 }

@@ -70,6 +70,11 @@ export interface OpenDeviceOptions {
   readOnly: boolean
   /** create (or truncate) the file */
   create?: boolean
+  /**
+   * with create: create a new file only, never open or truncate an existing one
+   * (EEXIST, a symlink too, dangling or not); the new file is owner-only (0600)
+   */
+  exclusive?: boolean
 }
 
 export type DeviceOpener = (path: string, options: OpenDeviceOptions) => Promise<BlockDevice>

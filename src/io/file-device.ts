@@ -19,14 +19,17 @@ export class FileDevice implements BlockDevice {
   ) {}
 
   static async open(path: string, options: OpenDeviceOptions): Promise<FileDevice> {
+    const exclusive = !options.readOnly && options.create && options.exclusive
     const flags = options.readOnly
       ? fsConstants.O_RDONLY
-      : options.create
-        ? fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_TRUNC
-        : fsConstants.O_RDWR
+      : exclusive
+        ? fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW
+        : options.create
+          ? fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_TRUNC
+          : fsConstants.O_RDWR
     let fh: FileHandle
     try {
-      fh = await open(path, flags, 0o644)
+      fh = await open(path, flags, exclusive ? 0o600 : 0o644)
     } catch (e) {
       throw fsError(e, path, 'open')
     }

@@ -65,8 +65,7 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
     io.stderr.write(`imgtool: Could not open '${a.path}': ${oneLine(e)}\n`)
     return 1
   }
-  let journal: import('../../io/block-device.js').BlockDevice | undefined
-  let journalPath: string | undefined
+  let created: import('../journal-file.js').CreatedJournal | undefined
   try {
     const c = image as typeof image & Partial<import('../../check/types.js').Checkable>
     if (typeof c.check !== 'function' || (a.repair && typeof c.repair !== 'function')) {
@@ -76,15 +75,15 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
     let report: import('../../check/types.js').CheckReport
     if (a.repair) {
       if (writes && a.journal !== false) {
-        const { openFileDevice } = await import('../../io/file-device.js')
-        journalPath = a.journal ?? (await freeJournalPath(a.path))
-        journal = await openFileDevice(journalPath, { readOnly: false, create: true })
+        const { createJournal } = await import('../journal-file.js')
+        created = await createJournal(a.path, a.journal)
       }
       const opts: import('../../check/types.js').CheckOptions & { repair: 'leaks' | 'all' } = { repair: a.repair, dryRun: a.dryRun }
       if (a.forceValid) opts.flags = { forceValid: true }
-      if (journal && journalPath) {
-        opts.journal = journal
-        opts.journalPath = journalPath
+      if (created) {
+        opts.journal = created.device
+        opts.journalPath = created.path
+        opts.journalIdentity = await imageIdentity(a.path)
       }
       const result = await c.repair!(opts)
       if (a.dryRun) {
@@ -96,7 +95,10 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
       const fixed = result.before.leaksFixed + result.before.corruptionsFixed
       if (fixed > 0 && a.output === 'human') out(repairBanner(result.before.leaksFixed, result.before.corruptionsFixed))
       report = { ...result.after, leaksFixed: result.before.leaksFixed, corruptionsFixed: result.before.corruptionsFixed }
-      if (journal && result.journalPath) io.stderr.write(`imgtool: undo journal written to ${result.journalPath} (restore with: imgtool repair --undo ${result.journalPath} ${a.path})\n`)
+      if (created && result.journalPath) {
+        const where = created.fallbackReason ? ` (${created.fallbackReason})` : ''
+        io.stderr.write(`imgtool: undo journal written to ${result.journalPath}${where} (restore with: imgtool repair --undo ${result.journalPath} ${a.path})\n`)
+      }
     } else {
       report = await c.check({})
     }
@@ -107,6 +109,13 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
     if (report.checkErrors > 0) io.stderr.write('imgtool: Check failed\n')
     return code
   } catch (e) {
+    if (created && created.device.size > 0) {
+      // the repair stopped after it had changed the image: say where the bytes it changed are, in the one line
+      const { isImgtoolError } = await import('../../errors.js')
+      const why = isImgtoolError(e) ? oneLine(e) : `internal error: ${oneLine(e)}`
+      io.stderr.write(`imgtool: ${why} (the repair stopped part way; to put ${a.path} back: imgtool repair --undo ${created.path} --force ${a.path})\n`)
+      return 1
+    }
     const f = e as { strerror?: string; diagnostics?: string[] }
     if (typeof f.strerror === 'string') {
       io.stderr.write(`imgtool: ${oneLine(e)}\nimgtool: Check failed: ${f.strerror}\n`)
@@ -115,33 +124,37 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
     throw e
   } finally {
     await image.close()
-    if (journal) {
-      await journal.close()
-      if (journalPath) await dropEmptyJournal(journalPath)
+    if (created) {
+      await created.device.close()
+      const { dropJournalIfEmpty } = await import('../journal-file.js')
+      await dropJournalIfEmpty(created)
     }
   }
 }
 
-/** repair --undo JOURNAL IMAGE: put back the bytes a repair overwrote. */
-export async function runUndo(io: CliIo, journalPath: string, imagePath: string, output: OutputMode): Promise<number> {
+/** repair --undo JOURNAL IMAGE: put back the bytes a repair overwrote, after checking IMAGE is what that repair left. */
+export async function runUndo(io: CliIo, journalPath: string, imagePath: string, output: OutputMode, force = false): Promise<number> {
   const { openFileDevice } = await import('../../io/file-device.js')
   const { printJson } = await import('../common.js')
   const journal = await openFileDevice(journalPath, { readOnly: true })
   try {
+    const head = await journal.read(0, 16, 'journal')
+    const magic = new TextDecoder().decode(head)
+    if (!magic.startsWith('IMGTOOL-QC2UNDO') && !magic.startsWith('IMGTOOL-DMSUNDO')) {
+      io.stderr.write(`imgtool: ${journalPath} is not an imgtool undo journal\n`)
+      return 1
+    }
+    const current = await imageIdentity(imagePath)
+    const options: import('../../check/undo.js').UndoOptions = { force, checkIdentity: (sealed) => identityMismatch(sealed, current) }
     const image = await openFileDevice(imagePath, { readOnly: false })
     try {
-      const head = await journal.read(0, 16, 'journal')
-      const magic = new TextDecoder().decode(head)
       let restored: number
       if (magic.startsWith('IMGTOOL-QC2UNDO')) {
         const { applyQcow2Undo } = await import('../../formats/qcow2/journal.js')
-        restored = (await applyQcow2Undo(journal, image)).regions
-      } else if (magic.startsWith('IMGTOOL-DMSUNDO')) {
-        const { applyUndoJournal } = await import('../../formats/dmsnap/journal.js')
-        restored = await applyUndoJournal(journal, image)
+        restored = (await applyQcow2Undo(journal, image, options)).regions
       } else {
-        io.stderr.write(`imgtool: ${journalPath} is not an imgtool undo journal\n`)
-        return 1
+        const { applyUndoJournal } = await import('../../formats/dmsnap/journal.js')
+        restored = await applyUndoJournal(journal, image, options)
       }
       if (output === 'json') printJson(io.stdout, { filename: imagePath, journal: journalPath, 'regions-restored': restored })
       else io.stdout.write(`Restored ${restored} regions of ${imagePath} from ${journalPath}.\n`)
@@ -154,26 +167,25 @@ export async function runUndo(io: CliIo, journalPath: string, imagePath: string,
   }
 }
 
-async function freeJournalPath(image: string): Promise<string> {
-  const { access } = await import('node:fs/promises')
-  for (let n = 0; ; n++) {
-    const p = `${image}.imgtool-undo${n === 0 ? '' : '.' + n}`
-    try {
-      await access(p)
-    } catch {
-      return p
-    }
+/** what a journal's seal records of the image: the path as given, the absolute path, st_dev and st_ino */
+async function imageIdentity(path: string): Promise<import('../../check/undo.js').JournalIdentity> {
+  const { stat } = await import('node:fs/promises')
+  const { resolve } = await import('node:path')
+  const id: import('../../check/undo.js').JournalIdentity = { path, absolutePath: resolve(path) }
+  try {
+    const st = await stat(path, { bigint: true })
+    id.dev = String(st.dev)
+    id.ino = String(st.ino)
+  } catch {
+    /* the open reports it */
   }
+  return id
 }
 
-/** a journal that recorded nothing (nothing was repaired) is removed */
-async function dropEmptyJournal(path: string): Promise<void> {
-  const { stat, unlink } = await import('node:fs/promises')
-  try {
-    if ((await stat(path)).size === 0) await unlink(path)
-  } catch {
-    /* already gone */
-  }
+function identityMismatch(sealed: import('../../check/undo.js').JournalIdentity, current: import('../../check/undo.js').JournalIdentity): string | undefined {
+  if (sealed.dev === undefined || sealed.ino === undefined) return undefined // written by a library caller that gave no identity
+  if (sealed.dev === current.dev && sealed.ino === current.ino) return undefined
+  return `the journal belongs to ${sealed.absolutePath ?? sealed.path} (device ${sealed.dev}, inode ${sealed.ino}), not to ${current.path} (device ${current.dev ?? '?'}, inode ${current.ino ?? '?'})`
 }
 
 function oneLine(e: unknown): string {

@@ -10,7 +10,8 @@ const repair: CommandModule = {
       .option('--dry-run', 'print the repair plan, write nothing')
       .option('--journal <path>', 'where to write the undo journal (default IMAGE.imgtool-undo[.N])')
       .option('--no-journal', 'repair without an undo journal')
-      .option('--undo <journal>', 'restore the image bytes saved in an undo journal')
+      .option('--undo <journal>', 'restore the image bytes saved in an undo journal (refused unless IMAGE is what that repair left)')
+      .option('--force', 'with --undo: apply a journal that cannot be checked (no seal, format 1) or onto another file (a copy) holding what the repair left')
       .option('--force-valid', 're-validate an invalidated dm-snapshot store when every record checks out')
       .option('-q, --quiet', 'print nothing on stdout')
       .argument('[image...]')
@@ -18,7 +19,7 @@ const repair: CommandModule = {
   async run(args, opts, io) {
     const { runCheck, runUndo } = await import('./check.js')
     const path = oneImageArg(args)
-    if (typeof opts['undo'] === 'string') return runUndo(io, opts['undo'], path, parseOutput(opts))
+    if (typeof opts['undo'] === 'string') return runUndo(io, opts['undo'], path, parseOutput(opts), Boolean(opts['force']))
     const mode = opts['mode']
     if (mode !== 'leaks' && mode !== 'all') {
       io.stderr.write(`imgtool: --mode expects 'leaks' or 'all', not '${String(mode)}'\n`)

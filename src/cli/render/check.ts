@@ -8,8 +8,8 @@ import type { CheckReport, Finding, RepairAction } from '../../check/types.js'
 
 export function checkJson(r: CheckReport, filename: string): Record<string, unknown> {
   const o: Record<string, unknown> = {}
-  const opt = (k: string, v: number) => {
-    if (v !== 0) o[k] = v
+  const opt = (k: string, v: number | bigint) => {
+    if (v !== 0 && v !== 0n) o[k] = v
   }
   opt('image-end-offset', r.imageEndOffset)
   opt('compressed-clusters', r.compressedClusters)
@@ -72,7 +72,7 @@ export function checkHuman(r: CheckReport): string {
       `${r.allocatedClusters}/${r.totalClusters} = ${pct(r.allocatedClusters, r.totalClusters)}% allocated, ` +
       `${pct(r.fragmentedClusters, r.allocatedClusters)}% fragmented, ${pct(r.compressedClusters, r.allocatedClusters)}% compressed clusters\n`
   }
-  if (r.imageEndOffset !== 0) s += `Image end offset: ${r.imageEndOffset}\n`
+  if (r.imageEndOffset !== 0 && r.imageEndOffset !== 0n) s += `Image end offset: ${r.imageEndOffset}\n`
   return s
 }
 

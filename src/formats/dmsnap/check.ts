@@ -8,7 +8,7 @@ import type { DiskImage } from '../../image/disk-image.js'
 import { emptyReport, type CheckReport, type Finding, type Notice } from '../../check/types.js'
 import { hex } from '../../errors.js'
 import { isAllZero } from '../../util/bytes.js'
-import { CHUNK_NUMBER_LIMIT, RECORD_BYTES, SNAPSHOT_DISK_VERSION, StoreLayout } from './constants.js'
+import { CHUNK_NUMBER_LIMIT, RECORD_BYTES, SNAPSHOT_DISK_VERSION, StoreLayout, exact, isValidChunkSectors } from './constants.js'
 import { decodeRecord, loadTable, type ExceptionRecord, type LoadedTable } from './exceptions.js'
 import { HEADER_BYTES, decodeHeader, headerProblem, type HeaderProblem, type StoreHeader } from './header.js'
 import { SECTOR_BYTES } from './constants.js'
@@ -65,6 +65,7 @@ export async function analyzeStore(dev: BlockDevice, options: AnalyzeOptions = {
     return a
   }
   const corrupt = (f: Omit<Finding, 'severity'>): void => void findings.push({ severity: 'corruption', ...f })
+  const cannotStart = (f: Omit<Finding, 'severity'>): void => void findings.push({ severity: 'check-error', ...f })
 
   a.header = decodeHeader(await dev.read(0, SECTOR_BYTES, 'cow-header'))
   const h = a.header
@@ -78,9 +79,11 @@ export async function analyzeStore(dev: BlockDevice, options: AnalyzeOptions = {
       'bad-chunk-size': `chunk size ${h.chunkSectors} sectors is not a power of two in 1..2^21; the kernel refuses the store (EINVAL)`,
       'bad-version': `version ${h.version} (expected ${SNAPSHOT_DISK_VERSION}); the kernel refuses the store (EINVAL)`,
     }
-    corrupt({ kind: hp.kind === 'too-small' ? 'cow-too-small' : hp.kind, structure: 'cow-header', hostOffset: 0, cluster: 0, message: msg[hp.kind]! })
-    // With a trusted chunk size, go on parsing: repair may rewrite a bad magic or version when the areas are clean.
-    if (hp.kind !== 'bad-magic' && hp.kind !== 'bad-version') return done()
+    // a header the kernel refuses: the check cannot start (exit 1, as qemu-img for a bad qcow2 header)
+    cannotStart({ kind: hp.kind === 'too-small' ? 'cow-too-small' : hp.kind, structure: 'cow-header', hostOffset: 0, cluster: 0, message: msg[hp.kind]! })
+    // With a valid chunk size, go on parsing: repair may rewrite a bad magic or version when the areas are clean.
+    // A chunk size that is not one (0 in every qcow2 file) is never used (D9: it made the area loop endless).
+    if ((hp.kind !== 'bad-magic' && hp.kind !== 'bad-version') || !isValidChunkSectors(h.chunkSectors)) return done()
   }
   const layout = new StoreLayout(h.chunkSectors, dev.size)
   a.layout = layout
@@ -96,12 +99,12 @@ export async function analyzeStore(dev: BlockDevice, options: AnalyzeOptions = {
     if (h.valid === 0) {
       corrupt({ kind: 'invalidated', structure: 'cow-header', hostOffset: 4, cluster: 0, message: 'store is invalidated (valid=0): the kernel reads no exceptions and fails all snapshot I/O; its content is undefined' })
     } else if (h.valid !== 1) {
-      notices.push({ kind: 'valid-nonstandard', structure: 'cow-header', cluster: 0, message: `valid is ${h.valid}; the kernel treats any non-zero value as valid (repair -r all writes 1)` })
+      notices.push({ kind: 'valid-nonstandard', structure: 'cow-header', cluster: 0, message: `valid is ${h.valid}; the kernel treats any non-zero value as valid (harmless; repair leaves it unless it rewrites the header for another reason)` })
     }
   }
   const head = await dev.read(0, layout.chunkBytes, 'cow-header')
   if (!isAllZero(head.subarray(HEADER_BYTES))) {
-    notices.push({ kind: 'header-tail-garbage', structure: 'cow-header', cluster: 0, message: 'chunk 0 has non-zero bytes after the 16-byte header (ignored by the kernel; repair -r all zeroes them)' })
+    notices.push({ kind: 'header-tail-garbage', structure: 'cow-header', cluster: 0, message: 'chunk 0 has non-zero bytes after the 16-byte header (ignored by the kernel; repair leaves them unless it rewrites the header for another reason)' })
   }
 
   const t = await loadTable(dev, layout)
@@ -147,7 +150,7 @@ export async function analyzeStore(dev: BlockDevice, options: AnalyzeOptions = {
   for (let c = 2; c < limit; c++) {
     if (layout.isMetadata(c) || used.has(c)) continue
     a.leakedChunks.push(c)
-    findings.push({ kind: 'leaked-chunk', severity: 'leak', structure: 'cow-data', cluster: c, chunks: [c], hostOffset: layout.offset(c), message: `chunk ${c} is below the next free chunk ${t.nextFree} but no record uses it; the kernel never reuses it` })
+    findings.push({ kind: 'leaked-chunk', severity: 'leak', structure: 'cow-data', cluster: c, chunks: [c], hostOffset: layout.offset(c), message: `chunk ${c} is below the next free chunk ${t.nextFreeRaw} but no record uses it; the kernel never reuses it` })
   }
 
   // notices: order, fullness
@@ -159,11 +162,12 @@ export async function analyzeStore(dev: BlockDevice, options: AnalyzeOptions = {
   const full = (t.nextFree + 1) * layout.chunkBytes > layout.cowBytes
   const lastSlotNeedsArea = t.currentCommitted === layout.perArea - 1 && !layout.fits(layout.areaLocation(t.currentArea + 1))
   if (full || lastSlotNeedsArea) {
-    notices.push({ kind: 'store-full', structure: 'cow-data', cluster: t.nextFree, message: `store is full: next free chunk ${t.nextFree} of ${layout.cowChunks}; the next copy-out overflows (PO) or invalidates the store (P)` })
+    const nf = exact(t.nextFreeRaw)
+    notices.push({ kind: 'store-full', structure: 'cow-data', ...(typeof nf === 'number' ? { cluster: nf } : {}), message: `store is full: next free chunk ${t.nextFreeRaw} of ${layout.cowChunks}; the next copy-out overflows (PO) or invalidates the store (P)` })
   }
   report.allocatedClusters = Math.min(t.nextFree, layout.cowChunks)
   report.fragmentedClusters = fragmented
-  report.imageEndOffset = t.nextFree * layout.chunkBytes
+  report.imageEndOffset = exact(t.nextFreeRaw * BigInt(layout.chunkBytes))
   options.onProgress?.(1, 1)
   return done()
 }
@@ -191,30 +195,35 @@ function classifyRecords(a: StoreAnalysis, layout: StoreLayout, records: Excepti
 function recordFinding(fault: RecordFault, r: ExceptionRecord, layout: StoreLayout, records: ExceptionRecord[], originSize: number | undefined): Finding {
   const where = `record ${r.index} (area ${r.area} slot ${r.slot}) ${r.rawOld}→${r.rawNew}`
   const loc = layout.areaLocation(r.area)
-  const base = { structure: 'cow-area', oldChunk: r.old, newChunk: r.new, area: r.area, slot: r.slot, hostOffset: layout.offset(loc) + r.slot * RECORD_BYTES }
+  const base = { structure: 'cow-area', oldChunk: exact(r.rawOld), newChunk: exact(r.rawNew), area: r.area, slot: r.slot, hostOffset: layout.offset(loc) + r.slot * RECORD_BYTES }
+  /** a chunk number as `cluster`, only when it is one exactly (JSON and messages print the exact value) */
+  const at = (chunk: bigint): { cluster?: number; chunks: Array<number | bigint> } => {
+    const x = exact(chunk)
+    return typeof x === 'number' ? { cluster: x, chunks: [x] } : { chunks: [x] }
+  }
   const first = (pred: (x: ExceptionRecord) => boolean): ExceptionRecord | undefined => records.find((x) => x.index < r.index && pred(x))
   switch (fault) {
     case 'new-chunk-header':
       return { ...base, kind: fault, severity: 'corruption', cluster: 0, chunks: [0], message: `${where}: new_chunk ${hex(r.rawNew)} has high bits set and its chunk number is 0, the header; the kernel maps it to the header chunk` }
     case 'new-chunk-high-bits':
-      return { ...base, kind: fault, severity: 'corruption', cluster: Number(r.rawNew % CHUNK_NUMBER_LIMIT), chunks: [Number(r.rawNew % CHUNK_NUMBER_LIMIT)], message: `${where}: new_chunk ${hex(r.rawNew)} is ≥ 2^56; the kernel reads the top byte as a run length and maps neighbouring chunks wrongly` }
+      return { ...base, kind: fault, severity: 'corruption', ...at(r.rawNew % CHUNK_NUMBER_LIMIT), message: `${where}: new_chunk ${hex(r.rawNew)} is ≥ 2^56; the kernel reads the top byte as a run length and maps neighbouring chunks wrongly` }
     case 'new-chunk-in-metadata':
-      return { ...base, kind: fault, severity: 'corruption', cluster: r.new, chunks: [r.new], message: `${where}: new_chunk ${r.new} is metadata area ${(r.new - 1) / layout.stride}; the view would return metadata as data and a snapshot write would overwrite the table` }
+      return { ...base, kind: fault, severity: 'corruption', ...at(r.rawNew), message: `${where}: new_chunk ${r.rawNew} is metadata area ${(r.new - 1) / layout.stride}; the view would return metadata as data and a snapshot write would overwrite the table` }
     case 'new-chunk-beyond-end':
-      return { ...base, kind: fault, severity: 'corruption', cluster: r.new, chunks: [r.new], message: `${where}: new_chunk ${r.new} is beyond the end of the COW (${layout.cowChunks} chunks); reads of origin chunk ${r.old} fail with EIO` }
+      return { ...base, kind: fault, severity: 'corruption', ...at(r.rawNew), message: `${where}: new_chunk ${r.rawNew} is beyond the end of the COW (${layout.cowChunks} chunks); reads of origin chunk ${r.rawOld} fail with EIO` }
     case 'old-chunk-beyond-origin':
-      return { ...base, kind: fault, severity: 'corruption', cluster: r.new, chunks: [r.new], message: `${where}: old_chunk ${r.old} is beyond the origin (${Math.ceil((originSize ?? 0) / layout.chunkBytes)} chunks); unreachable, and a merge would write past the origin's end` }
+      return { ...base, kind: fault, severity: 'corruption', ...at(r.rawNew), message: `${where}: old_chunk ${r.rawOld} is beyond the origin (${Math.ceil((originSize ?? 0) / layout.chunkBytes)} chunks); unreachable, and a merge would write past the origin's end` }
     case 'duplicate-record': {
       const f = first((x) => x.rawOld === r.rawOld && x.rawNew === r.rawNew)
-      return { ...base, kind: fault, severity: 'leak', cluster: r.new, chunks: [r.new], message: `${where} repeats record ${f?.index} exactly; harmless (same data either way), the slot is wasted` }
+      return { ...base, kind: fault, severity: 'leak', ...at(r.rawNew), message: `${where} repeats record ${f?.index} exactly; harmless (same data either way), the slot is wasted` }
     }
     case 'duplicate-old-chunk': {
       const f = first((x) => x.rawOld === r.rawOld)
-      return { ...base, kind: fault, severity: 'corruption', cluster: r.new, chunks: [f?.new ?? -1, r.new], message: `${where}: origin chunk ${r.old} is also mapped by record ${f?.index} (→${f?.new}), which the kernel's lookup uses; this record's chunk ${r.new} is shadowed` }
+      return { ...base, kind: fault, severity: 'corruption', ...at(r.rawNew), chunks: [f ? exact(f.rawNew) : -1, exact(r.rawNew)], message: `${where}: origin chunk ${r.rawOld} is also mapped by record ${f?.index} (→${f?.rawNew}), which the kernel's lookup uses; this record's chunk ${r.rawNew} is shadowed` }
     }
     case 'duplicate-new-chunk': {
       const f = first((x) => x.rawNew === r.rawNew)
-      return { ...base, kind: fault, severity: 'corruption', cluster: r.new, chunks: [r.new], message: `${where}: COW chunk ${r.new} is shared with record ${f?.index} (origin chunk ${f?.old}); a write to one changes the other` }
+      return { ...base, kind: fault, severity: 'corruption', ...at(r.rawNew), message: `${where}: COW chunk ${r.rawNew} is shared with record ${f?.index} (origin chunk ${f?.rawOld}); a write to one changes the other` }
     }
   }
 }

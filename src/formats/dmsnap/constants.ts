@@ -23,6 +23,11 @@ export function isValidChunkSectors(n: number): boolean {
   return Number.isInteger(n) && n >= 1 && n <= MAX_CHUNK_SECTORS && (n & (n - 1)) === 0
 }
 
+/** A u64 as a number when it is one exactly, else as a bigint (messages and JSON print it exactly either way). */
+export function exact(v: bigint): number | bigint {
+  return v <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(v) : v
+}
+
 /** Chunk arithmetic for one chunk size and COW size. All values are chunk indices unless named bytes. */
 export class StoreLayout {
   readonly chunkBytes: number
@@ -37,6 +42,8 @@ export class StoreLayout {
     readonly chunkSectors: number,
     readonly cowBytes: number,
   ) {
+    // every loop over areas and chunks is bounded by cowChunks: a chunk size of 0 made it Infinity (D9)
+    if (!isValidChunkSectors(chunkSectors)) throw new RangeError(`dmsnap: chunk size ${chunkSectors} sectors is not a power of two in 1..2^21`)
     this.chunkBytes = chunkSectors * SECTOR_BYTES
     this.perArea = this.chunkBytes / RECORD_BYTES
     this.stride = this.perArea + 1

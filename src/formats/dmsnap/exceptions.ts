@@ -23,6 +23,8 @@ export interface LoadedTable {
   records: ExceptionRecord[]
   /** max(new_chunk)+1 (at least 2), nudged past a metadata chunk */
   nextFree: number
+  /** the same, exactly (new_chunk is a u64: nextFree is rounded above 2^53) */
+  nextFreeRaw: bigint
   /** the area holding the terminator */
   currentArea: number
   /** records in the current area (= slot of the terminator) */
@@ -55,21 +57,26 @@ export function areaReadable(layout: StoreLayout, area: number): boolean {
 export async function loadTable(dev: BlockDevice, layout: StoreLayout): Promise<LoadedTable> {
   const records: ExceptionRecord[] = []
   let nextFree = 2
-  for (let area = 0; ; area++) {
+  let nextFreeRaw = 2n
+  // every area read lies inside the COW, so the loop ends by the area past its last chunk
+  for (let area = 0; area <= layout.cowChunks; area++) {
     if (!areaReadable(layout, area)) {
-      return { records, nextFree, currentArea: area, currentCommitted: 0, lastArea: new Uint8Array(layout.chunkBytes), truncatedArea: area }
+      return { records, nextFree, nextFreeRaw, currentArea: area, currentCommitted: 0, lastArea: new Uint8Array(layout.chunkBytes), truncatedArea: area }
     }
     const buf = await readArea(dev, layout, area)
     for (let slot = 0; slot < layout.perArea; slot++) {
       const { rawOld, rawNew } = decodeRecord(buf, slot)
       if (rawNew === 0n) {
-        return { records, nextFree: layout.skipMetadata(nextFree), currentArea: area, currentCommitted: slot, lastArea: buf }
+        const skipped = layout.skipMetadata(nextFree)
+        return { records, nextFree: skipped, nextFreeRaw: nextFreeRaw + BigInt(skipped - nextFree), currentArea: area, currentCommitted: slot, lastArea: buf }
       }
       const neu = Number(rawNew)
       if (neu + 1 > nextFree) nextFree = neu + 1
+      if (rawNew + 1n > nextFreeRaw) nextFreeRaw = rawNew + 1n
       records.push({ index: records.length, area, slot, old: Number(rawOld), new: neu, rawOld, rawNew })
     }
   }
+  throw new RangeError(`dmsnap: ${dev.name}: more areas than the COW has chunks`) // unreachable: areaReadable fails first
 }
 
 /** Status numbers as `dmsetup status` prints them for this store. */

@@ -316,21 +316,32 @@ export class DmsnapImage implements DiskImage, Checkable {
     return info
   }
 
+  /** The check; a header the kernel refuses means it cannot start: one-line error (exit 1), as qemu-img for a bad qcow2 header. */
   async check(options: CheckOptions = {}): Promise<CheckReport> {
+    this.refuseUnreadableHeader()
     const { checkStore } = await import('./check.js')
     return checkStore(this.cow, { originSize: this.origin?.virtualSize, origin: this.origin, onProgress: options.onProgress })
   }
 
   async repair(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult> {
-    if (this.cow.readOnly) throw new ReadOnlyError(`dmsnap: ${this.filename}: open read-write to repair`)
+    if (this.cow.readOnly && !options.dryRun) throw new ReadOnlyError(`dmsnap: ${this.filename}: open read-write to repair`)
     const { repairStore } = await import('./repair.js')
     // the CLI passes the journal already open; a library caller may give only its path
-    const own = !options.journal && options.journalPath && !options.dryRun && this.openDevice ? await this.openDevice(options.journalPath, { readOnly: false, create: true }) : undefined
+    const own = !options.journal && options.journalPath && !options.dryRun && this.openDevice ? await this.openDevice(options.journalPath, { readOnly: false, create: true, exclusive: true }) : undefined
+    let result: RepairResult
     try {
-      return await repairStore(this.cow, { ...options, originSize: this.origin?.virtualSize, origin: this.origin, journal: options.journal ?? own })
+      result = await repairStore(this.cow, { ...options, originSize: this.origin?.virtualSize, origin: this.origin, journal: options.journal ?? own })
     } finally {
       await own?.close()
     }
+    // a header repair could not rewrite (the areas do not parse cleanly, or no chunk size to trust): as check
+    if (result.actions.length === 0) this.refuseUnreadableHeader()
+    return result
+  }
+
+  private refuseUnreadableHeader(): void {
+    const problem = headerProblem(this.header, this.cow.size)
+    if (problem) throw headerError(this.cow.name, this.header, problem.kind)
   }
 
   /** Bytes of origin chunk `c` that exist (a partial last chunk is shorter). */
@@ -392,15 +403,15 @@ function chunksOf(offset: number, length: number, cb: number): number[] {
 function headerError(name: string, h: StoreHeader, kind: string): Error {
   switch (kind) {
     case 'too-small':
-      return new WrongFormatError(`dmsnap: ${name}: file is too small for a COW header`, { file: name })
+      return new WrongFormatError(`dmsnap: ${name}: file is too small for a COW header (16 bytes at offset 0x0)`, { file: name })
     case 'uninitialised':
-      return new WrongFormatError(`dmsnap: ${name}: magic is 0: an uninitialised store (the kernel would format it as a new, empty store)`, { file: name, structure: 'cow-header' })
+      return new WrongFormatError(`dmsnap: ${name}: magic is 0 at offset 0x0: an uninitialised store (the kernel would format it as a new, empty store)`, { file: name, structure: 'cow-header' })
     case 'bad-magic':
-      return new CorruptImageError(`dmsnap: ${name}: bad magic ${hex(h.magic)} (expected 0x70416e53 "SnAp"); the kernel refuses it (ENXIO)`, { file: name, structure: 'cow-header', offset: 0 })
+      return new CorruptImageError(`dmsnap: ${name}: bad magic ${hex(h.magic)} at offset 0x0 (expected 0x70416e53 "SnAp"); the kernel refuses it (ENXIO)`, { file: name, structure: 'cow-header', offset: 0 })
     case 'bad-chunk-size':
-      return new CorruptImageError(`dmsnap: ${name}: invalid chunk size ${h.chunkSectors} sectors (must be a power of two, at most 2^21); the kernel refuses it (EINVAL)`, { file: name, structure: 'cow-header', offset: 12 })
+      return new CorruptImageError(`dmsnap: ${name}: invalid chunk size ${h.chunkSectors} sectors at offset 0xc (must be a power of two, at most 2^21); the kernel refuses it (EINVAL)`, { file: name, structure: 'cow-header', offset: 12 })
     default:
-      return new CorruptImageError(`dmsnap: ${name}: unsupported version ${h.version} (expected 1); the kernel refuses it (EINVAL)`, { file: name, structure: 'cow-header', offset: 8 })
+      return new CorruptImageError(`dmsnap: ${name}: unsupported version ${h.version} at offset 0x8 (expected 1); the kernel refuses it (EINVAL)`, { file: name, structure: 'cow-header', offset: 8 })
   }
 }
 

@@ -69,6 +69,7 @@ export async function repairStore(dev: BlockDevice, options: RepairStoreOptions)
     a = await analyzeStore(dev, aOpts)
     if (!p.replan) break
   }
+  if (journal) await journal.seal(dev, SECTOR_BYTES, options.journalIdentity) // the repair has finished: tie the journal to what it left
   const after = options.dryRun ? before : a.report
   before.leaksFixed = Math.max(0, before.leaks - after.leaks)
   before.corruptionsFixed = Math.max(0, before.corruptions - after.corruptions)
@@ -88,6 +89,8 @@ function plan(a: StoreAnalysis, options: RepairStoreOptions): Planned {
     out.actions.push(x)
   }
   if (!layout || !t) return out
+  // repair writes only where check finds something: notices alone (valid ≠ 1, bytes after the header) change nothing
+  if (a.findings.length === 0) return out
   const recordsClean = a.recordFaults.size === 0 && a.garbageSlots.length === 0 && t.truncatedArea === undefined
   const h = { ...a.header }
   let headerChanged = false
@@ -104,14 +107,13 @@ function plan(a: StoreAnalysis, options: RepairStoreOptions): Planned {
     h.valid = 1
     headerChanged = true
     act('force-valid', 'cow-header', 're-validate the invalidated store (valid=1): every record checks out (forced)', 4)
-  } else if (all && h.valid !== 1) {
+  } else if (all && h.valid !== 1 && headerChanged) {
+    // the header is rewritten for a finding anyway: with the kernel's valid value
     h.valid = 1
-    headerChanged = true
     act('normalise-valid', 'cow-header', `valid ${a.header.valid} → 1`, 4)
   }
-  if (all && a.notices.some((n) => n.kind === 'header-tail-garbage')) {
-    headerChanged = true
-    act('zero-header-tail', 'cow-header', 'zero chunk 0 after the 16 header bytes', 16)
+  if (headerChanged && a.notices.some((n) => n.kind === 'header-tail-garbage')) {
+    act('zero-header-tail', 'cow-header', 'zero chunk 0 after the 16 header bytes (the header rewrite writes the whole chunk)', 16)
   }
   if (headerChanged) {
     out.steps.push({ type: 'header', header: h })

@@ -5,19 +5,45 @@
  * journal is written leaves an incomplete journal (refused by undo) and an
  * untouched image; a crash after it leaves a journal that restores the image
  * whatever the repair had done (regions put back, file cut to its old size).
+ * When the repair has finished, a seal (src/check/undo.ts) records the image's
+ * identity and the state the repair left, so undo can refuse another image or
+ * one that changed since.
  *
  * Layout (little endian), one segment per repair phase:
- *   "IMGTOOL-QC2UNDO1"   16 bytes
+ *   "IMGTOOL-QC2UNDO2"   16 bytes ("IMGTOOL-QC2UNDO1": format 1, no seal)
  *   u64 original file size, u32 region count, u32 0
  *   per region: u64 offset, u32 length, u32 0, then `length` bytes
  *   u32 checksum (CRC-32 of everything before it), "IMGTOOL-QC2DONE!"
+ * then the seal.
+ *
+ * Undo streams the journal: it never holds more than a bounded window of it, and
+ * every count and length read from it is bounded by the journal's size.
  */
-import { CorruptImageError } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
-import { putU32le, putU64le, toSafeNumber, u32le, u64le } from '../../util/bytes.js'
+import { hex } from '../../errors.js'
+import { putU32le, putU64le, u32le, u64le } from '../../util/bytes.js'
+import {
+  JournalReader,
+  checkUndo,
+  crc32,
+  encodeSeal,
+  equalBytes,
+  isSealAt,
+  parseSeal,
+  visitNewestFirst,
+  UNDO_CHUNK,
+  type JournalIdentity,
+  type JournalItem,
+  type Seal,
+  type UndoOptions,
+} from '../../check/undo.js'
 
-const MAGIC = new TextEncoder().encode('IMGTOOL-QC2UNDO1')
+const MAGIC_V1 = new TextEncoder().encode('IMGTOOL-QC2UNDO1')
+const MAGIC = new TextEncoder().encode('IMGTOOL-QC2UNDO2')
 const DONE = new TextEncoder().encode('IMGTOOL-QC2DONE!')
+const SEG_HEAD = 32
+const REGION_HEAD = 16
+const SEG_TAIL = 4 + DONE.byteLength
 
 export interface JournalRegion {
   offset: number
@@ -46,23 +72,25 @@ export function mergeRegions(regions: JournalRegion[]): JournalRegion[] {
 export class Qcow2Journal {
   private pos = 0
   segments = 0
+  /** every region saved, in journal order (for the seal) */
+  private readonly regions: JournalRegion[] = []
   constructor(readonly dev: BlockDevice) {}
 
   /** Save the current bytes of `regions` of `image` (and its size), durably. */
   async save(image: BlockDevice, regions: JournalRegion[]): Promise<number> {
     const merged = mergeRegions(regions)
-    let total = 32 + 4 + DONE.byteLength
-    for (const r of merged) total += 16 + r.length
+    let total = SEG_HEAD + SEG_TAIL
+    for (const r of merged) total += REGION_HEAD + r.length
     const buf = new Uint8Array(total)
     buf.set(MAGIC, 0)
     putU64le(buf, 16, image.size)
     putU32le(buf, 24, merged.length)
-    let pos = 32
+    let pos = SEG_HEAD
     for (const r of merged) {
       putU64le(buf, pos, r.offset)
       putU32le(buf, pos + 8, r.length)
-      buf.set(await image.read(r.offset, r.length, 'journal'), pos + 16)
-      pos += 16 + r.length
+      buf.set(await image.read(r.offset, r.length, 'journal'), pos + REGION_HEAD)
+      pos += REGION_HEAD + r.length
     }
     putU32le(buf, pos, crc32(buf.subarray(0, pos)))
     buf.set(DONE, pos + 4)
@@ -71,7 +99,20 @@ export class Qcow2Journal {
     await this.dev.flush()
     this.pos += buf.byteLength
     this.segments++
+    this.regions.push(...merged.map((r) => ({ ...r })))
     return merged.length
+  }
+
+  /**
+   * The repair has finished: record which image this is and what the repair
+   * left (its size, its first `headerBytes` bytes, every saved region), durably.
+   */
+  async seal(image: BlockDevice, headerBytes: number, identity: JournalIdentity | undefined): Promise<void> {
+    if (this.segments === 0) return
+    const buf = await encodeSeal(image, this.regions, headerBytes, identity)
+    await this.dev.write(this.pos, buf, 'journal')
+    await this.dev.flush()
+    this.pos += buf.byteLength
   }
 }
 
@@ -79,66 +120,133 @@ export interface UndoResult {
   regions: number
   segments: number
   originalSize: number
+  sealed: boolean
 }
 
-/** Put `image` back as the journal saw it. Refuses a journal without one complete segment. */
-export async function applyQcow2Undo(journal: BlockDevice, image: BlockDevice): Promise<UndoResult> {
-  const buf = await journal.read(0, journal.size, 'journal')
-  const bad = (why: string): never => {
-    throw new CorruptImageError(`qcow2: ${journal.name}: not a usable undo journal: ${why}`, { file: journal.name, structure: 'journal' })
-  }
-  const segments: Array<{ size: number; regions: { offset: number; data: Uint8Array }[] }> = []
+interface Segment {
+  size: number
+  count: number
+  end: number
+}
+
+interface Scan {
+  version: number
+  segments: number
+  originalSize: number
+  seal: Seal | undefined
+  tornAt?: number
+}
+
+/**
+ * Put `image` back as the journal saw it. Refuses a journal without one
+ * complete segment, garbage, and (unless options.force) a journal that cannot
+ * be checked against `image` or whose checks fail (see checkUndo).
+ */
+export async function applyQcow2Undo(journal: BlockDevice, image: BlockDevice, options: UndoOptions = {}): Promise<UndoResult> {
+  const r = new JournalReader(journal, `qcow2: ${journal.name}`)
+  const s = await scan(r)
+  await checkUndo(r, s, image, () => items(r, s), options)
+  let regions = 0
+  await visitNewestFirst(
+    0,
+    s.segments,
+    async (pos) => (await segmentAt(r, pos, false))!.end,
+    async (pos) => {
+      for await (const it of regionsOf(r, pos)) {
+        await r.each(it.dataAt, it.length, (piece, done) => image.write(it.offset + done, piece, 'journal'))
+        regions++
+      }
+    },
+  )
+  if (image.size !== s.originalSize) await image.truncate(s.originalSize)
+  await image.flush()
+  return { regions, segments: s.segments, originalSize: s.originalSize, sealed: s.seal !== undefined }
+}
+
+/** Walk the whole journal once: its complete segments, its seal, where an incomplete tail starts. */
+async function scan(r: JournalReader): Promise<Scan> {
+  const first = await r.bytes(0, MAGIC.byteLength)
+  const version = first && equalBytes(first, MAGIC) ? 2 : first && equalBytes(first, MAGIC_V1) ? 1 : 0
+  if (version === 0) r.bad('it does not start with a qcow2 undo segment (IMGTOOL-QC2UNDO2)')
+  const s: Scan = { version, segments: 0, originalSize: 0, seal: undefined }
   let pos = 0
-  for (;;) {
-    const seg = parseSegment(buf, pos)
-    if (!seg) break
-    segments.push(seg)
+  while (pos < r.size) {
+    const head = await r.bytes(pos, MAGIC.byteLength)
+    if (version === 2 && isSealAt(head)) {
+      const seal = await parseSeal(r, pos)
+      if (!seal) {
+        s.tornAt = pos
+        break
+      }
+      if (seal.end !== r.size) r.bad(`${r.size - seal.end} bytes of garbage after its seal (at ${hex(seal.end)})`)
+      if (s.segments === 0) r.bad(`a seal at ${hex(pos)} with no segment before it`)
+      s.seal = seal
+      break
+    }
+    const seg = head && equalBytes(head, version === 2 ? MAGIC : MAGIC_V1) ? await segmentAt(r, pos, true) : undefined
+    if (!seg) {
+      s.tornAt = pos
+      break
+    }
+    if (s.segments === 0) s.originalSize = seg.size
+    s.segments++
     pos = seg.end
   }
-  if (segments.length === 0) bad('no complete segment (the journal was not completely written, so the image was not changed)')
-  let regions = 0
-  for (const seg of [...segments].reverse()) {
-    for (const r of seg.regions) {
-      await image.write(r.offset, r.data, 'journal')
-      regions++
-    }
-  }
-  const originalSize = segments[0]!.size
-  if (image.size !== originalSize) await image.truncate(originalSize)
-  await image.flush()
-  return { regions, segments: segments.length, originalSize }
+  if (s.segments === 0) r.bad('no complete segment (the journal was not completely written, so the image was not changed)')
+  return s
 }
 
-function parseSegment(buf: Uint8Array, start: number): { size: number; regions: { offset: number; data: Uint8Array }[]; end: number } | undefined {
-  if (buf.byteLength < start + 32 + 4 + DONE.byteLength || !MAGIC.every((b, i) => buf[start + i] === b)) return undefined
-  const size = toSafeNumber(u64le(buf, start + 16), 'journal file size')
-  const count = u32le(buf, start + 24)
-  const regions: { offset: number; data: Uint8Array }[] = []
-  let pos = start + 32
+/** The segment at `pos`, its bounds checked against the journal's size (and its CRC when `verify`), or undefined. */
+async function segmentAt(r: JournalReader, pos: number, verify: boolean): Promise<Segment | undefined> {
+  const head = await r.bytes(pos, SEG_HEAD)
+  if (!head) return undefined
+  const size = u64le(head, 16)
+  const count = u32le(head, 24)
+  if (size > BigInt(Number.MAX_SAFE_INTEGER) || count > (r.size - pos - SEG_HEAD - SEG_TAIL) / REGION_HEAD) return undefined
+  let crc = verify ? crc32(head) : 0
+  let p = pos + SEG_HEAD
   for (let i = 0; i < count; i++) {
-    if (pos + 16 > buf.byteLength) return undefined
-    const offset = toSafeNumber(u64le(buf, pos), 'journal region offset')
-    const length = u32le(buf, pos + 8)
-    if (pos + 16 + length > buf.byteLength) return undefined
-    regions.push({ offset, data: buf.subarray(pos + 16, pos + 16 + length) })
-    pos += 16 + length
+    const rh = await r.bytes(p, REGION_HEAD)
+    if (!rh) return undefined
+    const length = u32le(rh, 8)
+    if (u64le(rh, 0) > BigInt(Number.MAX_SAFE_INTEGER) || p + REGION_HEAD + length + SEG_TAIL > r.size) return undefined
+    if (verify) {
+      crc = crc32(rh, crc)
+      for (let done = 0; done < length; ) {
+        const n = Math.min(UNDO_CHUNK, length - done)
+        crc = crc32((await r.bytes(p + REGION_HEAD + done, n))!, crc)
+        done += n
+      }
+    }
+    p += REGION_HEAD + length
   }
-  if (pos + 4 + DONE.byteLength > buf.byteLength || !DONE.every((b, i) => buf[pos + 4 + i] === b)) return undefined
-  if (u32le(buf, pos) !== crc32(buf.subarray(start, pos))) return undefined
-  return { size, regions, end: pos + 4 + DONE.byteLength }
+  const tail = await r.bytes(p, SEG_TAIL)
+  if (!tail || !equalBytes(tail.subarray(4), DONE)) return undefined
+  if (verify && u32le(tail, 0) !== crc) return undefined
+  return { size: Number(size), count, end: p + SEG_TAIL }
 }
 
-let table: Uint32Array | undefined
-function crc32(data: Uint8Array): number {
-  if (!table) {
-    table = new Uint32Array(256)
-    for (let n = 0; n < 256; n++) {
-      let c = n
-      for (let k = 0; k < 8; k++) c = c & 1 ? 0xedb88320 ^ (c >>> 1) : c >>> 1
-      table[n] = c >>> 0
-    }
+/** the regions of the (already checked) segment at `pos` */
+async function* regionsOf(r: JournalReader, pos: number): AsyncGenerator<{ offset: number; length: number; dataAt: number }> {
+  const head = (await r.bytes(pos, SEG_HEAD))!
+  const count = u32le(head, 24)
+  let p = pos + SEG_HEAD
+  for (let i = 0; i < count; i++) {
+    const rh = (await r.bytes(p, REGION_HEAD))!
+    const offset = Number(u64le(rh, 0))
+    const length = u32le(rh, 8)
+    yield { offset, length, dataAt: p + REGION_HEAD }
+    p += REGION_HEAD + length
   }
-  let c = 0xffffffff
-  for (let i = 0; i < data.length; i++) c = table[(c ^ data[i]!) & 0xff]! ^ (c >>> 8)
-  return (c ^ 0xffffffff) >>> 0
+}
+
+/** every segment's size and regions, in journal order (for the seal checks) */
+async function* items(r: JournalReader, s: Scan): AsyncGenerator<JournalItem> {
+  let pos = 0
+  for (let k = 0; k < s.segments; k++) {
+    const seg = (await segmentAt(r, pos, false))!
+    yield { type: 'size', size: seg.size }
+    for await (const it of regionsOf(r, pos)) yield { type: 'region', ...it }
+    pos = seg.end
+  }
 }

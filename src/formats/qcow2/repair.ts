@@ -25,6 +25,7 @@
 import { ReadOnlyError, hex } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
 import type { CheckOptions, CheckReport, RepairAction, RepairMode, RepairResult } from '../../check/types.js'
+import type { JournalIdentity } from '../../check/undo.js'
 import { CheckFailedError, analyzeQcow2, type EntryRef, type Qcow2Analysis } from './check.js'
 import { planSnapshotTable } from './repair-snapshots.js'
 import { hasExtendedL2, hasLazyRefcounts, isCorrupt, isDirty } from './header.js'
@@ -40,6 +41,8 @@ export interface RepairDeviceOptions {
   dryRun?: boolean
   journal?: BlockDevice
   journalPath?: string
+  /** recorded in the journal's seal */
+  journalIdentity?: JournalIdentity
   filename?: string
 }
 
@@ -51,6 +54,7 @@ export async function repairQcow2(img: Qcow2Image, options: CheckOptions & { rep
   if (options.dryRun) o.dryRun = true
   if (options.journal) o.journal = options.journal
   if (options.journalPath) o.journalPath = options.journalPath
+  if (options.journalIdentity) o.journalIdentity = options.journalIdentity
   const r = await repairQcow2Device(img.device, o)
   img.refcounts.invalidate()
   return r
@@ -155,6 +159,7 @@ export async function repairQcow2Device(dev: BlockDevice, o: RepairDeviceOptions
   const firstReport = first?.report ?? { ...a.report, corruptions: a.report.corruptions + corruptionsFixed }
   const before: CheckReport = { ...firstReport, leaksFixed, corruptionsFixed }
   const after: CheckReport = o.dryRun ? firstReport : a.report
+  if (journal) await journal.seal(dev, h.clusterSize, o.journalIdentity) // the repair has finished: tie the journal to what it left
   const result: RepairResult = { before, after, actions, dryRun: Boolean(o.dryRun) }
   if (journal && journal.segments > 0 && o.journalPath) result.journalPath = o.journalPath
   return result

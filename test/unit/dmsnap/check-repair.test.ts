@@ -31,6 +31,7 @@ interface Case {
   repairable: boolean
 }
 
+// a header the kernel refuses: the check cannot start, exit 1 (issue item 10; exit 2 before)
 const CASES: Case[] = [
   { name: 'a record removed by hand leaks its chunk', cow: () => removeRecord(cow, 3, 7), kind: 'leaked-chunk', expect: { cluster: 5, chunks: [5] }, exit: 3, repairable: true },
   { name: 'new_chunk with high bits aliasing the header', cow: () => setRecord(cow, 1, 2, 1n << 56n), kind: 'new-chunk-header', expect: { cluster: 0, slot: 1 }, also: ['leaked-chunk'], exit: 2, repairable: true },
@@ -42,11 +43,11 @@ const CASES: Case[] = [
   { name: 'an exact duplicate record', cow: () => setRecord(cow, 7, 66, 8), kind: 'duplicate-record', expect: { newChunk: 8, slot: 7 }, exit: 3, repairable: true },
   { name: 'old_chunk beyond the origin', cow: () => setRecord(cow, 4, 500, 6), kind: 'old-chunk-beyond-origin', expect: { oldChunk: 500, newChunk: 6 }, exit: 2, repairable: true },
   { name: 'a record after the terminator', cow: () => setRecord(cow, 9, 500, 19), kind: 'garbage-after-terminator', expect: { cluster: 1, slot: 9, area: 0 }, exit: 2, repairable: true },
-  { name: 'bad magic', cow: () => setHeader(cow, 'magic', 0x12345678), kind: 'bad-magic', expect: { cluster: 0 }, exit: 2, repairable: true },
-  { name: 'bad version', cow: () => setHeader(cow, 'version', 2), kind: 'bad-version', expect: { cluster: 0 }, exit: 2, repairable: true },
-  { name: 'chunk size not a power of two', cow: () => setHeader(cow, 'chunkSize', 12), kind: 'bad-chunk-size', expect: { cluster: 0 }, exit: 2, repairable: false },
-  { name: 'chunk size zero', cow: () => setHeader(cow, 'chunkSize', 0), kind: 'bad-chunk-size', expect: { cluster: 0 }, exit: 2, repairable: false },
-  { name: 'uninitialised store (magic 0)', cow: () => setHeader(cow, 'magic', 0), kind: 'uninitialised', expect: { cluster: 0 }, exit: 2, repairable: false },
+  { name: 'bad magic', cow: () => setHeader(cow, 'magic', 0x12345678), kind: 'bad-magic', expect: { cluster: 0 }, exit: 1, repairable: true },
+  { name: 'bad version', cow: () => setHeader(cow, 'version', 2), kind: 'bad-version', expect: { cluster: 0 }, exit: 1, repairable: true },
+  { name: 'chunk size not a power of two', cow: () => setHeader(cow, 'chunkSize', 12), kind: 'bad-chunk-size', expect: { cluster: 0 }, exit: 1, repairable: false },
+  { name: 'chunk size zero', cow: () => setHeader(cow, 'chunkSize', 0), kind: 'bad-chunk-size', expect: { cluster: 0 }, exit: 1, repairable: false },
+  { name: 'uninitialised store (magic 0)', cow: () => setHeader(cow, 'magic', 0), kind: 'uninitialised', expect: { cluster: 0 }, exit: 1, repairable: false },
   { name: 'invalidated store', cow: () => setHeader(cow, 'valid', 0), kind: 'invalidated', expect: { cluster: 0 }, exit: 2, repairable: false },
 ]
 
