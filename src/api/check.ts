@@ -22,12 +22,25 @@ export async function check(target: Image | string, o: CheckImageOptions = {}): 
   checkAborted(o.signal, 'check')
   const d =
     typeof target === 'string'
-      ? await openByPath(target, { format: formatOption(o.format), readOnly: true, options: openOptionsOf(o), forCheck: true })
+      ? await markOpenFailure(openByPath(target, { format: formatOption(o.format), readOnly: true, options: openOptionsOf(o), forCheck: true }))
       : diskImageOf(target)
   try {
     if (typeof d.check !== 'function') throw new NoCheckError(`${d.format}: ${d.filename}: this image format does not support checks`, { file: d.filename })
     return await d.check(o.onProgress ? { onProgress: o.onProgress } : {})
   } finally {
     if (typeof target === 'string') await d.close()
+  }
+}
+
+/**
+ * An image that cannot even be opened for a check (qemu-img: "Could not open
+ * 'X': ..."): the error is passed on as it is, marked `openFailed: true`.
+ */
+export async function markOpenFailure<T>(p: Promise<T>): Promise<T> {
+  try {
+    return await p
+  } catch (e) {
+    if (e !== null && typeof e === 'object') Object.assign(e, { openFailed: true })
+    throw e
   }
 }

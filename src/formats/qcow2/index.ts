@@ -9,3 +9,4 @@ export { listSnapshots, createSnapshot, applySnapshot, deleteSnapshot } from './
 export { resizeQcow2 } from './resize.js'
 export { parseCreateOptions } from './create.js'
 export { CompressPool } from './compress-write.js'
+export { applyQcow2Undo } from './journal.js'
