@@ -82,7 +82,20 @@ export function nonNegativeInt(text: unknown, what: string): number | undefined 
   return r.data
 }
 
-/** JSON as qemu-img prints it: 4-space indentation, newline at the end. */
+/**
+ * JSON as qemu-img prints it: 4-space indentation, newline at the end, and
+ * strings ASCII only: every character outside 0x20..0x7e is \uXXXX with
+ * uppercase hex (a file name "café" is "caf\u00E9"; \n, \t and the other
+ * short escapes stay short).
+ */
 export function printJson(stdout: NodeJS.WritableStream, value: unknown): void {
-  stdout.write(JSON.stringify(value, null, 4) + '\n')
+  stdout.write(qemuJson(value) + '\n')
+}
+
+export function qemuJson(value: unknown): string {
+  // left to right: an escaped backslash is taken whole, never read as the start of a \\u escape
+  return JSON.stringify(value, null, 4).replace(/\\u[0-9a-f]{4}|\\.|[\u007f-\uffff]/g, (m) => {
+    if (m.length === 1) return `\\u${m.charCodeAt(0).toString(16).toUpperCase().padStart(4, '0')}`
+    return m.length === 6 ? m.toUpperCase().replace('\\U', '\\u') : m
+  })
 }

@@ -53,6 +53,8 @@ export interface ImageInfo {
   actualSize?: number
   clusterSize?: number
   dirty?: boolean
+  /** qemu-img info's "encrypted": the guest data is encrypted */
+  encrypted?: boolean
   backingFilename?: string
   fullBackingFilename?: string
   backingFormat?: string

@@ -42,3 +42,7 @@ export const MAX_BACKING_FILE_NAME = 1023
 export const MAX_HOST_OFFSET = 2 ** 56
 
 export const SUBCLUSTERS_PER_CLUSTER = 32
+
+/** persistent bitmaps: QEMU's limits on the directory */
+export const MAX_BITMAPS = 65535
+export const MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS
