@@ -18,7 +18,7 @@ function z(): typeof import('zod').z {
 export function addImageOptions(cmd: Command): Command {
   return cmd
     .option('-f, --format <fmt>', `image format (${FORMAT_NAMES.join(', ')}); probed when absent`)
-    .option('-o, --options <opts>', 'format options as key=value[,key=value...] (e.g. origin=ORIGIN for dmsnap)')
+    .option('-o, --options <opts>', 'format options as key=value[,key=value...] (e.g. origin=ORIGIN for dmsnap); may be repeated', accumulateOptions)
     .option('--origin <path>', 'dm-snapshot origin device or file (same as -o origin=PATH)')
 }
 
@@ -45,7 +45,18 @@ export function parseImageOptions(opts: Record<string, unknown>): ImageArgs {
   return { format, options }
 }
 
-/** qemu-img's -o syntax: key=value,key=value (a doubled comma is a literal comma). */
+/**
+ * Commander's collector for a repeated -o: every -o counts, joined with ','
+ * as qemu-img joins them (accumulate_options), so a later key overrides an
+ * earlier one and the other keys stay: `-o cluster_size=4k -o lazy_refcounts=on`
+ * is `cluster_size=4k,lazy_refcounts=on`. Use it as the option's parser:
+ * `.option('-o, --options <opts>', '...', accumulateOptions)`.
+ */
+export function accumulateOptions(value: string, previous: string | undefined): string {
+  return previous === undefined ? value : `${previous},${value}`
+}
+
+/** qemu-img's -o syntax: key=value,key=value (a doubled comma is a literal comma); a later key wins. */
 export function parseKeyValues(text: string | undefined): Record<string, string> {
   const out: Record<string, string> = {}
   if (!text) return out
