@@ -376,3 +376,25 @@ describeQemu('deep backing chains: read as deep as qemu-img reads', () => {
     expect(loop.stderr).toContain('backing chain loop')
   }, 240_000)
 }, ['qemu-img', 'qemu-io'])
+
+describeQemu('images qemu-img cannot open are not called clean (D15)', () => {
+  it('an end marker whose length runs past the header cluster: check exit 1 with qemu-img reason, as qemu-img check', async () => {
+    const dir = makeTempDir('imgtool-ext-')
+    const file = join(dir, 'ext.qcow2')
+    await qemuImgOk(['create', '-q', '-f', 'qcow2', file, '1M'])
+    const b = readFileSync(file)
+    let off = b.readUInt32BE(100)
+    while (b.readUInt32BE(off) !== 0) off += 8 + Math.ceil(b.readUInt32BE(off + 4) / 8) * 8
+    b.writeUInt32BE(0x20000, off + 4)
+    writeFileSync(file, b)
+    const q = await qemuImg(['check', file])
+    expect(q.code).toBe(1)
+    expect(q.stderr).toContain('Header extension too large')
+    for (const cmd of ['check', 'info', 'cat']) {
+      const r = await run([cmd, file])
+      expect(r.code, cmd).toBe(1)
+      expectOneCleanLine(r.stderr)
+      expect(r.stderr).toContain(`Header extension too large: extension 0x0 claims 131072 bytes (header extension at 0x${off.toString(16)})`)
+    }
+  })
+}, ['qemu-img'])
