@@ -54,6 +54,7 @@ export function makeContext(openDevice: DeviceOpener): OpenContext {
       }
       const key = resolve(path)
       if (chain.includes(key)) {
+        // (an array search per image: a 4,096-image chain is 8 M string compares, once)
         throw new WrongFormatError(`${path}: backing chain loop (${[...chain, key].join(' -> ')})`, { file: path, structure: 'backing chain' })
       }
       const device = await openDevice(path, { readOnly: options.readOnly })
@@ -71,7 +72,15 @@ export function makeContext(openDevice: DeviceOpener): OpenContext {
 /** Open an image file by path; `format` overrides probing. */
 export async function openImage(
   path: string,
-  options: { format?: FormatName; readOnly?: boolean; options?: Record<string, string>; openDevice?: DeviceOpener; forCheck?: boolean } = {},
+  options: {
+    format?: FormatName
+    readOnly?: boolean
+    options?: Record<string, string>
+    openDevice?: DeviceOpener
+    forCheck?: boolean
+    /** the image alone, for info (see OpenImageOptions.infoOnly) */
+    infoOnly?: boolean
+  } = {},
 ): Promise<DiskImage> {
   const context = makeContext(options.openDevice ?? openFileDevice)
   return context.openImage(path, {
@@ -81,5 +90,6 @@ export async function openImage(
     chain: [],
     options: options.options ?? {},
     forCheck: options.forCheck ?? false,
+    infoOnly: options.infoOnly ?? false,
   })
 }

@@ -18,7 +18,7 @@ function z(): typeof import('zod').z {
 export function addImageOptions(cmd: Command): Command {
   return cmd
     .option('-f, --format <fmt>', `image format (${FORMAT_NAMES.join(', ')}); probed when absent`)
-    .option('-o, --options <opts>', 'format options as key=value[,key=value...] (e.g. origin=ORIGIN for dmsnap)')
+    .option('-o, --options <opts>', 'format options as key=value[,key=value...] (e.g. origin=ORIGIN for dmsnap); may be repeated', accumulateOptions)
     .option('--origin <path>', 'dm-snapshot origin device or file (same as -o origin=PATH)')
 }
 
@@ -45,7 +45,18 @@ export function parseImageOptions(opts: Record<string, unknown>): ImageArgs {
   return { format, options }
 }
 
-/** qemu-img's -o syntax: key=value,key=value (a doubled comma is a literal comma). */
+/**
+ * Commander's collector for a repeated -o: every -o counts, joined with ','
+ * as qemu-img joins them (accumulate_options), so a later key overrides an
+ * earlier one and the other keys stay: `-o cluster_size=4k -o lazy_refcounts=on`
+ * is `cluster_size=4k,lazy_refcounts=on`. Use it as the option's parser:
+ * `.option('-o, --options <opts>', '...', accumulateOptions)`.
+ */
+export function accumulateOptions(value: string, previous: string | undefined): string {
+  return previous === undefined ? value : `${previous},${value}`
+}
+
+/** qemu-img's -o syntax: key=value,key=value (a doubled comma is a literal comma); a later key wins. */
 export function parseKeyValues(text: string | undefined): Record<string, string> {
   const out: Record<string, string> = {}
   if (!text) return out
@@ -82,9 +93,14 @@ export function nonNegativeInt(text: unknown, what: string): number | undefined 
   return r.data
 }
 
-/** JSON as qemu-img prints it: 4-space indentation, newline at the end. */
+/**
+ * JSON as qemu-img prints it: 4-space indentation, newline at the end, and
+ * strings ASCII only: every character outside 0x20..0x7e is \uXXXX with
+ * uppercase hex (a file name "café" is "caf\u00E9"; \n, \t and the other
+ * short escapes stay short).
+ */
 export function printJson(stdout: NodeJS.WritableStream, value: unknown): void {
-  stdout.write(jsonText(value) + '\n')
+  stdout.write(qemuJson(value) + '\n')
 }
 
 /** JSON.stringify with 4 spaces, a bigint printed as the exact integer it is (u64 values above 2^53) */
@@ -103,4 +119,13 @@ export function jsonText(value: unknown): string {
   if (!big) return text
   const escaped = JSON.stringify(mark).slice(1, -1).replace(/[.*+?^${}()|[\]\\]/g, '\\$&')
   return text.replace(new RegExp(`"${escaped}(-?\\d+)"`, 'g'), '$1')
+}
+
+/** jsonText with qemu's string escaping (see printJson) */
+export function qemuJson(value: unknown): string {
+  // left to right: an escaped backslash is taken whole, never read as the start of a \\u escape
+  return jsonText(value).replace(/\\u[0-9a-f]{4}|\\.|[\u007f-\uffff]/g, (m) => {
+    if (m.length === 1) return `\\u${m.charCodeAt(0).toString(16).toUpperCase().padStart(4, '0')}`
+    return m.length === 6 ? m.toUpperCase().replace('\\U', '\\u') : m
+  })
 }

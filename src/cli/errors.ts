@@ -3,6 +3,7 @@
  * stack trace (set IMGTOOL_DEBUG=1 to see one).
  */
 import { isImgtoolError } from '../errors.js'
+import { escapeControls } from '../util/text.js'
 
 /** Exit codes outside check: qemu-img uses 1 for every failure. */
 export const EXIT_FAILURE = 1
@@ -21,6 +22,7 @@ export function renderError(e: unknown, stderr: NodeJS.WritableStream): number {
   return EXIT_FAILURE
 }
 
+/** One line, and no raw control bytes (a file name from an image header may carry any). */
 function oneLine(s: string): string {
-  return s.replace(/\s*\n\s*/g, '; ')
+  return escapeControls(s.replace(/\s*\n\s*/g, '; '))
 }

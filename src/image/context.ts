@@ -2,8 +2,19 @@ import type { BlockDevice, DeviceOpener } from '../io/block-device.js'
 import type { DiskImage } from './disk-image.js'
 import type { FormatName } from './probe.js'
 
-/** Backing chains deeper than this are refused (QEMU allows far less in practice). */
-export const MAX_CHAIN_DEPTH = 64
+/**
+ * Backing chains deeper than this are refused. QEMU has no limit of its own
+ * (qemu-img reads a 1,001-image chain); this bound only stops a runaway, and
+ * memory stays bounded below it: every image past the first few keeps a small
+ * L2 cache (`L2_CACHE_BUDGET`), so a chain costs about its L1 tables plus a
+ * few tables per image. Loops are refused whatever the depth.
+ */
+export const MAX_CHAIN_DEPTH = 4096
+
+/** L2 cache per image: 4 MiB for the first images of a chain, 4 tables for the deeper ones. */
+export function l2CacheBudget(depth: number, clusterSize: number): number {
+  return depth < 8 ? 4 * 1024 * 1024 : 4 * clusterSize
+}
 
 export interface OpenImageOptions {
   format?: FormatName | undefined
@@ -19,6 +30,12 @@ export interface OpenImageOptions {
    * refuses (corrupt bit, missing refcount table...) are left for check to report.
    */
   forCheck?: boolean
+  /**
+   * Open the image itself only, as qemu-img info does (BDRV_O_NO_BACKING and
+   * NO_IO): no backing file, no external data file; guest reads are refused.
+   * A missing or looping backing file is then a name to show, not a failure.
+   */
+  infoOnly?: boolean
 }
 
 export interface CreateImageOptions {

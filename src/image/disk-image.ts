@@ -54,7 +54,7 @@ export interface ImageInfo {
   actualSize?: number
   clusterSize?: number
   dirty?: boolean
-  /** the guest data is encrypted (qcow2 crypt_method 1 or 2): imgtool cannot read it */
+  /** qemu-img info's "encrypted": the guest data is encrypted */
   encrypted?: boolean
   backingFilename?: string
   fullBackingFilename?: string

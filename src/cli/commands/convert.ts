@@ -1,5 +1,5 @@
 import type { CommandModule } from '../command.js'
-import { parseKeyValues } from '../common.js'
+import { accumulateOptions, parseKeyValues } from '../common.js'
 
 /** imgtool convert [-f FMT] -O raw|qcow2 [-c] [-o ...] [-B BACKING] [-S SIZE] [-p] SRC DST (DST may be - for raw) */
 const convert: CommandModule = {
@@ -11,7 +11,7 @@ const convert: CommandModule = {
       .option('-O, --output-format <fmt>', 'target format: raw, qcow2, or dmsnap (a COW store against -o origin=PATH)', 'raw')
       .option('--origin <path>', 'origin of a dm-snapshot source (with -f dmsnap)')
       .option('-c, --compress', 'write compressed clusters (qcow2)')
-      .option('-o, --options <opts>', 'target format options (as for create)')
+      .option('-o, --options <opts>', 'target format options (as for create); may be repeated', accumulateOptions)
       .option('-B, --backing <file>', 'target backing file: only data not in it is written')
       .option('-F, --backing-format <fmt>', 'format of the -B backing file')
       .option('-S, --sparse-size <size>', 'zero runs of at least SIZE bytes are left sparse (0: write all)', '4k')

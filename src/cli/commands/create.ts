@@ -1,5 +1,5 @@
 import type { CommandModule } from '../command.js'
-import { parseKeyValues } from '../common.js'
+import { accumulateOptions, parseKeyValues } from '../common.js'
 
 /** imgtool create -f qcow2 [-o opt=val,...] [-b BACKING -F FMT] FILE [SIZE] (qemu-img create's syntax) */
 const create: CommandModule = {
@@ -9,7 +9,7 @@ const create: CommandModule = {
     cmd
       .option('-f, --format <fmt>', 'image format (qcow2, raw, or dmsnap: a dm-snapshot COW store)', 'raw')
       .option('--origin <path>', 'dmsnap: the origin the store snapshots (same as -o origin=PATH)')
-      .option('-o, --options <opts>', 'format options: key=value[,key=value...] (cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, compression_type, preallocation, data_file, data_file_raw...)')
+      .option('-o, --options <opts>', 'format options: key=value[,key=value...] (cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, compression_type, preallocation, data_file, data_file_raw...); may be repeated', accumulateOptions)
       .option('-b, --backing <file>', 'backing file')
       .option('-F, --backing-format <fmt>', 'backing file format')
       .option('-u', 'do not open the backing file (SIZE is then required)')
@@ -32,10 +32,16 @@ const create: CommandModule = {
     if (backing !== undefined && backingFormat === undefined) throw new UsageError(`${file}: Backing file specified without backing format`)
     const { openFileDevice } = await import('../../io/file-device.js')
     const { makeContext, openImage, driverFor } = await import('../../open.js')
+    if (sizeText !== undefined && options['size'] !== undefined) throw new UsageError(`${file}: The image size must be specified only once`)
     let size: number | undefined = sizeText !== undefined ? parseSize(sizeText) : options['size'] !== undefined ? parseSize(options['size']) : undefined
     if (size === undefined && backing !== undefined && !opts['u']) {
-      const { combinePath } = await import('../../formats/qcow2/paths.js')
+      const { combinePath, protocolPrefix } = await import('../../formats/qcow2/paths.js')
       const { isFormatName } = await import('../../image/probe.js')
+      const { escapeControls } = await import('../../util/text.js')
+      const protocol = protocolPrefix(backing)
+      if (protocol !== undefined) {
+        throw new UsageError(`${file}: backing file ${escapeControls(backing)} names the protocol '${escapeControls(protocol)}:'; imgtool opens only plain file names (give SIZE and -u to write the name without opening it)`)
+      }
       const b = await openImage(combinePath(file, backing), { format: isFormatName(backingFormat!) ? backingFormat : undefined, readOnly: true })
       size = b.virtualSize
       await b.close()

@@ -15,7 +15,9 @@ const info: CommandModule = {
     const output = parseOutput(opts)
     const { openImage } = await import('../../open.js')
     const { infoHuman, infoJson } = await import('../render/info.js')
-    const image = await openImage(path, { format, readOnly: true, options })
+    // as qemu-img info: the image alone (a missing or looping backing file is a name
+    // to show); --backing-chain opens the chain and fails where it cannot be opened
+    const image = await openImage(path, { format, readOnly: true, options, infoOnly: !opts['backingChain'] })
     try {
       const top = await image.info()
       const chain = [top]

@@ -2,6 +2,7 @@
 import Table from 'cli-table3'
 import type { ImageInfo, SnapshotInfo } from '../../image/disk-image.js'
 import { humanSize } from '../../util/size.js'
+import { escapeControls as esc } from '../../util/text.js'
 
 export function infoJson(i: ImageInfo): Record<string, unknown> {
   const o: Record<string, unknown> = {}
@@ -14,6 +15,7 @@ export function infoJson(i: ImageInfo): Record<string, unknown> {
   if (i.actualSize !== undefined) o['actual-size'] = i.actualSize
   if (i.formatSpecific) o['format-specific'] = i.formatSpecific
   if (i.fullBackingFilename !== undefined) o['full-backing-filename'] = i.fullBackingFilename
+  if (i.encrypted) o['encrypted'] = true
   if (i.backingFilename !== undefined) o['backing-filename'] = i.backingFilename
   o['dirty-flag'] = i.dirty ?? false
   return o
@@ -35,16 +37,17 @@ function snapshotJson(s: SnapshotInfo): Record<string, unknown> {
 export function infoHuman(i: ImageInfo): string {
   const t = new Table({ style: { head: [], border: [] } })
   const row = (k: string, v: string) => t.push({ [k]: v })
-  row('image', i.filename)
+  row('image', esc(i.filename))
   row('file format', i.format)
   row('virtual size', `${humanSize(i.virtualSize)} (${i.virtualSize} bytes)`)
   if (i.actualSize !== undefined) row('disk size', humanSize(i.actualSize))
+  if (i.encrypted) row('encrypted', 'yes')
   if (i.clusterSize !== undefined) row('cluster size', String(i.clusterSize))
   if (i.backingFilename !== undefined) {
-    const full = i.fullBackingFilename && i.fullBackingFilename !== i.backingFilename ? ` (actual path: ${i.fullBackingFilename})` : ''
-    row('backing file', i.backingFilename + full)
+    const full = i.fullBackingFilename && i.fullBackingFilename !== i.backingFilename ? ` (actual path: ${esc(i.fullBackingFilename)})` : ''
+    row('backing file', esc(i.backingFilename) + full)
   }
-  if (i.backingFormat !== undefined) row('backing file format', i.backingFormat)
+  if (i.backingFormat !== undefined) row('backing file format', esc(i.backingFormat))
   if (i.dirty) row('dirty', 'yes: the image was not closed cleanly')
   if (i.formatSpecific) {
     for (const [k, v] of Object.entries(i.formatSpecific.data)) row(k, renderValue(v))
@@ -68,11 +71,20 @@ function renderValue(v: unknown): string {
           ? Object.entries(x as Record<string, unknown>)
               .map(([k, y]) => `${k}: ${renderValue(y)}`)
               .join(', ')
-          : String(x),
+          : renderValue(x),
       )
       .join('\n')
   }
-  return String(v)
+  if (typeof v === 'object' && v !== null) {
+    // a nested object (qcow2's encrypt): one "key: value" line each, nested values indented
+    return Object.entries(v as Record<string, unknown>)
+      .map(([k, y]) => {
+        const r = renderValue(y)
+        return r.includes('\n') ? `${k}:\n${r.replace(/^/gm, '  ')}` : `${k}: ${r}`
+      })
+      .join('\n')
+  }
+  return esc(String(v))
 }
 
 function formatDate(sec: number): string {

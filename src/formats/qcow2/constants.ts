@@ -16,6 +16,7 @@ export const INCOMPAT_KNOWN = 0x1f
 export const COMPAT_LAZY_REFCOUNTS = 1 << 0
 export const AUTOCLEAR_BITMAPS = 1 << 0
 export const AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+export const AUTOCLEAR_KNOWN = AUTOCLEAR_BITMAPS | AUTOCLEAR_DATA_FILE_RAW
 
 export const EXT_END = 0x00000000
 export const EXT_BACKING_FORMAT = 0xe2792aca
@@ -42,3 +43,7 @@ export const MAX_BACKING_FILE_NAME = 1023
 export const MAX_HOST_OFFSET = 2 ** 56
 
 export const SUBCLUSTERS_PER_CLUSTER = 32
+
+/** persistent bitmaps: QEMU's limits on the directory */
+export const MAX_BITMAPS = 65535
+export const MAX_BITMAP_DIRECTORY_SIZE = 1024 * MAX_BITMAPS

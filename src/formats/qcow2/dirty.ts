@@ -13,7 +13,7 @@
 import { CorruptImageError, ImgtoolError, hex } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
 import { putU32be, putU64be } from '../../util/bytes.js'
-import { INCOMPAT_DIRTY, MAX_REFTABLE_BYTES } from './constants.js'
+import { AUTOCLEAR_KNOWN, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES } from './constants.js'
 import { decodeL1, decodeL2 } from './entries.js'
 import { readBitmapDirectory } from './bitmap-directory.js'
 import { bitmapsValid, hasDataFile, l2EntrySize, type Qcow2Header } from './header.js'
@@ -31,6 +31,26 @@ export async function markDirtyBit(dev: BlockDevice, h: Qcow2Header, on: boolean
   putU64be(b, 0, next)
   await dev.write(72, b, 'header')
   h.incompatibleFeatures = next
+}
+
+/**
+ * The qcow2 spec: a program may write to an image with autoclear feature bits
+ * it does not know only after clearing them. QEMU clears them when it opens an
+ * image read/write (qemu-img check -r, snapshot -c, resize...), before anything
+ * else is written; so does imgtool. One 8-byte write in the first sector, flushed.
+ * Returns whether anything was cleared.
+ */
+export async function clearUnknownAutoclear(dev: BlockDevice, h: Qcow2Header): Promise<boolean> {
+  if (h.version < 3) return false
+  const known = BigInt(AUTOCLEAR_KNOWN)
+  if ((h.autoclearFeatures & ~known) === 0n) return false
+  const next = h.autoclearFeatures & known
+  const b = new Uint8Array(8)
+  putU64be(b, 0, next)
+  await dev.write(88, b, 'header')
+  await dev.flush()
+  h.autoclearFeatures = next
+  return true
 }
 
 /**

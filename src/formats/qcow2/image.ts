@@ -2,9 +2,9 @@
  * A qcow2 image: open (header, L1, backing chain, data file, snapshot table,
  * bitmap directory), guest reads, extents with qemu-img map's meaning, info.
  */
-import { CorruptImageError, UnsupportedFeatureError, hex, isImgtoolError } from '../../errors.js'
+import { CorruptImageError, UnsupportedFeatureError, UsageError, hex, isImgtoolError } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
-import type { OpenContext, OpenImageOptions } from '../../image/context.js'
+import { l2CacheBudget, type OpenContext, type OpenImageOptions } from '../../image/context.js'
 import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
 import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../../check/types.js'
 import { isFormatName } from '../../image/probe.js'
@@ -13,7 +13,8 @@ import { Lru } from '../../util/lru.js'
 import { bitmapFlagNames, readBitmapDirectory, type Qcow2Bitmap } from './bitmap-directory.js'
 import { ClusterMapper, L2Cache, type MappingRun } from './cluster.js'
 import { decompressCluster } from './compress.js'
-import { COMPRESSION_ZSTD, EXT_DATA_FILE } from './constants.js'
+import { COMPRESSION_ZSTD, CRYPT_AES, EXT_DATA_FILE } from './constants.js'
+import { readLuksInfo } from './luks.js'
 import {
   bitmapsValid,
   dataFileRaw,
@@ -25,7 +26,8 @@ import {
   readHeader,
   type Qcow2Header,
 } from './header.js'
-import { combinePath } from './paths.js'
+import { combinePath, protocolPrefix } from './paths.js'
+import { escapeControls } from '../../util/text.js'
 import { RefcountReader } from './refcount.js'
 import { readSnapshotTable, snapshotInfo, type Qcow2Snapshot } from './snapshot-table.js'
 import type { Qcow2Writer, WriteZeroesOptions } from './write.js'
@@ -55,7 +57,7 @@ export class Qcow2Image implements DiskImage {
     readonly context: OpenContext,
     readonly openOptions: OpenImageOptions,
   ) {
-    this.mapper = new ClusterMapper(device, header, device.name, l1, new L2Cache(header.clusterSize))
+    this.mapper = new ClusterMapper(device, header, device.name, l1, new L2Cache(header.clusterSize, l2CacheBudget(openOptions.depth ?? 0, header.clusterSize)))
     this.refcounts = new RefcountReader(device, header, device.name)
   }
 
@@ -102,6 +104,7 @@ export class Qcow2Image implements DiskImage {
   /** @internal guest read without the writer's mutex: for the writer itself, which holds it. */
   async readUnlocked(offset: number, length: number): Promise<Uint8Array> {
     checkGuestRange(`qcow2: ${this.filename}: read`, offset, length, this.virtualSize)
+    this.refuseInfoOnly()
     this.refuseEncrypted()
     // One mapping run covering the whole request: hand back the device buffer as
     // is (no second buffer, no copy); otherwise pieces go into one zeroed buffer.
@@ -182,6 +185,11 @@ export class Qcow2Image implements DiskImage {
     return data
   }
 
+  /** An image opened for info has no backing or data file open: its guest data cannot be read. */
+  private refuseInfoOnly(): void {
+    if (this.openOptions.infoOnly) throw new UsageError(`qcow2: ${this.filename}: opened for info only; guest data cannot be read`, { file: this.filename })
+  }
+
   private refuseEncrypted(): void {
     if (this.header.cryptMethod !== 0) {
       throw new UnsupportedFeatureError(`qcow2: ${this.filename}: encrypted images (crypt_method ${this.header.cryptMethod}) cannot be read by imgtool`, {
@@ -227,6 +235,7 @@ export class Qcow2Image implements DiskImage {
    */
   async *extents(offset = 0, length = this.virtualSize - offset): AsyncIterable<Extent> {
     checkGuestRange(`qcow2: ${this.filename}: map`, offset, length, this.virtualSize)
+    this.refuseInfoOnly()
     const w = this.writer
     if (!w) {
       const recurse = await this.detectMetadataPreallocation()
@@ -316,6 +325,7 @@ export class Qcow2Image implements DiskImage {
       data['compat'] = '0.10'
       data['compression-type'] = 'zlib'
       data['refcount-bits'] = 16
+      if (h.cryptMethod !== 0) data['encrypt'] = await this.encryptInfo()
     } else {
       data['compat'] = '1.1'
       data['compression-type'] = h.compressionType === COMPRESSION_ZSTD ? 'zstd' : 'zlib'
@@ -323,11 +333,13 @@ export class Qcow2Image implements DiskImage {
       if (this.bitmaps.length > 0) {
         data['bitmaps'] = this.bitmaps.map((b) => ({ flags: bitmapFlagNames(b.flags), name: b.name, granularity: 2 ** b.granularityBits }))
       }
+      // qemu-img's order (its QDict's): refcount-bits, data-file, encrypt, data-file-raw, corrupt, extended-l2
       data['refcount-bits'] = 2 ** h.refcountOrder
+      if (h.dataFile !== undefined) data['data-file'] = h.dataFile
+      if (h.cryptMethod !== 0) data['encrypt'] = await this.encryptInfo()
+      if (hasDataFile(h)) data['data-file-raw'] = dataFileRaw(h)
       data['corrupt'] = isCorrupt(h)
       data['extended-l2'] = hasExtendedL2(h)
-      if (h.dataFile !== undefined) data['data-file'] = h.dataFile
-      if (hasDataFile(h)) data['data-file-raw'] = dataFileRaw(h)
     }
     const info: ImageInfo = {
       filename: this.filename,
@@ -337,6 +349,7 @@ export class Qcow2Image implements DiskImage {
       dirty: isDirty(h),
       formatSpecific: { type: 'qcow2', data },
     }
+    if (h.cryptMethod !== 0) info.encrypted = true
     if (this.device.allocatedSize) info.actualSize = await this.device.allocatedSize()
     if (h.backingFile !== undefined) {
       info.backingFilename = h.backingFile
@@ -346,6 +359,13 @@ export class Qcow2Image implements DiskImage {
     if (this.snapshots.length > 0) info.snapshots = this.snapshots.map(snapshotInfo)
     if (this.backing) info.backing = await this.backing.info()
     return info
+  }
+
+  /** qemu-img info's "encrypt": the format, and for LUKS what its header says (no key needed) */
+  private async encryptInfo(): Promise<Record<string, unknown>> {
+    const h = this.header
+    if (h.cryptMethod === CRYPT_AES) return { format: 'aes' }
+    return readLuksInfo(this.device, this.filename, h.crypto!)
   }
 
   /** qemu-img check's verdict (check.ts) */
@@ -424,36 +444,48 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
   const h = await readHeader(device, { file, readOnly: device.readOnly, forCheck })
   const eofLimit = Math.ceil(device.size / h.clusterSize) * h.clusterSize
   const l1Bytes = h.l1Size * 8
-  if (!forCheck && l1Bytes > 0 && h.l1TableOffset + l1Bytes > eofLimit) {
+  // Tables past the end of the file read as zeros, as QEMU reads them (qemu-img
+  // info and convert open such images); imgtool only refuses to write to them.
+  const writing = !device.readOnly && !forCheck
+  if (writing && l1Bytes > 0 && h.l1TableOffset + l1Bytes > eofLimit) {
     throw new CorruptImageError(
-      `qcow2: ${file}: L1 table of ${h.l1Size} entries extends beyond the end of the file (size ${hex(device.size)}) (L1 table at ${hex(h.l1TableOffset)})`,
+      `qcow2: ${file}: L1 table of ${h.l1Size} entries extends beyond the end of the file (size ${hex(device.size)}); not opened for writing (L1 table at ${hex(h.l1TableOffset)})`,
       { file, structure: 'l1', offset: h.l1TableOffset },
     )
   }
-  if (!forCheck && h.refcountTableOffset + h.refcountTableClusters * h.clusterSize > eofLimit) {
+  if (writing && h.refcountTableOffset + h.refcountTableClusters * h.clusterSize > eofLimit) {
     throw new CorruptImageError(
-      `qcow2: ${file}: refcount table of ${h.refcountTableClusters} clusters extends beyond the end of the file (size ${hex(device.size)}) (refcount table at ${hex(h.refcountTableOffset)})`,
+      `qcow2: ${file}: refcount table of ${h.refcountTableClusters} clusters extends beyond the end of the file (size ${hex(device.size)}); not opened for writing (refcount table at ${hex(h.refcountTableOffset)})`,
       { file, structure: 'reftable', offset: h.refcountTableOffset },
     )
   }
-  const l1 = await device.read(h.l1TableOffset, l1Bytes, 'l1')
+  // read what the file holds; the rest of the table reads as zeros (no read past the end)
+  const l1InFile = Math.max(0, Math.min(l1Bytes, device.size - h.l1TableOffset))
+  let l1 = l1InFile > 0 ? await device.read(h.l1TableOffset, l1InFile, 'l1') : new Uint8Array(0)
+  if (l1InFile < l1Bytes) {
+    const full = new Uint8Array(l1Bytes)
+    full.set(l1)
+    l1 = full
+  }
 
   const opened: Array<{ close(): Promise<void> }> = []
   try {
     let dataDevice = device
-    if (hasDataFile(h)) {
-      const path = combinePath(file, h.dataFile!)
+    const infoOnly = options.infoOnly ?? false
+    if (hasDataFile(h) && !infoOnly) {
       const ext = h.extensions.find((x) => x.magic === EXT_DATA_FILE)
+      const fieldOffset = (ext?.offset ?? 0) + 8
+      const path = relatedPath(file, 'data file', h.dataFile!, h.dataFileError, fieldOffset)
       try {
         dataDevice = await context.openDevice(path, { readOnly: device.readOnly })
       } catch (e) {
-        throw relatedFileError(e, file, 'data file', h.dataFile!, path, (ext?.offset ?? 0) + 8)
+        throw relatedFileError(e, file, 'data file', h.dataFile!, path, fieldOffset)
       }
       opened.push(dataDevice)
     }
     let backing: DiskImage | undefined
-    if (h.backingFile !== undefined) {
-      const path = combinePath(file, h.backingFile)
+    if (h.backingFile !== undefined && !infoOnly) {
+      const path = relatedPath(file, 'backing file', h.backingFile, h.backingFileError, h.backingFileOffset)
       const fmt = h.backingFormat
       try {
         backing = await context.openImage(path, {
@@ -463,7 +495,7 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
           chain: options.chain ?? [],
         })
       } catch (e) {
-        throw relatedFileError(e, file, 'backing file', h.backingFile!, path, h.backingFileOffset)
+        throw relatedFileError(e, file, 'backing file', h.backingFile, path, h.backingFileOffset)
       }
       opened.push(backing)
     }
@@ -471,6 +503,8 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
       forCheck || h.nbSnapshots === 0 ? [] : await readSnapshotTable(device, file, h.snapshotsOffset, h.nbSnapshots)
     const bitmaps = h.bitmaps && bitmapsValid(h) && !forCheck ? await readBitmapDirectory(device, file, h.bitmaps) : []
     const image = new Qcow2Image(device, h, l1, dataDevice, backing, snapshots, bitmaps, context, options)
+    // open read/write (to write or to repair): unknown autoclear bits go first, as in QEMU
+    if (!device.readOnly) await (await import('./dirty.js')).clearUnknownAutoclear(device, h)
     if (!device.readOnly && !forCheck) {
       try {
         // the writer is loaded only for images opened read/write
@@ -488,6 +522,28 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
 }
 
 /**
+ * The path a backing or data file name opens: relative names are taken
+ * relative to the image's directory. Names QEMU would hand to a protocol
+ * driver (`json:`, `file:`, `nbd:`, the `x` of `x:y`) and names that are not
+ * UTF-8 are refused, never opened relative to the current directory.
+ */
+function relatedPath(file: string, what: string, name: string, nameError: string | undefined, fieldOffset: number): string {
+  const refuse = (why: string): never => {
+    throw new UnsupportedFeatureError(`qcow2: ${file}: ${why} (${what} name at ${hex(fieldOffset)})`, {
+      file,
+      structure: `${what} name`,
+      offset: fieldOffset,
+    })
+  }
+  if (nameError !== undefined) refuse(nameError)
+  const protocol = protocolPrefix(name)
+  if (protocol !== undefined) {
+    refuse(`${what} ${escapeControls(name)} names the protocol '${escapeControls(protocol)}:'; imgtool opens only plain file names`)
+  }
+  return combinePath(file, name)
+}
+
+/**
  * A backing or data file that cannot be opened (missing, or a backing chain
  * that loops or is too deep) is a fact about this image: name it and the
  * header field that points at the other file. Errors from inside a backing
@@ -497,7 +553,7 @@ function relatedFileError(e: unknown, file: string, what: string, name: string, 
   if (!isImgtoolError(e) || !(e.code === 'NOT_FOUND' || e.details.structure === 'backing chain')) return e
   const prefix = `${path}: `
   const why = e.message.startsWith(prefix) ? e.message.slice(prefix.length) : e.message
-  return new CorruptImageError(`qcow2: ${file}: ${what} ${name}: ${why} (${what} name at ${hex(fieldOffset)})`, {
+  return new CorruptImageError(`qcow2: ${file}: ${what} ${escapeControls(name)}: ${why} (${what} name at ${hex(fieldOffset)})`, {
     file,
     structure: `${what} name`,
     offset: fieldOffset,

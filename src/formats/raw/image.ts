@@ -1,4 +1,8 @@
-/** Raw images: the guest bytes are the file. Holes are reported as zero, as qemu-img map does. */
+/**
+ * Raw images: the guest bytes are the file. Holes are reported as zero, as qemu-img map does.
+ * The virtual size is the file's size rounded up to 512 bytes, as QEMU counts it
+ * (whole sectors); the bytes past the end of the file read as zeros.
+ */
 import type { BlockDevice } from '../../io/block-device.js'
 import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
 import type { FormatDriver } from '../../image/context.js'
@@ -13,7 +17,7 @@ export class RawImage implements DiskImage {
     return this.device.name
   }
   get virtualSize(): number {
-    return this.device.size
+    return Math.ceil(this.device.size / 512) * 512
   }
   get readOnly(): boolean {
     return this.device.readOnly
@@ -41,9 +45,10 @@ export class RawImage implements DiskImage {
   async *extents(offset = 0, length = this.virtualSize - offset): AsyncIterable<Extent> {
     checkGuestRange(`raw: ${this.filename}: map`, offset, length, this.virtualSize)
     const end = offset + length
+    const fileEnd = Math.min(end, this.device.size)
     let pos = offset
-    while (pos < end) {
-      const st = this.device.hostStatus ? await this.device.hostStatus(pos, end - pos) : { data: true, length: end - pos }
+    while (pos < fileEnd) {
+      const st = this.device.hostStatus ? await this.device.hostStatus(pos, fileEnd - pos) : { data: true, length: fileEnd - pos }
       yield {
         start: pos,
         length: st.length,
@@ -56,6 +61,8 @@ export class RawImage implements DiskImage {
       }
       pos += st.length
     }
+    // the rest of the last sector, past the end of the file: zeros (qemu-img map says the same)
+    if (pos < end) yield { start: pos, length: end - pos, depth: 0, present: true, zero: true, data: false, hostOffset: pos, file: this.filename }
   }
 
   async info(): Promise<ImageInfo> {

@@ -279,3 +279,113 @@ describe('qcow2 header: validation messages', () => {
     await expect(open(header({ nbSnapshots: 1, snapshotsOffset: 0x40100n }), { forCheck: true })).resolves.toBeDefined()
   })
 })
+
+describe('qcow2 header: the refusals of qcow2_do_open and qcow2_read_extensions', () => {
+  const bitmapsExt = (nb: number, size: bigint, offset: bigint, reserved = 0, len = 24): Ext => {
+    const data = new Uint8Array(len)
+    const dv = new DataView(data.buffer)
+    if (len >= 24) {
+      dv.setUint32(0, nb)
+      dv.setUint32(4, reserved)
+      dv.setBigUint64(8, size)
+      dv.setBigUint64(16, offset)
+    }
+    return { magic: C.EXT_BITMAPS, data }
+  }
+  const cryptoExt = (offset: bigint, length: bigint, len = 16): Ext => {
+    const data = new Uint8Array(len)
+    if (len >= 16) {
+      new DataView(data.buffer).setBigUint64(0, offset)
+      new DataView(data.buffer).setBigUint64(8, length)
+    }
+    return { magic: C.EXT_CRYPTO, data }
+  }
+  // [description, fields, extensions, message]; every one is refused by check's open too (qemu-img check exit 1)
+  const cases: Array<[string, Partial<Fields>, Ext[], string]> = [
+    ['bitmaps extension of 16 bytes', {}, [bitmapsExt(0, 0n, 0n, 0, 16)], 'bitmaps_ext: Invalid extension length 16'],
+    ['bitmaps extension of 32 bytes', {}, [bitmapsExt(1, 48n, 0x50000n, 0, 32)], 'bitmaps_ext: Invalid extension length 32'],
+    ['bitmaps reserved field set', { autoclear: 1n }, [bitmapsExt(1, 48n, 0x50000n, 7)], 'bitmaps_ext: Reserved field is not zero'],
+    ['65536 bitmaps', { autoclear: 1n }, [bitmapsExt(65536, 48n, 0x50000n)], 'exceeding the QEMU supported maximum of 65535'],
+    ['zero bitmaps', { autoclear: 1n }, [bitmapsExt(0, 0n, 0x50000n)], 'found bitmaps extension with zero bitmaps'],
+    ['bitmap directory unaligned', { autoclear: 1n }, [bitmapsExt(1, 48n, 0x50200n)], 'bitmaps_ext: invalid bitmap directory offset 0x50200'],
+    ['bitmap directory too large', { autoclear: 1n }, [bitmapsExt(1, 1n << 30n, 0x50000n)], 'bitmap directory size (1073741824) exceeds the maximum supported size (67107840)'],
+    ['backing format of 16 bytes', {}, [{ magic: C.EXT_BACKING_FORMAT, data: text('qcow2qcow2qcow2!') }], 'ext_backing_format: len=16 too large (>=16)'],
+    ['crypto extension without LUKS', { cryptMethod: 1 }, [cryptoExt(0x10000n, 0x1000n)], 'CRYPTO header extension only expected with LUKS encryption method'],
+    ['crypto extension of 8 bytes', { cryptMethod: 2 }, [cryptoExt(0n, 0n, 8)], 'CRYPTO header extension size 8, but expected size 16'],
+    ['crypto header unaligned', { cryptMethod: 2 }, [cryptoExt(0x10200n, 0x1000n)], "Encryption header offset '66048' is not a multiple of cluster size '65536'"],
+    ['LUKS without a crypto extension', { cryptMethod: 2 }, [], 'Missing CRYPTO header for crypt method 2'],
+    ['data-file-raw without a data file', { autoclear: 2n }, [], 'data-file-raw requires a data file'],
+  ]
+  for (const [name, fields, exts, msg] of cases) {
+    it(`${name}: refused with qemu's reason, for check too`, async () => {
+      for (const forCheck of [false, true]) {
+        const e = await failure(header(fields, exts), { forCheck })
+        expect(e).toBeInstanceOf(CorruptImageError)
+        expect(e.message).toContain(msg)
+        expect(e.message).toMatch(/^qcow2: test\.qcow2: .* \((header|header extension) at 0x[0-9a-f]+\)$/)
+      }
+    })
+  }
+
+  /** the header cluster with its extension area replaced by `bytes` at header_length */
+  async function withExtensionBytes(bytes: number[]): Promise<MemoryDevice> {
+    const b = await header().read(0, 4 * 65536)
+    b.set(bytes, 112)
+    return new MemoryDevice(b, { name: 'test.qcow2', readOnly: true })
+  }
+
+  it('an end marker whose length runs past the header cluster: "Header extension too large", as qemu-img', async () => {
+    const dev = await withExtensionBytes([0, 0, 0, 0, 0, 2, 0, 0]) // end marker, length 0x20000
+    for (const forCheck of [false, true]) {
+      const e = await failure(dev, { forCheck })
+      expect(e.message).toBe('qcow2: test.qcow2: Header extension too large: extension 0x0 claims 131072 bytes (header extension at 0x70)')
+    }
+  })
+
+  it('an extension header that straddles the end of the extension area is too large too', async () => {
+    // backing file name at 0x74: the extension area is 0x70..0x74, too short for an 8-byte extension header
+    const e = await failure(header({ backingFileOffset: 0x74n, backingFileSize: 4 }, [], { at: 0x74, bytes: text('base') }))
+    expect(e.message).toContain('Header extension too large: the extension header at 0x70 runs past 0x74')
+  })
+
+  it('bitmaps extension without the autoclear bit: kept, not validated (a stale extension QEMU ignores)', async () => {
+    const h = await open(header({}, [bitmapsExt(0, 0n, 0x50200n)]))
+    expect(h.bitmaps).toEqual({ nbBitmaps: 0, directorySize: 0, directoryOffset: 0x50200 })
+  })
+
+  it('an empty table offset is still validated: L1 offset unaligned with l1_size 0 is refused, as qemu refuses it', async () => {
+    const e = await failure(header({ l1Size: 0, size: 0n, l1TableOffset: 0x30008n }))
+    expect(e.message).toContain('Active L1 table offset invalid: 0x30008')
+    const s = await failure(header({ nbSnapshots: 0, snapshotsOffset: 0x40100n }))
+    expect(s.message).toContain('Snapshot table offset invalid: 0x40100')
+  })
+
+  it('an unused table offset at or above 2^53 (empty table) opens, as in qemu; a used one is named', async () => {
+    const h = await open(header({ nbSnapshots: 0, snapshotsOffset: 1n << 60n }))
+    expect(h.snapshotsOffset).toBe(0)
+    const e = await failure(header({ nbSnapshots: 1, snapshotsOffset: 1n << 60n }))
+    expect(e.message).toContain('snapshots_offset 0x1000000000000000 is too large')
+    const past = await failure(header({ nbSnapshots: 1, snapshotsOffset: 1n << 63n }))
+    expect(past.message).toContain('Snapshot table offset invalid')
+  })
+
+  it('a size that is not a multiple of 512 is used rounded down, as QEMU keeps it in sectors', async () => {
+    const h = await open(header({ size: 0x2000ffn }))
+    expect(h.size).toBe(0x200000)
+    expect(h.sizeField).toBe(0x2000ff)
+  })
+
+  it('names end at the first NUL; a name that is not UTF-8 is kept for display with the reason it cannot be opened', async () => {
+    const nul = await open(header({ backingFileOffset: 0x400n, backingFileSize: 10 }, [], { at: 0x400, bytes: Uint8Array.of(...text('base.img'), 0, 0x41) }))
+    expect(nul.backingFile).toBe('base.img')
+    expect(nul.backingFileError).toBeUndefined()
+    const bad = await open(header({ backingFileOffset: 0x400n, backingFileSize: 5 }, [], { at: 0x400, bytes: Uint8Array.of(0x61, 0xff, 0xc3, 0x28, 0x62) }))
+    expect(bad.backingFile).toBe('a\ufffd\ufffd(b')
+    expect(bad.backingFileError).toBe('backing file name "a\\xff\\xc3(b" is not valid UTF-8')
+    const empty = await open(header({ backingFileOffset: 0x400n, backingFileSize: 4 }, [], { at: 0x400, bytes: new Uint8Array(4) }))
+    expect(empty.backingFile).toBeUndefined()
+    const df = await open(header({ incompatible: BigInt(C.INCOMPAT_DATA_FILE) }, [{ magic: C.EXT_DATA_FILE, data: Uint8Array.of(0x64, 0x80, 0x00, 0x7a) }]))
+    expect(df.dataFile).toBe('d\ufffd')
+    expect(df.dataFileError).toBe('data file name "d\\x80" is not valid UTF-8')
+  })
+})

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import { combinePath } from '../../../src/formats/qcow2/paths.js'
+import { combinePath, protocolPrefix } from '../../../src/formats/qcow2/paths.js'
 
 describe('combinePath (QEMU path_combine)', () => {
   it.each([
@@ -20,5 +20,21 @@ describe('combinePath (QEMU path_combine)', () => {
 
   it('keeps the image path as given, relative stays relative', () => {
     expect(combinePath('../images/x.qcow2', 'y.qcow2')).toBe('../images/y.qcow2')
+  })
+})
+
+describe('protocolPrefix (QEMU path_has_protocol)', () => {
+  it.each([
+    ['x:y', 'x'],
+    ['json:{"driver":"file"}', 'json'],
+    ['file:/etc/passwd', 'file'],
+    ['nbd://host/export', 'nbd'],
+    [':odd', ''],
+    ['base.qcow2', undefined],
+    ['dir/x:y', undefined],
+    ['/abs/x:y', undefined],
+    ['./x:y', undefined],
+  ])('%s -> %s', (name, want) => {
+    expect(protocolPrefix(name)).toBe(want)
   })
 })
