@@ -180,7 +180,10 @@ export function qemuImg(args: readonly string[], opts?: RunOptions): Promise<Run
 
 /** qemu-img ARGS that must succeed (exit 0); returns stdout. */
 export async function qemuImgOk(args: readonly string[], opts?: RunOptions): Promise<string> {
-  const r = await qemuImg(args, opts)
+  let r = await qemuImg(args, opts)
+  // LUKS key set-up times PBKDF2 by CPU usage, and on a loaded machine qemu sometimes cannot measure it:
+  // that is qemu's benchmark failing, not the command, so it is tried again (a few times at most)
+  for (let i = 0; i < 5 && r.code !== 0 && /Unable to get accurate CPU usage/.test(r.stderr); i++) r = await qemuImg(args, opts)
   if (r.code !== 0) throw new ToolError('qemu-img', args, r)
   return r.stdout
 }
