@@ -73,7 +73,11 @@ export async function createImage(path: string, o: CreateOptions): Promise<Creat
   let size = typeof o.size === 'string' ? parseSize(o.size) : (o.size ?? (options['size'] !== undefined ? parseSize(options['size']) : undefined))
   delete options['size']
   if (size === undefined && backing !== undefined) {
-    const { combinePath } = await import('../formats/qcow2/paths.js')
+    const { combinePath, protocolPrefix } = await import('../formats/qcow2/index.js')
+    const protocol = protocolPrefix(backing)
+    if (protocol !== undefined) {
+      throw new UsageError(`${path}: backing file names the protocol '${protocol}:'; imgtool opens only plain file names (give the size to write the name without opening it)`)
+    }
     const b = await openByPath(combinePath(path, backing), { format: formatOption(backingFormat), readOnly: true })
     size = b.virtualSize
     await b.close()
