@@ -82,6 +82,8 @@ export class CheckState {
   truncatedFindings = 0
   readonly zeroAllocUnaligned: EntryRef[] = []
   readonly pastEof: PastEof[] = []
+  /** L1 entries that are not zero but hold no L2 offset (reserved bits or COPIED only) */
+  readonly l1ZeroOffset: EntryRef[] = []
   readonly protectedClusters = new Set<number>()
   readonly skippedSnapshots: CheckSnapshot[] = []
   readonly refblocksOutside: number[] = []

@@ -18,17 +18,23 @@ export async function walkL1(st: CheckState, l1Offset: number, l1Size: number, a
   const l1 = await st.readTable(l1Offset, l1Size * 8, 'l1', 'check_refcounts_l1')
   const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength)
   const tables: { offset: number; length: number }[] = []
+  // qemu walks every non-zero entry, offset 0 too (it then reads the header
+  // cluster as an L2 table); a table wholly past the end of the file reads as
+  // zeros and counts nothing, so it is not read at all
   for (let i = 0; i < l1Size; i++) {
+    if (dv.getUint32(i * 8, false) === 0 && dv.getUint32(i * 8 + 4, false) === 0) continue
     const off = (dv.getUint32(i * 8, false) & 0x00ffffff) * TWO32 + ((dv.getUint32(i * 8 + 4, false) & 0xfffffe00) >>> 0)
-    if (off !== 0) tables.push({ offset: off, length: st.cs })
+    if (off < st.fileSize) tables.push({ offset: off, length: st.cs })
   }
   const prefetch = new Prefetcher(st.dev, tables, 'l2')
   for (let i = 0; i < l1Size; i++) {
     const hi = dv.getUint32(i * 8, false)
     const lo = dv.getUint32(i * 8 + 4, false)
+    if (hi === 0 && lo === 0) continue
     const l2Offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
-    if (l2Offset === 0) continue
     const ref: EntryRef = { tableOffset: l1Offset, index: i, active, l1Index: i, entrySize: 8 }
+    // non-zero but no L2 table: a guest read sees unallocated clusters; qemu's check counts the header again
+    if (l2Offset === 0) st.l1ZeroOffset.push(ref)
     if ((lo & 0x1ff) !== 0 || (hi & 0x7f000000) !== 0) {
       st.finding(
         'corruption',
@@ -57,7 +63,7 @@ export async function walkL1(st: CheckState, l1Offset: number, l1Size: number, a
       )
     }
     if (l2Offset % st.cs !== 0) st.unalignedL2.push(l2Offset - (l2Offset % st.cs))
-    await walkL2(st, l2Offset, i, active, stats, prefetch)
+    if (l2Offset < st.fileSize) await walkL2(st, l2Offset, i, active, stats, prefetch)
   }
 }
 
@@ -186,7 +192,8 @@ export function slowL2Entry(st: CheckState, dv: DataView, i: number, l2Offset: n
       )
       const nsec = ((hi >>> (x - 32)) & csizeMask) + 1
       const size = nsec * 512 - (lo % 512)
-      for (let k = Math.floor(coffset / cs); k <= Math.floor((coffset + size - 1) / cs); k++) st.protectedClusters.add(k)
+      // only clusters of the file (past 2^53 a double index would not even advance)
+      if (coffset < st.fileSize) for (let k = Math.floor(coffset / cs); k <= Math.floor((Math.min(coffset + size, st.fileSize) - 1) / cs); k++) st.protectedClusters.add(k)
       return nextK
     }
     const nsec = ((hi >>> (x - 32)) & csizeMask) + 1

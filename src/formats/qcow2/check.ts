@@ -46,6 +46,8 @@ export interface Qcow2Analysis {
   zeroAllocUnaligned: EntryRef[]
   /** entries whose target lies one cluster or more past the end of the file */
   pastEof: PastEof[]
+  /** L1 entries that are not zero but hold no L2 offset (-r all clears them: they map nothing) */
+  l1ZeroOffset: EntryRef[]
   copied: CopiedError[]
   /** reftable indices whose refblock is past the end of the file */
   refblocksOutside: number[]
@@ -119,16 +121,16 @@ async function runCheck(st: CheckState): Promise<Qcow2Analysis> {
     )
   }
   for (const s of snaps.snapshots) {
-    if (s.l1TableOffset % cs !== 0) {
+    if (s.l1Unaligned) {
       st.finding(
         'corruption',
         {
           kind: 'snapshot-l1-unaligned',
           structure: 'snapshot',
           hostOffset: s.entryOffset,
-          message: `qcow2: snapshot ${s.id} ('${s.name}'): L1 table offset ${hex(s.l1TableOffset)} is not cluster aligned; its tables are not walked and their clusters are kept`,
+          message: `qcow2: snapshot ${s.id} ('${s.name}'): L1 table offset ${s.l1TableOffsetHex} is not cluster aligned; its tables are not walked and their clusters are kept`,
         },
-        `ERROR snapshot ${s.id} (${s.name}) l1_offset=${cHex(s.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`,
+        `ERROR snapshot ${s.id} (${s.name}) l1_offset=${s.l1TableOffsetHex}: L1 table is not cluster aligned; snapshot table entry corrupted`,
       )
       st.skippedSnapshots.push(s)
       continue
@@ -198,6 +200,7 @@ async function runCheck(st: CheckState): Promise<Qcow2Analysis> {
     skippedSnapshots: st.skippedSnapshots,
     zeroAllocUnaligned: st.zeroAllocUnaligned,
     pastEof: st.pastEof,
+    l1ZeroOffset: st.l1ZeroOffset,
     copied,
     refblocksOutside: st.refblocksOutside,
     protectedClusters: st.protectedClusters,
