@@ -29,6 +29,7 @@ export function checkRefblocks(st: CheckState, reftable: Uint8Array): void {
         `ERROR refcount table entry ${i} has reserved bits set`,
       )
       st.rebuild = true
+      st.reftableBroken = true
       continue
     }
     if ((lo & 0xfffffe00 & (st.cs - 1)) !== 0) {
@@ -38,6 +39,7 @@ export function checkRefblocks(st: CheckState, reftable: Uint8Array): void {
         `ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`,
       )
       st.rebuild = true
+      st.reftableBroken = true
       continue
     }
     const cluster = offset / st.cs
@@ -65,6 +67,7 @@ export function checkRefblocks(st: CheckState, reftable: Uint8Array): void {
           `ERROR refcount block ${i} refcount=${c}`,
         )
         st.rebuild = true
+        st.reftableBroken = true
       }
     }
   }

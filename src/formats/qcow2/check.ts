@@ -36,6 +36,8 @@ export interface Qcow2Analysis {
   /** clusters compared (qemu's nb_clusters after the walk) */
   nbClusters: number
   rebuild: boolean
+  /** the refcount table itself is broken (an entry with reserved bits, unaligned, or a shared refblock): rebuild */
+  reftableBroken: boolean
   reftable: Uint8Array
   mismatches: Mismatch[]
   /** reftable indices whose refblock offset is unaligned (their refcounts cannot be read) */
@@ -46,6 +48,8 @@ export interface Qcow2Analysis {
   zeroAllocUnaligned: EntryRef[]
   /** entries whose target lies one cluster or more past the end of the file */
   pastEof: PastEof[]
+  /** more entries past EOF than pastEof holds */
+  pastEofTruncated: boolean
   /** L1 entries that are not zero but hold no L2 offset (-r all clears them: they map nothing) */
   l1ZeroOffset: EntryRef[]
   copied: CopiedError[]
@@ -193,6 +197,7 @@ async function runCheck(st: CheckState): Promise<Qcow2Analysis> {
     fileSize: st.fileSize,
     nbClusters: st.imrt.size,
     rebuild: st.rebuild,
+    reftableBroken: st.reftableBroken,
     reftable,
     mismatches: cmp.mismatches,
     unreadableBlocks: cmp.unreadable,
@@ -200,6 +205,7 @@ async function runCheck(st: CheckState): Promise<Qcow2Analysis> {
     skippedSnapshots: st.skippedSnapshots,
     zeroAllocUnaligned: st.zeroAllocUnaligned,
     pastEof: st.pastEof,
+    pastEofTruncated: st.pastEofTruncated,
     l1ZeroOffset: st.l1ZeroOffset,
     copied,
     refblocksOutside: st.refblocksOutside,
