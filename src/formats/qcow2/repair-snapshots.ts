@@ -88,7 +88,7 @@ export async function planSnapshotTable(dev: BlockDevice, file: string): Promise
       // a refcount structure that cannot take the new refcounts (no table entry, or an entry with reserved
       // bits, unaligned, past the end of the file) is rebuilt by the refcount phase that follows, which
       // counts the new table then: nothing is written through a broken entry
-      if (ti >= reftable.byteLength / 8) continue
+      if (ti >= reftable.byteLength / 8 || h.refcountTableOffset + ti * 8 + 8 > dev.size) continue
       const lo = rdv.getUint32(ti * 8 + 4)
       let off = rdv.getUint32(ti * 8) * TWO32 + ((lo & 0xfffffe00) >>> 0)
       if (!blocks.has(off) && ((lo & 0x1ff) !== 0 || (lo & 0xfffffe00 & (cs - 1)) !== 0 || off >= dev.size)) continue
