@@ -302,9 +302,10 @@ export async function planEntries(dev: BlockDevice, a: Qcow2Analysis, file: stri
         const t = await edits.table(r.tableOffset)
         const dv = new DataView(t.buffer, t.byteOffset, t.byteLength)
         const o = r.index * r.entrySize
-        const copied = rs.length === 1 ? 0x80000000 : 0
+        // COPIED stays clear until the refcount phase has counted the copy (the OFLAG_COPIED phase then
+        // sets it): a crash in between leaves a refcount to raise, never a COPIED flag that lies
         const off = copy * cs
-        dv.setUint32(o, ((dv.getUint32(o) & 0x7f000000) | copied | Math.floor(off / TWO32)) >>> 0)
+        dv.setUint32(o, ((dv.getUint32(o) & 0x7f000000) | Math.floor(off / TWO32)) >>> 0)
         dv.setUint32(o + 4, ((dv.getUint32(o + 4) & 0x1ff) | off % TWO32) >>> 0)
         actions.push({
           kind: 'copy-data-cluster',
