@@ -146,6 +146,11 @@ describeQemu('repair edge defects (issue 10), against qemu-img on the same bytes
     expect(exitOf(o.result!.after)).toBe(0)
     expect(o.result!.actions.some((a) => a.kind === 'trim-table')).toBe(true)
     expect(o.result!.actions.some((a) => a.kind === 'clear-l2-entry')).toBe(false)
+    // a dry run lists the trim (and does not refuse over the table it would trim)
+    const dry = new MemoryDevice(img.bytes, { name: 'd2.qcow2' })
+    const plan = await repairQcow2Device(dry, { repair: 'all', dryRun: true })
+    expect(plan.actions.map((a) => a.kind)).toEqual(['trim-table', 'note'])
+    expect(Buffer.from(dry.snapshot()).equals(Buffer.from(img.bytes))).toBe(true)
   })
 
   it('D3: an inflated l1_size: the L1 table is trimmed, every guest byte kept, qemu-img check clean', async () => {

@@ -135,6 +135,11 @@ async function repairSteps(dev: BlockDevice, o: RepairDeviceOptions, filename: s
     return y
   }
   if (o.repair === 'all' && cur) cur = await trim(cur)
+  if (o.dryRun && first && actions.length > 0) {
+    // everything after the trim is planned from the trimmed image, which a dry run does not make
+    actions.push({ kind: 'note', structure: 'header', message: 'the phases after the trim are planned from the trimmed tables: they are not listed here' })
+    return { before: { ...first.report, leaksFixed, corruptionsFixed }, after: first.report, actions, dryRun: true }
+  }
   // S. a snapshot table qemu-img check refuses or calls corrupt (-r all)
   let failed = firstFailure !== undefined
   if (o.repair === 'all' && (failed || cur!.snapshots.incomplete.length > 0 || cur!.snapshots.snapshots.length > 0)) {
