@@ -87,6 +87,8 @@ export class CheckState {
   truncatedFindings = 0
   readonly zeroAllocUnaligned: EntryRef[] = []
   readonly pastEof: PastEof[] = []
+  /** clusters whose counter hit the refcount width's maximum (at most one per cluster of the file) */
+  readonly overflowed = new Set<number>()
   /** L1 entries that are not zero but hold no L2 offset (reserved bits or COPIED only) */
   readonly l1ZeroOffset: EntryRef[] = []
   readonly protectedClusters = new Set<number>()
@@ -204,6 +206,7 @@ export class CheckState {
     const last = Math.floor((offset + size - 1) / this.cs)
     for (let k = first; k <= last; k++) {
       if (!this.imrt.inc(k)) {
+        this.overflowed.add(k)
         this.finding(
           'corruption',
           {

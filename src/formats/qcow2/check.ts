@@ -52,6 +52,8 @@ export interface Qcow2Analysis {
   pastEofTruncated: boolean
   /** L1 entries that are not zero but hold no L2 offset (-r all clears them: they map nothing) */
   l1ZeroOffset: EntryRef[]
+  /** clusters with more references than the refcount width can count */
+  overflowed: Set<number>
   copied: CopiedError[]
   /** reftable indices whose refblock is past the end of the file */
   refblocksOutside: number[]
@@ -207,6 +209,7 @@ async function runCheck(st: CheckState): Promise<Qcow2Analysis> {
     pastEof: st.pastEof,
     pastEofTruncated: st.pastEofTruncated,
     l1ZeroOffset: st.l1ZeroOffset,
+    overflowed: st.overflowed,
     copied,
     refblocksOutside: st.refblocksOutside,
     protectedClusters: st.protectedClusters,

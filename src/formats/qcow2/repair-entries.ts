@@ -48,7 +48,8 @@ function firstShared(a: Qcow2Analysis, off: number, len: number, from: number): 
   const self = off + len - a.fileSize < cs ? 1 : 0
   const start = off / cs
   const n = Math.min(Math.ceil(len / cs), nb - start)
-  for (let j = from; j < n; j++) if (a.imrt.get(start + j) > self) return j
+  // (with narrow refcounts the counter stops at its maximum: a cluster that overflowed is shared too)
+  for (let j = from; j < n; j++) if (a.imrt.get(start + j) > self || a.overflowed.has(start + j)) return j
   return -1
 }
 
@@ -284,7 +285,7 @@ export async function planEntries(dev: BlockDevice, a: Qcow2Analysis, file: stri
 
   // data entries pointing into metadata (counted twice: the metadata and the entry): the guest gets a copy
   const suspects = new Set(a.mismatches.filter((m) => m.expected > m.onDisk && meta.kinds.has(m.cluster)).map((m) => m.cluster))
-  for (const f of a.report.findings) if (f.kind === 'refcount-overflow' && f.cluster !== undefined && meta.kinds.has(f.cluster)) suspects.add(f.cluster)
+  for (const c of a.overflowed) if (meta.kinds.has(c)) suspects.add(c)
   const copies: Write[] = []
   if (suspects.size > 0) {
     const refs = (await entriesPointingAt(dev, a, suspects)).filter((r) => {
