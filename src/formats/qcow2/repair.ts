@@ -4,10 +4,17 @@
  * Phases, each planned from a fresh analysis (check.ts), journalled (every
  * region it overwrites saved and flushed before its first write), applied,
  * and flushed:
- *   A. entries (-r all): L2 entries pointing one cluster or more past EOF or
- *      into metadata are turned into zero clusters (the guest range is named);
- *      L1 entries pointing at L2 tables past EOF are cleared; preallocated zero
- *      clusters with unaligned offsets become plain zero clusters.
+ *   T. oversized tables (-r all, repair-entries.ts): an inflated refcount
+ *      table or active L1 table that runs over other structures' clusters is
+ *      trimmed; the data behind it is kept.
+ *   S. the snapshot table (-r all, repair-snapshots.ts).
+ *   A. entries (-r all, repair-entries.ts): L2 entries pointing one cluster or
+ *      more past EOF become zero clusters (the guest range is named); a data
+ *      cluster that really is metadata is copied for the guest; L1 entries
+ *      pointing at L2 tables past EOF, or holding no L2 offset, are cleared;
+ *      preallocated zero clusters with unaligned offsets become plain zero
+ *      clusters; an L1 entry whose L2 table is another structure makes repair
+ *      refuse, naming both readings.
  *   B. refcounts: leaked clusters are freed (never one that a structure we
  *      could not walk may own); with -r all (or on a dirty lazy-refcount image
  *      even with -r leaks) refcounts that are too low are raised, in place when
@@ -20,7 +27,10 @@
  *   D. the dirty and corrupt bits are cleared only if the image now checks
  *      without corruptions or check errors.
  * Refcount decreases never make anything worse if cut short; increases and the
- * new structure are complete before anything points at them.
+ * new structure are complete before anything points at them. Every phase
+ * passes repair-phase.ts's guard before its first write (never the header
+ * cluster, never beyond what it adds to the file), and a failure after the
+ * first write says so and names the undo journal.
  */
 import { CorruptImageError, ImgtoolError, ReadOnlyError, hex } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
@@ -29,7 +39,7 @@ import { CheckFailedError, analyzeQcow2, type Qcow2Analysis } from './check.js'
 import { TableEdits, planEntries, planTrim } from './repair-entries.js'
 import { guardPhase, type Phase, type Write } from './repair-phase.js'
 import { planSnapshotTable } from './repair-snapshots.js'
-import { hasExtendedL2, hasLazyRefcounts, isCorrupt, isDirty } from './header.js'
+import { hasLazyRefcounts, isCorrupt, isDirty } from './header.js'
 import { Qcow2Journal, type JournalRegion } from './journal.js'
 import { maxRefcount, refcountsPerBlock, setRefcountEntry } from './refcount-codec.js'
 import { MAX_REFTABLE_BYTES } from './constants.js'
