@@ -12,6 +12,24 @@ export interface DamageKind {
 }
 
 const hasData = (img: Qcow2Bytes) => img.dataEntries().length > 0
+
+/** refcount_table_clusters inflated to run to the end of the file, over whatever follows the table (D2) */
+export function inflateReftable(i: Qcow2Bytes): string | undefined {
+  const n = Math.min(i.clusters - i.reftableOffset / i.cs, (8 * 1024 * 1024) / i.cs)
+  const old = i.reftableClusters
+  if (n <= old + 1) return undefined
+  i.putU32(56, n)
+  return `refcount_table_clusters ${old} -> ${n}`
+}
+
+/** l1_size inflated to run to the end of the file, over whatever follows the L1 table (D3) */
+export function inflateL1(i: Qcow2Bytes): string | undefined {
+  const n = Math.min(Math.floor((i.clusters * i.cs - i.l1Offset) / 8), (32 * 1024 * 1024) / 8)
+  const old = i.l1Size
+  if (n <= old || (n * 8) / i.cs <= Math.ceil((old * 8) / i.cs)) return undefined
+  i.putU32(36, n)
+  return `l1_size ${old} -> ${n}`
+}
 const hasSnap = (img: Qcow2Bytes) => img.nbSnapshots > 0
 
 export const DAMAGES: DamageKind[] = [
@@ -42,6 +60,8 @@ export const DAMAGES: DamageKind[] = [
   { name: 'copied-l1-cleared', repairable: true, apply: (i) => (i.l2Tables().length && !hasSnap(i) ? i.clearCopiedL1() : undefined) },
   { name: 'data-past-eof', repairable: true, losesData: true, apply: (i) => (hasData(i) ? i.dataPastEof() : undefined) },
   { name: 'data-into-reftable', repairable: true, losesData: true, apply: (i) => (hasData(i) ? i.dataIntoReftable() : undefined) },
+  { name: 'reftable-clusters-inflated', repairable: true, apply: (i) => (hasData(i) ? inflateReftable(i) : undefined) },
+  { name: 'l1-size-inflated', repairable: true, apply: (i) => (hasData(i) ? inflateL1(i) : undefined) },
   // with 512-byte clusters every offset an entry can hold is aligned
   { name: 'data-misaligned', repairable: false, apply: (i) => (hasData(i) && i.cs > 512 ? i.misalignData() : undefined) },
   { name: 'l2-table-misaligned', repairable: false, apply: (i) => (i.l2Tables().length && i.cs > 512 ? i.misalignL2Table() : undefined) },

@@ -15,6 +15,7 @@ import { CrashDevice } from '../support/crash-device.js'
 import { sweepFaults } from '../support/faulty-device.js'
 import { Qcow2Bytes } from '../support/damage.js'
 import { fixture, fixtureBytes } from './fixtures.js'
+import { inflateL1, inflateReftable } from './damages.js'
 
 interface Case {
   fx: string
@@ -31,6 +32,9 @@ const CASES: Case[] = [
   { fx: 'v3-c512', name: 'entry past EOF cleared, then refcounts', mode: 'all', damage: (i) => (i.dataPastEof(), i.leak(1)) },
   { fx: 'v3-snapshot', name: 'snapshot table rewritten (extra data too big)', mode: 'all', damage: (i) => i.snapshotExtraTooBig() },
   { fx: 'v2-c4k', name: 'OFLAG_COPIED fixed after a leak', mode: 'all', damage: (i) => i.setRefcount(i.firstData().cluster, 2) },
+  { fx: 'v3-c4k', name: 'inflated refcount table trimmed', mode: 'all', damage: (i) => inflateReftable(i) },
+  { fx: 'v3-c4k', name: 'inflated L1 table trimmed', mode: 'all', damage: (i) => inflateL1(i) },
+  { fx: 'v3-c4k', name: 'data cluster on the refcount table copied', mode: 'all', damage: (i) => i.dataIntoReftable() },
   {
     fx: 'v3-snapshot',
     name: 'dirty lazy-refcount image with -r leaks',

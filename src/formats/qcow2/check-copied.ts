@@ -29,8 +29,10 @@ export async function checkCopied(st: CheckState, reftable: Uint8Array, cmp: { m
   const blockFor = (c: number): number => {
     const ti = Math.floor(c / perBlock)
     if (ti >= tableEntries) return 0
-    const off = rdv.getUint32(ti * 8, false) * TWO32 + ((rdv.getUint32(ti * 8 + 4, false) & 0xfffffe00) >>> 0)
-    return off % cs !== 0 ? -1 : off
+    const lo = rdv.getUint32(ti * 8 + 4, false)
+    const off = rdv.getUint32(ti * 8, false) * TWO32 + ((lo & 0xfffffe00) >>> 0)
+    // alignment from the low word: above 2^53 the double has lost those bits
+    return (lo & 0xfffffe00 & (cs - 1)) !== 0 ? -1 : off
   }
   /** the on-disk refcount: from the comparison where it ran (equal to the IMRT unless a mismatch was seen) */
   const onDiskSync = (c: number): number | undefined | null => {

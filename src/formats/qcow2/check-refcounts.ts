@@ -29,15 +29,17 @@ export function checkRefblocks(st: CheckState, reftable: Uint8Array): void {
         `ERROR refcount table entry ${i} has reserved bits set`,
       )
       st.rebuild = true
+      st.reftableBroken = true
       continue
     }
-    if (offset % st.cs !== 0) {
+    if ((lo & 0xfffffe00 & (st.cs - 1)) !== 0) {
       st.finding(
         'corruption',
-        { ...base, kind: 'refblock-unaligned', message: `qcow2: refcount block ${i} offset ${hex(offset)} is not aligned to cluster size ${hex(st.cs)}` },
+        { ...base, kind: 'refblock-unaligned', message: `qcow2: refcount block ${i} offset ${entryHex(hi, lo & 0xfffffe00)} is not aligned to cluster size ${hex(st.cs)}` },
         `ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`,
       )
       st.rebuild = true
+      st.reftableBroken = true
       continue
     }
     const cluster = offset / st.cs
@@ -65,6 +67,7 @@ export function checkRefblocks(st: CheckState, reftable: Uint8Array): void {
           `ERROR refcount block ${i} refcount=${c}`,
         )
         st.rebuild = true
+        st.reftableBroken = true
       }
     }
   }
@@ -126,22 +129,24 @@ export async function compareRefcounts(st: CheckState, reftable: Uint8Array): Pr
   let highest = 0 // qemu starts from cluster 0: the image end offset is at least one cluster
   const bits = st.copiedBits
   const blockAt = (ti: number) => (ti < tableEntries ? rdv.getUint32(ti * 8, false) * TWO32 + ((rdv.getUint32(ti * 8 + 4, false) & 0xfffffe00) >>> 0) : 0)
+  /** the refblock offset is unaligned: decided on the low word (above 2^53 the double has lost those bits) */
+  const unalignedAt = (ti: number) => ti < tableEntries && (rdv.getUint32(ti * 8 + 4, false) & 0xfffffe00 & (cs - 1)) !== 0
   const wanted: { offset: number; length: number }[] = []
   for (let ti = 0; ti * perBlock < nb; ti++) {
     const off = blockAt(ti)
-    if (off !== 0 && off % cs === 0) wanted.push({ offset: off, length: cs })
+    if (off !== 0 && !unalignedAt(ti)) wanted.push({ offset: off, length: cs })
   }
   const prefetch = new Prefetcher(st.dev, wanted, 'refblock')
   for (let ti = 0, base = 0; base < nb; ti++, base += perBlock) {
     const end = Math.min(nb, base + perBlock)
     let blockOffset = 0
     if (ti < tableEntries) blockOffset = rdv.getUint32(ti * 8, false) * TWO32 + ((rdv.getUint32(ti * 8 + 4, false) & 0xfffffe00) >>> 0)
-    if (blockOffset % cs !== 0) {
+    if (unalignedAt(ti)) {
       unreadable.add(ti)
       if (!st.corruptSignalled) {
         st.corruptSignalled = true
         st.diagnostics.push(
-          `qcow2: Image is corrupt: Refblock offset ${hex(blockOffset)} unaligned (reftable index: ${cHex(ti)}); further non-fatal corruption events will be suppressed`,
+          `qcow2: Image is corrupt: Refblock offset ${entryHex(rdv.getUint32(ti * 8, false), rdv.getUint32(ti * 8 + 4, false) & 0xfffffe00)} unaligned (reftable index: ${cHex(ti)}); further non-fatal corruption events will be suppressed`,
         )
       }
       for (let i = base; i < end; i++) {

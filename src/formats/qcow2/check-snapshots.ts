@@ -12,6 +12,10 @@ export interface CheckSnapshot {
   index: number
   entryOffset: number
   l1TableOffset: number
+  /** l1_table_offset is not cluster aligned (decided on the exact 64-bit value, not on the double) */
+  l1Unaligned: boolean
+  /** l1_table_offset in hex, exact (a double loses the low bits above 2^53) */
+  l1TableOffsetHex: string
   l1Size: number
   id: string
   name: string
@@ -87,7 +91,9 @@ export async function readSnapshotsForCheck(
     }
     const entryOffset = pos
     pos += SNAPSHOT_FIXED
-    const l1TableOffset = Number(u64be(fixed, 0))
+    const l1Raw = u64be(fixed, 0)
+    const l1TableOffset = Number(l1Raw)
+    const l1Unaligned = (u32be(fixed, 4) & (clusterSize - 1)) !== 0
     const l1Size = u32be(fixed, 8)
     const idSize = u16be(fixed, 12)
     const nameSize = u16be(fixed, 14)
@@ -121,7 +127,7 @@ export async function readSnapshotsForCheck(
       r.reduced += nb - i
       break
     }
-    r.snapshots.push({ index: i, entryOffset, l1TableOffset, l1Size, id, name, extraDataSize: extra })
+    r.snapshots.push({ index: i, entryOffset, l1TableOffset, l1Unaligned, l1TableOffsetHex: l1Raw === 0n ? '0' : `0x${l1Raw.toString(16)}`, l1Size, id, name, extraDataSize: extra })
     r.size = pos - offset
   }
   if (version >= 3) {

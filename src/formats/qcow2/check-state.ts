@@ -15,6 +15,9 @@ import type { CheckSnapshot } from './check-snapshots.js'
 /** Findings kept per report (the counts are always exact). */
 export const MAX_FINDINGS = 5000
 
+/** per-problem stderr lines kept per check (qemu-img prints them all; the counts are always exact) */
+export const MAX_DIAGNOSTICS = 100_000
+
 export const TWO32 = 0x1_0000_0000
 
 /** The check could not complete: qemu-img prints "Check failed: <errno text>" and exits 1. */
@@ -79,9 +82,15 @@ export class CheckState {
   imrt!: Imrt
   fileSize: number
   rebuild = false
+  /** a refcount table entry with reserved bits, unaligned, or a refblock shared with something else */
+  reftableBroken = false
   truncatedFindings = 0
   readonly zeroAllocUnaligned: EntryRef[] = []
   readonly pastEof: PastEof[] = []
+  /** clusters whose counter hit the refcount width's maximum (at most one per cluster of the file) */
+  readonly overflowed = new Set<number>()
+  /** L1 entries that are not zero but hold no L2 offset (reserved bits or COPIED only) */
+  readonly l1ZeroOffset: EntryRef[] = []
   readonly protectedClusters = new Set<number>()
   readonly skippedSnapshots: CheckSnapshot[] = []
   readonly refblocksOutside: number[] = []
@@ -117,11 +126,28 @@ export class CheckState {
     this.fileSize = dev.size
   }
 
+  /** no more findings nor diagnostic lines are kept: call sites only count (and build no message) */
+  get saturated(): boolean {
+    return this.report.findings.length >= MAX_FINDINGS && this.diagnostics.length > MAX_DIAGNOSTICS
+  }
+
+  /** a corruption counted when saturated */
+  countOnly(): undefined {
+    this.report.corruptions++
+    this.truncatedFindings++
+    return undefined
+  }
+
   finding(severity: Severity, f: Omit<Finding, 'severity'>, diag?: string): Finding | undefined {
     if (severity === 'leak') this.report.leaks++
     else if (severity === 'corruption') this.report.corruptions++
     else this.report.checkErrors++
-    if (diag !== undefined) this.diagnostics.push(diag)
+    if (diag !== undefined) {
+      // qemu-img prints every line; we keep the first MAX_DIAGNOSTICS (memory is bounded by the image's
+      // real metadata, not by how many garbage entries a damaged table declares) and count the rest
+      if (this.diagnostics.length < MAX_DIAGNOSTICS) this.diagnostics.push(diag)
+      else if (this.diagnostics.length === MAX_DIAGNOSTICS) this.diagnostics.push('(further diagnostic lines are not kept; the counts include them)')
+    }
     if (this.report.findings.length >= MAX_FINDINGS) {
       this.truncatedFindings++
       return undefined
@@ -141,10 +167,21 @@ export class CheckState {
     return [{ offset: (ref.l1Index * this.l2Count + ref.index) * this.cs, length: this.cs }]
   }
 
+  /** entries past EOF are kept for repair up to MAX_DIAGNOSTICS (repair goes round again for the rest) */
+  pastEofTruncated = false
+  addPastEof(p: PastEof): void {
+    if (this.pastEof.length < MAX_DIAGNOSTICS) this.pastEof.push(p)
+    else this.pastEofTruncated = true
+  }
+
   /** qcow2_inc_refcounts_imrt; false when the region ends a cluster or more past EOF */
   inc(offset: number, size: number, what: string, ref?: EntryRef, offsetHex?: string): boolean {
     if (size <= 0) return true
     if (offset + size - this.fileSize >= this.cs) {
+      if (this.saturated) {
+        this.countOnly()
+        return false
+      }
       const f: Omit<Finding, 'severity'> = {
         kind: 'past-eof',
         structure: ref ? (what === 'L2 table' ? 'l1' : 'l2') : what,
@@ -169,6 +206,7 @@ export class CheckState {
     const last = Math.floor((offset + size - 1) / this.cs)
     for (let k = first; k <= last; k++) {
       if (!this.imrt.inc(k)) {
+        this.overflowed.add(k)
         this.finding(
           'corruption',
           {

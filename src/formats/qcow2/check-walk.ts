@@ -15,22 +15,33 @@ import { CheckFailedError, TWO32, entryHex, type CheckState, type EntryRef, type
 export async function walkL1(st: CheckState, l1Offset: number, l1Size: number, active: boolean, stats: WalkStats | undefined): Promise<void> {
   if (l1Size === 0) return
   st.inc(l1Offset, l1Size * 8, active ? 'active L1 table' : 'snapshot L1 table')
+  // entries past the end of the file read as zeros: only the part inside the file is read (a declared
+  // 4 Mi-entry table on a small image costs what the file holds, not 32 MiB)
+  const inFile = Math.min(l1Size, Math.max(0, Math.ceil((st.fileSize - l1Offset) / 8)))
+  if (inFile === 0) return
+  l1Size = inFile
   const l1 = await st.readTable(l1Offset, l1Size * 8, 'l1', 'check_refcounts_l1')
   const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength)
   const tables: { offset: number; length: number }[] = []
+  // qemu walks every non-zero entry, offset 0 too (it then reads the header
+  // cluster as an L2 table); a table wholly past the end of the file reads as
+  // zeros and counts nothing, so it is not read at all
   for (let i = 0; i < l1Size; i++) {
+    if (dv.getUint32(i * 8, false) === 0 && dv.getUint32(i * 8 + 4, false) === 0) continue
     const off = (dv.getUint32(i * 8, false) & 0x00ffffff) * TWO32 + ((dv.getUint32(i * 8 + 4, false) & 0xfffffe00) >>> 0)
-    if (off !== 0) tables.push({ offset: off, length: st.cs })
+    if (off < st.fileSize) tables.push({ offset: off, length: st.cs })
   }
   const prefetch = new Prefetcher(st.dev, tables, 'l2')
   for (let i = 0; i < l1Size; i++) {
     const hi = dv.getUint32(i * 8, false)
     const lo = dv.getUint32(i * 8 + 4, false)
+    if (hi === 0 && lo === 0) continue
     const l2Offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
-    if (l2Offset === 0) continue
     const ref: EntryRef = { tableOffset: l1Offset, index: i, active, l1Index: i, entrySize: 8 }
+    // non-zero but no L2 table: a guest read sees unallocated clusters; qemu's check counts the header again
+    if (l2Offset === 0) st.l1ZeroOffset.push(ref)
     if ((lo & 0x1ff) !== 0 || (hi & 0x7f000000) !== 0) {
-      st.finding(
+      st.saturated ? st.countOnly() : st.finding(
         'corruption',
         {
           kind: 'l1-reserved-bits',
@@ -42,9 +53,9 @@ export async function walkL1(st: CheckState, l1Offset: number, l1Size: number, a
         `ERROR found L1 entry with reserved bits set: ${entryHex(hi, lo).slice(2)}`,
       )
     }
-    if (!st.inc(l2Offset, st.cs, 'L2 table', ref)) st.pastEof.push({ ref, kind: 'l2-table', hostOffset: l2Offset })
+    if (!st.inc(l2Offset, st.cs, 'L2 table', ref)) st.addPastEof({ ref, kind: 'l2-table', hostOffset: l2Offset })
     if (l2Offset % st.cs !== 0) {
-      st.finding(
+      st.saturated ? st.countOnly() : st.finding(
         'corruption',
         {
           kind: 'l2-table-unaligned',
@@ -57,7 +68,7 @@ export async function walkL1(st: CheckState, l1Offset: number, l1Size: number, a
       )
     }
     if (l2Offset % st.cs !== 0) st.unalignedL2.push(l2Offset - (l2Offset % st.cs))
-    await walkL2(st, l2Offset, i, active, stats, prefetch)
+    if (l2Offset < st.fileSize) await walkL2(st, l2Offset, i, active, stats, prefetch)
   }
 }
 
@@ -164,14 +175,14 @@ export function slowL2Entry(st: CheckState, dv: DataView, i: number, l2Offset: n
     // above 2^53 a double loses the low bits: print such offsets from a bigint
     const cHexExact = () => entryHex(hi & hiOffMask, lo)
     if (hi & 0x80000000) {
-      st.finding(
+      st.saturated ? st.countOnly() : st.finding(
         'corruption',
         st.entryFinding('compressed-copied', st.l2Ref(l2Offset, i, active, l1Index), coffset, `compressed cluster at ${cHexExact()} has the COPIED flag set`),
         `ERROR: coffset=${cHexExact()}: copied flag must never be set for compressed clusters`,
       )
     }
     if (st.dataFile) {
-      st.finding(
+      st.saturated ? st.countOnly() : st.finding(
         'corruption',
         st.entryFinding('compressed-data-file', st.l2Ref(l2Offset, i, active, l1Index), coffset, 'compressed cluster in an image with an external data file'),
         `ERROR compressed cluster ${i} with data file, entry=${entryHex(hi & 0x7fffffff, lo)}`,
@@ -179,14 +190,15 @@ export function slowL2Entry(st: CheckState, dv: DataView, i: number, l2Offset: n
       return nextK
     }
     if (ext && (bmAlloc !== 0 || bmZero !== 0)) {
-      st.finding(
+      st.saturated ? st.countOnly() : st.finding(
         'corruption',
         st.entryFinding('compressed-bitmap', st.l2Ref(l2Offset, i, active, l1Index), coffset, `compressed cluster has a non-zero subcluster bitmap; its host cluster is kept, not freed`),
         `ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=${entryHex(hi & 0x7fffffff, lo)}`,
       )
       const nsec = ((hi >>> (x - 32)) & csizeMask) + 1
       const size = nsec * 512 - (lo % 512)
-      for (let k = Math.floor(coffset / cs); k <= Math.floor((coffset + size - 1) / cs); k++) st.protectedClusters.add(k)
+      // only clusters of the file (past 2^53 a double index would not even advance)
+      if (coffset < st.fileSize) for (let k = Math.floor(coffset / cs); k <= Math.floor((Math.min(coffset + size, st.fileSize) - 1) / cs); k++) st.protectedClusters.add(k)
       return nextK
     }
     const nsec = ((hi >>> (x - 32)) & csizeMask) + 1
@@ -200,7 +212,7 @@ export function slowL2Entry(st: CheckState, dv: DataView, i: number, l2Offset: n
     return nextK
   }
   if ((lo & 0x1fe) !== 0 || (hi & 0x3f000000) !== 0) {
-    st.finding(
+    st.saturated ? st.countOnly() : st.finding(
       'corruption',
       st.entryFinding('l2-reserved-bits', st.l2Ref(l2Offset, i, active, l1Index), undefined, `L2 entry ${entryHex(hi, lo)} has reserved bits set`),
       `ERROR found l2 entry with reserved bits set: ${entryHex(hi, lo).slice(2)}`,
@@ -212,7 +224,7 @@ export function slowL2Entry(st: CheckState, dv: DataView, i: number, l2Offset: n
   if (offset === 0 && !(st.dataFile && (hi & 0x80000000) !== 0)) {
     // UNALLOCATED
     if (ext && bmAlloc !== 0) {
-      st.finding(
+      st.saturated ? st.countOnly() : st.finding(
         'corruption',
         st.entryFinding('extl2-unallocated-bitmap', st.l2Ref(l2Offset, i, active, l1Index), undefined, `unallocated cluster has allocation bits set in its subcluster bitmap (${hex(bmAlloc)})`),
         'ERROR: Unallocated cluster has non-zero subcluster allocation map',
@@ -222,7 +234,7 @@ export function slowL2Entry(st: CheckState, dv: DataView, i: number, l2Offset: n
   }
   // NORMAL or ZERO_ALLOC
   if (ext && (bmZero & bmAlloc) !== 0) {
-    st.finding(
+    st.saturated ? st.countOnly() : st.finding(
       'corruption',
       st.entryFinding('extl2-bitmap', st.l2Ref(l2Offset, i, active, l1Index), offset, `subclusters both allocated and zero (bitmap alloc ${hex(bmAlloc)}, zero ${hex(bmZero)})`),
       `ERROR offset=${offset.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`,
@@ -232,13 +244,13 @@ export function slowL2Entry(st: CheckState, dv: DataView, i: number, l2Offset: n
     const containsData = ext ? bmAlloc !== 0 : !zeroFlag
     if (!containsData) {
       st.zeroAllocUnaligned.push(st.l2Ref(l2Offset, i, active, l1Index))
-      st.finding(
+      st.saturated ? st.countOnly() : st.finding(
         'corruption',
         st.entryFinding('zero-alloc-unaligned', st.l2Ref(l2Offset, i, active, l1Index), offset, `preallocated zero cluster offset ${hex(offset)} is not cluster aligned`),
         `ERROR offset=${offset.toString(16)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`,
       )
     } else {
-      st.finding(
+      st.saturated ? st.countOnly() : st.finding(
         'corruption',
         st.entryFinding('data-unaligned', st.l2Ref(l2Offset, i, active, l1Index), offset, `data cluster offset ${hex(offset)} is not cluster aligned`),
         `ERROR offset=${offset.toString(16)}: Data cluster is not properly aligned; L2 entry corrupted.`,
@@ -265,7 +277,7 @@ export function slowL2Entry(st: CheckState, dv: DataView, i: number, l2Offset: n
       counters[k] = (counters[k] as number) + 1
     } else {
       const r = st.l2Ref(l2Offset, i, active, l1Index)
-      if (!st.inc(offset, cs, 'data cluster', r)) st.pastEof.push({ ref: r, kind: 'data', hostOffset: offset })
+      if (!st.inc(offset, cs, 'data cluster', r)) st.addPastEof({ ref: r, kind: 'data', hostOffset: offset })
     }
   }
   return next
@@ -293,7 +305,7 @@ export async function countBitmaps(st: CheckState): Promise<void> {
       const off = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
       const bad = (hi & 0xff000000) !== 0 || (lo & 0x1fe) !== 0 || (off !== 0 && ((lo & 1) !== 0 || off % st.cs !== 0))
       if (bad) {
-        st.finding('corruption', {
+        st.saturated ? st.countOnly() : st.finding('corruption', {
           kind: 'bitmap-table-entry',
           structure: 'bitmap',
           hostOffset: bm.tableOffset + i * 8,

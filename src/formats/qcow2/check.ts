@@ -36,6 +36,8 @@ export interface Qcow2Analysis {
   /** clusters compared (qemu's nb_clusters after the walk) */
   nbClusters: number
   rebuild: boolean
+  /** the refcount table itself is broken (an entry with reserved bits, unaligned, or a shared refblock): rebuild */
+  reftableBroken: boolean
   reftable: Uint8Array
   mismatches: Mismatch[]
   /** reftable indices whose refblock offset is unaligned (their refcounts cannot be read) */
@@ -46,6 +48,12 @@ export interface Qcow2Analysis {
   zeroAllocUnaligned: EntryRef[]
   /** entries whose target lies one cluster or more past the end of the file */
   pastEof: PastEof[]
+  /** more entries past EOF than pastEof holds */
+  pastEofTruncated: boolean
+  /** L1 entries that are not zero but hold no L2 offset (-r all clears them: they map nothing) */
+  l1ZeroOffset: EntryRef[]
+  /** clusters with more references than the refcount width can count */
+  overflowed: Set<number>
   copied: CopiedError[]
   /** reftable indices whose refblock is past the end of the file */
   refblocksOutside: number[]
@@ -119,16 +127,16 @@ async function runCheck(st: CheckState): Promise<Qcow2Analysis> {
     )
   }
   for (const s of snaps.snapshots) {
-    if (s.l1TableOffset % cs !== 0) {
+    if (s.l1Unaligned) {
       st.finding(
         'corruption',
         {
           kind: 'snapshot-l1-unaligned',
           structure: 'snapshot',
           hostOffset: s.entryOffset,
-          message: `qcow2: snapshot ${s.id} ('${s.name}'): L1 table offset ${hex(s.l1TableOffset)} is not cluster aligned; its tables are not walked and their clusters are kept`,
+          message: `qcow2: snapshot ${s.id} ('${s.name}'): L1 table offset ${s.l1TableOffsetHex} is not cluster aligned; its tables are not walked and their clusters are kept`,
         },
-        `ERROR snapshot ${s.id} (${s.name}) l1_offset=${cHex(s.l1TableOffset)}: L1 table is not cluster aligned; snapshot table entry corrupted`,
+        `ERROR snapshot ${s.id} (${s.name}) l1_offset=${s.l1TableOffsetHex}: L1 table is not cluster aligned; snapshot table entry corrupted`,
       )
       st.skippedSnapshots.push(s)
       continue
@@ -191,6 +199,7 @@ async function runCheck(st: CheckState): Promise<Qcow2Analysis> {
     fileSize: st.fileSize,
     nbClusters: st.imrt.size,
     rebuild: st.rebuild,
+    reftableBroken: st.reftableBroken,
     reftable,
     mismatches: cmp.mismatches,
     unreadableBlocks: cmp.unreadable,
@@ -198,6 +207,9 @@ async function runCheck(st: CheckState): Promise<Qcow2Analysis> {
     skippedSnapshots: st.skippedSnapshots,
     zeroAllocUnaligned: st.zeroAllocUnaligned,
     pastEof: st.pastEof,
+    pastEofTruncated: st.pastEofTruncated,
+    l1ZeroOffset: st.l1ZeroOffset,
+    overflowed: st.overflowed,
     copied,
     refblocksOutside: st.refblocksOutside,
     protectedClusters: st.protectedClusters,

@@ -85,9 +85,13 @@ export async function planSnapshotTable(dev: BlockDevice, file: string): Promise
     let next = start + n
     for (let k = start; k < start + n; k++) {
       const ti = Math.floor(k / perBlock)
-      if (ti >= reftable.byteLength / 8) throw new Error(`qcow2: ${file}: no room in the refcount table for the rewritten snapshot table`)
-      let off = rdv.getUint32(ti * 8) * TWO32 + ((rdv.getUint32(ti * 8 + 4) & 0xfffffe00) >>> 0)
-      if (off !== 0 && off % cs !== 0) throw new Error(`qcow2: ${file}: refcount block ${ti} is unaligned; repair the refcounts first`)
+      // a refcount structure that cannot take the new refcounts (no table entry, or an entry with reserved
+      // bits, unaligned, past the end of the file) is rebuilt by the refcount phase that follows, which
+      // counts the new table then: nothing is written through a broken entry
+      if (ti >= reftable.byteLength / 8 || h.refcountTableOffset + ti * 8 + 8 > dev.size) continue
+      const lo = rdv.getUint32(ti * 8 + 4)
+      let off = rdv.getUint32(ti * 8) * TWO32 + ((lo & 0xfffffe00) >>> 0)
+      if (!blocks.has(off) && ((lo & 0x1ff) !== 0 || (lo & 0xfffffe00 & (cs - 1)) !== 0 || off >= dev.size)) continue
       if (off === 0) {
         off = next++ * cs
         const nb = new Uint8Array(cs)

@@ -4,10 +4,17 @@
  * Phases, each planned from a fresh analysis (check.ts), journalled (every
  * region it overwrites saved and flushed before its first write), applied,
  * and flushed:
- *   A. entries (-r all): L2 entries pointing one cluster or more past EOF or
- *      into metadata are turned into zero clusters (the guest range is named);
- *      L1 entries pointing at L2 tables past EOF are cleared; preallocated zero
- *      clusters with unaligned offsets become plain zero clusters.
+ *   T. oversized tables (-r all, repair-entries.ts): an inflated refcount
+ *      table or active L1 table that runs over other structures' clusters is
+ *      trimmed; the data behind it is kept.
+ *   S. the snapshot table (-r all, repair-snapshots.ts).
+ *   A. entries (-r all, repair-entries.ts): L2 entries pointing one cluster or
+ *      more past EOF become zero clusters (the guest range is named); a data
+ *      cluster that really is metadata is copied for the guest; L1 entries
+ *      pointing at L2 tables past EOF, or holding no L2 offset, are cleared;
+ *      preallocated zero clusters with unaligned offsets become plain zero
+ *      clusters; an L1 entry whose L2 table is another structure makes repair
+ *      refuse, naming both readings.
  *   B. refcounts: leaked clusters are freed (never one that a structure we
  *      could not walk may own); with -r all (or on a dirty lazy-refcount image
  *      even with -r leaks) refcounts that are too low are raised, in place when
@@ -20,15 +27,20 @@
  *   D. the dirty and corrupt bits are cleared only if the image now checks
  *      without corruptions or check errors.
  * Refcount decreases never make anything worse if cut short; increases and the
- * new structure are complete before anything points at them.
+ * new structure are complete before anything points at them. Every phase
+ * passes repair-phase.ts's guard before its first write (never the header
+ * cluster, never beyond what it adds to the file), and a failure after the
+ * first write says so and names the undo journal.
  */
-import { ReadOnlyError, hex } from '../../errors.js'
+import { CorruptImageError, ImgtoolError, ReadOnlyError, hex } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
 import type { CheckOptions, CheckReport, RepairAction, RepairMode, RepairResult } from '../../check/types.js'
 import type { JournalIdentity } from '../../check/undo.js'
-import { CheckFailedError, analyzeQcow2, type EntryRef, type Qcow2Analysis } from './check.js'
+import { CheckFailedError, analyzeQcow2, type Qcow2Analysis } from './check.js'
+import { TableEdits, planEntries, planTrim } from './repair-entries.js'
+import { guardPhase, type Phase, type Write } from './repair-phase.js'
 import { planSnapshotTable } from './repair-snapshots.js'
-import { hasExtendedL2, hasLazyRefcounts, isCorrupt, isDirty } from './header.js'
+import { hasLazyRefcounts, isCorrupt, isDirty } from './header.js'
 import { Qcow2Journal, type JournalRegion } from './journal.js'
 import { maxRefcount, refcountsPerBlock, setRefcountEntry } from './refcount-codec.js'
 import { MAX_REFTABLE_BYTES } from './constants.js'
@@ -60,38 +72,53 @@ export async function repairQcow2(img: Qcow2Image, options: CheckOptions & { rep
   return r
 }
 
-/** A pending write: the new bytes of one region. */
-interface Write {
-  offset: number
-  data: Uint8Array
-  tag: string
-}
-
-interface Phase {
-  writes: Write[]
-  actions: RepairAction[]
-  leaksFixed: number
-  corruptionsFixed: number
-  /** written after `writes` are durable (the header switch to a new refcount structure) */
-  then?: Write[]
-}
-
 /** Repair the qcow2 image on `dev` (the library entry point; Qcow2Image.repair delegates here). */
 export async function repairQcow2Device(dev: BlockDevice, o: RepairDeviceOptions): Promise<RepairResult> {
   const filename = o.filename ?? dev.name
   const journal = o.journal && !o.dryRun ? new Qcow2Journal(o.journal) : undefined
+  const state = { wrote: false }
+  try {
+    return await repairSteps(dev, o, filename, journal, state)
+  } catch (e) {
+    throw repairFailure(e, filename, state.wrote, journal && journal.segments > 0 ? o.journalPath : undefined, Boolean(journal))
+  }
+}
+
+/**
+ * Every failure is one ImgtoolError line; once something was written it says
+ * so, and where the undo journal is.
+ */
+function repairFailure(e: unknown, file: string, wrote: boolean, journalPath: string | undefined, journalled: boolean): ImgtoolError {
+  const msg = e instanceof Error ? e.message : String(e)
+  if (!wrote) {
+    if (e instanceof ImgtoolError) return e
+    return new ImgtoolError('INTERNAL', `qcow2: ${file}: repair failed before writing anything: ${msg}`, { file }, { cause: e })
+  }
+  const undo = journalPath
+    ? `the undo journal ${journalPath} restores the image (imgtool repair --undo ${journalPath} ${file})`
+    : journalled
+      ? 'the undo journal holds nothing to restore'
+      : 'no undo journal was kept'
+  const code = e instanceof ImgtoolError ? e.code : 'INTERNAL'
+  return new ImgtoolError(code, `qcow2: ${file}: repair failed after it had written to the image: ${msg.replace(/\s*\n\s*/g, '; ')}; ${undo}`, { file, journal: journalPath }, { cause: e })
+}
+
+async function repairSteps(dev: BlockDevice, o: RepairDeviceOptions, filename: string, journal: Qcow2Journal | undefined, state: { wrote: boolean }): Promise<RepairResult> {
   const actions: RepairAction[] = []
   let leaksFixed = 0
   let corruptionsFixed = 0
 
   const run = async (p: Phase): Promise<void> => {
-    actions.push(...p.actions)
+    for (const act of p.actions) actions.push(act)
     leaksFixed += p.leaksFixed
     corruptionsFixed += p.corruptionsFixed
     if (o.dryRun || p.writes.length === 0) return
     const all = [...p.writes, ...(p.then ?? [])]
+    const cs = 2 ** (await dev.read(20, 4, 'header')).reduce((v, b) => v * 256 + b, 0)
+    guardPhase(filename, dev.size, cs, all)
     const regions: JournalRegion[] = all.filter((w) => w.offset < dev.size).map((w) => ({ offset: w.offset, length: Math.min(w.data.byteLength, dev.size - w.offset) }))
     if (journal) await journal.save(dev, regions)
+    state.wrote = true
     for (const w of p.writes) await dev.write(w.offset, w.data, w.tag)
     await dev.flush()
     if (p.then) {
@@ -99,39 +126,68 @@ export async function repairQcow2Device(dev: BlockDevice, o: RepairDeviceOptions
       await dev.flush()
     }
   }
+  const analyze = () => analyzeQcow2(dev, { filename })
 
-  // S. a snapshot table qemu-img check refuses or calls corrupt (-r all)
   let first: Qcow2Analysis | undefined
   let firstFailure: CheckFailedError | undefined
   try {
-    first = await analyzeQcow2(dev, { filename })
+    first = await analyze()
   } catch (e) {
     if (!(e instanceof CheckFailedError)) throw e
     firstFailure = e
   }
-  if (o.repair === 'all' && (firstFailure || first!.snapshots.incomplete.length > 0 || first!.snapshots.snapshots.length > 0)) {
+  let cur = first
+  // T. a table declared larger than the image needs that runs over other structures' clusters (-r all)
+  const trim = async (x: Qcow2Analysis): Promise<Qcow2Analysis> => {
+    const p = await planTrim(dev, x)
+    if (!p) return x
+    await run(p)
+    if (o.dryRun) return x
+    const y = await analyze()
+    corruptionsFixed += Math.max(0, x.report.corruptions - y.report.corruptions)
+    leaksFixed += Math.max(0, x.report.leaks - y.report.leaks)
+    return y
+  }
+  if (o.repair === 'all' && cur) cur = await trim(cur)
+  if (o.dryRun && first && actions.length > 0) {
+    // everything after the trim is planned from the trimmed image, which a dry run does not make
+    actions.push({ kind: 'note', structure: 'header', message: 'the phases after the trim are planned from the trimmed tables: they are not listed here' })
+    return { before: { ...first.report, leaksFixed, corruptionsFixed }, after: first.report, actions, dryRun: true }
+  }
+  // S. a snapshot table qemu-img check refuses or calls corrupt (-r all)
+  let failed = firstFailure !== undefined
+  if (o.repair === 'all' && (failed || cur!.snapshots.incomplete.length > 0 || cur!.snapshots.snapshots.length > 0)) {
     const sp = await planSnapshotTable(dev, filename)
     if (sp) {
       await run({ writes: sp.writes, then: sp.then, actions: sp.actions, leaksFixed: 0, corruptionsFixed: sp.fixed })
       if (o.dryRun && firstFailure) throw firstFailure
+      if (!o.dryRun) {
+        cur = await analyze()
+        failed = false
+        if (!first) cur = await trim(cur)
+      }
     }
   }
-  if (firstFailure && (o.dryRun || o.repair !== 'all' || actions.length === 0)) throw firstFailure
-  let a = o.dryRun || actions.length === 0 ? first! : await analyzeQcow2(dev, { filename })
+  if (failed || !cur) throw firstFailure!
+  let a = cur
   const dirtyLazy = isDirty(a.header) && hasLazyRefcounts(a.header)
   const fixErrors = o.repair === 'all' || dirtyLazy
 
   // A. entries that point at nothing valid
   if (o.repair === 'all') {
-    const p = await planEntries(dev, a)
-    await run(p)
-    if (p.writes.length && !o.dryRun) a = await analyzeQcow2(dev, { filename })
+    // the analysis lists a bounded number of entries past EOF: go round while there are more (bounded too)
+    for (let round = 0; round < 64; round++) {
+      const p = await planEntries(dev, a, filename)
+      await run(p)
+      if (p.writes.length && !o.dryRun) a = await analyze()
+      if (!a.pastEofTruncated || !p.writes.length || o.dryRun) break
+    }
   }
   // B. refcounts
   {
-    const p = await planRefcounts(dev, a, fixErrors)
+    const p = await planRefcounts(dev, a, fixErrors, filename)
     await run(p)
-    if (p.writes.length && !o.dryRun) a = await analyzeQcow2(dev, { filename })
+    if (p.writes.length && !o.dryRun) a = await analyze()
   }
   // C. OFLAG_COPIED
   {
@@ -139,7 +195,7 @@ export async function repairQcow2Device(dev: BlockDevice, o: RepairDeviceOptions
     if (a.copied.length > 0 && (fixErrors || onlyCopied)) {
       const p = await planCopied(dev, a)
       await run(p)
-      if (p.writes.length && !o.dryRun) a = await analyzeQcow2(dev, { filename })
+      if (p.writes.length && !o.dryRun) a = await analyze()
     }
   }
   // D. header bits, only when clean
@@ -166,162 +222,9 @@ export async function repairQcow2Device(dev: BlockDevice, o: RepairDeviceOptions
 }
 
 // ---------------------------------------------------------------------------
-// A. entries
-
-class TableEdits {
-  private readonly tables = new Map<number, Uint8Array>()
-  constructor(
-    private readonly dev: BlockDevice,
-    private readonly cs: number,
-  ) {}
-  async table(offset: number, length: number): Promise<Uint8Array> {
-    let t = this.tables.get(offset)
-    if (!t) {
-      t = new Uint8Array(await this.dev.read(offset, length, 'l2'))
-      this.tables.set(offset, t)
-    }
-    return t
-  }
-  writes(tag: string): Write[] {
-    return [...this.tables].map(([offset, data]) => ({ offset, data, tag }))
-  }
-  get size(): number {
-    return this.tables.size
-  }
-  get clusterSize(): number {
-    return this.cs
-  }
-}
-
-function guestOf(a: Qcow2Analysis, ref: EntryRef): string {
-  if (!ref.active) return `snapshot L2 table at ${hex(ref.tableOffset)} index ${ref.index}`
-  const per = a.header.clusterSize / ref.entrySize
-  const g = (ref.l1Index * per + ref.index) * a.header.clusterSize
-  return `guest ${hex(g)}-${hex(g + a.header.clusterSize - 1)}`
-}
-
-async function planEntries(dev: BlockDevice, a: Qcow2Analysis): Promise<Phase> {
-  const cs = a.header.clusterSize
-  const ext = hasExtendedL2(a.header)
-  const edits = new TableEdits(dev, cs)
-  const l1Edits = new Map<number, Uint8Array>()
-  const actions: RepairAction[] = []
-  let fixed = 0
-  const zeroEntry = async (ref: EntryRef, why: string) => {
-    const t = await edits.table(ref.tableOffset, cs)
-    const dv = new DataView(t.buffer, t.byteOffset, t.byteLength)
-    const o = ref.index * ref.entrySize
-    if (ext) {
-      // no host cluster; every subcluster reads as zero
-      dv.setUint32(o, 0)
-      dv.setUint32(o + 4, 0)
-      dv.setUint32(o + 8, 0xffffffff)
-      dv.setUint32(o + 12, 0)
-    } else {
-      dv.setUint32(o, 0)
-      dv.setUint32(o + 4, a.header.version >= 3 ? 1 : 0)
-    }
-    actions.push({ kind: 'clear-l2-entry', structure: 'l2', hostOffset: ref.tableOffset + o, message: `${why}: the entry of ${guestOf(a, ref)} becomes a zero cluster` })
-    fixed++
-  }
-  for (const p of a.pastEof) {
-    if (p.kind === 'data') {
-      await zeroEntry(p.ref, `data cluster ${hex(p.hostOffset)} is past the end of the file (reads as zeros)`)
-    } else {
-      const e = new Uint8Array(8)
-      l1Edits.set(p.ref.tableOffset + p.ref.index * 8, e)
-      actions.push({
-        kind: 'clear-l1-entry',
-        structure: 'l1',
-        hostOffset: p.ref.tableOffset + p.ref.index * 8,
-        message: `L2 table ${hex(p.hostOffset)} is past the end of the file: ${p.ref.active ? 'active' : 'snapshot'} L1 entry ${p.ref.index} cleared (its guest range read as zeros)`,
-      })
-      fixed++
-    }
-  }
-  for (const ref of a.zeroAllocUnaligned) await zeroEntry(ref, 'preallocated zero cluster with an unaligned offset')
-  // data entries pointing into metadata (counted twice: the metadata and the entry)
-  const meta = await metadataClusters(dev, a)
-  const suspects = new Set(a.mismatches.filter((m) => m.expected > m.onDisk && meta.has(m.cluster)).map((m) => m.cluster))
-  for (const f of a.report.findings) if (f.kind === 'refcount-overflow' && f.cluster !== undefined && meta.has(f.cluster)) suspects.add(f.cluster)
-  if (suspects.size > 0) {
-    for (const ref of await entriesPointingAt(dev, a, suspects)) await zeroEntry(ref, `data cluster ${hex(ref.l2Target! * a.header.clusterSize)} overlaps the ${meta.get(ref.l2Target!)}`)
-  }
-  const writes = [...edits.writes('l2'), ...[...l1Edits].map(([offset, data]) => ({ offset, data, tag: 'l1' }))]
-  return { writes, actions, leaksFixed: 0, corruptionsFixed: fixed }
-}
-
-/** clusters holding metadata, with what they hold */
-async function metadataClusters(dev: BlockDevice, a: Qcow2Analysis): Promise<Map<number, string>> {
-  const h = a.header
-  const cs = h.clusterSize
-  const m = new Map<number, string>()
-  const add = (off: number, len: number, what: string) => {
-    if (len <= 0) return
-    for (let k = Math.floor(off / cs); k <= Math.floor((off + len - 1) / cs); k++) if (!m.has(k)) m.set(k, what)
-  }
-  add(0, cs, 'header')
-  add(h.refcountTableOffset, h.refcountTableClusters * cs, 'refcount table')
-  const rdv = new DataView(a.reftable.buffer, a.reftable.byteOffset, a.reftable.byteLength)
-  for (let i = 0; i < a.reftable.byteLength / 8; i++) {
-    const off = rdv.getUint32(i * 8) * TWO32 + ((rdv.getUint32(i * 8 + 4) & 0xfffffe00) >>> 0)
-    if (off !== 0 && off % cs === 0) add(off, cs, `refcount block ${i}`)
-  }
-  add(a.snapshots.offset, a.snapshots.size, 'snapshot table')
-  const l1s: Array<{ off: number; size: number; what: string }> = [{ off: h.l1TableOffset, size: h.l1Size, what: 'active' }]
-  for (const s of a.snapshots.snapshots) if (s.l1TableOffset % cs === 0 && s.l1Size <= 4 * 1024 * 1024) l1s.push({ off: s.l1TableOffset, size: s.l1Size, what: `snapshot ${s.id}` })
-  for (const l of l1s) {
-    add(l.off, l.size * 8, `${l.what} L1 table`)
-    if (l.size === 0) continue
-    const t = await dev.read(l.off, l.size * 8, 'l1')
-    const dv = new DataView(t.buffer, t.byteOffset, t.byteLength)
-    for (let i = 0; i < l.size; i++) {
-      const off = (dv.getUint32(i * 8) & 0x00ffffff) * TWO32 + ((dv.getUint32(i * 8 + 4) & 0xfffffe00) >>> 0)
-      if (off !== 0) add(off, cs, `${l.what} L2 table`)
-    }
-  }
-  return m
-}
-
-type PointingRef = EntryRef & { l2Target?: number }
-
-/** active and snapshot L2 entries (normal / preallocated) whose host cluster is in `targets` */
-async function entriesPointingAt(dev: BlockDevice, a: Qcow2Analysis, targets: Set<number>): Promise<PointingRef[]> {
-  const h = a.header
-  const cs = h.clusterSize
-  const es = hasExtendedL2(h) ? 16 : 8
-  const out: PointingRef[] = []
-  const seen = new Set<string>()
-  const l1s = [{ off: h.l1TableOffset, size: h.l1Size, active: true }]
-  for (const s of a.snapshots.snapshots) if (s.l1TableOffset % cs === 0 && s.l1Size <= 4 * 1024 * 1024) l1s.push({ off: s.l1TableOffset, size: s.l1Size, active: false })
-  for (const l of l1s) {
-    if (l.size === 0) continue
-    const t = await dev.read(l.off, l.size * 8, 'l1')
-    const dv = new DataView(t.buffer, t.byteOffset, t.byteLength)
-    for (let i = 0; i < l.size; i++) {
-      const l2 = (dv.getUint32(i * 8) & 0x00ffffff) * TWO32 + ((dv.getUint32(i * 8 + 4) & 0xfffffe00) >>> 0)
-      if (l2 === 0 || l2 % cs !== 0) continue
-      const tb = await dev.read(l2, cs, 'l2')
-      const tv = new DataView(tb.buffer, tb.byteOffset, tb.byteLength)
-      for (let j = 0; j < cs / es; j++) {
-        const hi = tv.getUint32(j * es)
-        if (hi & 0x40000000) continue
-        const off = (hi & 0x00ffffff) * TWO32 + ((tv.getUint32(j * es + 4) & 0xfffffe00) >>> 0)
-        if (off === 0 || off % cs !== 0 || !targets.has(off / cs)) continue
-        const key = `${l2}:${j}`
-        if (seen.has(key)) continue
-        seen.add(key)
-        out.push({ tableOffset: l2, index: j, active: l.active, l1Index: i, entrySize: es, l2Target: off / cs })
-      }
-    }
-  }
-  return out
-}
-
-// ---------------------------------------------------------------------------
 // B. refcounts
 
-async function planRefcounts(dev: BlockDevice, a: Qcow2Analysis, fixErrors: boolean): Promise<Phase> {
+async function planRefcounts(dev: BlockDevice, a: Qcow2Analysis, fixErrors: boolean, file: string): Promise<Phase> {
   const h = a.header
   const cs = h.clusterSize
   const order = h.refcountOrder
@@ -329,9 +232,9 @@ async function planRefcounts(dev: BlockDevice, a: Qcow2Analysis, fixErrors: bool
   const rdv = new DataView(a.reftable.buffer, a.reftable.byteOffset, a.reftable.byteLength)
   const tableEntries = a.reftable.byteLength / 8
   const blockOf = (ti: number): number => (ti < tableEntries ? rdv.getUint32(ti * 8) * TWO32 + ((rdv.getUint32(ti * 8 + 4) & 0xfffffe00) >>> 0) : 0)
-  const structural = a.report.findings.some((f) => ['reftable-reserved-bits', 'refblock-unaligned', 'refblock-shared', 'refblock-outside'].includes(f.kind)) || a.unreadableBlocks.size > 0
+  const structural = a.reftableBroken || a.refblocksOutside.length > 0 || a.unreadableBlocks.size > 0
   const uncovered = a.mismatches.some((m) => m.onDisk < m.expected && blockOf(Math.floor(m.cluster / perBlock)) === 0)
-  if (fixErrors && (structural || uncovered)) return planRebuild(dev, a)
+  if (fixErrors && (structural || uncovered)) return planRebuild(dev, a, file)
 
   const actions: RepairAction[] = []
   const blocks = new Map<number, Uint8Array>()
@@ -341,7 +244,7 @@ async function planRefcounts(dev: BlockDevice, a: Qcow2Analysis, fixErrors: bool
   for (const m of a.mismatches) {
     const ti = Math.floor(m.cluster / perBlock)
     const off = blockOf(ti)
-    if (off === 0 || off % cs !== 0 || a.unreadableBlocks.has(ti)) continue
+    if (off === 0 || off >= a.fileSize || off % cs !== 0 || a.unreadableBlocks.has(ti)) continue
     if (m.onDisk > m.expected) {
       if (a.protectedClusters.has(m.cluster)) {
         kept++
@@ -370,7 +273,7 @@ async function planRefcounts(dev: BlockDevice, a: Qcow2Analysis, fixErrors: bool
  * free), placed past the end of the file, written before the header points at
  * them.
  */
-async function planRebuild(dev: BlockDevice, a: Qcow2Analysis): Promise<Phase> {
+async function planRebuild(dev: BlockDevice, a: Qcow2Analysis, file: string): Promise<Phase> {
   const h = a.header
   const cs = h.clusterSize
   const order = h.refcountOrder
@@ -388,11 +291,17 @@ async function planRebuild(dev: BlockDevice, a: Qcow2Analysis): Promise<Phase> {
   for (let i = 0; i < a.reftable.byteLength / 8; i++) {
     const lo = rdv.getUint32(i * 8 + 4)
     const off = rdv.getUint32(i * 8) * TWO32 + ((lo & 0xfffffe00) >>> 0)
-    if (off !== 0 && (lo & 0x1ff) === 0 && off % cs === 0 && off / cs < a.nbClusters) drop(off, cs)
+    if (off !== 0 && (lo & 0x1ff) === 0 && (lo & 0xfffffe00 & (cs - 1)) === 0 && off < a.fileSize) drop(off, cs)
   }
   // clusters a structure we could not walk may own keep a reference
   for (const c of a.protectedClusters) if (imrt.get(c) === 0) imrt.set(c, 1)
-  const end = Math.max(Math.ceil(a.fileSize / cs), imrt.size)
+  // the new structure goes right after the file's last cluster: placement comes from the real file size only
+  // (the IMRT reaches at most the partial cluster a reference may end in)
+  const fileEnd = Math.ceil(a.fileSize / cs)
+  if (imrt.size > fileEnd + 1) {
+    throw new CorruptImageError(`qcow2: ${file}: the recomputed refcounts reach cluster ${imrt.size - 1}, past the end of the file (size ${hex(a.fileSize)}); refcount structure not rebuilt`, { file, structure: 'refcount' })
+  }
+  const end = Math.max(fileEnd, imrt.size)
   let nBlocks = 0
   let nTable = 0
   for (;;) {
@@ -403,7 +312,7 @@ async function planRebuild(dev: BlockDevice, a: Qcow2Analysis): Promise<Phase> {
     nBlocks = nb2
     nTable = nt2
   }
-  if (nTable * cs > MAX_REFTABLE_BYTES) throw new Error(`qcow2: the rebuilt refcount table would need ${nTable} clusters (limit 8 MiB)`)
+  if (nTable * cs > MAX_REFTABLE_BYTES) throw new CorruptImageError(`qcow2: ${file}: the rebuilt refcount table would need ${nTable} clusters (limit 8 MiB)`, { file, structure: 'reftable' })
   const blocksStart = end
   const tableStart = end + nBlocks
   for (let k = blocksStart; k < tableStart + nTable; k++) imrt.set(k, 1)
@@ -461,7 +370,7 @@ async function planCopied(dev: BlockDevice, a: Qcow2Analysis): Promise<Phase> {
       e[0] = c.set ? (e[0] ?? 0) | 0x80 : (e[0] ?? 0) & 0x7f
       l1Writes.push({ offset: at, data: e, tag: 'l1' })
     } else {
-      const t = await edits.table(c.ref.tableOffset, cs)
+      const t = await edits.table(c.ref.tableOffset)
       const o = c.ref.index * c.ref.entrySize
       t[o] = c.set ? (t[o] ?? 0) | 0x80 : (t[o] ?? 0) & 0x7f
     }
