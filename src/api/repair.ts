@@ -111,6 +111,10 @@ export async function repair(path: string, o: RepairOptions = {}): Promise<Repai
     try {
       result = await image.repair(opts)
     } catch (e) {
+      if (created && isImgtoolError(e) && e.details['journal'] === created.path) {
+        // the format said it had written and named the journal already
+        throw new RepairIncompleteError(e.message, { ...e.details, file: path })
+      }
       if (created && created.device.size > 0) {
         // the repair stopped after it had changed the image: say where the bytes it changed are, in the one line
         const why = isImgtoolError(e) ? e.message : `internal error: ${e instanceof Error ? e.message : String(e)}`

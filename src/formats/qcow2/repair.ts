@@ -95,7 +95,7 @@ function repairFailure(e: unknown, file: string, wrote: boolean, journalPath: st
     return new ImgtoolError('INTERNAL', `qcow2: ${file}: repair failed before writing anything: ${msg}`, { file }, { cause: e })
   }
   const undo = journalPath
-    ? `the undo journal ${journalPath} restores the image (imgtool repair --undo ${journalPath} ${file})`
+    ? `the undo journal ${journalPath} restores the image (imgtool repair --undo ${journalPath} --force ${file}: the journal is not sealed)`
     : journalled
       ? 'the undo journal holds nothing to restore'
       : 'no undo journal was kept'
