@@ -1,5 +1,5 @@
 /**
- * v2 snapshot operations are shadow commits (snapshot-v2.ts): what they leave
+ * v2 snapshot operations are shadow commits (snapshot-shadow.ts): what they leave
  * behind after a clean run, beside the crash and fault sweeps of the same
  * operations. The space a commit frees (old refcount structures, replaced L2
  * tables and L1 tables) is reused by the next one, and qemu-img reads the

@@ -331,6 +331,61 @@ export const WORKLOADS: Workload[] = [
       await c.write(50_000, pattern(4, 700))
     },
   },
+  // v3 snapshot operations are shadow commits too (D22): leak-only at every crash point with the dirty bit clear
+  {
+    name: 'v3 snapshot create (4 KiB clusters, 4 L2 tables, compressed clusters, a snapshot)',
+    size: 8 * 1024 * K,
+    options: { cluster_size: '4096' },
+    sweep: { exhaustiveLimit: 6, randomSubsets: 8, maxTornPerWrite: 2 },
+    prepare: async (c) => {
+      for (let i = 0; i < 4; i++) await c.write(i * 2048 * K + 1000, pattern(i, 25_000, i + 1))
+      for (let i = 0; i < 3; i++) await c.compressed(512 + 8 + i, compressible(i, 4096))
+      await c.snapshot('create', 'c4-old')
+      await c.write(9000, pattern(5, 12_000, 3))
+    },
+    run: async (c) => {
+      await c.snapshot('create', 'c4-new')
+      await c.write(4096 + 10, pattern(6, 2000, 4))
+      await c.flush()
+      await c.write(2048 * K + 5000, pattern(7, 3000, 5))
+    },
+  },
+  {
+    name: 'v3 snapshot delete (64 KiB clusters, compressed clusters, of two snapshots)',
+    size: 4 * 1024 * K,
+    options: { cluster_size: '65536' },
+    sweep: { exhaustiveLimit: 6, randomSubsets: 8, maxTornPerWrite: 2 },
+    prepare: async (c) => {
+      await c.write(1000, pattern(0, 300_000))
+      for (let i = 0; i < 3; i++) await c.compressed(20 + i, compressible(i, 65536))
+      await c.snapshot('create', 'd64-a')
+      await c.write(70_000, pattern(1, 100_000, 2))
+      await c.compressed(21, compressible(9, 65536))
+      await c.snapshot('create', 'd64-b')
+      await c.write(2 * 1024 * K, pattern(2, 80_000, 3))
+    },
+    run: async (c) => {
+      await c.snapshot('delete', 'd64-a')
+      await c.write(100, pattern(3, 500, 4))
+    },
+  },
+  {
+    name: 'v3 snapshot apply (64 KiB clusters, compressed clusters)',
+    size: 4 * 1024 * K,
+    options: { cluster_size: '65536' },
+    sweep: { exhaustiveLimit: 6, randomSubsets: 8, maxTornPerWrite: 2 },
+    prepare: async (c) => {
+      await c.write(1000, pattern(0, 300_000))
+      for (let i = 0; i < 3; i++) await c.compressed(20 + i, compressible(i, 65536))
+      await c.snapshot('create', 'a64')
+      await c.write(70_000, pattern(1, 100_000, 2))
+      await c.compressed(21, compressible(9, 65536))
+    },
+    run: async (c) => {
+      await c.snapshot('apply', 'a64')
+      await c.write(3000, pattern(3, 700, 4))
+    },
+  },
   {
     name: 'resize grow (new L1 table)',
     size: 16 * K,

@@ -1,7 +1,7 @@
 /**
  * Fault sweep of the qcow2 writer: EIO and ENOSPC injected at every read,
  * write and flush of the crash workloads. The operation rejects with a clear
- * I/O error; after the image is closed (and, if a transaction left it dirty,
+ * I/O error; after the image is closed (and, if lazy refcounts left it dirty,
  * reopened, which repairs it), check finds 0 corruptions and 0 leaks.
  * Workloads with an external data file are swept twice: faults in the image
  * file, then faults in the data file. Every run starts from fresh copies of
@@ -42,6 +42,8 @@ async function checkAfterFault(w: Workload, p: FaultPoint, errno: FaultErrno, im
     return true
   }
   if ((u64be(head, 72) & 1n) !== 0n) {
+    // snapshot operations are shadow commits (never dirty): only lazy refcounts may leave a dirty image
+    expect(w.options['lazy_refcounts'], 'a dirty image without lazy refcounts').toBe('on')
     const img = await openOn(image, files) // a dirty image is repaired on open
     await img.close()
   }

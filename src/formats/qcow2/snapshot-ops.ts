@@ -1,24 +1,21 @@
 /**
- * Internal snapshots: create (copy the L1 table, raise the refcount of
- * everything it reaches, clear COPIED), list, apply (goto) and delete (free
- * what only the snapshot held). Refcounts and COPIED flags change together,
- * so each operation runs as a writer transaction: the dirty bit is set and
- * flushed first and cleared after, and a crash in between leaves an image that
- * the next read-write open repairs. A new snapshot table is written and flushed
- * before the header points at it (one 12-byte write), the old one freed after.
- * v2 images have no dirty bit: there each operation is a shadow commit
- * (snapshot-v2.ts), switched by one header write.
+ * Internal snapshots: create (the snapshot takes the active L1 table, the
+ * active image a copy), list, apply (goto) and delete. Refcounts and COPIED
+ * flags change together, which no order of in-place writes can keep
+ * consistent at every crash point, so each operation is a shadow commit
+ * (snapshot-shadow.ts): the new tables and a complete new refcount structure
+ * are written to free clusters, then one header write switches to them. A
+ * crash leaves the old image or the new one (v2 and v3 alike).
  */
 import { NotFoundError, UnsupportedFeatureError, UsageError } from '../../errors.js'
 import type { SnapshotInfo } from '../../image/disk-image.js'
 import { putU16be, putU32be, putU64be } from '../../util/bytes.js'
 import { decodeL1, decodeL2 } from './entries.js'
-import { fixCopiedFlags } from './dirty.js'
 import { hasDataFile, l1EntriesNeeded, l2EntrySize } from './header.js'
 import type { Qcow2Image } from './image.js'
-import { SNAPSHOT_FIXED_BYTES, snapshotInfo, snapshotTableBytes, type Qcow2Snapshot } from './snapshot-table.js'
+import { SNAPSHOT_FIXED_BYTES, snapshotInfo, type Qcow2Snapshot } from './snapshot-table.js'
 import type { Qcow2Writer } from './write.js'
-import { commitV2 } from './snapshot-v2.js'
+import { commitShadow } from './snapshot-shadow.js'
 
 function writerOf(img: Qcow2Image): Qcow2Writer {
   if (!img.writer) throw img.writerRefusal ?? new UnsupportedFeatureError(`qcow2: ${img.filename}: image is not open for writing`)
@@ -27,20 +24,6 @@ function writerOf(img: Qcow2Image): Qcow2Writer {
 
 export function listSnapshots(img: Qcow2Image): SnapshotInfo[] {
   return img.snapshots.map(snapshotInfo)
-}
-
-/** Run `body` as a writer transaction; a failure part way leaves the writer refusing until reopen. */
-async function transaction<T>(w: Qcow2Writer, body: () => Promise<T>): Promise<T> {
-  await w.beginTransaction()
-  let result: T
-  try {
-    result = await body()
-  } catch (e) {
-    w.abortTransaction()
-    throw e
-  }
-  await w.endTransaction()
-  return result
 }
 
 /** Refuse before changing anything if adding `delta` would overflow a refcount (small refcount_bits). */
@@ -137,71 +120,6 @@ export function encodeSnapshotTable(snaps: Qcow2Snapshot[]): Uint8Array {
   return out
 }
 
-/**
- * Add `delta` to the refcount of every cluster reachable from an L1 table
- * (its L2 tables and their data), as qcow2_update_snapshot_refcount does.
- */
-async function updateReachable(img: Qcow2Image, w: Qcow2Writer, l1: Uint8Array, l1Size: number, delta: number): Promise<void> {
-  const h = img.header
-  const cs = h.clusterSize
-  const es = l2EntrySize(h)
-  const ctx = img.mapper.decodeContext
-  const dataFile = hasDataFile(h)
-  const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength)
-  for (let i = 0; i < l1Size; i++) {
-    const e = decodeL1(dv, i * 8)
-    if (e.l2Offset === 0) continue
-    const t = await img.device.read(e.l2Offset, cs, 'l2')
-    const tdv = new DataView(t.buffer, t.byteOffset, t.byteLength)
-    for (let j = 0; j < cs / es; j++) {
-      const le = decodeL2(tdv, j * es, ctx)
-      if (le.type === 'compressed') await w.rc.update(le.hostOffset - (le.hostOffset % 512), le.sectors * 512, delta)
-      else if ((le.type === 'normal' || le.type === 'zero') && le.hostOffset !== 0 && !dataFile) await w.rc.update(le.hostOffset, cs, delta)
-    }
-    await w.rc.update(e.l2Offset, cs, delta)
-    if (delta < 0 && (await w.rc.get(e.l2Offset / cs)) === 0) {
-      w.guard.set(e.l2Offset / cs, undefined)
-      img.mapper.l2cache.delete(e.l2Offset)
-    }
-  }
-}
-
-/** Write a new snapshot table and point the header at it; frees the old table. */
-async function installTable(img: Qcow2Image, w: Qcow2Writer, snaps: Qcow2Snapshot[]): Promise<void> {
-  const h = img.header
-  const cs = h.clusterSize
-  const bytes = encodeSnapshotTable(snaps)
-  let offset = 0
-  if (snaps.length > 0) {
-    offset = await w.allocClusters(Math.ceil(bytes.byteLength / cs))
-    await w.writeMetadata(offset, bytes, 'snapshot')
-  }
-  await w.rc.persist()
-  await w.flushNow()
-  const hdr = new Uint8Array(12)
-  putU32be(hdr, 0, snaps.length)
-  putU64be(hdr, 4, offset)
-  await w.writeMetadata(60, hdr, 'header')
-  await w.flushNow()
-  const oldOffset = h.snapshotsOffset
-  const oldBytes = h.nbSnapshots > 0 ? snapshotTableBytes(img.snapshots, oldOffset) : 0
-  h.nbSnapshots = snaps.length
-  h.snapshotsOffset = offset
-  if (oldBytes > 0) {
-    w.guard.setRange(oldOffset, oldBytes, undefined)
-    await w.rc.update(oldOffset, oldBytes, -1)
-  }
-  if (snaps.length > 0) w.guard.setRange(offset, bytes.byteLength, 'snapshot')
-  // entry offsets as laid out in the new table
-  let pos = offset
-  for (const s of snaps) {
-    s.entryOffset = pos
-    pos += Math.ceil((SNAPSHOT_FIXED_BYTES + s.extraData.byteLength + new TextEncoder().encode(s.id).byteLength + new TextEncoder().encode(s.name).byteLength) / 8) * 8
-  }
-  img.snapshots.length = 0
-  img.snapshots.push(...snaps)
-}
-
 export async function createSnapshot(img: Qcow2Image, name: string, now = Date.now()): Promise<SnapshotInfo> {
   const w = writerOf(img)
   if (hasDataFile(img.header)) {
@@ -213,34 +131,13 @@ export async function createSnapshot(img: Qcow2Image, name: string, now = Date.n
       throw new UsageError(`qcow2: ${img.filename}: a snapshot named '${name}' already exists`)
     }
     const h = img.header
-    const cs = h.clusterSize
     w.assertUsable()
     await checkOverflow(img, w, img.l1, h.l1Size)
-    if (h.version < 3) {
-      // the snapshot takes the active L1 table as it is; the active image gets a copy
-      const snap = newSnapshot(img, name, now, h.l1Size > 0 ? h.l1TableOffset : 0)
-      const snaps = [...img.snapshots, snap]
-      await commitV2(img, w, { l1: img.l1.slice(), l1Size: h.l1Size, snapshots: snaps, table: encodeSnapshotTable(snaps) })
-      return listSnapshots(img).find((s) => s.id === snap.id)!
-    }
-    return transaction(w, async () => {
-    const l1 = img.l1.slice()
-    let l1Offset = 0
-    if (h.l1Size > 0) {
-      l1Offset = await w.allocClusters(Math.ceil((h.l1Size * 8) / cs))
-      await w.writeMetadata(l1Offset, l1, 'l1')
-      w.guard.setRange(l1Offset, h.l1Size * 8, 'snapshot-l1')
-    }
-    await updateReachable(img, w, img.l1, h.l1Size, +1)
-    await w.rc.persist()
-    await w.flushNow()
-    // the active tables are shared now: COPIED goes
-    await fixCopiedFlags(img, () => 2)
-    img.mapper.l2cache.clear()
-    const snap = newSnapshot(img, name, now, l1Offset)
-    await installTable(img, w, [...img.snapshots, snap])
+    // the snapshot takes the active L1 table as it is; the active image gets a copy
+    const snap = newSnapshot(img, name, now, h.l1Size > 0 ? h.l1TableOffset : 0)
+    const snaps = [...img.snapshots, snap]
+    await commitShadow(img, w, { l1: img.l1.slice(), l1Size: h.l1Size, snapshots: snaps, table: encodeSnapshotTable(snaps) })
     return listSnapshots(img).find((s) => s.id === snap.id)!
-    })
   })
 }
 
@@ -249,60 +146,20 @@ export async function deleteSnapshot(img: Qcow2Image, nameOrId: string): Promise
   return w.mutex.run(async () => {
     const s = find(img, nameOrId)
     w.assertUsable()
-    if (img.header.version < 3) {
-      const snaps = img.snapshots.filter((x) => x !== s)
-      await commitV2(img, w, { l1: img.l1.slice(), l1Size: img.header.l1Size, snapshots: snaps, table: encodeSnapshotTable(snaps) })
-      return
-    }
-    return transaction(w, async () => {
-    await installTable(img, w, img.snapshots.filter((x) => x !== s))
-    const l1 = s.l1Size > 0 ? await img.device.read(s.l1TableOffset, s.l1Size * 8, 'l1') : new Uint8Array(0)
-    await updateReachable(img, w, l1, s.l1Size, -1)
-    if (s.l1Size > 0) {
-      w.guard.setRange(s.l1TableOffset, s.l1Size * 8, undefined)
-      await w.rc.update(s.l1TableOffset, s.l1Size * 8, -1)
-    }
-    await w.rc.persist()
-    await w.flushNow()
-    await fixActiveCopied(img, w)
-    img.dropCompressedCache()
-    })
+    const snaps = img.snapshots.filter((x) => x !== s)
+    await commitShadow(img, w, { l1: img.l1.slice(), l1Size: img.header.l1Size, snapshots: snaps, table: encodeSnapshotTable(snaps) })
   })
-}
-
-async function fixActiveCopied(img: Qcow2Image, w: Qcow2Writer): Promise<void> {
-  const cs = img.header.clusterSize
-  // refcounts are in the writer; gather the ones the active tables reach
-  const need = new Set<number>()
-  const h = img.header
-  const dv = new DataView(img.l1.buffer, img.l1.byteOffset, img.l1.byteLength)
-  const es = l2EntrySize(h)
-  const ctx = img.mapper.decodeContext
-  for (let i = 0; i < h.l1Size; i++) {
-    const e = decodeL1(dv, i * 8)
-    if (e.l2Offset === 0) continue
-    need.add(e.l2Offset / cs)
-    const t = await img.device.read(e.l2Offset, cs, 'l2')
-    const tdv = new DataView(t.buffer, t.byteOffset, t.byteLength)
-    for (let j = 0; j < cs / es; j++) {
-      const le = decodeL2(tdv, j * es, ctx)
-      if ((le.type === 'normal' || le.type === 'zero') && le.hostOffset !== 0) need.add(Math.floor(le.hostOffset / cs))
-    }
-  }
-  const counts = new Map<number, number>()
-  for (const c of need) counts.set(c, await w.rc.get(c))
-  img.mapper.l2cache.clear()
-  await fixCopiedFlags(img, (c) => counts.get(c) ?? 0)
 }
 
 /**
  * Apply (goto) a snapshot. When the snapshot's disk size differs from the
  * image's, the image takes the snapshot's size, as qcow2_snapshot_goto does
  * (it truncates first); a v2 image with snapshots cannot be resized, so there
- * it is refused as in QEMU. A size change, or a snapshot L1 table larger than
- * the active one, gets a new active L1 table: written and flushed, then one
- * header write switches size, l1_size and l1_table_offset together, so a
- * crash leaves either the old image or the snapshot's, never a mix.
+ * it is refused as in QEMU. The new active L1 table (of the new size when
+ * the size changes, or when the snapshot's table is larger) is part of the
+ * shadow commit, whose one header write switches size, l1_size and
+ * l1_table_offset together, so a crash leaves either the old image or the
+ * snapshot's, never a mix.
  */
 export async function applySnapshot(img: Qcow2Image, nameOrId: string): Promise<void> {
   const w = writerOf(img)
@@ -311,7 +168,6 @@ export async function applySnapshot(img: Qcow2Image, nameOrId: string): Promise<
     w.bitmaps?.checkSnapshotApply(nameOrId)
     const s = find(img, nameOrId)
     const h = img.header
-    const cs = h.clusterSize
     const newSize = s.diskSize ?? h.size
     const resize = newSize !== h.size
     if (resize && h.version < 3) {
@@ -323,59 +179,8 @@ export async function applySnapshot(img: Qcow2Image, nameOrId: string): Promise<
     const snapL1 = new Uint8Array(l1Size * 8)
     if (s.l1Size > 0) snapL1.set(await img.device.read(s.l1TableOffset, s.l1Size * 8, 'l1'))
     await checkOverflow(img, w, snapL1, l1Size)
-    if (h.version < 3) {
-      // v2: no resize (refused above); the active L1 becomes a copy of the snapshot's
-      const snaps = [...img.snapshots]
-      await commitV2(img, w, { l1: snapL1, l1Size, snapshots: snaps, table: encodeSnapshotTable(snaps) })
-      return
-    }
-    return transaction(w, async () => {
-    // new references first, so nothing reaches zero while still referenced
-    await updateReachable(img, w, snapL1, l1Size, +1)
-    await w.rc.persist()
-    await w.flushNow()
-    const old = img.l1.slice()
-    const oldL1 = { offset: h.l1TableOffset, size: h.l1Size }
-    if (newTable) {
-      const offset = l1Size > 0 ? await w.allocClusters(Math.ceil((l1Size * 8) / cs)) : 0
-      if (l1Size > 0) {
-        await w.writeMetadata(offset, snapL1.slice(), 'l1')
-        w.guard.setRange(offset, l1Size * 8, 'l1')
-      }
-      await w.rc.persist()
-      await w.flushNow()
-      const hdr = new Uint8Array(24) // size (24), crypt_method (32), l1_size (36), l1_table_offset (40)
-      putU64be(hdr, 0, newSize)
-      putU32be(hdr, 8, h.cryptMethod)
-      putU32be(hdr, 12, l1Size)
-      putU64be(hdr, 16, offset)
-      await w.writeMetadata(24, hdr, 'header')
-      await w.flushNow()
-      h.size = newSize
-      h.l1Size = l1Size
-      h.l1TableOffset = offset
-      img.replaceL1(snapL1.slice())
-      if (oldL1.size > 0) {
-        w.guard.setRange(oldL1.offset, oldL1.size * 8, undefined)
-        await w.rc.update(oldL1.offset, oldL1.size * 8, -1)
-      }
-    } else {
-      if (h.l1Size > 0) await w.writeMetadata(h.l1TableOffset, snapL1.slice(), 'l1')
-      await w.flushNow()
-      img.l1.set(snapL1)
-    }
-    img.mapper.l2cache.clear()
-    img.dropCompressedCache()
-    await updateReachable(img, w, old, oldL1.size, -1)
-    // guard: the active L2 tables are the snapshot's now
-    const dv = new DataView(snapL1.buffer)
-    for (let i = 0; i < l1Size; i++) {
-      const e = decodeL1(dv, i * 8)
-      if (e.l2Offset !== 0) w.guard.set(e.l2Offset / cs, 'l2')
-    }
-    await w.rc.persist()
-    await w.flushNow()
-    await fixActiveCopied(img, w)
-    })
+    // the active L1 becomes a copy of the snapshot's (at the snapshot's size, as qcow2_snapshot_goto)
+    const snaps = [...img.snapshots]
+    await commitShadow(img, w, { l1: snapL1, l1Size, snapshots: snaps, table: encodeSnapshotTable(snaps), size: newSize })
   })
 }

@@ -1,5 +1,6 @@
 /**
- * Snapshot operations on v2 (compat=0.10) images, which have no dirty bit.
+ * Snapshot operations (create, delete, apply) as shadow commits, on v2 and v3
+ * images alike.
  *
  * Why not just an ordering: an active L2 entry's COPIED flag must say
  * "refcount is 1" (qemu-img check counts both a set flag on a refcount of 2
@@ -7,29 +8,34 @@
  * table) and the refcount (in a refcount block) live in different clusters. A
  * snapshot create moves a shared data cluster from (1, COPIED) to (2, clear),
  * delete and apply the other way; whichever write lands first, a crash in
- * between leaves a corruption. No order of in-place writes avoids it.
+ * between leaves a corruption. No order of in-place writes avoids it. v3's
+ * dirty bit does not help: qemu-img check without -r reports the mismatches
+ * of a dirty image as corruptions (D22), it only lets the next read-write
+ * open repair them.
  *
- * So a v2 snapshot operation is a shadow commit. Everything that changes is
+ * So a snapshot operation is a shadow commit. Everything that changes is
  * written to clusters that nothing references and no refcount structure uses
  * (free space inside the file first, then past its end): copies of the active
  * L2 tables whose COPIED flags change, the new active L1 table, the new
  * snapshot table, and a complete new refcount table and blocks counted from
- * the new metadata. One flush, then one 36-byte header write in the first
- * sector switches l1_size, l1_table_offset, refcount_table_offset,
+ * the new metadata (persistent bitmaps included). One flush, then one header
+ * write in the first sector (36 bytes; 48 when the virtual size changes too)
+ * switches size, l1_size, l1_table_offset, refcount_table_offset,
  * refcount_table_clusters, nb_snapshots and snapshots_offset together. A
  * crash leaves the old image or the new one, each with exact refcounts (not
- * even a leak); nothing the old image uses is written. Afterwards the old
- * structures are free space.
+ * even a leak); nothing the old image uses is written, and the dirty bit is
+ * not needed (nor set). Afterwards the old structures are free space.
  *
  * Cost: every L2 table of every snapshot is read (QEMU's update walks only the
  * snapshot's), and the refcount blocks are all written anew (about 2 bytes per
  * cluster of the file). Memory: 5 bytes per host cluster.
  */
 import { CorruptImageError, ImgtoolError, UnsupportedFeatureError, hex } from '../../errors.js'
-import { putU32be, putU64be } from '../../util/bytes.js'
+import { putU32be, putU64be, u64be } from '../../util/bytes.js'
 import { MAX_REFTABLE_BYTES } from './constants.js'
 import { decodeL1, decodeL2, encodeL1 } from './entries.js'
-import { l2EntrySize } from './header.js'
+import { decodeBitmapTableEntry, readBitmapDirectory } from './bitmap-directory.js'
+import { bitmapsValid, l2EntrySize } from './header.js'
 import type { Qcow2Image } from './image.js'
 import { maxRefcount, refcountsPerBlock, setRefcountEntry } from './refcount-codec.js'
 import { RefcountWriter } from './refcount-writer.js'
@@ -37,7 +43,7 @@ import { SNAPSHOT_FIXED_BYTES, snapshotTableBytes, type Qcow2Snapshot } from './
 import type { Qcow2Writer } from './write.js'
 
 /** The metadata tree after the operation. */
-export interface V2Tree {
+export interface ShadowTree {
   /** active L1 entries (`l1Size * 8` bytes); COPIED flags are recomputed */
   l1: Uint8Array
   l1Size: number
@@ -45,6 +51,8 @@ export interface V2Tree {
   snapshots: Qcow2Snapshot[]
   /** the encoded snapshot table for `snapshots` */
   table: Uint8Array
+  /** the new virtual size (v3 apply of a snapshot of another size); unchanged when absent */
+  size?: number
 }
 
 const enc = new TextEncoder()
@@ -76,7 +84,7 @@ class PerCluster<T extends Uint32Array | Uint8Array> {
 }
 
 /** Run the shadow commit for `next` (inside the writer's mutex, writer usable). */
-export async function commitV2(img: Qcow2Image, w: Qcow2Writer, next: V2Tree): Promise<void> {
+export async function commitShadow(img: Qcow2Image, w: Qcow2Writer, next: ShadowTree): Promise<void> {
   const h = img.header
   const dev = img.device
   const cs = h.clusterSize
@@ -105,12 +113,18 @@ export async function commitV2(img: Qcow2Image, w: Qcow2Writer, next: V2Tree): P
     }
   }
 
-  if (h.bitmaps !== undefined) {
+  if (h.bitmaps !== undefined && h.version < 3) {
     // (QEMU writes bitmaps only to v3 images) their clusters are not in the walk below
     throw new UnsupportedFeatureError(`qcow2: ${img.filename}: snapshot operations on a v2 image with a bitmaps extension are not supported`)
   }
-  // everything on disk now, so the old structures are exact while the new ones are built
-  await w.beginTransaction()
+  if (next.size !== undefined && next.size !== h.size && h.version < 3) {
+    throw new UnsupportedFeatureError(`qcow2: ${img.filename}: Can't resize a v2 image which has snapshots`)
+  }
+  // everything on disk now (refcounts, deferred frees), so the old structures are exact while the new ones are built;
+  // no dirty bit: a crash leaves the old image or the new one, both exact
+  w.assertUsable()
+  await w.rc.persist()
+  await w.flushNow()
   if (w.rc.dirty) {
     await w.rc.persist()
     await w.flushNow()
@@ -132,6 +146,25 @@ export async function commitV2(img: Qcow2Image, w: Qcow2Writer, next: V2Tree): P
   for (const s of img.snapshots) {
     oldMeta.push(...clusters(s.l1TableOffset, s.l1Size * 8))
     oldL1s.push([await readL1(s.l1TableOffset, s.l1Size), s.l1Size])
+  }
+  // persistent bitmaps (v3): directory, tables and data clusters stay as they are, counted once each
+  const bitmapRanges: Array<[number, number]> = []
+  if (h.bitmaps && bitmapsValid(h) && h.bitmaps.nbBitmaps > 0) {
+    bitmapRanges.push([h.bitmaps.directoryOffset, h.bitmaps.directorySize])
+    for (const bm of await readBitmapDirectory(dev, img.filename, h.bitmaps)) {
+      if (bm.tableSize === 0) continue
+      bitmapRanges.push([bm.tableOffset, bm.tableSize * 8])
+      const t = await dev.read(bm.tableOffset, bm.tableSize * 8, 'bitmap')
+      for (let i = 0; i < bm.tableSize; i++) {
+        const e = decodeBitmapTableEntry(t, i, cs)
+        const off = e ? e.offset : Number((u64be(t, i * 8) & 0x00fffffffffffe00n))
+        if (off !== 0) bitmapRanges.push([off, cs])
+      }
+    }
+  }
+  for (const [off, len] of bitmapRanges) {
+    for (const c of clusters(off, len)) used.set(c, 1)
+    count(off, len)
   }
   for (const c of oldMeta) used.set(c, 1)
   // the new image's L1 tables; how often each L2 table is reached from them
@@ -221,15 +254,18 @@ export async function commitV2(img: Qcow2Image, w: Qcow2Writer, next: V2Tree): P
   await w.flushNow()
 
   // the switch: one write in the first sector
-  const hdr = new Uint8Array(36) // l1_size (36), l1_table_offset (40), refcount_table_offset (48), refcount_table_clusters (56), nb_snapshots (60), snapshots_offset (64)
-  putU32be(hdr, 0, next.l1Size)
-  putU64be(hdr, 4, l1Offset)
-  putU64be(hdr, 12, rt.tableOffset)
-  putU32be(hdr, 20, rt.tableClusters)
-  putU32be(hdr, 24, next.snapshots.length)
-  putU64be(hdr, 28, tableOffset)
+  const resize = next.size !== undefined && next.size !== h.size
+  const sw = new Uint8Array(48) // size (24), crypt_method (32), l1_size (36), l1_table_offset (40), refcount_table_offset (48), refcount_table_clusters (56), nb_snapshots (60), snapshots_offset (64)
+  putU64be(sw, 0, next.size ?? h.size)
+  putU32be(sw, 8, h.cryptMethod)
+  putU32be(sw, 12, next.l1Size)
+  putU64be(sw, 16, l1Offset)
+  putU64be(sw, 24, rt.tableOffset)
+  putU32be(sw, 32, rt.tableClusters)
+  putU32be(sw, 36, next.snapshots.length)
+  putU64be(sw, 40, tableOffset)
   try {
-    await w.writeMetadata(36, hdr, 'header')
+    await w.writeMetadata(resize ? 24 : 36, resize ? sw : sw.subarray(12), 'header')
     await w.flushNow()
     await follow(img, w, next, { l1Offset, tableOffset, active, rt, oldGuard: [...oldMeta, ...[...reach.keys()].map((off) => off / cs)] })
   } catch (e) {
@@ -244,11 +280,12 @@ export async function commitV2(img: Qcow2Image, w: Qcow2Writer, next: V2Tree): P
 async function follow(
   img: Qcow2Image,
   w: Qcow2Writer,
-  next: V2Tree,
+  next: ShadowTree,
   o: { l1Offset: number; tableOffset: number; active: Uint8Array; rt: { tableOffset: number; tableClusters: number }; oldGuard: number[] },
 ): Promise<void> {
   const h = img.header
   const { l1Offset, tableOffset, active, rt } = o
+  if (next.size !== undefined) h.size = next.size
   h.l1Size = next.l1Size
   h.l1TableOffset = l1Offset
   h.refcountTableOffset = rt.tableOffset
