@@ -71,9 +71,12 @@ export function makeContext(openDevice: DeviceOpener): OpenContext {
 /** Open an image file by path; `format` overrides probing. */
 export async function openImage(
   path: string,
-  options: { format?: FormatName; readOnly?: boolean; options?: Record<string, string>; openDevice?: DeviceOpener; forCheck?: boolean } = {},
+  options: { format?: FormatName; readOnly?: boolean; options?: Record<string, string>; openDevice?: DeviceOpener; forCheck?: boolean; forceShare?: boolean } = {},
 ): Promise<DiskImage> {
-  const context = makeContext(options.openDevice ?? openFileDevice)
+  const base = options.openDevice ?? openFileDevice
+  // -U: no image locks on any file of the image (its backing chain and data file included)
+  const opener: DeviceOpener = options.forceShare ? (p, o) => base(p, { ...o, forceShare: true }) : base
+  const context = makeContext(opener)
   return context.openImage(path, {
     format: options.format,
     readOnly: options.readOnly ?? true,

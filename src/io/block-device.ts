@@ -68,8 +68,13 @@ export async function readInto(dev: BlockDevice, offset: number, buf: Uint8Array
 
 export interface OpenDeviceOptions {
   readOnly: boolean
-  /** create (or truncate) the file */
+  /** create (or truncate) the file; it is emptied only once it is locked */
   create?: boolean
+  /**
+   * qemu-img's -U (force-share): take no image locks and test none, so an
+   * image another process holds can still be read. Read-only opens only.
+   */
+  forceShare?: boolean
 }
 
 export type DeviceOpener = (path: string, options: OpenDeviceOptions) => Promise<BlockDevice>
