@@ -12,6 +12,7 @@ const check: CommandModule = {
       .option('--journal <path>', 'with -r: where to write the undo journal (default IMAGE.imgtool-undo[.N])')
       .option('--no-journal', 'with -r: repair without an undo journal')
       .option('--force-valid', 'with -r all: re-validate an invalidated dm-snapshot store when every record checks out')
+      .option('-U, --force-share', 'open without image locks (without -r; the image may be in use)')
       .argument('[image...]')
   },
   async run(args, opts, io) {
@@ -30,6 +31,7 @@ const check: CommandModule = {
       dryRun: false,
       journal: opts['journal'] === false ? false : (opts['journal'] as string | undefined),
       forceValid: Boolean(opts['forceValid']),
+      forceShare: opts['forceShare'] === true,
     })
   },
 }
@@ -46,6 +48,8 @@ export interface RunCheckArgs {
   journal: string | false | undefined
   /** dm-snapshot: re-validate an invalidated store when every record checks out */
   forceValid?: boolean
+  /** -U: open without image locks (read-only opens only, as qemu-img) */
+  forceShare?: boolean
 }
 
 /** check / check -r / repair: open with the check flag, one library call, render, qemu-img's exit code. */
@@ -60,7 +64,7 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
   const writes = a.repair !== undefined && !a.dryRun
   let image: import('../../image/disk-image.js').DiskImage
   try {
-    image = await openImage(a.path, { format: a.image.format, readOnly: !writes, options: a.image.options, forCheck: true })
+    image = await openImage(a.path, { format: a.image.format, readOnly: !writes, options: a.image.options, forCheck: true, forceShare: a.forceShare === true })
   } catch (e) {
     io.stderr.write(`imgtool: Could not open '${a.path}': ${oneLine(e)}\n`)
     return 1

@@ -19,6 +19,7 @@ const convert: CommandModule = {
       .option('-t, --cache <mode>', 'target cache mode: unsafe (as qemu-img: no flush at all) or writeback (flushed once, at the end)', 'unsafe')
       .option('-p, --progress', 'show progress (on a terminal)')
       .option('-q, --quiet', 'print nothing')
+      .option('-U, --force-share', 'open the source without image locks (it may be in use)')
       .argument('<source>')
       .argument('<target>')
   },
@@ -46,7 +47,7 @@ const convert: CommandModule = {
     const { openFileDevice } = await import('../../io/file-device.js')
     const { convert: run, rawStream } = await import('../../convert/convert.js')
     const srcOptions: Record<string, string> = typeof opts['origin'] === 'string' ? { origin: opts['origin'] } : {}
-    const src = await openImage(srcPath, { format: srcFmt as never, readOnly: true, options: srcOptions })
+    const src = await openImage(srcPath, { format: srcFmt as never, readOnly: true, options: srcOptions, forceShare: opts['forceShare'] === true })
     try {
       const showProgress = Boolean(opts['progress']) && io.isTTY && !opts['quiet']
       const spinner = showProgress ? (await import('ora')).default({ stream: io.stderr as NodeJS.WriteStream, text: 'converting' }).start() : undefined

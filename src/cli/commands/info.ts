@@ -7,6 +7,7 @@ const info: CommandModule = {
   configure(cmd) {
     addOutputOption(addImageOptions(cmd))
       .option('--backing-chain', 'show every image of the backing chain')
+      .option('-U, --force-share', 'open without image locks (read-only; the image may be in use)')
       .argument('<image>')
   },
   async run(args, opts, io) {
@@ -15,7 +16,7 @@ const info: CommandModule = {
     const output = parseOutput(opts)
     const { openImage } = await import('../../open.js')
     const { infoHuman, infoJson } = await import('../render/info.js')
-    const image = await openImage(path, { format, readOnly: true, options })
+    const image = await openImage(path, { format, readOnly: true, options, forceShare: opts['forceShare'] === true })
     try {
       const top = await image.info()
       const chain = [top]
