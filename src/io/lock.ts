@@ -143,7 +143,7 @@ function union(holders: Iterable<LockPerms>): LockPerms {
 function conflictError(path: string, n: number, shared: boolean): ImageLockedError {
   const name = PERM_NAMES[n]!
   const what = shared ? `Failed to get shared "${name}" lock` : `Failed to get "${name}" lock`
-  return new ImageLockedError(`${path}: ${what}; is another process using the image [${path}]?`, {
+  return new ImageLockedError(`${path}: ${what}. Is another process using the image [${path}]?`, {
     file: path,
     permission: name,
     byte: (shared ? LOCK_PERM_BASE : LOCK_SHARED_BASE) + n,
