@@ -200,6 +200,24 @@ describeQemu('image locks against QEMU', () => {
       expect(sha(p)).toBe(before)
     })
 
+    it('two concurrent imgtool snapshot -c never lose a snapshot nor corrupt the image (D6)', async () => {
+      for (let trial = 0; trial < 4; trial++) {
+        const p = await fresh(`race-${trial}.qcow2`)
+        const [a, b] = await Promise.all([imgtool(['snapshot', '-c', 'a', p]), imgtool(['snapshot', '-c', 'b', p])])
+        const list = await qemuImgOk(['snapshot', '-l', p])
+        for (const [name, r] of [['a', a], ['b', b]] as const) {
+          if (r.code === 0) expect(list, `snapshot ${name} reported made (trial ${trial})`).toMatch(new RegExp(`\\s${name}\\s`))
+          else {
+            expect(r.code).toBe(1)
+            expect(r.stderr).toContain('Failed to get "write" lock')
+          }
+        }
+        expect(a.code === 0 || b.code === 0, 'one of them ran').toBe(true)
+        const chk = await qemuImg(['check', p])
+        expect(chk.code, chk.stdout + chk.stderr).toBe(0)
+      }
+    })
+
     it('for writing: a second writer in the same process is refused too', async () => {
       const p = await fresh('two-writers-inproc.qcow2')
       opened.push(await openImage(p, { readOnly: false }))
