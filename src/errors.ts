@@ -15,6 +15,7 @@ export type ErrorCode =
   | 'NO_SPACE'
   | 'LOCKED'
   | 'INTERNAL'
+  | 'INTERRUPTED'
 
 export interface ErrorDetails {
   file?: string
@@ -87,6 +88,28 @@ export class ReadOnlyError extends ImgtoolError {
 export class ImageLockedError extends ImgtoolError {
   constructor(message: string, details: ErrorDetails = {}) {
     super('LOCKED', message, details)
+  }
+}
+
+/** The image's format has no check (qemu-img check's exit code 63: raw). */
+export class NoCheckError extends UnsupportedFeatureError {
+  constructor(message: string, details: ErrorDetails = {}) {
+    super(message, details)
+  }
+}
+
+/** The operation was stopped by its AbortSignal (the CLI: SIGINT or SIGTERM). */
+export class AbortedError extends ImgtoolError {
+  constructor(message: string, details: ErrorDetails = {}) {
+    super('INTERRUPTED', message, details)
+  }
+}
+
+/** Throw AbortedError when `signal` has fired (the library's one spelling of throwIfAborted). */
+export function checkAborted(signal: AbortSignal | undefined, what: string): void {
+  if (signal?.aborted) {
+    const why = signal.reason instanceof Error ? signal.reason.message : 'aborted'
+    throw new AbortedError(`${what}: ${why}`)
   }
 }
 

@@ -18,4 +18,10 @@ export interface CliIo {
   stderr: NodeJS.WritableStream
   /** true when stderr is a terminal (progress spinners only then) */
   isTTY: boolean
+  /** aborted when SIGINT/SIGTERM arrives (bin/imgtool; absent when main() is called in-process) */
+  signal?: AbortSignal
+  /** register a synchronous hook run when a signal arrives (restore the terminal); returns an unregister function */
+  onInterrupt?(fn: () => void): () => void
+  /** the command watches `signal` and cleans up after itself: let it finish stopping */
+  setGraceful?(graceful: boolean): void
 }

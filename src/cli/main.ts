@@ -14,6 +14,9 @@ export async function main(argv: string[], io?: Partial<CliIo>): Promise<number>
     stderr: io?.stderr ?? process.stderr,
     isTTY: io?.isTTY ?? Boolean((process.stderr as { isTTY?: boolean }).isTTY),
   }
+  if (io?.signal) cio.signal = io.signal
+  if (io?.onInterrupt) cio.onInterrupt = io.onInterrupt
+  if (io?.setGraceful) cio.setGraceful = io.setGraceful
   const args = argv.slice(2)
   if (args.length === 1 && (args[0] === '--version' || args[0] === '-V')) {
     // the fast path: no commander, no command modules

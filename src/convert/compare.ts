@@ -4,6 +4,7 @@
  * unless strict); strict mode also wants the same allocation status. The
  * first difference is reported at 512-byte granularity, as qemu-img does.
  */
+import { checkAborted } from '../errors.js'
 import type { DiskImage, Extent } from '../image/disk-image.js'
 import { mergeExtents } from '../image/range.js'
 import { isZeroFast as isAllZero } from './convert.js'
@@ -24,6 +25,8 @@ export interface CompareOptions {
    */
   hostFiles?: boolean
   onProgress?: (done: number, total: number) => void
+  /** stops the comparison between pieces (AbortedError) */
+  signal?: AbortSignal
 }
 
 async function* statusRuns(img: DiskImage, end: number): AsyncGenerator<Extent> {
@@ -67,6 +70,7 @@ export async function compareImages(a: DiskImage, b: DiskImage, options: Compare
     /** pieces in flight, checked in guest order: the first difference is the lowest */
     const queue: Array<{ at: number; end: number; diff: Promise<number> }> = []
     const settle = async (): Promise<CompareResult | undefined> => {
+      checkAborted(options.signal, 'compare')
       const job = queue.shift()!
       const d = await job.diff
       options.onProgress?.(job.end, total)

@@ -5,7 +5,7 @@
  * 4 KiB like qemu-img), optionally compressing whole clusters (-c), with
  * several reads in flight and writes issued in guest order.
  */
-import { UsageError } from '../errors.js'
+import { UsageError, checkAborted } from '../errors.js'
 import type { DiskImage, Extent } from '../image/disk-image.js'
 import { mergeExtents } from '../image/range.js'
 import { BufferPool, HostFiles, readGuest, sourceOf, type Source } from './host-reads.js'
@@ -52,6 +52,8 @@ export interface ConvertOptions {
    */
   hostFiles?: boolean
   onProgress?: (done: number, total: number) => void
+  /** stops the conversion between chunks (the target is left partial: the caller removes what it created) */
+  signal?: AbortSignal
 }
 
 export interface ConvertResult {
@@ -108,6 +110,12 @@ async function* plan(
 }
 
 const ZEROS = Buffer.alloc(1024 * 1024)
+let zeroChunk = new Uint8Array(0)
+/** a shared all-zero buffer of `n` bytes (only ever read: written as data by -S 0) */
+function zeroBuffer(n: number): Uint8Array {
+  if (zeroChunk.byteLength < n) zeroChunk = new Uint8Array(n)
+  return zeroChunk.subarray(0, n)
+}
 
 /** Zero test through memcmp (Buffer.equals): far faster than a JavaScript loop over data. */
 export function isZeroFast(b: Uint8Array): boolean {
@@ -261,7 +269,23 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
   }
 
   try {
+  // -S 0 asks for a fully allocated target, as qemu-img makes it: every range not copied as data
+  // (unallocated, zero, or from a backing file the target does not have) is written as zeros
+  const allocateAll = minSparse === 0 && !compress && !options.targetHasBacking
   for await (const item of plan(src, { ...options, chunkSize }, compress ? cs : 0)) {
+    checkAborted(options.signal, 'convert')
+    if (allocateAll && item.kind !== 'data') {
+      for (let p = item.c.offset; p < item.c.offset + item.c.length; p += chunkSize) {
+        const n = Math.min(chunkSize, item.c.offset + item.c.length - p)
+        queue.push(Promise.resolve(async () => {
+          await dst.write!(p, zeroBuffer(n))
+          result.bytesWritten += n
+          progress(n)
+        }))
+        while (queue.length >= inFlight) await drainOne()
+      }
+      continue
+    }
     if (item.kind === 'skip') {
       queue.push(Promise.resolve(async () => progress(item.c.length)))
     } else if (item.kind === 'zero') {
@@ -279,7 +303,10 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     }
     while (queue.length >= inFlight) await drainOne()
   }
-  while (queue.length > 0) await drainOne()
+  while (queue.length > 0) {
+    checkAborted(options.signal, 'convert')
+    await drainOne()
+  }
   while (writing.length > 0) await writing.shift()!
   } finally {
     await Promise.allSettled(queue)

@@ -2,6 +2,7 @@
  * One image interface for every format. convert, compare and map use only
  * this, never a concrete format.
  */
+import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../check/types.js'
 
 /**
  * Allocation status of a guest range, with qemu-img map's meaning:
@@ -53,6 +54,8 @@ export interface ImageInfo {
   actualSize?: number
   clusterSize?: number
   dirty?: boolean
+  /** the guest data is encrypted (qcow2 crypt_method 1 or 2): imgtool cannot read it */
+  encrypted?: boolean
   backingFilename?: string
   fullBackingFilename?: string
   backingFormat?: string
@@ -79,4 +82,7 @@ export interface DiskImage {
   writeZeroes?(offset: number, length: number, options?: { discard?: boolean }): Promise<void>
   flush(): Promise<void>
   close(): Promise<void>
+  /** Formats that can be checked (qemu-img check) implement these. */
+  check?(options?: CheckOptions): Promise<CheckReport>
+  repair?(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult>
 }

@@ -34,13 +34,13 @@ const compare: CommandModule = {
       try {
         const b = await openImage(args[1]!, { format: fmt(opts['secondFormat']), readOnly: true, options, forceShare: opts['forceShare'] === true })
         try {
-          const spinner = opts['progress'] && io.isTTY && !opts['quiet'] ? (await import('ora')).default({ stream: io.stderr as NodeJS.WriteStream, text: 'comparing' }).start() : undefined
-          const r = await compareImages(a, b, {
-            strict: Boolean(opts['strict']),
-            hostFiles: true,
-            onProgress: spinner ? (d, t) => void (spinner.text = `comparing (${((100 * d) / Math.max(1, t)).toFixed(2)}/100%)`) : undefined,
-          })
-          spinner?.stop()
+          const progress = opts['progress'] && io.isTTY && !opts['quiet'] ? await (await import('../progress.js')).startProgress(io, 'comparing') : undefined
+          let r: Awaited<ReturnType<typeof compareImages>>
+          try {
+            r = await compareImages(a, b, { strict: Boolean(opts['strict']), hostFiles: true, onProgress: progress?.update })
+          } finally {
+            progress?.stop()
+          }
           const out: string[] = []
           if (r.sizeMismatch && !opts['strict']) out.push('Warning: Image size mismatch!')
           out.push(r.identical ? 'Images are identical.' : r.message)

@@ -43,111 +43,68 @@ const convert: CommandModule = {
     const options = parseKeyValues(opts['options'] as string | undefined)
     const backing = opts['backing'] as string | undefined
     if (backing !== undefined && outFmt !== 'qcow2') throw new UsageError('-B needs a target format with backing files (qcow2)')
-    const { openImage, makeContext, driverFor } = await import('../../open.js')
-    const { openFileDevice } = await import('../../io/file-device.js')
-    const { convert: run, rawStream } = await import('../../convert/convert.js')
     const srcOptions: Record<string, string> = typeof opts['origin'] === 'string' ? { origin: opts['origin'] } : {}
-    const src = await openImage(srcPath, { format: srcFmt as never, readOnly: true, options: srcOptions, forceShare: opts['forceShare'] === true })
+    const showProgress = Boolean(opts['progress']) && io.isTTY && !opts['quiet']
+    if (dstPath === '-') {
+      if (outFmt !== 'raw') throw new UsageError('Only raw output can go to stdout (-)')
+      return toStdout(srcPath, srcFmt, srcOptions, inFlight, showProgress, io, opts['forceShare'] === true)
+    }
+    const { convertFile } = await import('../../convert/to-file.js')
+    const progress = showProgress ? await (await import('../progress.js')).startProgress(io, 'converting') : undefined
+    io.setGraceful?.(true)
     try {
-      const showProgress = Boolean(opts['progress']) && io.isTTY && !opts['quiet']
-      const spinner = showProgress ? (await import('ora')).default({ stream: io.stderr as NodeJS.WriteStream, text: 'converting' }).start() : undefined
-      const onProgress = spinner ? (d: number, t: number) => void (spinner.text = `converting (${((100 * d) / Math.max(1, t)).toFixed(2)}/100%)`) : undefined
-      try {
-        if (dstPath === '-') {
-          if (outFmt !== 'raw') throw new UsageError('Only raw output can go to stdout (-)')
-          const { writeOut, PipeClosed } = await import('../stream.js')
-          let done = 0
-          for await (const chunk of rawStream(src, { inFlight })) {
-            try {
-              await writeOut(io.stdout, chunk)
-            } catch (e) {
-              if (e instanceof PipeClosed) return 0
-              throw e
-            }
-            done += chunk.byteLength
-            onProgress?.(done, src.virtualSize)
-          }
-          return 0
-        }
-        if (outFmt === 'dmsnap') return await convertToDmsnap(src, dstPath, options, onProgress)
-        const dev = await openFileDevice(dstPath, { readOnly: false, create: true })
-        try {
-          if (outFmt === 'raw') await driverFor('raw').create!(dev, makeContext(openFileDevice), { size: src.virtualSize, options })
-          else {
-            const extra: { backingFile?: string; backingFormat?: string } = {}
-            if (backing !== undefined) {
-              extra.backingFile = backing
-              extra.backingFormat = String(opts['backingFormat'] ?? 'qcow2')
-            }
-            await driverFor('qcow2').create!(dev, makeContext(openFileDevice), { size: src.virtualSize, options, ...extra })
-          }
-          await dev.flush()
-        } finally {
-          await dev.close()
-        }
-        const { unsafeCacheOpener } = await import('../../convert/unsafe-cache.js')
-        const dst = await openImage(dstPath, { format: outFmt, readOnly: false, openDevice: unsafeCacheOpener(openFileDevice, cache) })
-        let pool: import('../../formats/qcow2/compress-write.js').CompressPool | undefined
-        try {
-          let compressFns: Pick<import('../../convert/convert.js').ConvertOptions, 'compress' | 'compressMany'> = {}
-          if (compress) {
-            const { CompressPool } = await import('../../formats/qcow2/compress-write.js')
-            const q = dst as import('../../formats/qcow2/image.js').Qcow2Image
-            pool = new CompressPool()
-            const p = pool
-            compressFns = {
-              compress: (c) => p.compress(c, q.clusterSize, q.header.compressionType),
-              compressMany: (buf, offsets) => p.compressMany(buf, offsets, q.clusterSize, q.header.compressionType),
-            }
-          }
-          await run(src, dst, { minSparse, inFlight, hostFiles: true, targetHasBacking: backing !== undefined, ...compressFns, ...(onProgress ? { onProgress } : {}) })
-        } finally {
-          await pool?.close()
-          await dst.close()
-        }
-      } finally {
-        spinner?.stop()
-      }
+      await convertFile(srcPath, dstPath, {
+        ...(srcFmt !== undefined ? { sourceFormat: srcFmt as never } : {}),
+        sourceOptions: srcOptions,
+        sourceForceShare: opts['forceShare'] === true,
+        targetFormat: outFmt,
+        options,
+        ...(backing !== undefined ? { backingFile: backing, backingFormat: String(opts['backingFormat'] ?? 'qcow2') } : {}),
+        compress,
+        minSparse,
+        inFlight,
+        cache,
+        ...(progress ? { onProgress: progress.update } : {}),
+        ...(io.signal ? { signal: io.signal } : {}),
+      })
     } finally {
-      await src.close()
+      progress?.stop()
     }
     return 0
   },
 }
 export default convert
 
-/** -O dmsnap: a COW store holding the chunks where the source differs from the origin. */
-async function convertToDmsnap(
-  src: import('../../image/disk-image.js').DiskImage,
-  dstPath: string,
-  options: Record<string, string>,
-  onProgress: ((done: number, total: number) => void) | undefined,
+/** DST '-': the guest bytes as raw on stdout (nothing is created, nothing to clean up). */
+async function toStdout(
+  srcPath: string,
+  srcFmt: string | undefined,
+  srcOptions: Record<string, string>,
+  inFlight: number,
+  showProgress: boolean,
+  io: import('../command.js').CliIo,
+  forceShare: boolean,
 ): Promise<number> {
-  const { UsageError } = await import('../../errors.js')
-  const { parseSize } = await import('../../util/size.js')
   const { openImage } = await import('../../open.js')
-  const { openFileDevice } = await import('../../io/file-device.js')
-  const { convertToCow } = await import('../../formats/dmsnap/index.js')
-  for (const k of Object.keys(options)) {
-    if (!['origin', 'chunk_size', 'cow_size'].includes(k)) throw new UsageError(`-O dmsnap: unknown option '${k}' (origin, chunk_size, cow_size)`)
-  }
-  const originPath = options['origin']
-  if (!originPath) throw new UsageError('-O dmsnap needs the origin: -o origin=PATH')
-  const origin = await openImage(originPath, { readOnly: true })
+  const { rawStream } = await import('../../convert/convert.js')
+  const { writeOut, PipeClosed } = await import('../stream.js')
+  const src = await openImage(srcPath, { format: srcFmt as never, readOnly: true, options: srcOptions, forceShare })
+  const progress = showProgress ? await (await import('../progress.js')).startProgress(io, 'converting') : undefined
   try {
-    const dev = await openFileDevice(dstPath, { readOnly: false, create: true })
-    try {
-      const o: { chunkSize?: number; cowSize?: number; onProgress?: (d: number, t: number) => void } = {}
-      if (options['chunk_size'] !== undefined) o.chunkSize = parseSize(options['chunk_size'], 'chunk_size')
-      if (options['cow_size'] !== undefined) o.cowSize = parseSize(options['cow_size'], 'cow_size')
-      if (onProgress) o.onProgress = onProgress
-      await convertToCow(src, origin, dev, o)
-      await dev.flush()
-    } finally {
-      await dev.close()
+    let done = 0
+    for await (const chunk of rawStream(src, { inFlight })) {
+      try {
+        await writeOut(io.stdout, chunk)
+      } catch (e) {
+        if (e instanceof PipeClosed) return 0
+        throw e
+      }
+      done += chunk.byteLength
+      progress?.update(done, src.virtualSize)
     }
+    return 0
   } finally {
-    await origin.close()
+    progress?.stop()
+    await src.close()
   }
-  return 0
 }

@@ -1,0 +1,60 @@
+/**
+ * imgtool as a library: check, repair, inspect, create and convert qcow2
+ * images, raw files and Linux dm-snapshot COW stores, with qemu-img's answers.
+ *
+ * ```ts
+ * import { openImage, check, convert } from 'imgtool'
+ *
+ * const report = await check('disk.qcow2')          // qemu-img check's counters + findings
+ * if (report.corruptions === 0) await convert('disk.qcow2', 'disk.raw', { targetFormat: 'raw' })
+ * await using img = await openImage('disk.qcow2')   // read-only unless readOnly: false
+ * const first = await img.read(0, 512)
+ * ```
+ *
+ * Every function returns data and throws ImgtoolError subclasses with a
+ * stable `code`; nothing prints. This file is the package's only entry.
+ */
+export { openImage, type Image, type OpenOptions, type ReferencePolicy } from './api/image.js'
+export { check, type CheckImageOptions } from './api/check.js'
+export {
+  createImage,
+  convert,
+  compare,
+  snapshot,
+  resize,
+  merge,
+  type CommonOptions,
+  type Progress,
+  type CreateOptions,
+  type CreateResult,
+  type ConvertOptions,
+  type ConvertResult,
+  type TargetFormat,
+  type CompareOptions,
+  type CompareResult,
+  type SnapshotResult,
+  type ResizeOptions,
+  type MergeOptions,
+  type MergeResult,
+} from './api/ops.js'
+export type { CheckReport, Finding, Notice, Severity, GuestRange, RepairMode, RepairAction, RepairResult } from './check/types.js'
+export { checkExitCode, EXIT_CLEAN, EXIT_CHECK_FAILED, EXIT_CORRUPT, EXIT_LEAKS, EXIT_NO_CHECK } from './check/types.js'
+export type { Extent, ImageInfo, SnapshotInfo } from './image/disk-image.js'
+export type { BlockDevice, IoTag, HostStatus } from './io/block-device.js'
+export { MemoryDevice } from './io/memory-device.js'
+export type { FormatName } from './image/probe.js'
+export {
+  ImgtoolError,
+  UsageError,
+  NotFoundError,
+  WrongFormatError,
+  UnsupportedFeatureError,
+  NoCheckError,
+  CorruptImageError,
+  ImageIoError,
+  ReadOnlyError,
+  AbortedError,
+  isImgtoolError,
+  type ErrorCode,
+  type ErrorDetails,
+} from './errors.js'
