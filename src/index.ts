@@ -53,6 +53,7 @@ export {
   CorruptImageError,
   ImageIoError,
   ReadOnlyError,
+  ImageLockedError,
   AbortedError,
   isImgtoolError,
   type ErrorCode,

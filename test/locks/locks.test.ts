@@ -15,6 +15,7 @@ import type { DiskImage } from '../../src/image/disk-image.js'
 import { cli } from '../support/cli.js'
 import { describeQemu, makeTempDir, qemuImg, qemuImgOk, qemuIo, qemuIoOk, useTempDirs } from '../support/qemu.js'
 import { QemuIoHolder, imgtool, lockedBytes } from './support.js'
+import * as api from '../../src/index.js'
 
 useTempDirs()
 
@@ -139,6 +140,17 @@ describeQemu('image locks against QEMU', () => {
         expect(u.code).toBe(0)
       })
     }
+
+    it('the public API refuses the held image with ImageLockedError, and reads it with forceShare', async () => {
+      const p = await fresh('api.qcow2')
+      await hold(p)
+      const err = await api.openImage(p).catch((e: unknown) => e)
+      expect(err).toBeInstanceOf(api.ImageLockedError)
+      expect((err as api.ImgtoolError).code).toBe('LOCKED')
+      const img = await api.openImage(p, { forceShare: true })
+      await img.close()
+      await expect(api.openImage(p, { readOnly: false, forceShare: true })).rejects.toBeInstanceOf(api.UsageError)
+    })
 
     it('convert -U reads the held image as a source', async () => {
       const p = await fresh('conv-src.qcow2')
