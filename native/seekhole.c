@@ -20,6 +20,22 @@
  *   written (it reads as zeros where nothing was), and the file grows to cover
  *   it. -EOPNOTSUPP where the filesystem cannot, -ENOSYS off Linux; the caller
  *   decides what to do then (qemu-img's posix_fallocate lets glibc write zeros).
+ * ofdLock(fd, byte, lock) -> fcntl(F_OFD_SETLK) of the single byte `byte`:
+ *   a shared (read) lock when `lock` is true, an unlock when false; 0 or
+ *   -errno (-EAGAIN / -EACCES when another open file holds a conflicting lock).
+ *   Open-file-description locks belong to the open file, not the process, so
+ *   two opens of one file in one process conflict as two processes would.
+ * ofdTest(fd, byte) -> fcntl(F_OFD_GETLK) asking for an exclusive lock on the
+ *   byte: 0 when no other open file holds a lock there, 1 when one does,
+ *   -errno on failure. Locks held through `fd`'s own open file never count.
+ *   Together these are the primitives of QEMU's image locking (bytes 100+n
+ *   and 200+n of the image, see src/io/lock.ts). -ENOSYS where the platform
+ *   has no OFD locks.
+ * dup(fd) -> fcntl(F_DUPFD_CLOEXEC): a second descriptor on the same open file
+ *   (which keeps its locks alive after the first is closed), or -errno.
+ * close(fd) -> close(2): 0 or -errno.
+ * clearNonblock(fd) -> clears O_NONBLOCK (images are opened with it so that a
+ *   FIFO cannot block open(2)); 0 or -errno.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -83,6 +99,87 @@ static napi_value do_getfl(napi_env env, napi_callback_info info) {
   int32_t fd = -1;
   if (!get_args(env, info, 1, &fd, NULL, NULL)) return einval(env);
   return result(env, (int64_t)fcntl(fd, F_GETFL));
+}
+
+static int32_t arg_i32(napi_env env, napi_value v, int *ok) {
+  int32_t x = 0;
+  if (napi_get_value_int32(env, v, &x) != napi_ok) *ok = 0;
+  return x;
+}
+
+static napi_value do_ofd_lock(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  int ok = 1;
+  bool lock = false;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 3) return einval(env);
+  int32_t fd = arg_i32(env, argv[0], &ok), byte = arg_i32(env, argv[1], &ok);
+  if (!ok || byte < 0 || napi_get_value_bool(env, argv[2], &lock) != napi_ok) return einval(env);
+#if defined(F_OFD_SETLK)
+  struct flock fl = {0};
+  fl.l_type = lock ? F_RDLCK : F_UNLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = byte;
+  fl.l_len = 1;
+  int rc;
+  do {
+    rc = fcntl(fd, F_OFD_SETLK, &fl);
+  } while (rc < 0 && errno == EINTR);
+  return result(env, rc);
+#else
+  (void)fd;
+  napi_value out;
+  napi_create_int64(env, -(int64_t)ENOSYS, &out);
+  return out;
+#endif
+}
+
+static napi_value do_ofd_test(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  int ok = 1;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 2) return einval(env);
+  int32_t fd = arg_i32(env, argv[0], &ok), byte = arg_i32(env, argv[1], &ok);
+  if (!ok || byte < 0) return einval(env);
+#if defined(F_OFD_GETLK)
+  struct flock fl = {0};
+  fl.l_type = F_WRLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = byte;
+  fl.l_len = 1;
+  int rc;
+  do {
+    rc = fcntl(fd, F_OFD_GETLK, &fl);
+  } while (rc < 0 && errno == EINTR);
+  if (rc < 0) return result(env, -1);
+  return result(env, fl.l_type == F_UNLCK ? 0 : 1);
+#else
+  (void)fd;
+  napi_value out;
+  napi_create_int64(env, -(int64_t)ENOSYS, &out);
+  return out;
+#endif
+}
+
+static napi_value do_dup(napi_env env, napi_callback_info info) {
+  int32_t fd = -1;
+  if (!get_args(env, info, 1, &fd, NULL, NULL)) return einval(env);
+  return result(env, (int64_t)fcntl(fd, F_DUPFD_CLOEXEC, 0));
+}
+
+static napi_value do_close(napi_env env, napi_callback_info info) {
+  int32_t fd = -1;
+  if (!get_args(env, info, 1, &fd, NULL, NULL)) return einval(env);
+  return result(env, (int64_t)close(fd));
+}
+
+static napi_value do_clear_nonblock(napi_env env, napi_callback_info info) {
+  int32_t fd = -1;
+  if (!get_args(env, info, 1, &fd, NULL, NULL)) return einval(env);
+  int fl = fcntl(fd, F_GETFL);
+  if (fl < 0) return result(env, -1);
+  if (!(fl & O_NONBLOCK)) return result(env, 0);
+  return result(env, (int64_t)fcntl(fd, F_SETFL, fl & ~O_NONBLOCK));
 }
 
 /*
@@ -212,6 +309,11 @@ static napi_value init(napi_env env, napi_value exports) {
   export_fn(env, exports, "getfl", do_getfl);
   export_fn(env, exports, "copyRange", do_copy_range);
   export_fn(env, exports, "fallocate", do_fallocate);
+  export_fn(env, exports, "ofdLock", do_ofd_lock);
+  export_fn(env, exports, "ofdTest", do_ofd_test);
+  export_fn(env, exports, "dup", do_dup);
+  export_fn(env, exports, "close", do_close);
+  export_fn(env, exports, "clearNonblock", do_clear_nonblock);
   napi_create_int32(env, O_APPEND, &v);
   napi_set_named_property(env, exports, "O_APPEND", v);
   return exports;

@@ -13,6 +13,7 @@ export type ErrorCode =
   | 'IO'
   | 'READ_ONLY'
   | 'NO_SPACE'
+  | 'LOCKED'
   | 'INTERNAL'
   | 'INTERRUPTED'
 
@@ -76,6 +77,17 @@ export class ImageIoError extends ImgtoolError {
 export class ReadOnlyError extends ImgtoolError {
   constructor(message: string, details: ErrorDetails = {}) {
     super('READ_ONLY', message, details)
+  }
+}
+
+/**
+ * Another process (QEMU, or another imgtool) holds the image in a way this open
+ * cannot share: the lock bytes QEMU uses (see src/io/lock.ts) said no.
+ * `details.permission` names the permission, as QEMU names it ("write").
+ */
+export class ImageLockedError extends ImgtoolError {
+  constructor(message: string, details: ErrorDetails = {}) {
+    super('LOCKED', message, details)
   }
 }
 

@@ -54,6 +54,7 @@ export {
   CorruptImageError,
   ImageIoError,
   ReadOnlyError,
+  ImageLockedError,
   AbortedError,
   isImgtoolError,
   type ErrorCode,

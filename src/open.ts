@@ -80,9 +80,14 @@ export async function openImage(
     forCheck?: boolean
     /** the image alone, for info (see OpenImageOptions.infoOnly) */
     infoOnly?: boolean
+    /** qemu-img -U: no image locks on any file of the image */
+    forceShare?: boolean
   } = {},
 ): Promise<DiskImage> {
-  const context = makeContext(options.openDevice ?? openFileDevice)
+  const base = options.openDevice ?? openFileDevice
+  // -U: no image locks on any file of the image (its backing chain and data file included)
+  const opener: DeviceOpener = options.forceShare ? (p, o) => base(p, { ...o, forceShare: true }) : base
+  const context = makeContext(opener)
   return context.openImage(path, {
     format: options.format,
     readOnly: options.readOnly ?? true,

@@ -9,6 +9,8 @@ export interface CheckImageOptions {
   format?: OpenOptions['format']
   /** dm-snapshot: the origin */
   origin?: string
+  /** qemu-img -U: take and test no image locks (read an image another process holds) */
+  forceShare?: boolean
   onProgress?: (done: number, total: number) => void
   signal?: AbortSignal
 }
@@ -22,7 +24,7 @@ export async function check(target: Image | string, o: CheckImageOptions = {}): 
   checkAborted(o.signal, 'check')
   const d =
     typeof target === 'string'
-      ? await markOpenFailure(openByPath(target, { format: formatOption(o.format), readOnly: true, options: openOptionsOf(o), forCheck: true }))
+      ? await markOpenFailure(openByPath(target, { format: formatOption(o.format), readOnly: true, options: openOptionsOf(o), forCheck: true, forceShare: o.forceShare === true }))
       : diskImageOf(target)
   try {
     if (typeof d.check !== 'function') throw new NoCheckError(`${d.format}: ${d.filename}: this image format does not support checks`, { file: d.filename })

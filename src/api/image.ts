@@ -30,6 +30,8 @@ export interface OpenOptions {
   /** format-specific open options (qemu-img's -o spelling, e.g. origin=PATH) */
   options?: Record<string, string>
   backingPolicy?: ReferencePolicy
+  /** qemu-img's -U: take and test no image locks (read-only opens only) */
+  forceShare?: boolean
   /** refuses to start once aborted */
   signal?: AbortSignal
 }
@@ -155,7 +157,7 @@ export async function openImage(target: string | BlockDevice, o: OpenOptions = {
   if (policy !== 'follow' && policy !== 'deny') throw new UsageError(`backingPolicy must be 'follow' or 'deny', not '${String(policy)}'`)
   if (typeof target === 'string') {
     const openDevice = policy === 'deny' ? confinedOpener(undefined, openFileDevice) : openFileDevice
-    const d = await openByPath(target, { format, readOnly, options, openDevice })
+    const d = await openByPath(target, { format, readOnly, options, openDevice, forceShare: o.forceShare === true })
     return wrapImage(d)
   }
   if (!readOnly && target.readOnly) throw new ReadOnlyError(`${target.name}: the device is read-only`, { file: target.name })

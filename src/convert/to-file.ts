@@ -27,6 +27,8 @@ export interface ConvertFileOptions {
   sourceFormat?: FormatName
   /** source open options (origin=PATH for a dm-snapshot source) */
   sourceOptions?: Record<string, string>
+  /** -U: open the source (and its chain) without image locks */
+  sourceForceShare?: boolean
   targetFormat: TargetFormat
   /** target create options (-o) */
   options?: Record<string, string>
@@ -129,6 +131,7 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
     format: o.sourceFormat,
     readOnly: true,
     options: o.sourceOptions ?? {},
+    forceShare: o.sourceForceShare === true,
     openDevice: recordingOpener(openFileDevice, sourceFiles),
   })
   let origin: DiskImage | undefined

@@ -68,13 +68,18 @@ export async function readInto(dev: BlockDevice, offset: number, buf: Uint8Array
 
 export interface OpenDeviceOptions {
   readOnly: boolean
-  /** create (or truncate) the file */
+  /** create (or truncate) the file; it is emptied only once it is locked */
   create?: boolean
   /**
    * with create: create a new file only, never open or truncate an existing one
    * (EEXIST, a symlink too, dangling or not); the new file is owner-only (0600)
    */
   exclusive?: boolean
+  /**
+   * qemu-img's -U (force-share): take no image locks and test none, so an
+   * image another process holds can still be read. Read-only opens only.
+   */
+  forceShare?: boolean
 }
 
 export type DeviceOpener = (path: string, options: OpenDeviceOptions) => Promise<BlockDevice>

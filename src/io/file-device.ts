@@ -4,10 +4,11 @@
  */
 import { open, type FileHandle } from 'node:fs/promises'
 import { constants as fsConstants } from 'node:fs'
-import { ImageIoError, NotFoundError, ReadOnlyError, hex } from '../errors.js'
+import { ImageIoError, NotFoundError, ReadOnlyError, UsageError, hex } from '../errors.js'
 import type { BlockDevice, HostStatus, IoTag, OpenDeviceOptions } from './block-device.js'
 import { allocateByWriting } from './prealloc.js'
-import { ENOSYS, ENXIO, EOPNOTSUPP, fallocateAddon, seekHoleAddon } from './seek-hole.js'
+import { ENOSYS, ENXIO, EOPNOTSUPP, clearNonblock, fallocateAddon, seekHoleAddon } from './seek-hole.js'
+import { acquireImageLock, type ImageLock } from './lock.js'
 import { constants as osConstants } from 'node:os'
 
 export class FileDevice implements BlockDevice {
@@ -16,33 +17,57 @@ export class FileDevice implements BlockDevice {
     readonly name: string,
     readonly readOnly: boolean,
     private len: number,
+    /** the image locks this open holds (src/io/lock.ts); released at close */
+    private readonly lock: ImageLock | undefined,
   ) {}
 
   static async open(path: string, options: OpenDeviceOptions): Promise<FileDevice> {
+    if (options.forceShare && !options.readOnly) {
+      throw new UsageError(`${path}: force-share=on can only be used with read-only images`, { file: path })
+    }
     const exclusive = !options.readOnly && options.create && options.exclusive
-    const flags = options.readOnly
-      ? fsConstants.O_RDONLY
-      : exclusive
-        ? fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW
-        : options.create
-          ? fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_TRUNC
-          : fsConstants.O_RDWR
+    // O_NONBLOCK: open(2) of a FIFO must not wait for a writer (it is refused below).
+    // O_CREAT without O_TRUNC: a file is emptied only once it is locked. O_EXCL|O_NOFOLLOW: a new file only.
+    const flags =
+      fsConstants.O_NONBLOCK |
+      (options.readOnly
+        ? fsConstants.O_RDONLY
+        : exclusive
+          ? fsConstants.O_RDWR | fsConstants.O_CREAT | fsConstants.O_EXCL | fsConstants.O_NOFOLLOW
+          : options.create
+            ? fsConstants.O_RDWR | fsConstants.O_CREAT
+            : fsConstants.O_RDWR)
     let fh: FileHandle
     try {
       fh = await open(path, flags, exclusive ? 0o600 : 0o644)
     } catch (e) {
       throw fsError(e, path, 'open')
     }
+    let lock: ImageLock | undefined
     try {
-      const st = await fh.stat()
+      const st = await fh.stat({ bigint: true })
       if (st.isDirectory()) throw new ImageIoError(`${path}: is a directory`, 'EISDIR', { file: path })
-      let size = st.size
+      if (!st.isFile() && !st.isBlockDevice()) {
+        const kind = st.isFIFO() ? 'fifo' : st.isCharacterDevice() ? 'character device' : st.isSocket() ? 'socket' : 'special file'
+        throw new ImageIoError(`${path}: not a regular file or block device (${kind})`, 'EFTYPE', { file: path })
+      }
+      clearNonblock(fh.fd)
+      if (!options.forceShare) lock = acquireImageLock(fh.fd, path, `${st.dev}:${st.ino}`, options.readOnly ? 'reader' : 'writer')
+      if (options.create && st.isFile() && st.size > 0n) {
+        try {
+          await fh.truncate(0)
+        } catch (e) {
+          throw fsError(e, path, 'truncate to 0')
+        }
+      }
+      let size = options.create && st.isFile() ? 0 : Number(st.size)
       if (st.isBlockDevice()) {
         const { size: bsize } = await blockDeviceSize(fh)
         size = bsize
       }
-      return new FileDevice(fh, path, options.readOnly, size)
+      return new FileDevice(fh, path, options.readOnly, size, lock)
     } catch (e) {
+      lock?.release()
       await fh.close().catch(() => undefined)
       throw e
     }
@@ -121,7 +146,11 @@ export class FileDevice implements BlockDevice {
   }
 
   async close(): Promise<void> {
-    await this.fh.close()
+    try {
+      await this.fh.close()
+    } finally {
+      this.lock?.release()
+    }
   }
 
   async allocatedSize(): Promise<number> {

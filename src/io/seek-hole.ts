@@ -4,7 +4,10 @@
  * fcntl(F_GETFL) for the file offset of a descriptor someone else opened
  * (cat's stdout), copy_file_range, and fallocate. Without it, hole detection is
  * simply unavailable, cat writes its output one write after another, and
- * preallocation writes zeros.
+ * preallocation writes zeros. It also carries the OFD lock primitives of
+ * src/io/lock.ts (without it, images are opened without locks) and clears
+ * O_NONBLOCK after open (without it, the flag stays: it changes nothing for
+ * regular files and block devices).
  */
 import { createRequire } from 'node:module'
 
@@ -21,6 +24,16 @@ export interface SeekHole {
   copyRange?(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): Promise<number> | number
   /** fallocate(fd, 0, offset, length) on a libuv thread: 0 or -errno (absent from addons built before it) */
   fallocate?(fd: number, offset: number, length: number): Promise<number> | number
+  /** clear O_NONBLOCK on fd: 0 or -errno (absent from addons built before it) */
+  clearNonblock?(fd: number): number
+  /** F_OFD_SETLK of one byte (a read lock, or an unlock): 0 or -errno; see src/io/lock.ts */
+  ofdLock?(fd: number, byte: number, lock: boolean): number
+  /** F_OFD_GETLK (exclusive) of one byte: 0 free, 1 locked by another open file, or -errno */
+  ofdTest?(fd: number, byte: number): number
+  /** fcntl(F_DUPFD_CLOEXEC): a new descriptor on the same open file, or -errno */
+  dup?(fd: number): number
+  /** close(2): 0 or -errno */
+  close?(fd: number): number
 }
 
 let loaded: SeekHole | null | undefined
@@ -93,3 +106,13 @@ export function fallocateAddon(): Fallocate | null {
 
 export const EOPNOTSUPP = 95
 export const ENOSYS = 38
+
+/**
+ * Clear O_NONBLOCK (images are opened with it so a FIFO cannot block open(2)).
+ * Without the addon the flag stays, which Linux ignores for regular files and
+ * block devices.
+ */
+export function clearNonblock(fd: number): void {
+  const a = seekHoleAddon()
+  if (a && typeof a.clearNonblock === 'function') a.clearNonblock(fd)
+}

@@ -33,6 +33,7 @@ const cat: CommandModule = {
     addImageOptions(cmd)
       .option('--offset <n>', 'first guest byte (sizes like 1M accepted)')
       .option('--length <n>', 'how many bytes (default: to the end)')
+      .option('-U, --force-share', 'open without image locks (read-only; the image may be in use)')
       .argument('<image>')
   },
   async run(args, opts, io) {
@@ -43,7 +44,7 @@ const cat: CommandModule = {
     const { openImage } = await import('../../open.js')
     const pool = new ReadBuffers()
     const hosts = new Map<string, number>()
-    const image = await openImage(path, { format, readOnly: true, options, openDevice: await unzeroedReadOpener(pool, hosts) })
+    const image = await openImage(path, { format, readOnly: true, options, forceShare: opts['forceShare'] === true, openDevice: await unzeroedReadOpener(pool, hosts) })
     try {
       const size = image.virtualSize
       const offset = opts['offset'] !== undefined ? parseSize(String(opts['offset']), 'offset') : 0

@@ -12,6 +12,7 @@ const check: CommandModule = {
       .option('--journal <path>', 'with -r: where to write the undo journal (default IMAGE.imgtool-undo[.N])')
       .option('--no-journal', 'with -r: repair without an undo journal')
       .option('--force-valid', 'with -r all: re-validate an invalidated dm-snapshot store when every record checks out')
+      .option('-U, --force-share', 'open without image locks (without -r; the image may be in use)')
       .argument('[image...]')
   },
   async run(args, opts, io) {
@@ -30,6 +31,7 @@ const check: CommandModule = {
       dryRun: false,
       journal: opts['journal'] === false ? false : (opts['journal'] as string | undefined),
       forceValid: Boolean(opts['forceValid']),
+      forceShare: opts['forceShare'] === true,
     })
   },
 }
@@ -46,6 +48,8 @@ export interface RunCheckArgs {
   journal: string | false | undefined
   /** dm-snapshot: re-validate an invalidated store when every record checks out */
   forceValid?: boolean
+  /** -U: open without image locks (read-only opens only, as qemu-img) */
+  forceShare?: boolean
 }
 
 /** check / check -r / repair: one library call, render, qemu-img's exit code. */
@@ -82,7 +86,11 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
         io.stderr.write(`imgtool: undo journal written to ${result.journalPath}${where} (restore with: imgtool repair --undo ${result.journalPath} ${a.path})\n`)
       }
     } else {
-      report = await api.check(a.path, { ...(a.image.format ? { format: a.image.format } : {}), ...(origin !== undefined ? { origin } : {}) })
+      report = await api.check(a.path, {
+        ...(a.image.format ? { format: a.image.format } : {}),
+        ...(origin !== undefined ? { origin } : {}),
+        ...(a.forceShare ? { forceShare: true } : {}),
+      })
     }
     if (a.output === 'json') {
       if (!a.quiet) printJson(io.stdout, checkJson(report, a.path))

@@ -12,6 +12,7 @@ const compare: CommandModule = {
       .option('--origin <path>', 'origin of a dm-snapshot image among the two (-f/-F dmsnap)')
       .option('-p, --progress', 'show progress')
       .option('-q, --quiet', 'print nothing')
+      .option('-U, --force-share', 'open without image locks (read-only; the image may be in use)')
       .argument('<image1>')
       .argument('<image2>')
   },
@@ -29,9 +30,9 @@ const compare: CommandModule = {
       const { openImage } = await import('../../open.js')
       const { compareImages } = await import('../../convert/compare.js')
       const options: Record<string, string> = typeof opts['origin'] === 'string' ? { origin: opts['origin'] } : {}
-      const a = await openImage(args[0]!, { format: fmt(opts['format']), readOnly: true, options })
+      const a = await openImage(args[0]!, { format: fmt(opts['format']), readOnly: true, options, forceShare: opts['forceShare'] === true })
       try {
-        const b = await openImage(args[1]!, { format: fmt(opts['secondFormat']), readOnly: true, options })
+        const b = await openImage(args[1]!, { format: fmt(opts['secondFormat']), readOnly: true, options, forceShare: opts['forceShare'] === true })
         try {
           const progress = opts['progress'] && io.isTTY && !opts['quiet'] ? await (await import('../progress.js')).startProgress(io, 'comparing') : undefined
           let r: Awaited<ReturnType<typeof compareImages>>

@@ -19,6 +19,7 @@ const convert: CommandModule = {
       .option('-t, --cache <mode>', 'target cache mode: unsafe (as qemu-img: no flush at all) or writeback (flushed once, at the end)', 'unsafe')
       .option('-p, --progress', 'show progress (on a terminal)')
       .option('-q, --quiet', 'print nothing')
+      .option('-U, --force-share', 'open the source without image locks (it may be in use)')
       .argument('<source>')
       .argument('<target>')
   },
@@ -46,7 +47,7 @@ const convert: CommandModule = {
     const showProgress = Boolean(opts['progress']) && io.isTTY && !opts['quiet']
     if (dstPath === '-') {
       if (outFmt !== 'raw') throw new UsageError('Only raw output can go to stdout (-)')
-      return toStdout(srcPath, srcFmt, srcOptions, inFlight, showProgress, io)
+      return toStdout(srcPath, srcFmt, srcOptions, inFlight, showProgress, io, opts['forceShare'] === true)
     }
     const { convertFile } = await import('../../convert/to-file.js')
     const progress = showProgress ? await (await import('../progress.js')).startProgress(io, 'converting') : undefined
@@ -55,6 +56,7 @@ const convert: CommandModule = {
       await convertFile(srcPath, dstPath, {
         ...(srcFmt !== undefined ? { sourceFormat: srcFmt as never } : {}),
         sourceOptions: srcOptions,
+        sourceForceShare: opts['forceShare'] === true,
         targetFormat: outFmt,
         options,
         ...(backing !== undefined ? { backingFile: backing, backingFormat: String(opts['backingFormat'] ?? 'qcow2') } : {}),
@@ -81,11 +83,12 @@ async function toStdout(
   inFlight: number,
   showProgress: boolean,
   io: import('../command.js').CliIo,
+  forceShare: boolean,
 ): Promise<number> {
   const { openImage } = await import('../../open.js')
   const { rawStream } = await import('../../convert/convert.js')
   const { writeOut, PipeClosed } = await import('../stream.js')
-  const src = await openImage(srcPath, { format: srcFmt as never, readOnly: true, options: srcOptions })
+  const src = await openImage(srcPath, { format: srcFmt as never, readOnly: true, options: srcOptions, forceShare })
   const progress = showProgress ? await (await import('../progress.js')).startProgress(io, 'converting') : undefined
   try {
     let done = 0

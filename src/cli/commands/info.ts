@@ -7,6 +7,7 @@ const info: CommandModule = {
   configure(cmd) {
     addOutputOption(addImageOptions(cmd))
       .option('--backing-chain', 'show every image of the backing chain')
+      .option('-U, --force-share', 'open without image locks (read-only; the image may be in use)')
       .argument('<image>')
   },
   async run(args, opts, io) {
@@ -17,7 +18,7 @@ const info: CommandModule = {
     const { infoHuman, infoJson } = await import('../render/info.js')
     // as qemu-img info: the image alone (a missing or looping backing file is a name
     // to show); --backing-chain opens the chain and fails where it cannot be opened
-    const image = await openImage(path, { format, readOnly: true, options, infoOnly: !opts['backingChain'] })
+    const image = await openImage(path, { format, readOnly: true, options, infoOnly: !opts['backingChain'], forceShare: opts['forceShare'] === true })
     try {
       const top = await image.info()
       const chain = [top]

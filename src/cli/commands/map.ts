@@ -9,6 +9,7 @@ const map: CommandModule = {
     addOutputOption(addImageOptions(cmd))
       .option('--start-offset <n>', 'first guest byte to map')
       .option('--max-length <n>', 'how many guest bytes to map')
+      .option('-U, --force-share', 'open without image locks (read-only; the image may be in use)')
       .argument('<image>')
   },
   async run(args, opts, io) {
@@ -18,7 +19,7 @@ const map: CommandModule = {
     const { parseSize } = await import('../../util/size.js')
     const { openImage } = await import('../../open.js')
     const { mergeExtents } = await import('../../image/range.js')
-    const image = await openImage(path, { format, readOnly: true, options })
+    const image = await openImage(path, { format, readOnly: true, options, forceShare: opts['forceShare'] === true })
     try {
       const start = opts['startOffset'] !== undefined ? parseSize(String(opts['startOffset']), 'start offset') : 0
       const size = image.virtualSize

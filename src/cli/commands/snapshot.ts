@@ -12,6 +12,7 @@ const snapshot: CommandModule = {
       .option('-a, --apply <name>', 'revert the image to a snapshot')
       .option('-d, --delete <name>', 'delete a snapshot')
       .option('-q, --quiet', 'print nothing')
+      .option('-U, --force-share', 'with -l: open without image locks (the image may be in use)')
       .argument('<image>')
   },
   async run(args, opts, io) {
@@ -22,7 +23,7 @@ const snapshot: CommandModule = {
     const action = actions[0] ?? 'list'
     const { format, options } = parseImageOptions(opts)
     const { openImage } = await import('../../open.js')
-    const image = await openImage(path, { format, readOnly: action === 'list', options })
+    const image = await openImage(path, { format, readOnly: action === 'list', options, forceShare: opts['forceShare'] === true })
     try {
       if (image.format !== 'qcow2') throw new UsageError(`${image.format}: internal snapshots need a qcow2 image`)
       const img = image as import('../../formats/qcow2/image.js').Qcow2Image
