@@ -28,6 +28,8 @@ export interface RepairOptions {
   origin?: string
   /** dm-snapshot: re-validate an invalidated store when every record checks out */
   forceValid?: boolean
+  /** qemu-img -U: allowed with dryRun only (a writable open refuses it, as qemu-img does) */
+  forceShare?: boolean
   onProgress?: (done: number, total: number) => void
   signal?: AbortSignal
 }
@@ -93,6 +95,7 @@ export async function repair(path: string, o: RepairOptions = {}): Promise<Repai
       readOnly: dryRun,
       options: o.origin !== undefined ? { origin: o.origin } : {},
       forCheck: true,
+      forceShare: o.forceShare === true,
     }),
   )
   let created: CreatedJournal | undefined
@@ -111,13 +114,11 @@ export async function repair(path: string, o: RepairOptions = {}): Promise<Repai
     try {
       result = await image.repair(opts)
     } catch (e) {
-      if (created && isImgtoolError(e) && e.details['journal'] === created.path) {
-        // the format said it had written and named the journal already
-        throw new RepairIncompleteError(e.message, { ...e.details, file: path })
-      }
-      if (created && created.device.size > 0) {
+      const named = created !== undefined && isImgtoolError(e) && e.details['journal'] === created.path
+      if (created && (named || created.device.size > 0)) {
         // the repair stopped after it had changed the image: say where the bytes it changed are, in the one line
-        const why = isImgtoolError(e) ? e.message : `internal error: ${e instanceof Error ? e.message : String(e)}`
+        // (the format's own pointer to the journal gives way to the CLI's undo command)
+        const why = isImgtoolError(e) ? e.message.replace(/; the undo journal .*$/, '') : `internal error: ${e instanceof Error ? e.message : String(e)}`
         throw new RepairIncompleteError(`${why} (the repair stopped part way; to put ${path} back: imgtool repair --undo ${created.path} --force ${path})`, {
           file: path,
           journal: created.path,

@@ -71,6 +71,7 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
         ...(a.image.format ? { format: a.image.format } : {}),
         ...(origin !== undefined ? { origin } : {}),
         ...(a.forceValid ? { forceValid: true } : {}),
+        ...(a.forceShare ? { forceShare: true } : {}),
       })
       if (a.dryRun) {
         if (a.output === 'json') {
