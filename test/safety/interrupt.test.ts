@@ -30,7 +30,10 @@ interface PtyResult {
 }
 
 function ptyRun(when: string, args: string[], cwd: string): PtyResult {
-  const out = execFileSync('python3', [PTY, when, '240', '--', process.execPath, BIN, ...args], { cwd, encoding: 'utf8', timeout: 300_000 })
+  // a user's terminal: without CI in the environment (ora shows no spinner when CI is set, as in .ci/run)
+  const env = { ...process.env }
+  delete env['CI']
+  const out = execFileSync('python3', [PTY, when, '240', '--', process.execPath, BIN, ...args], { cwd, env, encoding: 'utf8', timeout: 300_000 })
   return JSON.parse(out) as PtyResult
 }
 
