@@ -192,8 +192,7 @@ async function writableQcow2<R>(path: string, what: string, readOnly: boolean, f
   let closed = false
   try {
     if (d.format !== 'qcow2') throw new UsageError(`${d.format}: ${what} needs a qcow2 image`)
-    const q = await import('../formats/qcow2/index.js')
-    const img = d as InstanceType<typeof q.Qcow2Image>
+    const img = d as import('../formats/qcow2/index.js').Qcow2Image
     const r = await fn(img, [...(img.writer?.notices ?? [])])
     if (what === 'resize') closed = true
     return r

@@ -413,7 +413,6 @@ describeQemu('imgtool cat: memory stays bounded on an image whose runs are all s
 describeQemu('imgtool cat: chunks stored as is are copied by the kernel (copy_file_range), the rest read', () => {
   it('full images with compressed, zero and discarded clusters, an external data file, a backing file, a host file cut short: the bytes of qemu-img convert and of writes in order; an encrypted one refused', async () => {
     const dir = makeTempDir('imgtool-cat-cfr-')
-    const M = 1024 * 1024
     const make = async (name: string, opts: string, cmds: string[], backing?: string): Promise<string> => {
       const img = join(dir, name)
       const args = ['create', '-q', '-f', 'qcow2', '-o', opts]

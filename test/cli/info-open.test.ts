@@ -59,7 +59,6 @@ async function qemuRaw(dir: string, file: string): Promise<Buffer> {
 /** The one line imgtool printed: no raw control bytes, no Node internals. */
 function expectOneCleanLine(stderr: string): void {
   expect(stderr.split('\n').filter((l) => l !== '')).toHaveLength(1)
-  // eslint-disable-next-line no-control-regex
   expect(stderr.slice(0, -1)).not.toMatch(/[\u0000-\u001f\u007f-\u009f]/)
   expect(stderr).not.toMatch(/ERR_|internal error|\bat \w+ \(/)
 }

@@ -1,6 +1,5 @@
 /** imgtool info: option parsing, JSON and human rendering, -f, errors and exit codes (in process). */
 import { readFileSync, statSync } from 'node:fs'
-import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { cli, FIXTURES, fx } from '../support/cli.js'
 

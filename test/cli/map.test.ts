@@ -1,6 +1,5 @@
 /** imgtool map: JSON and human rendering against qemu-img map, ranges, errors and exit codes. */
 import { readFileSync } from 'node:fs'
-import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { describeQemu, qemuImg, qemuImgOk } from '../support/qemu.js'
 import { cli, FIXTURES, fx } from '../support/cli.js'

@@ -61,7 +61,7 @@ function expectedAt(rec: RunRecord, flushes: number): { content: Uint8Array; ski
 }
 
 async function verify(state: Crashed, rec: RunRecord, w: Workload, quota: { taken: number }, sampleEvery: number): Promise<void> {
-  let dev: MemoryDevice = state.device
+  const dev: MemoryDevice = state.device
   const dataName = dataFileOf(w)
   const files = dataName && state.data ? copyFiles(rec.files, { [dataName]: state.data }) : rec.files
   const head = await dev.read(0, 112)

@@ -63,7 +63,7 @@ export function runProc(
     child.on('close', (code, signal) => {
       clearTimeout(timer)
       let maxRssKiB: number | undefined
-      let stderr = Buffer.concat(err).toString('utf8')
+      const stderr = Buffer.concat(err).toString('utf8')
       if (rssFile) {
         try {
           const t = readFileSync(rssFile, 'utf8').trim().split('\n')

@@ -58,7 +58,7 @@ it('installs from its tarball and compiles and runs a strict TypeScript user pro
     cwd: app,
     encoding: 'utf8',
   })
-  const out = JSON.parse(stdout) as Record<string, any>
+  const out = JSON.parse(stdout) as Record<string, { codes?: string[] } & Record<string, unknown>>
   expect(out['info']).toMatchObject({ format: 'qcow2', writable: false })
   expect(out['check']).toEqual({ corruptions: 0, leaks: 0, exit: 0, clean: 0 })
   expect(out['checkOpen']).toBe(0)
@@ -68,6 +68,6 @@ it('installs from its tarball and compiles and runs a strict TypeScript user pro
   expect(out['memory']).toBe(1 << 20)
   expect(out['merge']).toBe(1)
   expect(out['dmsnapCheck']).toBe(0)
-  expect(out['errors'].codes).toEqual(['NOT_FOUND', 'USAGE', 'UNSUPPORTED', 'INTERRUPTED'])
+  expect(out['errors']!.codes).toEqual(['NOT_FOUND', 'USAGE', 'UNSUPPORTED', 'INTERRUPTED'])
   expect(readdirSync(work)).toContain('made.raw')
 }, 900_000)

@@ -298,7 +298,7 @@ export class CrashDevice implements BlockDevice {
    * states of its last point (just before the flush that ends it, or now).
    */
   *allCrashStates(options: CrashStateOptions = {}): Generator<CrashState> {
-    let durable = new Image(this.base.slice())
+    const durable = new Image(this.base.slice())
     let start = -1 // index of the flush opening this epoch
     let flushes = 0
     for (;;) {

@@ -168,7 +168,7 @@ describe('snapshot apply with another disk size (qcow2_snapshot_goto resizes)', 
     const dev = new MemoryDevice(0, { name: 'v2.qcow2' })
     const files = new MemFiles()
     await createOn(dev, 64 * 1024, { compat: '0.10', cluster_size: '1024' }, files)
-    let img = await openOn(dev, files)
+    const img = await openOn(dev, files)
     await img.write(0, new Uint8Array(5000).fill(1))
     await createSnapshot(img, 's')
     // a v2 image cannot be resized while it has snapshots: make the recorded size differ in memory

@@ -14,7 +14,7 @@
  * (guest ranges, the L1/L2 index, what a cluster overlaps). Repair (repair.ts)
  * plans from the analysis returned here.
  */
-import { ImgtoolError, hex } from '../../errors.js'
+import { ImgtoolError } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
 import type { CheckReport } from '../../check/types.js'
 import { CRYPT_LUKS, MAX_L1_BYTES } from './constants.js'

@@ -133,7 +133,7 @@ export async function readHeader(dev: BlockDevice, opts: ParseHeaderOptions): Pr
   let autoclearFeatures = 0n
   let refcountOrder = 4
   let headerLength: number = C.HEADER_V2_LENGTH
-  let compressionType = C.COMPRESSION_ZLIB
+  const compressionType = C.COMPRESSION_ZLIB
   if (version === 3) {
     incompatibleFeatures = u64be(head, 72)
     compatibleFeatures = u64be(head, 80)

@@ -15,7 +15,7 @@ import type { BlockDevice } from '../../io/block-device.js'
 import { checkGuestRange } from '../../image/range.js'
 import { putU64be } from '../../util/bytes.js'
 import { decodeL2, type L2Entry } from './entries.js'
-import { bitmapsValid, hasDataFile, hasExtendedL2, hasLazyRefcounts, isDirty, l2EntrySize, type Qcow2Header } from './header.js'
+import { hasDataFile, hasExtendedL2, hasLazyRefcounts, isDirty, l2EntrySize, type Qcow2Header } from './header.js'
 import type { Qcow2Image } from './image.js'
 import type { EntryWriter } from './l2-meta.js'
 import { Mutex } from './mutex.js'
@@ -102,6 +102,8 @@ export class Qcow2Writer {
         else guardFill.push([cluster, kind ?? ''])
       },
     }
+    // let, not const: the hook above reads w while RefcountWriter.load runs, before it is assigned
+    // eslint-disable-next-line prefer-const
     let w: Qcow2Writer | undefined
     const rc = await RefcountWriter.load(img.device, h, img.filename, hooks)
     w = new Qcow2Writer(img, rc)
