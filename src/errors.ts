@@ -5,17 +5,7 @@
  * Message style: `<format>: <facts>`, offsets in hex, expected vs found.
  */
 export type ErrorCode =
-  | 'USAGE'
-  | 'NOT_FOUND'
-  | 'WRONG_FORMAT'
-  | 'UNSUPPORTED'
-  | 'CORRUPT'
-  | 'IO'
-  | 'READ_ONLY'
-  | 'NO_SPACE'
-  | 'LOCKED'
-  | 'INTERNAL'
-  | 'INTERRUPTED'
+  'USAGE' | 'NOT_FOUND' | 'WRONG_FORMAT' | 'UNSUPPORTED' | 'CORRUPT' | 'IO' | 'READ_ONLY' | 'NO_SPACE' | 'LOCKED' | 'INTERNAL' | 'INTERRUPTED'
 
 export interface ErrorDetails {
   file?: string

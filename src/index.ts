@@ -16,7 +16,15 @@
  */
 export { openImage, type Image, type OpenOptions, type ReferencePolicy } from './api/image.js'
 export { check, type CheckImageOptions } from './api/check.js'
-export { repair, undoRepair, RepairIncompleteError, type RepairOptions, type RepairOutcome, type UndoRepairOptions, type UndoRepairResult } from './api/repair.js'
+export {
+  repair,
+  undoRepair,
+  RepairIncompleteError,
+  type RepairOptions,
+  type RepairOutcome,
+  type UndoRepairOptions,
+  type UndoRepairResult,
+} from './api/repair.js'
 export {
   createImage,
   convert,

@@ -33,10 +33,7 @@ export function driverFor(format: FormatName): FormatDriver {
 }
 
 /** Open an image on an already open device (tests use memory devices this way). */
-export async function openImageOnDevice(
-  device: BlockDevice,
-  options: OpenImageOptions & { context?: OpenContext },
-): Promise<DiskImage> {
+export async function openImageOnDevice(device: BlockDevice, options: OpenImageOptions & { context?: OpenContext }): Promise<DiskImage> {
   const context = options.context ?? makeContext(openFileDevice)
   let format = options.format
   if (!format) format = probeFormat(await device.read(0, Math.min(PROBE_BYTES, Math.max(device.size, 4)), 'probe'))

@@ -47,7 +47,10 @@ describe('architecture', () => {
         const spec = m[1] ?? m[2]
         if (!spec) continue
         if (spec.startsWith('.')) {
-          const target = relative(SRC, resolve(dirname(file), spec)).split('\\').join('/').replace(/\.js$/, '.ts')
+          const target = relative(SRC, resolve(dirname(file), spec))
+            .split('\\')
+            .join('/')
+            .replace(/\.js$/, '.ts')
           const from = layerOf(rel)
           const to = layerOf(target)
           if (to > from) problems.push(`imports ${target} (layer ${to}) from layer ${from}`)

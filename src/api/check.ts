@@ -24,7 +24,9 @@ export async function check(target: Image | string, o: CheckImageOptions = {}): 
   checkAborted(o.signal, 'check')
   const d =
     typeof target === 'string'
-      ? await markOpenFailure(openByPath(target, { format: formatOption(o.format), readOnly: true, options: openOptionsOf(o), forCheck: true, forceShare: o.forceShare === true }))
+      ? await markOpenFailure(
+          openByPath(target, { format: formatOption(o.format), readOnly: true, options: openOptionsOf(o), forCheck: true, forceShare: o.forceShare === true }),
+        )
       : diskImageOf(target)
   try {
     if (typeof d.check !== 'function') throw new NoCheckError(`${d.format}: ${d.filename}: this image format does not support checks`, { file: d.filename })

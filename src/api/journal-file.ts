@@ -120,7 +120,8 @@ async function ensurePrivateDir(dir: string): Promise<void> {
     const st = await lstat(dir)
     if (!st.isDirectory()) throw new UsageError(`journal folder ${dir} is not a folder (a symlink or file is there); give --journal PATH`, { file: dir })
     const uid = process.getuid?.()
-    if (uid !== undefined && st.uid !== uid) throw new UsageError(`journal folder ${dir} belongs to uid ${st.uid}, not to you; give --journal PATH`, { file: dir })
+    if (uid !== undefined && st.uid !== uid)
+      throw new UsageError(`journal folder ${dir} belongs to uid ${st.uid}, not to you; give --journal PATH`, { file: dir })
     if ((st.mode & 0o077) !== 0) await chmod(dir, 0o700)
   } catch (e) {
     if (e instanceof UsageError) throw e

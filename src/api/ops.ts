@@ -58,7 +58,8 @@ export interface CreateResult {
 export async function createImage(path: string, o: CreateOptions): Promise<CreateResult> {
   checkAborted(o.signal, 'create')
   const format = o.format
-  if (format !== 'qcow2' && format !== 'raw' && format !== 'dmsnap') throw new UsageError(`Unknown file format '${String(format)}' for create (qcow2, raw, dmsnap)`)
+  if (format !== 'qcow2' && format !== 'raw' && format !== 'dmsnap')
+    throw new UsageError(`Unknown file format '${String(format)}' for create (qcow2, raw, dmsnap)`)
   const options = { ...(o.options ?? {}) }
   if (o.origin !== undefined) options['origin'] = o.origin
   if (options['origin'] !== undefined && format !== 'dmsnap') throw new UsageError('an origin goes with dmsnap stores')
@@ -76,7 +77,9 @@ export async function createImage(path: string, o: CreateOptions): Promise<Creat
     const { combinePath, protocolPrefix } = await import('../formats/qcow2/index.js')
     const protocol = protocolPrefix(backing)
     if (protocol !== undefined) {
-      throw new UsageError(`${path}: backing file names the protocol '${protocol}:'; imgtool opens only plain file names (give the size to write the name without opening it)`)
+      throw new UsageError(
+        `${path}: backing file names the protocol '${protocol}:'; imgtool opens only plain file names (give the size to write the name without opening it)`,
+      )
     }
     const b = await openByPath(combinePath(path, backing), { format: formatOption(backingFormat), readOnly: true })
     size = b.virtualSize
@@ -187,7 +190,13 @@ export async function compare(a: Image | string, b: Image | string, o: CompareOp
 // ---------------------------------------------------------------------------
 // snapshots, resize, merge
 
-async function writableQcow2<R>(path: string, what: string, readOnly: boolean, fn: (img: import('../formats/qcow2/index.js').Qcow2Image, notices: string[]) => Promise<R>, format?: OpenOptions['format']): Promise<R> {
+async function writableQcow2<R>(
+  path: string,
+  what: string,
+  readOnly: boolean,
+  fn: (img: import('../formats/qcow2/index.js').Qcow2Image, notices: string[]) => Promise<R>,
+  format?: OpenOptions['format'],
+): Promise<R> {
   const d = await openByPath(path, { format: formatOption(format), readOnly })
   let closed = false
   try {
@@ -214,21 +223,39 @@ export const snapshot = {
   },
   /** create snapshot `name` of the image's current state */
   async create(path: string, name: string, o: { format?: OpenOptions['format'] } = {}): Promise<SnapshotResult & { snapshot: SnapshotInfo }> {
-    return writableQcow2(path, 'internal snapshots', false, async (img, notices) => ({ snapshot: await (await import('../formats/qcow2/index.js')).createSnapshot(img, name), notices }), o.format)
+    return writableQcow2(
+      path,
+      'internal snapshots',
+      false,
+      async (img, notices) => ({ snapshot: await (await import('../formats/qcow2/index.js')).createSnapshot(img, name), notices }),
+      o.format,
+    )
   },
   /** revert the image to snapshot `name` (or id) */
   async apply(path: string, name: string, o: { format?: OpenOptions['format'] } = {}): Promise<SnapshotResult> {
-    return writableQcow2(path, 'internal snapshots', false, async (img, notices) => {
-      await (await import('../formats/qcow2/index.js')).applySnapshot(img, name)
-      return { notices }
-    }, o.format)
+    return writableQcow2(
+      path,
+      'internal snapshots',
+      false,
+      async (img, notices) => {
+        await (await import('../formats/qcow2/index.js')).applySnapshot(img, name)
+        return { notices }
+      },
+      o.format,
+    )
   },
   /** delete snapshot `name` (or id) */
   async delete(path: string, name: string, o: { format?: OpenOptions['format'] } = {}): Promise<SnapshotResult> {
-    return writableQcow2(path, 'internal snapshots', false, async (img, notices) => {
-      await (await import('../formats/qcow2/index.js')).deleteSnapshot(img, name)
-      return { notices }
-    }, o.format)
+    return writableQcow2(
+      path,
+      'internal snapshots',
+      false,
+      async (img, notices) => {
+        await (await import('../formats/qcow2/index.js')).deleteSnapshot(img, name)
+        return { notices }
+      },
+      o.format,
+    )
   },
 }
 
@@ -246,20 +273,26 @@ export interface ResizeOptions {
 export async function resize(path: string, size: number | string, o: ResizeOptions = {}): Promise<{ size: number; notices: string[] }> {
   checkAborted(o.signal, 'resize')
   const { parseSize } = await import('../util/size.js')
-  return writableQcow2(path, 'resize', false, async (img, notices) => {
-    let target: number
-    if (typeof size === 'number') target = size
-    else {
-      const rel = size.startsWith('+') ? 1 : size.startsWith('-') ? -1 : 0
-      const n = parseSize(rel ? size.slice(1) : size)
-      target = rel ? img.virtualSize + rel * n : n
-    }
-    if (!Number.isSafeInteger(target) || target < 0) throw new UsageError('New image size must be positive')
-    if (target < img.virtualSize && !o.shrink) throw new UsageError('Use the --shrink option to perform a shrink operation.')
-    const { resizeQcow2 } = await import('../formats/qcow2/index.js')
-    await resizeQcow2(img, target)
-    return { size: target, notices }
-  }, o.format)
+  return writableQcow2(
+    path,
+    'resize',
+    false,
+    async (img, notices) => {
+      let target: number
+      if (typeof size === 'number') target = size
+      else {
+        const rel = size.startsWith('+') ? 1 : size.startsWith('-') ? -1 : 0
+        const n = parseSize(rel ? size.slice(1) : size)
+        target = rel ? img.virtualSize + rel * n : n
+      }
+      if (!Number.isSafeInteger(target) || target < 0) throw new UsageError('New image size must be positive')
+      if (target < img.virtualSize && !o.shrink) throw new UsageError('Use the --shrink option to perform a shrink operation.')
+      const { resizeQcow2 } = await import('../formats/qcow2/index.js')
+      await resizeQcow2(img, target)
+      return { size: target, notices }
+    },
+    o.format,
+  )
 }
 
 export interface MergeOptions extends CommonOptions {

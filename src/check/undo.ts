@@ -101,7 +101,7 @@ export class JournalReader {
   /** [pos, pos+length) in pieces of at most UNDO_CHUNK bytes, each a fresh buffer (the caller may keep it) */
   async each(pos: number, length: number, fn: (piece: Uint8Array, done: number) => Promise<void> | void): Promise<void> {
     if (pos + length > this.size) this.bad(`${length} bytes at ${hex(pos)} run past its end (${hex(this.size)})`)
-    for (let done = 0; done < length; ) {
+    for (let done = 0; done < length;) {
       const n = Math.min(UNDO_CHUNK, length - done)
       await fn(await this.dev.read(pos + done, n, 'journal'), done)
       done += n
@@ -119,7 +119,7 @@ export class JournalReader {
 /** SHA-256 of [offset, offset+length) of `dev`, read in pieces (past the end: zeros) */
 export async function hashRange(dev: BlockDevice, offset: number, length: number, mask?: Uint8Array): Promise<Uint8Array> {
   const h = createHash('sha256')
-  for (let done = 0; done < length; ) {
+  for (let done = 0; done < length;) {
     const n = Math.min(UNDO_CHUNK, length - done)
     const piece = await dev.read(offset + done, n, 'journal')
     if (mask) for (let i = 0; i < n; i++) if (mask[done + i]) piece[i] = 0
@@ -141,7 +141,12 @@ function headerMask(headerBytes: number): { mask: Uint8Array; add: (offset: numb
 }
 
 /** The seal for a journal whose regions are `regions` (in journal order), from `image` as the repair left it. */
-export async function encodeSeal(image: BlockDevice, regions: readonly UndoRegion[], headerBytes: number, identity: JournalIdentity | undefined): Promise<Uint8Array> {
+export async function encodeSeal(
+  image: BlockDevice,
+  regions: readonly UndoRegion[],
+  headerBytes: number,
+  identity: JournalIdentity | undefined,
+): Promise<Uint8Array> {
   const id = new TextEncoder().encode(JSON.stringify(identity ?? {}))
   const h = Math.min(headerBytes, MAX_HEADER_BYTES)
   const m = headerMask(h)
@@ -199,7 +204,7 @@ export async function parseSeal(r: JournalReader, pos: number): Promise<Seal | u
   const end = entriesAt + n * SEAL_ENTRY + SEAL_TAIL
   let crc = 0
   const body = end - SEAL_TAIL - pos
-  for (let done = 0; done < body; ) {
+  for (let done = 0; done < body;) {
     const k = Math.min(UNDO_CHUNK, body - done)
     crc = crc32((await r.bytes(pos + done, k))!, crc)
     done += k
@@ -237,7 +242,10 @@ export async function checkUndo(
   }
   const forceHint = '; --force applies it anyway'
   if (j.version === 1 && options.force) return
-  if (j.version === 1) refuse(`written by an older imgtool (journal format 1), it records neither its image nor the state the repair left, so ${image.name} cannot be checked against it${forceHint}`)
+  if (j.version === 1)
+    refuse(
+      `written by an older imgtool (journal format 1), it records neither its image nor the state the repair left, so ${image.name} cannot be checked against it${forceHint}`,
+    )
   if (!j.seal && (options.allowUnsealed || options.force)) return
   if (!j.seal) {
     const torn = j.tornAt !== undefined ? ` (incomplete from ${hex(j.tornAt)})` : ''
@@ -261,7 +269,8 @@ export async function checkUndo(
     if (index >= seal.count) r.bad(`its seal lists ${seal.count} regions, the journal has more`)
     const e = (await sealed.bytes(seal.entriesAt + index * SEAL_ENTRY, SEAL_ENTRY))!
     index++
-    if (u64le(e, 0) !== BigInt(it.offset) || u64le(e, 8) !== BigInt(it.length)) r.bad(`its seal does not list region ${index - 1} (${it.length} bytes at ${hex(it.offset)}) as the journal has it`)
+    if (u64le(e, 0) !== BigInt(it.offset) || u64le(e, 8) !== BigInt(it.length))
+      r.bad(`its seal does not list region ${index - 1} (${it.length} bytes at ${hex(it.offset)}) as the journal has it`)
     m.add(it.offset, it.length)
     if (regionProblem) continue
     const now = await hashRange(image, it.offset, it.length)
@@ -272,7 +281,9 @@ export async function checkUndo(
   if (index !== seal.count) r.bad(`its seal lists ${seal.count} regions, the journal has ${index}`)
   if (!sizeOk) refuse(`${image.name} is ${image.size} bytes, the repair left it ${seal.size}: the image changed since the repair, or it is another image`)
   if (!equalBytes(await hashRange(image, 0, seal.headerBytes, m.mask), seal.headerHash)) {
-    refuse(`the header (bytes 0..${hex(Math.max(0, seal.headerBytes - 1))}) of ${image.name} is not what the repair left: the image changed since the repair, or it is another image`)
+    refuse(
+      `the header (bytes 0..${hex(Math.max(0, seal.headerBytes - 1))}) of ${image.name} is not what the repair left: the image changed since the repair, or it is another image`,
+    )
   }
   if (regionProblem) refuse(regionProblem)
 }
@@ -281,7 +292,12 @@ export async function checkUndo(
  * Visit `count` items of a forward-linked sequence (first at `first`, `next`
  * gives the one after) newest first, holding O(count/K + K) positions.
  */
-export async function visitNewestFirst(first: number, count: number, next: (pos: number) => Promise<number>, visit: (pos: number) => Promise<void>): Promise<void> {
+export async function visitNewestFirst(
+  first: number,
+  count: number,
+  next: (pos: number) => Promise<number>,
+  visit: (pos: number) => Promise<void>,
+): Promise<void> {
   const K = 1024
   const checkpoints: number[] = []
   let pos = first

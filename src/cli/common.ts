@@ -23,9 +23,7 @@ export function addImageOptions(cmd: Command): Command {
 }
 
 export function addOutputOption(cmd: Command): Command {
-  return cmd
-    .option('--output <fmt>', 'output format: human or json', 'human')
-    .option('--json', 'same as --output json')
+  return cmd.option('--output <fmt>', 'output format: human or json', 'human').option('--json', 'same as --output json')
 }
 
 export interface ImageArgs {
@@ -117,7 +115,9 @@ export function jsonText(value: unknown): string {
     4,
   )
   if (!big) return text
-  const escaped = JSON.stringify(mark).slice(1, -1).replace(/[.*+?^${}()|[\]\\]/g, '\\$&')
+  const escaped = JSON.stringify(mark)
+    .slice(1, -1)
+    .replace(/[.*+?^${}()|[\]\\]/g, '\\$&')
   return text.replace(new RegExp(`"${escaped}(-?\\d+)"`, 'g'), '$1')
 }
 

@@ -101,7 +101,7 @@ export async function compareImages(a: DiskImage, b: DiskImage, options: Compare
       if (ca.zero && cb.zero) {
         queue.push({ at: pos, end, diff: Promise.resolve(-1) })
       } else {
-        for (let p = pos; p < end; ) {
+        for (let p = pos; p < end;) {
           const n = Math.min(chunk, end - p)
           const diff = piece(p, n, sourceOf(ca, p, hostFiles), sourceOf(cb, p, hostFiles))
           diff.catch(() => undefined) // surfaced when settled

@@ -196,7 +196,7 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
       const items: Array<{ offset: number; data: Uint8Array; packed: boolean }> = []
       const whole: number[] = [] // offsets in buf (or in `tail`) of the clusters to compress
       let tail: Uint8Array | undefined // the image's last cluster, cut short by its end: padded with zeros, as QEMU does
-      for (let p = 0; p < buf.byteLength; ) {
+      for (let p = 0; p < buf.byteLength;) {
         const abs = c.offset + p
         const cEnd = Math.min(buf.byteLength, (Math.floor(abs / cs) + 1) * cs - c.offset)
         const piece = buf.subarray(p, cEnd)
@@ -231,7 +231,7 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
         // every write submitted now, in guest order (the target runs them in call order, so clusters are
         // allocated as qemu-img allocates them); runs of compressed clusters go in one batch each
         const submitted: Array<Promise<void>> = []
-        for (let i = 0; i < items.length; ) {
+        for (let i = 0; i < items.length;) {
           if (!items[i]!.packed) {
             const w = items[i++]!
             submitted.push(dst.write!(w.offset, w.data))
@@ -269,45 +269,47 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
   }
 
   try {
-  // -S 0 asks for a fully allocated target, as qemu-img makes it: every range not copied as data
-  // (unallocated, zero, or from a backing file the target does not have) is written as zeros
-  const allocateAll = minSparse === 0 && !compress && !options.targetHasBacking
-  for await (const item of plan(src, { ...options, chunkSize }, compress ? cs : 0)) {
-    checkAborted(options.signal, 'convert')
-    if (allocateAll && item.kind !== 'data') {
-      for (let p = item.c.offset; p < item.c.offset + item.c.length; p += chunkSize) {
-        const n = Math.min(chunkSize, item.c.offset + item.c.length - p)
-        queue.push(Promise.resolve(async () => {
-          await dst.write!(p, zeroBuffer(n))
-          result.bytesWritten += n
-          progress(n)
-        }))
-        while (queue.length >= inFlight) await drainOne()
+    // -S 0 asks for a fully allocated target, as qemu-img makes it: every range not copied as data
+    // (unallocated, zero, or from a backing file the target does not have) is written as zeros
+    const allocateAll = minSparse === 0 && !compress && !options.targetHasBacking
+    for await (const item of plan(src, { ...options, chunkSize }, compress ? cs : 0)) {
+      checkAborted(options.signal, 'convert')
+      if (allocateAll && item.kind !== 'data') {
+        for (let p = item.c.offset; p < item.c.offset + item.c.length; p += chunkSize) {
+          const n = Math.min(chunkSize, item.c.offset + item.c.length - p)
+          queue.push(
+            Promise.resolve(async () => {
+              await dst.write!(p, zeroBuffer(n))
+              result.bytesWritten += n
+              progress(n)
+            }),
+          )
+          while (queue.length >= inFlight) await drainOne()
+        }
+        continue
       }
-      continue
+      if (item.kind === 'skip') {
+        queue.push(Promise.resolve(async () => progress(item.c.length)))
+      } else if (item.kind === 'zero') {
+        queue.push(
+          Promise.resolve(async () => {
+            if (dst.writeZeroes) await dst.writeZeroes(item.c.offset, item.c.length)
+            else await dst.write!(item.c.offset, new Uint8Array(item.c.length))
+            progress(item.c.length)
+          }),
+        )
+      } else {
+        const p = prepareData(item.c)
+        p.catch(() => undefined) // surfaced when drained
+        queue.push(p)
+      }
+      while (queue.length >= inFlight) await drainOne()
     }
-    if (item.kind === 'skip') {
-      queue.push(Promise.resolve(async () => progress(item.c.length)))
-    } else if (item.kind === 'zero') {
-      queue.push(
-        Promise.resolve(async () => {
-          if (dst.writeZeroes) await dst.writeZeroes(item.c.offset, item.c.length)
-          else await dst.write!(item.c.offset, new Uint8Array(item.c.length))
-          progress(item.c.length)
-        }),
-      )
-    } else {
-      const p = prepareData(item.c)
-      p.catch(() => undefined) // surfaced when drained
-      queue.push(p)
+    while (queue.length > 0) {
+      checkAborted(options.signal, 'convert')
+      await drainOne()
     }
-    while (queue.length >= inFlight) await drainOne()
-  }
-  while (queue.length > 0) {
-    checkAborted(options.signal, 'convert')
-    await drainOne()
-  }
-  while (writing.length > 0) await writing.shift()!
+    while (writing.length > 0) await writing.shift()!
   } finally {
     await Promise.allSettled(queue)
     await Promise.allSettled(writing)

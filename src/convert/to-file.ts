@@ -139,12 +139,20 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
     // 2. options, and the files the target must not be
     checkTargetOptions(o.targetFormat, src.virtualSize, options, o.backingFile, o.backingFormat)
     if ((await src.info()).encrypted) {
-      throw new UnsupportedFeatureError(`${src.format}: ${srcPath}: encrypted images cannot be read by imgtool (no key is taken)`, { file: srcPath, structure: 'header' })
+      throw new UnsupportedFeatureError(`${src.format}: ${srcPath}: encrypted images cannot be read by imgtool (no key is taken)`, {
+        file: srcPath,
+        structure: 'header',
+      })
     }
     if (o.targetFormat === 'dmsnap') origin = await openImage(options['origin']!, { readOnly: true, openDevice: recordingOpener(openFileDevice, sourceFiles) })
     const protect = sourceFiles.map((path, i) => ({
       path,
-      role: i === 0 ? 'the source image' : origin && i === sourceFiles.length - 1 ? 'the dm-snapshot origin' : 'a file the source image reads (backing file, data file or origin)',
+      role:
+        i === 0
+          ? 'the source image'
+          : origin && i === sourceFiles.length - 1
+            ? 'the dm-snapshot origin'
+            : 'a file the source image reads (backing file, data file or origin)',
     }))
     if (o.backingFile !== undefined) {
       // the target's own backing file (named relative to the target) must not be overwritten either
@@ -160,7 +168,13 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
   }
 }
 
-async function writeTarget(src: DiskImage, origin: DiskImage | undefined, dstPath: string, o: ConvertFileOptions, options: Record<string, string>): Promise<ConvertFileResult> {
+async function writeTarget(
+  src: DiskImage,
+  origin: DiskImage | undefined,
+  dstPath: string,
+  o: ConvertFileOptions,
+  options: Record<string, string>,
+): Promise<ConvertFileResult> {
   let before: Awaited<ReturnType<typeof lstat>> | undefined
   try {
     before = await lstat(dstPath)
@@ -218,7 +232,13 @@ async function writeTarget(src: DiskImage, origin: DiskImage | undefined, dstPat
   }
 }
 
-async function createTarget(dev: BlockDevice, src: DiskImage, origin: DiskImage | undefined, o: ConvertFileOptions, options: Record<string, string>): Promise<void> {
+async function createTarget(
+  dev: BlockDevice,
+  src: DiskImage,
+  origin: DiskImage | undefined,
+  o: ConvertFileOptions,
+  options: Record<string, string>,
+): Promise<void> {
   const context = makeContext(openFileDevice)
   if (o.targetFormat === 'raw') return driverFor('raw').create!(dev, context, { size: src.virtualSize, options })
   if (o.targetFormat === 'qcow2') {

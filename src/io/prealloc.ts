@@ -35,7 +35,7 @@ export async function allocate(dev: BlockDevice, offset: number, length: number,
 export async function allocateByWriting(dev: BlockDevice, offset: number, length: number, tag: IoTag = 'data'): Promise<void> {
   const end = offset + length
   const zeros = new Uint8Array(Math.min(CHUNK, length))
-  for (let p = offset; p < end; ) {
+  for (let p = offset; p < end;) {
     const n = Math.min(CHUNK, end - p)
     if (p < dev.size) {
       const m = Math.min(n, dev.size - p)

@@ -1,7 +1,14 @@
 import { UsageError } from '../errors.js'
 
 const UNITS: Record<string, number> = {
-  '': 1, b: 1, k: 1024, m: 1024 ** 2, g: 1024 ** 3, t: 1024 ** 4, p: 1024 ** 5, e: 1024 ** 6,
+  '': 1,
+  b: 1,
+  k: 1024,
+  m: 1024 ** 2,
+  g: 1024 ** 3,
+  t: 1024 ** 4,
+  p: 1024 ** 5,
+  e: 1024 ** 6,
 }
 
 /** qemu-img style sizes: 4096, 64K, 1.5M, 1G, 2T (binary units; a bare number is bytes). */

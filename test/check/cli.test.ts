@@ -56,7 +56,9 @@ describe('imgtool check', () => {
     expect((await cli('check', p)).code).toBe(2)
     const r = await cli('check', '-r', 'all', p)
     expect(r.code).toBe(0)
-    expect(r.out).toContain('The following inconsistencies were found and repaired:\n\n    0 leaked clusters\n    1 corruptions\n\nDouble checking the fixed image now...\n')
+    expect(r.out).toContain(
+      'The following inconsistencies were found and repaired:\n\n    0 leaked clusters\n    1 corruptions\n\nDouble checking the fixed image now...\n',
+    )
     expect(r.out).toContain('No errors were found on the image.')
     expect(existsSync(p + '.imgtool-undo')).toBe(true)
     expect((await cli('check', p)).code).toBe(0)

@@ -42,7 +42,7 @@ export const DAMAGES: DamageKind[] = [
       if (!hasData(i)) return undefined
       const c = i.firstData().cluster
       const v = i.getRefcount(c) + 1
-      return v < 2 ** 2 ** i.refcountOrder ? i.setRefcount(c, v) : undefined
+      return v < 2 ** (2 ** i.refcountOrder) ? i.setRefcount(c, v) : undefined
     },
   },
   { name: 'refcount-zero-data', repairable: true, apply: (i) => (hasData(i) ? i.setRefcount(i.firstData().cluster, 0) : undefined) },

@@ -146,7 +146,7 @@ describe('imgtool cat', () => {
     ])
     clearTimeout(killer)
     expect(headCode).toBe(0)
-    expect(Buffer.concat(got).equals((await guest('v3-c64k-1g.qcow2', 0, 10)))).toBe(true)
+    expect(Buffer.concat(got).equals(await guest('v3-c64k-1g.qcow2', 0, 10))).toBe(true)
     expect(err).toBe('')
     expect(catCode).toBe(0)
     expect(performance.now() - t0).toBeLessThan(15_000)
@@ -271,10 +271,20 @@ describe('imgtool cat through a real shell', () => {
         await check(`${cmd} > ${sq(out)}`, none, none, '> out')
         await check(`{ ${cmd}; echo tail; } > ${sq(out)}`, none, Buffer.from('tail\n'), '{ cat; echo tail; } > out')
         await check(`{ printf head; ${cmd}; echo tail; } > ${sq(out)}`, Buffer.from('head'), Buffer.from('tail\n'), '{ printf head; cat; echo tail; } > out')
-        await check(`printf 'old bytes' > ${sq(out)} && ${cmd} >> ${sq(out)} && echo tail >> ${sq(out)}`, Buffer.from('old bytes'), Buffer.from('tail\n'), '>> out after existing bytes')
+        await check(
+          `printf 'old bytes' > ${sq(out)} && ${cmd} >> ${sq(out)} && echo tail >> ${sq(out)}`,
+          Buffer.from('old bytes'),
+          Buffer.from('tail\n'),
+          '>> out after existing bytes',
+        )
         // append mode after the shell's own write: the offset is at the end, but a positional
         // write would still go to the end of the file, in whatever order the writes finish
-        await check(`: > ${sq(out)} && { printf head; ${cmd}; echo tail; } >> ${sq(out)}`, Buffer.from('head'), Buffer.from('tail\n'), '{ printf head; cat; echo tail; } >> out')
+        await check(
+          `: > ${sq(out)} && { printf head; ${cmd}; echo tail; } >> ${sq(out)}`,
+          Buffer.from('head'),
+          Buffer.from('tail\n'),
+          '{ printf head; cat; echo tail; } >> out',
+        )
         await check(`${cmd} | cat > ${sq(out)}`, none, none, '| cat > out')
         // 1<> over existing bytes: they are overwritten in place, and those past the guest bytes stay
         const old = Buffer.from('x'.repeat(64))
@@ -338,129 +348,170 @@ describe('imgtool cat through a real shell', () => {
   })
 })
 
-describeQemu('imgtool cat: a read failing part way leaves the same bytes and offset in every mode', () => {
-  it('a damaged compressed cluster at 5 MiB: exit 1, one line, the chunks before it written, the offset after them', async () => {
-    const dir = makeTempDir('imgtool-cat-fail-')
-    const img = join(dir, 'damaged.qcow2')
-    await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=64k,compression_type=zstd', img, '8M'])
-    // the compressed cluster first (qemu writes compressed clusters only where none is allocated)
-    await qemuIoOk(img, ['write -c -P 0x66 5M 64k', 'write -P 0x5a 0 5M', 'write -P 0x5b 5184k 3008k'], { format: 'qcow2' })
-    const b = readFileSync(img)
-    const l1 = Number(b.readBigUInt64BE(40))
-    const l2 = Number(b.readBigUInt64BE(l1) & 0x00ff_ffff_ffff_fe00n)
-    const v = b.readBigUInt64BE(l2 + 80 * 8) // guest cluster 80 = 5 MiB
-    expect(v & (1n << 62n), 'guest cluster 80 is compressed').not.toBe(0n)
-    const host = Number(v & ((1n << 54n) - 1n)) // 70 - cluster_bits 16
-    for (let i = 0; i < 256; i++) b[host + i] = (i * 151 + 7) & 0xff
-    writeFileSync(img, b)
-    const good = Buffer.concat([Buffer.alloc(5 * 1024 * 1024, 0x5a), Buffer.alloc(64 * 1024, 0x66), Buffer.alloc(3008 * 1024, 0x5b)])
-    const out = join(dir, 'out')
-    const line = `imgtool: qcow2: ${img}: cannot decompress zstd cluster`
-    for (const [flags, offset] of [[[], 0], [['--offset', '12345'], 12345], [['--offset', '3M', '--length', '4M'], 3 * 1024 * 1024]] as Array<[string[], number]>) {
-      // writes in order stop at the 1 MiB read that fails: everything before it is out
-      const kept = Math.floor((5 * 1024 * 1024 - offset) / (1024 * 1024)) * 1024 * 1024
-      for (const [mode, env] of MODES) {
-        const what = `${flags.join(' ')} ${mode}`
-        const r = await sh(`{ printf head; ${IMGTOOL} cat ${flags.map(sq).join(' ')} ${sq(img)}; echo "exit $?"; } > ${sq(out)}`, env)
-        expect(r.code, what).toBe(0)
-        expect(r.stderr.split('\n').length, `${what}: one line: ${r.stderr}`).toBe(2)
-        expect(r.stderr.startsWith(line), `${what}: ${r.stderr}`).toBe(true)
-        const got = readFileSync(out)
-        expect(got.subarray(0, 4).toString(), what).toBe('head')
-        expect(got.length, what).toBe(4 + kept + 'exit 1\n'.length)
-        expect(got.subarray(4, 4 + kept).equals(good.subarray(offset, offset + kept)), what).toBe(true)
-        expect(got.subarray(4 + kept).toString(), what).toBe('exit 1\n')
-        // stderr on the same file (2>&1): the one line lands right after the bytes written
-        const r2 = await sh(`{ printf head; ${IMGTOOL} cat ${flags.map(sq).join(' ')} ${sq(img)}; echo "exit $?"; } > ${sq(out)} 2>&1`, env)
-        expect(r2.code, what).toBe(0)
-        const got2 = readFileSync(out)
-        expect(got2.subarray(0, 4 + kept).equals(got.subarray(0, 4 + kept)), `${what} 2>&1`).toBe(true)
-        expect(got2.subarray(4 + kept).toString(), `${what} 2>&1`).toBe(`${r.stderr}exit 1\n`)
-      }
-    }
-    cleanupTempDirs(dir)
-  })
-}, ['qemu-img', 'qemu-io'])
-
-describeQemu('imgtool cat: memory stays bounded on an image whose runs are all short', () => {
-  it.runIf(existsSync('/usr/bin/time'))('512 MiB of 64 KiB clusters in reverse host order: qemu-img convert\'s bytes, peak RSS < 200 MiB in every mode', async () => {
-    // Each 1 or 2 MiB read is pieced together from 64 KiB host runs. The pieces were once
-    // kept by the buffer pool for good (1.2 GiB of RSS for 1 GiB); now they are reused.
-    const dir = makeTempDir('imgtool-cat-rss-')
-    const img = join(dir, 'reverse.qcow2')
-    await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=64k', img, '512M'])
-    const cmds: string[] = []
-    for (let i = 512 * 16 - 1; i >= 0; i--) cmds.push(`write -q -P ${(i % 250) + 1} ${i * 64}k 64k`)
-    await qemuIoOk(img, cmds, { format: 'qcow2' })
-    const ref = join(dir, 'ref.raw')
-    await qemuImgOk(['convert', '-O', 'raw', img, ref])
-    const want = md5(readFileSync(ref))
-    const out = join(dir, 'out')
-    const rss = join(dir, 'rss')
-    for (const [mode, env] of MODES) {
-      for (const [form, redirect] of [['> out', `> ${sq(out)}`], ['| cat > out', `| cat > ${sq(out)}`]]) {
-        const r = await sh(`/usr/bin/time -f %M -o ${sq(rss)} ${IMGTOOL} cat ${sq(img)} ${redirect}`, env)
-        expect([r.code, r.stderr], `${mode} ${form}`).toEqual([0, ''])
-        expect(md5(readFileSync(out)), `${mode} ${form}`).toBe(want)
-        const kib = Number(readFileSync(rss, 'utf8').trim().split('\n').pop())
-        expect(kib, `${mode} ${form}: peak RSS in KiB`).toBeLessThan(200 * 1024)
-      }
-    }
-    cleanupTempDirs(dir)
-  })
-}, ['qemu-img', 'qemu-io'])
-
-describeQemu('imgtool cat: chunks stored as is are copied by the kernel (copy_file_range), the rest read', () => {
-  it('full images with compressed, zero and discarded clusters, an external data file, a backing file, a host file cut short: the bytes of qemu-img convert and of writes in order; an encrypted one refused', async () => {
-    const dir = makeTempDir('imgtool-cat-cfr-')
-    const make = async (name: string, opts: string, cmds: string[], backing?: string): Promise<string> => {
-      const img = join(dir, name)
-      const args = ['create', '-q', '-f', 'qcow2', '-o', opts]
-      if (backing) args.push('-b', backing, '-F', 'qcow2')
-      await qemuImgOk([...args, img, '20M'])
-      await qemuIoOk(img, cmds, { format: 'qcow2' })
-      return img
-    }
-    const images: Array<[string, string]> = []
-    // compressed first: qemu compresses only into unallocated clusters
-    images.push(['mixed', await make('mixed.qcow2', 'cluster_size=64k', ['write -c -P 0x33 3M 64k', 'write -P 0x11 0 3M', 'write -P 0x12 3136k 16320k', 'write -z 7M 64k', 'discard 9M 128k', 'write -P 0x13 19M 1M'])])
-    images.push(['external data file', await make('ext.qcow2', `cluster_size=64k,data_file=${join(dir, 'ext.data')}`, ['write -P 0x21 0 20M', 'write -z 5M 1M'])])
-    images.push(['extended L2', await make('extl2.qcow2', 'cluster_size=128k,extended_l2=on', ['write -P 0x41 0 20M', 'write -P 0x42 4100k 4k', 'write -z 6M 4k'])])
-    const base = await make('base.qcow2', 'cluster_size=64k', ['write -P 0x51 0 20M'])
-    images.push(['backing file', await make('top.qcow2', 'cluster_size=64k', ['write -P 0x52 2M 6M', 'write -P 0x53 12M 1M'], base)])
-    // the last data cluster runs past the end of the host file: read() gives zeros there
-    const short = await make('short.qcow2', 'cluster_size=64k', ['write -P 0x61 0 20M'])
-    const b = readFileSync(short)
-    writeFileSync(short, b.subarray(0, b.length - 40000))
-    images.push(['host file cut short', short])
-
-    const out = join(dir, 'out')
-    // an encrypted image (crypt_method 1 in the header): refused before a byte is copied, as read() refuses it
-    const enc = await make('enc.qcow2', 'cluster_size=64k', ['write -P 0x71 0 20M'])
-    const h = readFileSync(enc)
-    h.writeUInt32BE(1, 32)
-    writeFileSync(enc, h)
-    for (const [mode, env] of MODES) {
-      const r = await sh(`${IMGTOOL} cat ${sq(enc)} > ${sq(out)}`, env)
-      expect([r.code, r.stderr], `encrypted, ${mode}`).toEqual([1, `imgtool: qcow2: ${enc}: encrypted images (crypt_method 1) cannot be read by imgtool\n`])
-      expect(readFileSync(out).length, `encrypted, ${mode}`).toBe(0)
-    }
-    for (const [what, img] of images) {
-      const ref = join(dir, 'ref.raw')
-      await qemuImgOk(['convert', '-O', 'raw', img, ref])
-      const all = readFileSync(ref)
-      for (const [flags, from, len] of [[[], 0, all.length], [['--offset', '1234567', '--length', '15000000'], 1234567, 15000000]] as Array<[string[], number, number]>) {
-        const want = md5(all.subarray(from, from + len))
+describeQemu(
+  'imgtool cat: a read failing part way leaves the same bytes and offset in every mode',
+  () => {
+    it('a damaged compressed cluster at 5 MiB: exit 1, one line, the chunks before it written, the offset after them', async () => {
+      const dir = makeTempDir('imgtool-cat-fail-')
+      const img = join(dir, 'damaged.qcow2')
+      await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=64k,compression_type=zstd', img, '8M'])
+      // the compressed cluster first (qemu writes compressed clusters only where none is allocated)
+      await qemuIoOk(img, ['write -c -P 0x66 5M 64k', 'write -P 0x5a 0 5M', 'write -P 0x5b 5184k 3008k'], { format: 'qcow2' })
+      const b = readFileSync(img)
+      const l1 = Number(b.readBigUInt64BE(40))
+      const l2 = Number(b.readBigUInt64BE(l1) & 0x00ff_ffff_ffff_fe00n)
+      const v = b.readBigUInt64BE(l2 + 80 * 8) // guest cluster 80 = 5 MiB
+      expect(v & (1n << 62n), 'guest cluster 80 is compressed').not.toBe(0n)
+      const host = Number(v & ((1n << 54n) - 1n)) // 70 - cluster_bits 16
+      for (let i = 0; i < 256; i++) b[host + i] = (i * 151 + 7) & 0xff
+      writeFileSync(img, b)
+      const good = Buffer.concat([Buffer.alloc(5 * 1024 * 1024, 0x5a), Buffer.alloc(64 * 1024, 0x66), Buffer.alloc(3008 * 1024, 0x5b)])
+      const out = join(dir, 'out')
+      const line = `imgtool: qcow2: ${img}: cannot decompress zstd cluster`
+      for (const [flags, offset] of [
+        [[], 0],
+        [['--offset', '12345'], 12345],
+        [['--offset', '3M', '--length', '4M'], 3 * 1024 * 1024],
+      ] as Array<[string[], number]>) {
+        // writes in order stop at the 1 MiB read that fails: everything before it is out
+        const kept = Math.floor((5 * 1024 * 1024 - offset) / (1024 * 1024)) * 1024 * 1024
         for (const [mode, env] of MODES) {
-          const r = await sh(`{ printf head; ${IMGTOOL} cat ${flags.map(sq).join(' ')} ${sq(img)}; echo tail; } > ${sq(out)}`, env)
-          expect([r.code, r.stderr], `${what} ${flags.join(' ')} ${mode}`).toEqual([0, ''])
+          const what = `${flags.join(' ')} ${mode}`
+          const r = await sh(`{ printf head; ${IMGTOOL} cat ${flags.map(sq).join(' ')} ${sq(img)}; echo "exit $?"; } > ${sq(out)}`, env)
+          expect(r.code, what).toBe(0)
+          expect(r.stderr.split('\n').length, `${what}: one line: ${r.stderr}`).toBe(2)
+          expect(r.stderr.startsWith(line), `${what}: ${r.stderr}`).toBe(true)
           const got = readFileSync(out)
-          expect(got.length, `${what} ${flags.join(' ')} ${mode}`).toBe(4 + len + 5)
-          expect(md5(got.subarray(4, 4 + len)), `${what} ${flags.join(' ')} ${mode}`).toBe(want)
-          expect(got.subarray(0, 4).toString() + got.subarray(4 + len).toString(), `${what} ${flags.join(' ')} ${mode}`).toBe('headtail\n')
+          expect(got.subarray(0, 4).toString(), what).toBe('head')
+          expect(got.length, what).toBe(4 + kept + 'exit 1\n'.length)
+          expect(got.subarray(4, 4 + kept).equals(good.subarray(offset, offset + kept)), what).toBe(true)
+          expect(got.subarray(4 + kept).toString(), what).toBe('exit 1\n')
+          // stderr on the same file (2>&1): the one line lands right after the bytes written
+          const r2 = await sh(`{ printf head; ${IMGTOOL} cat ${flags.map(sq).join(' ')} ${sq(img)}; echo "exit $?"; } > ${sq(out)} 2>&1`, env)
+          expect(r2.code, what).toBe(0)
+          const got2 = readFileSync(out)
+          expect(got2.subarray(0, 4 + kept).equals(got.subarray(0, 4 + kept)), `${what} 2>&1`).toBe(true)
+          expect(got2.subarray(4 + kept).toString(), `${what} 2>&1`).toBe(`${r.stderr}exit 1\n`)
         }
       }
-    }
-    cleanupTempDirs(dir)
-  })
-}, ['qemu-img', 'qemu-io'])
+      cleanupTempDirs(dir)
+    })
+  },
+  ['qemu-img', 'qemu-io'],
+)
+
+describeQemu(
+  'imgtool cat: memory stays bounded on an image whose runs are all short',
+  () => {
+    it.runIf(existsSync('/usr/bin/time'))(
+      "512 MiB of 64 KiB clusters in reverse host order: qemu-img convert's bytes, peak RSS < 200 MiB in every mode",
+      async () => {
+        // Each 1 or 2 MiB read is pieced together from 64 KiB host runs. The pieces were once
+        // kept by the buffer pool for good (1.2 GiB of RSS for 1 GiB); now they are reused.
+        const dir = makeTempDir('imgtool-cat-rss-')
+        const img = join(dir, 'reverse.qcow2')
+        await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=64k', img, '512M'])
+        const cmds: string[] = []
+        for (let i = 512 * 16 - 1; i >= 0; i--) cmds.push(`write -q -P ${(i % 250) + 1} ${i * 64}k 64k`)
+        await qemuIoOk(img, cmds, { format: 'qcow2' })
+        const ref = join(dir, 'ref.raw')
+        await qemuImgOk(['convert', '-O', 'raw', img, ref])
+        const want = md5(readFileSync(ref))
+        const out = join(dir, 'out')
+        const rss = join(dir, 'rss')
+        for (const [mode, env] of MODES) {
+          for (const [form, redirect] of [
+            ['> out', `> ${sq(out)}`],
+            ['| cat > out', `| cat > ${sq(out)}`],
+          ]) {
+            const r = await sh(`/usr/bin/time -f %M -o ${sq(rss)} ${IMGTOOL} cat ${sq(img)} ${redirect}`, env)
+            expect([r.code, r.stderr], `${mode} ${form}`).toEqual([0, ''])
+            expect(md5(readFileSync(out)), `${mode} ${form}`).toBe(want)
+            const kib = Number(readFileSync(rss, 'utf8').trim().split('\n').pop())
+            expect(kib, `${mode} ${form}: peak RSS in KiB`).toBeLessThan(200 * 1024)
+          }
+        }
+        cleanupTempDirs(dir)
+      },
+    )
+  },
+  ['qemu-img', 'qemu-io'],
+)
+
+describeQemu(
+  'imgtool cat: chunks stored as is are copied by the kernel (copy_file_range), the rest read',
+  () => {
+    it('full images with compressed, zero and discarded clusters, an external data file, a backing file, a host file cut short: the bytes of qemu-img convert and of writes in order; an encrypted one refused', async () => {
+      const dir = makeTempDir('imgtool-cat-cfr-')
+      const make = async (name: string, opts: string, cmds: string[], backing?: string): Promise<string> => {
+        const img = join(dir, name)
+        const args = ['create', '-q', '-f', 'qcow2', '-o', opts]
+        if (backing) args.push('-b', backing, '-F', 'qcow2')
+        await qemuImgOk([...args, img, '20M'])
+        await qemuIoOk(img, cmds, { format: 'qcow2' })
+        return img
+      }
+      const images: Array<[string, string]> = []
+      // compressed first: qemu compresses only into unallocated clusters
+      images.push([
+        'mixed',
+        await make('mixed.qcow2', 'cluster_size=64k', [
+          'write -c -P 0x33 3M 64k',
+          'write -P 0x11 0 3M',
+          'write -P 0x12 3136k 16320k',
+          'write -z 7M 64k',
+          'discard 9M 128k',
+          'write -P 0x13 19M 1M',
+        ]),
+      ])
+      images.push([
+        'external data file',
+        await make('ext.qcow2', `cluster_size=64k,data_file=${join(dir, 'ext.data')}`, ['write -P 0x21 0 20M', 'write -z 5M 1M']),
+      ])
+      images.push([
+        'extended L2',
+        await make('extl2.qcow2', 'cluster_size=128k,extended_l2=on', ['write -P 0x41 0 20M', 'write -P 0x42 4100k 4k', 'write -z 6M 4k']),
+      ])
+      const base = await make('base.qcow2', 'cluster_size=64k', ['write -P 0x51 0 20M'])
+      images.push(['backing file', await make('top.qcow2', 'cluster_size=64k', ['write -P 0x52 2M 6M', 'write -P 0x53 12M 1M'], base)])
+      // the last data cluster runs past the end of the host file: read() gives zeros there
+      const short = await make('short.qcow2', 'cluster_size=64k', ['write -P 0x61 0 20M'])
+      const b = readFileSync(short)
+      writeFileSync(short, b.subarray(0, b.length - 40000))
+      images.push(['host file cut short', short])
+
+      const out = join(dir, 'out')
+      // an encrypted image (crypt_method 1 in the header): refused before a byte is copied, as read() refuses it
+      const enc = await make('enc.qcow2', 'cluster_size=64k', ['write -P 0x71 0 20M'])
+      const h = readFileSync(enc)
+      h.writeUInt32BE(1, 32)
+      writeFileSync(enc, h)
+      for (const [mode, env] of MODES) {
+        const r = await sh(`${IMGTOOL} cat ${sq(enc)} > ${sq(out)}`, env)
+        expect([r.code, r.stderr], `encrypted, ${mode}`).toEqual([1, `imgtool: qcow2: ${enc}: encrypted images (crypt_method 1) cannot be read by imgtool\n`])
+        expect(readFileSync(out).length, `encrypted, ${mode}`).toBe(0)
+      }
+      for (const [what, img] of images) {
+        const ref = join(dir, 'ref.raw')
+        await qemuImgOk(['convert', '-O', 'raw', img, ref])
+        const all = readFileSync(ref)
+        for (const [flags, from, len] of [
+          [[], 0, all.length],
+          [['--offset', '1234567', '--length', '15000000'], 1234567, 15000000],
+        ] as Array<[string[], number, number]>) {
+          const want = md5(all.subarray(from, from + len))
+          for (const [mode, env] of MODES) {
+            const r = await sh(`{ printf head; ${IMGTOOL} cat ${flags.map(sq).join(' ')} ${sq(img)}; echo tail; } > ${sq(out)}`, env)
+            expect([r.code, r.stderr], `${what} ${flags.join(' ')} ${mode}`).toEqual([0, ''])
+            const got = readFileSync(out)
+            expect(got.length, `${what} ${flags.join(' ')} ${mode}`).toBe(4 + len + 5)
+            expect(md5(got.subarray(4, 4 + len)), `${what} ${flags.join(' ')} ${mode}`).toBe(want)
+            expect(got.subarray(0, 4).toString() + got.subarray(4 + len).toString(), `${what} ${flags.join(' ')} ${mode}`).toBe('headtail\n')
+          }
+        }
+      }
+      cleanupTempDirs(dir)
+    })
+  },
+  ['qemu-img', 'qemu-io'],
+)

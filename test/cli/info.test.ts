@@ -27,7 +27,18 @@ describe('imgtool info', () => {
     const r = await cli('info', fx('v3-compressed-zstd-c4k.qcow2'))
     expect(r.code).toBe(0)
     expect(r.stderr).toBe('')
-    for (const s of ['image', 'file format', 'qcow2', 'virtual size', '1 MiB (1048576 bytes)', 'cluster size', '4096', 'compression-type', 'zstd', 'refcount-bits']) {
+    for (const s of [
+      'image',
+      'file format',
+      'qcow2',
+      'virtual size',
+      '1 MiB (1048576 bytes)',
+      'cluster size',
+      '4096',
+      'compression-type',
+      'zstd',
+      'refcount-bits',
+    ]) {
       expect(r.stdout).toContain(s)
     }
     expect(() => JSON.parse(r.stdout)).toThrow()

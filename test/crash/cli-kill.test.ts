@@ -63,9 +63,17 @@ describeQemu('kill -9 during snapshot -c (real process)', () => {
       const ours = await cli('check', '--output', 'json', path)
       const o = JSON.parse(ours.stdout || '{}') as Record<string, number>
       const list = await qemuImgOk(['snapshot', '-l', path])
-      verdicts.push(`kill at ${at} ms: ${r.signal ?? `exit ${r.code}`}; qemu-img check exit ${q.code} (${j['leaks'] ?? 0} leaks, ${j['corruptions'] ?? 0} corruptions); imgtool check exit ${ours.code}; snapshot 'new' ${/\bnew\b/.test(list) ? 'present' : 'absent'}`)
-      expect({ code: q.code, corruptions: j['corruptions'] ?? 0 }, `kill at ${at} ms\n${q.stdout}${q.stderr}`).toEqual({ code: (j['leaks'] ?? 0) > 0 ? 3 : 0, corruptions: 0 })
-      expect({ code: ours.code, corruptions: o['corruptions'] ?? 0, leaks: o['leaks'] ?? 0 }, `kill at ${at} ms: imgtool check\n${ours.stdout}${ours.stderr}`).toEqual({ code: q.code, corruptions: 0, leaks: j['leaks'] ?? 0 })
+      verdicts.push(
+        `kill at ${at} ms: ${r.signal ?? `exit ${r.code}`}; qemu-img check exit ${q.code} (${j['leaks'] ?? 0} leaks, ${j['corruptions'] ?? 0} corruptions); imgtool check exit ${ours.code}; snapshot 'new' ${/\bnew\b/.test(list) ? 'present' : 'absent'}`,
+      )
+      expect({ code: q.code, corruptions: j['corruptions'] ?? 0 }, `kill at ${at} ms\n${q.stdout}${q.stderr}`).toEqual({
+        code: (j['leaks'] ?? 0) > 0 ? 3 : 0,
+        corruptions: 0,
+      })
+      expect(
+        { code: ours.code, corruptions: o['corruptions'] ?? 0, leaks: o['leaks'] ?? 0 },
+        `kill at ${at} ms: imgtool check\n${ours.stdout}${ours.stderr}`,
+      ).toEqual({ code: q.code, corruptions: 0, leaks: j['leaks'] ?? 0 })
       const cmp = await qemuImg(['compare', '-f', 'qcow2', '-F', 'qcow2', base, path])
       expect(cmp.code, `kill at ${at} ms: guest data changed\n${cmp.stdout}${cmp.stderr}`).toBe(0)
     }

@@ -122,10 +122,16 @@ function cases(): SnapCase[] {
     [64 * K, 512 * M, 2 * G],
   ] as const) {
     // every state of a 64 KiB-cluster case is a few MiB to copy, check and read
-    const sweep = cs > 4 * K ? (FULL ? { exhaustiveLimit: 6, randomSubsets: 8, maxTornPerWrite: 2 } : { exhaustiveLimit: 3, randomSubsets: 2, maxTornPerWrite: 1 }) : {}
+    const sweep =
+      cs > 4 * K ? (FULL ? { exhaustiveLimit: 6, randomSubsets: 8, maxTornPerWrite: 2 } : { exhaustiveLimit: 3, randomSubsets: 2, maxTornPerWrite: 1 }) : {}
     const base = { size, options: { cluster_size: String(cs) }, regions: regionsOf(span, cs), after: [cs + 10, 2000] as [number, number], sweep }
     const label = `${cs / K} KiB clusters`
-    out.push({ ...base, name: `create (${label}, 4 L2 tables, compressed clusters, a snapshot)`, prepare: withOld(span, cs), op: { kind: 'create', name: 'new' } })
+    out.push({
+      ...base,
+      name: `create (${label}, 4 L2 tables, compressed clusters, a snapshot)`,
+      prepare: withOld(span, cs),
+      op: { kind: 'create', name: 'new' },
+    })
     out.push({
       ...base,
       name: `delete (${label}, of two snapshots)`,
@@ -260,72 +266,86 @@ let qemuChecks = 0
 let leakyStates = 0
 const perCase: string[] = []
 afterAll(() => {
-  console.log(`[v3 snapshot crash sweep] ${totalStates} crash states, ${qemuChecks} judged by qemu-img check (${leakyStates} leaky, 0 corrupt)\n  ${perCase.join('\n  ')}`)
+  console.log(
+    `[v3 snapshot crash sweep] ${totalStates} crash states, ${qemuChecks} judged by qemu-img check (${leakyStates} leaky, 0 corrupt)\n  ${perCase.join('\n  ')}`,
+  )
 })
 
 describe.skipIf(!hasQemuImg && !REQUIRE_QEMU)('v3 snapshot operations: qemu-img check finds at most leaks at every crash point', () => {
   for (const c of cases()) {
-    it(c.name, async () => {
-      const started = Date.now()
-      const dir = makeTempDir('imgtool-v3snap-')
-      const base = await prepare(c, dir)
-      const before = hashView(await view(new MemoryDevice(base, { name: 'img.qcow2' }), c))
-      // the swept run: the operation, a guest write after it, a clean close
-      const dev = new CrashDevice(base, { name: 'img.qcow2' })
-      const img = await openOn(new Unclosable(dev))
-      await runOp(img, c.op)
-      const opDone = dev.flushCount
-      await img.write(c.after[0], pattern(99, c.after[1], 7))
-      await img.close()
-      const afterOp = new MemoryDevice(dev.snapshot(), { name: 'img.qcow2' })
-      expect(await analyzeQcow2(afterOp).then((a) => [a.report.corruptions, a.report.leaks])).toEqual([0, 0])
-      // the view right after the operation (the bytes of the write after it are masked)
-      const after = hashView(await view(afterOp, c))
-      let states = 0
-      let leaky = 0
-      let dirty = 0
-      // one state at a time (each is a full copy of the image); qemu-img runs while imgtool checks and reads it
-      for (const s of dev.allCrashStates({ ...OPTIONS, ...(c.sweep ?? {}) })) {
-        const where = `${c.name}: ${s.description}`
-        const path = join(dir, `s${states++ % 4}.qcow2`)
-        writeFileSync(path, s.device.snapshot())
-        const qemu = qemuImg(['check', '--output=json', '-f', 'qcow2', path])
-        const a = await analyzeQcow2(s.device)
-        const head = await s.device.read(0, 80)
-        if ((u64be(head, 72) & 1n) !== 0n) {
-          // only the guest write after the operation marks the image dirty (lazy refcounts: refcounts may lag
-          // behind the L2 tables by design; the next read-write open rebuilds them, as QEMU's open does)
-          expect({ lazy: c.options['lazy_refcounts'], returned: s.flushes >= opDone }, `${where}: dirty`).toEqual({ lazy: 'on', returned: true })
-          await r0(qemu)
-          const img = await openOn(s.device)
-          await img.close()
-          expect(await analyzeQcow2(s.device).then((x) => [x.report.corruptions, x.report.leaks, x.report.checkErrors]), `${where}: after the repairing open`).toEqual([0, 0, 0])
-          expect(hashView(await view(s.device, c)), `${where}: after the repairing open`).toBe(after)
-          dirty++
-          continue
+    it(
+      c.name,
+      async () => {
+        const started = Date.now()
+        const dir = makeTempDir('imgtool-v3snap-')
+        const base = await prepare(c, dir)
+        const before = hashView(await view(new MemoryDevice(base, { name: 'img.qcow2' }), c))
+        // the swept run: the operation, a guest write after it, a clean close
+        const dev = new CrashDevice(base, { name: 'img.qcow2' })
+        const img = await openOn(new Unclosable(dev))
+        await runOp(img, c.op)
+        const opDone = dev.flushCount
+        await img.write(c.after[0], pattern(99, c.after[1], 7))
+        await img.close()
+        const afterOp = new MemoryDevice(dev.snapshot(), { name: 'img.qcow2' })
+        expect(await analyzeQcow2(afterOp).then((a) => [a.report.corruptions, a.report.leaks])).toEqual([0, 0])
+        // the view right after the operation (the bytes of the write after it are masked)
+        const after = hashView(await view(afterOp, c))
+        let states = 0
+        let leaky = 0
+        let dirty = 0
+        // one state at a time (each is a full copy of the image); qemu-img runs while imgtool checks and reads it
+        for (const s of dev.allCrashStates({ ...OPTIONS, ...(c.sweep ?? {}) })) {
+          const where = `${c.name}: ${s.description}`
+          const path = join(dir, `s${states++ % 4}.qcow2`)
+          writeFileSync(path, s.device.snapshot())
+          const qemu = qemuImg(['check', '--output=json', '-f', 'qcow2', path])
+          const a = await analyzeQcow2(s.device)
+          const head = await s.device.read(0, 80)
+          if ((u64be(head, 72) & 1n) !== 0n) {
+            // only the guest write after the operation marks the image dirty (lazy refcounts: refcounts may lag
+            // behind the L2 tables by design; the next read-write open rebuilds them, as QEMU's open does)
+            expect({ lazy: c.options['lazy_refcounts'], returned: s.flushes >= opDone }, `${where}: dirty`).toEqual({ lazy: 'on', returned: true })
+            await r0(qemu)
+            const img = await openOn(s.device)
+            await img.close()
+            expect(
+              await analyzeQcow2(s.device).then((x) => [x.report.corruptions, x.report.leaks, x.report.checkErrors]),
+              `${where}: after the repairing open`,
+            ).toEqual([0, 0, 0])
+            expect(hashView(await view(s.device, c)), `${where}: after the repairing open`).toBe(after)
+            dirty++
+            continue
+          }
+          const got = hashView(await view(s.device, c))
+          const r = await qemu
+          const j = JSON.parse(r.stdout || '{}') as Record<string, number>
+          expect({ code: r.code, corruptions: j['corruptions'] ?? 0, checkErrors: j['check-errors'] ?? 0 }, `${where}\n${r.stdout}${r.stderr}`).toEqual({
+            code: (j['leaks'] ?? 0) > 0 ? 3 : 0,
+            corruptions: 0,
+            checkErrors: 0,
+          })
+          expect(
+            { corruptions: a.report.corruptions, leaks: a.report.leaks, checkErrors: a.report.checkErrors },
+            `${where}: imgtool check\n${a.report.diagnostics.join('\n')}`,
+          ).toEqual({
+            corruptions: 0,
+            leaks: j['leaks'] ?? 0,
+            checkErrors: 0,
+          })
+          if (a.report.leaks > 0) leaky++
+          if (s.flushes >= opDone) expect(got, `${where}: the operation had returned`).toBe(after)
+          else expect([before, after], `${where}: neither the image before the operation nor the one after`).toContain(got)
         }
-        const got = hashView(await view(s.device, c))
-        const r = await qemu
-        const j = JSON.parse(r.stdout || '{}') as Record<string, number>
-        expect({ code: r.code, corruptions: j['corruptions'] ?? 0, checkErrors: j['check-errors'] ?? 0 }, `${where}\n${r.stdout}${r.stderr}`).toEqual({
-          code: (j['leaks'] ?? 0) > 0 ? 3 : 0,
-          corruptions: 0,
-          checkErrors: 0,
-        })
-        expect({ corruptions: a.report.corruptions, leaks: a.report.leaks, checkErrors: a.report.checkErrors }, `${where}: imgtool check\n${a.report.diagnostics.join('\n')}`).toEqual({
-          corruptions: 0,
-          leaks: j['leaks'] ?? 0,
-          checkErrors: 0,
-        })
-        if (a.report.leaks > 0) leaky++
-        if (s.flushes >= opDone) expect(got, `${where}: the operation had returned`).toBe(after)
-        else expect([before, after], `${where}: neither the image before the operation nor the one after`).toContain(got)
-      }
-      totalStates += states
-      qemuChecks += states
-      leakyStates += leaky
-      perCase.push(`${String(states).padStart(5)} states (${leaky} leaky, ${dirty} dirty: lazy refcounts) ${String(Date.now() - started).padStart(6)} ms  ${c.name}`)
-      expect(states).toBeGreaterThan(10)
-    }, LIMIT)
+        totalStates += states
+        qemuChecks += states
+        leakyStates += leaky
+        perCase.push(
+          `${String(states).padStart(5)} states (${leaky} leaky, ${dirty} dirty: lazy refcounts) ${String(Date.now() - started).padStart(6)} ms  ${c.name}`,
+        )
+        expect(states).toBeGreaterThan(10)
+      },
+      LIMIT,
+    )
   }
 })

@@ -43,7 +43,9 @@ const perWorkload: string[] = []
 const qemuSample: Array<{ name: string; bytes: Uint8Array; beside: Array<{ name: string; bytes: Uint8Array }>; leaks: number }> = []
 
 afterAll(() => {
-  console.log(`[writer crash sweep] ${totalStates} crash states checked over ${WORKLOADS.length} workloads; ${repaired} leaky ones repaired clean by repair -r leaks; ${qemuSample.length} also checked by qemu-img\n  ${perWorkload.join('\n  ')}`)
+  console.log(
+    `[writer crash sweep] ${totalStates} crash states checked over ${WORKLOADS.length} workloads; ${repaired} leaky ones repaired clean by repair -r leaks; ${qemuSample.length} also checked by qemu-img\n  ${perWorkload.join('\n  ')}`,
+  )
 })
 
 /** One crash image: the image file and, for an external data file, that file as the crash left it. */
@@ -120,7 +122,10 @@ async function verify(state: Crashed, rec: RunRecord, w: Workload, quota: { take
 /** A workload that ran to its clean close leaves an image without leaks or corruptions. */
 async function expectCleanClose(w: Workload, image: Uint8Array, data?: Uint8Array): Promise<void> {
   const a = await analyzeQcow2(new MemDev(image, { name: 'img.qcow2' }), data ? { dataDevice: new MemDev(data, { name: 'img.data' }) } : {})
-  expect({ corruptions: a.report.corruptions, leaks: a.report.leaks, checkErrors: a.report.checkErrors }, `${w.name}: after close\n${a.report.diagnostics.join('\n')}`).toEqual({
+  expect(
+    { corruptions: a.report.corruptions, leaks: a.report.leaks, checkErrors: a.report.checkErrors },
+    `${w.name}: after close\n${a.report.diagnostics.join('\n')}`,
+  ).toEqual({
     corruptions: 0,
     leaks: 0,
     checkErrors: 0,
@@ -146,7 +151,8 @@ async function* crashImages(w: Workload): AsyncGenerator<{ state: Crashed; rec: 
   const runFiles = copyFiles(files, { [dataName]: data })
   const rec = await runWorkload(w, new Unclosable(dev), runFiles, expected.slice(), () => group.flushCount)
   await expectCleanClose(w, await dev.read(0, dev.size), await data.read(0, data.size))
-  for (const s of group.allCrashStates(options)) yield { state: { device: s.devices[0]!, data: s.devices[1]!, flushes: s.flushes, description: s.description }, rec }
+  for (const s of group.allCrashStates(options))
+    yield { state: { device: s.devices[0]!, data: s.devices[1]!, flushes: s.flushes, description: s.description }, rec }
 }
 
 describe('qcow2 writer crash sweep', () => {

@@ -15,7 +15,13 @@ function md5Of(manifestPath: string): string {
 async function run(args: string[]): Promise<{ code: number; out: string; err: string }> {
   let out = ''
   let err = ''
-  const sink = (f: (s: string) => void) => new Writable({ write(c, _e, cb) { f(String(c)); cb() } })
+  const sink = (f: (s: string) => void) =>
+    new Writable({
+      write(c, _e, cb) {
+        f(String(c))
+        cb()
+      },
+    })
   const code = await main(['node', 'imgtool', ...args], { stdout: sink((s) => (out += s)), stderr: sink((s) => (err += s)), isTTY: false })
   return { code, out, err }
 }

@@ -35,7 +35,10 @@ describe('dm-snapshot edge cases through the CLI', () => {
   it('D9: bad magic with chunk size 0 ends at once: exit 1, one line (it ran forever)', async () => {
     const p = store('d9.cow', setHeader(setHeader(cow, 'magic', 0x71416e53), 'chunkSize', 0))
     for (const cmd of [['check'], ['repair'], ['repair', '--dry-run']]) {
-      const r = await imgtoolChild([...cmd, '-f', 'dmsnap', '--origin', originPath, '--no-journal', p].filter((a) => cmd[0] === 'repair' || a !== '--no-journal'), 30_000)
+      const r = await imgtoolChild(
+        [...cmd, '-f', 'dmsnap', '--origin', originPath, '--no-journal', p].filter((a) => cmd[0] === 'repair' || a !== '--no-journal'),
+        30_000,
+      )
       expect(r.signal, cmd.join(' ')).toBe(null)
       expect(r.code, cmd.join(' ')).toBe(1)
       expect(r.stderr).toBe(`imgtool: dmsnap: ${p}: bad magic 0x71416e53 at offset 0x0 (expected 0x70416e53 "SnAp"); the kernel refuses it (ENXIO)\n`)
@@ -47,7 +50,9 @@ describe('dm-snapshot edge cases through the CLI', () => {
     const r = await imgtoolChild(['check', '-f', 'dmsnap', q], 60_000)
     expect(r.signal).toBe(null)
     expect(r.code).toBe(1)
-    expect(r.stderr).toMatch(new RegExp(`^imgtool: dmsnap: ${q}: bad magic 0x[0-9a-f]+ at offset 0x0 \\(expected 0x70416e53 "SnAp"\\); the kernel refuses it \\(ENXIO\\)\\n$`))
+    expect(r.stderr).toMatch(
+      new RegExp(`^imgtool: dmsnap: ${q}: bad magic 0x[0-9a-f]+ at offset 0x0 \\(expected 0x70416e53 "SnAp"\\); the kernel refuses it \\(ENXIO\\)\\n$`),
+    )
   })
 
   for (const [name, bytes, line] of [
@@ -105,7 +110,9 @@ describe('dm-snapshot edge cases through the CLI', () => {
     expect(j.out).toContain('"new-chunk": 72057594037927683,')
     expect(j.out).toContain(`"image-end-offset": ${72057594037927684n * 4096n},`)
     expect(j.out).not.toMatch(/72057594037927680|18446744073709490000/)
-    const beyond = (JSON.parse(j.out) as { findings: { kind: string; chunks: unknown[]; cluster?: number }[] }).findings.find((f) => f.kind === 'new-chunk-beyond-end')!
+    const beyond = (JSON.parse(j.out) as { findings: { kind: string; chunks: unknown[]; cluster?: number }[] }).findings.find(
+      (f) => f.kind === 'new-chunk-beyond-end',
+    )!
     expect(beyond.cluster).toBeUndefined() // not a number JSON readers hold exactly: the exact value is in chunks/new-chunk
   })
 })

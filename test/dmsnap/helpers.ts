@@ -39,7 +39,11 @@ export function rawImage(bytes: Uint8Array | MemoryDevice, name = 'origin'): Raw
   return new RawImage(bytes instanceof MemoryDevice ? bytes : new MemoryDevice(bytes, { name }))
 }
 
-export async function openStore(cow: BlockDevice, origin?: DiskImage, opts: { readOnly?: boolean; forCheck?: boolean; onFull?: 'invalidate' | 'refuse' } = {}): Promise<DmsnapImage> {
+export async function openStore(
+  cow: BlockDevice,
+  origin?: DiskImage,
+  opts: { readOnly?: boolean; forCheck?: boolean; onFull?: 'invalidate' | 'refuse' } = {},
+): Promise<DmsnapImage> {
   return DmsnapImage.open(cow, { origin, readOnly: opts.readOnly ?? false, forCheck: opts.forCheck, onFull: opts.onFull })
 }
 

@@ -43,7 +43,13 @@ function runOracle(scenarios: Scenario[]): Verdict[] {
       cow_md5: md5(s.cow),
       expected_view_md5: s.viewMd5,
       expected_status: s.status,
-      kernel: { activated: r.activated, status: r.status, snapshot_md5: r.snapshot_md5 ?? null, cow_modified: r.cow_modified_by_kernel, messages: r.kernel_messages },
+      kernel: {
+        activated: r.activated,
+        status: r.status,
+        snapshot_md5: r.snapshot_md5 ?? null,
+        cow_modified: r.cow_modified_by_kernel,
+        messages: r.kernel_messages,
+      },
     }
   })
 }

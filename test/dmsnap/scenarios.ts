@@ -34,7 +34,14 @@ async function statusOf(cow: Uint8Array, origin: Uint8Array): Promise<{ status: 
 }
 
 /** n random writes through the view (seeded), flushed every `flushEvery` writes */
-export async function randomWrites(dev: MemoryDevice, origin: Uint8Array, seed: number, n: number, maxLen: number, onFull: 'invalidate' | 'refuse' = 'refuse'): Promise<void> {
+export async function randomWrites(
+  dev: MemoryDevice,
+  origin: Uint8Array,
+  seed: number,
+  n: number,
+  maxLen: number,
+  onFull: 'invalidate' | 'refuse' = 'refuse',
+): Promise<void> {
   const img = await openStore(dev, rawImage(origin), { onFull })
   const rng = new Prng(seed)
   for (let i = 0; i < n; i++) {
@@ -57,7 +64,14 @@ async function fresh(chunkBytes: number, cowBytes: number): Promise<MemoryDevice
   return dev
 }
 
-async function written(chunkBytes: number, cowBytes: number, seed: number, n: number, maxLen: number, onFull: 'invalidate' | 'refuse' = 'refuse'): Promise<Uint8Array> {
+async function written(
+  chunkBytes: number,
+  cowBytes: number,
+  seed: number,
+  n: number,
+  maxLen: number,
+  onFull: 'invalidate' | 'refuse' = 'refuse',
+): Promise<Uint8Array> {
   const origin = makeOrigin()
   const dev = await fresh(chunkBytes, cowBytes)
   await randomWrites(dev, origin, seed, n, maxLen, onFull)
@@ -67,7 +81,8 @@ async function written(chunkBytes: number, cowBytes: number, seed: number, n: nu
 async function repaired(cow: Uint8Array, mode: 'leaks' | 'all', flags: Record<string, boolean> = {}, mustTake?: string): Promise<Uint8Array> {
   const dev = new MemoryDevice(cow, { name: 'cow' })
   const res = await repairStore(dev, { repair: mode, originSize: ORIGIN_BYTES, flags })
-  if (mustTake && !res.actions.some((a) => a.kind === mustTake)) throw new Error(`scenario: the repair took no '${mustTake}' action: ${res.actions.map((a) => a.message).join('; ')}`)
+  if (mustTake && !res.actions.some((a) => a.kind === mustTake))
+    throw new Error(`scenario: the repair took no '${mustTake}' action: ${res.actions.map((a) => a.message).join('; ')}`)
   return dev.snapshot()
 }
 

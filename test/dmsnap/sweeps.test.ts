@@ -18,7 +18,12 @@ import { getRecord, removeRecord, setRecord } from './damage.js'
 /** A window [base, base+size) of another device: origin and COW share one crash timeline. */
 class WindowDevice implements BlockDevice {
   readonly readOnly = false
-  constructor(readonly inner: BlockDevice, readonly base: number, readonly size: number, readonly name: string) {}
+  constructor(
+    readonly inner: BlockDevice,
+    readonly base: number,
+    readonly size: number,
+    readonly name: string,
+  ) {}
   read(offset: number, length: number, tag?: IoTag): Promise<Uint8Array> {
     return this.inner.read(this.base + offset, length, tag)
   }
@@ -132,7 +137,6 @@ describe('dmsnap crash sweeps', () => {
       console.log(`dmsnap merge crash sweep (${name}): ${states} crash states, ${resumed} resumed`)
     })
   }
-
 })
 
 /**
@@ -167,7 +171,13 @@ const REPAIR_CASES: RepairCase[] = [
     damage: (c) => setRecord(setRecord(setRecord(c, 4, 64, 5), 6, 16, 8), 5, 500, 7),
     takes: ['drop-record', 'split-shared-chunk'],
   },
-  { name: 'shared chunk split at the next free chunk (nothing leaks)', fixture: 'c8-basic', mode: 'all', damage: (c) => setRecord(c, 7, 70, 5), takes: ['split-shared-chunk'] },
+  {
+    name: 'shared chunk split at the next free chunk (nothing leaks)',
+    fixture: 'c8-basic',
+    mode: 'all',
+    damage: (c) => setRecord(c, 7, 70, 5),
+    takes: ['split-shared-chunk'],
+  },
   {
     name: 'a record beyond the end shadowing a later duplicate',
     fixture: 'c8-basic',
@@ -175,7 +185,13 @@ const REPAIR_CASES: RepairCase[] = [
     damage: (c) => setRecord(setRecord(c, 0, 0, 40), 6, 64, 8),
     takes: ['drop-record', 'compact'],
   },
-  { name: 'high bits on the record the kernel reads, a shadowed duplicate after it', fixture: 'c8-basic', mode: 'all', damage: (c) => setRecord(c, 0, 66, (1n << 56n) + 4n), takes: ['drop-record'] },
+  {
+    name: 'high bits on the record the kernel reads, a shadowed duplicate after it',
+    fixture: 'c8-basic',
+    mode: 'all',
+    damage: (c) => setRecord(c, 0, 66, (1n << 56n) + 4n),
+    takes: ['drop-record'],
+  },
   {
     name: 'eight areas of one sector each: shared chunk across areas, duplicates, beyond the end',
     fixture: 'c1-areas',
@@ -188,7 +204,13 @@ const REPAIR_CASES: RepairCase[] = [
     },
     takes: ['drop-record', 'split-shared-chunk'],
   },
-  { name: 'shared chunk in a full store: no free chunk, dropped', fixture: 'c8-full-po', mode: 'all', damage: (c) => setRecord(c, 14, 30, 2), takes: ['drop-record'] },
+  {
+    name: 'shared chunk in a full store: no free chunk, dropped',
+    fixture: 'c8-full-po',
+    mode: 'all',
+    damage: (c) => setRecord(c, 14, 30, 2),
+    takes: ['drop-record'],
+  },
 ]
 
 async function chunkViews(cow: Uint8Array, origin: Uint8Array): Promise<string[]> {
@@ -261,16 +283,36 @@ function randomDamage(fixture: string, seed: number): (cow: Uint8Array) => Uint8
       const pick = (): [bigint, bigint] => getRecord(d, rng.int(n))
       const room = n % E !== E - 1 // appending must not fill an area (the next one may not exist)
       switch (rng.int(10)) {
-        case 0: d = setRecord(d, i, o, chunks + rng.int(9)); break // beyond the end
-        case 1: d = setRecord(d, i, o, 1); break // metadata area 0
-        case 2: d = setRecord(d, i, pick()[0], nw); break // duplicate old chunk
-        case 3: d = setRecord(d, i, o, pick()[1]); break // shared chunk
-        case 4: d = setRecord(d, i, 5000, nw); break // beyond the origin
-        case 5: if (room) d = setRecord(d, n++, ...pick()); break // exact duplicate
-        case 6: if (n > 2) d = removeRecord(d, i, n--); break // leak
-        case 7: d = setRecord(d, i, o, (1n << 56n) + BigInt(rng.int(5))); break // high bits
-        case 8: if (room) d = setRecord(d, n++, 90 + k, pick()[1]); break // a new record on a used chunk
-        case 9: d = setRecord(setRecord(d, i, o, pick()[1]), rng.int(n), pick()[0], getRecord(d, i)[1]); break
+        case 0:
+          d = setRecord(d, i, o, chunks + rng.int(9))
+          break // beyond the end
+        case 1:
+          d = setRecord(d, i, o, 1)
+          break // metadata area 0
+        case 2:
+          d = setRecord(d, i, pick()[0], nw)
+          break // duplicate old chunk
+        case 3:
+          d = setRecord(d, i, o, pick()[1])
+          break // shared chunk
+        case 4:
+          d = setRecord(d, i, 5000, nw)
+          break // beyond the origin
+        case 5:
+          if (room) d = setRecord(d, n++, ...pick())
+          break // exact duplicate
+        case 6:
+          if (n > 2) d = removeRecord(d, i, n--)
+          break // leak
+        case 7:
+          d = setRecord(d, i, o, (1n << 56n) + BigInt(rng.int(5)))
+          break // high bits
+        case 8:
+          if (room) d = setRecord(d, n++, 90 + k, pick()[1])
+          break // a new record on a used chunk
+        case 9:
+          d = setRecord(setRecord(d, i, o, pick()[1]), rng.int(n), pick()[0], getRecord(d, i)[1])
+          break
       }
     }
     return d
@@ -281,7 +323,13 @@ describe('dmsnap repair crash sweep: never more corruptions or leaks than before
   it('repair -r all and -r leaks on seeded random damage of four stores', async () => {
     let states = 0
     let stores = 0
-    for (const [fixture, mode, seeds] of [['c8-basic', 'all', 60], ['c8-basic', 'leaks', 20], ['c8-full-po', 'all', 30], ['c16-random', 'all', 15], ['c1-areas', 'all', 15]] as const) {
+    for (const [fixture, mode, seeds] of [
+      ['c8-basic', 'all', 60],
+      ['c8-basic', 'leaks', 20],
+      ['c8-full-po', 'all', 30],
+      ['c16-random', 'all', 15],
+      ['c1-areas', 'all', 15],
+    ] as const) {
       for (let seed = 1; seed <= seeds; seed++) {
         const rc: RepairCase = { name: `${fixture} seed ${seed}`, fixture, mode, damage: randomDamage(fixture, seed), takes: [] }
         const damaged = rc.damage(loadFixture(fixture).cow)
@@ -289,7 +337,12 @@ describe('dmsnap repair crash sweep: never more corruptions or leaks than before
         if (before.findings.length === 0) continue // this seed's edits happened to change nothing
         if (mode === 'leaks' && before.corruptions > 0) continue // -r leaks leaves corruptions: nothing to finish clean
         const ex = await repairExpectation(rc)
-        const r = await sweepCrashes(ex.damaged, async (dev) => void (await repairStore(dev, { repair: mode, originSize: loadFixture(fixture).origin.byteLength })), (s) => ex.check(s.device, `${rc.name}, ${s.kind}`), CRASH)
+        const r = await sweepCrashes(
+          ex.damaged,
+          async (dev) => void (await repairStore(dev, { repair: mode, originSize: loadFixture(fixture).origin.byteLength })),
+          (s) => ex.check(s.device, `${rc.name}, ${s.kind}`),
+          CRASH,
+        )
         states += r.states
         stores++
       }
@@ -318,18 +371,23 @@ describe('dmsnap repair crash sweep: never more corruptions or leaks than before
     expect([before.corruptions, before.leaks]).toEqual([1, 0])
     const viewBefore = await chunkViews(d, origin)
     let worst = 0
-    const { states } = await sweepCrashes(d, async (x) => void (await repairStore(x, { repair: 'all', originSize: O })), async (s) => {
-      const r = await checkStore(s.device, { originSize: O })
-      expect(r.corruptions).toBeLessThanOrEqual(before.corruptions)
-      expect(r.corruptions + r.leaks).toBeLessThanOrEqual(before.corruptions + before.leaks)
-      expect(r.leaks).toBeLessThanOrEqual(before.leaks + 1)
-      worst = Math.max(worst, r.leaks)
-      const v = await chunkViews(s.device.snapshot(), origin)
-      v.forEach((x, c) => {
-        if (c !== Number(o3)) expect(x, `origin chunk ${c}`).toBe(viewBefore[c])
-      })
-      expect((await repairStore(s.device, { repair: 'all', originSize: O })).after.findings).toEqual([])
-    }, CRASH)
+    const { states } = await sweepCrashes(
+      d,
+      async (x) => void (await repairStore(x, { repair: 'all', originSize: O })),
+      async (s) => {
+        const r = await checkStore(s.device, { originSize: O })
+        expect(r.corruptions).toBeLessThanOrEqual(before.corruptions)
+        expect(r.corruptions + r.leaks).toBeLessThanOrEqual(before.corruptions + before.leaks)
+        expect(r.leaks).toBeLessThanOrEqual(before.leaks + 1)
+        worst = Math.max(worst, r.leaks)
+        const v = await chunkViews(s.device.snapshot(), origin)
+        v.forEach((x, c) => {
+          if (c !== Number(o3)) expect(x, `origin chunk ${c}`).toBe(viewBefore[c])
+        })
+        expect((await repairStore(s.device, { repair: 'all', originSize: O })).after.findings).toEqual([])
+      },
+      CRASH,
+    )
     expect(worst).toBe(1)
     console.log(`dmsnap repair -r all crash sweep (no free chunk, move across sectors): ${states} crash states, at most ${worst} leak (before: 0)`)
   })
@@ -337,7 +395,12 @@ describe('dmsnap repair crash sweep: never more corruptions or leaks than before
   for (const rc of REPAIR_CASES) {
     it(`repair -r ${rc.mode}: ${rc.name}`, async () => {
       const ex = await repairExpectation(rc)
-      const { states } = await sweepCrashes(ex.damaged, async (dev) => void (await repairStore(dev, { repair: rc.mode, originSize: loadFixture(rc.fixture).origin.byteLength })), (s) => ex.check(s.device, s.kind), CRASH)
+      const { states } = await sweepCrashes(
+        ex.damaged,
+        async (dev) => void (await repairStore(dev, { repair: rc.mode, originSize: loadFixture(rc.fixture).origin.byteLength })),
+        (s) => ex.check(s.device, s.kind),
+        CRASH,
+      )
       expect(states).toBeGreaterThanOrEqual(2)
       console.log(`dmsnap repair -r ${rc.mode} crash sweep (${rc.name}): ${states} crash states`)
     })
@@ -429,7 +492,9 @@ describe('dmsnap fault sweep', () => {
         }
       }
       expect(failed).toBeGreaterThan(0)
-      console.log(`dmsnap repair -r ${rc.mode} fault sweep (${rc.name}): ${probe.counts.write} writes, ${probe.counts.flush} flushes, ${probe.counts.read} reads; ${runs} runs, ${failed} failed cleanly`)
+      console.log(
+        `dmsnap repair -r ${rc.mode} fault sweep (${rc.name}): ${probe.counts.write} writes, ${probe.counts.flush} flushes, ${probe.counts.read} reads; ${runs} runs, ${failed} failed cleanly`,
+      )
     })
   }
 })

@@ -6,7 +6,6 @@ import { drawMutations } from './mutate.js'
 import { REPO, SEEDS, type BuiltSeed } from './seeds.js'
 import type { FuzzCase, Invariant } from './harness.js'
 
-
 /** Case k of run seed S: its own PRNG stream, so a case does not depend on the others or on --jobs. */
 export function caseRng(runSeed: number, k: number): Prng {
   // two full murmur3 finalizer rounds: the run seed first, then the case index,
@@ -61,7 +60,9 @@ export const REGRESSIONS_DIR = join(REPO, 'test', 'fuzz', 'regressions')
 
 export function loadRegressions(dir = REGRESSIONS_DIR): Array<RegressionCase & { file: string; line: number }> {
   const out: Array<RegressionCase & { file: string; line: number }> = []
-  for (const f of readdirSync(dir).filter((x) => x.endsWith('.jsonl')).sort()) {
+  for (const f of readdirSync(dir)
+    .filter((x) => x.endsWith('.jsonl'))
+    .sort()) {
     const lines = readFileSync(join(dir, f), 'utf8').split('\n')
     lines.forEach((l, i) => {
       if (l.trim()) out.push({ ...(JSON.parse(l) as RegressionCase), file: f, line: i + 1 })

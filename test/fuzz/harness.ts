@@ -85,7 +85,10 @@ const QEMU_TIMEOUT = 120_000
 const EXIT_CODES = new Set([0, 1, 2, 3, 63])
 
 /** The stderr/exit rules for one imgtool command; undefined when it obeys them. */
-export function shapeViolation(r: { code: number | null; stderr: string; threw?: string; stray?: string[]; crashed?: string; signal?: string | null }, isCheck: boolean): string | undefined {
+export function shapeViolation(
+  r: { code: number | null; stderr: string; threw?: string; stray?: string[]; crashed?: string; signal?: string | null },
+  isCheck: boolean,
+): string | undefined {
   if (r.crashed) return `process died: ${r.crashed}; stderr ${JSON.stringify(r.stderr.slice(0, 300))}`
   if (r.signal) return `killed by ${r.signal}; stderr ${JSON.stringify(r.stderr.slice(0, 300))}`
   if (r.threw) return `main() rejected: ${r.threw.split('\n')[0]}`
@@ -236,11 +239,23 @@ export class Harness {
 
     if (isQ && qCheck && !qCheck.timedOut && !itCheck.timedOut) {
       const qs = qCheck.stderr.trim().split('\n')[0] ?? ''
-      record(ctx, 'check-verdict', itCheck.code === qCheck.code, `imgtool check ${itCheck.code}, qemu-img check ${qCheck.code}${qs ? ` (${qs})` : ''}${itCheck.stderr ? `; imgtool: ${itCheck.stderr.trim().slice(0, 200)}` : ''}`)
+      record(
+        ctx,
+        'check-verdict',
+        itCheck.code === qCheck.code,
+        `imgtool check ${itCheck.code}, qemu-img check ${qCheck.code}${qs ? ` (${qs})` : ''}${itCheck.stderr ? `; imgtool: ${itCheck.stderr.trim().slice(0, 200)}` : ''}`,
+      )
     }
     if (isQ && qInfo && !qInfo.timedOut && !itInfo.timedOut && qInfo.code === 0) {
       const ok = itInfo.code === 0 && itVsize === qVsize
-      record(ctx, 'info-equal', ok, itInfo.code !== 0 ? `qemu-img info opens it, imgtool info exit ${itInfo.code}: ${itInfo.stderr.trim().slice(0, 200)}` : `virtual-size imgtool ${itVsize}, qemu-img ${qVsize}`)
+      record(
+        ctx,
+        'info-equal',
+        ok,
+        itInfo.code !== 0
+          ? `qemu-img info opens it, imgtool info exit ${itInfo.code}: ${itInfo.stderr.trim().slice(0, 200)}`
+          : `virtual-size imgtool ${itVsize}, qemu-img ${qVsize}`,
+      )
     }
     if (isQ && itCat && qConv && !qConv.timedOut && !itCat.timedOut) {
       if (qConv.code === 0) {
@@ -271,8 +286,19 @@ export class Harness {
     const repaired = readFileSync(join(i, rec.main))
     const changedByRepair = md5(repaired) !== mutantMd5
     if (!itRepair.timedOut) {
-      record(ctx, 'repair-atomic', !(itRepair.code === 1 && changedByRepair), `imgtool repair failed (exit 1: ${itRepair.stderr.trim().slice(0, 200)}) after changing the image`)
-      if (!itDry.timedOut) record(ctx, 'dry-run', !(itDry.code === 1 && itRepair.code !== 1), `repair --dry-run exit 1 (${itDry.stderr.trim().slice(0, 200)}), repair exit ${itRepair.code}`)
+      record(
+        ctx,
+        'repair-atomic',
+        !(itRepair.code === 1 && changedByRepair),
+        `imgtool repair failed (exit 1: ${itRepair.stderr.trim().slice(0, 200)}) after changing the image`,
+      )
+      if (!itDry.timedOut)
+        record(
+          ctx,
+          'dry-run',
+          !(itDry.code === 1 && itRepair.code !== 1),
+          `repair --dry-run exit 1 (${itDry.stderr.trim().slice(0, 200)}), repair exit ${itRepair.code}`,
+        )
       if (itRepair.code === 0) {
         const self = await it(['check', '--output', 'json', ...fmt, rec.main], i)
         if (!self.timedOut) record(ctx, 'repair-selfcheck', self.code === 0, `imgtool repair exit 0, then imgtool check exit ${self.code}`)
@@ -287,10 +313,13 @@ export class Harness {
       ctx.exc.qAfterIt = qAfterIt
       if (!qRepair.timedOut && !qAfterIt.timedOut) {
         const qemuRepairOk = qRepair.code === 0 || qRepair.code === 3
-        const bad =
-          (qAfterIt.code === 2 && (qemuRepairOk || itRepair.code === 0)) ||
-          (qAfterIt.code === 1 && qCheck?.code !== 1 && qemuRepairOk)
-        record(ctx, 'repair-verdict', !bad, `after imgtool repair (exit ${itRepair.code}) qemu-img check exit ${qAfterIt.code} (${(qAfterIt.stdout.toString('utf8') + qAfterIt.stderr).trim().split('\n')[0]?.slice(0, 160)}); qemu-img check -r all exit ${qRepair.code}`)
+        const bad = (qAfterIt.code === 2 && (qemuRepairOk || itRepair.code === 0)) || (qAfterIt.code === 1 && qCheck?.code !== 1 && qemuRepairOk)
+        record(
+          ctx,
+          'repair-verdict',
+          !bad,
+          `after imgtool repair (exit ${itRepair.code}) qemu-img check exit ${qAfterIt.code} (${(qAfterIt.stdout.toString('utf8') + qAfterIt.stderr).trim().split('\n')[0]?.slice(0, 160)}); qemu-img check -r all exit ${qRepair.code}`,
+        )
       }
       // guest bytes: those qemu-img's repair keeps must survive imgtool's
       if (qConv && qConv.code === 0 && !qRepair.timedOut && sizeOk) {
@@ -319,7 +348,12 @@ export class Harness {
               }
             }
             if (lost > 0) ctx.exc.lostOnSeedMetadata = await lostOnSeedMetadata(r, rec.main, seedBytes, lostAt)
-            record(ctx, 'repair-guest', lost === 0, `${lost} sectors (${lost * 512} bytes) that qemu-img's repair keeps changed by imgtool's repair, first at guest 0x${first.toString(16)}; guest size ${orig.length} -> ${qa.length}`)
+            record(
+              ctx,
+              'repair-guest',
+              lost === 0,
+              `${lost} sectors (${lost * 512} bytes) that qemu-img's repair keeps changed by imgtool's repair, first at guest 0x${first.toString(16)}; guest size ${orig.length} -> ${qa.length}`,
+            )
           }
         }
       }
@@ -330,7 +364,12 @@ export class Harness {
       else {
         const u = await it(['repair', '--undo', journal, ...fmt, rec.main], i)
         const restored = md5(readFileSync(join(i, rec.main)))
-        record(ctx, 'undo', u.code === 0 && restored === mutantMd5, `repair --undo exit ${u.code} (${u.stderr.trim().slice(0, 160)}); bytes ${restored === mutantMd5 ? 'restored' : 'NOT restored'}`)
+        record(
+          ctx,
+          'undo',
+          u.code === 0 && restored === mutantMd5,
+          `repair --undo exit ${u.code} (${u.stderr.trim().slice(0, 160)}); bytes ${restored === mutantMd5 ? 'restored' : 'NOT restored'}`,
+        )
       }
     }
 
@@ -339,14 +378,28 @@ export class Harness {
       const c = fc.cliCommand
       const cwd = c === 'repair' ? join(dir, 'c') : r
       if (c === 'repair') copyDir(r, cwd)
-      const args = c === 'repair' ? ['repair', '--no-journal', ...fmt, rec.main] : c === 'cat' ? ['cat', ...fmt, rec.main] : c === 'check' ? ['check', ...fmt, rec.main] : [c, '--output', 'json', ...fmt, rec.main]
+      const args =
+        c === 'repair'
+          ? ['repair', '--no-journal', ...fmt, rec.main]
+          : c === 'cat'
+            ? ['cat', ...fmt, rec.main]
+            : c === 'check'
+              ? ['check', ...fmt, rec.main]
+              : [c, '--output', 'json', ...fmt, rec.main]
       if (c !== 'cat' || sizeOk) {
-        const pr = await runProc(process.execPath, [IMGTOOL_BIN, ...args], { timeoutMs, cwd, measureRss: true, stdoutLimit: 1 << 20, env: { ...process.env, IMGTOOL_DEBUG: '' } })
+        const pr = await runProc(process.execPath, [IMGTOOL_BIN, ...args], {
+          timeoutMs,
+          cwd,
+          measureRss: true,
+          stdoutLimit: 1 << 20,
+          env: { ...process.env, IMGTOOL_DEBUG: '' },
+        })
         if (pr.timedOut) hangs.push(`node bin/imgtool ${args.join(' ')}: killed after ${timeoutMs} ms`)
         else {
           const v = shapeViolation({ code: pr.code, stderr: pr.stderr, signal: pr.signal }, c === 'check' || c === 'repair')
           record(ctx, 'cli', v === undefined, `node bin/imgtool ${args.join(' ')}: ${v}`)
-          if (pr.maxRssKiB !== undefined && pr.maxRssKiB > this.opts.rssLimitKiB) mem.push(`node bin/imgtool ${args.join(' ')}: peak RSS ${Math.round(pr.maxRssKiB / 1024)} MiB`)
+          if (pr.maxRssKiB !== undefined && pr.maxRssKiB > this.opts.rssLimitKiB)
+            mem.push(`node bin/imgtool ${args.join(' ')}: peak RSS ${Math.round(pr.maxRssKiB / 1024)} MiB`)
         }
       }
     }

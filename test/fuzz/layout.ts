@@ -171,7 +171,8 @@ export function qcow2Layout(b: Uint8Array): Layout {
         const bits = 2 ** (refcountOrder <= 6 ? refcountOrder : 4)
         if (bits >= 8) {
           const w = bits / 8
-          for (let j = 0; j < Math.min(cs / w, 64); j++) fields.push({ name: entryName('refblock', rb, j), offset: rb + j * w, width: w as Field['width'], kind: 'refcount' })
+          for (let j = 0; j < Math.min(cs / w, 64); j++)
+            fields.push({ name: entryName('refblock', rb, j), offset: rb + j * w, width: w as Field['width'], kind: 'refcount' })
         } else {
           for (let j = 0; j < 16; j++) fields.push({ name: entryName('refblock', rb, j), offset: rb + j, width: 1, kind: 'refcount' })
         }

@@ -57,8 +57,8 @@ function encode(f: Field, v: bigint): string {
   v = ((v % (max + 1n)) + (max + 1n)) % (max + 1n)
   const out = Buffer.alloc(f.width)
   if (f.width === 1) out.writeUInt8(Number(v))
-  else if (f.width === 2) (f.le ? out.writeUInt16LE(Number(v)) : out.writeUInt16BE(Number(v)))
-  else if (f.width === 4) (f.le ? out.writeUInt32LE(Number(v)) : out.writeUInt32BE(Number(v)))
+  else if (f.width === 2) f.le ? out.writeUInt16LE(Number(v)) : out.writeUInt16BE(Number(v))
+  else if (f.width === 4) f.le ? out.writeUInt32LE(Number(v)) : out.writeUInt32BE(Number(v))
   else f.le ? out.writeBigUInt64LE(v & MASK64) : out.writeBigUInt64BE(v & MASK64)
   return out.toString('hex')
 }
@@ -77,8 +77,25 @@ function interesting(p: Prng, f: Field, v: bigint, layout: Layout): bigint {
   const common = [0n, 1n, v + 1n, v - 1n, v ^ (1n << BigInt(p.int(8 * f.width))), max, max >> 1n, v << 1n]
   const k = f.kind
   let xs: bigint[]
-  if (k === 'size' || k === 'count') xs = [v * 2n, v * 16n, v * 256n, v + 4096n, 1n << 20n, 1n << 31n, (1n << 32n) - 1n, 1n << 53n, 1n << 62n, fs, fs / 8n, 0n, 2n, 3n]
-  else if (k === 'offset') xs = [0n, cs, cs / 2n, v + 8n, v + cs, v - cs, fs, fs + cs, fs - 8n, 1n << 53n, 1n << 62n, v | (1n << 63n), pick(p, regionOffsets), pick(p, regionOffsets) + 8n]
+  if (k === 'size' || k === 'count')
+    xs = [v * 2n, v * 16n, v * 256n, v + 4096n, 1n << 20n, 1n << 31n, (1n << 32n) - 1n, 1n << 53n, 1n << 62n, fs, fs / 8n, 0n, 2n, 3n]
+  else if (k === 'offset')
+    xs = [
+      0n,
+      cs,
+      cs / 2n,
+      v + 8n,
+      v + cs,
+      v - cs,
+      fs,
+      fs + cs,
+      fs - 8n,
+      1n << 53n,
+      1n << 62n,
+      v | (1n << 63n),
+      pick(p, regionOffsets),
+      pick(p, regionOffsets) + 8n,
+    ]
   else if (k === 'entry') {
     if (layout.format === 'dmsnap') {
       const chunks = fs / cs
@@ -95,7 +112,7 @@ function interesting(p: Prng, f: Field, v: bigint, layout: Layout): bigint {
         (fs + cs * 4n) | (1n << 63n),
         (1n << 55n) | (1n << 63n),
         1n << 63n,
-        (pick(p, regionOffsets) | (1n << 63n)),
+        pick(p, regionOffsets) | (1n << 63n),
         pick(p, regionOffsets) | flags,
         v ^ (1n << BigInt(p.int(64))),
         v & (1n << 63n),
@@ -110,11 +127,14 @@ function interesting(p: Prng, f: Field, v: bigint, layout: Layout): bigint {
   return p.chance(0.25) ? pick(p, common) : pick(p, xs)
 }
 
-const GEOMETRY = /^header\.(size|cluster_bits|l1_size|l1_table_offset|refcount_table_offset|refcount_table_clusters|nb_snapshots|snapshots_offset|refcount_order|header_length|chunk_size|magic)$|^bitmapext\.|^snap\[\d+\]\.l1_|^bitmap\[\d+\]\.table_/
+const GEOMETRY =
+  /^header\.(size|cluster_bits|l1_size|l1_table_offset|refcount_table_offset|refcount_table_clusters|nb_snapshots|snapshots_offset|refcount_order|header_length|chunk_size|magic)$|^bitmapext\.|^snap\[\d+\]\.l1_|^bitmap\[\d+\]\.table_/
 
 function fieldMutation(p: Prng, b: Uint8Array, layout: Layout): Mutation {
   // half the time a header-ish field, else any structure entry
-  const header = layout.fields.filter((f) => f.name.startsWith('header.') || f.name.startsWith('ext') || f.name.startsWith('bitmapext') || f.name.startsWith('backing'))
+  const header = layout.fields.filter(
+    (f) => f.name.startsWith('header.') || f.name.startsWith('ext') || f.name.startsWith('bitmapext') || f.name.startsWith('backing'),
+  )
   const rest = layout.fields.filter((f) => !header.includes(f))
   // table geometry (where a table is and how big it says it is) is where one bent field does the most
   const geometry = layout.fields.filter((f) => GEOMETRY.test(f.name))

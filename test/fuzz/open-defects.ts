@@ -42,7 +42,12 @@ export const OPEN_DEFECTS: OpenDefect[] = [
   { id: 'D16-L1-OFFSET-2^62', why: "l1_table_offset bent to 2^62: check's verdict still differs from qemu-img's", matches: () => false, cases: [10] },
   { id: 'NEW-9', why: 'repair rebuilds the refcount structure where the header still places the L1 table (data loss)', matches: () => false, cases: [14] },
   { id: 'NEW-10', why: 'repair --dry-run exits 1 when its check cannot complete, while the repair itself runs', matches: () => false, cases: [15] },
-  { id: 'NEW-11', why: 'v2 over a backing file: repair clears a data entry past EOF and the guest then reads the backing file (data loss)', matches: () => false, cases: [16] },
+  {
+    id: 'NEW-11',
+    why: 'v2 over a backing file: repair clears a data entry past EOF and the guest then reads the backing file (data loss)',
+    matches: () => false,
+    cases: [16],
+  },
 ]
 
 export function openDefectFor(invariant: string, detail: string): OpenDefect | undefined {

@@ -56,7 +56,10 @@ export async function minimize(fc: FuzzCase, invariant: Invariant, opts: Partial
 }
 
 export function countOutcomes(results: Iterable<CaseResult>): Record<Invariant, { pass: number; fail: number; excepted: number }> {
-  const c = Object.fromEntries(INVARIANTS.map((i) => [i, { pass: 0, fail: 0, excepted: 0 }])) as Record<Invariant, { pass: number; fail: number; excepted: number }>
+  const c = Object.fromEntries(INVARIANTS.map((i) => [i, { pass: 0, fail: 0, excepted: 0 }])) as Record<
+    Invariant,
+    { pass: number; fail: number; excepted: number }
+  >
   for (const r of results) for (const o of r.outcomes) c[o.invariant][o.status]++
   return c
 }

@@ -25,7 +25,7 @@ let rssSeq = 0
 export function runProc(
   file: string,
   args: readonly string[],
-  opts: { timeoutMs: number; cwd?: string; measureRss?: boolean; stdoutLimit?: number; env?: NodeJS.ProcessEnv } ,
+  opts: { timeoutMs: number; cwd?: string; measureRss?: boolean; stdoutLimit?: number; env?: NodeJS.ProcessEnv },
 ): Promise<ProcResult> {
   let cmd = file
   let argv = [...args]
@@ -72,7 +72,15 @@ export function runProc(
           // /usr/bin/time reports a signal death as "Command terminated by signal N"
           const sig = t.find((l) => l.startsWith('Command terminated by signal'))
           if (sig && code !== null && !signal) {
-            resolve({ code: null, signal: `SIG${sig.replace(/\D+/g, '')}` as NodeJS.Signals, timedOut, stdout: Buffer.concat(out), stderr, maxRssKiB, ms: Date.now() - started })
+            resolve({
+              code: null,
+              signal: `SIG${sig.replace(/\D+/g, '')}` as NodeJS.Signals,
+              timedOut,
+              stdout: Buffer.concat(out),
+              stderr,
+              maxRssKiB,
+              ms: Date.now() - started,
+            })
             rmSync(rssFile, { force: true })
             return
           }
@@ -81,7 +89,15 @@ export function runProc(
         }
         rmSync(rssFile, { force: true })
       }
-      resolve({ code: timedOut ? null : code, signal: timedOut ? 'SIGKILL' : signal, timedOut, stdout: Buffer.concat(out), stderr, maxRssKiB, ms: Date.now() - started })
+      resolve({
+        code: timedOut ? null : code,
+        signal: timedOut ? 'SIGKILL' : signal,
+        timedOut,
+        stdout: Buffer.concat(out),
+        stderr,
+        maxRssKiB,
+        ms: Date.now() - started,
+      })
     })
   })
 }

@@ -14,27 +14,31 @@ import { openCase } from './open-defects.js'
 
 const cases = loadRegressions()
 
-describeQemu('fuzz: regression cases replayed', () => {
-  let results: Map<number, CaseResult>
-  beforeAll(async () => {
-    results = await runPool(
-      cases.map((c, k) => ({ k, fc: { seed: c.seed, mutations: c.mutations, ...(c.cliCommand ? { cliCommand: c.cliCommand } : {}) } })),
-      2,
-    )
-  }, 1_800_000)
+describeQemu(
+  'fuzz: regression cases replayed',
+  () => {
+    let results: Map<number, CaseResult>
+    beforeAll(async () => {
+      results = await runPool(
+        cases.map((c, k) => ({ k, fc: { seed: c.seed, mutations: c.mutations, ...(c.cliCommand ? { cliCommand: c.cliCommand } : {}) } })),
+        2,
+      )
+    }, 1_800_000)
 
-  it('has regression cases', () => expect(cases.length).toBeGreaterThan(0))
+    it('has regression cases', () => expect(cases.length).toBeGreaterThan(0))
 
-  const title = (c: (typeof cases)[number]) => `${c.file}:${c.line} ${c.class ?? ''} ${c.invariant} (${c.seed}: ${c.mutations.map((m) => m.why).join('; ')})`
-  const replay = (k: number) => {
-    const r = results.get(k)!
-    const failed = r.outcomes.filter((o) => o.status === 'fail').map((o) => `${o.invariant}: ${o.detail}`)
-    expect(failed).toEqual([])
-  }
-  cases.forEach((c, k) => {
-    const open = c.file.endsWith('cases.jsonl') ? openCase(c.line) : undefined
-    // a case of an open defect must still fail; once it passes, take it off open-defects.ts
-    if (open) it.fails(`${title(c)} [open: ${open.id}]`, () => replay(k))
-    else it(title(c), () => replay(k))
-  })
-}, ['qemu-img', 'qemu-io'])
+    const title = (c: (typeof cases)[number]) => `${c.file}:${c.line} ${c.class ?? ''} ${c.invariant} (${c.seed}: ${c.mutations.map((m) => m.why).join('; ')})`
+    const replay = (k: number) => {
+      const r = results.get(k)!
+      const failed = r.outcomes.filter((o) => o.status === 'fail').map((o) => `${o.invariant}: ${o.detail}`)
+      expect(failed).toEqual([])
+    }
+    cases.forEach((c, k) => {
+      const open = c.file.endsWith('cases.jsonl') ? openCase(c.line) : undefined
+      // a case of an open defect must still fail; once it passes, take it off open-defects.ts
+      if (open) it.fails(`${title(c)} [open: ${open.id}]`, () => replay(k))
+      else it(title(c), () => replay(k))
+    })
+  },
+  ['qemu-img', 'qemu-io'],
+)

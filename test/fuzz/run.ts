@@ -38,7 +38,16 @@ interface Args {
 }
 
 function parseArgs(argv: string[]): Args {
-  const a: Args = { count: 100, seed: 1, jobs: 1, start: 0, timeout: DEFAULT_OPTIONS.timeoutMs, cliRate: 0.2, out: join(tmpdir(), 'imgtool-fuzz-out'), keep: false }
+  const a: Args = {
+    count: 100,
+    seed: 1,
+    jobs: 1,
+    start: 0,
+    timeout: DEFAULT_OPTIONS.timeoutMs,
+    cliRate: 0.2,
+    out: join(tmpdir(), 'imgtool-fuzz-out'),
+    keep: false,
+  }
   for (let i = 0; i < argv.length; i++) {
     const k = argv[i]!
     const v = argv[i + 1]
@@ -108,7 +117,10 @@ function printClasses(path: string): void {
     console.log(`\n## ${inv}`)
     for (const [id, e] of [...m].sort((a, b) => b[1].n - a[1].n)) {
       console.log(`- ${id} x${e.n}: ${e.label}`)
-      if (e.example) console.log(`  case ${e.example.k}: ${JSON.stringify({ seed: e.example.fc.seed, mutations: e.example.fc.mutations, ...(e.example.fc.cliCommand ? { cliCommand: e.example.fc.cliCommand } : {}) })}\n  -> ${e.example.detail.slice(0, 400)}`)
+      if (e.example)
+        console.log(
+          `  case ${e.example.k}: ${JSON.stringify({ seed: e.example.fc.seed, mutations: e.example.fc.mutations, ...(e.example.fc.cliCommand ? { cliCommand: e.example.fc.cliCommand } : {}) })}\n  -> ${e.example.detail.slice(0, 400)}`,
+        )
     }
   }
 }
@@ -133,11 +145,16 @@ async function mainRun(): Promise<void> {
   const resultsFile = join(args.out, `results-${tag}.jsonl`)
   let cases: Array<{ k: number; fc: FuzzCase; found: string }>
   if (args.replay) {
-    cases = readCases(args.replay).map((rc, k) => ({ k, fc: { seed: rc.seed, mutations: rc.mutations, ...(rc.cliCommand ? { cliCommand: rc.cliCommand } : {}) }, found: rc.found }))
+    cases = readCases(args.replay).map((rc, k) => ({
+      k,
+      fc: { seed: rc.seed, mutations: rc.mutations, ...(rc.cliCommand ? { cliCommand: rc.cliCommand } : {}) },
+      found: rc.found,
+    }))
   } else {
     const seeds = await buildSeeds(args.seeds ?? SEEDS.map((s) => s.name))
     cases = []
-    for (let k = args.start; k < args.start + args.count; k++) cases.push({ k, fc: drawCase(args.seed, k, seeds, args.cliRate), found: `fuzz --seed ${args.seed} case ${k}` })
+    for (let k = args.start; k < args.start + args.count; k++)
+      cases.push({ k, fc: drawCase(args.seed, k, seeds, args.cliRate), found: `fuzz --seed ${args.seed} case ${k}` })
   }
   const byK = new Map(cases.map((c) => [c.k, c]))
   const t0 = Date.now()

@@ -77,7 +77,13 @@ export const SEEDS: SeedRecipe[] = [
   q('v2-zlib-c4k', '1M', 'compat=0.10,cluster_size=4k', ['write -c -P 0x41 0 16k', 'write -c -P 0x42 64k 4k', 'write -P 0x43 8k 4k']),
   q('v3-zlib-c64k', '1M', 'compat=1.1,cluster_size=64k', ['write -c -P 0x41 0 64k', 'write -c -P 0x42 128k 64k', 'write -P 0x43 512k 4k']),
   q('v3-zstd-c4k', '1M', 'compat=1.1,cluster_size=4k,compression_type=zstd', ['write -c -P 0x51 0 16k', 'write -c -P 0x52 64k 4k', 'write -z 4k 4k']),
-  q('v3-extl2-c32k', '1M', 'compat=1.1,cluster_size=32k,extended_l2=on', ['write -P 0x61 0 2k', 'write -P 0x62 40k 1k', 'write -z 64k 32k', 'write -z 100k 1k', 'write -c -P 0x63 256k 32k']),
+  q('v3-extl2-c32k', '1M', 'compat=1.1,cluster_size=32k,extended_l2=on', [
+    'write -P 0x61 0 2k',
+    'write -P 0x62 40k 1k',
+    'write -z 64k 32k',
+    'write -z 100k 1k',
+    'write -c -P 0x63 256k 32k',
+  ]),
   q('v3-lazy-clean', '1M', 'compat=1.1,cluster_size=4k,lazy_refcounts=on', ['write -P 0x11 0 8k', 'write -P 0x12 512k 4k']),
   {
     name: 'v3-dirty-lazy',
@@ -104,7 +110,18 @@ export const SEEDS: SeedRecipe[] = [
     main: 'v3-datafile-raw.qcow2',
     sides: ['v3-datafile-raw.data'],
     steps: [
-      { img: ['create', '-q', '-f', 'qcow2', '-o', 'compat=1.1,cluster_size=4k,data_file=v3-datafile-raw.data,data_file_raw=on', 'v3-datafile-raw.qcow2', '256K'] },
+      {
+        img: [
+          'create',
+          '-q',
+          '-f',
+          'qcow2',
+          '-o',
+          'compat=1.1,cluster_size=4k,data_file=v3-datafile-raw.data,data_file_raw=on',
+          'v3-datafile-raw.qcow2',
+          '256K',
+        ],
+      },
       { io: ['write -P 0x73 0 8k', 'write -P 0x74 64k 4k'], file: 'v3-datafile-raw.qcow2' },
     ],
   },
@@ -132,22 +149,20 @@ export const SEEDS: SeedRecipe[] = [
       { io: ['write -P 0x06 8k 4k', 'write -P 0x09 300k 4k'], file: 'top.qcow2' },
     ],
   },
-  ...(['v3', 'v2'] as const).map(
-    (v): SeedRecipe => ({
-      name: `${v}-snapshots`,
-      format: 'qcow2',
-      main: `${v}-snapshots.qcow2`,
-      steps: [
-        { img: ['create', '-q', '-f', 'qcow2', '-o', `compat=${v === 'v3' ? '1.1' : '0.10'},cluster_size=4k`, `${v}-snapshots.qcow2`, '1M'] },
-        { io: ['write -P 0x21 0 16k', 'write -P 0x22 256k 4k'], file: `${v}-snapshots.qcow2` },
-        { img: ['snapshot', '-c', 's1', `${v}-snapshots.qcow2`] },
-        { io: ['write -P 0x23 4k 4k', 'write -P 0x24 512k 8k'], file: `${v}-snapshots.qcow2` },
-        { img: ['snapshot', '-c', 'second-snapshot', `${v}-snapshots.qcow2`] },
-        { io: ['write -P 0x25 0 4k', 'write -z 256k 4k'], file: `${v}-snapshots.qcow2` },
-        { fixDates: `${v}-snapshots.qcow2` },
-      ],
-    }),
-  ),
+  ...(['v3', 'v2'] as const).map((v): SeedRecipe => ({
+    name: `${v}-snapshots`,
+    format: 'qcow2',
+    main: `${v}-snapshots.qcow2`,
+    steps: [
+      { img: ['create', '-q', '-f', 'qcow2', '-o', `compat=${v === 'v3' ? '1.1' : '0.10'},cluster_size=4k`, `${v}-snapshots.qcow2`, '1M'] },
+      { io: ['write -P 0x21 0 16k', 'write -P 0x22 256k 4k'], file: `${v}-snapshots.qcow2` },
+      { img: ['snapshot', '-c', 's1', `${v}-snapshots.qcow2`] },
+      { io: ['write -P 0x23 4k 4k', 'write -P 0x24 512k 8k'], file: `${v}-snapshots.qcow2` },
+      { img: ['snapshot', '-c', 'second-snapshot', `${v}-snapshots.qcow2`] },
+      { io: ['write -P 0x25 0 4k', 'write -z 256k 4k'], file: `${v}-snapshots.qcow2` },
+      { fixDates: `${v}-snapshots.qcow2` },
+    ],
+  })),
   {
     name: 'v3-bitmaps',
     format: 'qcow2',
@@ -161,18 +176,16 @@ export const SEEDS: SeedRecipe[] = [
     ],
   },
   // dm-snapshot: kernel-made stores from images/dmsnap, and imgtool's own writer
-  ...['c8-basic', 'c1-areas', 'c16-random', 'c32-default', 'c8-partial', 'c8-full-po', 'c8-invalid'].map(
-    (f): SeedRecipe => ({
-      name: `dmsnap-${f}`,
-      format: 'dmsnap',
-      main: 'cow.img',
-      origin: 'origin.img',
-      steps: [
-        { copyFixture: `images/dmsnap/${f}/cow.img`, to: 'cow.img' },
-        { copyFixture: `images/dmsnap/${f}/origin.img`, to: 'origin.img' },
-      ],
-    }),
-  ),
+  ...['c8-basic', 'c1-areas', 'c16-random', 'c32-default', 'c8-partial', 'c8-full-po', 'c8-invalid'].map((f): SeedRecipe => ({
+    name: `dmsnap-${f}`,
+    format: 'dmsnap',
+    main: 'cow.img',
+    origin: 'origin.img',
+    steps: [
+      { copyFixture: `images/dmsnap/${f}/cow.img`, to: 'cow.img' },
+      { copyFixture: `images/dmsnap/${f}/origin.img`, to: 'origin.img' },
+    ],
+  })),
   {
     name: 'dmsnap-imgtool-c4k',
     format: 'dmsnap',
@@ -221,7 +234,11 @@ async function toolVersion(): Promise<string> {
 }
 
 export async function seedCacheRoot(): Promise<string> {
-  const h = createHash('sha256').update(JSON.stringify(SEEDS)).update(await toolVersion()).digest('hex').slice(0, 16)
+  const h = createHash('sha256')
+    .update(JSON.stringify(SEEDS))
+    .update(await toolVersion())
+    .digest('hex')
+    .slice(0, 16)
   return join(process.env['IMGTOOL_FUZZ_SEEDS'] ?? join(tmpdir(), 'imgtool-fuzz-seeds'), h)
 }
 

@@ -51,7 +51,10 @@ export class ImgtoolWorker {
   }
 
   private start(): ChildProcess {
-    const child = spawn(process.execPath, [WORKER, pathToFileURL(MAIN_JS).href], { stdio: ['pipe', 'pipe', 'pipe'], env: { ...process.env, IMGTOOL_DEBUG: '' } })
+    const child = spawn(process.execPath, [WORKER, pathToFileURL(MAIN_JS).href], {
+      stdio: ['pipe', 'pipe', 'pipe'],
+      env: { ...process.env, IMGTOOL_DEBUG: '' },
+    })
     const rl = createInterface({ input: child.stdout! })
     rl.on('line', (line) => {
       let r: Reply

@@ -115,7 +115,11 @@ describe('journal next to an image in a read-only folder (item 8)', () => {
       expect(readdirSync(imgDir)).toEqual(['disk.qcow2'])
       expect(statSync(jdir).mode & 0o777).toBe(0o700)
       expect(statSync(j).mode & 0o777).toBe(0o600)
-      expect(r.err).toMatch(new RegExp(`^imgtool: undo journal written to ${j} \\(${imgDir} is not writable \\(E[A-Z]+\\)\\) \\(restore with: imgtool repair --undo ${j} ${img}\\)\\n$`))
+      expect(r.err).toMatch(
+        new RegExp(
+          `^imgtool: undo journal written to ${j} \\(${imgDir} is not writable \\(E[A-Z]+\\)\\) \\(restore with: imgtool repair --undo ${j} ${img}\\)\\n$`,
+        ),
+      )
       expect((await cli('repair', '--undo', j, img)).code).toBe(0)
       expect(readFileSync(img).equals(damagedBytes)).toBe(true)
     } finally {
@@ -133,7 +137,9 @@ describe('journal next to an image in a read-only folder (item 8)', () => {
     try {
       const r = await cli('repair', '--journal', join(imgDir, 'j'), img)
       expect(r.code).toBe(1)
-      expect(r.err).toMatch(new RegExp(`^imgtool: cannot create the undo journal ${imgDir}/j: E[A-Z]+ \\(give --journal PATH, or --no-journal to repair without one\\)\\n$`))
+      expect(r.err).toMatch(
+        new RegExp(`^imgtool: cannot create the undo journal ${imgDir}/j: E[A-Z]+ \\(give --journal PATH, or --no-journal to repair without one\\)\\n$`),
+      )
     } finally {
       restore()
     }

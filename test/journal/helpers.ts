@@ -57,7 +57,10 @@ export function makeReadOnlyDir(dir: string): (() => void) | undefined {
 }
 
 /** node bin/imgtool ARGS (the build in dist/), killed after `timeoutMs` */
-export function imgtoolChild(args: string[], timeoutMs = 120_000): Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }> {
+export function imgtoolChild(
+  args: string[],
+  timeoutMs = 120_000,
+): Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }> {
   return new Promise((resolvePromise, reject) => {
     const bin = join(import.meta.dirname, '..', '..', 'bin', 'imgtool')
     const child = spawn(process.execPath, [bin, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, IMGTOOL_DEBUG: '' } })

@@ -80,7 +80,9 @@ describe('repair --undo with a 3 GiB journal (D12): one line, exit 1, no abort',
     const r = await imgtoolChild(['repair', '--undo', big, '--force', img])
     expect(r.signal).toBe(null)
     expect(r.code).toBe(1)
-    expect(r.stderr).toBe(`imgtool: qcow2: ${big}: not a usable undo journal: no complete segment (the journal was not completely written, so the image was not changed)\n`)
+    expect(r.stderr).toBe(
+      `imgtool: qcow2: ${big}: not a usable undo journal: no complete segment (the journal was not completely written, so the image was not changed)\n`,
+    )
   })
 
   it('a 5 GiB journal of the current format whose region length runs past its end: one line', async () => {
@@ -92,7 +94,9 @@ describe('repair --undo with a 3 GiB journal (D12): one line, exit 1, no abort',
     const r = await imgtoolChild(['repair', '--undo', big, '--force', img])
     expect(r.signal).toBe(null)
     expect(r.code).toBe(1)
-    expect(r.stderr).toBe(`imgtool: qcow2: ${big}: not a usable undo journal: no complete segment (the journal was not completely written, so the image was not changed)\n`)
+    expect(r.stderr).toBe(
+      `imgtool: qcow2: ${big}: not a usable undo journal: no complete segment (the journal was not completely written, so the image was not changed)\n`,
+    )
   })
 })
 
@@ -150,7 +154,9 @@ describe('garbage in a journal is refused in one line', () => {
     const { journal, image } = await sealedQcow2()
     const bad = new Uint8Array(journal.byteLength + 5)
     bad.set(journal)
-    await expect(applyQcow2Undo(new MemoryDevice(bad, { name: 'j' }), image)).rejects.toThrow(`qcow2: j: not a usable undo journal: 5 bytes of garbage after its seal (at 0x${journal.byteLength.toString(16)})`)
+    await expect(applyQcow2Undo(new MemoryDevice(bad, { name: 'j' }), image)).rejects.toThrow(
+      `qcow2: j: not a usable undo journal: 5 bytes of garbage after its seal (at 0x${journal.byteLength.toString(16)})`,
+    )
   })
 
   it('a seal whose region count exceeds the journal: no seal (then refused as unsealed)', async () => {
@@ -158,19 +164,27 @@ describe('garbage in a journal is refused in one line', () => {
     const bad = new Uint8Array(journal)
     const sealAt = Buffer.from(bad).indexOf('IMGTOOL-UNDOSEAL')
     new DataView(bad.buffer).setBigUint64(sealAt + 40, 1n << 60n, true)
-    await expect(applyQcow2Undo(new MemoryDevice(bad, { name: 'j' }), image)).rejects.toThrow(/^qcow2: j: undo refused: the journal has no seal \(incomplete from 0x[0-9a-f]+\)/)
+    await expect(applyQcow2Undo(new MemoryDevice(bad, { name: 'j' }), image)).rejects.toThrow(
+      /^qcow2: j: undo refused: the journal has no seal \(incomplete from 0x[0-9a-f]+\)/,
+    )
   })
 
   it('not a journal at all', async () => {
     const image = new MemoryDevice(4096)
-    await expect(applyQcow2Undo(new MemoryDevice(new Uint8Array(100).fill(0x41), { name: 'j' }), image)).rejects.toThrow('qcow2: j: not a usable undo journal: it does not start with a qcow2 undo segment (IMGTOOL-QC2UNDO2)')
-    await expect(applyUndoJournal(new MemoryDevice(new Uint8Array(100).fill(0x41), { name: 'j' }), image)).rejects.toThrow('dmsnap: j: not a usable undo journal: it does not start with IMGTOOL-DMSUNDO2')
+    await expect(applyQcow2Undo(new MemoryDevice(new Uint8Array(100).fill(0x41), { name: 'j' }), image)).rejects.toThrow(
+      'qcow2: j: not a usable undo journal: it does not start with a qcow2 undo segment (IMGTOOL-QC2UNDO2)',
+    )
+    await expect(applyUndoJournal(new MemoryDevice(new Uint8Array(100).fill(0x41), { name: 'j' }), image)).rejects.toThrow(
+      'dmsnap: j: not a usable undo journal: it does not start with IMGTOOL-DMSUNDO2',
+    )
   })
 
   it('dmsnap: an entry whose length runs past the end, with no complete entry before it', async () => {
     const bad = new Uint8Array(64)
     bad.set(new TextEncoder().encode('IMGTOOL-DMSUNDO2'))
     new DataView(bad.buffer).setUint32(16 + 8, 0xfffffff0, true)
-    await expect(applyUndoJournal(new MemoryDevice(bad, { name: 'j' }), new MemoryDevice(4096))).rejects.toThrow('dmsnap: j: not a usable undo journal: no complete entry (the journal was not completely written, so the COW was not changed)')
+    await expect(applyUndoJournal(new MemoryDevice(bad, { name: 'j' }), new MemoryDevice(4096))).rejects.toThrow(
+      'dmsnap: j: not a usable undo journal: no complete entry (the journal was not completely written, so the COW was not changed)',
+    )
   })
 })

@@ -34,7 +34,11 @@ describe('repair --undo refuses a journal that is not for this image (D7)', () =
     const otherBytes = readFileSync(other)
     const r = await cli('repair', '--undo', journal, other)
     expect(r.code).toBe(1)
-    expect(r.err).toMatch(new RegExp(`^imgtool: qcow2: ${journal}: undo refused: the journal belongs to ${dir}/x\\.qcow2 \\(device \\d+, inode \\d+\\), not to ${other} \\(device \\d+, inode \\d+\\); --force applies it anyway\\n$`))
+    expect(r.err).toMatch(
+      new RegExp(
+        `^imgtool: qcow2: ${journal}: undo refused: the journal belongs to ${dir}/x\\.qcow2 \\(device \\d+, inode \\d+\\), not to ${other} \\(device \\d+, inode \\d+\\); --force applies it anyway\\n$`,
+      ),
+    )
     expect(readFileSync(other).equals(otherBytes)).toBe(true)
   })
 
@@ -71,7 +75,9 @@ describe('repair --undo refuses a journal that is not for this image (D7)', () =
     writeFileSync(img, changed)
     const r = await cli('repair', '--undo', journal, img)
     expect(r.code).toBe(1)
-    expect(r.err).toMatch(/^imgtool: qcow2: .*: undo refused: the \d+ bytes at 0x[0-9a-f]+ of .*x\.qcow2 are not what the repair left there: the image changed since the repair, or it is another image\n$/)
+    expect(r.err).toMatch(
+      /^imgtool: qcow2: .*: undo refused: the \d+ bytes at 0x[0-9a-f]+ of .*x\.qcow2 are not what the repair left there: the image changed since the repair, or it is another image\n$/,
+    )
     expect(readFileSync(img).equals(changed)).toBe(true)
   })
 
@@ -113,7 +119,9 @@ describe('repair --undo refuses a journal that is not for this image (D7)', () =
     truncateSync(journal, sealAt + 20) // a torn seal
     const r = await cli('repair', '--undo', journal, img)
     expect(r.code).toBe(1)
-    expect(r.err).toBe(`imgtool: qcow2: ${journal}: undo refused: the journal has no seal (incomplete from 0x${sealAt.toString(16)}): the repair that wrote it did not finish, so ${img} cannot be checked against it; --force applies it anyway\n`)
+    expect(r.err).toBe(
+      `imgtool: qcow2: ${journal}: undo refused: the journal has no seal (incomplete from 0x${sealAt.toString(16)}): the repair that wrote it did not finish, so ${img} cannot be checked against it; --force applies it anyway\n`,
+    )
     expect((await cli('repair', '--undo', journal, '--force', img)).code).toBe(0)
     expect(readFileSync(img).equals(before)).toBe(true)
   })
@@ -139,7 +147,9 @@ describe('repair --undo refuses a journal that is not for this image (D7)', () =
     writeFileSync(v1, Buffer.concat([seg, tail]))
     const r = await cli('repair', '--undo', v1, img)
     expect(r.code).toBe(1)
-    expect(r.err).toBe(`imgtool: qcow2: ${v1}: undo refused: written by an older imgtool (journal format 1), it records neither its image nor the state the repair left, so ${img} cannot be checked against it; --force applies it anyway\n`)
+    expect(r.err).toBe(
+      `imgtool: qcow2: ${v1}: undo refused: written by an older imgtool (journal format 1), it records neither its image nor the state the repair left, so ${img} cannot be checked against it; --force applies it anyway\n`,
+    )
     expect(readFileSync(img).equals(after)).toBe(true)
     expect((await cli('repair', '--undo', v1, '--force', img)).code).toBe(0)
     expect(readFileSync(img).equals(before)).toBe(true)
@@ -150,7 +160,7 @@ describe('dm-snapshot undo journals are sealed too (D7)', () => {
   const { cow } = loadFixture('c8-basic')
   const ORIGIN = loadFixture('c8-basic').origin.byteLength
 
-  it('refuses to put one store\'s journal onto another store', async () => {
+  it("refuses to put one store's journal onto another store", async () => {
     const dev = new MemoryDevice(setRecord(setRecord(cow, 4, 16, 6), 9, 500, 19), { name: 'cow' })
     const journal = new MemoryDevice(0, { name: 'journal' })
     await repairStore(dev, { repair: 'all', originSize: ORIGIN, journal })

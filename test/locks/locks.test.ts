@@ -217,7 +217,10 @@ describeQemu('image locks against QEMU', () => {
         const p = await fresh(`race-${trial}.qcow2`)
         const [a, b] = await Promise.all([imgtool(['snapshot', '-c', 'a', p]), imgtool(['snapshot', '-c', 'b', p])])
         const list = await qemuImgOk(['snapshot', '-l', p])
-        for (const [name, r] of [['a', a], ['b', b]] as const) {
+        for (const [name, r] of [
+          ['a', a],
+          ['b', b],
+        ] as const) {
           if (r.code === 0) expect(list, `snapshot ${name} reported made (trial ${trial})`).toMatch(new RegExp(`\\s${name}\\s`))
           else {
             expect(r.code).toBe(1)

@@ -56,11 +56,13 @@ describeQemu(
         if (q.code !== ourCode) failures.push(`${label}: exit ${ourCode}, qemu-img ${q.code}: ${q.stderr.trim().split('\n').slice(-2).join(' | ')}`)
         if (q.stdout.trim()) {
           const theirs = JSON.stringify(JSON.parse(q.stdout), null, 4)
-          if (JSON.stringify(ours ?? {}, null, 4) !== theirs) failures.push(`${label}: JSON ${JSON.stringify(ours)} vs qemu-img ${JSON.stringify(JSON.parse(q.stdout))}`)
+          if (JSON.stringify(ours ?? {}, null, 4) !== theirs)
+            failures.push(`${label}: JSON ${JSON.stringify(ours)} vs qemu-img ${JSON.stringify(JSON.parse(q.stdout))}`)
         } else if (failed === undefined || !q.stderr.includes(`Check failed: ${failed}`)) {
           failures.push(`${label}: qemu-img printed no JSON (${q.stderr.trim().split('\n').pop()}), we ${failed ? 'failed with ' + failed : 'did not fail'}`)
         }
-        if (qLines.join('\n') !== ourLines.join('\n')) failures.push(`${label}: stderr lines differ:\n  ours:  ${ourLines.join('\n         ')}\n  qemu:  ${qLines.join('\n         ')}`)
+        if (qLines.join('\n') !== ourLines.join('\n'))
+          failures.push(`${label}: stderr lines differ:\n  ours:  ${ourLines.join('\n         ')}\n  qemu:  ${qLines.join('\n         ')}`)
       })
       if (failures.length) writeFileSync(join(dir, '..', 'imgtool-check-oracle-failures.txt'), failures.join('\n\n'))
       expect(failures.map((f) => f.split('\n')[0]!.slice(0, 300))).toEqual([])

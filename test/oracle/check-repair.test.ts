@@ -17,7 +17,18 @@ import { fixture, fixtureBytes } from '../check/fixtures.js'
 import { DAMAGES, DAMAGE_FIXTURES } from '../check/damages.js'
 
 /** damage kinds repaired the same way as qemu-img (so the fixed counts must be its counts) */
-const FIXED_COUNTS_AS_QEMU = ['leak-1', 'leak-3', 'refcount-too-high', 'refcount-zero-data', 'refcount-zero-l2', 'refcount-too-low-shared', 'copied-l2-cleared', 'copied-l1-cleared', 'dirty-bit', 'corrupt-bit']
+const FIXED_COUNTS_AS_QEMU = [
+  'leak-1',
+  'leak-3',
+  'refcount-too-high',
+  'refcount-zero-data',
+  'refcount-zero-l2',
+  'refcount-too-low-shared',
+  'copied-l2-cleared',
+  'copied-l1-cleared',
+  'dirty-bit',
+  'corrupt-bit',
+]
 
 function problems(stdout: string): number {
   try {
@@ -63,12 +74,31 @@ describeQemu(
           repaired++
           writeFileSync(`${base}-ours.qcow2`, dev.snapshot())
           const after = await qemuImg(['check', '-f', 'qcow2', '--output=json', `${base}-ours.qcow2`])
-          const expectClean = mode === 'all' ? kind.repairable : ['leak-1', 'leak-3', 'refcount-too-high', 'copied-l2-cleared', 'copied-l1-cleared', 'dirty-bit', 'corrupt-bit', 'dirty-lazy-zero-refcounts'].includes(dmg)
-          if (expectClean && after.code !== 0) failures.push(`${label}: qemu-img check after our repair exits ${after.code}: ${after.stdout.replace(/\s+/g, ' ')} ${after.stderr.trim().split('\n').slice(0, 4).join(' | ')}`)
+          const expectClean =
+            mode === 'all'
+              ? kind.repairable
+              : [
+                  'leak-1',
+                  'leak-3',
+                  'refcount-too-high',
+                  'copied-l2-cleared',
+                  'copied-l1-cleared',
+                  'dirty-bit',
+                  'corrupt-bit',
+                  'dirty-lazy-zero-refcounts',
+                ].includes(dmg)
+          if (expectClean && after.code !== 0)
+            failures.push(
+              `${label}: qemu-img check after our repair exits ${after.code}: ${after.stdout.replace(/\s+/g, ' ')} ${after.stderr.trim().split('\n').slice(0, 4).join(' | ')}`,
+            )
           if (after.code === 0) clean++
-          if (!expectClean && problems(after.stdout) > problems(before.stdout)) failures.push(`${label}: more problems after our repair (${after.stdout.replace(/\s+/g, ' ')}) than before (${before.stdout.replace(/\s+/g, ' ')})`)
+          if (!expectClean && problems(after.stdout) > problems(before.stdout))
+            failures.push(`${label}: more problems after our repair (${after.stdout.replace(/\s+/g, ' ')}) than before (${before.stdout.replace(/\s+/g, ' ')})`)
           if (result.after.corruptions !== problemsOf(after.stdout, 'corruptions') || result.after.leaks !== problemsOf(after.stdout, 'leaks')) {
-            if (after.stdout.trim()) failures.push(`${label}: our after-check (${result.after.corruptions} corruptions, ${result.after.leaks} leaks) differs from qemu-img's ${after.stdout.replace(/\s+/g, ' ')}`)
+            if (after.stdout.trim())
+              failures.push(
+                `${label}: our after-check (${result.after.corruptions} corruptions, ${result.after.leaks} leaks) differs from qemu-img's ${after.stdout.replace(/\s+/g, ' ')}`,
+              )
           }
           // the fixed counts, where qemu-img's repair fully succeeds too, are qemu-img's
           if (FIXED_COUNTS_AS_QEMU.includes(dmg)) {
@@ -78,7 +108,8 @@ describeQemu(
               const j = JSON.parse(qj.stdout) as Record<string, number>
               const theirs = { leaksFixed: j['leaks-fixed'] ?? 0, corruptionsFixed: j['corruptions-fixed'] ?? 0 }
               const ours = { leaksFixed: result.before.leaksFixed, corruptionsFixed: result.before.corruptionsFixed }
-              if (JSON.stringify(ours) !== JSON.stringify(theirs)) failures.push(`${label}: fixed counts ${JSON.stringify(ours)}, qemu-img ${JSON.stringify(theirs)}`)
+              if (JSON.stringify(ours) !== JSON.stringify(theirs))
+                failures.push(`${label}: fixed counts ${JSON.stringify(ours)}, qemu-img ${JSON.stringify(theirs)}`)
             }
           }
           // guest data

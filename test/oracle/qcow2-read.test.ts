@@ -123,7 +123,8 @@ function randomRange(p: Prng, l: Layer): [number, number] | undefined {
     const off = p.int(units) * unit
     let len: number
     const lenMode = p.int(10)
-    if (lenMode < 2) len = 1 + p.int(600) // small, any alignment
+    if (lenMode < 2)
+      len = 1 + p.int(600) // small, any alignment
     else if (lenMode < 7) len = unit * (1 + p.int(3))
     else if (lenMode < 9) len = cs * (1 + p.int(4)) + (mode === 'byte' ? p.int(cs) : 0)
     else len = l.size - off // to the end
@@ -259,56 +260,92 @@ function largeCases(firstId: number): OracleCase[] {
   const cases: Array<Omit<OracleCase, 'id' | 'label' | 'large'>> = [
     {
       layers: [
-        q('l0.qcow2', big, 64 * KiB, [['compat', '1.1'], ['preallocation', 'metadata']], [
-          'write -s src.bin 0 100k',
-          'write -P 0x5a 2100M 192k',
-          'write -P 0x33 2147418112 131072', // across 2^31 in the guest
-          'write -z -u 2150M 64k',
-          'write -c -P 0x6c 2150M 64k', // lands at the end of the file: > 2 GiB
-          'write -z 2180M 128k',
-          'write -P 0x71 2200M 1000',
-        ]),
+        q(
+          'l0.qcow2',
+          big,
+          64 * KiB,
+          [
+            ['compat', '1.1'],
+            ['preallocation', 'metadata'],
+          ],
+          [
+            'write -s src.bin 0 100k',
+            'write -P 0x5a 2100M 192k',
+            'write -P 0x33 2147418112 131072', // across 2^31 in the guest
+            'write -z -u 2150M 64k',
+            'write -c -P 0x6c 2150M 64k', // lands at the end of the file: > 2 GiB
+            'write -z 2180M 128k',
+            'write -P 0x71 2200M 1000',
+          ],
+        ),
       ],
     },
     {
       layers: [
-        q('l0.qcow2', big, 2 * MiB, [['compat', '0.10'], ['preallocation', 'metadata']], [
-          'write -P 0x21 2090M 3M',
-          'write -z -u 2110M 2M',
-          'write -c -s src.bin 2110M 2M',
-          'write -z 2140M 1M',
-          'discard 2150M 4M',
-        ]),
+        q(
+          'l0.qcow2',
+          big,
+          2 * MiB,
+          [
+            ['compat', '0.10'],
+            ['preallocation', 'metadata'],
+          ],
+          ['write -P 0x21 2090M 3M', 'write -z -u 2110M 2M', 'write -c -s src.bin 2110M 2M', 'write -z 2140M 1M', 'discard 2150M 4M'],
+        ),
       ],
     },
     {
       layers: [
-        q('l0.qcow2', big + 256 * MiB, 128 * KiB, [['compat', '1.1'], ['extended_l2', 'on'], ['preallocation', 'metadata'], ['compression_type', 'zstd']], [
-          'write -P 0x44 2300M 4k',
-          'write -s src.bin 2301M 20k',
-          'write -z 2302M 8k',
-          'write -z -u 2303M 128k',
-          'write -c -P 0x7e 2303M 128k',
-          'write -P 0x45 2200M 1',
-        ]),
+        q(
+          'l0.qcow2',
+          big + 256 * MiB,
+          128 * KiB,
+          [
+            ['compat', '1.1'],
+            ['extended_l2', 'on'],
+            ['preallocation', 'metadata'],
+            ['compression_type', 'zstd'],
+          ],
+          [
+            'write -P 0x44 2300M 4k',
+            'write -s src.bin 2301M 20k',
+            'write -z 2302M 8k',
+            'write -z -u 2303M 128k',
+            'write -c -P 0x7e 2303M 128k',
+            'write -P 0x45 2200M 1',
+          ],
+        ),
       ],
     },
     {
       layers: [
-        q('l0.qcow2', big, 64 * KiB, [['compat', '1.1'], ['preallocation', 'metadata'], ['refcount_bits', '64']], [
-          'write -P 0x61 2100M 256k',
-          'write -s src.bin 2160M 100k',
-        ]),
+        q(
+          'l0.qcow2',
+          big,
+          64 * KiB,
+          [
+            ['compat', '1.1'],
+            ['preallocation', 'metadata'],
+            ['refcount_bits', '64'],
+          ],
+          ['write -P 0x61 2100M 256k', 'write -s src.bin 2160M 100k'],
+        ),
         q('l1.qcow2', big, 4 * KiB, [['compat', '1.1']], ['write -P 0x62 2100M 8k', 'write -z 2160M 4k', 'write -P 0x63 0 4k']),
       ],
     },
     {
       layers: [
-        q('l0.qcow2', big, 64 * KiB, [['compat', '1.1'], ['data_file', 'l0.data'], ['preallocation', 'metadata']], [
-          'write -P 0x17 2120M 64k',
-          'write -z 2121M 64k',
-          'write -z -u 2122M 128k',
-        ]),
+        q(
+          'l0.qcow2',
+          big,
+          64 * KiB,
+          [
+            ['compat', '1.1'],
+            ['data_file', 'l0.data'],
+            ['preallocation', 'metadata'],
+          ],
+          ['write -P 0x17 2120M 64k', 'write -z 2121M 64k', 'write -z -u 2122M 128k'],
+        ),
       ],
     },
   ]

@@ -18,7 +18,13 @@ describeQemu('create / snapshot / resize CLI', () => {
   const dir = makeTempDir('imgtool-cli-')
 
   it('create: the same qemu-img info as qemu-img create, sizes like 64M, -b/-F with the size taken from the backing file', async () => {
-    for (const o of ['cluster_size=4096', 'compat=0.10', 'refcount_bits=1,lazy_refcounts=on', 'extended_l2=on,compression_type=zstd', 'preallocation=metadata,cluster_size=65536']) {
+    for (const o of [
+      'cluster_size=4096',
+      'compat=0.10',
+      'refcount_bits=1,lazy_refcounts=on',
+      'extended_l2=on,compression_type=zstd',
+      'preallocation=metadata,cluster_size=65536',
+    ]) {
       const ours = join(dir, 'ours.qcow2')
       const theirs = join(dir, 'theirs.qcow2')
       const r = await cli('create', '-q', '-f', 'qcow2', '-o', o, ours, '64M')
@@ -58,7 +64,12 @@ describeQemu('create / snapshot / resize CLI', () => {
       expect(theirs.code, theirs.stderr).toBe(0)
       expect(ours.out.replace(join(dir, 'fmt.img'), 'fmt.img'), `${fmt} ${args.join(' ')}`).toBe(theirs.stdout)
     }
-    for (const [fmt, o] of [['qcow2', 'preallocation=foo'], ['qcow2', 'cluster_size=3000'], ['raw', 'preallocation=foo'], ['qcow2', 'data_file=no/such/dir/d.raw']]) {
+    for (const [fmt, o] of [
+      ['qcow2', 'preallocation=foo'],
+      ['qcow2', 'cluster_size=3000'],
+      ['raw', 'preallocation=foo'],
+      ['qcow2', 'data_file=no/such/dir/d.raw'],
+    ]) {
       const fresh = join(dir, `none-${fmt}.img`)
       const ours = await cli('create', '-q', '-f', fmt!, '-o', o!, fresh, '1M')
       const theirs = await qemuImg(['create', '-q', '-f', fmt!, '-o', o!, `none-q-${fmt}.img`, '1M'], { cwd: dir })

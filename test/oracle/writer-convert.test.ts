@@ -31,7 +31,9 @@ describeQemu('convert and compare (CLI) against qemu-img', () => {
 
   it('prepares a qemu-written source with data, zeros and holes', async () => {
     await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', src, '8M'])
-    await qemuIoOk(src, ['write -P 0x11 0 100k', 'write -P 0x22 3M 1M', 'write -z 3300k 40k', 'write -P 0 6M 64k', 'write -P 0x33 8170k 12k'], { format: 'qcow2' })
+    await qemuIoOk(src, ['write -P 0x11 0 100k', 'write -P 0x22 3M 1M', 'write -z 3300k 40k', 'write -P 0 6M 64k', 'write -P 0x33 8170k 12k'], {
+      format: 'qcow2',
+    })
   })
 
   for (const [name, args] of [
@@ -183,7 +185,11 @@ describeQemu('convert and compare (CLI) against qemu-img', () => {
     }
     await qemuIoOk(b, ['write -P 1 700000 1'], { format: 'qcow2' })
     await qemuIoOk(c, ['write -P 2 1500000 1'], { format: 'raw' })
-    for (const args of [[a, b], [a, c], [b, a]]) {
+    for (const args of [
+      [a, b],
+      [a, c],
+      [b, a],
+    ]) {
       const ours = await cli('compare', ...args)
       const theirs = await qemuImg(['compare', ...args])
       expect([ours.code, ours.out.trim()], args.join(' ')).toEqual([theirs.code, theirs.stdout.trim()])

@@ -52,7 +52,9 @@ export function randomCombo(rng: Prng, id: number): Combo {
 }
 
 function optString(o: Record<string, string>): string {
-  return Object.entries(o).map(([k, v]) => `${k}=${v}`).join(',')
+  return Object.entries(o)
+    .map(([k, v]) => `${k}=${v}`)
+    .join(',')
 }
 
 /** Random writes through our writer, mirrored into `expected`. */
@@ -86,7 +88,10 @@ async function ourWrites(img: Qcow2Image, expected: Uint8Array, rng: Prng, n: nu
 async function qemuCheckClean(path: string, cwd?: string): Promise<void> {
   const r = await qemuImg(['check', '--output=json', '-f', 'qcow2', path], cwd ? { cwd } : {})
   const j = JSON.parse(r.stdout || '{}') as Record<string, number>
-  expect({ code: r.code, corruptions: j['corruptions'] ?? 0, leaks: j['leaks'] ?? 0, errors: j['check-errors'] ?? 0 }, `${path}: ${r.stdout} ${r.stderr}`).toEqual({
+  expect(
+    { code: r.code, corruptions: j['corruptions'] ?? 0, leaks: j['leaks'] ?? 0, errors: j['check-errors'] ?? 0 },
+    `${path}: ${r.stdout} ${r.stderr}`,
+  ).toEqual({
     code: 0,
     corruptions: 0,
     leaks: 0,
@@ -173,7 +178,9 @@ describeQemu('writer interop with qemu-img / qemu-io (random option combinations
         try {
           await runCombo(c, dir)
         } catch (e) {
-          throw new Error(`combo ${c.id} (${c.creator}, ${optString(c.options)}, size ${c.size}, backing ${c.backing ?? 'none'}): ${(e as Error).message}`, { cause: e })
+          throw new Error(`combo ${c.id} (${c.creator}, ${optString(c.options)}, size ${c.size}, backing ${c.backing ?? 'none'}): ${(e as Error).message}`, {
+            cause: e,
+          })
         }
       })
     })

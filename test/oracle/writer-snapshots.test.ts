@@ -27,7 +27,12 @@ async function same(path: string, bytes: Uint8Array, dir: string): Promise<void>
 }
 
 describeQemu('writer snapshots and resize with qemu-img', () => {
-  for (const opts of [{ cluster_size: '4096' }, { compat: '0.10', cluster_size: '1024' }, { cluster_size: '65536', extended_l2: 'on' }, { cluster_size: '2048', refcount_bits: '8', lazy_refcounts: 'on' }] as Array<Record<string, string>>) {
+  for (const opts of [
+    { cluster_size: '4096' },
+    { compat: '0.10', cluster_size: '1024' },
+    { cluster_size: '65536', extended_l2: 'on' },
+    { cluster_size: '2048', refcount_bits: '8', lazy_refcounts: 'on' },
+  ] as Array<Record<string, string>>) {
     it(`qemu-img snapshot lists and applies our snapshots; we apply and delete qemu's (${JSON.stringify(opts)})`, async () => {
       const dir = makeTempDir('imgtool-snap-')
       const path = join(dir, 's.qcow2')
@@ -111,7 +116,11 @@ describeQemu('writer snapshots and resize with qemu-img', () => {
 })
 
 describeQemu('snapshot apply with another disk size, against qemu-img snapshot -a', () => {
-  for (const opts of [{ cluster_size: '4096' }, { cluster_size: '65536', extended_l2: 'on' }, { cluster_size: '1024', refcount_bits: '4', lazy_refcounts: 'on' }] as Array<Record<string, string>>) {
+  for (const opts of [
+    { cluster_size: '4096' },
+    { cluster_size: '65536', extended_l2: 'on' },
+    { cluster_size: '1024', refcount_bits: '4', lazy_refcounts: 'on' },
+  ] as Array<Record<string, string>>) {
     it(`we and qemu-img give the same guest bytes and virtual size (${JSON.stringify(opts)})`, async () => {
       const dir = makeTempDir('imgtool-snapsize-')
       const path = join(dir, 'ours.qcow2')
@@ -142,7 +151,11 @@ describeQemu('snapshot apply with another disk size, against qemu-img snapshot -
       await check(path)
 
       const info = async (p: string) => (JSON.parse(await qemuImgOk(['info', '--output=json', p])) as { 'virtual-size': number })['virtual-size']
-      for (const [name, want] of [['small', vSmall], ['big', vBig], ['small', vSmall]] as const) {
+      for (const [name, want] of [
+        ['small', vSmall],
+        ['big', vBig],
+        ['small', vSmall],
+      ] as const) {
         copyFileSync(path, theirs)
         await qemuImgOk(['snapshot', '-a', name, theirs])
         img = (await openImage(path, { readOnly: false })) as Qcow2Image

@@ -54,10 +54,14 @@ it('installs from its tarball and compiles and runs a strict TypeScript user pro
   const work = join(dir, 'work')
   execFileSync('mkdir', ['-p', work])
   const dm = join(ROOT, 'images', 'dmsnap', 'c8-basic')
-  const stdout = execFileSync(process.execPath, [join(app, 'out', 'program.js'), work, join(ROOT, 'images', 'qcow2', 'v3-c64k.qcow2'), join(dm, 'origin.img'), join(dm, 'cow.img')], {
-    cwd: app,
-    encoding: 'utf8',
-  })
+  const stdout = execFileSync(
+    process.execPath,
+    [join(app, 'out', 'program.js'), work, join(ROOT, 'images', 'qcow2', 'v3-c64k.qcow2'), join(dm, 'origin.img'), join(dm, 'cow.img')],
+    {
+      cwd: app,
+      encoding: 'utf8',
+    },
+  )
   const out = JSON.parse(stdout) as Record<string, { codes?: string[] } & Record<string, unknown>>
   expect(out['info']).toMatchObject({ format: 'qcow2', writable: false })
   expect(out['check']).toEqual({ corruptions: 0, leaks: 0, exit: 0, clean: 0 })

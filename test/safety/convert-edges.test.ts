@@ -120,7 +120,18 @@ describeQemu('convert leaves nothing half-made', () => {
   it('refuses an encrypted source before creating the target', async () => {
     const dir = makeTempDir()
     const enc = join(dir, 'enc.qcow2')
-    await qemuImgOk(['create', '-q', '-f', 'qcow2', '--object', 'secret,id=s0,data=pw', '-o', 'encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10', enc, '1M'])
+    await qemuImgOk([
+      'create',
+      '-q',
+      '-f',
+      'qcow2',
+      '--object',
+      'secret,id=s0,data=pw',
+      '-o',
+      'encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10',
+      enc,
+      '1M',
+    ])
     const dst = join(dir, 'out.qcow2')
     const r = await cli('convert', '-O', 'qcow2', enc, dst)
     expect(r.code).toBe(1)

@@ -51,7 +51,8 @@ function writeFile(path: string, mib: number, fill: (buf: Buffer, i: number) => 
 describe.skipIf(!hasPython && process.env['IMGTOOL_REQUIRE_QEMU'] !== '1')('Ctrl-C in a terminal', () => {
   let dir: string
   beforeAll(() => {
-    if (!existsSync(join(ROOT, 'dist', 'cli', 'interrupt.js'))) throw new Error('dist/ is missing or old: run npm run build (npm install does) before these tests')
+    if (!existsSync(join(ROOT, 'dist', 'cli', 'interrupt.js')))
+      throw new Error('dist/ is missing or old: run npm run build (npm install does) before these tests')
     dir = makeTempDir()
     // incompressible data: convert -c of it takes seconds
     writeFile(join(dir, 'random.raw'), 128, (b) => randomFillSync(b))

@@ -172,8 +172,7 @@ export class CrashDevice implements BlockDevice {
   private closed = false
 
   constructor(base: Uint8Array | MemoryDevice | number = 0, options: { name?: string } = {}) {
-    this.base =
-      typeof base === 'number' ? new Uint8Array(base) : base instanceof MemoryDevice ? base.snapshot() : base.slice()
+    this.base = typeof base === 'number' ? new Uint8Array(base) : base instanceof MemoryDevice ? base.snapshot() : base.slice()
     this.name = options.name ?? 'crash'
     this.current = new Image(this.base.slice())
     this.durable = new Image(this.base.slice())
@@ -342,14 +341,7 @@ export class CrashDevice implements BlockDevice {
     return img
   }
 
-  private *generate(
-    durable: Image,
-    pending: PendingEvent[],
-    point: number,
-    flushes: number,
-    skipEmpty: boolean,
-    o: CrashStateOptions,
-  ): Generator<CrashState> {
+  private *generate(durable: Image, pending: PendingEvent[], point: number, flushes: number, skipEmpty: boolean, o: CrashStateOptions): Generator<CrashState> {
     const n = pending.length
     const seqs = pending.map((e) => e.seq)
     const head = `crash at point ${point} (${flushes} flush${flushes === 1 ? '' : 'es'} done, ${n} pending event${n === 1 ? '' : 's'}`

@@ -138,7 +138,12 @@ export class CrashGroup {
     const n = pending.length
     const seqs = pending.map((e) => e.seq)
     const desc = (e: GroupEvent): string =>
-      `#${e.seq} ${this.names[e.member]} ` + (e.kind === 'write' ? `write${e.tag === undefined ? '' : ` ${e.tag}`} ${hex(e.offset)}+${hex(e.data.byteLength)}` : e.kind === 'truncate' ? `truncate to ${hex(e.size)}` : 'flush')
+      `#${e.seq} ${this.names[e.member]} ` +
+      (e.kind === 'write'
+        ? `write${e.tag === undefined ? '' : ` ${e.tag}`} ${hex(e.offset)}+${hex(e.data.byteLength)}`
+        : e.kind === 'truncate'
+          ? `truncate to ${hex(e.size)}`
+          : 'flush')
     const ctx = `crash at point ${point} (${flushes} flush${flushes === 1 ? '' : 'es'} done, ${n} pending event${n === 1 ? '' : 's'}${n === 0 ? '' : `: ${pending.map(desc).join(', ')}`})`
     let counter = 0
     const make = (w: Bytes[], kind: GroupCrashState['kind'], applied: number[], what: string): GroupCrashState => {

@@ -219,21 +219,17 @@ export class FaultyDevice implements BlockDevice {
     return firing
   }
 
-  private fault(
-    op: FaultOp,
-    tag: IoTag | undefined,
-    offset: number,
-    length: number,
-    errno: FaultErrno,
-    tornBytes = 0,
-  ): ImageIoError {
+  private fault(op: FaultOp, tag: IoTag | undefined, offset: number, length: number, errno: FaultErrno, tornBytes = 0): ImageIoError {
     const what = op === 'flush' ? 'flush' : op === 'truncate' ? `truncate to ${hex(offset)}` : `${op} of ${hex(length)} bytes at offset ${hex(offset)}`
     const torn = tornBytes > 0 ? ` (${hex(tornBytes)} bytes written before the failure)` : ''
-    const error = new ImageIoError(
-      `${this.name}: ${what}${tag === undefined ? '' : ` (tag ${tag})`} failed: ${errno} (injected)${torn}`,
-      errno,
-      { file: this.name, offset, op, tag, length, injected: true },
-    )
+    const error = new ImageIoError(`${this.name}: ${what}${tag === undefined ? '' : ` (tag ${tag})`} failed: ${errno} (injected)${torn}`, errno, {
+      file: this.name,
+      offset,
+      op,
+      tag,
+      length,
+      injected: true,
+    })
     this.faults.push({ op, tag, offset, length, errno, error })
     return error
   }

@@ -203,7 +203,11 @@ export function qemuIo(args: readonly string[], opts?: RunOptions): Promise<RunR
  * on a non-zero exit or when any command reports failure (qemu-io prints
  * "... failed: ..." for those).
  */
-export async function qemuIoOk(image: string, commands: readonly string[], opts: RunOptions & { format?: string; extraArgs?: readonly string[] } = {}): Promise<string> {
+export async function qemuIoOk(
+  image: string,
+  commands: readonly string[],
+  opts: RunOptions & { format?: string; extraArgs?: readonly string[] } = {},
+): Promise<string> {
   const args = [...(opts.format ? ['-f', opts.format] : []), ...(opts.extraArgs ?? [])]
   for (const c of commands) args.push('-c', c)
   args.push(image)
@@ -315,8 +319,6 @@ export function md5File(path: string): Promise<string> {
 
 // ---------------------------------------------------------------------------
 // capturing in-process output (the CLI's main() takes its streams as arguments)
-
-
 
 export interface Collector extends Writable {
   bytes(): Buffer

@@ -46,10 +46,7 @@ export interface TraceOp {
  *   `ok` must be equal
  * - a predicate
  */
-export type OpMatcher =
-  | TraceOpKind
-  | OpPattern
-  | ((op: TraceOp) => boolean)
+export type OpMatcher = TraceOpKind | OpPattern | ((op: TraceOp) => boolean)
 
 export interface OpPattern {
   op?: TraceOpKind | TraceOpKind[]
@@ -78,8 +75,7 @@ export function matches(op: TraceOp, m: OpMatcher): boolean {
 /** One-line rendering of an op for messages: `#12 write l2 0x30000+0x200`. */
 export function describeOp(op: TraceOp): string {
   const tag = op.tag === undefined ? '' : ` ${op.tag}`
-  const where =
-    op.op === 'flush' ? '' : op.op === 'truncate' ? ` to ${hex(op.offset)}` : ` ${hex(op.offset)}+${hex(op.length)}`
+  const where = op.op === 'flush' ? '' : op.op === 'truncate' ? ` to ${hex(op.offset)}` : ` ${hex(op.offset)}+${hex(op.length)}`
   const status = op.ok === false ? ' (failed)' : op.ok === undefined ? ' (in flight)' : ''
   return `#${op.seq} ${op.op}${tag}${where}${status}`
 }
@@ -130,9 +126,7 @@ export class TracingDevice implements BlockDevice {
 
   write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void> {
     const rec = this.keepData ? { data: data.slice() } : {}
-    return this.run({ op: 'write', offset, length: data.byteLength, tag, ...rec }, () =>
-      this.inner.write(offset, data, tag),
-    )
+    return this.run({ op: 'write', offset, length: data.byteLength, tag, ...rec }, () => this.inner.write(offset, data, tag))
   }
 
   flush(): Promise<void> {
@@ -152,10 +146,7 @@ export class TracingDevice implements BlockDevice {
     return this.inner.close()
   }
 
-  private async run<T>(
-    fields: Pick<TraceOp, 'op' | 'offset' | 'length' | 'tag'> & { data?: Uint8Array },
-    fn: () => Promise<T>,
-  ): Promise<T> {
+  private async run<T>(fields: Pick<TraceOp, 'op' | 'offset' | 'length' | 'tag'> & { data?: Uint8Array }, fn: () => Promise<T>): Promise<T> {
     const op: TraceOp = { seq: ++this.clock, done: undefined, ok: undefined, ...fields }
     this.trace.push(op)
     try {
@@ -232,18 +223,12 @@ export class TracingDevice implements BlockDevice {
   assertFlushedBefore(a: OpMatcher, b: OpMatcher, options: { allowVacuous?: boolean } = {}): void {
     const bad = this.firstUnflushed(a, b)
     if (bad) {
-      throw new Error(
-        `${this.name}: ${describeOp(bad.b)} was issued while ${describeOp(bad.a)} was not flushed\n` +
-          `trace:\n${this.dump()}`,
-      )
+      throw new Error(`${this.name}: ${describeOp(bad.b)} was issued while ${describeOp(bad.a)} was not flushed\n` + `trace:\n${this.dump()}`)
     }
     if (!options.allowVacuous) {
-      const anyPair = this.trace.some(
-        (B) => matches(B, b) && this.trace.some((A) => A.seq < B.seq && A !== B && matches(A, a)),
-      )
+      const anyPair = this.trace.some((B) => matches(B, b) && this.trace.some((A) => A.seq < B.seq && A !== B && matches(A, a)))
       if (!anyPair) {
-        throw new Error(`${this.name}: assertFlushedBefore is vacuous: no matching B op follows a matching A op\n` +
-          `trace:\n${this.dump()}`)
+        throw new Error(`${this.name}: assertFlushedBefore is vacuous: no matching B op follows a matching A op\n` + `trace:\n${this.dump()}`)
       }
     }
   }

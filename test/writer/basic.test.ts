@@ -56,7 +56,10 @@ describe('extended L2 with preallocated metadata over a backing file', () => {
     const backing = new Prng(5).bytes(512 * 1024)
     files.files.set('base.raw', new MemoryDevice(backing, { name: 'base.raw' }))
     const dev = new MemoryDevice(0, { name: 'x.qcow2' })
-    await createOn(dev, 512 * 1024, { extended_l2: 'on', cluster_size: '32768', preallocation: 'metadata' }, files, { backingFile: 'base.raw', backingFormat: 'raw' })
+    await createOn(dev, 512 * 1024, { extended_l2: 'on', cluster_size: '32768', preallocation: 'metadata' }, files, {
+      backingFile: 'base.raw',
+      backingFormat: 'raw',
+    })
     const img = await openOn(dev, files)
     const expected = backing.slice()
     sameBytes(await img.read(0, expected.byteLength), expected, 'before writes')

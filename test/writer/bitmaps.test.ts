@@ -83,7 +83,11 @@ function randomOps(rng: Prng, size: number, n: number): Op[] {
 /** qemu-io spelling of the same ops (write -z -u: zero writes that may unmap, as imgtool's discard option). */
 function qemuIoCommands(ops: Op[]): string[] {
   return ops.map((o) =>
-    o.kind === 'write' ? `write -P 0x5a ${o.offset} ${o.length}` : o.kind === 'zero' ? `write -z ${o.offset} ${o.length}` : `write -z -u ${o.offset} ${o.length}`,
+    o.kind === 'write'
+      ? `write -P 0x5a ${o.offset} ${o.length}`
+      : o.kind === 'zero'
+        ? `write -z ${o.offset} ${o.length}`
+        : `write -z -u ${o.offset} ${o.length}`,
   )
 }
 
@@ -101,7 +105,13 @@ async function imgtoolOps(path: string, ops: Op[]): Promise<Uint8Array> {
   return out
 }
 
-async function makeBase(dir: string, name: string, clusterSize: number, size: number, bitmaps: Array<{ name: string; g?: number; disabled?: boolean }>): Promise<string> {
+async function makeBase(
+  dir: string,
+  name: string,
+  clusterSize: number,
+  size: number,
+  bitmaps: Array<{ name: string; g?: number; disabled?: boolean }>,
+): Promise<string> {
   const path = join(dir, name)
   await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', `cluster_size=${clusterSize}`, path, String(size)])
   for (const b of bitmaps) {
@@ -171,7 +181,9 @@ describeQemu('persistent bitmaps written by imgtool (vs qemu-io)', () => {
       expect(withoutOffsets(await dumpBitmaps(readFileSync(conv)))).toEqual(withoutOffsets(want))
       // and merges one into another
       await qemuImgOk(['bitmap', '--merge', 'b-1m', '-b', ours, '-F', 'qcow2', theirs, 'b-off'])
-      const info = JSON.parse(await qemuImgOk(['info', '--output=json', ours])) as { 'format-specific': { data: { bitmaps: Array<{ name: string; flags: string[] }> } } }
+      const info = JSON.parse(await qemuImgOk(['info', '--output=json', ours])) as {
+        'format-specific': { data: { bitmaps: Array<{ name: string; flags: string[] }> } }
+      }
       expect(info['format-specific'].data.bitmaps.map((b) => b.flags)).toEqual([['auto'], ['auto'], ['auto'], []])
     })
   }
@@ -180,7 +192,10 @@ describeQemu('persistent bitmaps written by imgtool (vs qemu-io)', () => {
     it(`resize by ${delta} bytes: bitmaps resized as qemu-img resize does (new area clean, cut bits dropped)`, async () => {
       const dir = makeTempDir('imgtool-bitmaps-')
       const size = 4 * 1024 * 1024
-      const base = await makeBase(dir, 'base.qcow2', 4096, size, [{ name: 'a', g: 512 }, { name: 'b', g: 65536, disabled: true }])
+      const base = await makeBase(dir, 'base.qcow2', 4096, size, [
+        { name: 'a', g: 512 },
+        { name: 'b', g: 65536, disabled: true },
+      ])
       // data only in the part both sizes keep (shrinking needs the cut part unallocated); bits near the end
       await qemuIoOk(base, ['write -P 1 0 4096', 'write -P 2 2000000 3000', `write -z ${size - 600} 600`])
       const theirs = join(dir, 'theirs.qcow2')
@@ -256,7 +271,10 @@ describeQemu('persistent bitmaps written by imgtool (vs qemu-io)', () => {
     expect((await dumpBitmaps(dev.snapshot())).map((b) => b.flags)).toEqual([3, 1])
     await img.close()
     const closed = await dumpBitmaps(dev.snapshot())
-    expect(closed.map((b) => [b.flags, b.bits])).toEqual([[2, [1]], [0, []]])
+    expect(closed.map((b) => [b.flags, b.bits])).toEqual([
+      [2, [1]],
+      [0, []],
+    ])
     expect(await checkCounts(new MemoryDevice(dev.snapshot()))).toMatchObject({ corruptions: 0, leaks: 0 })
   })
 
@@ -383,7 +401,12 @@ describeQemu('persistent bitmaps written by imgtool (vs qemu-io)', () => {
     const base = await makeBase(dir, 'base.qcow2', 4096, size, [{ name: 'a' }, { name: 'fine', g: 512 }])
     await qemuIoOk(base, ['write -P 1 8192 4096'])
     const baseBytes = new Uint8Array(readFileSync(base))
-    interface Run { dev: MemoryDevice; failed: boolean; headerTried: boolean; ops: number }
+    interface Run {
+      dev: MemoryDevice
+      failed: boolean
+      headerTried: boolean
+      ops: number
+    }
     const run = async (phase: 'open' | 'close', op: FaultOp, nth: number): Promise<Run> => {
       const dev = new MemoryDevice(baseBytes, { name: 'x.qcow2' })
       const faulty = new FaultyDevice(dev)
@@ -423,7 +446,8 @@ describeQemu('persistent bitmaps written by imgtool (vs qemu-io)', () => {
           expect(c.corruptions, `${phase} ${op} #${nth}: ${c.diagnostics.join('; ')}`).toBe(0)
           if (!r.headerTried) expect(c.leaks, `${phase} ${op} #${nth}: leaks before the header switch`).toBe(0)
           for (const b of await dumpBitmaps(r.dev.snapshot())) {
-            if (phase === 'close' && !(b.flags & BME_FLAG_IN_USE)) expect(r.headerTried, `${phase} ${op} #${nth}: bitmap ${b.name} consistent after a failed close`).toBe(true)
+            if (phase === 'close' && !(b.flags & BME_FLAG_IN_USE))
+              expect(r.headerTried, `${phase} ${op} #${nth}: bitmap ${b.name} consistent after a failed close`).toBe(true)
           }
         }
       }
@@ -496,7 +520,9 @@ describeQemu('persistent bitmaps written by imgtool (vs qemu-io)', () => {
         throw new Error(`${s.description}: ${(e as Error).message}`, { cause: e })
       }
     }
-    console.log(`[bitmap crash sweep] ${states} crash states: bitmap entries in use ${inUse}, consistent old ${consistentOld}, consistent new ${consistentNew}; ${sample.length} also checked by qemu-img`)
+    console.log(
+      `[bitmap crash sweep] ${states} crash states: bitmap entries in use ${inUse}, consistent old ${consistentOld}, consistent new ${consistentNew}; ${sample.length} also checked by qemu-img`,
+    )
     expect(states).toBeGreaterThan(20)
     expect(inUse).toBeGreaterThan(0)
     expect(consistentNew).toBeGreaterThan(0)

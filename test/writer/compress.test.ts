@@ -162,12 +162,18 @@ describe('compressed cluster writes', () => {
   })
 
   it('compressMany: every whole cluster at its offset, the same results as one at a time (addon or not)', async () => {
-    for (const [type, cs] of [[0, 512], [0, 4096], [0, 65536], [1, 4096]] as const) {
+    for (const [type, cs] of [
+      [0, 512],
+      [0, 4096],
+      [0, 65536],
+      [1, 4096],
+    ] as const) {
       const n = 12
       const buf = new Uint8Array((n + 1) * cs)
       const rng = new Prng(cs + type)
       for (let i = 0; i < n + 1; i++) {
-        if (i % 4 === 1) buf.set(rng.bytes(cs), i * cs) // incompressible
+        if (i % 4 === 1)
+          buf.set(rng.bytes(cs), i * cs) // incompressible
         else for (let k = 0; k < cs; k++) buf[i * cs + k] = 65 + ((k * (i + 1)) % 7)
       }
       // clusters not in order, not all of them, one at an unaligned offset

@@ -19,9 +19,15 @@ class JitterDevice implements BlockDevice {
     readonly inner: BlockDevice,
     private readonly rng: Prng,
   ) {}
-  get size() { return this.inner.size }
-  get readOnly() { return this.inner.readOnly }
-  get name() { return this.inner.name }
+  get size() {
+    return this.inner.size
+  }
+  get readOnly() {
+    return this.inner.readOnly
+  }
+  get name() {
+    return this.inner.name
+  }
   private async jitter(max: number): Promise<void> {
     for (let n = this.rng.int(max); n > 0; n--) {
       this.onIo()
@@ -36,8 +42,12 @@ class JitterDevice implements BlockDevice {
     await this.jitter(3)
     return this.inner.write(o, d, t)
   }
-  flush() { return this.inner.flush() }
-  truncate(s: number) { return this.inner.truncate(s) }
+  flush() {
+    return this.inner.flush()
+  }
+  truncate(s: number) {
+    return this.inner.truncate(s)
+  }
   async close() {}
 }
 
@@ -185,13 +195,15 @@ describe('rule 4: reads during writes', () => {
       }
       const seen: Array<{ start: number; length: number; data: boolean }> = []
       walks.push(seen)
-      ops.push((async () => {
-        for await (const e of img.extents()) {
-          seen.push({ start: e.start, length: e.length, data: e.data })
-          // a write between two extents neither deadlocks nor breaks the walk
-          if (seen.length === 2) await img.write(0, pattern(0, cs, 9))
-        }
-      })())
+      ops.push(
+        (async () => {
+          for await (const e of img.extents()) {
+            seen.push({ start: e.start, length: e.length, data: e.data })
+            // a write between two extents neither deadlocks nor breaks the walk
+            if (seen.length === 2) await img.write(0, pattern(0, cs, 9))
+          }
+        })(),
+      )
     }
     await Promise.all(ops)
     for (const seen of walks) {

@@ -10,7 +10,10 @@ describe('convert over DiskImage', () => {
     const b = new Uint8Array(16384)
     b.fill(1, 100, 200)
     b.fill(2, 9000, 9001)
-    expect(dataRuns(b, 0, 4096)).toEqual([{ offset: 0, length: 4096 }, { offset: 8192, length: 4096 }])
+    expect(dataRuns(b, 0, 4096)).toEqual([
+      { offset: 0, length: 4096 },
+      { offset: 8192, length: 4096 },
+    ])
     expect(dataRuns(b, 0, 0)).toEqual([{ offset: 0, length: 16384 }])
   })
 

@@ -33,17 +33,37 @@ export class Unclosable implements BlockDevice {
     if (inner.allocate) this.allocate = (o, l) => inner.allocate!(o, l)
     if (inner.readInto) this.readInto = (o, b, t) => inner.readInto!(o, b, t)
   }
-  get size() { return this.inner.size }
-  get readOnly() { return false }
-  get name() { return this.inner.name }
-  read(o: number, l: number, t?: string) { return this.inner.read(o, l, t) }
-  write(o: number, d: Uint8Array, t?: string) { return this.inner.write(o, d, t) }
-  flush() { return this.inner.flush() }
-  truncate(s: number) { return this.inner.truncate(s) }
+  get size() {
+    return this.inner.size
+  }
+  get readOnly() {
+    return false
+  }
+  get name() {
+    return this.inner.name
+  }
+  read(o: number, l: number, t?: string) {
+    return this.inner.read(o, l, t)
+  }
+  write(o: number, d: Uint8Array, t?: string) {
+    return this.inner.write(o, d, t)
+  }
+  flush() {
+    return this.inner.flush()
+  }
+  truncate(s: number) {
+    return this.inner.truncate(s)
+  }
   async close() {}
 }
 
-export async function createOn(dev: BlockDevice, size: number, options: Record<string, string> = {}, files = new MemFiles(), extra: { backingFile?: string; backingFormat?: string } = {}): Promise<void> {
+export async function createOn(
+  dev: BlockDevice,
+  size: number,
+  options: Record<string, string> = {},
+  files = new MemFiles(),
+  extra: { backingFile?: string; backingFormat?: string } = {},
+): Promise<void> {
   await createQcow2(dev, files.context, { size, options, ...extra })
 }
 
@@ -53,7 +73,10 @@ export async function openOn(dev: BlockDevice, files = new MemFiles(), readOnly 
 }
 
 /** Check counts from our checker (qemu-img check's algorithm). */
-export async function checkCounts(dev: BlockDevice, dataDevice?: BlockDevice): Promise<{ corruptions: number; leaks: number; checkErrors: number; diagnostics: string[] }> {
+export async function checkCounts(
+  dev: BlockDevice,
+  dataDevice?: BlockDevice,
+): Promise<{ corruptions: number; leaks: number; checkErrors: number; diagnostics: string[] }> {
   const a = await analyzeQcow2(dev, dataDevice ? { dataDevice } : {})
   return { corruptions: a.report.corruptions, leaks: a.report.leaks, checkErrors: a.report.checkErrors, diagnostics: a.report.diagnostics }
 }
@@ -73,7 +96,11 @@ export function pattern(offset: number, length: number, seed = 1): Uint8Array {
 
 /** Byte equality without vitest's slow deep compare; names the first differing offset. */
 export function sameBytes(got: Uint8Array, want: Uint8Array, what = 'bytes'): void {
-  if (got.byteLength === want.byteLength && Buffer.from(got.buffer, got.byteOffset, got.byteLength).equals(Buffer.from(want.buffer, want.byteOffset, want.byteLength))) return
+  if (
+    got.byteLength === want.byteLength &&
+    Buffer.from(got.buffer, got.byteOffset, got.byteLength).equals(Buffer.from(want.buffer, want.byteOffset, want.byteLength))
+  )
+    return
   let i = 0
   while (i < Math.min(got.byteLength, want.byteLength) && got[i] === want[i]) i++
   throw new Error(`${what}: differ at offset 0x${i.toString(16)} (got ${got[i]}, want ${want[i]}; lengths ${got.byteLength} / ${want.byteLength})`)

@@ -26,7 +26,12 @@ async function fresh(size: number, options: Record<string, string>): Promise<{ b
 const META: IoTag[] = ['l2', 'l1']
 
 describe('rule 1: refcounts before mappings', () => {
-  const optionSets: Array<Record<string, string>> = [{ cluster_size: '512' }, { cluster_size: '4096', refcount_bits: '2' }, { cluster_size: '16384', extended_l2: 'on' }, { compat: '0.10', cluster_size: '1024' }]
+  const optionSets: Array<Record<string, string>> = [
+    { cluster_size: '512' },
+    { cluster_size: '4096', refcount_bits: '2' },
+    { cluster_size: '16384', extended_l2: 'on' },
+    { compat: '0.10', cluster_size: '1024' },
+  ]
   for (const opts of optionSets) {
     it(`a refcount block write is flushed before any L2/L1 write (${JSON.stringify(opts)})`, async () => {
       const { base, files } = await fresh(2 * 1024 * 1024, opts)
@@ -57,7 +62,10 @@ describe('rule 1: refcounts before mappings', () => {
       const block = Number(u64be(B.data!, 0))
       const firstWrite = dev.trace.find((o) => o.op === 'write' && o.tag === 'refblock' && o.offset === block)
       expect(firstWrite, `block ${block} was written before its reftable entry`).toBeDefined()
-      dev.assertFlushedBefore((o) => o === firstWrite, (o) => o === B)
+      dev.assertFlushedBefore(
+        (o) => o === firstWrite,
+        (o) => o === B,
+      )
     }
     // the table grew: new table durable before the header points at it
     dev.assertFlushedBefore({ op: 'write', tag: 'reftable' }, { op: 'write', tag: 'header', offset: 48 })
@@ -66,16 +74,36 @@ describe('rule 1: refcounts before mappings', () => {
 
 describe('rule 2: data before the mapping that makes it visible', () => {
   const cases: Array<[string, Record<string, string>, (img: Awaited<ReturnType<typeof openOn>>) => Promise<void>]> = [
-    ['new clusters', { cluster_size: '4096' }, async (img) => { for (let i = 0; i < 20; i++) await img.write(i * 50_000, pattern(i, 9000)) }],
-    ['COW of partial clusters from the backing file', { cluster_size: '4096' }, async (img) => { for (let i = 0; i < 20; i++) await img.write(i * 50_000 + 100, pattern(i, 300)) }],
-    ['subclusters (extended L2)', { cluster_size: '16384', extended_l2: 'on' }, async (img) => {
-      await img.write(0, pattern(0, 100))
-      for (let i = 1; i < 20; i++) await img.write(i * 1024 + 7, pattern(i, 100))
-    }],
-    ['preallocated zero clusters', { cluster_size: '4096', preallocation: 'metadata' }, async (img) => {
-      await img.writeZeroes(0, 64 * 1024)
-      for (let i = 0; i < 16; i++) await img.write(i * 4096 + 9, pattern(i, 10))
-    }],
+    [
+      'new clusters',
+      { cluster_size: '4096' },
+      async (img) => {
+        for (let i = 0; i < 20; i++) await img.write(i * 50_000, pattern(i, 9000))
+      },
+    ],
+    [
+      'COW of partial clusters from the backing file',
+      { cluster_size: '4096' },
+      async (img) => {
+        for (let i = 0; i < 20; i++) await img.write(i * 50_000 + 100, pattern(i, 300))
+      },
+    ],
+    [
+      'subclusters (extended L2)',
+      { cluster_size: '16384', extended_l2: 'on' },
+      async (img) => {
+        await img.write(0, pattern(0, 100))
+        for (let i = 1; i < 20; i++) await img.write(i * 1024 + 7, pattern(i, 100))
+      },
+    ],
+    [
+      'preallocated zero clusters',
+      { cluster_size: '4096', preallocation: 'metadata' },
+      async (img) => {
+        await img.writeZeroes(0, 64 * 1024)
+        for (let i = 0; i < 16; i++) await img.write(i * 4096 + 9, pattern(i, 10))
+      },
+    ],
   ]
   for (const [name, opts, work] of cases) {
     it(`guest data is flushed before L2/L1 writes: ${name}`, async () => {
@@ -104,7 +132,10 @@ describe('rule 2: data before the mapping that makes it visible', () => {
     dev.clear()
     await img.write(8192, pattern(8192, 4096))
     const firstL2 = dev.indexOf({ op: 'write', tag: META })
-    const lastFlushBefore = dev.trace.slice(0, firstL2).map((o) => o.op).lastIndexOf('flush')
+    const lastFlushBefore = dev.trace
+      .slice(0, firstL2)
+      .map((o) => o.op)
+      .lastIndexOf('flush')
     const dataWrite = dev.indexOf({ op: 'write', tag: 'data' })
     expect(dataWrite).toBeGreaterThanOrEqual(0)
     expect(dataWrite).toBeLessThan(lastFlushBefore)

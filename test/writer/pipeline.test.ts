@@ -174,7 +174,9 @@ describe('pipelined guest writes', () => {
     expect(swept).toBeGreaterThan(50)
     // the cascade was exercised: some failures took later requests in flight with them
     expect(someLater).toBeGreaterThan(0)
-    console.log(`[pipeline fault sweep] ${swept} faults (${total.write} writes, ${total.flush} flushes, ${total.read} reads per run), ${someLater} took later requests with them`)
+    console.log(
+      `[pipeline fault sweep] ${swept} faults (${total.write} writes, ${total.flush} flushes, ${total.read} reads per run), ${someLater} took later requests with them`,
+    )
   })
 
   it('a crash at any point of writes in flight: no corruption, flushed writes read back', async () => {
@@ -199,7 +201,8 @@ describe('pipelined guest writes', () => {
       expect(a.report.checkErrors, s.description).toBe(0)
       if (s.flushes >= durable) {
         const ro = await openOn(s.device, files, true)
-        for (const [i, r] of first.entries()) sameBytes(await ro.read(r.offset, r.length), pattern(r.offset, r.length, i + 1), `${s.description}: flushed request ${i}`)
+        for (const [i, r] of first.entries())
+          sameBytes(await ro.read(r.offset, r.length), pattern(r.offset, r.length, i + 1), `${s.description}: flushed request ${i}`)
       }
     }
     expect(states).toBeGreaterThan(50)
@@ -246,4 +249,3 @@ describe('pipelined guest writes', () => {
     expect(c, c.diagnostics.join('\n')).toMatchObject({ corruptions: 0, leaks: 0, checkErrors: 0 })
   })
 })
-

@@ -114,11 +114,16 @@ describe('BlockDevice.allocate', () => {
     const writes: Array<[number, number]> = []
     const inner = new MemoryDevice(new Uint8Array([7, 7, 7]))
     const plain = {
-      get size() { return inner.size },
+      get size() {
+        return inner.size
+      },
       readOnly: false,
       name: 'plain',
       read: (o: number, l: number) => inner.read(o, l),
-      write: (o: number, d: Uint8Array) => { writes.push([o, d.byteLength]); return inner.write(o, d) },
+      write: (o: number, d: Uint8Array) => {
+        writes.push([o, d.byteLength])
+        return inner.write(o, d)
+      },
       flush: () => inner.flush(),
       truncate: (s: number) => inner.truncate(s),
       close: () => inner.close(),
@@ -130,15 +135,25 @@ describe('BlockDevice.allocate', () => {
   })
 
   it('raw files as qemu makes them: off and falloc write the first block, full writes everything', async () => {
-    for (const [mode, size, firstBlock] of [['off', 1 * M, 4096], ['falloc', 1 * M, 4096], ['off', 2048, 512], ['full', 64 * K, 0]] as const) {
+    for (const [mode, size, firstBlock] of [
+      ['off', 1 * M, 4096],
+      ['falloc', 1 * M, 4096],
+      ['off', 2048, 512],
+      ['full', 64 * K, 0],
+    ] as const) {
       const writes: number[] = []
       const mem = new MemoryDevice(0)
       const spy = {
-        get size() { return mem.size },
+        get size() {
+          return mem.size
+        },
         readOnly: false,
         name: 'spy',
         read: (o: number, l: number) => mem.read(o, l),
-        write: (o: number, d: Uint8Array) => { writes.push(d.byteLength); return mem.write(o, d) },
+        write: (o: number, d: Uint8Array) => {
+          writes.push(d.byteLength)
+          return mem.write(o, d)
+        },
         flush: () => mem.flush(),
         truncate: (n: number) => mem.truncate(n),
         allocate: (o: number, l: number) => mem.allocate(o, l),
@@ -146,7 +161,10 @@ describe('BlockDevice.allocate', () => {
       }
       await createRawFile(spy, size, mode)
       expect(mem.size).toBe(size)
-      expect(writes.reduce((a, b) => a + b, 0), mode).toBe(mode === 'full' ? size : firstBlock)
+      expect(
+        writes.reduce((a, b) => a + b, 0),
+        mode,
+      ).toBe(mode === 'full' ? size : firstBlock)
     }
   })
 })
@@ -206,7 +224,10 @@ describe('without fallocate', () => {
         child.on('error', rej)
         child.on('close', res)
       })
-    for (const [fmt, o] of [['qcow2', 'preallocation=falloc,cluster_size=4096'], ['raw', 'preallocation=falloc']] as const) {
+    for (const [fmt, o] of [
+      ['qcow2', 'preallocation=falloc,cluster_size=4096'],
+      ['raw', 'preallocation=falloc'],
+    ] as const) {
       const a = join(dir, `with.${fmt}`)
       const b = join(dir, `without.${fmt}`)
       expect(await run(['create', '-q', '-f', fmt, '-o', o, a, '6M'], {})).toBe(0)
@@ -307,7 +328,9 @@ describeQemu('preallocation=falloc|full against qemu-img create', () => {
       expect(r.code, r.stderr).toBe(0)
       await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', o, '-b', 'base.raw', '-F', 'raw', 'img.qcow2', '3M'], { cwd: theirs })
       sameBytes(join(ours, 'img.qcow2'), join(theirs, 'img.qcow2'), 65536, o)
-      expect(await qemuImgOk(['map', '--output=json', 'img.qcow2'], { cwd: ours })).toBe(await qemuImgOk(['map', '--output=json', 'img.qcow2'], { cwd: theirs }))
+      expect(await qemuImgOk(['map', '--output=json', 'img.qcow2'], { cwd: ours })).toBe(
+        await qemuImgOk(['map', '--output=json', 'img.qcow2'], { cwd: theirs }),
+      )
       const cmp = await qemuImg(['compare', '-f', 'qcow2', '-F', 'raw', 'img.qcow2', 'base.raw'], { cwd: ours })
       expect(cmp.code, cmp.stdout + cmp.stderr).toBe(0)
       expect(statSync(join(ours, 'img.qcow2')).blocks * 512).toBeGreaterThanOrEqual(3 * M)
@@ -328,14 +351,22 @@ describeQemu('preallocation=falloc|full against qemu-img create', () => {
         if (mode === 'falloc' || mode === 'full') expect(statSync(da).blocks * 512).toBeGreaterThanOrEqual(9 * M)
         expect(await qemuImgOk(['map', '-f', 'raw', '--output=json', da])).toBe(await qemuImgOk(['map', '-f', 'raw', '--output=json', db]))
         // qemu-img opens a relative data_file name from its working directory (imgtool: from the image's)
-        expect(await qemuImgOk(['map', '--output=json', 'img.qcow2'], { cwd: ours })).toBe(await qemuImgOk(['map', '--output=json', 'img.qcow2'], { cwd: theirs }))
+        expect(await qemuImgOk(['map', '--output=json', 'img.qcow2'], { cwd: ours })).toBe(
+          await qemuImgOk(['map', '--output=json', 'img.qcow2'], { cwd: theirs }),
+        )
         const chk = await qemuImg(['check', 'img.qcow2'], { cwd: ours })
         expect(chk.code, chk.stdout + chk.stderr).toBe(0)
       })
     }
   }
 
-  for (const [mode, size] of [['off', '64M'], ['falloc', '64M'], ['full', '8M'], ['falloc', '3000'], ['off', '1000']] as const) {
+  for (const [mode, size] of [
+    ['off', '64M'],
+    ['falloc', '64M'],
+    ['full', '8M'],
+    ['falloc', '3000'],
+    ['off', '1000'],
+  ] as const) {
     it(`raw ${mode} ${size}: the same file, map and allocation as qemu-img`, async () => {
       const { ours, theirs } = await both(dir, `raw-${mode}-${size}`, 'raw', `preallocation=${mode}`, size)
       const a = join(ours, 'img.raw')

@@ -40,7 +40,10 @@ describe('internal snapshots', () => {
       await img.writeZeroes(0, 100_000, { discard: true })
       v1.fill(0, 0, 100_000)
       await createSnapshot(img, 'second')
-      expect(listSnapshots(img).map((s) => [s.id, s.name])).toEqual([['1', 'first'], ['2', 'second']])
+      expect(listSnapshots(img).map((s) => [s.id, s.name])).toEqual([
+        ['1', 'first'],
+        ['2', 'second'],
+      ])
       await img.close()
       expect(await checkCounts(dev)).toMatchObject({ corruptions: 0, leaks: 0 })
       img = await openOn(dev, files)
@@ -107,7 +110,12 @@ describe('resize', () => {
 })
 
 describe('snapshot apply with another disk size (qcow2_snapshot_goto resizes)', () => {
-  for (const opts of [{ cluster_size: '512' }, { cluster_size: '4096', refcount_bits: '4' }, { cluster_size: '16384', extended_l2: 'on' }, { cluster_size: '2048', lazy_refcounts: 'on' }] as Array<Record<string, string>>) {
+  for (const opts of [
+    { cluster_size: '512' },
+    { cluster_size: '4096', refcount_bits: '4' },
+    { cluster_size: '16384', extended_l2: 'on' },
+    { cluster_size: '2048', lazy_refcounts: 'on' },
+  ] as Array<Record<string, string>>) {
     it(`takes the snapshot's size, growing and shrinking, with a new L1 table when needed (${JSON.stringify(opts)})`, async () => {
       const dev = new MemoryDevice(0, { name: 'g.qcow2' })
       const files = new MemFiles()

@@ -44,7 +44,13 @@ const cat: CommandModule = {
     const { openImage } = await import('../../open.js')
     const pool = new ReadBuffers()
     const hosts = new Map<string, number>()
-    const image = await openImage(path, { format, readOnly: true, options, forceShare: opts['forceShare'] === true, openDevice: await unzeroedReadOpener(pool, hosts) })
+    const image = await openImage(path, {
+      format,
+      readOnly: true,
+      options,
+      forceShare: opts['forceShare'] === true,
+      openDevice: await unzeroedReadOpener(pool, hosts),
+    })
     try {
       const size = image.virtualSize
       const offset = opts['offset'] !== undefined ? parseSize(String(opts['offset']), 'offset') : 0

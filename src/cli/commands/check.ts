@@ -84,7 +84,9 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
       report = result.report
       if (result.journalPath) {
         const where = result.journalFallbackReason ? ` (${result.journalFallbackReason})` : ''
-        io.stderr.write(`imgtool: undo journal written to ${result.journalPath}${where} (restore with: imgtool repair --undo ${result.journalPath} ${a.path})\n`)
+        io.stderr.write(
+          `imgtool: undo journal written to ${result.journalPath}${where} (restore with: imgtool repair --undo ${result.journalPath} ${a.path})\n`,
+        )
       }
     } else {
       report = await api.check(a.path, {

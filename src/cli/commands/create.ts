@@ -9,7 +9,11 @@ const create: CommandModule = {
     cmd
       .option('-f, --format <fmt>', 'image format (qcow2, raw, or dmsnap: a dm-snapshot COW store)', 'raw')
       .option('--origin <path>', 'dmsnap: the origin the store snapshots (same as -o origin=PATH)')
-      .option('-o, --options <opts>', 'format options: key=value[,key=value...] (cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, compression_type, preallocation, data_file, data_file_raw...); may be repeated', accumulateOptions)
+      .option(
+        '-o, --options <opts>',
+        'format options: key=value[,key=value...] (cluster_size, refcount_bits, compat, lazy_refcounts, extended_l2, compression_type, preallocation, data_file, data_file_raw...); may be repeated',
+        accumulateOptions,
+      )
       .option('-b, --backing <file>', 'backing file')
       .option('-F, --backing-format <fmt>', 'backing file format')
       .option('-u', 'do not open the backing file (SIZE is then required)')
@@ -40,7 +44,9 @@ const create: CommandModule = {
       const { escapeControls } = await import('../../util/text.js')
       const protocol = protocolPrefix(backing)
       if (protocol !== undefined) {
-        throw new UsageError(`${file}: backing file ${escapeControls(backing)} names the protocol '${escapeControls(protocol)}:'; imgtool opens only plain file names (give SIZE and -u to write the name without opening it)`)
+        throw new UsageError(
+          `${file}: backing file ${escapeControls(backing)} names the protocol '${escapeControls(protocol)}:'; imgtool opens only plain file names (give SIZE and -u to write the name without opening it)`,
+        )
       }
       const b = await openImage(combinePath(file, backing), { format: isFormatName(backingFormat!) ? backingFormat : undefined, readOnly: true })
       size = b.virtualSize
@@ -100,7 +106,14 @@ export default create
  * options in QEMU's order with their defaults (sizes as numbers, the rest as
  * given); raw lists size, then preallocation when given.
  */
-function formattingOptions(format: string, size: number, o: Record<string, string>, backing: string | undefined, backingFormat: string | undefined, parseSize: (s: string) => number): string {
+function formattingOptions(
+  format: string,
+  size: number,
+  o: Record<string, string>,
+  backing: string | undefined,
+  backingFormat: string | undefined,
+  parseSize: (s: string) => number,
+): string {
   const parts: string[] = []
   const num = (v: string | undefined, d: number): string => {
     if (v === undefined) return String(d)

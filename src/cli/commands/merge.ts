@@ -12,9 +12,7 @@ const merge: CommandModule = {
   aliases: ['commit'],
   description: 'merge a dm-snapshot COW store into its origin (snapshot-merge); resumable after a crash',
   configure(cmd) {
-    addOutputOption(addImageOptions(cmd))
-      .option('-q, --quiet', 'no progress output')
-      .argument('<cow>')
+    addOutputOption(addImageOptions(cmd)).option('-q, --quiet', 'no progress output').argument('<cow>')
   },
   async run(args, opts, io) {
     const path = oneImageArg(args, 'COW file name')
@@ -37,7 +35,8 @@ const merge: CommandModule = {
           onProgress: progress ? (done, total) => io.stderr.write(`\rmerging: ${done}/${total} exceptions`) : undefined,
         })
         if (progress) io.stderr.write('\n')
-        if (output === 'json') printJson(io.stdout, { 'merged-exceptions': result.merged, 'chunks-copied': result.chunksCopied, 'chunk-size': result.chunkSize })
+        if (output === 'json')
+          printJson(io.stdout, { 'merged-exceptions': result.merged, 'chunks-copied': result.chunksCopied, 'chunk-size': result.chunkSize })
         else io.stdout.write(`${describeMerge(result)}\n`)
       } finally {
         await cow.close()

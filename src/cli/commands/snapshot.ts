@@ -43,7 +43,9 @@ const snapshot: CommandModule = {
           const d = new Date(s.dateSec * 1000)
           const date = `${d.getFullYear()}-${String(d.getMonth() + 1).padStart(2, '0')}-${String(d.getDate()).padStart(2, '0')} ${d.toTimeString().slice(0, 8)}`
           const clock = new Date(Math.floor(s.vmClockNsec / 1e6)).toISOString().slice(11, 23)
-          lines.push(`${pad(s.id, 9)} ${pad(s.name, 17)} ${humanSize(s.vmStateSize).padStart(7)} ${date} ${clock.padStart(12)} ${(s.icount !== undefined && s.icount >= 0 ? String(s.icount) : '').padStart(10)}`)
+          lines.push(
+            `${pad(s.id, 9)} ${pad(s.name, 17)} ${humanSize(s.vmStateSize).padStart(7)} ${date} ${clock.padStart(12)} ${(s.icount !== undefined && s.icount >= 0 ? String(s.icount) : '').padStart(10)}`,
+          )
         }
         if (!opts['quiet']) io.stdout.write(lines.join('\n') + '\n')
       }

@@ -53,7 +53,15 @@ export async function analyzeStore(dev: BlockDevice, options: AnalyzeOptions = {
   const report = emptyReport(dev.name, 'dmsnap')
   const findings: Finding[] = []
   const notices: Notice[] = []
-  const a: StoreAnalysis = { header: { magic: 0, valid: 0, version: 0, chunkSectors: 0 }, recordFaults: new Map(), garbageSlots: [], leakedChunks: [], findings, notices, report }
+  const a: StoreAnalysis = {
+    header: { magic: 0, valid: 0, version: 0, chunkSectors: 0 },
+    recordFaults: new Map(),
+    garbageSlots: [],
+    leakedChunks: [],
+    findings,
+    notices,
+    report,
+  }
   const done = (): StoreAnalysis => {
     report.findings = findings
     report.notices = notices
@@ -93,18 +101,39 @@ export async function analyzeStore(dev: BlockDevice, options: AnalyzeOptions = {
     return done()
   }
   if (dev.size % layout.chunkBytes !== 0) {
-    notices.push({ kind: 'cow-size-unaligned', structure: 'cow-header', message: `COW size ${dev.size} is not a multiple of the chunk size ${layout.chunkBytes}; the tail is never used` })
+    notices.push({
+      kind: 'cow-size-unaligned',
+      structure: 'cow-header',
+      message: `COW size ${dev.size} is not a multiple of the chunk size ${layout.chunkBytes}; the tail is never used`,
+    })
   }
   if (!hp) {
     if (h.valid === 0) {
-      corrupt({ kind: 'invalidated', structure: 'cow-header', hostOffset: 4, cluster: 0, message: 'store is invalidated (valid=0): the kernel reads no exceptions and fails all snapshot I/O; its content is undefined' })
+      corrupt({
+        kind: 'invalidated',
+        structure: 'cow-header',
+        hostOffset: 4,
+        cluster: 0,
+        message: 'store is invalidated (valid=0): the kernel reads no exceptions and fails all snapshot I/O; its content is undefined',
+      })
     } else if (h.valid !== 1) {
-      notices.push({ kind: 'valid-nonstandard', structure: 'cow-header', cluster: 0, message: `valid is ${h.valid}; the kernel treats any non-zero value as valid (harmless; repair leaves it unless it rewrites the header for another reason)` })
+      notices.push({
+        kind: 'valid-nonstandard',
+        structure: 'cow-header',
+        cluster: 0,
+        message: `valid is ${h.valid}; the kernel treats any non-zero value as valid (harmless; repair leaves it unless it rewrites the header for another reason)`,
+      })
     }
   }
   const head = await dev.read(0, layout.chunkBytes, 'cow-header')
   if (!isAllZero(head.subarray(HEADER_BYTES))) {
-    notices.push({ kind: 'header-tail-garbage', structure: 'cow-header', cluster: 0, message: 'chunk 0 has non-zero bytes after the 16-byte header (ignored by the kernel; repair leaves them unless it rewrites the header for another reason)' })
+    notices.push({
+      kind: 'header-tail-garbage',
+      structure: 'cow-header',
+      cluster: 0,
+      message:
+        'chunk 0 has non-zero bytes after the 16-byte header (ignored by the kernel; repair leaves them unless it rewrites the header for another reason)',
+    })
   }
 
   const t = await loadTable(dev, layout)
@@ -113,7 +142,12 @@ export async function analyzeStore(dev: BlockDevice, options: AnalyzeOptions = {
   if (t.truncatedArea !== undefined) {
     const loc = layout.areaLocation(t.truncatedArea)
     corrupt({
-      kind: 'truncated-cow', structure: 'cow-area', cluster: loc, chunks: [loc], area: t.truncatedArea, hostOffset: layout.offset(loc),
+      kind: 'truncated-cow',
+      structure: 'cow-area',
+      cluster: loc,
+      chunks: [loc],
+      area: t.truncatedArea,
+      hostOffset: layout.offset(loc),
       message: `area ${t.truncatedArea - 1} is full, so the kernel reads area ${t.truncatedArea} at chunk ${loc}, which lies beyond the end of the COW (${layout.cowChunks} chunks): activation fails (EIO)`,
     })
   }
@@ -131,13 +165,23 @@ export async function analyzeStore(dev: BlockDevice, options: AnalyzeOptions = {
       if (!isAllZero(t.lastArea.subarray(off, off + RECORD_BYTES))) a.garbageSlots.push(slot)
     }
     if (!isAllZero(t.lastArea.subarray(t.currentCommitted * RECORD_BYTES, t.currentCommitted * RECORD_BYTES + 8))) {
-      notices.push({ kind: 'terminator-old-chunk', structure: 'cow-area', cluster: layout.areaLocation(t.currentArea), message: `the terminator (area ${t.currentArea} slot ${t.currentCommitted}) has a non-zero old_chunk; ignored by the kernel` })
+      notices.push({
+        kind: 'terminator-old-chunk',
+        structure: 'cow-area',
+        cluster: layout.areaLocation(t.currentArea),
+        message: `the terminator (area ${t.currentArea} slot ${t.currentCommitted}) has a non-zero old_chunk; ignored by the kernel`,
+      })
     }
     for (const slot of a.garbageSlots) {
       const { rawOld, rawNew } = decodeRecord(t.lastArea, slot)
       const loc = layout.areaLocation(t.currentArea)
       corrupt({
-        kind: 'garbage-after-terminator', structure: 'cow-area', cluster: loc, area: t.currentArea, slot, hostOffset: layout.offset(loc) + slot * RECORD_BYTES,
+        kind: 'garbage-after-terminator',
+        structure: 'cow-area',
+        cluster: loc,
+        area: t.currentArea,
+        slot,
+        hostOffset: layout.offset(loc) + slot * RECORD_BYTES,
         message: `area ${t.currentArea} (chunk ${loc}) slot ${slot}, after the terminator at slot ${t.currentCommitted}, holds ${rawOld}→${rawNew}: ignored now, but live after the kernel's next append to this area`,
       })
     }
@@ -150,20 +194,37 @@ export async function analyzeStore(dev: BlockDevice, options: AnalyzeOptions = {
   for (let c = 2; c < limit; c++) {
     if (layout.isMetadata(c) || used.has(c)) continue
     a.leakedChunks.push(c)
-    findings.push({ kind: 'leaked-chunk', severity: 'leak', structure: 'cow-data', cluster: c, chunks: [c], hostOffset: layout.offset(c), message: `chunk ${c} is below the next free chunk ${t.nextFreeRaw} but no record uses it; the kernel never reuses it` })
+    findings.push({
+      kind: 'leaked-chunk',
+      severity: 'leak',
+      structure: 'cow-data',
+      cluster: c,
+      chunks: [c],
+      hostOffset: layout.offset(c),
+      message: `chunk ${c} is below the next free chunk ${t.nextFreeRaw} but no record uses it; the kernel never reuses it`,
+    })
   }
 
   // notices: order, fullness
   let fragmented = 0
   for (const r of records) if (r.new !== layout.dataChunk(r.index)) fragmented++
   if (fragmented > 0) {
-    notices.push({ kind: 'non-sequential', structure: 'cow-area', message: `${fragmented} record(s) are not in allocation order (record i is not the i-th data chunk): written by a pre-3.13 kernel, another tool, or repaired` })
+    notices.push({
+      kind: 'non-sequential',
+      structure: 'cow-area',
+      message: `${fragmented} record(s) are not in allocation order (record i is not the i-th data chunk): written by a pre-3.13 kernel, another tool, or repaired`,
+    })
   }
   const full = (t.nextFree + 1) * layout.chunkBytes > layout.cowBytes
   const lastSlotNeedsArea = t.currentCommitted === layout.perArea - 1 && !layout.fits(layout.areaLocation(t.currentArea + 1))
   if (full || lastSlotNeedsArea) {
     const nf = exact(t.nextFreeRaw)
-    notices.push({ kind: 'store-full', structure: 'cow-data', ...(typeof nf === 'number' ? { cluster: nf } : {}), message: `store is full: next free chunk ${t.nextFreeRaw} of ${layout.cowChunks}; the next copy-out overflows (PO) or invalidates the store (P)` })
+    notices.push({
+      kind: 'store-full',
+      structure: 'cow-data',
+      ...(typeof nf === 'number' ? { cluster: nf } : {}),
+      message: `store is full: next free chunk ${t.nextFreeRaw} of ${layout.cowChunks}; the next copy-out overflows (PO) or invalidates the store (P)`,
+    })
   }
   report.allocatedClusters = Math.min(t.nextFree, layout.cowChunks)
   report.fragmentedClusters = fragmented
@@ -195,7 +256,14 @@ function classifyRecords(a: StoreAnalysis, layout: StoreLayout, records: Excepti
 function recordFinding(fault: RecordFault, r: ExceptionRecord, layout: StoreLayout, records: ExceptionRecord[], originSize: number | undefined): Finding {
   const where = `record ${r.index} (area ${r.area} slot ${r.slot}) ${r.rawOld}→${r.rawNew}`
   const loc = layout.areaLocation(r.area)
-  const base = { structure: 'cow-area', oldChunk: exact(r.rawOld), newChunk: exact(r.rawNew), area: r.area, slot: r.slot, hostOffset: layout.offset(loc) + r.slot * RECORD_BYTES }
+  const base = {
+    structure: 'cow-area',
+    oldChunk: exact(r.rawOld),
+    newChunk: exact(r.rawNew),
+    area: r.area,
+    slot: r.slot,
+    hostOffset: layout.offset(loc) + r.slot * RECORD_BYTES,
+  }
   /** a chunk number as `cluster`, only when it is one exactly (JSON and messages print the exact value) */
   const at = (chunk: bigint): { cluster?: number; chunks: Array<number | bigint> } => {
     const x = exact(chunk)
@@ -204,26 +272,76 @@ function recordFinding(fault: RecordFault, r: ExceptionRecord, layout: StoreLayo
   const first = (pred: (x: ExceptionRecord) => boolean): ExceptionRecord | undefined => records.find((x) => x.index < r.index && pred(x))
   switch (fault) {
     case 'new-chunk-header':
-      return { ...base, kind: fault, severity: 'corruption', cluster: 0, chunks: [0], message: `${where}: new_chunk ${hex(r.rawNew)} has high bits set and its chunk number is 0, the header; the kernel maps it to the header chunk` }
+      return {
+        ...base,
+        kind: fault,
+        severity: 'corruption',
+        cluster: 0,
+        chunks: [0],
+        message: `${where}: new_chunk ${hex(r.rawNew)} has high bits set and its chunk number is 0, the header; the kernel maps it to the header chunk`,
+      }
     case 'new-chunk-high-bits':
-      return { ...base, kind: fault, severity: 'corruption', ...at(r.rawNew % CHUNK_NUMBER_LIMIT), message: `${where}: new_chunk ${hex(r.rawNew)} is ≥ 2^56; the kernel reads the top byte as a run length and maps neighbouring chunks wrongly` }
+      return {
+        ...base,
+        kind: fault,
+        severity: 'corruption',
+        ...at(r.rawNew % CHUNK_NUMBER_LIMIT),
+        message: `${where}: new_chunk ${hex(r.rawNew)} is ≥ 2^56; the kernel reads the top byte as a run length and maps neighbouring chunks wrongly`,
+      }
     case 'new-chunk-in-metadata':
-      return { ...base, kind: fault, severity: 'corruption', ...at(r.rawNew), message: `${where}: new_chunk ${r.rawNew} is metadata area ${(r.new - 1) / layout.stride}; the view would return metadata as data and a snapshot write would overwrite the table` }
+      return {
+        ...base,
+        kind: fault,
+        severity: 'corruption',
+        ...at(r.rawNew),
+        message: `${where}: new_chunk ${r.rawNew} is metadata area ${(r.new - 1) / layout.stride}; the view would return metadata as data and a snapshot write would overwrite the table`,
+      }
     case 'new-chunk-beyond-end':
-      return { ...base, kind: fault, severity: 'corruption', ...at(r.rawNew), message: `${where}: new_chunk ${r.rawNew} is beyond the end of the COW (${layout.cowChunks} chunks); reads of origin chunk ${r.rawOld} fail with EIO` }
+      return {
+        ...base,
+        kind: fault,
+        severity: 'corruption',
+        ...at(r.rawNew),
+        message: `${where}: new_chunk ${r.rawNew} is beyond the end of the COW (${layout.cowChunks} chunks); reads of origin chunk ${r.rawOld} fail with EIO`,
+      }
     case 'old-chunk-beyond-origin':
-      return { ...base, kind: fault, severity: 'corruption', ...at(r.rawNew), message: `${where}: old_chunk ${r.rawOld} is beyond the origin (${Math.ceil((originSize ?? 0) / layout.chunkBytes)} chunks); unreachable, and a merge would write past the origin's end` }
+      return {
+        ...base,
+        kind: fault,
+        severity: 'corruption',
+        ...at(r.rawNew),
+        message: `${where}: old_chunk ${r.rawOld} is beyond the origin (${Math.ceil((originSize ?? 0) / layout.chunkBytes)} chunks); unreachable, and a merge would write past the origin's end`,
+      }
     case 'duplicate-record': {
       const f = first((x) => x.rawOld === r.rawOld && x.rawNew === r.rawNew)
-      return { ...base, kind: fault, severity: 'leak', ...at(r.rawNew), message: `${where} repeats record ${f?.index} exactly; harmless (same data either way), the slot is wasted` }
+      return {
+        ...base,
+        kind: fault,
+        severity: 'leak',
+        ...at(r.rawNew),
+        message: `${where} repeats record ${f?.index} exactly; harmless (same data either way), the slot is wasted`,
+      }
     }
     case 'duplicate-old-chunk': {
       const f = first((x) => x.rawOld === r.rawOld)
-      return { ...base, kind: fault, severity: 'corruption', ...at(r.rawNew), chunks: [f ? exact(f.rawNew) : -1, exact(r.rawNew)], message: `${where}: origin chunk ${r.rawOld} is also mapped by record ${f?.index} (→${f?.rawNew}), which the kernel's lookup uses; this record's chunk ${r.rawNew} is shadowed` }
+      return {
+        ...base,
+        kind: fault,
+        severity: 'corruption',
+        ...at(r.rawNew),
+        chunks: [f ? exact(f.rawNew) : -1, exact(r.rawNew)],
+        message: `${where}: origin chunk ${r.rawOld} is also mapped by record ${f?.index} (→${f?.rawNew}), which the kernel's lookup uses; this record's chunk ${r.rawNew} is shadowed`,
+      }
     }
     case 'duplicate-new-chunk': {
       const f = first((x) => x.rawNew === r.rawNew)
-      return { ...base, kind: fault, severity: 'corruption', ...at(r.rawNew), message: `${where}: COW chunk ${r.rawNew} is shared with record ${f?.index} (origin chunk ${f?.rawOld}); a write to one changes the other` }
+      return {
+        ...base,
+        kind: fault,
+        severity: 'corruption',
+        ...at(r.rawNew),
+        message: `${where}: COW chunk ${r.rawNew} is shared with record ${f?.index} (origin chunk ${f?.rawOld}); a write to one changes the other`,
+      }
     }
   }
 }

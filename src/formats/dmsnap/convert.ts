@@ -38,7 +38,8 @@ export function minCowChunks(layout: StoreLayout, n: number): number {
 
 export async function convertToCow(source: DiskImage, origin: DiskImage, cow: BlockDevice, options: ConvertToCowOptions = {}): Promise<ConvertToCowResult> {
   const cb = options.chunkSize ?? DEFAULT_CREATE_CHUNK_BYTES
-  if (cb % SECTOR_BYTES !== 0 || !isValidChunkSectors(cb / SECTOR_BYTES)) throw new UsageError(`dmsnap: chunk size ${cb} must be a power of two between 512 and 1 GiB`)
+  if (cb % SECTOR_BYTES !== 0 || !isValidChunkSectors(cb / SECTOR_BYTES))
+    throw new UsageError(`dmsnap: chunk size ${cb} must be a power of two between 512 and 1 GiB`)
   if (source.virtualSize !== origin.virtualSize) {
     throw new UsageError(`dmsnap: the source (${source.virtualSize} bytes) and the origin (${origin.virtualSize} bytes) must have the same size`)
   }

@@ -18,7 +18,8 @@ export interface CreateStoreOptions {
 
 export function parseCreateOptions(options: Record<string, string>, size: number): CreateStoreOptions {
   for (const k of Object.keys(options)) {
-    if (!['origin', 'origin_format', 'chunk_size', 'on_full'].includes(k)) throw new UsageError(`dmsnap: unknown create option '${k}' (known: origin, chunk_size)`)
+    if (!['origin', 'origin_format', 'chunk_size', 'on_full'].includes(k))
+      throw new UsageError(`dmsnap: unknown create option '${k}' (known: origin, chunk_size)`)
   }
   const chunkBytes = options.chunk_size !== undefined ? parseSize(options.chunk_size, 'chunk_size') : DEFAULT_CREATE_CHUNK_BYTES
   if (chunkBytes % SECTOR_BYTES !== 0 || !isValidChunkSectors(chunkBytes / SECTOR_BYTES)) {
@@ -30,7 +31,9 @@ export function parseCreateOptions(options: Record<string, string>, size: number
 export async function createStore(dev: BlockDevice, o: CreateStoreOptions): Promise<StoreLayout> {
   const layout = new StoreLayout(o.chunkSectors, o.cowSize)
   if (layout.cowChunks < 3) {
-    throw new UsageError(`dmsnap: COW size ${o.cowSize} is too small: header, one area and one data chunk need ${3 * layout.chunkBytes} bytes with chunk size ${layout.chunkBytes}`)
+    throw new UsageError(
+      `dmsnap: COW size ${o.cowSize} is too small: header, one area and one data chunk need ${3 * layout.chunkBytes} bytes with chunk size ${layout.chunkBytes}`,
+    )
   }
   if (dev.size !== o.cowSize) await dev.truncate(o.cowSize)
   await dev.write(layout.offset(1), new Uint8Array(layout.chunkBytes), 'cow-area')

@@ -68,7 +68,9 @@ export class DmsnapImage implements DiskImage, Checkable {
     const layout = new StoreLayout(header.chunkSectors, cow.size)
     if (layout.cowChunks < 2) {
       if (forCheck) return new DmsnapImage(cow, options.origin, header, undefined, true, true, onFull)
-      throw new CorruptImageError(`dmsnap: ${cow.name}: COW of ${cow.size} bytes is smaller than header + one area (${2 * layout.chunkBytes})`, { file: cow.name })
+      throw new CorruptImageError(`dmsnap: ${cow.name}: COW of ${cow.size} bytes is smaller than header + one area (${2 * layout.chunkBytes})`, {
+        file: cow.name,
+      })
     }
     // valid == 0: the kernel reads no exceptions and fails all I/O; we still load them for info/check.
     const table = await loadTable(cow, layout)
@@ -127,7 +129,11 @@ export class DmsnapImage implements DiskImage, Checkable {
       let part: Uint8Array
       if (neu !== undefined) {
         if (!layout.fits(neu)) {
-          throw new ImageIoError(`dmsnap: ${this.filename}: chunk ${chunk} maps to COW chunk ${neu}, beyond the end of the COW (${layout.cowChunks} chunks)`, 'EIO', { file: this.filename, structure: 'cow-data' })
+          throw new ImageIoError(
+            `dmsnap: ${this.filename}: chunk ${chunk} maps to COW chunk ${neu}, beyond the end of the COW (${layout.cowChunks} chunks)`,
+            'EIO',
+            { file: this.filename, structure: 'cow-data' },
+          )
         }
         part = await this.cow.read(layout.offset(neu) + within, n, 'cow-data')
       } else {
@@ -327,7 +333,10 @@ export class DmsnapImage implements DiskImage, Checkable {
     if (this.cow.readOnly && !options.dryRun) throw new ReadOnlyError(`dmsnap: ${this.filename}: open read-write to repair`)
     const { repairStore } = await import('./repair.js')
     // the CLI passes the journal already open; a library caller may give only its path
-    const own = !options.journal && options.journalPath && !options.dryRun && this.openDevice ? await this.openDevice(options.journalPath, { readOnly: false, create: true, exclusive: true }) : undefined
+    const own =
+      !options.journal && options.journalPath && !options.dryRun && this.openDevice
+        ? await this.openDevice(options.journalPath, { readOnly: false, create: true, exclusive: true })
+        : undefined
     let result: RepairResult
     try {
       result = await repairStore(this.cow, { ...options, originSize: this.origin?.virtualSize, origin: this.origin, journal: options.journal ?? own })
@@ -380,7 +389,10 @@ export class DmsnapImage implements DiskImage, Checkable {
   private requireReadable(): void {
     this.requireLayout()
     if (this.header.valid === 0 || !this.store?.valid) {
-      throw new ImageIoError(`dmsnap: ${this.filename}: the store is invalidated (valid=0); the kernel fails every read and write of the snapshot`, 'EIO', { file: this.filename, structure: 'cow-header' })
+      throw new ImageIoError(`dmsnap: ${this.filename}: the store is invalidated (valid=0); the kernel fails every read and write of the snapshot`, 'EIO', {
+        file: this.filename,
+        structure: 'cow-header',
+      })
     }
   }
   private requireWritable(): void {
@@ -405,13 +417,27 @@ function headerError(name: string, h: StoreHeader, kind: string): Error {
     case 'too-small':
       return new WrongFormatError(`dmsnap: ${name}: file is too small for a COW header (16 bytes at offset 0x0)`, { file: name })
     case 'uninitialised':
-      return new WrongFormatError(`dmsnap: ${name}: magic is 0 at offset 0x0: an uninitialised store (the kernel would format it as a new, empty store)`, { file: name, structure: 'cow-header' })
+      return new WrongFormatError(`dmsnap: ${name}: magic is 0 at offset 0x0: an uninitialised store (the kernel would format it as a new, empty store)`, {
+        file: name,
+        structure: 'cow-header',
+      })
     case 'bad-magic':
-      return new CorruptImageError(`dmsnap: ${name}: bad magic ${hex(h.magic)} at offset 0x0 (expected 0x70416e53 "SnAp"); the kernel refuses it (ENXIO)`, { file: name, structure: 'cow-header', offset: 0 })
+      return new CorruptImageError(`dmsnap: ${name}: bad magic ${hex(h.magic)} at offset 0x0 (expected 0x70416e53 "SnAp"); the kernel refuses it (ENXIO)`, {
+        file: name,
+        structure: 'cow-header',
+        offset: 0,
+      })
     case 'bad-chunk-size':
-      return new CorruptImageError(`dmsnap: ${name}: invalid chunk size ${h.chunkSectors} sectors at offset 0xc (must be a power of two, at most 2^21); the kernel refuses it (EINVAL)`, { file: name, structure: 'cow-header', offset: 12 })
+      return new CorruptImageError(
+        `dmsnap: ${name}: invalid chunk size ${h.chunkSectors} sectors at offset 0xc (must be a power of two, at most 2^21); the kernel refuses it (EINVAL)`,
+        { file: name, structure: 'cow-header', offset: 12 },
+      )
     default:
-      return new CorruptImageError(`dmsnap: ${name}: unsupported version ${h.version} at offset 0x8 (expected 1); the kernel refuses it (EINVAL)`, { file: name, structure: 'cow-header', offset: 8 })
+      return new CorruptImageError(`dmsnap: ${name}: unsupported version ${h.version} at offset 0x8 (expected 1); the kernel refuses it (EINVAL)`, {
+        file: name,
+        structure: 'cow-header',
+        offset: 8,
+      })
   }
 }
 

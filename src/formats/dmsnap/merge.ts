@@ -36,18 +36,32 @@ export async function mergeStore(cow: BlockDevice, origin: DiskImage, options: M
   const header = await readHeader(cow)
   const hp = headerProblem(header, cow.size)
   if (hp) throw new CorruptImageError(`dmsnap: ${cow.name}: cannot merge: header problem '${hp.kind}' (run check)`, { file: cow.name, structure: 'cow-header' })
-  if (header.valid === 0) throw new CorruptImageError(`dmsnap: ${cow.name}: cannot merge an invalidated store (valid=0): its content is undefined`, { file: cow.name, structure: 'cow-header' })
+  if (header.valid === 0)
+    throw new CorruptImageError(`dmsnap: ${cow.name}: cannot merge an invalidated store (valid=0): its content is undefined`, {
+      file: cow.name,
+      structure: 'cow-header',
+    })
   const layout = new StoreLayout(header.chunkSectors, cow.size)
   const table = await loadTable(cow, layout)
-  if (table.truncatedArea !== undefined) throw new CorruptImageError(`dmsnap: ${cow.name}: cannot merge: area ${table.truncatedArea} lies beyond the end of the COW`, { file: cow.name, structure: 'cow-area' })
+  if (table.truncatedArea !== undefined)
+    throw new CorruptImageError(`dmsnap: ${cow.name}: cannot merge: area ${table.truncatedArea} lies beyond the end of the COW`, {
+      file: cow.name,
+      structure: 'cow-area',
+    })
   const cb = layout.chunkBytes
   const originChunks = Math.ceil(origin.virtualSize / cb)
   for (const r of table.records) {
     if (r.new >= layout.cowChunks || layout.isMetadata(r.new) || r.rawNew >= 1n << 53n) {
-      throw new CorruptImageError(`dmsnap: ${cow.name}: cannot merge: record ${r.index} points at COW chunk ${r.rawNew}, outside the data chunks (run check / repair -r all)`, { file: cow.name, structure: 'cow-area' })
+      throw new CorruptImageError(
+        `dmsnap: ${cow.name}: cannot merge: record ${r.index} points at COW chunk ${r.rawNew}, outside the data chunks (run check / repair -r all)`,
+        { file: cow.name, structure: 'cow-area' },
+      )
     }
     if (r.old >= originChunks) {
-      throw new CorruptImageError(`dmsnap: ${cow.name}: cannot merge: record ${r.index} maps origin chunk ${r.rawOld}, beyond the origin (${originChunks} chunks)`, { file: cow.name, structure: 'cow-area' })
+      throw new CorruptImageError(
+        `dmsnap: ${cow.name}: cannot merge: record ${r.index} maps origin chunk ${r.rawOld}, beyond the origin (${originChunks} chunks)`,
+        { file: cow.name, structure: 'cow-area' },
+      )
     }
   }
   const total = table.records.length

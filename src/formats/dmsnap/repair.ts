@@ -124,19 +124,34 @@ function plan(a: StoreAnalysis, options: RepairStoreOptions): Planned {
     if (!all) return out
     const loc = layout.areaLocation(t.truncatedArea)
     out.steps.push({ type: 'extend', size: (loc + 1) * layout.chunkBytes, zeroChunk: loc })
-    act('extend-cow', 'cow-area', `extend the COW to ${(loc + 1) * layout.chunkBytes} bytes and zero area ${t.truncatedArea} (chunk ${loc})`, layout.offset(loc))
+    act(
+      'extend-cow',
+      'cow-area',
+      `extend the COW to ${(loc + 1) * layout.chunkBytes} bytes and zero area ${t.truncatedArea} (chunk ${loc})`,
+      layout.offset(loc),
+    )
     out.replan = true
     return out
   }
   if (all && a.garbageSlots.length > 0) {
     out.steps.push({ type: 'zero-slots', area: t.currentArea, slots: a.garbageSlots })
-    act('zero-garbage', 'cow-area', `zero ${a.garbageSlots.length} slot(s) after the terminator in area ${t.currentArea}`, layout.offset(layout.areaLocation(t.currentArea)))
+    act(
+      'zero-garbage',
+      'cow-area',
+      `zero ${a.garbageSlots.length} slot(s) after the terminator in area ${t.currentArea}`,
+      layout.offset(layout.areaLocation(t.currentArea)),
+    )
   }
   // A terminator with a non-zero old_chunk is harmless where it is, but once records are dropped it lies after the
   // new terminator: garbage. Zero it first (with -r all always, with -r leaks when an exact duplicate is dropped).
   if (a.notices.some((n) => n.kind === 'terminator-old-chunk') && (all || [...a.recordFaults.values()].includes('duplicate-record'))) {
     out.steps.push({ type: 'zero-slots', area: t.currentArea, slots: [t.currentCommitted] })
-    act('zero-terminator', 'cow-area', `zero the old_chunk of the terminator (area ${t.currentArea} slot ${t.currentCommitted})`, layout.offset(layout.areaLocation(t.currentArea)) + t.currentCommitted * RECORD_BYTES)
+    act(
+      'zero-terminator',
+      'cow-area',
+      `zero the old_chunk of the terminator (area ${t.currentArea} slot ${t.currentCommitted})`,
+      layout.offset(layout.areaLocation(t.currentArea)) + t.currentCommitted * RECORD_BYTES,
+    )
   }
   const recordSteps: Step[] = []
   planRecords(a, layout, options, recordSteps, act)
@@ -237,7 +252,13 @@ function coalesce(steps: Step[], layout: StoreLayout, records: readonly Exceptio
  * What cannot be helped: with no free chunk at all, a move passes through an exact
  * duplicate record (one leak finding, gone at the next step).
  */
-function planRecords(a: StoreAnalysis, layout: StoreLayout, options: RepairStoreOptions, steps: Step[], act: (kind: string, structure: string, message: string, hostOffset?: number) => void): void {
+function planRecords(
+  a: StoreAnalysis,
+  layout: StoreLayout,
+  options: RepairStoreOptions,
+  steps: Step[],
+  act: (kind: string, structure: string, message: string, hostOffset?: number) => void,
+): void {
   const t = a.table!
   const all = options.repair === 'all'
   const initial: ModelRecord[] = t.records.map((r) => {
@@ -267,12 +288,20 @@ function planRecords(a: StoreAnalysis, layout: StoreLayout, options: RepairStore
         continue
       }
       r.role = 'drop'
-      why.set(r.orig, `duplicate-new-chunk: no free chunk left in the COW (${layout.cowChunks} chunks) for a private copy of chunk ${r.new}, so origin chunk ${r.rawOld} falls back to the origin: its snapshot data is lost`)
+      why.set(
+        r.orig,
+        `duplicate-new-chunk: no free chunk left in the COW (${layout.cowChunks} chunks) for a private copy of chunk ${r.new}, so origin chunk ${r.rawOld} falls back to the origin: its snapshot data is lost`,
+      )
     }
   }
   for (const [orig, reason] of [...why].sort((x, y) => x[0] - y[0])) {
     const r = t.records[orig]!
-    act('drop-record', 'cow-area', `drop record ${orig} (${r.rawOld}→${r.rawNew}): ${reason}`, layout.offset(layout.areaLocation(r.area)) + r.slot * RECORD_BYTES)
+    act(
+      'drop-record',
+      'cow-area',
+      `drop record ${orig} (${r.rawOld}→${r.rawNew}): ${reason}`,
+      layout.offset(layout.areaLocation(r.area)) + r.slot * RECORD_BYTES,
+    )
   }
 
   const m = new TableModel(layout, initial)
@@ -289,7 +318,12 @@ function planRecords(a: StoreAnalysis, layout: StoreLayout, options: RepairStore
   }
   let moves = 0
   const split = (r: ModelRecord, to: number): void =>
-    act('split-shared-chunk', 'cow-data', `copy COW chunk ${r.new} (shared: the kernel serves it for more than one origin chunk) into free chunk ${to} and repoint record ${r.orig} (origin chunk ${r.rawOld}) to it: every origin chunk keeps the data the kernel serves`, layout.offset(to))
+    act(
+      'split-shared-chunk',
+      'cow-data',
+      `copy COW chunk ${r.new} (shared: the kernel serves it for more than one origin chunk) into free chunk ${to} and repoint record ${r.orig} (origin chunk ${r.rawOld}) to it: every origin chunk keeps the data the kernel serves`,
+      layout.offset(to),
+    )
   const isDropping = (r: ModelRecord): boolean => r.role === 'drop' || r.role === 'shadow'
   /** new_chunk beyond the COW: next_free past the end, so every free chunk counts as leaked */
   const inflates = (r: ModelRecord): boolean => r.rawNew >= BigInt(layout.cowChunks)
@@ -351,7 +385,11 @@ function planRecords(a: StoreAnalysis, layout: StoreLayout, options: RepairStore
     if (i < 0) for (const j of m.dropping) i = Math.max(i, j)
     const d = recs[i]!
     if (!all && y.fault) {
-      act('keep-record', 'cow-area', `record ${d.orig} (an exact duplicate) is kept: dropping it means moving record ${y.orig}, which is itself faulty (${y.fault}); run repair -r all`)
+      act(
+        'keep-record',
+        'cow-area',
+        `record ${d.orig} (an exact duplicate) is kept: dropping it means moving record ${y.orig}, which is itself faulty (${y.fault}); run repair -r all`,
+      )
       break
     }
     // a corrupt d: give y a copy in a chunk nobody reads, so the record left behind is a shadowed duplicate (d's corruption, moved)

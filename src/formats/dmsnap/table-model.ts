@@ -29,7 +29,7 @@ class MaxHeap {
   push(v: bigint): void {
     const a = this.a
     a.push(v)
-    for (let i = a.length - 1; i > 0; ) {
+    for (let i = a.length - 1; i > 0;) {
       const p = (i - 1) >> 1
       if (a[p]! >= a[i]!) break
       ;[a[p], a[i]] = [a[i]!, a[p]!]
@@ -44,7 +44,7 @@ class MaxHeap {
     const last = a.pop()!
     if (a.length === 0) return
     a[0] = last
-    for (let i = 0; ; ) {
+    for (let i = 0; ;) {
       const l = 2 * i + 1
       const r = l + 1
       let m = i
@@ -177,7 +177,10 @@ export class TableModel {
     if (this.inData(r)) this.users.set(r.new, this.usersOf(r.new) + 1)
     this.rawCount.set(r.rawNew, (this.rawCount.get(r.rawNew) ?? 0) + 1)
     this.heap.push(r.rawNew)
-    for (const [m, k] of [[this.slotsByOld, r.rawOld], [this.slotsByNew, r.rawNew]] as const) {
+    for (const [m, k] of [
+      [this.slotsByOld, r.rawOld],
+      [this.slotsByNew, r.rawNew],
+    ] as const) {
       let s = m.get(k)
       if (!s) m.set(k, (s = new Set()))
       s.add(i)

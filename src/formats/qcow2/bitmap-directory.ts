@@ -140,7 +140,9 @@ export function decodeBitmapTableEntry(table: Uint8Array, i: number, clusterSize
 }
 
 /** A directory of `entries` (no extra data), each entry written from its own fields. */
-export function encodeBitmapDirectory(entries: ReadonlyArray<Pick<Qcow2Bitmap, 'nameBytes' | 'tableOffset' | 'tableSize' | 'flags' | 'granularityBits'>>): Uint8Array {
+export function encodeBitmapDirectory(
+  entries: ReadonlyArray<Pick<Qcow2Bitmap, 'nameBytes' | 'tableOffset' | 'tableSize' | 'flags' | 'granularityBits'>>,
+): Uint8Array {
   let size = 0
   for (const e of entries) size += directoryEntrySize(e.nameBytes.byteLength, 0)
   const dir = new Uint8Array(size)

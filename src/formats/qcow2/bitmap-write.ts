@@ -82,7 +82,9 @@ export class PersistentBitmaps {
     if (!ext || !bitmapsValid(h) || ext.nbBitmaps === 0) return undefined
     const field = headerField(img)
     if (Math.floor(field / 512) !== Math.floor((field + 7) / 512)) {
-      throw new UnsupportedFeatureError(`qcow2: ${file}: the bitmaps extension's directory offset at ${hex(field)} crosses a sector boundary; it cannot be updated atomically`)
+      throw new UnsupportedFeatureError(
+        `qcow2: ${file}: the bitmaps extension's directory offset at ${hex(field)} crosses a sector boundary; it cannot be updated atomically`,
+      )
     }
     const entries = await readBitmapDirectory(img.device, file, ext)
     validateBitmapDirectory(entries, ext, h.size, h.clusterSize, file)
@@ -107,11 +109,14 @@ export class PersistentBitmaps {
         const e = decodeBitmapTableEntry(table, i, h.clusterSize)
         if (!e) {
           if (inconsistent) continue // QEMU does not read an IN_USE bitmap's table
-          throw new CorruptImageError(`qcow2: ${file}: Could not read bitmap_table table from image for bitmap '${entry.name}': entry ${i} is invalid (bitmap table at ${hex(entry.tableOffset)})`, {
-            file,
-            structure: 'bitmap',
-            offset: entry.tableOffset + i * 8,
-          })
+          throw new CorruptImageError(
+            `qcow2: ${file}: Could not read bitmap_table table from image for bitmap '${entry.name}': entry ${i} is invalid (bitmap table at ${hex(entry.tableOffset)})`,
+            {
+              file,
+              structure: 'bitmap',
+              offset: entry.tableOffset + i * 8,
+            },
+          )
         }
         if (e.offset !== 0) dataClusters.push(e.offset)
         if (!bits) continue

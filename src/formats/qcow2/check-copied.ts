@@ -92,13 +92,14 @@ export async function checkCopied(st: CheckState, reftable: Uint8Array, cmp: { m
       )
     }
     let t: Uint8Array = new Uint8Array(0)
-    if (needL2Pass) try {
-      t = await st.dev.read(l2Offset, cs, 'l2')
-    } catch (e) {
-      st.report.checkErrors++
-      st.diagnostics.push(`ERROR: Could not read L2 table: ${(e as Error).message}`)
-      throw new CheckFailedError('EIO', `qcow2: ${st.file}: cannot read L2 table at ${hex(l2Offset)}`, st.diagnostics)
-    }
+    if (needL2Pass)
+      try {
+        t = await st.dev.read(l2Offset, cs, 'l2')
+      } catch (e) {
+        st.report.checkErrors++
+        st.diagnostics.push(`ERROR: Could not read L2 table: ${(e as Error).message}`)
+        throw new CheckFailedError('EIO', `qcow2: ${st.file}: cannot read L2 table at ${hex(l2Offset)}`, st.diagnostics)
+      }
     if (!needL2Pass) continue
     const tv = new DataView(t.buffer, t.byteOffset, t.byteLength)
     for (let j = 0; j < st.l2Count; j++) {

@@ -35,7 +35,11 @@ export function checkRefblocks(st: CheckState, reftable: Uint8Array): void {
     if ((lo & 0xfffffe00 & (st.cs - 1)) !== 0) {
       st.finding(
         'corruption',
-        { ...base, kind: 'refblock-unaligned', message: `qcow2: refcount block ${i} offset ${entryHex(hi, lo & 0xfffffe00)} is not aligned to cluster size ${hex(st.cs)}` },
+        {
+          ...base,
+          kind: 'refblock-unaligned',
+          message: `qcow2: refcount block ${i} offset ${entryHex(hi, lo & 0xfffffe00)} is not aligned to cluster size ${hex(st.cs)}`,
+        },
         `ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`,
       )
       st.rebuild = true
@@ -47,7 +51,12 @@ export function checkRefblocks(st: CheckState, reftable: Uint8Array): void {
       st.refblocksOutside.push(i)
       st.finding(
         'corruption',
-        { ...base, kind: 'refblock-outside', cluster, message: `qcow2: refcount block ${i} at ${hex(offset)} is beyond the end of the file (size ${hex(st.fileSize)})` },
+        {
+          ...base,
+          kind: 'refblock-outside',
+          cluster,
+          message: `qcow2: refcount block ${i} at ${hex(offset)} is beyond the end of the file (size ${hex(st.fileSize)})`,
+        },
         `ERROR refcount block ${i} is outside image`,
       )
       continue

@@ -40,12 +40,7 @@ export interface SnapshotTableCheck {
 }
 
 const SNAPSHOT_FIXED = 40
-export async function readSnapshotsForCheck(
-  dev: BlockDevice,
-  clusterSize: number,
-  version: number,
-  fixErrors: boolean,
-): Promise<SnapshotTableCheck> {
+export async function readSnapshotsForCheck(dev: BlockDevice, clusterSize: number, version: number, fixErrors: boolean): Promise<SnapshotTableCheck> {
   const head = await dev.read(60, 12, 'header')
   let nb = u32be(head, 0)
   const offset = Number(u64be(head, 4))
@@ -127,7 +122,17 @@ export async function readSnapshotsForCheck(
       r.reduced += nb - i
       break
     }
-    r.snapshots.push({ index: i, entryOffset, l1TableOffset, l1Unaligned, l1TableOffsetHex: l1Raw === 0n ? '0' : `0x${l1Raw.toString(16)}`, l1Size, id, name, extraDataSize: extra })
+    r.snapshots.push({
+      index: i,
+      entryOffset,
+      l1TableOffset,
+      l1Unaligned,
+      l1TableOffsetHex: l1Raw === 0n ? '0' : `0x${l1Raw.toString(16)}`,
+      l1Size,
+      id,
+      name,
+      extraDataSize: extra,
+    })
     r.size = pos - offset
   }
   if (version >= 3) {

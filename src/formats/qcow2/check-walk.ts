@@ -41,31 +41,35 @@ export async function walkL1(st: CheckState, l1Offset: number, l1Size: number, a
     // non-zero but no L2 table: a guest read sees unallocated clusters; qemu's check counts the header again
     if (l2Offset === 0) st.l1ZeroOffset.push(ref)
     if ((lo & 0x1ff) !== 0 || (hi & 0x7f000000) !== 0) {
-      st.saturated ? st.countOnly() : st.finding(
-        'corruption',
-        {
-          kind: 'l1-reserved-bits',
-          structure: 'l1',
-          l1Index: i,
-          hostOffset: l1Offset + i * 8,
-          message: `qcow2: ${active ? 'active' : 'snapshot'} L1 entry ${i} (${entryHex(hi, lo)}) has reserved bits set`,
-        },
-        `ERROR found L1 entry with reserved bits set: ${entryHex(hi, lo).slice(2)}`,
-      )
+      st.saturated
+        ? st.countOnly()
+        : st.finding(
+            'corruption',
+            {
+              kind: 'l1-reserved-bits',
+              structure: 'l1',
+              l1Index: i,
+              hostOffset: l1Offset + i * 8,
+              message: `qcow2: ${active ? 'active' : 'snapshot'} L1 entry ${i} (${entryHex(hi, lo)}) has reserved bits set`,
+            },
+            `ERROR found L1 entry with reserved bits set: ${entryHex(hi, lo).slice(2)}`,
+          )
     }
     if (!st.inc(l2Offset, st.cs, 'L2 table', ref)) st.addPastEof({ ref, kind: 'l2-table', hostOffset: l2Offset })
     if (l2Offset % st.cs !== 0) {
-      st.saturated ? st.countOnly() : st.finding(
-        'corruption',
-        {
-          kind: 'l2-table-unaligned',
-          structure: 'l1',
-          l1Index: i,
-          hostOffset: l2Offset,
-          message: `qcow2: L2 table offset ${hex(l2Offset)} is not aligned to cluster size ${hex(st.cs)} (${active ? 'active' : 'snapshot'} L1 index ${i})`,
-        },
-        `ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`,
-      )
+      st.saturated
+        ? st.countOnly()
+        : st.finding(
+            'corruption',
+            {
+              kind: 'l2-table-unaligned',
+              structure: 'l1',
+              l1Index: i,
+              hostOffset: l2Offset,
+              message: `qcow2: L2 table offset ${hex(l2Offset)} is not aligned to cluster size ${hex(st.cs)} (${active ? 'active' : 'snapshot'} L1 index ${i})`,
+            },
+            `ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`,
+          )
     }
     if (l2Offset % st.cs !== 0) st.unalignedL2.push(l2Offset - (l2Offset % st.cs))
     if (l2Offset < st.fileSize) await walkL2(st, l2Offset, i, active, stats, prefetch)
@@ -73,7 +77,14 @@ export async function walkL1(st: CheckState, l1Offset: number, l1Size: number, a
 }
 
 /** check_refcounts_l2, on one table read whole (the read-ahead's next one; its buffer is reused once scanned) */
-export async function walkL2(st: CheckState, l2Offset: number, l1Index: number, active: boolean, stats: WalkStats | undefined, prefetch: Prefetcher): Promise<void> {
+export async function walkL2(
+  st: CheckState,
+  l2Offset: number,
+  l1Index: number,
+  active: boolean,
+  stats: WalkStats | undefined,
+  prefetch: Prefetcher,
+): Promise<void> {
   const cs = st.cs
   const t = await st.readTable(l2Offset, cs, 'l2', 'check_refcounts_l2', prefetch.take())
   scanL2(st, t, l2Offset, l1Index, active, stats) // keeps nothing of t
@@ -153,7 +164,16 @@ export function contiguousAfter(st: CheckState, offset: number): number {
 }
 
 /** one L2 entry, every case (qemu's check_refcounts_l2); returns the next-contiguous state */
-export function slowL2Entry(st: CheckState, dv: DataView, i: number, l2Offset: number, l1Index: number, active: boolean, stats: WalkStats | undefined, nextK: number): number {
+export function slowL2Entry(
+  st: CheckState,
+  dv: DataView,
+  i: number,
+  l2Offset: number,
+  l1Index: number,
+  active: boolean,
+  stats: WalkStats | undefined,
+  nextK: number,
+): number {
   const cs = st.cs
   const es = st.entrySize
   const ext = st.extL2
@@ -175,30 +195,52 @@ export function slowL2Entry(st: CheckState, dv: DataView, i: number, l2Offset: n
     // above 2^53 a double loses the low bits: print such offsets from a bigint
     const cHexExact = () => entryHex(hi & hiOffMask, lo)
     if (hi & 0x80000000) {
-      st.saturated ? st.countOnly() : st.finding(
-        'corruption',
-        st.entryFinding('compressed-copied', st.l2Ref(l2Offset, i, active, l1Index), coffset, `compressed cluster at ${cHexExact()} has the COPIED flag set`),
-        `ERROR: coffset=${cHexExact()}: copied flag must never be set for compressed clusters`,
-      )
+      st.saturated
+        ? st.countOnly()
+        : st.finding(
+            'corruption',
+            st.entryFinding(
+              'compressed-copied',
+              st.l2Ref(l2Offset, i, active, l1Index),
+              coffset,
+              `compressed cluster at ${cHexExact()} has the COPIED flag set`,
+            ),
+            `ERROR: coffset=${cHexExact()}: copied flag must never be set for compressed clusters`,
+          )
     }
     if (st.dataFile) {
-      st.saturated ? st.countOnly() : st.finding(
-        'corruption',
-        st.entryFinding('compressed-data-file', st.l2Ref(l2Offset, i, active, l1Index), coffset, 'compressed cluster in an image with an external data file'),
-        `ERROR compressed cluster ${i} with data file, entry=${entryHex(hi & 0x7fffffff, lo)}`,
-      )
+      st.saturated
+        ? st.countOnly()
+        : st.finding(
+            'corruption',
+            st.entryFinding(
+              'compressed-data-file',
+              st.l2Ref(l2Offset, i, active, l1Index),
+              coffset,
+              'compressed cluster in an image with an external data file',
+            ),
+            `ERROR compressed cluster ${i} with data file, entry=${entryHex(hi & 0x7fffffff, lo)}`,
+          )
       return nextK
     }
     if (ext && (bmAlloc !== 0 || bmZero !== 0)) {
-      st.saturated ? st.countOnly() : st.finding(
-        'corruption',
-        st.entryFinding('compressed-bitmap', st.l2Ref(l2Offset, i, active, l1Index), coffset, `compressed cluster has a non-zero subcluster bitmap; its host cluster is kept, not freed`),
-        `ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=${entryHex(hi & 0x7fffffff, lo)}`,
-      )
+      st.saturated
+        ? st.countOnly()
+        : st.finding(
+            'corruption',
+            st.entryFinding(
+              'compressed-bitmap',
+              st.l2Ref(l2Offset, i, active, l1Index),
+              coffset,
+              `compressed cluster has a non-zero subcluster bitmap; its host cluster is kept, not freed`,
+            ),
+            `ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=${entryHex(hi & 0x7fffffff, lo)}`,
+          )
       const nsec = ((hi >>> (x - 32)) & csizeMask) + 1
       const size = nsec * 512 - (lo % 512)
       // only clusters of the file (past 2^53 a double index would not even advance)
-      if (coffset < st.fileSize) for (let k = Math.floor(coffset / cs); k <= Math.floor((Math.min(coffset + size, st.fileSize) - 1) / cs); k++) st.protectedClusters.add(k)
+      if (coffset < st.fileSize)
+        for (let k = Math.floor(coffset / cs); k <= Math.floor((Math.min(coffset + size, st.fileSize) - 1) / cs); k++) st.protectedClusters.add(k)
       return nextK
     }
     const nsec = ((hi >>> (x - 32)) & csizeMask) + 1
@@ -212,11 +254,13 @@ export function slowL2Entry(st: CheckState, dv: DataView, i: number, l2Offset: n
     return nextK
   }
   if ((lo & 0x1fe) !== 0 || (hi & 0x3f000000) !== 0) {
-    st.saturated ? st.countOnly() : st.finding(
-      'corruption',
-      st.entryFinding('l2-reserved-bits', st.l2Ref(l2Offset, i, active, l1Index), undefined, `L2 entry ${entryHex(hi, lo)} has reserved bits set`),
-      `ERROR found l2 entry with reserved bits set: ${entryHex(hi, lo).slice(2)}`,
-    )
+    st.saturated
+      ? st.countOnly()
+      : st.finding(
+          'corruption',
+          st.entryFinding('l2-reserved-bits', st.l2Ref(l2Offset, i, active, l1Index), undefined, `L2 entry ${entryHex(hi, lo)} has reserved bits set`),
+          `ERROR found l2 entry with reserved bits set: ${entryHex(hi, lo).slice(2)}`,
+        )
   }
   const offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
   const zeroFlag = !ext && (lo & 1) !== 0
@@ -224,37 +268,60 @@ export function slowL2Entry(st: CheckState, dv: DataView, i: number, l2Offset: n
   if (offset === 0 && !(st.dataFile && (hi & 0x80000000) !== 0)) {
     // UNALLOCATED
     if (ext && bmAlloc !== 0) {
-      st.saturated ? st.countOnly() : st.finding(
-        'corruption',
-        st.entryFinding('extl2-unallocated-bitmap', st.l2Ref(l2Offset, i, active, l1Index), undefined, `unallocated cluster has allocation bits set in its subcluster bitmap (${hex(bmAlloc)})`),
-        'ERROR: Unallocated cluster has non-zero subcluster allocation map',
-      )
+      st.saturated
+        ? st.countOnly()
+        : st.finding(
+            'corruption',
+            st.entryFinding(
+              'extl2-unallocated-bitmap',
+              st.l2Ref(l2Offset, i, active, l1Index),
+              undefined,
+              `unallocated cluster has allocation bits set in its subcluster bitmap (${hex(bmAlloc)})`,
+            ),
+            'ERROR: Unallocated cluster has non-zero subcluster allocation map',
+          )
     }
     return nextK
   }
   // NORMAL or ZERO_ALLOC
   if (ext && (bmZero & bmAlloc) !== 0) {
-    st.saturated ? st.countOnly() : st.finding(
-      'corruption',
-      st.entryFinding('extl2-bitmap', st.l2Ref(l2Offset, i, active, l1Index), offset, `subclusters both allocated and zero (bitmap alloc ${hex(bmAlloc)}, zero ${hex(bmZero)})`),
-      `ERROR offset=${offset.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`,
-    )
+    st.saturated
+      ? st.countOnly()
+      : st.finding(
+          'corruption',
+          st.entryFinding(
+            'extl2-bitmap',
+            st.l2Ref(l2Offset, i, active, l1Index),
+            offset,
+            `subclusters both allocated and zero (bitmap alloc ${hex(bmAlloc)}, zero ${hex(bmZero)})`,
+          ),
+          `ERROR offset=${offset.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`,
+        )
   }
   if (offset % cs !== 0) {
     const containsData = ext ? bmAlloc !== 0 : !zeroFlag
     if (!containsData) {
       st.zeroAllocUnaligned.push(st.l2Ref(l2Offset, i, active, l1Index))
-      st.saturated ? st.countOnly() : st.finding(
-        'corruption',
-        st.entryFinding('zero-alloc-unaligned', st.l2Ref(l2Offset, i, active, l1Index), offset, `preallocated zero cluster offset ${hex(offset)} is not cluster aligned`),
-        `ERROR offset=${offset.toString(16)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`,
-      )
+      st.saturated
+        ? st.countOnly()
+        : st.finding(
+            'corruption',
+            st.entryFinding(
+              'zero-alloc-unaligned',
+              st.l2Ref(l2Offset, i, active, l1Index),
+              offset,
+              `preallocated zero cluster offset ${hex(offset)} is not cluster aligned`,
+            ),
+            `ERROR offset=${offset.toString(16)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`,
+          )
     } else {
-      st.saturated ? st.countOnly() : st.finding(
-        'corruption',
-        st.entryFinding('data-unaligned', st.l2Ref(l2Offset, i, active, l1Index), offset, `data cluster offset ${hex(offset)} is not cluster aligned`),
-        `ERROR offset=${offset.toString(16)}: Data cluster is not properly aligned; L2 entry corrupted.`,
-      )
+      st.saturated
+        ? st.countOnly()
+        : st.finding(
+            'corruption',
+            st.entryFinding('data-unaligned', st.l2Ref(l2Offset, i, active, l1Index), offset, `data cluster offset ${hex(offset)} is not cluster aligned`),
+            `ERROR offset=${offset.toString(16)}: Data cluster is not properly aligned; L2 entry corrupted.`,
+          )
     }
   }
   let next = nextK
@@ -305,12 +372,14 @@ export async function countBitmaps(st: CheckState): Promise<void> {
       const off = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
       const bad = (hi & 0xff000000) !== 0 || (lo & 0x1fe) !== 0 || (off !== 0 && ((lo & 1) !== 0 || off % st.cs !== 0))
       if (bad) {
-        st.saturated ? st.countOnly() : st.finding('corruption', {
-          kind: 'bitmap-table-entry',
-          structure: 'bitmap',
-          hostOffset: bm.tableOffset + i * 8,
-          message: `qcow2: bitmap '${bm.name}' table entry ${i} (${entryHex(hi, lo)}) is invalid`,
-        })
+        st.saturated
+          ? st.countOnly()
+          : st.finding('corruption', {
+              kind: 'bitmap-table-entry',
+              structure: 'bitmap',
+              hostOffset: bm.tableOffset + i * 8,
+              message: `qcow2: bitmap '${bm.name}' table entry ${i} (${entryHex(hi, lo)}) is invalid`,
+            })
         continue
       }
       if (off === 0) continue

@@ -163,7 +163,7 @@ async function runCheck(st: CheckState): Promise<Qcow2Analysis> {
   // 7. encryption header
   if (h.crypto && h.cryptMethod === CRYPT_LUKS && h.crypto.length > 0) st.inc(h.crypto.offset, h.crypto.length, 'encryption header')
   // 8. bitmaps
-  await countBitmaps(st, )
+  await countBitmaps(st)
   // 9. refcount blocks
   const reftable = await st.dev.read(h.refcountTableOffset, h.refcountTableClusters * cs, 'reftable')
   checkRefblocks(st, reftable)

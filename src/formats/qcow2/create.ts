@@ -37,8 +37,21 @@ export interface Qcow2CreateOptions {
 }
 
 const KNOWN = new Set([
-  'size', 'compat', 'version', 'cluster_size', 'refcount_bits', 'lazy_refcounts', 'extended_l2', 'compression_type',
-  'preallocation', 'backing_file', 'backing_fmt', 'data_file', 'data_file_raw', 'encryption', 'encrypt.format',
+  'size',
+  'compat',
+  'version',
+  'cluster_size',
+  'refcount_bits',
+  'lazy_refcounts',
+  'extended_l2',
+  'compression_type',
+  'preallocation',
+  'backing_file',
+  'backing_fmt',
+  'data_file',
+  'data_file_raw',
+  'encryption',
+  'encrypt.format',
 ])
 
 function bool(key: string, v: string | undefined, dflt: boolean): boolean {
@@ -100,19 +113,36 @@ export function parseCreateOptions(o: CreateImageOptions): Qcow2CreateOptions {
   }
   const dataFile = opts['data_file']
   const dataFileRaw = bool('data_file_raw', opts['data_file_raw'], false)
-  if (dataFile !== undefined && version === 2) throw new UsageError('External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)')
+  if (dataFile !== undefined && version === 2)
+    throw new UsageError('External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)')
   if (dataFileRaw && dataFile === undefined) throw new UsageError("'data-file-raw' requires 'data-file'")
   if (dataFileRaw && backingFile !== undefined) throw new UsageError('Backing file and data-file-raw cannot be used at the same time')
   if (backingFile !== undefined && Buffer.byteLength(backingFile) > C.MAX_BACKING_FILE_NAME) throw new UsageError('Backing file name too long')
   return {
-    size, version, clusterSize, refcountBits, lazyRefcounts, extendedL2, compressionType: ct, preallocation: pre,
-    backingFile, backingFormat, dataFile, dataFileRaw,
+    size,
+    version,
+    clusterSize,
+    refcountBits,
+    lazyRefcounts,
+    extendedL2,
+    compressionType: ct,
+    preallocation: pre,
+    backingFile,
+    backingFormat,
+    dataFile,
+    dataFileRaw,
   }
 }
 
 const FEATURES: Array<[number, number, string]> = [
-  [0, 0, 'dirty bit'], [0, 1, 'corrupt bit'], [0, 2, 'external data file'], [0, 3, 'compression type'],
-  [0, 4, 'extended L2 entries'], [1, 0, 'lazy refcounts'], [2, 0, 'bitmaps'], [2, 1, 'raw external data'],
+  [0, 0, 'dirty bit'],
+  [0, 1, 'corrupt bit'],
+  [0, 2, 'external data file'],
+  [0, 3, 'compression type'],
+  [0, 4, 'extended L2 entries'],
+  [1, 0, 'lazy refcounts'],
+  [2, 0, 'bitmaps'],
+  [2, 1, 'raw external data'],
 ]
 
 /** The header cluster: fields, extensions in QEMU's order, then the backing file name. */
@@ -250,7 +280,14 @@ export async function createQcow2(device: BlockDevice, context: OpenContext, opt
  * clusters for the whole virtual size, nothing written into the data clusters;
  * returns the file end.
  */
-async function preallocate(device: BlockDevice, dataDev: BlockDevice | undefined, h: Qcow2Header, o: Qcow2CreateOptions, rc: RefcountWriter, l1: Uint8Array): Promise<number> {
+async function preallocate(
+  device: BlockDevice,
+  dataDev: BlockDevice | undefined,
+  h: Qcow2Header,
+  o: Qcow2CreateOptions,
+  rc: RefcountWriter,
+  l1: Uint8Array,
+): Promise<number> {
   const cs = h.clusterSize
   const es = o.extendedL2 ? 16 : 8
   const perL2 = cs / es

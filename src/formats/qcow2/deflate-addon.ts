@@ -8,7 +8,16 @@
 import { createRequire } from 'node:module'
 
 export interface DeflateAddon {
-  deflateClusters(input: Uint8Array, offsets: Int32Array, clusterSize: number, level: number, windowBits: number, memLevel: number, out: Uint8Array, sizes: Int32Array): Promise<number>
+  deflateClusters(
+    input: Uint8Array,
+    offsets: Int32Array,
+    clusterSize: number,
+    level: number,
+    windowBits: number,
+    memLevel: number,
+    out: Uint8Array,
+    sizes: Int32Array,
+  ): Promise<number>
   zlibVersion(): string
 }
 

@@ -192,7 +192,7 @@ export async function rebuildRefcounts(img: Qcow2Image): Promise<{ clusters: num
     const tis = new Set(usedTis)
     for (let ti = Math.floor(top / pb); ti <= Math.floor((end - 1) / pb); ti++) tis.add(ti)
     const sorted = [...tis].sort((a, b) => a - b)
-    const t = Math.max(1, Math.ceil(((sorted[sorted.length - 1] ?? 0) + 1) * 8 / cs))
+    const t = Math.max(1, Math.ceil((((sorted[sorted.length - 1] ?? 0) + 1) * 8) / cs))
     if (t === tableClusters && sorted.length === blockTis.length) break
     tableClusters = t
     blockTis = sorted

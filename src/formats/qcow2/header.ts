@@ -121,10 +121,11 @@ export async function readHeader(dev: BlockDevice, opts: ParseHeaderOptions): Pr
   }
   const clusterBits = u32be(head, 20)
   if (clusterBits < C.MIN_CLUSTER_BITS || clusterBits > C.MAX_CLUSTER_BITS) {
-    throw new UnsupportedFeatureError(
-      `qcow2: ${file}: Unsupported cluster size: 2^${clusterBits} (cluster_bits at 0x14; supported 2^9 to 2^21)`,
-      { file, structure: 'header', offset: 0x14 },
-    )
+    throw new UnsupportedFeatureError(`qcow2: ${file}: Unsupported cluster size: 2^${clusterBits} (cluster_bits at 0x14; supported 2^9 to 2^21)`, {
+      file,
+      structure: 'header',
+      offset: 0x14,
+    })
   }
   const clusterSize = 2 ** clusterBits
 
@@ -335,13 +336,19 @@ function parseExtensions(h: Qcow2Header, buf: Uint8Array, start: number, end: nu
           break
         }
         if (u32be(data, 4) !== 0) return { message: 'bitmaps_ext: Reserved field is not zero', offset: off }
-        if (nbBitmaps > C.MAX_BITMAPS) return { message: `bitmaps_ext: Image has ${nbBitmaps} bitmaps, exceeding the QEMU supported maximum of ${C.MAX_BITMAPS}`, offset: off }
+        if (nbBitmaps > C.MAX_BITMAPS)
+          return { message: `bitmaps_ext: Image has ${nbBitmaps} bitmaps, exceeding the QEMU supported maximum of ${C.MAX_BITMAPS}`, offset: off }
         if (nbBitmaps === 0) return { message: 'found bitmaps extension with zero bitmaps', offset: off }
-        if (directoryOffset % BigInt(h.clusterSize) !== 0n) return { message: `bitmaps_ext: invalid bitmap directory offset ${hex(directoryOffset)}`, offset: off }
+        if (directoryOffset % BigInt(h.clusterSize) !== 0n)
+          return { message: `bitmaps_ext: invalid bitmap directory offset ${hex(directoryOffset)}`, offset: off }
         if (directorySize > BigInt(C.MAX_BITMAP_DIRECTORY_SIZE)) {
-          return { message: `bitmaps_ext: bitmap directory size (${directorySize}) exceeds the maximum supported size (${C.MAX_BITMAP_DIRECTORY_SIZE})`, offset: off }
+          return {
+            message: `bitmaps_ext: bitmap directory size (${directorySize}) exceeds the maximum supported size (${C.MAX_BITMAP_DIRECTORY_SIZE})`,
+            offset: off,
+          }
         }
-        if (directoryOffset > BigInt(Number.MAX_SAFE_INTEGER)) return { message: `bitmaps_ext: bitmap directory offset ${hex(directoryOffset)} is too large (above 2^53)`, offset: off }
+        if (directoryOffset > BigInt(Number.MAX_SAFE_INTEGER))
+          return { message: `bitmaps_ext: bitmap directory offset ${hex(directoryOffset)} is too large (above 2^53)`, offset: off }
         h.bitmaps = { nbBitmaps, directorySize: Number(directorySize), directoryOffset: Number(directoryOffset) }
         break
       }
@@ -380,4 +387,3 @@ function decodeName(bytes: Uint8Array): { text: string; invalid: boolean; escape
   if (strict !== undefined) return { text: strict, invalid: false, escaped: escapeBytes(b) }
   return { text: new TextDecoder().decode(b), invalid: true, escaped: escapeBytes(b) }
 }
-

@@ -15,17 +15,7 @@ import { ClusterMapper, L2Cache, type MappingRun } from './cluster.js'
 import { decompressCluster } from './compress.js'
 import { COMPRESSION_ZSTD, CRYPT_AES, EXT_DATA_FILE } from './constants.js'
 import { readLuksInfo } from './luks.js'
-import {
-  bitmapsValid,
-  dataFileRaw,
-  hasDataFile,
-  hasExtendedL2,
-  hasLazyRefcounts,
-  isCorrupt,
-  isDirty,
-  readHeader,
-  type Qcow2Header,
-} from './header.js'
+import { bitmapsValid, dataFileRaw, hasDataFile, hasExtendedL2, hasLazyRefcounts, isCorrupt, isDirty, readHeader, type Qcow2Header } from './header.js'
 import { combinePath, protocolPrefix } from './paths.js'
 import { escapeControls } from '../../util/text.js'
 import { RefcountReader } from './refcount.js'
@@ -157,11 +147,14 @@ export class Qcow2Image implements DiskImage {
     if (hit) return hit
     const file = this.device.name
     if (hasDataFile(this.header)) {
-      throw new CorruptImageError(`qcow2: ${file}: compressed cluster for guest ${hex(guest)} in an image with an external data file (compressed cluster at ${hex(hostOffset)})`, {
-        file,
-        structure: 'l2',
-        offset: hostOffset,
-      })
+      throw new CorruptImageError(
+        `qcow2: ${file}: compressed cluster for guest ${hex(guest)} in an image with an external data file (compressed cluster at ${hex(hostOffset)})`,
+        {
+          file,
+          structure: 'l2',
+          offset: hostOffset,
+        },
+      )
     }
     const eofLimit = Math.ceil(this.device.size / 512) * 512
     if (hostOffset + size > eofLimit) {
@@ -245,7 +238,7 @@ export class Qcow2Image implements DiskImage {
     const recurse = await w.mutex.shared(() => this.detectMetadataPreallocation())
     const window = this.mapper.l2Entries * this.clusterSize
     const end = offset + length
-    for (let pos = offset; pos < end; ) {
+    for (let pos = offset; pos < end;) {
       const next = Math.min(end, (Math.floor(pos / window) + 1) * window)
       const from = pos
       const batch = await w.mutex.shared(async () => {
@@ -436,7 +429,6 @@ export class Qcow2Image implements DiskImage {
   }
 }
 
-
 /** Open a qcow2 image on `device`. The caller owns `device` until this returns. */
 export async function openQcow2(device: BlockDevice, context: OpenContext, options: OpenImageOptions): Promise<Qcow2Image> {
   const file = device.name
@@ -499,8 +491,7 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
       }
       opened.push(backing)
     }
-    const snapshots =
-      forCheck || h.nbSnapshots === 0 ? [] : await readSnapshotTable(device, file, h.snapshotsOffset, h.nbSnapshots)
+    const snapshots = forCheck || h.nbSnapshots === 0 ? [] : await readSnapshotTable(device, file, h.snapshotsOffset, h.nbSnapshots)
     const bitmaps = h.bitmaps && bitmapsValid(h) && !forCheck ? await readBitmapDirectory(device, file, h.bitmaps) : []
     const image = new Qcow2Image(device, h, l1, dataDevice, backing, snapshots, bitmaps, context, options)
     // open read/write (to write or to repair): unknown autoclear bits go first, as in QEMU

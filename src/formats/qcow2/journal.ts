@@ -212,7 +212,7 @@ async function segmentAt(r: JournalReader, pos: number, verify: boolean): Promis
     if (u64le(rh, 0) > BigInt(Number.MAX_SAFE_INTEGER) || p + REGION_HEAD + length + SEG_TAIL > r.size) return undefined
     if (verify) {
       crc = crc32(rh, crc)
-      for (let done = 0; done < length; ) {
+      for (let done = 0; done < length;) {
         const n = Math.min(UNDO_CHUNK, length - done)
         crc = crc32((await r.bytes(p + REGION_HEAD + done, n))!, crc)
         done += n

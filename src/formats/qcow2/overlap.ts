@@ -13,18 +13,7 @@ import { CorruptImageError, hex } from '../../errors.js'
  * refcounts lied just the same.
  */
 export type OverlapKind =
-  | 'header'
-  | 'l1'
-  | 'l2'
-  | 'reftable'
-  | 'refblock'
-  | 'snapshot'
-  | 'snapshot-l1'
-  | 'snapshot-l2'
-  | 'bitmap'
-  | 'bitmap-directory'
-  | 'bitmap-table'
-  | 'bitmap-data'
+  'header' | 'l1' | 'l2' | 'reftable' | 'refblock' | 'snapshot' | 'snapshot-l1' | 'snapshot-l2' | 'bitmap' | 'bitmap-directory' | 'bitmap-table' | 'bitmap-data'
 
 export class OverlapGuard {
   private readonly kinds = new Map<number, OverlapKind>()

@@ -53,7 +53,14 @@ export function refcountMetadataSize(clusters: number, clusterSize: number, orde
  * here and not used afterwards (its table is replaced). Fills `l1`, updates the
  * header's refcount table fields, and returns the file's end.
  */
-export async function preallocateData(device: BlockDevice, h: Qcow2Header, extendedL2: boolean, mode: 'falloc' | 'full', rc: RefcountWriter, l1: Uint8Array): Promise<number> {
+export async function preallocateData(
+  device: BlockDevice,
+  h: Qcow2Header,
+  extendedL2: boolean,
+  mode: 'falloc' | 'full',
+  rc: RefcountWriter,
+  l1: Uint8Array,
+): Promise<number> {
   const cs = h.clusterSize
   const order = h.refcountOrder
   const perBlock = refcountsPerBlock(cs, order)
@@ -101,7 +108,7 @@ export async function preallocateData(device: BlockDevice, h: Qcow2Header, exten
     return b
   }
   const setRange = async (first: number, n: number, v: number): Promise<void> => {
-    for (let c = first; c < first + n; ) {
+    for (let c = first; c < first + n;) {
       const b = await block(c)
       const stop = Math.min(first + n, (Math.floor(c / perBlock) + 1) * perBlock)
       for (; c < stop; c++) setRefcountEntry(b, c % perBlock, order, v)

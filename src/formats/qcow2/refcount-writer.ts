@@ -221,7 +221,10 @@ export class RefcountWriter {
         })
       }
       if (v > maxRefcount(this.order)) {
-        throw new ImgtoolError('UNSUPPORTED', `qcow2: ${this.file}: refcount of cluster ${hex(c * this.cs)} would exceed ${maxRefcount(this.order)} (refcount_bits ${2 ** this.order})`)
+        throw new ImgtoolError(
+          'UNSUPPORTED',
+          `qcow2: ${this.file}: refcount of cluster ${hex(c * this.cs)} would exceed ${maxRefcount(this.order)} (refcount_bits ${2 ** this.order})`,
+        )
       }
       await this.setCount(c, v)
       if (v === 0 && c < this.freeHint) this.freeHint = c

@@ -258,7 +258,12 @@ export async function planEntries(dev: BlockDevice, a: Qcow2Analysis, file: stri
       dv.setUint32(o, 0)
       dv.setUint32(o + 4, a.header.version >= 3 ? 1 : 0)
     }
-    actions.push({ kind: 'clear-l2-entry', structure: 'l2', hostOffset: ref.tableOffset + o, message: `${why}: the entry of ${guestOf(a, ref)} becomes a zero cluster` })
+    actions.push({
+      kind: 'clear-l2-entry',
+      structure: 'l2',
+      hostOffset: ref.tableOffset + o,
+      message: `${why}: the entry of ${guestOf(a, ref)} becomes a zero cluster`,
+    })
     fixed++
   }
   const clearL1 = (ref: EntryRef, message: string) => {
@@ -275,11 +280,17 @@ export async function planEntries(dev: BlockDevice, a: Qcow2Analysis, file: stri
     if (p.kind === 'data') {
       await zeroEntry(p.ref, `data cluster ${hex(p.hostOffset)} is past the end of the file (reads as zeros)`)
     } else {
-      clearL1(p.ref, `L2 table ${hex(p.hostOffset)} is past the end of the file: ${p.ref.active ? 'active' : 'snapshot'} L1 entry ${p.ref.index} cleared (its guest range read as zeros)`)
+      clearL1(
+        p.ref,
+        `L2 table ${hex(p.hostOffset)} is past the end of the file: ${p.ref.active ? 'active' : 'snapshot'} L1 entry ${p.ref.index} cleared (its guest range read as zeros)`,
+      )
     }
   }
   for (const ref of a.l1ZeroOffset) {
-    clearL1(ref, `${ref.active ? 'active' : 'snapshot'} L1 entry ${ref.index} is not zero but holds no L2 table offset: cleared (${ref.active ? l1Range(a, ref.index) : 'its range'} reads as unallocated, as before)`)
+    clearL1(
+      ref,
+      `${ref.active ? 'active' : 'snapshot'} L1 entry ${ref.index} is not zero but holds no L2 table offset: cleared (${ref.active ? l1Range(a, ref.index) : 'its range'} reads as unallocated, as before)`,
+    )
   }
   for (const ref of a.zeroAllocUnaligned) await zeroEntry(ref, 'preallocated zero cluster with an unaligned offset')
 
@@ -307,7 +318,7 @@ export async function planEntries(dev: BlockDevice, a: Qcow2Analysis, file: stri
         // sets it): a crash in between leaves a refcount to raise, never a COPIED flag that lies
         const off = copy * cs
         dv.setUint32(o, ((dv.getUint32(o) & 0x7f000000) | Math.floor(off / TWO32)) >>> 0)
-        dv.setUint32(o + 4, ((dv.getUint32(o + 4) & 0x1ff) | off % TWO32) >>> 0)
+        dv.setUint32(o + 4, ((dv.getUint32(o + 4) & 0x1ff) | (off % TWO32)) >>> 0)
         actions.push({
           kind: 'copy-data-cluster',
           structure: 'l2',
@@ -318,7 +329,12 @@ export async function planEntries(dev: BlockDevice, a: Qcow2Analysis, file: stri
       }
     }
   }
-  if (kept) actions.push({ kind: 'keep-entries', structure: 'l1', message: `${kept} entries left as they are: their table is not where an edit may safely land (the header, or a cluster that is also another structure)` })
+  if (kept)
+    actions.push({
+      kind: 'keep-entries',
+      structure: 'l1',
+      message: `${kept} entries left as they are: their table is not where an edit may safely land (the header, or a cluster that is also another structure)`,
+    })
   const tables = [...edits.writes('l2'), ...[...l1Edits].map(([offset, data]) => ({ offset, data, tag: 'l1' }))]
   // the copies are durable before any entry points at them
   if (copies.length) return { writes: copies, then: tables, actions, leaksFixed: 0, corruptionsFixed: fixed }

@@ -100,10 +100,21 @@ function repairFailure(e: unknown, file: string, wrote: boolean, journalPath: st
       ? 'the undo journal holds nothing to restore'
       : 'no undo journal was kept'
   const code = e instanceof ImgtoolError ? e.code : 'INTERNAL'
-  return new ImgtoolError(code, `qcow2: ${file}: repair failed after it had written to the image: ${msg.replace(/\s*\n\s*/g, '; ')}; ${undo}`, { file, journal: journalPath }, { cause: e })
+  return new ImgtoolError(
+    code,
+    `qcow2: ${file}: repair failed after it had written to the image: ${msg.replace(/\s*\n\s*/g, '; ')}; ${undo}`,
+    { file, journal: journalPath },
+    { cause: e },
+  )
 }
 
-async function repairSteps(dev: BlockDevice, o: RepairDeviceOptions, filename: string, journal: Qcow2Journal | undefined, state: { wrote: boolean }): Promise<RepairResult> {
+async function repairSteps(
+  dev: BlockDevice,
+  o: RepairDeviceOptions,
+  filename: string,
+  journal: Qcow2Journal | undefined,
+  state: { wrote: boolean },
+): Promise<RepairResult> {
   const actions: RepairAction[] = []
   let leaksFixed = 0
   let corruptionsFixed = 0
@@ -116,7 +127,9 @@ async function repairSteps(dev: BlockDevice, o: RepairDeviceOptions, filename: s
     const all = [...p.writes, ...(p.then ?? [])]
     const cs = 2 ** (await dev.read(20, 4, 'header')).reduce((v, b) => v * 256 + b, 0)
     guardPhase(filename, dev.size, cs, all)
-    const regions: JournalRegion[] = all.filter((w) => w.offset < dev.size).map((w) => ({ offset: w.offset, length: Math.min(w.data.byteLength, dev.size - w.offset) }))
+    const regions: JournalRegion[] = all
+      .filter((w) => w.offset < dev.size)
+      .map((w) => ({ offset: w.offset, length: Math.min(w.data.byteLength, dev.size - w.offset) }))
     if (journal) await journal.save(dev, regions)
     state.wrote = true
     for (const w of p.writes) await dev.write(w.offset, w.data, w.tag)
@@ -206,7 +219,14 @@ async function repairSteps(dev: BlockDevice, o: RepairDeviceOptions, filename: s
     nextSector[79] = (nextSector[79] ?? 0) & ~0x03
     await run({
       writes: [{ offset: 0, data: nextSector, tag: 'header' }],
-      actions: [{ kind: 'clear-header-bits', structure: 'header', hostOffset: 72, message: `clear the ${[isDirty(h) && 'dirty', isCorrupt(h) && 'corrupt'].filter(Boolean).join(' and ')} bit (the image checks clean)` }],
+      actions: [
+        {
+          kind: 'clear-header-bits',
+          structure: 'header',
+          hostOffset: 72,
+          message: `clear the ${[isDirty(h) && 'dirty', isCorrupt(h) && 'corrupt'].filter(Boolean).join(' and ')} bit (the image checks clean)`,
+        },
+      ],
       leaksFixed: 0,
       corruptionsFixed: 0,
     })
@@ -261,9 +281,16 @@ async function planRefcounts(dev: BlockDevice, a: Qcow2Analysis, fixErrors: bool
     if (m.onDisk > m.expected) leaksFixed++
     else corruptionsFixed++
   }
-  if (leaksFixed) actions.push({ kind: 'free-leaks', structure: 'refcount', message: `lower the refcounts of ${leaksFixed} leaked clusters to their reference counts` })
-  if (corruptionsFixed) actions.push({ kind: 'raise-refcounts', structure: 'refcount', message: `raise the refcounts of ${corruptionsFixed} clusters to their reference counts` })
-  if (kept) actions.push({ kind: 'keep-leaks', structure: 'refcount', message: `${kept} leaked clusters kept: a snapshot or table that cannot be walked may still own them` })
+  if (leaksFixed)
+    actions.push({ kind: 'free-leaks', structure: 'refcount', message: `lower the refcounts of ${leaksFixed} leaked clusters to their reference counts` })
+  if (corruptionsFixed)
+    actions.push({ kind: 'raise-refcounts', structure: 'refcount', message: `raise the refcounts of ${corruptionsFixed} clusters to their reference counts` })
+  if (kept)
+    actions.push({
+      kind: 'keep-leaks',
+      structure: 'refcount',
+      message: `${kept} leaked clusters kept: a snapshot or table that cannot be walked may still own them`,
+    })
   return { writes: [...blocks].map(([offset, data]) => ({ offset, data, tag: 'refblock' })), actions, leaksFixed, corruptionsFixed }
 }
 
@@ -299,7 +326,10 @@ async function planRebuild(dev: BlockDevice, a: Qcow2Analysis, file: string): Pr
   // (the IMRT reaches at most the partial cluster a reference may end in)
   const fileEnd = Math.ceil(a.fileSize / cs)
   if (imrt.size > fileEnd + 1) {
-    throw new CorruptImageError(`qcow2: ${file}: the recomputed refcounts reach cluster ${imrt.size - 1}, past the end of the file (size ${hex(a.fileSize)}); refcount structure not rebuilt`, { file, structure: 'refcount' })
+    throw new CorruptImageError(
+      `qcow2: ${file}: the recomputed refcounts reach cluster ${imrt.size - 1}, past the end of the file (size ${hex(a.fileSize)}); refcount structure not rebuilt`,
+      { file, structure: 'refcount' },
+    )
   }
   const end = Math.max(fileEnd, imrt.size)
   let nBlocks = 0
@@ -312,7 +342,8 @@ async function planRebuild(dev: BlockDevice, a: Qcow2Analysis, file: string): Pr
     nBlocks = nb2
     nTable = nt2
   }
-  if (nTable * cs > MAX_REFTABLE_BYTES) throw new CorruptImageError(`qcow2: ${file}: the rebuilt refcount table would need ${nTable} clusters (limit 8 MiB)`, { file, structure: 'reftable' })
+  if (nTable * cs > MAX_REFTABLE_BYTES)
+    throw new CorruptImageError(`qcow2: ${file}: the rebuilt refcount table would need ${nTable} clusters (limit 8 MiB)`, { file, structure: 'reftable' })
   const blocksStart = end
   const tableStart = end + nBlocks
   for (let k = blocksStart; k < tableStart + nTable; k++) imrt.set(k, 1)
@@ -375,6 +406,7 @@ async function planCopied(dev: BlockDevice, a: Qcow2Analysis): Promise<Phase> {
       t[o] = c.set ? (t[o] ?? 0) | 0x80 : (t[o] ?? 0) & 0x7f
     }
   }
-  if (a.copied.length) actions.push({ kind: 'fix-copied', structure: 'l2', message: `set or clear OFLAG_COPIED on ${a.copied.length} entries to match the refcounts` })
+  if (a.copied.length)
+    actions.push({ kind: 'fix-copied', structure: 'l2', message: `set or clear OFLAG_COPIED on ${a.copied.length} entries to match the refcounts` })
   return { writes: [...edits.writes('l2'), ...l1Writes], actions, leaksFixed: 0, corruptionsFixed: a.copied.length }
 }

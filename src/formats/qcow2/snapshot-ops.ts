@@ -53,7 +53,9 @@ async function checkOverflow(img: Qcow2Image, w: Qcow2Writer, l1: Uint8Array, l1
   }
   for (const [c, n] of add) {
     if ((await w.rc.get(c)) + n > max) {
-      throw new UnsupportedFeatureError(`qcow2: ${img.filename}: refcount of cluster 0x${(c * cs).toString(16)} would exceed ${max} (refcount_bits ${2 ** h.refcountOrder}); nothing was changed`)
+      throw new UnsupportedFeatureError(
+        `qcow2: ${img.filename}: refcount of cluster 0x${(c * cs).toString(16)} would exceed ${max} (refcount_bits ${2 ** h.refcountOrder}); nothing was changed`,
+      )
     }
   }
 }
@@ -171,7 +173,9 @@ export async function applySnapshot(img: Qcow2Image, nameOrId: string): Promise<
     const newSize = s.diskSize ?? h.size
     const resize = newSize !== h.size
     if (resize && h.version < 3) {
-      throw new UnsupportedFeatureError(`qcow2: ${img.filename}: snapshot '${s.name}' has another disk size (${newSize}) than the image (${h.size}): Can't resize a v2 image which has snapshots`)
+      throw new UnsupportedFeatureError(
+        `qcow2: ${img.filename}: snapshot '${s.name}' has another disk size (${newSize}) than the image (${h.size}): Can't resize a v2 image which has snapshots`,
+      )
     }
     w.assertUsable()
     const newTable = resize || s.l1Size > h.l1Size

@@ -157,7 +157,7 @@ export async function commitShadow(img: Qcow2Image, w: Qcow2Writer, next: Shadow
       const t = await dev.read(bm.tableOffset, bm.tableSize * 8, 'bitmap')
       for (let i = 0; i < bm.tableSize; i++) {
         const e = decodeBitmapTableEntry(t, i, cs)
-        const off = e ? e.offset : Number((u64be(t, i * 8) & 0x00fffffffffffe00n))
+        const off = e ? e.offset : Number(u64be(t, i * 8) & 0x00fffffffffffe00n)
         if (off !== 0) bitmapRanges.push([off, cs])
       }
     }
@@ -357,7 +357,10 @@ function layoutRefcounts(
       const end = Math.min(a.length, (ti + 1) * pb)
       for (let c = ti * pb; c < end; c++) {
         if (a[c] === 0) continue
-        if (a[c]! > max) throw new CorruptImageError(`qcow2: ${file}: cluster ${hex(c * cs)} would have ${a[c]} references, more than refcount_bits allows; nothing was changed`)
+        if (a[c]! > max)
+          throw new CorruptImageError(
+            `qcow2: ${file}: cluster ${hex(c * cs)} would have ${a[c]} references, more than refcount_bits allows; nothing was changed`,
+          )
         out.push(ti)
         break
       }

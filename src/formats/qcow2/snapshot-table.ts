@@ -74,7 +74,8 @@ export async function readSnapshotTable(dev: BlockDevice, file: string, offset: 
 export function snapshotTableBytes(snaps: Qcow2Snapshot[], offset: number): number {
   if (snaps.length === 0) return 0
   const last = snaps[snaps.length - 1]!
-  const lastLen = SNAPSHOT_FIXED_BYTES + last.extraData.byteLength + new TextEncoder().encode(last.id).byteLength + new TextEncoder().encode(last.name).byteLength
+  const lastLen =
+    SNAPSHOT_FIXED_BYTES + last.extraData.byteLength + new TextEncoder().encode(last.id).byteLength + new TextEncoder().encode(last.name).byteLength
   return last.entryOffset - offset + Math.ceil(lastLen / 8) * 8
 }
 

@@ -179,7 +179,10 @@ export class WritePipeline {
 
   private abandoned(job: Job, cause?: unknown): Error {
     const why = cause instanceof Error ? `: ${cause.message}` : ''
-    return new ImgtoolError('IO', `qcow2: ${this.wr.img.filename}: write of ${job.data.byteLength} bytes at guest offset ${hex(job.offset)} abandoned: an earlier write in flight failed${why}`)
+    return new ImgtoolError(
+      'IO',
+      `qcow2: ${this.wr.img.filename}: write of ${job.data.byteLength} bytes at guest offset ${hex(job.offset)} abandoned: an earlier write in flight failed${why}`,
+    )
   }
 
   /** Plan a request of the pipelined shape and issue its data write; undefined for any other shape. */
@@ -192,7 +195,7 @@ export class WritePipeline {
     const end = job.offset + job.data.byteLength
     // shape check first, without allocating: whole clusters to fill, or owned clusters kept as they are
     const tables: Array<{ l1Index: number; from: number; to: number; table: Uint8Array; shadow: TableWork | undefined; l2: number }> = []
-    for (let pos = job.offset; pos < end; ) {
+    for (let pos = job.offset; pos < end;) {
       const l1Index = Math.floor(pos / coverage)
       const to = Math.min(end, (l1Index + 1) * coverage)
       const sh = this.shadow.get(l1Index)
@@ -210,7 +213,7 @@ export class WritePipeline {
           table = await wr.img.mapper.loadL2(l1Index, l2)
         }
       }
-      for (let p = pos; p < to; ) {
+      for (let p = pos; p < to;) {
         const guest = Math.floor(p / cs) * cs
         const cEnd = Math.min(to, guest + cs)
         const whole = p === guest && cEnd === guest + cs
@@ -245,15 +248,31 @@ export class WritePipeline {
       for (const t of tables) {
         let w: TableWork
         if (t.shadow) {
-          w = { l1Index: t.l1Index, oldL2: t.l2, l2: t.l2, mode: 'inplace', table: t.table.slice(), lo: Infinity, hi: -1, allocated: [], frees: [], linked: false, attempted: false }
+          w = {
+            l1Index: t.l1Index,
+            oldL2: t.l2,
+            l2: t.l2,
+            mode: 'inplace',
+            table: t.table.slice(),
+            lo: Infinity,
+            hi: -1,
+            allocated: [],
+            frees: [],
+            linked: false,
+            attempted: false,
+          }
         } else {
           w = (await prepareTable(wr, t.l1Index, true))!
-          if (w.mode === 'cow') throw new ImgtoolError('INTERNAL', `qcow2: ${wr.img.filename}: L2 table of L1 index ${t.l1Index} (at ${hex(t.l2)}) became shared while a write was planned`)
+          if (w.mode === 'cow')
+            throw new ImgtoolError(
+              'INTERNAL',
+              `qcow2: ${wr.img.filename}: L2 table of L1 index ${t.l1Index} (at ${hex(t.l2)}) became shared while a write was planned`,
+            )
         }
         works.push(w)
         if (w.mode !== 'inplace') needFlush = true
         const fill: Array<{ idx: number; guest: number }> = []
-        for (let p = t.from; p < t.to; ) {
+        for (let p = t.from; p < t.to;) {
           const guest = Math.floor(p / cs) * cs
           const cEnd = Math.min(t.to, guest + cs)
           const idx = (guest / cs) % wr.l2Entries
@@ -283,14 +302,16 @@ export class WritePipeline {
     // data writes go out one request after the other: a request may overwrite in place a cluster
     // that an earlier one in flight is still writing, and two writes to one place may land in
     // either order. Planning and commits still overlap them; the device gets the next write at once.
-    const dataDone = this.lastData.then(async (earlier) => {
-      // after a failed data write nothing more goes out: the requests behind it are abandoned
-      if (earlier !== undefined) throw earlier
-      for (const d of writes) await wr.guardedWrite(d.device, d.offset, joined(d), 'data')
-    }).then(
-      () => undefined,
-      (e: unknown) => e ?? new Error('data write failed'),
-    )
+    const dataDone = this.lastData
+      .then(async (earlier) => {
+        // after a failed data write nothing more goes out: the requests behind it are abandoned
+        if (earlier !== undefined) throw earlier
+        for (const d of writes) await wr.guardedWrite(d.device, d.offset, joined(d), 'data')
+      })
+      .then(
+        () => undefined,
+        (e: unknown) => e ?? new Error('data write failed'),
+      )
     this.lastData = dataDone
     return { job, works, needFlush, dataDone }
   }

@@ -37,7 +37,7 @@ export async function writeLocked(wr: Qcow2Writer, offset: number, data: Uint8Ar
       if (w.mode !== 'inplace') needFlush = true
       // clusters needing a new host cluster, allocated together in guest order
       const plans: Array<{ idx: number; guest: number; from: number; to: number; e: L2Entry }> = []
-      for (let p = pos; p < tEnd; ) {
+      for (let p = pos; p < tEnd;) {
         const cStart = Math.floor(p / wr.cs) * wr.cs
         const to = Math.min(tEnd, cStart + wr.cs)
         const idx = (cStart / wr.cs) % wr.l2Entries
@@ -59,13 +59,15 @@ export async function writeLocked(wr: Qcow2Writer, offset: number, data: Uint8Ar
       if (alloc.length > 0) {
         needFlush = true
         if (hasDataFile(wr.h)) {
-          for (const pl of alloc) await fillNewCluster(wr, w, pl.idx, pl.guest, pl.guest, pl.e, pl.from, data.subarray(pl.from - offset, pl.to - offset), writes, wr.img.dataDevice)
+          for (const pl of alloc)
+            await fillNewCluster(wr, w, pl.idx, pl.guest, pl.guest, pl.e, pl.from, data.subarray(pl.from - offset, pl.to - offset), writes, wr.img.dataDevice)
         } else {
           const first = await wr.alloc(alloc.length, w)
           for (let k = 0; k < alloc.length; k++) {
             const pl = alloc[k]!
             const piece = data.subarray(pl.from - offset, pl.to - offset)
-            if (!wr.ew.extended && pl.from === pl.guest && piece.byteLength === wr.cs) fillWholeCluster(wr, w, pl.idx, first + k * wr.cs, pl.e, piece, writes, wr.img.device)
+            if (!wr.ew.extended && pl.from === pl.guest && piece.byteLength === wr.cs)
+              fillWholeCluster(wr, w, pl.idx, first + k * wr.cs, pl.e, piece, writes, wr.img.device)
             else await fillNewCluster(wr, w, pl.idx, pl.guest, first + k * wr.cs, pl.e, pl.from, piece, writes, wr.img.device)
           }
         }
@@ -83,12 +85,18 @@ export async function writeLocked(wr: Qcow2Writer, offset: number, data: Uint8Ar
  * One cluster of a write: 'inplace' (data only), 'meta' (in place, but the
  * entry changes: subclusters or a preallocated zero cluster), or 'alloc'.
  */
-export async function planClusterWrite(wr: Qcow2Writer, w: TableWork, idx: number, guest: number, from: number, piece: Uint8Array, writes: DataWrite[]): Promise<'inplace' | 'meta' | 'alloc'> {
+export async function planClusterWrite(
+  wr: Qcow2Writer,
+  w: TableWork,
+  idx: number,
+  guest: number,
+  from: number,
+  piece: Uint8Array,
+  writes: DataWrite[],
+): Promise<'inplace' | 'meta' | 'alloc'> {
   const e = wr.entry(w.table, idx)
   const dataDev = wr.img.dataDevice
-  const owned =
-    (e.type === 'normal' || (e.type === 'zero' && e.hostOffset !== 0)) &&
-    (hasDataFile(wr.h) || (await wr.refcount(e.hostOffset)) === 1)
+  const owned = (e.type === 'normal' || (e.type === 'zero' && e.hostOffset !== 0)) && (hasDataFile(wr.h) || (await wr.refcount(e.hostOffset)) === 1)
   if (!owned) return 'alloc'
   const host = (e as { hostOffset: number }).hostOffset
   if (!wr.ew.extended) {
@@ -131,7 +139,18 @@ export async function subclusterBuffer(wr: Qcow2Writer, guest: number, a: number
 }
 
 /** Content for a newly allocated (or external) host cluster and its new entry. */
-export async function fillNewCluster(wr: Qcow2Writer, w: TableWork, idx: number, guest: number, host: number, e: L2Entry, from: number, piece: Uint8Array, writes: DataWrite[], dev: BlockDevice): Promise<void> {
+export async function fillNewCluster(
+  wr: Qcow2Writer,
+  w: TableWork,
+  idx: number,
+  guest: number,
+  host: number,
+  e: L2Entry,
+  from: number,
+  piece: Uint8Array,
+  writes: DataWrite[],
+  dev: BlockDevice,
+): Promise<void> {
   if (!wr.ew.extended || e.type === 'compressed') {
     const full = from === guest && piece.byteLength === wr.cs
     // the whole cluster is written: no copy-on-write, nothing to wait for (the common case of a large write)

@@ -66,7 +66,7 @@ async function zeroAligned(wr: Qcow2Writer, offset: number, length: number, disc
       }
       works.push(w)
       if (w.mode !== 'inplace') needFlush = true
-      for (let p = pos; p < tEnd; ) {
+      for (let p = pos; p < tEnd;) {
         const guest = Math.floor(p / wr.cs) * wr.cs
         const to = Math.min(tEnd, guest + wr.cs)
         const idx = (guest / wr.cs) % wr.l2Entries
@@ -90,9 +90,8 @@ async function zeroCluster(wr: Qcow2Writer, w: TableWork, idx: number, guest: nu
   const backing = wr.img.backing !== undefined
   const dataFile = hasDataFile(wr.h)
   const wholeCluster = a === 0 && (b === wr.cs || guest + b >= wr.h.size)
-  const owned = e.type === 'normal' || (e.type === 'zero' && e.hostOffset !== 0)
-    ? dataFile || (await wr.refcount((e as { hostOffset: number }).hostOffset)) === 1
-    : false
+  const owned =
+    e.type === 'normal' || (e.type === 'zero' && e.hostOffset !== 0) ? dataFile || (await wr.refcount((e as { hostOffset: number }).hostOffset)) === 1 : false
   if (!wr.ew.extended) {
     if (wr.h.version < 3) {
       if (e.type === 'unallocated') return undefined
@@ -127,7 +126,7 @@ async function zeroCluster(wr: Qcow2Writer, w: TableWork, idx: number, guest: nu
     return undefined
   }
   const bm = getBitmap(w.table, idx)
-  if (e.type === 'normal' && (mask === ALL_SUBCLUSTERS) && (discard || !owned)) {
+  if (e.type === 'normal' && mask === ALL_SUBCLUSTERS && (discard || !owned)) {
     const d = wr.dropRef(e)
     if (d) w.frees.push(d)
     setStandard(w.table, wr.ew, idx, { hostOffset: 0, copied: false })

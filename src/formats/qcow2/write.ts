@@ -125,9 +125,13 @@ export class Qcow2Writer {
     const g = this.guard
     g.set(0, 'header')
     for (const [c, k] of await this.rc.metadataClusters()) g.set(c, k)
-    await walkMetadata(this.img, (offset, length, kind) => {
-      if (kind === 'l1' || kind === 'l2' || kind === 'snapshot' || kind === 'snapshot-l1') g.setRange(offset, length, kind)
-    }, { data: false })
+    await walkMetadata(
+      this.img,
+      (offset, length, kind) => {
+        if (kind === 'l1' || kind === 'l2' || kind === 'snapshot' || kind === 'snapshot-l1') g.setRange(offset, length, kind)
+      },
+      { data: false },
+    )
   }
 
   get lazy(): boolean {
@@ -153,7 +157,8 @@ export class Qcow2Writer {
     if (offset % this.cs !== 0) throw new ImgtoolError('USAGE', `qcow2: compressed write at ${hex(offset)} is not cluster aligned`)
     checkGuestRange(`qcow2: ${this.img.filename}: compressed write`, offset, Math.min(this.cs, this.h.size - offset), this.h.size)
     if (hasDataFile(this.h)) throw new UnsupportedFeatureError(`qcow2: ${this.img.filename}: compressed writes are not possible with an external data file`)
-    if (compressed.byteLength >= this.cs) throw new ImgtoolError('USAGE', `qcow2: compressed cluster of ${compressed.byteLength} bytes is not smaller than the cluster`)
+    if (compressed.byteLength >= this.cs)
+      throw new ImgtoolError('USAGE', `qcow2: compressed cluster of ${compressed.byteLength} bytes is not smaller than the cluster`)
     this.noteGuestChange(offset, Math.min(this.cs, this.h.size - offset))
     return this.mutex.run(() => writeCompressedLocked(this, [{ offset, data: compressed }]))
   }
@@ -338,7 +343,6 @@ export class Qcow2Writer {
     return this.rc.get(Math.floor(host / this.cs))
   }
 
-
   /** Allocate clusters; refcounts that call known metadata free mean a corrupt image. */
   /** @internal */
   async alloc(n: number, w: TableWork | undefined): Promise<number> {
@@ -371,7 +375,6 @@ export class Qcow2Writer {
     return undefined
   }
 
-
   /** @internal */
   async ensureDirty(): Promise<void> {
     if (this.dirtyMarked) return
@@ -379,7 +382,6 @@ export class Qcow2Writer {
     await this.img.device.flush()
     this.dirtyMarked = true
   }
-
 
   /**
    * Grow the file to a multiple of 512 bytes, as QEMU does when convert -c
@@ -400,11 +402,11 @@ export class Qcow2Writer {
     for (const it of items) {
       if (it.offset % this.cs !== 0) throw new ImgtoolError('USAGE', `qcow2: compressed write at ${hex(it.offset)} is not cluster aligned`)
       checkGuestRange(`qcow2: ${this.img.filename}: compressed write`, it.offset, Math.min(this.cs, this.h.size - it.offset), this.h.size)
-      if (it.data.byteLength >= this.cs) throw new ImgtoolError('USAGE', `qcow2: compressed cluster of ${it.data.byteLength} bytes is not smaller than the cluster`)
+      if (it.data.byteLength >= this.cs)
+        throw new ImgtoolError('USAGE', `qcow2: compressed cluster of ${it.data.byteLength} bytes is not smaller than the cluster`)
     }
     if (hasDataFile(this.h)) throw new UnsupportedFeatureError(`qcow2: ${this.img.filename}: compressed writes are not possible with an external data file`)
     for (const it of items) this.noteGuestChange(it.offset, Math.min(this.cs, this.h.size - it.offset))
     return this.mutex.run(() => writeCompressedLocked(this, items))
   }
-
 }

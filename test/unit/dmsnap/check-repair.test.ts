@@ -33,19 +33,101 @@ interface Case {
 
 // a header the kernel refuses: the check cannot start, exit 1 (issue item 10; exit 2 before)
 const CASES: Case[] = [
-  { name: 'a record removed by hand leaks its chunk', cow: () => removeRecord(cow, 3, 7), kind: 'leaked-chunk', expect: { cluster: 5, chunks: [5] }, exit: 3, repairable: true },
-  { name: 'new_chunk with high bits aliasing the header', cow: () => setRecord(cow, 1, 2, 1n << 56n), kind: 'new-chunk-header', expect: { cluster: 0, slot: 1 }, also: ['leaked-chunk'], exit: 2, repairable: true },
-  { name: 'new_chunk with high bits set', cow: () => setRecord(cow, 1, 2, (1n << 56n) + 3n), kind: 'new-chunk-high-bits', expect: { cluster: 3, slot: 1 }, also: ['leaked-chunk'], exit: 2, repairable: true },
-  { name: 'new_chunk pointing at metadata area 0', cow: () => setRecord(cow, 1, 2, 1), kind: 'new-chunk-in-metadata', expect: { newChunk: 1, oldChunk: 2, slot: 1 }, also: ['leaked-chunk'], exit: 2, repairable: true },
-  { name: 'new_chunk beyond the end of the COW', cow: () => setRecord(cow, 6, 66, 40), kind: 'new-chunk-beyond-end', expect: { newChunk: 40, slot: 6 }, also: ['leaked-chunk'], exit: 2, repairable: true },
-  { name: 'two origin chunks sharing one data chunk', cow: () => setRecord(cow, 4, 64, 5), kind: 'duplicate-new-chunk', expect: { newChunk: 5, oldChunk: 64 }, also: ['leaked-chunk'], exit: 2, repairable: true },
-  { name: 'an origin chunk mapped twice', cow: () => setRecord(cow, 4, 16, 6), kind: 'duplicate-old-chunk', expect: { chunks: [5, 6], oldChunk: 16 }, exit: 2, repairable: true },
-  { name: 'an exact duplicate record', cow: () => setRecord(cow, 7, 66, 8), kind: 'duplicate-record', expect: { newChunk: 8, slot: 7 }, exit: 3, repairable: true },
-  { name: 'old_chunk beyond the origin', cow: () => setRecord(cow, 4, 500, 6), kind: 'old-chunk-beyond-origin', expect: { oldChunk: 500, newChunk: 6 }, exit: 2, repairable: true },
-  { name: 'a record after the terminator', cow: () => setRecord(cow, 9, 500, 19), kind: 'garbage-after-terminator', expect: { cluster: 1, slot: 9, area: 0 }, exit: 2, repairable: true },
+  {
+    name: 'a record removed by hand leaks its chunk',
+    cow: () => removeRecord(cow, 3, 7),
+    kind: 'leaked-chunk',
+    expect: { cluster: 5, chunks: [5] },
+    exit: 3,
+    repairable: true,
+  },
+  {
+    name: 'new_chunk with high bits aliasing the header',
+    cow: () => setRecord(cow, 1, 2, 1n << 56n),
+    kind: 'new-chunk-header',
+    expect: { cluster: 0, slot: 1 },
+    also: ['leaked-chunk'],
+    exit: 2,
+    repairable: true,
+  },
+  {
+    name: 'new_chunk with high bits set',
+    cow: () => setRecord(cow, 1, 2, (1n << 56n) + 3n),
+    kind: 'new-chunk-high-bits',
+    expect: { cluster: 3, slot: 1 },
+    also: ['leaked-chunk'],
+    exit: 2,
+    repairable: true,
+  },
+  {
+    name: 'new_chunk pointing at metadata area 0',
+    cow: () => setRecord(cow, 1, 2, 1),
+    kind: 'new-chunk-in-metadata',
+    expect: { newChunk: 1, oldChunk: 2, slot: 1 },
+    also: ['leaked-chunk'],
+    exit: 2,
+    repairable: true,
+  },
+  {
+    name: 'new_chunk beyond the end of the COW',
+    cow: () => setRecord(cow, 6, 66, 40),
+    kind: 'new-chunk-beyond-end',
+    expect: { newChunk: 40, slot: 6 },
+    also: ['leaked-chunk'],
+    exit: 2,
+    repairable: true,
+  },
+  {
+    name: 'two origin chunks sharing one data chunk',
+    cow: () => setRecord(cow, 4, 64, 5),
+    kind: 'duplicate-new-chunk',
+    expect: { newChunk: 5, oldChunk: 64 },
+    also: ['leaked-chunk'],
+    exit: 2,
+    repairable: true,
+  },
+  {
+    name: 'an origin chunk mapped twice',
+    cow: () => setRecord(cow, 4, 16, 6),
+    kind: 'duplicate-old-chunk',
+    expect: { chunks: [5, 6], oldChunk: 16 },
+    exit: 2,
+    repairable: true,
+  },
+  {
+    name: 'an exact duplicate record',
+    cow: () => setRecord(cow, 7, 66, 8),
+    kind: 'duplicate-record',
+    expect: { newChunk: 8, slot: 7 },
+    exit: 3,
+    repairable: true,
+  },
+  {
+    name: 'old_chunk beyond the origin',
+    cow: () => setRecord(cow, 4, 500, 6),
+    kind: 'old-chunk-beyond-origin',
+    expect: { oldChunk: 500, newChunk: 6 },
+    exit: 2,
+    repairable: true,
+  },
+  {
+    name: 'a record after the terminator',
+    cow: () => setRecord(cow, 9, 500, 19),
+    kind: 'garbage-after-terminator',
+    expect: { cluster: 1, slot: 9, area: 0 },
+    exit: 2,
+    repairable: true,
+  },
   { name: 'bad magic', cow: () => setHeader(cow, 'magic', 0x12345678), kind: 'bad-magic', expect: { cluster: 0 }, exit: 1, repairable: true },
   { name: 'bad version', cow: () => setHeader(cow, 'version', 2), kind: 'bad-version', expect: { cluster: 0 }, exit: 1, repairable: true },
-  { name: 'chunk size not a power of two', cow: () => setHeader(cow, 'chunkSize', 12), kind: 'bad-chunk-size', expect: { cluster: 0 }, exit: 1, repairable: false },
+  {
+    name: 'chunk size not a power of two',
+    cow: () => setHeader(cow, 'chunkSize', 12),
+    kind: 'bad-chunk-size',
+    expect: { cluster: 0 },
+    exit: 1,
+    repairable: false,
+  },
   { name: 'chunk size zero', cow: () => setHeader(cow, 'chunkSize', 0), kind: 'bad-chunk-size', expect: { cluster: 0 }, exit: 1, repairable: false },
   { name: 'uninitialised store (magic 0)', cow: () => setHeader(cow, 'magic', 0), kind: 'uninitialised', expect: { cluster: 0 }, exit: 1, repairable: false },
   { name: 'invalidated store', cow: () => setHeader(cow, 'valid', 0), kind: 'invalidated', expect: { cluster: 0 }, exit: 2, repairable: false },
@@ -121,7 +203,15 @@ describe('dmsnap repair of a shared data chunk (duplicate new_chunk) keeps the v
     const { dev, res, records } = await repairAll(damaged)
     expect(res.actions.map((a) => a.kind)).toEqual(['split-shared-chunk'])
     expect(res.actions[0]!.message).toMatch(/chunk 5 .* into free chunk 6 and repoint record 4 \(origin chunk 64\)/)
-    expect(records).toEqual([[0, 2], [2, 3], [3, 4], [16, 5], [64, 6], [65, 7], [66, 8]])
+    expect(records).toEqual([
+      [0, 2],
+      [2, 3],
+      [3, 4],
+      [16, 5],
+      [64, 6],
+      [65, 7],
+      [66, 8],
+    ])
     expect(res.after.findings).toEqual([])
     expect(await wholeView(dev.snapshot())).toBe(await wholeView(damaged))
   })
@@ -160,7 +250,9 @@ describe('dmsnap repair of a shared data chunk (duplicate new_chunk) keeps the v
     const { dev, res, records } = await repairAll(damaged, fx.origin.byteLength)
     expect(res.actions).toHaveLength(1)
     expect(res.actions[0]).toMatchObject({ kind: 'drop-record' })
-    expect(res.actions[0]!.message).toMatch(/record 14 \(30→2\): duplicate-new-chunk: no free chunk left .* origin chunk 30 falls back to the origin: its snapshot data is lost/)
+    expect(res.actions[0]!.message).toMatch(
+      /record 14 \(30→2\): duplicate-new-chunk: no free chunk left .* origin chunk 30 falls back to the origin: its snapshot data is lost/,
+    )
     expect(records).toHaveLength(14)
     expect(res.after.findings).toEqual([])
     const img = await openStore(new MemoryDevice(dev.snapshot()), rawImage(fx.origin), { readOnly: true })

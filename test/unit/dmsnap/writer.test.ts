@@ -91,7 +91,11 @@ describe('dmsnap writer', () => {
     const r = await convertToCow(rawImage(target), rawImage(ORIGIN), dev, { chunkSize: 4096 })
     expect(r.exceptions).toBe(3)
     const img = await openStore(dev, rawImage(ORIGIN), { readOnly: true })
-    expect(img.records.map((x) => [x.old, x.new])).toEqual([[3, 2], [9, 3], [15, 4]])
+    expect(img.records.map((x) => [x.old, x.new])).toEqual([
+      [3, 2],
+      [9, 3],
+      [15, 4],
+    ])
     expect(md5(await img.read(0, target.byteLength))).toBe(md5(target))
     expect((await checkStore(dev)).findings).toEqual([])
   })

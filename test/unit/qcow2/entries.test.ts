@@ -27,8 +27,8 @@ const std = (clusterBits = 16): L2DecodeContext => ({ clusterBits, extendedL2: f
 
 // Host offsets on both sides of 2^31 and 2^32 (a sign bug at 2^31 was fixed), up to the 56-bit limit.
 const BIG_OFFSETS = [
-  0x200, 0x10000, 0x7fff_fe00, 0x8000_0000, 0x8000_0200, 0xc000_0000, 0xffff_fe00, 0x1_0000_0000, 0x1_8000_0000,
-  0x3_ffff_0000, 0x100_0000_0000, 0x7f_ffff_fe00, 0x00ff_ffff_ffff_fe00,
+  0x200, 0x10000, 0x7fff_fe00, 0x8000_0000, 0x8000_0200, 0xc000_0000, 0xffff_fe00, 0x1_0000_0000, 0x1_8000_0000, 0x3_ffff_0000, 0x100_0000_0000, 0x7f_ffff_fe00,
+  0x00ff_ffff_ffff_fe00,
 ]
 
 describe('L1 entries', () => {

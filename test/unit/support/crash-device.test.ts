@@ -212,7 +212,10 @@ describe('crash states', () => {
     expect(await at(4)).toEqual([
       [[], [1, 0, 0, 0]],
       [[2], [1, 2, 0, 0]],
-      [[2, 3], [1, 2, 3, 0]],
+      [
+        [2, 3],
+        [1, 2, 3, 0],
+      ],
       [[3], [1, 0, 3, 0]],
     ])
     expect(await at(6)).toEqual([

@@ -96,7 +96,9 @@ describe('TracingDevice', () => {
       await dev.write(1536, bytes(8, 1), 'l2') // no flush in between
       await dev.flush()
       expect(dev.flushedBefore(refblock, l2)).toBe(false)
-      expect(() => dev.assertFlushedBefore(refblock, l2)).toThrow(/img\.qcow2: #\d+ write l2 0x600\+0x8 was issued while #\d+ write refblock 0x400\+0x8 was not flushed/)
+      expect(() => dev.assertFlushedBefore(refblock, l2)).toThrow(
+        /img\.qcow2: #\d+ write l2 0x600\+0x8 was issued while #\d+ write refblock 0x400\+0x8 was not flushed/,
+      )
       // the reverse order requirement: L2 writes after a refblock write without flush
       expect(dev.flushedBefore(l2, refblock)).toBe(false)
     })
@@ -135,7 +137,12 @@ describe('TracingDevice', () => {
       await dev.write(0, bytes(8, 1), 'data')
       await dev.flush()
       await dev.write(4096, bytes(8, 1), 'l2')
-      expect(dev.flushedBefore((o) => o.op === 'write' && o.offset < 4096, (o) => o.offset >= 4096)).toBe(true)
+      expect(
+        dev.flushedBefore(
+          (o) => o.op === 'write' && o.offset < 4096,
+          (o) => o.offset >= 4096,
+        ),
+      ).toBe(true)
       expect(() => dev.assertInOrder('write', 'flush', 'write')).not.toThrow()
       expect(() => dev.assertInOrder('flush', 'flush')).toThrow(/not found/)
       expect(dev.indexOf('flush')).toBe(1)
