@@ -16,12 +16,6 @@ export interface OpenDefect {
 
 export const OPEN_DEFECTS: OpenDefect[] = [
   {
-    id: 'L2-PAST-EOF',
-    why: 'an L1 entry pointing at an L2 table past the end of the file: qemu-img reads zeros there, imgtool refuses to read (the D16 class; L1 and refcount tables past EOF are fixed)',
-    matches: (inv, d) => inv === 'read-refused' && /L2 table offset 0x[0-9a-f]+ is beyond the end of the file/.test(d),
-    cases: [],
-  },
-  {
     id: 'REPAIR-REFTABLE-MOVED',
     why: 'refcount_table_offset bent onto other metadata: imgtool repair stops (exit 1) where qemu-img check -r all repairs',
     matches: (inv, d) => inv === 'repair-verdict' && /^after imgtool repair \(exit 1\) qemu-img check exit 2 .*qemu-img check -r all exit 0$/.test(d),
@@ -40,14 +34,6 @@ export const OPEN_DEFECTS: OpenDefect[] = [
     cases: [3],
   },
   { id: 'D16-L1-OFFSET-2^62', why: "l1_table_offset bent to 2^62: check's verdict still differs from qemu-img's", matches: () => false, cases: [10] },
-  { id: 'NEW-9', why: 'repair rebuilds the refcount structure where the header still places the L1 table (data loss)', matches: () => false, cases: [14] },
-  { id: 'NEW-10', why: 'repair --dry-run exits 1 when its check cannot complete, while the repair itself runs', matches: () => false, cases: [15] },
-  {
-    id: 'NEW-11',
-    why: 'v2 over a backing file: repair clears a data entry past EOF and the guest then reads the backing file (data loss)',
-    matches: () => false,
-    cases: [16],
-  },
 ]
 
 export function openDefectFor(invariant: string, detail: string): OpenDefect | undefined {

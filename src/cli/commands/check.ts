@@ -112,7 +112,7 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
     }
     const f = e as { strerror?: string; diagnostics?: string[] }
     if (typeof f.strerror === 'string') {
-      io.stderr.write(`imgtool: ${oneLine(e)}\nimgtool: Check failed: ${f.strerror}\n`)
+      io.stderr.write(`imgtool: ${oneLine(e)}; Check failed: ${f.strerror}\n`)
       return 1
     }
     if ((e as { openFailed?: boolean }).openFailed) {

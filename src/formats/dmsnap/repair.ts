@@ -22,6 +22,7 @@ import { analyzeStore, type StoreAnalysis } from './check.js'
 import { encodeRecord, type ExceptionRecord } from './exceptions.js'
 import { encodeHeader, type StoreHeader } from './header.js'
 import { UndoJournal } from './journal.js'
+import { OverlayDevice } from '../../io/overlay-device.js'
 import { TableModel, type ModelRecord, type Role } from './table-model.js'
 
 export interface RepairStoreOptions extends CheckOptions {
@@ -54,27 +55,38 @@ export function forceValidFlag(o: CheckOptions): boolean {
 }
 
 export async function repairStore(dev: BlockDevice, options: RepairStoreOptions): Promise<RepairResult> {
+  if (options.dryRun) {
+    // a dry run performs every round on an overlay that keeps the writes in memory: the plan and the
+    // predicted result are the repair's own, and the store is not touched
+    const overlay = new OverlayDevice(dev)
+    try {
+      const { journal: _journal, journalPath: _journalPath, ...rest } = options
+      return { ...(await repairStore(overlay, { ...rest, dryRun: false })), dryRun: true }
+    } finally {
+      await overlay.close()
+    }
+  }
   const aOpts = { originSize: options.originSize, origin: options.origin }
   const first = await analyzeStore(dev, aOpts)
   const before = first.report
   const actions: RepairAction[] = []
-  const journal = options.journal && !options.dryRun ? new UndoJournal(options.journal) : undefined
+  const journal = options.journal ? new UndoJournal(options.journal) : undefined
   if (journal) await journal.start()
   let a: StoreAnalysis = first
   for (let round = 0; round < 3; round++) {
     const p = plan(a, options)
     actions.push(...p.actions)
-    if (options.dryRun || p.steps.length === 0) break
+    if (p.steps.length === 0) break
     for (const s of p.steps) await apply(dev, a.layout!, s, journal)
     a = await analyzeStore(dev, aOpts)
     if (!p.replan) break
   }
   if (journal) await journal.seal(dev, SECTOR_BYTES, options.journalIdentity) // the repair has finished: tie the journal to what it left
-  const after = options.dryRun ? before : a.report
+  const after = a.report
   before.leaksFixed = Math.max(0, before.leaks - after.leaks)
   before.corruptionsFixed = Math.max(0, before.corruptions - after.corruptions)
-  const result: RepairResult = { before, after, actions, dryRun: options.dryRun ?? false }
-  if (options.journalPath) result.journalPath = options.journalPath
+  const result: RepairResult = { before, after, actions, dryRun: false }
+  if (options.journalPath && journal && journal.entries > 0) result.journalPath = options.journalPath
   return result
 }
 
@@ -102,11 +114,12 @@ function plan(a: StoreAnalysis, options: RepairStoreOptions): Planned {
     act('rewrite-header', 'cow-header', `rewrite the header (magic SnAp, version 1): the areas parse cleanly with chunk size ${h.chunkSectors}`, 0)
   }
   if (h.valid === 0) {
-    if (!forceValidFlag(options)) return out // content undefined: never flip valid back by default
-    if (!recordsClean) return out
-    h.valid = 1
-    headerChanged = true
-    act('force-valid', 'cow-header', 're-validate the invalidated store (valid=1): every record checks out (forced)', 4)
+    // content undefined: never flip valid back by default (a header rewrite for a finding keeps valid=0)
+    if (forceValidFlag(options) && recordsClean) {
+      h.valid = 1
+      headerChanged = true
+      act('force-valid', 'cow-header', 're-validate the invalidated store (valid=1): every record checks out (forced)', 4)
+    } else if (!headerChanged) return out
   } else if (all && h.valid !== 1 && headerChanged) {
     // the header is rewritten for a finding anyway: with the kernel's valid value
     h.valid = 1

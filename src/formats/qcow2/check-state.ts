@@ -17,6 +17,15 @@ export const MAX_FINDINGS = 5000
 
 /** per-problem stderr lines kept per check (qemu-img prints them all; the counts are always exact) */
 export const MAX_DIAGNOSTICS = 100_000
+/** regions referenced past EOF kept for a refcount rebuild to step over (more: no rebuild) */
+export const MAX_UNCOUNTED = 1024
+
+/** A region a structure references that lies a cluster or more past the end of the file (not counted). */
+export interface UncountedRegion {
+  offset: number
+  size: number
+  what: string
+}
 
 export const TWO32 = 0x1_0000_0000
 
@@ -167,6 +176,13 @@ export class CheckState {
     return [{ offset: (ref.l1Index * this.l2Count + ref.index) * this.cs, length: this.cs }]
   }
 
+  /**
+   * Regions still referenced but not counted for lying past EOF, the refcount
+   * structure's own aside (a rebuilt refcount structure must step over them
+   * and count them), up to MAX_UNCOUNTED
+   */
+  uncounted: UncountedRegion[] = []
+  uncountedTruncated = false
   /** entries past EOF are kept for repair up to MAX_DIAGNOSTICS (repair goes round again for the rest) */
   pastEofTruncated = false
   addPastEof(p: PastEof): void {
@@ -178,6 +194,10 @@ export class CheckState {
   inc(offset: number, size: number, what: string, ref?: EntryRef, offsetHex?: string): boolean {
     if (size <= 0) return true
     if (offset + size - this.fileSize >= this.cs) {
+      if (what !== 'refcount table' && what !== 'refcount block') {
+        if (this.uncounted.length < MAX_UNCOUNTED) this.uncounted.push({ offset, size, what })
+        else this.uncountedTruncated = true
+      }
       if (this.saturated) {
         this.countOnly()
         return false

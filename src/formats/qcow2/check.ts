@@ -21,12 +21,22 @@ import { CRYPT_LUKS, MAX_L1_BYTES } from './constants.js'
 import { hasLazyRefcounts, isDirty, readHeader, type Qcow2Header } from './header.js'
 import { Imrt } from './check-imrt.js'
 import { readSnapshotsForCheck, type CheckSnapshot, type SnapshotTableCheck } from './check-snapshots.js'
-import { CheckFailedError, CheckState, cHex, type CopiedError, type EntryRef, type Mismatch, type PastEof, type WalkStats } from './check-state.js'
+import {
+  CheckFailedError,
+  CheckState,
+  cHex,
+  type CopiedError,
+  type EntryRef,
+  type Mismatch,
+  type PastEof,
+  type UncountedRegion,
+  type WalkStats,
+} from './check-state.js'
 import { countBitmaps, walkL1 } from './check-walk.js'
 import { checkRefblocks, compareRefcounts, protectL2, protectSnapshot } from './check-refcounts.js'
 import { checkCopied } from './check-copied.js'
 
-export { CheckFailedError, MAX_FINDINGS, cHex, entryHex, type CopiedError, type EntryRef, type Mismatch } from './check-state.js'
+export { CheckFailedError, MAX_FINDINGS, cHex, entryHex, type CopiedError, type EntryRef, type Mismatch, type UncountedRegion } from './check-state.js'
 
 export interface Qcow2Analysis {
   header: Qcow2Header
@@ -60,6 +70,10 @@ export interface Qcow2Analysis {
   /** clusters no walk counted but that a structure we could not walk may own: never freed */
   protectedClusters: Set<number>
   highestCluster: number
+  /** regions still referenced past the end of the file, not counted (the refcount structure's own aside) */
+  uncounted: UncountedRegion[]
+  /** more such regions than `uncounted` holds */
+  uncountedTruncated: boolean
 }
 
 export interface AnalyzeOptions {
@@ -207,6 +221,8 @@ async function runCheck(st: CheckState): Promise<Qcow2Analysis> {
     skippedSnapshots: st.skippedSnapshots,
     zeroAllocUnaligned: st.zeroAllocUnaligned,
     pastEof: st.pastEof,
+    uncounted: st.uncounted,
+    uncountedTruncated: st.uncountedTruncated,
     pastEofTruncated: st.pastEofTruncated,
     l1ZeroOffset: st.l1ZeroOffset,
     overflowed: st.overflowed,

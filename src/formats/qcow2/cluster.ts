@@ -128,6 +128,15 @@ export class ClusterMapper {
       )
     }
     const eofLimit = Math.ceil(this.dev.size / this.clusterSize) * this.clusterSize
+    if (l2Offset + this.clusterSize > eofLimit && this.dev.readOnly) {
+      // As qemu-img reads it: a file read past its end gives zeros, so a table
+      // wholly or partly past the end reads as unallocated entries there.
+      const t = new Uint8Array(this.clusterSize)
+      const present = Math.max(0, Math.min(this.clusterSize, this.dev.size - l2Offset))
+      if (present > 0) t.set(await this.dev.read(l2Offset, present, 'l2'))
+      this.l2cache.set(l2Offset, t)
+      return t
+    }
     if (l2Offset + this.clusterSize > eofLimit) {
       throw new CorruptImageError(
         `qcow2: ${this.file}: L2 table offset ${hex(l2Offset)} is beyond the end of the file (size ${hex(this.dev.size)}) (L1 entry ${l1Index} at ${hex(this.h.l1TableOffset + l1Index * 8)})`,

@@ -276,8 +276,12 @@ export async function planEntries(dev: BlockDevice, a: Qcow2Analysis, file: stri
     actions.push({ kind: 'clear-l1-entry', structure: 'l1', hostOffset: at, message })
     fixed++
   }
+  // a v2 image has no zero flag: a cleared entry would read the backing file where the guest read zeros
+  const noZeroCluster = a.header.version < 3 && a.header.backingFileOffset !== 0
+  let keptPastEof = 0
   for (const p of a.pastEof) {
-    if (p.kind === 'data') {
+    if (p.kind === 'data' && noZeroCluster) keptPastEof++
+    else if (p.kind === 'data') {
       await zeroEntry(p.ref, `data cluster ${hex(p.hostOffset)} is past the end of the file (reads as zeros)`)
     } else {
       clearL1(
@@ -334,6 +338,12 @@ export async function planEntries(dev: BlockDevice, a: Qcow2Analysis, file: stri
       kind: 'keep-entries',
       structure: 'l1',
       message: `${kept} entries left as they are: their table is not where an edit may safely land (the header, or a cluster that is also another structure)`,
+    })
+  if (keptPastEof)
+    actions.push({
+      kind: 'keep-entries',
+      structure: 'l2',
+      message: `${keptPastEof} data entries past the end of the file left as they are (as qemu-img does): a v2 image has no zero clusters, and a cleared entry would read the backing file where the guest reads zeros`,
     })
   const tables = [...edits.writes('l2'), ...[...l1Edits].map(([offset, data]) => ({ offset, data, tag: 'l1' }))]
   // the copies are durable before any entry points at them

@@ -3,8 +3,9 @@
  * first write: no write may touch the header cluster except the one-sector
  * header updates (and those must keep the magic), and no write may land
  * further past the end of the file than the phase itself grows it (a new
- * structure is placed right after the last cluster of the file, never at an
- * offset computed from a damaged field).
+ * structure is placed right after the last cluster of the file, or right after
+ * a structure still referenced past it, never at an offset computed from a
+ * damaged field).
  */
 import { CorruptImageError, hex } from '../../errors.js'
 import type { RepairAction } from '../../check/types.js'
@@ -23,13 +24,15 @@ export interface Phase {
   corruptionsFixed: number
   /** written after `writes` are durable (what points at the new bytes) */
   then?: Write[]
+  /** bytes the phase leaves unwritten after the end of the file to step over a structure still referenced there */
+  stepOver?: number
 }
 
 const MAGIC = [0x51, 0x46, 0x49, 0xfb]
 
 /** Throws (before anything is written) when a write of the phase breaks the rules above. */
-export function guardPhase(file: string, fileSize: number, clusterSize: number, writes: Write[]): void {
-  const grow = writes.reduce((n, w) => n + w.data.byteLength, 0)
+export function guardPhase(file: string, fileSize: number, clusterSize: number, writes: Write[], stepOver = 0): void {
+  const grow = writes.reduce((n, w) => n + w.data.byteLength, 0) + stepOver
   const limit = Math.ceil(fileSize / clusterSize) * clusterSize + grow
   for (const w of writes) {
     const end = w.offset + w.data.byteLength

@@ -34,9 +34,10 @@
  */
 import { CorruptImageError, ImgtoolError, ReadOnlyError, hex } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
+import { OverlayDevice } from '../../io/overlay-device.js'
 import type { CheckOptions, CheckReport, RepairAction, RepairMode, RepairResult } from '../../check/types.js'
 import type { JournalIdentity } from '../../check/undo.js'
-import { CheckFailedError, analyzeQcow2, type Qcow2Analysis } from './check.js'
+import { CheckFailedError, analyzeQcow2, type Qcow2Analysis, type UncountedRegion } from './check.js'
 import { TableEdits, planEntries, planTrim } from './repair-entries.js'
 import { guardPhase, type Phase, type Write } from './repair-phase.js'
 import { planSnapshotTable } from './repair-snapshots.js'
@@ -75,7 +76,20 @@ export async function repairQcow2(img: Qcow2Image, options: CheckOptions & { rep
 /** Repair the qcow2 image on `dev` (the library entry point; Qcow2Image.repair delegates here). */
 export async function repairQcow2Device(dev: BlockDevice, o: RepairDeviceOptions): Promise<RepairResult> {
   const filename = o.filename ?? dev.name
-  const journal = o.journal && !o.dryRun ? new Qcow2Journal(o.journal) : undefined
+  if (o.dryRun) {
+    // a dry run performs every step on an overlay that keeps the writes in memory: its plan and its
+    // prediction are the repair's own, and the image is not touched
+    const overlay = new OverlayDevice(dev)
+    try {
+      const r = await repairSteps(overlay, { ...o, dryRun: false }, filename, undefined, { wrote: false })
+      return { ...r, dryRun: true }
+    } catch (e) {
+      throw repairFailure(e, filename, false, undefined, false)
+    } finally {
+      await overlay.close()
+    }
+  }
+  const journal = o.journal ? new Qcow2Journal(o.journal) : undefined
   const state = { wrote: false }
   try {
     return await repairSteps(dev, o, filename, journal, state)
@@ -123,10 +137,10 @@ async function repairSteps(
     for (const act of p.actions) actions.push(act)
     leaksFixed += p.leaksFixed
     corruptionsFixed += p.corruptionsFixed
-    if (o.dryRun || p.writes.length === 0) return
+    if (p.writes.length === 0) return
     const all = [...p.writes, ...(p.then ?? [])]
     const cs = 2 ** (await dev.read(20, 4, 'header')).reduce((v, b) => v * 256 + b, 0)
-    guardPhase(filename, dev.size, cs, all)
+    guardPhase(filename, dev.size, cs, all, p.stepOver)
     const regions: JournalRegion[] = all
       .filter((w) => w.offset < dev.size)
       .map((w) => ({ offset: w.offset, length: Math.min(w.data.byteLength, dev.size - w.offset) }))
@@ -155,30 +169,21 @@ async function repairSteps(
     const p = await planTrim(dev, x)
     if (!p) return x
     await run(p)
-    if (o.dryRun) return x
     const y = await analyze()
     corruptionsFixed += Math.max(0, x.report.corruptions - y.report.corruptions)
     leaksFixed += Math.max(0, x.report.leaks - y.report.leaks)
     return y
   }
   if (o.repair === 'all' && cur) cur = await trim(cur)
-  if (o.dryRun && first && actions.length > 0) {
-    // everything after the trim is planned from the trimmed image, which a dry run does not make
-    actions.push({ kind: 'note', structure: 'header', message: 'the phases after the trim are planned from the trimmed tables: they are not listed here' })
-    return { before: { ...first.report, leaksFixed, corruptionsFixed }, after: first.report, actions, dryRun: true }
-  }
   // S. a snapshot table qemu-img check refuses or calls corrupt (-r all)
   let failed = firstFailure !== undefined
   if (o.repair === 'all' && (failed || cur!.snapshots.incomplete.length > 0 || cur!.snapshots.snapshots.length > 0)) {
     const sp = await planSnapshotTable(dev, filename)
     if (sp) {
       await run({ writes: sp.writes, then: sp.then, actions: sp.actions, leaksFixed: 0, corruptionsFixed: sp.fixed })
-      if (o.dryRun && firstFailure) throw firstFailure
-      if (!o.dryRun) {
-        cur = await analyze()
-        failed = false
-        if (!first) cur = await trim(cur)
-      }
+      cur = await analyze()
+      failed = false
+      if (!first) cur = await trim(cur)
     }
   }
   if (failed || !cur) throw firstFailure!
@@ -192,15 +197,15 @@ async function repairSteps(
     for (let round = 0; round < 64; round++) {
       const p = await planEntries(dev, a, filename)
       await run(p)
-      if (p.writes.length && !o.dryRun) a = await analyze()
-      if (!a.pastEofTruncated || !p.writes.length || o.dryRun) break
+      if (p.writes.length) a = await analyze()
+      if (!a.pastEofTruncated || !p.writes.length) break
     }
   }
   // B. refcounts
   {
     const p = await planRefcounts(dev, a, fixErrors, filename)
     await run(p)
-    if (p.writes.length && !o.dryRun) a = await analyze()
+    if (p.writes.length) a = await analyze()
   }
   // C. OFLAG_COPIED
   {
@@ -208,7 +213,7 @@ async function repairSteps(
     if (a.copied.length > 0 && (fixErrors || onlyCopied)) {
       const p = await planCopied(dev, a)
       await run(p)
-      if (p.writes.length && !o.dryRun) a = await analyze()
+      if (p.writes.length) a = await analyze()
     }
   }
   // D. header bits, only when clean
@@ -234,9 +239,9 @@ async function repairSteps(
   // the state before: the first check, or (when the snapshot table made it fail) the problems repaired
   const firstReport = first?.report ?? { ...a.report, corruptions: a.report.corruptions + corruptionsFixed }
   const before: CheckReport = { ...firstReport, leaksFixed, corruptionsFixed }
-  const after: CheckReport = o.dryRun ? firstReport : a.report
+  const after: CheckReport = a.report
   if (journal) await journal.seal(dev, h.clusterSize, o.journalIdentity) // the repair has finished: tie the journal to what it left
-  const result: RepairResult = { before, after, actions, dryRun: Boolean(o.dryRun) }
+  const result: RepairResult = { before, after, actions, dryRun: false }
   if (journal && journal.segments > 0 && o.journalPath) result.journalPath = o.journalPath
   return result
 }
@@ -300,6 +305,9 @@ async function planRefcounts(dev: BlockDevice, a: Qcow2Analysis, fixErrors: bool
  * free), placed past the end of the file, written before the header points at
  * them.
  */
+/** how far past the end of the file a rebuilt refcount structure may be placed to step over a structure there */
+const REBUILD_REACH = 1 << 30
+
 async function planRebuild(dev: BlockDevice, a: Qcow2Analysis, file: string): Promise<Phase> {
   const h = a.header
   const cs = h.clusterSize
@@ -331,7 +339,27 @@ async function planRebuild(dev: BlockDevice, a: Qcow2Analysis, file: string): Pr
       { file, structure: 'refcount' },
     )
   }
-  const end = Math.max(fileEnd, imrt.size)
+  // structures still referenced past the end of the file (qemu counts no reference there) that start within
+  // REBUILD_REACH of it keep their clusters: the new structure goes after them, and counts them as the file
+  // now holds them; those further away stay uncounted (as qemu-img leaves them), and the new structure must
+  // not reach them
+  let farEnd = 0
+  const far: UncountedRegion[] = []
+  for (const r of a.uncounted) {
+    if (r.offset - fileEnd * cs > REBUILD_REACH) {
+      far.push(r)
+      continue
+    }
+    const rEnd = Math.ceil((r.offset + r.size) / cs)
+    farEnd = Math.max(farEnd, rEnd)
+    for (let k = Math.floor(r.offset / cs); k < rEnd; k++) imrt.set(k, imrt.get(k) + 1)
+  }
+  if (a.uncountedTruncated)
+    throw new CorruptImageError(`qcow2: ${file}: more than ${a.uncounted.length} structures lie past the end of the file; refcount structure not rebuilt`, {
+      file,
+      structure: 'refcount',
+    })
+  const end = Math.max(fileEnd, imrt.size, farEnd)
   let nBlocks = 0
   let nTable = 0
   for (;;) {
@@ -346,6 +374,13 @@ async function planRebuild(dev: BlockDevice, a: Qcow2Analysis, file: string): Pr
     throw new CorruptImageError(`qcow2: ${file}: the rebuilt refcount table would need ${nTable} clusters (limit 8 MiB)`, { file, structure: 'reftable' })
   const blocksStart = end
   const tableStart = end + nBlocks
+  const newEnd = (tableStart + nTable) * cs
+  const hit = far.find((r) => r.offset < newEnd)
+  if (hit)
+    throw new CorruptImageError(
+      `qcow2: ${file}: the ${hit.what} at ${hex(hit.offset)} lies past the end of the file (size ${hex(a.fileSize)}), where a rebuilt refcount structure would go; not rebuilt`,
+      { file, structure: 'refcount', offset: hit.offset },
+    )
   for (let k = blocksStart; k < tableStart + nTable; k++) imrt.set(k, 1)
   const writes: Write[] = []
   const table = new Uint8Array(nTable * cs)
@@ -373,6 +408,7 @@ async function planRebuild(dev: BlockDevice, a: Qcow2Analysis, file: string): Pr
   return {
     writes,
     then: [{ offset: 0, data: sector, tag: 'header' }],
+    stepOver: (end - fileEnd) * cs,
     actions: [
       {
         kind: 'rebuild-refcounts',
