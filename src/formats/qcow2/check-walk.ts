@@ -6,15 +6,28 @@
  * read-ahead.
  */
 import { hex } from '../../errors.js'
-import { readBitmapDirectory } from './bitmap-directory.js'
+import { BME_FLAG_IN_USE, readBitmapDirectory, validateBitmapDirectory } from './bitmap-directory.js'
 import { bitmapsValid } from './header.js'
 import { Prefetcher } from './check-prefetch.js'
 import { CheckFailedError, TWO32, entryHex, type CheckState, type EntryRef, type WalkStats } from './check-state.js'
 
 /** check_refcounts_l1 */
-export async function walkL1(st: CheckState, l1Offset: number, l1Size: number, active: boolean, stats: WalkStats | undefined): Promise<void> {
+export async function walkL1(
+  st: CheckState,
+  l1Offset: number,
+  l1Size: number,
+  active: boolean,
+  stats: WalkStats | undefined,
+  exactOffset?: bigint,
+): Promise<void> {
   if (l1Size === 0) return
-  st.inc(l1Offset, l1Size * 8, active ? 'active L1 table' : 'snapshot L1 table')
+  st.inc(
+    l1Offset,
+    l1Size * 8,
+    active ? 'active L1 table' : 'snapshot L1 table',
+    undefined,
+    exactOffset === undefined ? undefined : `0x${exactOffset.toString(16)}`,
+  )
   // entries past the end of the file read as zeros: only the part inside the file is read (a declared
   // 4 Mi-entry table on a small image costs what the file holds, not 32 MiB)
   const inFile = Math.min(l1Size, Math.max(0, Math.ceil((st.fileSize - l1Offset) / 8)))
@@ -362,15 +375,37 @@ export async function countBitmaps(st: CheckState): Promise<void> {
     st.report.corruptions++
     throw new CheckFailedError('EINVAL', `qcow2: ${st.file}: bitmap directory: ${(e as Error).message}`, st.diagnostics)
   }
+  // what qemu checks when it loads the bitmaps at open (bitmap_list_load, check_dir_entry, load_bitmap):
+  // a bitmap that fails makes qemu-img refuse to open the image, so check cannot complete (exit 1)
+  try {
+    validateBitmapDirectory(list, ext, h.size, st.cs, st.file)
+  } catch (e) {
+    st.finding('check-error', {
+      kind: 'bitmap-unloadable',
+      structure: 'bitmap',
+      hostOffset: ext.directoryOffset,
+      message: `${(e as Error).message}: qemu-img refuses to open the image`,
+    })
+  }
   for (const bm of list) {
     st.inc(bm.tableOffset, bm.tableSize * 8, 'bitmap table')
     const t = await st.readTable(bm.tableOffset, bm.tableSize * 8, 'bitmap', 'bitmap table')
     const dv = new DataView(t.buffer, t.byteOffset, t.byteLength)
+    let unloadable = false
     for (let i = 0; i < bm.tableSize; i++) {
       const hi = dv.getUint32(i * 8, false)
       const lo = dv.getUint32(i * 8 + 4, false)
       const off = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
       const bad = (hi & 0xff000000) !== 0 || (lo & 0x1fe) !== 0 || (off !== 0 && ((lo & 1) !== 0 || off % st.cs !== 0))
+      if (bad && !unloadable && (bm.flags & BME_FLAG_IN_USE) === 0) {
+        unloadable = true
+        st.finding('check-error', {
+          kind: 'bitmap-unloadable',
+          structure: 'bitmap',
+          hostOffset: bm.tableOffset + i * 8,
+          message: `qcow2: ${st.file}: Could not read bitmap_table table from image for bitmap '${bm.name}': entry ${i} (${entryHex(hi, lo)}) is invalid: qemu-img refuses to open the image`,
+        })
+      }
       if (bad) {
         st.saturated
           ? st.countOnly()

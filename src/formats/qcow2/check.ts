@@ -128,7 +128,7 @@ async function runCheck(st: CheckState): Promise<Qcow2Analysis> {
   st.inc(0, cs, 'header')
   // 2. active L1
   const stats: WalkStats = { allocated: 0, compressed: 0, fragmented: 0 }
-  await walkL1(st, h.l1TableOffset, h.l1Size, true, stats)
+  await walkL1(st, h.l1TableOffset, h.l1Size, true, stats, h.l1TableOffsetExact)
   st.report.allocatedClusters = stats.allocated
   st.report.compressedClusters = stats.compressed
   st.report.fragmentedClusters = stats.fragmented

@@ -36,6 +36,8 @@ export interface Qcow2Header {
   cryptMethod: number
   l1Size: number
   l1TableOffset: number
+  /** the exact l1_table_offset when it is above 2^53 (l1TableOffset then holds the nearest double) */
+  l1TableOffsetExact?: bigint
   refcountTableOffset: number
   refcountTableClusters: number
   nbSnapshots: number
@@ -233,6 +235,12 @@ export async function readHeader(dev: BlockDevice, opts: ParseHeaderOptions): Pr
     if (raw <= BigInt(Number.MAX_SAFE_INTEGER)) return Number(raw)
     // an empty table's offset is never used (QEMU opens such images): keep 0
     if (entries === 0) return 0
+    // an active L1 table above 2^53 lies past the end of any file: qemu reads it as zeros (every guest
+    // cluster unallocated); the nearest double stands for it, the exact value is kept for messages
+    if (name === 'l1_table_offset') {
+      h.l1TableOffsetExact = raw
+      return Number(raw)
+    }
     return fail(`${name} ${hex(raw)} is too large (above 2^53; the table has ${entries} entries)`, at)
   }
   if (h.refcountTableClusters * clusterSize > C.MAX_REFTABLE_BYTES) {

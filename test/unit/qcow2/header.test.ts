@@ -442,6 +442,14 @@ describe('qcow2 header: the refusals of qcow2_do_open and qcow2_read_extensions'
     expect(past.message).toContain('Snapshot table offset invalid')
   })
 
+  it('a used active L1 offset above 2^53 opens (qemu reads the table past EOF as zeros), its exact value kept', async () => {
+    const h = await open(header({ l1TableOffset: (1n << 62n) + 0x10000n }))
+    expect(h.l1TableOffset).toBe(Number((1n << 62n) + 0x10000n))
+    expect(h.l1TableOffsetExact).toBe((1n << 62n) + 0x10000n)
+    const past = await failure(header({ l1TableOffset: 1n << 63n }))
+    expect(past.message).toContain('Active L1 table offset invalid')
+  })
+
   it('a size that is not a multiple of 512 is used rounded down, as QEMU keeps it in sectors', async () => {
     const h = await open(header({ size: 0x2000ffn }))
     expect(h.size).toBe(0x200000)
