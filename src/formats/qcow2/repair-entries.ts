@@ -137,6 +137,8 @@ interface Metadata {
   kinds: Map<number, string>
   /** L1 entries whose L2 table is another structure */
   conflicts: TableConflict[]
+  /** L1 entries whose L2 table is where the header puts the refcount table */
+  onReftable: TableConflict[]
 }
 
 /** clusters holding metadata (only clusters inside the file: every loop is bounded by it) */
@@ -164,6 +166,7 @@ async function metadataClusters(dev: BlockDevice, a: Qcow2Analysis): Promise<Met
   const l1s = l1Tables(a)
   for (const l of l1s) add(l.off, l.size * 8, `${l.what} L1 table`)
   const conflicts: TableConflict[] = []
+  const onReftable: TableConflict[] = []
   for (const l of l1s) {
     const dv = await readL1(dev, l, a.fileSize)
     if (!dv) continue
@@ -172,11 +175,16 @@ async function metadataClusters(dev: BlockDevice, a: Qcow2Analysis): Promise<Met
       if (off <= 0) continue
       const k = off / cs
       const was = kinds.get(k)
-      if (was !== undefined && was !== L2 && !was.startsWith('refcount block')) conflicts.push({ l1: l, index: i, l2Offset: off, what: was })
+      if (was === 'refcount table') {
+        // the refcount structure is derived (a rebuild recomputes it from the tables), the mapping is not:
+        // the cluster is taken as the L2 table, and the refcount structure is rebuilt elsewhere
+        onReftable.push({ l1: l, index: i, l2Offset: off, what: was })
+        kinds.set(k, L2)
+      } else if (was !== undefined && was !== L2 && !was.startsWith('refcount block')) conflicts.push({ l1: l, index: i, l2Offset: off, what: was })
       else if (was === undefined) kinds.set(k, L2)
     }
   }
-  return { kinds, conflicts }
+  return { kinds, conflicts, onReftable }
 }
 
 // ---------------------------------------------------------------------------
@@ -345,10 +353,23 @@ export async function planEntries(dev: BlockDevice, a: Qcow2Analysis, file: stri
       structure: 'l2',
       message: `${keptPastEof} data entries past the end of the file left as they are (as qemu-img does): a v2 image has no zero clusters, and a cleared entry would read the backing file where the guest reads zeros`,
     })
+  const rebuildRefcounts = meta.onReftable.length > 0
+  if (rebuildRefcounts) {
+    const c = meta.onReftable[0]!
+    actions.push({
+      kind: 'keep-entries',
+      structure: 'reftable',
+      hostOffset: c.l1.off + c.index * 8,
+      message:
+        `${c.l1.what} L1 entry ${c.index} points its L2 table at ${hex(c.l2Offset)}, where the header puts the refcount table: ` +
+        `the cluster is kept as the L2 table (the mapping cannot be recomputed, the refcounts can) and the refcount structure is rebuilt elsewhere` +
+        (meta.onReftable.length > 1 ? ` (${meta.onReftable.length - 1} more such entries)` : ''),
+    })
+  }
   const tables = [...edits.writes('l2'), ...[...l1Edits].map(([offset, data]) => ({ offset, data, tag: 'l1' }))]
   // the copies are durable before any entry points at them
-  if (copies.length) return { writes: copies, then: tables, actions, leaksFixed: 0, corruptionsFixed: fixed }
-  return { writes: tables, actions, leaksFixed: 0, corruptionsFixed: fixed }
+  if (copies.length) return { writes: copies, then: tables, actions, leaksFixed: 0, corruptionsFixed: fixed, rebuildRefcounts }
+  return { writes: tables, actions, leaksFixed: 0, corruptionsFixed: fixed, rebuildRefcounts }
 }
 
 type PointingRef = EntryRef & { l2Target: number }

@@ -26,6 +26,8 @@ export interface Phase {
   then?: Write[]
   /** bytes the phase leaves unwritten after the end of the file to step over a structure still referenced there */
   stepOver?: number
+  /** the refcount structure must be rebuilt, not edited in place (its table is not where the header says) */
+  rebuildRefcounts?: boolean
 }
 
 const MAGIC = [0x51, 0x46, 0x49, 0xfb]

@@ -76,18 +76,27 @@ export async function repairQcow2(img: Qcow2Image, options: CheckOptions & { rep
 /** Repair the qcow2 image on `dev` (the library entry point; Qcow2Image.repair delegates here). */
 export async function repairQcow2Device(dev: BlockDevice, o: RepairDeviceOptions): Promise<RepairResult> {
   const filename = o.filename ?? dev.name
-  if (o.dryRun) {
-    // a dry run performs every step on an overlay that keeps the writes in memory: its plan and its
-    // prediction are the repair's own, and the image is not touched
-    const overlay = new OverlayDevice(dev)
-    try {
-      const r = await repairSteps(overlay, { ...o, dryRun: false }, filename, undefined, { wrote: false })
-      return { ...r, dryRun: true }
-    } catch (e) {
-      throw repairFailure(e, filename, false, undefined, false)
-    } finally {
-      await overlay.close()
-    }
+  // every repair is first performed on an overlay that keeps the writes in memory: a dry run returns
+  // that (its plan and prediction are the repair's own); a repair that would stop part way (a refusal
+  // in a later phase) stops here, before anything is written
+  const overlay = new OverlayDevice(dev)
+  let rehearsal: RepairResult
+  try {
+    rehearsal = await repairSteps(overlay, { ...o, dryRun: false }, filename, undefined, { wrote: false })
+  } catch (e) {
+    throw repairFailure(e, filename, false, undefined, false)
+  } finally {
+    await overlay.close()
+  }
+  if (o.dryRun) return { ...rehearsal, dryRun: true }
+  // a repair after which the image still cannot be checked (a bitmap qemu-img refuses to load, a
+  // refcount block it cannot reach) would end in "Check failed" having written: refuse it whole
+  if (rehearsal.after.checkErrors > 0) {
+    const f = rehearsal.after.findings.find((x) => x.severity === 'check-error')
+    throw new CorruptImageError(
+      `qcow2: ${filename}: repair refused: the image could still not be checked after it (${(f?.message ?? 'check failed').replace(/^qcow2: [^:]*: /, '')}); nothing written`,
+      { file: filename, structure: f?.structure ?? 'image', ...(f?.hostOffset !== undefined ? { offset: f.hostOffset } : {}) },
+    )
   }
   const journal = o.journal ? new Qcow2Journal(o.journal) : undefined
   const state = { wrote: false }
@@ -192,10 +201,12 @@ async function repairSteps(
   const fixErrors = o.repair === 'all' || dirtyLazy
 
   // A. entries that point at nothing valid
+  let rebuild = false
   if (o.repair === 'all') {
     // the analysis lists a bounded number of entries past EOF: go round while there are more (bounded too)
     for (let round = 0; round < 64; round++) {
       const p = await planEntries(dev, a, filename)
+      rebuild ||= p.rebuildRefcounts === true
       await run(p)
       if (p.writes.length) a = await analyze()
       if (!a.pastEofTruncated || !p.writes.length) break
@@ -203,7 +214,7 @@ async function repairSteps(
   }
   // B. refcounts
   {
-    const p = await planRefcounts(dev, a, fixErrors, filename)
+    const p = await planRefcounts(dev, a, fixErrors, filename, rebuild)
     await run(p)
     if (p.writes.length) a = await analyze()
   }
@@ -249,7 +260,7 @@ async function repairSteps(
 // ---------------------------------------------------------------------------
 // B. refcounts
 
-async function planRefcounts(dev: BlockDevice, a: Qcow2Analysis, fixErrors: boolean, file: string): Promise<Phase> {
+async function planRefcounts(dev: BlockDevice, a: Qcow2Analysis, fixErrors: boolean, file: string, rebuild = false): Promise<Phase> {
   const h = a.header
   const cs = h.clusterSize
   const order = h.refcountOrder
@@ -259,7 +270,7 @@ async function planRefcounts(dev: BlockDevice, a: Qcow2Analysis, fixErrors: bool
   const blockOf = (ti: number): number => (ti < tableEntries ? rdv.getUint32(ti * 8) * TWO32 + ((rdv.getUint32(ti * 8 + 4) & 0xfffffe00) >>> 0) : 0)
   const structural = a.reftableBroken || a.refblocksOutside.length > 0 || a.unreadableBlocks.size > 0
   const uncovered = a.mismatches.some((m) => m.onDisk < m.expected && blockOf(Math.floor(m.cluster / perBlock)) === 0)
-  if (fixErrors && (structural || uncovered)) return planRebuild(dev, a, file)
+  if (fixErrors && (structural || uncovered || rebuild)) return planRebuild(dev, a, file)
 
   const actions: RepairAction[] = []
   const blocks = new Map<number, Uint8Array>()
