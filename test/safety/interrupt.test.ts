@@ -74,7 +74,9 @@ describe.skipIf(!hasPython && process.env['IMGTOOL_REQUIRE_QEMU'] !== '1')('Ctrl
   })
 
   it('stops convert without -p too, and removes the target (not left looking like a good, empty image)', () => {
-    const r = ptyRun('after:1.5', ['convert', '-c', '-O', 'qcow2', 'random.raw', 'quiet.qcow2'], dir)
+    // typed once the target exists: a fixed delay raced Node's start-up on a busy machine (the signal
+    // came before imgtool's handler was installed, and the default action killed it)
+    const r = ptyRun('file:quiet.qcow2', ['convert', '-c', '-O', 'qcow2', 'random.raw', 'quiet.qcow2'], dir)
     expect(r.typed).toBe(true)
     expect(r.code).toBe(130)
     expect(existsSync(join(dir, 'quiet.qcow2'))).toBe(false)

@@ -5,14 +5,16 @@ matches a pattern, and report what happened as one JSON line:
  "seconds_after_ctrl_c": float or null, "output": terminal output (latin-1)}.
 The Ctrl-C goes through the terminal's line discipline, as a user's does:
 if the program has put the terminal in raw mode, no SIGINT is generated.
-usage: pty-run.py PATTERN|after:SECONDS TIMEOUT_SECONDS -- COMMAND ARGS..."""
+usage: pty-run.py PATTERN|after:SECONDS|file:PATH TIMEOUT_SECONDS -- COMMAND ARGS..."""
 import fcntl, json, os, pty, re, select, struct, sys, termios, time
 
 def main():
     sep = sys.argv.index('--')
     # PATTERN 'after:SECONDS' types Ctrl-C that long after the start instead
     after = float(sys.argv[1][6:]) if sys.argv[1].startswith('after:') else None
-    pattern = None if after is not None else re.compile(sys.argv[1].encode())
+    # 'file:PATH' types it once PATH exists and is not empty (the command is under way, whatever the load)
+    watch = sys.argv[1][5:] if sys.argv[1].startswith('file:') else None
+    pattern = None if after is not None or watch is not None else re.compile(sys.argv[1].encode())
     start = time.time()
     isig = None
     timeout = float(sys.argv[2])
@@ -34,7 +36,13 @@ def main():
                 data = b''
             if data:
                 out += data
-        if typed_at is None and (pattern.search(out) if pattern else time.time() >= start + after):
+        if watch is not None:
+            ready = os.path.exists(watch) and os.path.getsize(watch) > 0
+        elif pattern is not None:
+            ready = pattern.search(out) is not None
+        else:
+            ready = time.time() >= start + after
+        if typed_at is None and ready:
             # the terminal's mode when Ctrl-C is typed: raw mode (ISIG off) swallows it
             isig = bool(termios.tcgetattr(fd)[3] & termios.ISIG)
             os.write(fd, b'\x03')
