@@ -89,14 +89,15 @@ export async function repairQcow2Device(dev: BlockDevice, o: RepairDeviceOptions
     await overlay.close()
   }
   if (o.dryRun) return { ...rehearsal, dryRun: true }
-  // a repair after which the image still cannot be checked (a bitmap qemu-img refuses to load, a
-  // refcount block it cannot reach) would end in "Check failed" having written: refuse it whole
-  if (rehearsal.after.checkErrors > 0) {
-    const f = rehearsal.after.findings.find((x) => x.severity === 'check-error')
-    throw new CorruptImageError(
-      `qcow2: ${filename}: repair refused: the image could still not be checked after it (${(f?.message ?? 'check failed').replace(/^qcow2: [^:]*: /, '')}); nothing written`,
-      { file: filename, structure: f?.structure ?? 'image', ...(f?.hostOffset !== undefined ? { offset: f.hostOffset } : {}) },
-    )
+  // a bitmap qemu-img refuses to load makes it refuse to open the image, so it repairs nothing; a
+  // repair here would end in "Check failed" having written: refuse it whole, as qemu-img does
+  const unloadable = rehearsal.after.findings.find((x) => x.severity === 'check-error' && x.kind === 'bitmap-unloadable')
+  if (unloadable) {
+    throw new CorruptImageError(`qcow2: ${filename}: repair refused: ${unloadable.message.replace(/^qcow2: [^:]*: /, '')}; nothing written`, {
+      file: filename,
+      structure: unloadable.structure,
+      ...(unloadable.hostOffset !== undefined ? { offset: unloadable.hostOffset } : {}),
+    })
   }
   const journal = o.journal ? new Qcow2Journal(o.journal) : undefined
   const state = { wrote: false }
