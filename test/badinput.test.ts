@@ -425,8 +425,9 @@ describeQemu(
       }
       const image = await openImage(file, { readOnly: false, openDevice })
       let error: unknown
+      expect(image.write, 'a writable open offers write').toBeTypeOf('function')
       try {
-        await image.write(0, new Uint8Array(4096).fill(7))
+        await image.write!(0, new Uint8Array(4096).fill(7))
       } catch (e) {
         error = e
       } finally {
