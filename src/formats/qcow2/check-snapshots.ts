@@ -40,10 +40,14 @@ export interface SnapshotTableCheck {
 }
 
 const SNAPSHOT_FIXED = 40
+const SNAPSHOT_READ_WINDOW = 65536
+
 export async function readSnapshotsForCheck(dev: BlockDevice, clusterSize: number, version: number, fixErrors: boolean): Promise<SnapshotTableCheck> {
   const head = await dev.read(60, 12, 'header')
   let nb = u32be(head, 0)
-  const offset = Number(u64be(head, 4))
+  const offsetExact = u64be(head, 4)
+  // above 2^53 the nearest double stands for it: such a table lies past the end of any file and reads as zeros
+  const offset = Number(offsetExact)
   const r: SnapshotTableCheck = {
     snapshots: [],
     size: 0,
@@ -66,19 +70,38 @@ export async function readSnapshotsForCheck(dev: BlockDevice, clusterSize: numbe
     r.failure = { errno: 'EFBIG', message: `snapshot table too large: ${nb} snapshots (limit ${MAX_SNAPSHOTS})` }
     return r
   }
-  if (offset % clusterSize !== 0 || offset > Number.MAX_SAFE_INTEGER - nb * SNAPSHOT_FIXED) {
+  // qcow2_validate_table: aligned, and the table's end within int64
+  if (offsetExact % BigInt(clusterSize) !== 0n || offsetExact > (1n << 63n) - 1n - BigInt(nb * SNAPSHOT_FIXED)) {
     r.diagnostics.push('qemu-img: ERROR snapshot table offset invalid')
-    r.failure = { errno: 'EINVAL', message: `snapshot table offset 0x${offset.toString(16)} is invalid (not cluster aligned)` }
+    const why = offsetExact % BigInt(clusterSize) !== 0n ? 'not cluster aligned' : 'the table would end past 2^63'
+    r.failure = { errno: 'EINVAL', message: `snapshot table offset 0x${offsetExact.toString(16)} is invalid (${why})` }
     return r
   }
   if (nb === 0) return r
   const dec = new TextDecoder()
+  // entries are read through a 64 KiB window: 65,536 entries cost a few hundred reads, not 131,072 (a
+  // repair reads the table several times); a window that cannot be read falls back to the entry's own read,
+  // so a read error is the entry's, as before
+  let windowStart = -1
+  let window: Uint8Array = new Uint8Array(0)
+  const readAt = async (at: number, length: number): Promise<Uint8Array> => {
+    if (windowStart < 0 || at < windowStart || at + length > windowStart + window.byteLength) {
+      try {
+        window = await dev.read(at, Math.max(length, SNAPSHOT_READ_WINDOW), 'snapshot')
+        windowStart = at
+      } catch {
+        windowStart = -1
+        return dev.read(at, length, 'snapshot')
+      }
+    }
+    return window.subarray(at - windowStart, at - windowStart + length)
+  }
   let pos = offset
   for (let i = 0; i < nb; i++) {
     pos = Math.ceil(pos / 8) * 8
     let fixed: Uint8Array
     try {
-      fixed = await dev.read(pos, SNAPSHOT_FIXED, 'snapshot')
+      fixed = await readAt(pos, SNAPSHOT_FIXED)
     } catch (e) {
       r.diagnostics.push(`qemu-img: ERROR failed to read the snapshot table: Failed to read snapshot table: Input/output error`)
       r.failure = { errno: 'EIO', message: `cannot read snapshot table entry ${i}: ${(e as Error).message}` }
@@ -107,7 +130,7 @@ export async function readSnapshotsForCheck(dev: BlockDevice, clusterSize: numbe
     }
     // qemu skips the whole original extra data, even when it keeps only 1024 bytes of it
     pos += origExtra
-    const names = await dev.read(pos, idSize + nameSize, 'snapshot')
+    const names = await readAt(pos, idSize + nameSize)
     pos += idSize + nameSize
     const id = dec.decode(names.subarray(0, idSize))
     const name = dec.decode(names.subarray(idSize))

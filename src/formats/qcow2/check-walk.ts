@@ -11,6 +11,9 @@ import { bitmapsValid } from './header.js'
 import { Prefetcher } from './check-prefetch.js'
 import { CheckFailedError, TWO32, entryHex, type CheckState, type EntryRef, type WalkStats } from './check-state.js'
 
+/** QEMU's BDRV_MAX_LENGTH: no read may end past it */
+const BLOCK_LAYER_MAX_LENGTH = 0x7fffffffc0000000n
+
 /** check_refcounts_l1 */
 export async function walkL1(
   st: CheckState,
@@ -28,6 +31,18 @@ export async function walkL1(
     undefined,
     exactOffset === undefined ? undefined : `0x${exactOffset.toString(16)}`,
   )
+  // a table that ends past the block layer's limit (2^63 - 2^30) cannot be read at all: qemu's read fails
+  // with EIO and the whole check fails (exit 1), after the reference count above
+  const end = (exactOffset ?? BigInt(l1Offset)) + BigInt(l1Size * 8)
+  if (end > BLOCK_LAYER_MAX_LENGTH) {
+    st.report.checkErrors++
+    st.diagnostics.push('ERROR: I/O error in check_refcounts_l1')
+    throw new CheckFailedError(
+      'EIO',
+      `qcow2: ${st.file}: ${active ? 'active' : 'snapshot'} L1 table at 0x${(exactOffset ?? BigInt(l1Offset)).toString(16)} cannot be read: it ends past the largest offset a file can have`,
+      st.diagnostics,
+    )
+  }
   // entries past the end of the file read as zeros: only the part inside the file is read (a declared
   // 4 Mi-entry table on a small image costs what the file holds, not 32 MiB)
   const inFile = Math.min(l1Size, Math.max(0, Math.ceil((st.fileSize - l1Offset) / 8)))
@@ -392,6 +407,18 @@ export async function countBitmaps(st: CheckState): Promise<void> {
     const t = await st.readTable(bm.tableOffset, bm.tableSize * 8, 'bitmap', 'bitmap table')
     const dv = new DataView(t.buffer, t.byteOffset, t.byteLength)
     let unloadable = false
+    // load_bitmap_data: the table of a bitmap not in use must have exactly the clusters its data needs
+    // (one bit per granule of the virtual size), or qemu-img cannot load it and refuses to open the image
+    const needed = Math.ceil(Math.ceil(Math.ceil(h.size / 2 ** bm.granularityBits) / 8) / st.cs)
+    if ((bm.flags & BME_FLAG_IN_USE) === 0 && bm.tableSize !== needed) {
+      unloadable = true
+      st.finding('check-error', {
+        kind: 'bitmap-unloadable',
+        structure: 'bitmap',
+        hostOffset: bm.entryOffset,
+        message: `qcow2: ${st.file}: Could not read bitmap '${bm.name}' from image: its table has ${bm.tableSize} entries, the virtual size needs ${needed}: qemu-img refuses to open the image`,
+      })
+    }
     for (let i = 0; i < bm.tableSize; i++) {
       const hi = dv.getUint32(i * 8, false)
       const lo = dv.getUint32(i * 8 + 4, false)

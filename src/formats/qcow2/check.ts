@@ -173,7 +173,8 @@ async function runCheck(st: CheckState): Promise<Qcow2Analysis> {
   }
   st.inc(snaps.offset, snaps.size, 'snapshot table')
   // 6. refcount table
-  st.inc(h.refcountTableOffset, h.refcountTableClusters * cs, 'refcount table')
+  const exactHex = (v: bigint | undefined) => (v === undefined ? undefined : `0x${v.toString(16)}`)
+  st.inc(h.refcountTableOffset, h.refcountTableClusters * cs, 'refcount table', undefined, exactHex(h.refcountTableOffsetExact))
   // 7. encryption header
   if (h.crypto && h.cryptMethod === CRYPT_LUKS && h.crypto.length > 0) st.inc(h.crypto.offset, h.crypto.length, 'encryption header')
   // 8. bitmaps

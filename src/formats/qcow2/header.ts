@@ -38,6 +38,10 @@ export interface Qcow2Header {
   l1TableOffset: number
   /** the exact l1_table_offset when it is above 2^53 (l1TableOffset then holds the nearest double) */
   l1TableOffsetExact?: bigint
+  /** the exact refcount_table_offset when it is above 2^53 (as l1TableOffsetExact) */
+  refcountTableOffsetExact?: bigint
+  /** the exact snapshots_offset when it is above 2^53 (as l1TableOffsetExact) */
+  snapshotsOffsetExact?: bigint
   refcountTableOffset: number
   refcountTableClusters: number
   nbSnapshots: number
@@ -83,6 +87,11 @@ export interface ParseHeaderOptions {
   file: string
   readOnly: boolean
   forCheck: boolean
+  /**
+   * the header alone, for info (qemu-img info opens with BDRV_O_NO_IO): the data file is not opened, so a
+   * missing data-file name or data-file-raw without a data file does not stop the open
+   */
+  infoOnly?: boolean
 }
 
 /** Read and validate the header cluster's fixed part and extensions. */
@@ -241,6 +250,16 @@ export async function readHeader(dev: BlockDevice, opts: ParseHeaderOptions): Pr
       h.l1TableOffsetExact = raw
       return Number(raw)
     }
+    // the same for the refcount table (every refcount reads 0) and the snapshot table (entries of zeros):
+    // qemu opens such images; check counts the table as past the end of the file
+    if (name === 'refcount_table_offset') {
+      h.refcountTableOffsetExact = raw
+      return Number(raw)
+    }
+    if (name === 'snapshots_offset') {
+      h.snapshotsOffsetExact = raw
+      return Number(raw)
+    }
     return fail(`${name} ${hex(raw)} is too large (above 2^53; the table has ${entries} entries)`, at)
   }
   if (h.refcountTableClusters * clusterSize > C.MAX_REFTABLE_BYTES) {
@@ -252,7 +271,9 @@ export async function readHeader(dev: BlockDevice, opts: ParseHeaderOptions): Pr
     h.snapshotsOffset = tableOffset('Snapshot table', 'snapshots_offset', 64, h.nbSnapshots, 40)
   } else {
     const raw = u64be(head, 64)
-    h.snapshotsOffset = raw <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(raw) : h.nbSnapshots === 0 ? 0 : num(raw, 'snapshots_offset', 64)
+    // check re-reads and validates the table's place itself (readSnapshotsForCheck), as qemu-img check does
+    h.snapshotsOffset = raw <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(raw) : h.nbSnapshots === 0 ? 0 : Number(raw)
+    if (raw > BigInt(Number.MAX_SAFE_INTEGER) && h.nbSnapshots !== 0) h.snapshotsOffsetExact = raw
   }
   if (h.l1Size * 8 > C.MAX_L1_BYTES) fail(`Active L1 table too large: l1_size ${h.l1Size} (limit 32 MiB)`, 36)
   h.l1TableOffset = tableOffset('Active L1 table', 'l1_table_offset', 40, h.l1Size, 8)
@@ -270,10 +291,10 @@ export async function readHeader(dev: BlockDevice, opts: ParseHeaderOptions): Pr
     })
   }
   if (extError) fail(extError.message, extError.offset, 'header extension')
-  if (hasDataFile(h) && h.dataFile === undefined) {
+  if (hasDataFile(h) && h.dataFile === undefined && opts.infoOnly !== true) {
     fail("'data-file' is required for this image: the external data file bit is set but no data file name extension exists", 72)
   }
-  if (!hasDataFile(h) && dataFileRaw(h)) {
+  if (!hasDataFile(h) && dataFileRaw(h) && opts.infoOnly !== true) {
     fail('data-file-raw requires a data file: autoclear bit 1 is set but the external data file bit is not', 88)
   }
   if (h.cryptMethod === C.CRYPT_LUKS && h.crypto === undefined) {

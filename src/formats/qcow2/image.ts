@@ -13,7 +13,7 @@ import { Lru } from '../../util/lru.js'
 import { bitmapFlagNames, readBitmapDirectory, type Qcow2Bitmap } from './bitmap-directory.js'
 import { ClusterMapper, L2Cache, type MappingRun } from './cluster.js'
 import { decompressCluster } from './compress.js'
-import { COMPRESSION_ZSTD, CRYPT_AES, EXT_DATA_FILE } from './constants.js'
+import { COMPRESSION_ZSTD, CRYPT_AES, EXT_BACKING_FORMAT, EXT_DATA_FILE } from './constants.js'
 import { readLuksInfo } from './luks.js'
 import { bitmapsValid, dataFileRaw, hasDataFile, hasExtendedL2, hasLazyRefcounts, isCorrupt, isDirty, readHeader, type Qcow2Header } from './header.js'
 import { combinePath, protocolPrefix } from './paths.js'
@@ -433,7 +433,7 @@ export class Qcow2Image implements DiskImage {
 export async function openQcow2(device: BlockDevice, context: OpenContext, options: OpenImageOptions): Promise<Qcow2Image> {
   const file = device.name
   const forCheck = options.forCheck ?? false
-  const h = await readHeader(device, { file, readOnly: device.readOnly, forCheck })
+  const h = await readHeader(device, { file, readOnly: device.readOnly, forCheck, infoOnly: options.infoOnly === true })
   const eofLimit = Math.ceil(device.size / h.clusterSize) * h.clusterSize
   const l1Bytes = h.l1Size * 8
   // Tables past the end of the file read as zeros, as QEMU reads them (qemu-img
@@ -479,9 +479,19 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
     if (h.backingFile !== undefined && !infoOnly) {
       const path = relatedPath(file, 'backing file', h.backingFile, h.backingFileError, h.backingFileOffset)
       const fmt = h.backingFormat
+      if (fmt !== undefined && !isFormatName(fmt)) {
+        // qemu-img opens the backing file with the driver the header names, and fails on a name it has no
+        // driver for; probing instead would read the file as something the image did not say it is
+        const ext = h.extensions.find((x) => x.magic === EXT_BACKING_FORMAT)
+        const at = (ext?.offset ?? 0) + 8
+        throw new UnsupportedFeatureError(
+          `qcow2: ${file}: backing file ${escapeControls(h.backingFile)}: Unknown driver '${escapeControls(fmt)}' (backing format at ${hex(at)})`,
+          { file, structure: 'backing format', offset: at },
+        )
+      }
       try {
         backing = await context.openImage(path, {
-          format: fmt !== undefined && isFormatName(fmt) ? fmt : undefined,
+          format: fmt,
           readOnly: true,
           depth: (options.depth ?? 0) + 1,
           chain: options.chain ?? [],

@@ -147,7 +147,8 @@ async function repairSteps(
     for (const act of p.actions) actions.push(act)
     leaksFixed += p.leaksFixed
     corruptionsFixed += p.corruptionsFixed
-    if (p.writes.length === 0) return
+    // a phase may be only a header update (a snapshot table whose every entry is dropped)
+    if (p.writes.length === 0 && (p.then ?? []).length === 0) return
     const all = [...p.writes, ...(p.then ?? [])]
     const cs = 2 ** (await dev.read(20, 4, 'header')).reduce((v, b) => v * 256 + b, 0)
     guardPhase(filename, dev.size, cs, all, p.stepOver)
