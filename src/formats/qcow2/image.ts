@@ -504,8 +504,9 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
     const snapshots = forCheck || h.nbSnapshots === 0 ? [] : await readSnapshotTable(device, file, h.snapshotsOffset, h.nbSnapshots)
     const bitmaps = h.bitmaps && bitmapsValid(h) && !forCheck ? await readBitmapDirectory(device, file, h.bitmaps) : []
     const image = new Qcow2Image(device, h, l1, dataDevice, backing, snapshots, bitmaps, context, options)
-    // open read/write (to write or to repair): unknown autoclear bits go first, as in QEMU
-    if (!device.readOnly) await (await import('./dirty.js')).clearUnknownAutoclear(device, h)
+    // open read/write to write: unknown autoclear bits go first, as in QEMU (a repair clears them as its
+    // first journalled phase)
+    if (!device.readOnly && !forCheck) await (await import('./dirty.js')).clearUnknownAutoclear(device, h)
     if (!device.readOnly && !forCheck) {
       try {
         // the writer is loaded only for images opened read/write

@@ -44,7 +44,8 @@ import { planSnapshotTable } from './repair-snapshots.js'
 import { hasLazyRefcounts, isCorrupt, isDirty } from './header.js'
 import { Qcow2Journal, type JournalRegion } from './journal.js'
 import { maxRefcount, refcountsPerBlock, setRefcountEntry } from './refcount-codec.js'
-import { MAX_REFTABLE_BYTES } from './constants.js'
+import { AUTOCLEAR_KNOWN, MAX_REFTABLE_BYTES } from './constants.js'
+import { putU64be, u32be, u64be } from '../../util/bytes.js'
 import type { Qcow2Image } from './image.js'
 
 const TWO32 = 0x1_0000_0000
@@ -165,6 +166,19 @@ async function repairSteps(
     }
   }
   const analyze = () => analyzeQcow2(dev, { filename })
+
+  // an image opened read/write loses its unknown autoclear bits first, as in QEMU (qcow2_do_open); the
+  // repair does it as its first phase (the open leaves it to the repair), so the undo journal holds the
+  // header as it was
+  const sector = new Uint8Array(await dev.read(0, 512, 'header'))
+  if (u32be(sector, 4) >= 3) {
+    const autoclear = u64be(sector, 88)
+    const known = BigInt(AUTOCLEAR_KNOWN)
+    if ((autoclear & ~known) !== 0n) {
+      putU64be(sector, 88, autoclear & known)
+      await run({ writes: [], then: [{ offset: 0, data: sector, tag: 'header' }], actions: [], leaksFixed: 0, corruptionsFixed: 0 })
+    }
+  }
 
   let first: Qcow2Analysis | undefined
   let firstFailure: CheckFailedError | undefined
