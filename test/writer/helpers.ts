@@ -3,9 +3,9 @@ import type { BlockDevice } from '../../src/io/block-device.js'
 import { MemoryDevice } from '../../src/io/memory-device.js'
 import type { OpenContext } from '../../src/image/context.js'
 import { makeContext, openImageOnDevice } from '../../src/open.js'
-import { createQcow2 } from '../../src/formats/qcow2/create.js'
+import { createQcow2 } from '../../src/formats/qcow2/ops/create.js'
 import type { Qcow2Image } from '../../src/formats/qcow2/image.js'
-import { analyzeQcow2 } from '../../src/formats/qcow2/check.js'
+import { analyzeQcow2 } from '../../src/formats/qcow2/check/check.js'
 import { Prng } from '../support/prng.js'
 
 /** A set of named memory files: backing files and data files resolve here. */
