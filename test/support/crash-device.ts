@@ -44,27 +44,16 @@
 import { MemoryDevice } from '../../src/io/memory-device.js'
 import { hex } from '../../src/errors.js'
 import { CrashGroup, CrashMember } from './crash-group.js'
-import type { CrashEvent, CrashStateOptions, CrashVoice, PendingEvent, RawCrashState } from './crash-states.js'
+import type { CrashEvent, CrashStateInfo, CrashStateOptions, CrashVoice, PendingEvent, RawCrashState, TornRange } from './crash-states.js'
 
 export { Image, tornCuts } from './crash-states.js'
 export type { CrashEvent, CrashFlushEvent, CrashStateOptions, CrashTruncateEvent, CrashWriteEvent, PendingEvent } from './crash-states.js'
 
-export interface CrashState {
+export interface CrashState extends CrashStateInfo {
   /** A fresh device holding this crash image (yours to modify). */
   device: MemoryDevice
-  /** For failure messages: point, flushes, which pending events landed, how. */
-  description: string
-  kind: 'prefix' | 'subset' | 'torn'
-  /** The crash point: number of events (writes, truncates, flushes) issued before the cut. */
-  point: number
-  /** Flushes completed before the crash: everything up to flush #flushes is in the image. */
-  flushes: number
-  /** seqs of the pending events that were applied in full. */
-  applied: number[]
-  /** seqs of all events that were pending at the crash point. */
-  pending: number[]
   /** For torn states: the write that was cut and the absolute byte range of it that landed. */
-  torn?: { seq: number; from: number; to: number }
+  torn?: TornRange
 }
 
 export function describeEvent(e: CrashEvent): string {

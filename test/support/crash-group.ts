@@ -30,6 +30,7 @@ import {
   crashCuts,
   crashImages,
   type CrashCut,
+  type CrashStateInfo,
   type CrashStateOptions,
   type CrashVoice,
   type GroupEvent,
@@ -40,18 +41,9 @@ import {
 export type { GroupEvent } from './crash-states.js'
 type WithoutSeq<T> = T extends unknown ? Omit<T, 'seq'> : never
 
-export interface GroupCrashState {
+export interface GroupCrashState extends CrashStateInfo {
   /** a fresh device per member (in `add` order), holding this crash image */
   devices: MemoryDevice[]
-  description: string
-  kind: 'prefix' | 'subset' | 'torn'
-  /** events (of all members) issued before the cut */
-  point: number
-  /** flushes (of any member) completed before the cut */
-  flushes: number
-  /** seqs of the pending events applied in full */
-  applied: number[]
-  pending: number[]
 }
 
 export class CrashGroup {

@@ -126,18 +126,29 @@ export interface CrashVoice {
   prefixZero(n: number): string
 }
 
+/** What CrashDevice's and CrashGroup's states say about themselves. */
+export interface CrashStateInfo {
+  /** For failure messages: point, flushes, which pending events landed, how. */
+  description: string
+  kind: 'prefix' | 'subset' | 'torn'
+  /** The crash point: number of events (writes, truncates, flushes; of all members) issued before the cut. */
+  point: number
+  /** Flushes (of any member) completed before the crash. */
+  flushes: number
+  /** seqs of the pending events that were applied in full. */
+  applied: number[]
+  /** seqs of all events that were pending at the crash point. */
+  pending: number[]
+}
+
+/** The write that was cut and the absolute byte range of it that landed. */
+export type TornRange = { seq: number; from: number; to: number }
+
 /** One crash image of every member, before the front end wraps it in devices. */
-export interface RawCrashState {
+export interface RawCrashState extends CrashStateInfo {
   /** the image of each member (yours: not shared with other states) */
   images: Image[]
-  kind: 'prefix' | 'subset' | 'torn'
-  point: number
-  flushes: number
-  applied: number[]
-  pending: number[]
-  description: string
-  /** the write that was cut and the absolute byte range of it that landed */
-  torn?: { seq: number; from: number; to: number }
+  torn?: TornRange
   /** 0-based number of this state among those made for its point (skipped ones not counted) */
   index: number
 }
@@ -188,7 +199,7 @@ export function* crashImages(cut: CrashCut, o: CrashStateOptions, voice: CrashVo
   const head = `crash at point ${point} (${flushes} flush${flushes === 1 ? '' : 'es'} done, ${n} pending event${n === 1 ? '' : 's'}`
   const ctx = `${head}${n === 0 ? '' : `: ${pending.map((e) => voice.describe(e)).join(', ')}`})`
   let index = 0
-  const make = (images: Image[], kind: RawCrashState['kind'], applied: number[], what: string, torn?: RawCrashState['torn']): RawCrashState => {
+  const make = (images: Image[], kind: RawCrashState['kind'], applied: number[], what: string, torn?: TornRange): RawCrashState => {
     const state: RawCrashState = { images, kind, point, flushes, applied, pending: seqs, description: `${ctx}; ${what}`, index: index++ }
     if (torn) state.torn = torn
     return state
