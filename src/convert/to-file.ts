@@ -16,7 +16,7 @@ import { openFileDevice } from '../io/file-device.js'
 import type { DiskImage } from '../image/disk-image.js'
 import type { FormatName } from '../image/probe.js'
 import { driverFor, makeContext, openImage } from '../open.js'
-import { parseCreateOptions } from '../formats/qcow2/create.js'
+import { parseCreateOptions } from '../formats/qcow2/ops/create.js'
 import { parseRawPreallocation } from '../formats/raw/create.js'
 import { convert, type ConvertOptions, type ConvertResult } from './convert.js'
 import { unsafeCacheOpener } from './unsafe-cache.js'
@@ -198,11 +198,11 @@ async function writeTarget(
       return { bytesRead: 0, bytesWritten: 0, compressedClusters: 0, created }
     }
     const dst = await openImage(dstPath, { format: o.targetFormat, readOnly: false, openDevice: unsafeCacheOpener(openFileDevice, o.cache ?? 'unsafe') })
-    let pool: import('../formats/qcow2/compress-write.js').CompressPool | undefined
+    let pool: import('../formats/qcow2/write/compress-write.js').CompressPool | undefined
     try {
       let compressFns: Pick<ConvertOptions, 'compress' | 'compressMany'> = {}
       if (o.compress) {
-        const { CompressPool } = await import('../formats/qcow2/compress-write.js')
+        const { CompressPool } = await import('../formats/qcow2/write/compress-write.js')
         const q = dst as import('../formats/qcow2/image.js').Qcow2Image
         const p = (pool = new CompressPool())
         compressFns = {

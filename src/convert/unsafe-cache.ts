@@ -14,6 +14,7 @@
  * puts old bytes over new ones.
  */
 import type { BlockDevice, DeviceOpener, IoTag } from '../io/block-device.js'
+import { PassThroughDevice } from '../io/pass-through-device.js'
 
 const PAGE = 64 * 1024
 /** cached bytes before the pages are written back early (small clusters: metadata everywhere) */
@@ -24,7 +25,8 @@ function passesThrough(tag: IoTag | undefined): boolean {
   return tag === undefined || tag === 'data' || tag === 'compressed'
 }
 
-class UnsafeCacheDevice implements BlockDevice {
+/** hostStatus and allocatedSize pass through; readInto and allocate do not (they would bypass the cache). */
+class UnsafeCacheDevice extends PassThroughDevice {
   /** cached pages by page index: authoritative for their bytes */
   private readonly pages = new Map<number, Uint8Array>()
   /** pages being read in: a data write that lands meanwhile waits for them to overlay itself */
@@ -33,24 +35,19 @@ class UnsafeCacheDevice implements BlockDevice {
   private end: number
 
   constructor(
-    private readonly inner: BlockDevice,
+    inner: BlockDevice,
     /** flush the file when the device closes (cache=writeback); cache=unsafe never does */
     private readonly flushOnClose: boolean,
   ) {
+    super(inner, { forward: ['hostStatus', 'allocatedSize'] })
     this.end = inner.size
   }
 
-  get size(): number {
+  override get size(): number {
     return Math.max(this.inner.size, this.end)
   }
-  get readOnly(): boolean {
-    return this.inner.readOnly
-  }
-  get name(): string {
-    return this.inner.name
-  }
 
-  async read(offset: number, length: number, tag?: IoTag): Promise<Uint8Array> {
+  override async read(offset: number, length: number, tag?: IoTag): Promise<Uint8Array> {
     const out = await this.inner.read(offset, length, tag)
     if (this.pages.size > 0) this.overlay(offset, out)
     return out
@@ -70,7 +67,7 @@ class UnsafeCacheDevice implements BlockDevice {
     }
   }
 
-  async write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void> {
+  override async write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void> {
     if (this.inner.readOnly || passesThrough(tag)) {
       await this.inner.write(offset, data, tag)
       if (this.loading.size > 0) await Promise.all([...this.loading.values()])
@@ -107,15 +104,15 @@ class UnsafeCacheDevice implements BlockDevice {
     }
   }
 
-  flush = async (): Promise<void> => undefined
+  override async flush(): Promise<void> {}
 
-  async truncate(size: number): Promise<void> {
+  override async truncate(size: number): Promise<void> {
     await this.writeBack()
     await this.inner.truncate(size)
     this.end = size
   }
 
-  async close(): Promise<void> {
+  override async close(): Promise<void> {
     if (!this.inner.readOnly) {
       await this.writeBack()
       if (this.flushOnClose) await this.inner.flush()
@@ -127,11 +124,7 @@ class UnsafeCacheDevice implements BlockDevice {
 export type CacheMode = 'unsafe' | 'writeback'
 
 export function unsafeCacheDevice(inner: BlockDevice, mode: CacheMode = 'unsafe'): BlockDevice {
-  const d = new UnsafeCacheDevice(inner, mode === 'writeback')
-  const out: BlockDevice = d
-  if (inner.hostStatus) out.hostStatus = (o, l) => inner.hostStatus!(o, l)
-  if (inner.allocatedSize) out.allocatedSize = () => inner.allocatedSize!()
-  return out
+  return new UnsafeCacheDevice(inner, mode === 'writeback')
 }
 
 export function unsafeCacheOpener(open: DeviceOpener, mode: CacheMode = 'unsafe'): DeviceOpener {

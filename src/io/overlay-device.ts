@@ -1,5 +1,6 @@
 import { ReadOnlyError } from '../errors.js'
 import type { BlockDevice, IoTag } from './block-device.js'
+import { PassThroughDevice } from './pass-through-device.js'
 
 const PAGE = 4096
 
@@ -9,23 +10,25 @@ const PAGE = 4096
  * drops them. Memory grows with the bytes written (a repair writes metadata
  * only), not with the device.
  */
-export class OverlayDevice implements BlockDevice {
-  readonly readOnly = false
-  readonly name: string
+export class OverlayDevice extends PassThroughDevice {
   private readonly pages = new Map<number, Uint8Array>()
   private len: number
   /** base bytes at or past this offset were cut by a truncate: they read as zeros */
   private baseLimit: number
   private closed = false
 
-  constructor(private readonly base: BlockDevice) {
-    this.name = base.name
+  /** Only the name passes through: no optional member (host status, allocation) of the device under it. */
+  constructor(base: BlockDevice) {
+    super(base, { forward: [] })
     this.len = base.size
     this.baseLimit = base.size
   }
 
-  get size(): number {
+  override get size(): number {
     return this.len
+  }
+  override get readOnly(): boolean {
+    return false
   }
 
   /** bytes held in memory for the writes so far */
@@ -46,11 +49,11 @@ export class OverlayDevice implements BlockDevice {
   private async readBase(offset: number, length: number): Promise<Uint8Array> {
     const out = new Uint8Array(length)
     const n = Math.max(0, Math.min(length, Math.min(this.len, this.baseLimit) - offset))
-    if (n > 0) out.set(await this.base.read(offset, n, 'overlay'))
+    if (n > 0) out.set(await this.inner.read(offset, n, 'overlay'))
     return out
   }
 
-  async read(offset: number, length: number, _tag?: IoTag): Promise<Uint8Array> {
+  override async read(offset: number, length: number, _tag?: IoTag): Promise<Uint8Array> {
     this.assertOpen()
     const out = await this.readBase(offset, length)
     const end = offset + length
@@ -64,7 +67,7 @@ export class OverlayDevice implements BlockDevice {
     return out
   }
 
-  async write(offset: number, data: Uint8Array, _tag?: IoTag): Promise<void> {
+  override async write(offset: number, data: Uint8Array, _tag?: IoTag): Promise<void> {
     this.assertOpen()
     const end = offset + data.byteLength
     for (let i = Math.floor(offset / PAGE); i * PAGE < end; i++) {
@@ -76,11 +79,11 @@ export class OverlayDevice implements BlockDevice {
     if (end > this.len) this.len = end
   }
 
-  async flush(): Promise<void> {
+  override async flush(): Promise<void> {
     this.assertOpen()
   }
 
-  async truncate(size: number): Promise<void> {
+  override async truncate(size: number): Promise<void> {
     this.assertOpen()
     this.baseLimit = Math.min(this.baseLimit, size)
     if (size < this.len) {
@@ -92,7 +95,7 @@ export class OverlayDevice implements BlockDevice {
     this.len = size
   }
 
-  async close(): Promise<void> {
+  override async close(): Promise<void> {
     this.closed = true
     this.pages.clear()
   }

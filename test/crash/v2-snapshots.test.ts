@@ -9,7 +9,7 @@ import { writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { describe, expect, it } from 'vitest'
 import { MemoryDevice } from '../../src/io/memory-device.js'
-import { applySnapshot, createSnapshot, deleteSnapshot } from '../../src/formats/qcow2/snapshot-ops.js'
+import { applySnapshot, createSnapshot, deleteSnapshot } from '../../src/formats/qcow2/ops/snapshot-ops.js'
 import { hasQemuImg, REQUIRE_QEMU, makeTempDir, qemuImg, useTempDirs } from '../support/qemu.js'
 import { MemFiles, checkCounts, createOn, openOn, pattern } from '../writer/helpers.js'
 

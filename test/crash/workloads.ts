@@ -5,11 +5,11 @@
  */
 import type { BlockDevice } from '../../src/io/block-device.js'
 import { MemoryDevice } from '../../src/io/memory-device.js'
-import { createQcow2 } from '../../src/formats/qcow2/create.js'
+import { createQcow2 } from '../../src/formats/qcow2/ops/create.js'
 import type { Qcow2Image } from '../../src/formats/qcow2/image.js'
-import { compressCluster } from '../../src/formats/qcow2/compress-write.js'
-import { applySnapshot, createSnapshot, deleteSnapshot } from '../../src/formats/qcow2/snapshot-ops.js'
-import { resizeQcow2 } from '../../src/formats/qcow2/resize.js'
+import { compressCluster } from '../../src/formats/qcow2/write/compress-write.js'
+import { applySnapshot, createSnapshot, deleteSnapshot } from '../../src/formats/qcow2/ops/snapshot-ops.js'
+import { resizeQcow2 } from '../../src/formats/qcow2/ops/resize.js'
 import { Prng } from '../support/prng.js'
 import { MemFiles, Unclosable, openOn, pattern } from '../writer/helpers.js'
 

@@ -8,7 +8,7 @@ import { readFileSync, statSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { expect, it } from 'vitest'
 import { main } from '../../src/cli/main.js'
-import { deflateAddon } from '../../src/formats/qcow2/deflate-addon.js'
+import { deflateAddon } from '../../src/formats/qcow2/write/deflate-addon.js'
 import { Prng } from '../support/prng.js'
 import { REQUIRE_QEMU, collector, describeQemu, makeTempDir, qemuImg, qemuImgJson, qemuImgOk, qemuIoOk, useTempDirs } from '../support/qemu.js'
 

@@ -14,16 +14,10 @@
  *   not have happened, independently of the writes around it.
  * - A crash image is: the durable state, plus some of the pending events applied
  *   in log order (a later write over an earlier one wins if both are applied):
- *     prefixes  always: the first k pending events, k = 0..n (what a disk that
- *               keeps order would leave);
- *     subsets   option: any subset (reordering in a write cache). All 2^n when
- *               n <= exhaustiveLimit (default 10); otherwise every "all but one"
- *               plus `randomSubsets` (default 32) random ones from a seeded PRNG;
- *     torn      option: prefix k-1 plus the k-th write cut at a sector boundary
- *               (absolute offsets multiple of `sectorSize`, default 512): only the
- *               sectors before the cut landed (and, with `tornTail`, also: only the
- *               sectors after it). At most `maxTornPerWrite` (default 8) evenly
- *               spread cuts per write.
+ *   prefixes always, subsets and torn writes as options (crash-states.ts says
+ *   which and in what order).
+ * - A crash device is a one-member CrashGroup (crash-group.ts): the group keeps
+ *   the log and the durable image, and both enumerate with the same engine.
  *
  * Crash points: point p (0..events.length) is a power cut after the first p events
  * were issued. `statesAt(p)` yields every crash image for it. Images for earlier
@@ -47,106 +41,19 @@
  * Memory: every written buffer is copied into the log (tests use small images);
  * each state is a full copy of the image, built lazily as the iterator advances.
  */
-import type { BlockDevice, IoTag } from '../../src/io/block-device.js'
 import { MemoryDevice } from '../../src/io/memory-device.js'
 import { hex } from '../../src/errors.js'
-import { Prng } from './prng.js'
+import { CrashGroup, CrashMember } from './crash-group.js'
+import type { CrashEvent, CrashStateInfo, CrashStateOptions, CrashVoice, PendingEvent, RawCrashState, TornRange } from './crash-states.js'
 
-export interface CrashWriteEvent {
-  seq: number
-  kind: 'write'
-  offset: number
-  data: Uint8Array
-  tag: IoTag | undefined
-}
-export interface CrashTruncateEvent {
-  seq: number
-  kind: 'truncate'
-  size: number
-}
-export interface CrashFlushEvent {
-  seq: number
-  kind: 'flush'
-}
-export type CrashEvent = CrashWriteEvent | CrashTruncateEvent | CrashFlushEvent
-/** A write or truncate not yet made durable by a flush. */
-export type PendingEvent = CrashWriteEvent | CrashTruncateEvent
+export { Image, tornCuts } from './crash-states.js'
+export type { CrashEvent, CrashFlushEvent, CrashStateOptions, CrashTruncateEvent, CrashWriteEvent, PendingEvent } from './crash-states.js'
 
-export interface CrashStateOptions {
-  /** Also yield subsets of the pending events (default false). */
-  subsets?: boolean
-  /** Also yield torn versions of each prefix's last write (default false). */
-  torn?: boolean
-  /** Enumerate all subsets up to this many pending events (default 10; at most 20 is honoured). */
-  exhaustiveLimit?: number
-  /** Above exhaustiveLimit: how many random subsets to add (default 32). */
-  randomSubsets?: number
-  /** PRNG seed for random subsets (default 1). */
-  seed?: number
-  /** Torn-write granularity in bytes (default 512). */
-  sectorSize?: number
-  /** Most cuts per torn write (default 8); first and last cut always included. */
-  maxTornPerWrite?: number
-  /** Torn: also yield the image where only the part after the cut landed (default false). */
-  tornTail?: boolean
-}
-
-export interface CrashState {
+export interface CrashState extends CrashStateInfo {
   /** A fresh device holding this crash image (yours to modify). */
   device: MemoryDevice
-  /** For failure messages: point, flushes, which pending events landed, how. */
-  description: string
-  kind: 'prefix' | 'subset' | 'torn'
-  /** The crash point: number of events (writes, truncates, flushes) issued before the cut. */
-  point: number
-  /** Flushes completed before the crash: everything up to flush #flushes is in the image. */
-  flushes: number
-  /** seqs of the pending events that were applied in full. */
-  applied: number[]
-  /** seqs of all events that were pending at the crash point. */
-  pending: number[]
   /** For torn states: the write that was cut and the absolute byte range of it that landed. */
-  torn?: { seq: number; from: number; to: number }
-}
-
-/** A growable byte image (synchronous), with MemoryDevice semantics (crash-group.ts uses it too). */
-export class Image {
-  buf: Uint8Array
-  len: number
-  constructor(buf: Uint8Array, len = buf.byteLength) {
-    this.buf = buf
-    this.len = len
-  }
-  clone(): Image {
-    return new Image(this.buf.slice(0, this.len))
-  }
-  write(offset: number, data: Uint8Array): void {
-    const end = offset + data.byteLength
-    this.ensure(end)
-    this.buf.set(data, offset)
-    if (end > this.len) this.len = end
-  }
-  truncate(size: number): void {
-    if (size < this.len) this.buf.fill(0, size, this.len)
-    this.ensure(size)
-    this.len = size
-  }
-  apply(e: PendingEvent): void {
-    if (e.kind === 'write') this.write(e.offset, e.data)
-    else this.truncate(e.size)
-  }
-  bytes(): Uint8Array {
-    return this.buf.slice(0, this.len)
-  }
-  toDevice(name: string): MemoryDevice {
-    return new MemoryDevice(this.buf.subarray(0, this.len), { name }) // MemoryDevice copies
-  }
-  private ensure(n: number): void {
-    if (n <= this.buf.byteLength) return
-    const next = new Uint8Array(Math.max(n, this.buf.byteLength * 2))
-    next.set(this.buf.subarray(0, this.len))
-    this.buf = next
-  }
+  torn?: TornRange
 }
 
 export function describeEvent(e: CrashEvent): string {
@@ -160,103 +67,48 @@ export function describeEvent(e: CrashEvent): string {
   }
 }
 
-export class CrashDevice implements BlockDevice {
-  readonly readOnly = false
-  readonly name: string
-  private readonly base: Uint8Array
-  private readonly log: CrashEvent[] = []
-  private current: Image
-  private durable: Image
-  private lastFlush = -1 // index in log of the last flush
-  private flushes = 0
-  private closed = false
+const deviceVoice: CrashVoice = {
+  describe: describeEvent,
+  prefixZero: (n) => `prefix 0/${n} (no pending event landed)`,
+}
 
+/** A group holding one member, `name`, that starts from `base`. */
+function oneMemberGroup(name: string, base: Uint8Array | MemoryDevice | number): CrashGroup {
+  const group = new CrashGroup()
+  group.addMember(name, base)
+  return group
+}
+
+/** The device (read/write/truncate/allocate/flush/close, the page-cache view) is its group's only member. */
+export class CrashDevice extends CrashMember {
   constructor(base: Uint8Array | MemoryDevice | number = 0, options: { name?: string } = {}) {
-    this.base = typeof base === 'number' ? new Uint8Array(base) : base instanceof MemoryDevice ? base.snapshot() : base.slice()
-    this.name = options.name ?? 'crash'
-    this.current = new Image(this.base.slice())
-    this.durable = new Image(this.base.slice())
-  }
-
-  get size(): number {
-    return this.current.len
+    const name = options.name ?? 'crash'
+    super(oneMemberGroup(name, base), 0, name)
   }
 
   /** Every logged event, in order (event.seq === index). */
   get events(): readonly CrashEvent[] {
-    return this.log
+    return this.group.events
   }
 
   /** Flushes completed so far. */
   get flushCount(): number {
-    return this.flushes
-  }
-
-  async read(offset: number, length: number, _tag?: IoTag): Promise<Uint8Array> {
-    this.assertOpen()
-    const out = new Uint8Array(length)
-    const c = this.current
-    if (offset < c.len) out.set(c.buf.subarray(offset, Math.min(c.len, offset + length)))
-    return out
-  }
-
-  /** read() into the caller's buffer: a copy of what a reader sees now, zeros past the end */
-  async readInto(offset: number, buf: Uint8Array, _tag?: IoTag): Promise<void> {
-    this.assertOpen()
-    const c = this.current
-    const n = offset < c.len ? Math.min(c.len - offset, buf.byteLength) : 0
-    if (n > 0) buf.set(c.buf.subarray(offset, offset + n))
-    if (n < buf.byteLength) buf.fill(0, n)
-  }
-
-  async write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void> {
-    this.assertOpen()
-    if (data.byteLength === 0) return
-    const copy = data.slice()
-    this.log.push({ seq: this.log.length, kind: 'write', offset, data: copy, tag })
-    this.current.write(offset, copy)
-  }
-
-  async truncate(size: number): Promise<void> {
-    this.assertOpen()
-    this.log.push({ seq: this.log.length, kind: 'truncate', size })
-    this.current.truncate(size)
-  }
-
-  /**
-   * posix_fallocate: the file grows to offset+length (zeros), logged as a
-   * truncate that extends it, so a crash before the next flush may lose it.
-   */
-  async allocate(offset: number, length: number): Promise<void> {
-    this.assertOpen()
-    if (offset + length > this.current.len) await this.truncate(offset + length)
-  }
-
-  async flush(): Promise<void> {
-    this.assertOpen()
-    for (const e of this.pendingWrites()) this.durable.apply(e)
-    this.log.push({ seq: this.log.length, kind: 'flush' })
-    this.lastFlush = this.log.length - 1
-    this.flushes++
-  }
-
-  async close(): Promise<void> {
-    this.closed = true
+    return this.group.flushCount
   }
 
   /** Writes and truncates since the last flush, in order. */
   pendingWrites(): PendingEvent[] {
-    return this.pendingIn(this.lastFlush, this.log.length)
+    return this.group.pendingOf(0)
   }
 
   /** The durable bytes (what survives any crash now). */
   durableSnapshot(): Uint8Array {
-    return this.durable.bytes()
+    return this.group.durableImage(0).bytes()
   }
 
   /** The bytes a reader sees now (durable + all pending). */
   snapshot(): Uint8Array {
-    return this.current.bytes()
+    return this.group.currentImage(0).bytes()
   }
 
   /** A device holding the durable state plus the first k pending events (0 <= k <= pending). */
@@ -265,31 +117,23 @@ export class CrashDevice implements BlockDevice {
     if (!Number.isInteger(k) || k < 0 || k > pending.length) {
       throw new Error(`CrashDevice.crashAt: k must be 0..${pending.length}, got ${k}`)
     }
-    const img = this.durable.clone()
+    const img = this.group.durableImage(0).clone()
     for (let i = 0; i < k; i++) img.apply(pending[i]!)
     return img.toDevice(`${this.name}@crashAt(${k})`)
   }
 
   /** Every crash image if the power were cut now. */
   crashStates(options: CrashStateOptions = {}): Generator<CrashState> {
-    return this.statesAt(this.log.length, options)
+    return this.statesAt(this.events.length, options)
   }
 
   /** Every crash image for a power cut after the first `point` events (0..events.length). */
   *statesAt(point: number, options: CrashStateOptions = {}): Generator<CrashState> {
-    if (!Number.isInteger(point) || point < 0 || point > this.log.length) {
-      throw new Error(`CrashDevice.statesAt: point must be 0..${this.log.length}, got ${point}`)
+    const n = this.events.length
+    if (!Number.isInteger(point) || point < 0 || point > n) {
+      throw new Error(`CrashDevice.statesAt: point must be 0..${n}, got ${point}`)
     }
-    let f = -1
-    let flushes = 0
-    for (let i = 0; i < point; i++) {
-      if (this.log[i]!.kind === 'flush') {
-        f = i
-        flushes++
-      }
-    }
-    const durable = f === this.lastFlush ? this.durable : this.replay(f)
-    yield* this.generate(durable, this.pendingIn(f, point), point, flushes, false, options)
+    for (const s of this.group.imagesAt(point, options, deviceVoice)) yield this.state(s)
   }
 
   /**
@@ -297,178 +141,24 @@ export class CrashDevice implements BlockDevice {
    * states of its last point (just before the flush that ends it, or now).
    */
   *allCrashStates(options: CrashStateOptions = {}): Generator<CrashState> {
-    const durable = new Image(this.base.slice())
-    let start = -1 // index of the flush opening this epoch
-    let flushes = 0
-    for (;;) {
-      let end = start + 1
-      while (end < this.log.length && this.log[end]!.kind !== 'flush') end++
-      const pending = this.pendingIn(start, end)
-      yield* this.generate(durable, pending, end, flushes, flushes > 0, options)
-      if (end >= this.log.length) return
-      for (const e of pending) durable.apply(e)
-      start = end
-      flushes++
-    }
+    for (const s of this.group.imagesOverLog(options, deviceVoice, true)) yield this.state(s)
   }
 
   /** The crash points whose states allCrashStates expands (the last point of each epoch). */
   epochEnds(): number[] {
     const out: number[] = []
-    this.log.forEach((e, i) => {
+    this.events.forEach((e, i) => {
       if (e.kind === 'flush') out.push(i)
     })
-    out.push(this.log.length)
+    out.push(this.events.length)
     return out
   }
 
-  private pendingIn(flushIndex: number, point: number): PendingEvent[] {
-    const out: PendingEvent[] = []
-    for (let i = flushIndex + 1; i < point; i++) {
-      const e = this.log[i]!
-      if (e.kind !== 'flush') out.push(e)
-    }
-    return out
-  }
-
-  /** Base plus every write/truncate before log index `flushIndex`. */
-  private replay(flushIndex: number): Image {
-    const img = new Image(this.base.slice())
-    for (let i = 0; i < flushIndex; i++) {
-      const e = this.log[i]!
-      if (e.kind !== 'flush') img.apply(e)
-    }
-    return img
-  }
-
-  private *generate(durable: Image, pending: PendingEvent[], point: number, flushes: number, skipEmpty: boolean, o: CrashStateOptions): Generator<CrashState> {
-    const n = pending.length
-    const seqs = pending.map((e) => e.seq)
-    const head = `crash at point ${point} (${flushes} flush${flushes === 1 ? '' : 'es'} done, ${n} pending event${n === 1 ? '' : 's'}`
-    const pendingText = n === 0 ? '' : `: ${pending.map(describeEvent).join(', ')}`
-    const ctx = `${head}${pendingText})`
-    let counter = 0
-    const make = (img: Image, kind: CrashState['kind'], applied: number[], what: string, torn?: CrashState['torn']): CrashState => {
-      const state: CrashState = {
-        device: img.toDevice(`${this.name}@${point}.${counter++}`),
-        description: `${ctx}; ${what}`,
-        kind,
-        point,
-        flushes,
-        applied,
-        pending: seqs,
-      }
-      if (torn) state.torn = torn
-      return state
-    }
-
-    // prefixes, with torn variants of each prefix's last write
-    const sector = o.sectorSize ?? 512
-    const maxTorn = o.maxTornPerWrite ?? 8
-    const running = durable.clone()
-    if (!skipEmpty) yield make(running.clone(), 'prefix', [], n === 0 ? 'durable state' : `prefix 0/${n} (no pending event landed)`)
-    for (let k = 1; k <= n; k++) {
-      const e = pending[k - 1]!
-      if (o.torn && e.kind === 'write') {
-        for (const cut of tornCuts(e.offset, e.data.byteLength, sector, maxTorn)) {
-          const rel = cut - e.offset
-          const before = seqs.slice(0, k - 1)
-          const img = running.clone()
-          img.write(e.offset, e.data.subarray(0, rel))
-          yield make(img, 'torn', before, `prefix ${k - 1}/${n} + ${describeEvent(e)} torn: ${hex(e.offset)}..${hex(cut)} landed`, {
-            seq: e.seq,
-            from: e.offset,
-            to: cut,
-          })
-          if (o.tornTail) {
-            const end = e.offset + e.data.byteLength
-            const tail = running.clone()
-            tail.write(cut, e.data.subarray(rel))
-            yield make(tail, 'torn', before, `prefix ${k - 1}/${n} + ${describeEvent(e)} torn: ${hex(cut)}..${hex(end)} landed`, {
-              seq: e.seq,
-              from: cut,
-              to: end,
-            })
-          }
-        }
-      }
-      running.apply(e)
-      yield make(running.clone(), 'prefix', seqs.slice(0, k), `prefix ${k}/${n} (up to ${describeEvent(e)})`)
-    }
-
-    // subsets that are not prefixes
-    if (o.subsets && n >= 2) {
-      for (const mask of subsetMasks(n, o)) {
-        const img = durable.clone()
-        const applied: number[] = []
-        for (let i = 0; i < n; i++) {
-          if (mask[i]) {
-            img.apply(pending[i]!)
-            applied.push(seqs[i]!)
-          }
-        }
-        yield make(img, 'subset', applied, `subset: ${applied.length === 0 ? 'none' : applied.map((s) => `#${s}`).join(',')} landed`)
-      }
-    }
-  }
-
-  private assertOpen(): void {
-    if (this.closed) throw new Error(`${this.name}: device is closed`)
-  }
-}
-
-/** Absolute cut offsets strictly inside [offset, offset+length) at multiples of `sector`, at most `max` (evenly spread). */
-export function tornCuts(offset: number, length: number, sector: number, max: number): number[] {
-  const end = offset + length
-  const first = Math.floor(offset / sector) * sector + sector
-  const all: number[] = []
-  for (let c = first; c < end; c += sector) all.push(c)
-  if (all.length <= max) return all
-  if (max <= 0) return []
-  if (max === 1) return [all[0]!]
-  const out: number[] = []
-  for (let i = 0; i < max; i++) {
-    const c = all[Math.round((i * (all.length - 1)) / (max - 1))]!
-    if (out[out.length - 1] !== c) out.push(c)
-  }
-  return out
-}
-
-function isPrefix(mask: boolean[]): boolean {
-  let k = 0
-  while (k < mask.length && mask[k]) k++
-  for (let i = k; i < mask.length; i++) if (mask[i]) return false
-  return true
-}
-
-/** Non-prefix subsets of n events, as inclusion masks (bounded, deterministic). */
-function* subsetMasks(n: number, o: CrashStateOptions): Generator<boolean[]> {
-  const limit = Math.min(o.exhaustiveLimit ?? 10, 20)
-  if (n <= limit) {
-    for (let m = 0; m < 2 ** n; m++) {
-      const mask = Array.from({ length: n }, (_, i) => ((m >>> i) & 1) === 1)
-      if (!isPrefix(mask)) yield mask
-    }
-    return
-  }
-  const seen = new Set<string>()
-  const key = (mask: boolean[]): string => mask.map((b) => (b ? '1' : '0')).join('')
-  // all but one (all but the last is a prefix)
-  for (let skip = 0; skip < n - 1; skip++) {
-    const mask = Array.from({ length: n }, (_, i) => i !== skip)
-    seen.add(key(mask))
-    yield mask
-  }
-  const want = o.randomSubsets ?? 32
-  const rng = new Prng((o.seed ?? 1) ^ Math.imul(n, 0x9e3779b1))
-  let made = 0
-  for (let attempts = 0; made < want && attempts < want * 20; attempts++) {
-    const mask = Array.from({ length: n }, () => rng.chance(0.5))
-    const k = key(mask)
-    if (isPrefix(mask) || seen.has(k)) continue
-    seen.add(k)
-    made++
-    yield mask
+  private state(s: RawCrashState): CrashState {
+    const { description, kind, point, flushes, applied, pending, torn } = s
+    const state: CrashState = { device: s.images[0]!.toDevice(`${this.name}@${point}.${s.index}`), description, kind, point, flushes, applied, pending }
+    if (torn) state.torn = torn
+    return state
   }
 }
 

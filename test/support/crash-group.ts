@@ -4,7 +4,8 @@
  * flushes of every member; a flush makes durable only its own member's
  * earlier writes. A crash image of the group is every member's durable state
  * plus some of the events pending on any member at the crash point, chosen
- * as CrashDevice chooses them (see crash-device.ts): prefixes in log order,
+ * by the engine in crash-states.ts (CrashDevice, a one-member group, uses it
+ * too): prefixes in log order,
  * torn versions of each prefix's last write, subsets (all of them up to
  * `exhaustiveLimit` pending events, else every "all but one" and
  * `randomSubsets` random ones).
@@ -24,50 +25,52 @@ import { createHash } from 'node:crypto'
 import type { BlockDevice, IoTag } from '../../src/io/block-device.js'
 import { MemoryDevice } from '../../src/io/memory-device.js'
 import { hex } from '../../src/errors.js'
-import { Image as Bytes, tornCuts, type CrashStateOptions } from './crash-device.js'
-import { Prng } from './prng.js'
+import {
+  Image,
+  crashCuts,
+  crashImages,
+  type CrashCut,
+  type CrashStateInfo,
+  type CrashStateOptions,
+  type CrashVoice,
+  type GroupEvent,
+  type GroupPendingEvent,
+  type RawCrashState,
+} from './crash-states.js'
 
-export type GroupEvent =
-  | { seq: number; member: number; kind: 'write'; offset: number; data: Uint8Array; tag: IoTag | undefined }
-  | { seq: number; member: number; kind: 'truncate'; size: number }
-  | { seq: number; member: number; kind: 'flush' }
-type Pending = Exclude<GroupEvent, { kind: 'flush' }>
+export type { GroupEvent } from './crash-states.js'
 type WithoutSeq<T> = T extends unknown ? Omit<T, 'seq'> : never
 
-export interface GroupCrashState {
+export interface GroupCrashState extends CrashStateInfo {
   /** a fresh device per member (in `add` order), holding this crash image */
   devices: MemoryDevice[]
-  description: string
-  kind: 'prefix' | 'subset' | 'torn'
-  /** events (of all members) issued before the cut */
-  point: number
-  /** flushes (of any member) completed before the cut */
-  flushes: number
-  /** seqs of the pending events applied in full */
-  applied: number[]
-  pending: number[]
-}
-
-const cloneAll = (w: Bytes[]): Bytes[] => w.map((b) => b.clone())
-function apply(w: Bytes[], e: Pending): void {
-  if (e.kind === 'write') w[e.member]!.write(e.offset, e.data)
-  else w[e.member]!.truncate(e.size)
 }
 
 export class CrashGroup {
   private readonly log: GroupEvent[] = []
   private readonly bases: Uint8Array[] = []
-  private readonly current: Bytes[] = []
+  private readonly current: Image[] = []
+  /** each member's durable image: its base plus its events before its last flush */
+  private readonly durable: Image[] = []
+  /** each member's writes and truncates since its last flush */
+  private readonly unflushed: GroupPendingEvent[][] = []
   readonly names: string[] = []
   private flushes = 0
 
   /** A new member file starting from `base` (durable). */
   add(name: string, base: Uint8Array | MemoryDevice | number = 0): CrashMember {
+    return new CrashMember(this, this.addMember(name, base), name)
+  }
+
+  /** @internal a new member's index (add() without the device) */
+  addMember(name: string, base: Uint8Array | MemoryDevice | number = 0): number {
     const bytes = typeof base === 'number' ? new Uint8Array(base) : base instanceof MemoryDevice ? base.snapshot() : base.slice()
     this.bases.push(bytes)
-    this.current.push(new Bytes(bytes.slice()))
+    this.current.push(new Image(bytes.slice()))
+    this.durable.push(new Image(bytes.slice()))
+    this.unflushed.push([])
     this.names.push(name)
-    return new CrashMember(this, this.names.length - 1, name)
+    return this.names.length - 1
   }
 
   /** Flushes (of any member) so far. */
@@ -85,146 +88,89 @@ export class CrashGroup {
   }
   /** @internal */
   read(member: number, offset: number, length: number): Uint8Array {
-    const c = this.current[member]!
-    const out = new Uint8Array(length)
-    if (offset < c.len) out.set(c.buf.subarray(offset, Math.min(c.len, offset + length)))
-    return out
+    return this.current[member]!.read(offset, length)
+  }
+  /** @internal */
+  readInto(member: number, offset: number, buf: Uint8Array): void {
+    this.current[member]!.readInto(offset, buf)
   }
   /** @internal */
   record(e: WithoutSeq<GroupEvent>): void {
     const ev = { ...e, seq: this.log.length } as GroupEvent
+    if (ev.kind === 'flush') {
+      for (const p of this.unflushed[ev.member]!) this.durable[ev.member]!.apply(p)
+      this.unflushed[ev.member] = []
+      this.flushes++
+    } else {
+      this.current[ev.member]!.apply(ev)
+      this.unflushed[ev.member]!.push(ev)
+    }
     this.log.push(ev)
-    if (ev.kind === 'flush') this.flushes++
-    else apply(this.current, ev)
+  }
+
+  /** @internal a member's writes and truncates since its last flush, in order */
+  pendingOf(member: number): GroupPendingEvent[] {
+    return [...this.unflushed[member]!]
+  }
+
+  /** @internal a member's durable image now (live: clone it to change it) */
+  durableImage(member: number): Image {
+    return this.durable[member]!
+  }
+
+  /** @internal a member's image as a reader sees it now (live) */
+  currentImage(member: number): Image {
+    return this.current[member]!
+  }
+
+  /** @internal every crash image for a power cut after the first `point` events */
+  *imagesAt(point: number, options: CrashStateOptions, voice: CrashVoice): Generator<RawCrashState> {
+    let last: CrashCut | undefined
+    for (const cut of crashCuts(this.log, this.bases, point)) last = cut
+    yield* crashImages(last!, options, voice)
+  }
+
+  /**
+   * @internal every crash image over the whole log: the states of the last
+   * point before every flush (of any member) and of the end of the log; with
+   * `skipRepeatedEmpty`, prefix 0 only for the first of them.
+   */
+  *imagesOverLog(options: CrashStateOptions, voice: CrashVoice, skipRepeatedEmpty: boolean): Generator<RawCrashState> {
+    for (const cut of crashCuts(this.log, this.bases)) yield* crashImages(cut, options, voice, skipRepeatedEmpty && cut.flushes > 0)
   }
 
   /** Every distinct crash image of the group over the whole log. */
   *allCrashStates(options: CrashStateOptions = {}): Generator<GroupCrashState> {
-    const durable = this.bases.map((b) => new Bytes(b.slice()))
     const seen = new Set<string>()
-    let pending: Pending[] = []
-    let flushes = 0
-    for (let i = 0; i <= this.log.length; i++) {
-      const e = this.log[i]
-      if (e === undefined || e.kind === 'flush') {
-        for (const s of this.generate(durable, pending, i, flushes, options)) {
-          // the same bytes after another flush may owe more flushed data: those are checked again
-          const key = `${this.key(s.devices)}:${s.flushes}`
-          if (seen.has(key)) continue
-          seen.add(key)
-          yield s
-        }
-        if (e === undefined) return
-        for (const p of pending) if (p.member === e.member) apply(durable, p)
-        pending = pending.filter((p) => p.member !== e.member)
-        flushes++
-      } else {
-        pending.push(e)
-      }
+    for (const s of this.imagesOverLog(options, this.voice, false)) {
+      // the same bytes after another flush may owe more flushed data: those are checked again
+      const key = `${this.key(s.images)}:${s.flushes}`
+      if (seen.has(key)) continue
+      seen.add(key)
+      const { description, kind, point, flushes, applied, pending } = s
+      const devices = s.images.map((b, i) => b.toDevice(`${this.names[i]}@${point}.${s.index + 1}`))
+      yield { devices, description, kind, point, flushes, applied, pending }
     }
   }
 
-  private key(devices: MemoryDevice[]): string {
-    const h = createHash('sha1')
-    for (const d of devices) {
-      const b = d.snapshot()
-      h.update(String(b.byteLength))
-      h.update(b)
-    }
-    return h.digest('hex')
-  }
-
-  private *generate(durable: Bytes[], pending: Pending[], point: number, flushes: number, o: CrashStateOptions): Generator<GroupCrashState> {
-    const n = pending.length
-    const seqs = pending.map((e) => e.seq)
-    const desc = (e: GroupEvent): string =>
+  private readonly voice: CrashVoice = {
+    describe: (e) =>
       `#${e.seq} ${this.names[e.member]} ` +
       (e.kind === 'write'
         ? `write${e.tag === undefined ? '' : ` ${e.tag}`} ${hex(e.offset)}+${hex(e.data.byteLength)}`
         : e.kind === 'truncate'
           ? `truncate to ${hex(e.size)}`
-          : 'flush')
-    const ctx = `crash at point ${point} (${flushes} flush${flushes === 1 ? '' : 'es'} done, ${n} pending event${n === 1 ? '' : 's'}${n === 0 ? '' : `: ${pending.map(desc).join(', ')}`})`
-    let counter = 0
-    const make = (w: Bytes[], kind: GroupCrashState['kind'], applied: number[], what: string): GroupCrashState => {
-      counter++
-      return {
-        devices: w.map((b, i) => new MemoryDevice(b.buf.subarray(0, b.len), { name: `${this.names[i]}@${point}.${counter}` })),
-        description: `${ctx}; ${what}`,
-        kind,
-        point,
-        flushes,
-        applied,
-        pending: seqs,
-      }
-    }
-    const sector = o.sectorSize ?? 512
-    const maxTorn = o.maxTornPerWrite ?? 8
-    const running = cloneAll(durable)
-    yield make(cloneAll(running), 'prefix', [], n === 0 ? 'durable state' : `prefix 0/${n}`)
-    for (let k = 1; k <= n; k++) {
-      const e = pending[k - 1]!
-      if (o.torn && e.kind === 'write') {
-        for (const cut of tornCuts(e.offset, e.data.byteLength, sector, maxTorn)) {
-          const rel = cut - e.offset
-          const head = cloneAll(running)
-          head[e.member]!.write(e.offset, e.data.subarray(0, rel))
-          yield make(head, 'torn', seqs.slice(0, k - 1), `prefix ${k - 1}/${n} + ${desc(e)} torn: ${hex(e.offset)}..${hex(cut)} landed`)
-          if (o.tornTail) {
-            const tail = cloneAll(running)
-            tail[e.member]!.write(cut, e.data.subarray(rel))
-            yield make(tail, 'torn', seqs.slice(0, k - 1), `prefix ${k - 1}/${n} + ${desc(e)} torn: ${hex(cut)}..${hex(e.offset + e.data.byteLength)} landed`)
-          }
-        }
-      }
-      apply(running, e)
-      yield make(cloneAll(running), 'prefix', seqs.slice(0, k), `prefix ${k}/${n} (up to ${desc(e)})`)
-    }
-    if (o.subsets && n >= 2) {
-      for (const mask of subsetMasks(n, o)) {
-        const w = cloneAll(durable)
-        const applied: number[] = []
-        pending.forEach((e, i) => {
-          if (!mask[i]) return
-          apply(w, e)
-          applied.push(e.seq)
-        })
-        yield make(w, 'subset', applied, `subset: ${applied.length === 0 ? 'none' : applied.map((s) => `#${s}`).join(',')} landed`)
-      }
-    }
+          : 'flush'),
+    prefixZero: (n) => `prefix 0/${n}`,
   }
-}
 
-/** Non-prefix subsets of n events as inclusion masks (CrashDevice's choice). */
-function* subsetMasks(n: number, o: CrashStateOptions): Generator<boolean[]> {
-  const isPrefix = (m: boolean[]): boolean => {
-    let k = 0
-    while (k < m.length && m[k]) k++
-    return m.slice(k).every((b) => !b)
-  }
-  const limit = Math.min(o.exhaustiveLimit ?? 10, 20)
-  if (n <= limit) {
-    for (let m = 0; m < 2 ** n; m++) {
-      const mask = Array.from({ length: n }, (_, i) => ((m >>> i) & 1) === 1)
-      if (!isPrefix(mask)) yield mask
+  private key(images: Image[]): string {
+    const h = createHash('sha1')
+    for (const b of images) {
+      h.update(String(b.len))
+      h.update(b.buf.subarray(0, b.len))
     }
-    return
-  }
-  const seen = new Set<string>()
-  for (let skip = 0; skip < n - 1; skip++) {
-    const mask = Array.from({ length: n }, (_, i) => i !== skip)
-    seen.add(mask.join())
-    yield mask
-  }
-  const want = o.randomSubsets ?? 32
-  const rng = new Prng((o.seed ?? 1) ^ Math.imul(n, 0x9e3779b1))
-  let made = 0
-  for (let attempts = 0; made < want && attempts < want * 20; attempts++) {
-    const mask = Array.from({ length: n }, () => rng.chance(0.5))
-    if (isPrefix(mask) || seen.has(mask.join())) continue
-    seen.add(mask.join())
-    made++
-    yield mask
+    return h.digest('hex')
   }
 }
 
@@ -243,6 +189,11 @@ export class CrashMember implements BlockDevice {
   async read(offset: number, length: number, _tag?: IoTag): Promise<Uint8Array> {
     this.assertOpen()
     return this.group.read(this.index, offset, length)
+  }
+  /** read() into the caller's buffer: a copy of what a reader sees now, zeros past the end */
+  async readInto(offset: number, buf: Uint8Array, _tag?: IoTag): Promise<void> {
+    this.assertOpen()
+    this.group.readInto(this.index, offset, buf)
   }
   async write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void> {
     this.assertOpen()

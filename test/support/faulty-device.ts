@@ -22,7 +22,8 @@
  * can run a workload once with no rules to learn N, then re-run it N times with
  * `nth = 1..N`. `sweepFaults()` below does exactly that.
  */
-import { readInto, type BlockDevice, type HostStatus, type IoTag } from '../../src/io/block-device.js'
+import { readInto, type BlockDevice, type IoTag } from '../../src/io/block-device.js'
+import { PassThroughDevice } from '../../src/io/pass-through-device.js'
 import { allocate } from '../../src/io/prealloc.js'
 import { ImageIoError, hex } from '../../src/errors.js'
 
@@ -76,8 +77,8 @@ export interface FaultyOptions {
   rules?: FaultRule[]
 }
 
-export class FaultyDevice implements BlockDevice {
-  readonly inner: BlockDevice
+/** hostStatus and allocatedSize pass through (never failed) where the inner device has them; close too. */
+export class FaultyDevice extends PassThroughDevice {
   /** Ops seen (including failed ones), by kind, since construction or resetCounts(). */
   readonly counts: OpCounts = { read: 0, write: 0, flush: 0, truncate: 0 }
   /** Every fault injected, in order. */
@@ -85,27 +86,11 @@ export class FaultyDevice implements BlockDevice {
   sizeLimit: number | undefined
   private readonly tagCounts = new Map<string, number>()
   private rules: ActiveRule[] = []
-  private readonly nameOverride: string | undefined
-  hostStatus?: (offset: number, length: number) => Promise<HostStatus>
-  allocatedSize?: () => Promise<number>
 
   constructor(inner: BlockDevice, options: FaultyOptions = {}) {
-    this.inner = inner
-    this.nameOverride = options.name
+    super(inner, options.name === undefined ? {} : { name: options.name })
     this.sizeLimit = options.sizeLimit
     for (const r of options.rules ?? []) this.failOn(r)
-    if (inner.hostStatus) this.hostStatus = (offset, length) => inner.hostStatus!(offset, length)
-    if (inner.allocatedSize) this.allocatedSize = () => inner.allocatedSize!()
-  }
-
-  get size(): number {
-    return this.inner.size
-  }
-  get readOnly(): boolean {
-    return this.inner.readOnly
-  }
-  get name(): string {
-    return this.nameOverride ?? this.inner.name
   }
 
   /** Adds a rule (its counter starts now). Returns this for chaining. */
@@ -147,20 +132,20 @@ export class FaultyDevice implements BlockDevice {
     return this.faults.length
   }
 
-  async read(offset: number, length: number, tag?: IoTag): Promise<Uint8Array> {
+  override async read(offset: number, length: number, tag?: IoTag): Promise<Uint8Array> {
     const rule = this.see('read', tag)
     if (rule) throw this.fault('read', tag, offset, length, rule.errno)
     return this.inner.read(offset, length, tag)
   }
 
   /** a read like read(): counted, and failed by the same 'read' rules (the buffer is then left as it was) */
-  async readInto(offset: number, buf: Uint8Array, tag?: IoTag): Promise<void> {
+  override async readInto(offset: number, buf: Uint8Array, tag?: IoTag): Promise<void> {
     const rule = this.see('read', tag)
     if (rule) throw this.fault('read', tag, offset, buf.byteLength, rule.errno)
     return readInto(this.inner, offset, buf, tag)
   }
 
-  async write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void> {
+  override async write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void> {
     const rule = this.see('write', tag)
     if (rule) {
       const torn = Math.min(Math.max(0, rule.tornBytes), data.byteLength)
@@ -174,7 +159,7 @@ export class FaultyDevice implements BlockDevice {
   }
 
   /** posix_fallocate: counted and failed as a write (no tag); ENOSPC past sizeLimit */
-  async allocate(offset: number, length: number): Promise<void> {
+  override async allocate(offset: number, length: number): Promise<void> {
     const rule = this.see('write', undefined)
     if (rule) throw this.fault('write', undefined, offset, length, rule.errno)
     if (this.sizeLimit !== undefined && offset + length > Math.max(this.sizeLimit, this.inner.size)) {
@@ -183,23 +168,19 @@ export class FaultyDevice implements BlockDevice {
     return allocate(this.inner, offset, length)
   }
 
-  async flush(): Promise<void> {
+  override async flush(): Promise<void> {
     const rule = this.see('flush', undefined)
     if (rule) throw this.fault('flush', undefined, 0, 0, rule.errno)
     return this.inner.flush()
   }
 
-  async truncate(size: number): Promise<void> {
+  override async truncate(size: number): Promise<void> {
     const rule = this.see('truncate', undefined)
     if (rule) throw this.fault('truncate', undefined, size, 0, rule.errno)
     if (this.sizeLimit !== undefined && size > Math.max(this.sizeLimit, this.inner.size)) {
       throw this.fault('truncate', undefined, size, 0, 'ENOSPC')
     }
     return this.inner.truncate(size)
-  }
-
-  close(): Promise<void> {
-    return this.inner.close()
   }
 
   /** Counts the op; returns the rule that makes it fail, if any. */

@@ -15,7 +15,8 @@
  * readInto is recorded as a read (length = the buffer's). Recorded fields: flush has offset 0, length 0; truncate has offset = the new
  * size, length 0. Failed ops are recorded too (`ok: false`, `error`).
  */
-import { readInto, type BlockDevice, type HostStatus, type IoTag } from '../../src/io/block-device.js'
+import { readInto, type BlockDevice, type IoTag } from '../../src/io/block-device.js'
+import { PassThroughDevice } from '../../src/io/pass-through-device.js'
 import { allocate } from '../../src/io/prealloc.js'
 import { hex } from '../../src/errors.js'
 
@@ -87,63 +88,43 @@ export interface TracingOptions {
   name?: string
 }
 
-export class TracingDevice implements BlockDevice {
+/** hostStatus and allocatedSize pass through untraced where the inner device has them; close is not traced. */
+export class TracingDevice extends PassThroughDevice {
   /** Every op since construction or the last clear(), in issue order. */
   readonly trace: TraceOp[] = []
-  readonly inner: BlockDevice
   private clock = 0
   private readonly keepData: boolean
-  private readonly nameOverride: string | undefined
-  hostStatus?: (offset: number, length: number) => Promise<HostStatus>
-  allocatedSize?: () => Promise<number>
 
   constructor(inner: BlockDevice, options: TracingOptions = {}) {
-    this.inner = inner
+    super(inner, options.name === undefined ? {} : { name: options.name })
     this.keepData = options.keepData ?? false
-    this.nameOverride = options.name
-    if (inner.hostStatus) this.hostStatus = (offset, length) => inner.hostStatus!(offset, length)
-    if (inner.allocatedSize) this.allocatedSize = () => inner.allocatedSize!()
   }
 
-  get size(): number {
-    return this.inner.size
-  }
-  get readOnly(): boolean {
-    return this.inner.readOnly
-  }
-  get name(): string {
-    return this.nameOverride ?? this.inner.name
-  }
-
-  read(offset: number, length: number, tag?: IoTag): Promise<Uint8Array> {
+  override read(offset: number, length: number, tag?: IoTag): Promise<Uint8Array> {
     return this.run({ op: 'read', offset, length, tag }, () => this.inner.read(offset, length, tag))
   }
 
   /** recorded as a read; passed to the inner device's readInto (or its read, copied) */
-  readInto(offset: number, buf: Uint8Array, tag?: IoTag): Promise<void> {
+  override readInto(offset: number, buf: Uint8Array, tag?: IoTag): Promise<void> {
     return this.run({ op: 'read', offset, length: buf.byteLength, tag }, () => readInto(this.inner, offset, buf, tag))
   }
 
-  write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void> {
+  override write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void> {
     const rec = this.keepData ? { data: data.slice() } : {}
     return this.run({ op: 'write', offset, length: data.byteLength, tag, ...rec }, () => this.inner.write(offset, data, tag))
   }
 
-  flush(): Promise<void> {
+  override flush(): Promise<void> {
     return this.run({ op: 'flush', offset: 0, length: 0, tag: undefined }, () => this.inner.flush())
   }
 
-  truncate(size: number): Promise<void> {
+  override truncate(size: number): Promise<void> {
     return this.run({ op: 'truncate', offset: size, length: 0, tag: undefined }, () => this.inner.truncate(size))
   }
 
   /** posix_fallocate of [offset, offset+length): recorded as 'allocate'; by the inner device's allocate, or by writing */
-  allocate(offset: number, length: number): Promise<void> {
+  override allocate(offset: number, length: number): Promise<void> {
     return this.run({ op: 'allocate', offset, length, tag: undefined }, () => allocate(this.inner, offset, length))
-  }
-
-  close(): Promise<void> {
-    return this.inner.close()
   }
 
   private async run<T>(fields: Pick<TraceOp, 'op' | 'offset' | 'length' | 'tag'> & { data?: Uint8Array }, fn: () => Promise<T>): Promise<T> {

@@ -7,7 +7,7 @@
 import { describe, expect, it } from 'vitest'
 import type { BlockDevice } from '../../src/io/block-device.js'
 import { MemoryDevice } from '../../src/io/memory-device.js'
-import { createSnapshot, deleteSnapshot } from '../../src/formats/qcow2/snapshot-ops.js'
+import { createSnapshot, deleteSnapshot } from '../../src/formats/qcow2/ops/snapshot-ops.js'
 import { Prng } from '../support/prng.js'
 import { MemFiles, Unclosable, checkCounts, createOn, openOn, pattern } from './helpers.js'
 

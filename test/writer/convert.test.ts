@@ -2,7 +2,7 @@ import { describe, expect, it } from 'vitest'
 import { MemoryDevice } from '../../src/io/memory-device.js'
 import { convert, dataRuns, rawStream } from '../../src/convert/convert.js'
 import { compareImages } from '../../src/convert/compare.js'
-import { CompressPool } from '../../src/formats/qcow2/compress-write.js'
+import { CompressPool } from '../../src/formats/qcow2/write/compress-write.js'
 import { MemFiles, createOn, openOn, pattern, sameBytes } from './helpers.js'
 
 describe('convert over DiskImage', () => {

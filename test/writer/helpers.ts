@@ -1,11 +1,12 @@
 /** Helpers for writer tests: images on memory devices, opened through the real driver. */
 import type { BlockDevice } from '../../src/io/block-device.js'
 import { MemoryDevice } from '../../src/io/memory-device.js'
+import { PassThroughDevice } from '../../src/io/pass-through-device.js'
 import type { OpenContext } from '../../src/image/context.js'
 import { makeContext, openImageOnDevice } from '../../src/open.js'
-import { createQcow2 } from '../../src/formats/qcow2/create.js'
+import { createQcow2 } from '../../src/formats/qcow2/ops/create.js'
 import type { Qcow2Image } from '../../src/formats/qcow2/image.js'
-import { analyzeQcow2 } from '../../src/formats/qcow2/check.js'
+import { analyzeQcow2 } from '../../src/formats/qcow2/check/check.js'
 import { Prng } from '../support/prng.js'
 
 /** A set of named memory files: backing files and data files resolve here. */
@@ -25,36 +26,15 @@ export class MemFiles {
 }
 
 /** Memory devices survive close (so a test can reopen them). */
-export class Unclosable implements BlockDevice {
-  allocate?: (offset: number, length: number) => Promise<void>
-  readInto?: (offset: number, buf: Uint8Array, tag?: string) => Promise<void>
-  constructor(readonly inner: BlockDevice) {
+export class Unclosable extends PassThroughDevice {
+  constructor(inner: BlockDevice) {
     // optional capabilities pass through only where the inner device has them
-    if (inner.allocate) this.allocate = (o, l) => inner.allocate!(o, l)
-    if (inner.readInto) this.readInto = (o, b, t) => inner.readInto!(o, b, t)
+    super(inner, { forward: ['allocate', 'readInto'] })
   }
-  get size() {
-    return this.inner.size
-  }
-  get readOnly() {
+  override get readOnly() {
     return false
   }
-  get name() {
-    return this.inner.name
-  }
-  read(o: number, l: number, t?: string) {
-    return this.inner.read(o, l, t)
-  }
-  write(o: number, d: Uint8Array, t?: string) {
-    return this.inner.write(o, d, t)
-  }
-  flush() {
-    return this.inner.flush()
-  }
-  truncate(s: number) {
-    return this.inner.truncate(s)
-  }
-  async close() {}
+  override async close() {}
 }
 
 export async function createOn(

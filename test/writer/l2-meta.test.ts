@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest'
-import { encodeL2Standard } from '../../src/formats/qcow2/entries.js'
-import { setStandard } from '../../src/formats/qcow2/l2-meta.js'
+import { encodeL2Standard } from '../../src/formats/qcow2/spec/entries.js'
+import { setStandard } from '../../src/formats/qcow2/spec/l2-meta.js'
 import { u64be } from '../../src/util/bytes.js'
 import { Prng } from '../support/prng.js'
 

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest'
 import { MemoryDevice } from '../../src/io/memory-device.js'
-import { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots } from '../../src/formats/qcow2/snapshot-ops.js'
-import { resizeQcow2 } from '../../src/formats/qcow2/resize.js'
+import { applySnapshot, createSnapshot, deleteSnapshot, listSnapshots } from '../../src/formats/qcow2/ops/snapshot-ops.js'
+import { resizeQcow2 } from '../../src/formats/qcow2/ops/resize.js'
 import { Prng } from '../support/prng.js'
 import { MemFiles, checkCounts, createOn, openOn, sameBytes } from './helpers.js'
 

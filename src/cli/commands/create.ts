@@ -39,7 +39,7 @@ const create: CommandModule = {
     if (sizeText !== undefined && options['size'] !== undefined) throw new UsageError(`${file}: The image size must be specified only once`)
     let size: number | undefined = sizeText !== undefined ? parseSize(sizeText) : options['size'] !== undefined ? parseSize(options['size']) : undefined
     if (size === undefined && backing !== undefined && !opts['u']) {
-      const { combinePath, protocolPrefix } = await import('../../formats/qcow2/paths.js')
+      const { combinePath, protocolPrefix } = await import('../../formats/qcow2/spec/paths.js')
       const { isFormatName } = await import('../../image/probe.js')
       const { escapeControls } = await import('../../util/text.js')
       const protocol = protocolPrefix(backing)
@@ -59,7 +59,7 @@ const create: CommandModule = {
     if (!opts['quiet']) io.stdout.write(`Formatting '${file}', fmt=${format}${formattingOptions(format, size, options, backing, backingFormat, parseSize)}\n`)
     // options checked before the file is touched: a mistake leaves no new file and an existing one intact, as qemu-img
     if (format === 'qcow2') {
-      const { parseCreateOptions } = await import('../../formats/qcow2/create.js')
+      const { parseCreateOptions } = await import('../../formats/qcow2/ops/create.js')
       const o = { ...options }
       delete o['backing_file']
       delete o['backing_fmt']

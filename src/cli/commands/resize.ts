@@ -31,7 +31,7 @@ const resize: CommandModule = {
         throw new UsageError('Use the --shrink option to perform a shrink operation.')
       }
       if (image.format === 'qcow2') {
-        const { resizeQcow2 } = await import('../../formats/qcow2/resize.js')
+        const { resizeQcow2 } = await import('../../formats/qcow2/ops/resize.js')
         closed = true
         await resizeQcow2(image as import('../../formats/qcow2/image.js').Qcow2Image, size)
       } else {

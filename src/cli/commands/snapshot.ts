@@ -28,7 +28,7 @@ const snapshot: CommandModule = {
       if (image.format !== 'qcow2') throw new UsageError(`${image.format}: internal snapshots need a qcow2 image`)
       const img = image as import('../../formats/qcow2/image.js').Qcow2Image
       for (const n of img.writer?.notices ?? []) io.stderr.write(`imgtool: ${n}\n`)
-      const ops = await import('../../formats/qcow2/snapshot-ops.js')
+      const ops = await import('../../formats/qcow2/ops/snapshot-ops.js')
       const name = String(opts[action] ?? '')
       if (action === 'create') await ops.createSnapshot(img, name)
       else if (action === 'apply') await ops.applySnapshot(img, name)

@@ -10,17 +10,17 @@ import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../../
 import { isFormatName } from '../../image/probe.js'
 import { checkGuestRange } from '../../image/range.js'
 import { Lru } from '../../util/lru.js'
-import { bitmapFlagNames, readBitmapDirectory, type Qcow2Bitmap } from './bitmap-directory.js'
-import { ClusterMapper, L2Cache, type MappingRun } from './cluster.js'
-import { decompressCluster } from './compress.js'
-import { COMPRESSION_ZSTD, CRYPT_AES, EXT_BACKING_FORMAT, EXT_DATA_FILE } from './constants.js'
-import { readLuksInfo } from './luks.js'
-import { bitmapsValid, dataFileRaw, hasDataFile, hasExtendedL2, hasLazyRefcounts, isCorrupt, isDirty, readHeader, type Qcow2Header } from './header.js'
-import { combinePath, protocolPrefix } from './paths.js'
+import { bitmapFlagNames, readBitmapDirectory, type Qcow2Bitmap } from './spec/bitmap-directory.js'
+import { ClusterMapper, L2Cache, type MappingRun } from './read/cluster.js'
+import { decompressCluster } from './spec/compress.js'
+import { COMPRESSION_ZSTD, CRYPT_AES, EXT_BACKING_FORMAT, EXT_DATA_FILE } from './spec/constants.js'
+import { readLuksInfo } from './spec/luks.js'
+import { bitmapsValid, dataFileRaw, hasDataFile, hasExtendedL2, hasLazyRefcounts, isCorrupt, isDirty, readHeader, type Qcow2Header } from './spec/header.js'
+import { combinePath, protocolPrefix } from './spec/paths.js'
 import { escapeControls } from '../../util/text.js'
-import { RefcountReader } from './refcount.js'
-import { readSnapshotTable, snapshotInfo, type Qcow2Snapshot } from './snapshot-table.js'
-import type { Qcow2Writer, WriteZeroesOptions } from './write.js'
+import { RefcountReader } from './read/refcount.js'
+import { readSnapshotTable, snapshotInfo, type Qcow2Snapshot } from './spec/snapshot-table.js'
+import type { Qcow2Writer, WriteZeroesOptions } from './write/write.js'
 
 export class Qcow2Image implements DiskImage {
   readonly format = 'qcow2'
@@ -363,12 +363,12 @@ export class Qcow2Image implements DiskImage {
 
   /** qemu-img check's verdict (check.ts) */
   async check(options: CheckOptions = {}): Promise<CheckReport> {
-    return (await import('./check-run.js')).checkQcow2(this, options)
+    return (await import('./check/run.js')).checkQcow2(this, options)
   }
 
   /** check, repair, check again (repair.ts) */
   async repair(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult> {
-    return (await import('./repair.js')).repairQcow2(this, options)
+    return (await import('./repair/repair.js')).repairQcow2(this, options)
   }
 
   async write(offset: number, data: Uint8Array): Promise<void> {
@@ -506,11 +506,11 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
     const image = new Qcow2Image(device, h, l1, dataDevice, backing, snapshots, bitmaps, context, options)
     // open read/write to write: unknown autoclear bits go first, as in QEMU (a repair clears them as its
     // first journalled phase)
-    if (!device.readOnly && !forCheck) await (await import('./dirty.js')).clearUnknownAutoclear(device, h)
+    if (!device.readOnly && !forCheck) await (await import('./write/dirty.js')).clearUnknownAutoclear(device, h)
     if (!device.readOnly && !forCheck) {
       try {
         // the writer is loaded only for images opened read/write
-        image.writer = await (await import('./write.js')).Qcow2Writer.attach(image)
+        image.writer = await (await import('./write/write.js')).Qcow2Writer.attach(image)
       } catch (e) {
         if (!(e instanceof UnsupportedFeatureError)) throw e
         image.writerRefusal = e

@@ -1,7 +1,7 @@
 import { deflateRawSync, constants as zc } from 'node:zlib'
 import { describe, expect, it } from 'vitest'
-import { decompressCluster, zstdFrameLength } from '../../../src/formats/qcow2/compress.js'
-import { COMPRESSION_ZLIB, COMPRESSION_ZSTD } from '../../../src/formats/qcow2/constants.js'
+import { decompressCluster, zstdFrameLength } from '../../../src/formats/qcow2/spec/compress.js'
+import { COMPRESSION_ZLIB, COMPRESSION_ZSTD } from '../../../src/formats/qcow2/spec/constants.js'
 import { Prng } from '../../support/prng.js'
 
 const fromHex = (h: string): Uint8Array => Uint8Array.from(Buffer.from(h, 'hex'))

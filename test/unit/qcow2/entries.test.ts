@@ -9,7 +9,7 @@ import {
   subclusterType,
   type L2DecodeContext,
   type L2Entry,
-} from '../../../src/formats/qcow2/entries.js'
+} from '../../../src/formats/qcow2/spec/entries.js'
 import { Prng } from '../../support/prng.js'
 
 function dvOf(v: bigint, extra?: { zero: number; alloc: number }): DataView {

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest'
 import { CorruptImageError, UnsupportedFeatureError, WrongFormatError } from '../../../src/errors.js'
-import * as C from '../../../src/formats/qcow2/constants.js'
-import { l1EntriesNeeded, l2Entries, l2EntrySize, readHeader, type Qcow2Header } from '../../../src/formats/qcow2/header.js'
+import * as C from '../../../src/formats/qcow2/spec/constants.js'
+import { l1EntriesNeeded, l2Entries, l2EntrySize, readHeader, type Qcow2Header } from '../../../src/formats/qcow2/spec/header.js'
 import { MemoryDevice } from '../../../src/io/memory-device.js'
 
 interface Fields {

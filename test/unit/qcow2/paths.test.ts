@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import { combinePath, protocolPrefix } from '../../../src/formats/qcow2/paths.js'
+import { combinePath, protocolPrefix } from '../../../src/formats/qcow2/spec/paths.js'
 
 describe('combinePath (QEMU path_combine)', () => {
   it.each([

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import { getRefcountEntry, maxRefcount, refcountsPerBlock, setRefcountEntry } from '../../../src/formats/qcow2/refcount-codec.js'
+import { getRefcountEntry, maxRefcount, refcountsPerBlock, setRefcountEntry } from '../../../src/formats/qcow2/spec/refcount-codec.js'
 import { Prng } from '../../support/prng.js'
 
 const ORDERS = [0, 1, 2, 3, 4, 5, 6]

@@ -1,0 +1,93 @@
+/**
+ * Resizing: grow (a larger L1 table is written and flushed before the header
+ * points at it, in one write covering size and L1 fields) or shrink (only when
+ * nothing is allocated past the new end). The image is closed afterwards,
+ * whether the resize worked or not: reopen it to use the new size.
+ */
+import { UnsupportedFeatureError, UsageError, hex } from '../../../errors.js'
+import { alignUp, putU32be, putU64be } from '../../../util/bytes.js'
+import { dataFileRaw, hasDataFile, l1EntriesNeeded } from '../spec/header.js'
+import type { Qcow2Image } from '../image.js'
+
+export async function resizeQcow2(img: Qcow2Image, size: number): Promise<void> {
+  const w = img.writer
+  if (!w) throw img.writerRefusal ?? new UnsupportedFeatureError(`qcow2: ${img.filename}: image is not open for writing`)
+  if (!Number.isSafeInteger(size) || size < 0) throw new UsageError(`qcow2: invalid size ${size}`)
+  const newSize = alignUp(size, 512)
+  try {
+    await w.mutex.run(async () => {
+      w.assertUsable()
+      // an inconsistent (in use) bitmap cannot be resized: refused as qemu-img resize does
+      w.bitmaps?.checkResizable()
+      const h = img.header
+      const cs = h.clusterSize
+      // v3 snapshots keep their own disk sizes (QEMU 7.2 resizes such images); v2 ones do not
+      if (img.snapshots.length > 0 && h.version < 3) {
+        throw new UnsupportedFeatureError(`qcow2: ${img.filename}: Can't resize a v2 image which has snapshots`)
+      }
+      if (newSize < h.size) {
+        for await (const run of img.mapper.map(newSize, h.size - newSize)) {
+          if (run.type !== 'unallocated' && run.type !== 'zero') {
+            throw new UnsupportedFeatureError(
+              `qcow2: ${img.filename}: cannot shrink to ${newSize} bytes: guest data is allocated at ${hex(run.guest)} (only unallocated or zero space can be cut)`,
+            )
+          }
+        }
+      }
+      await w.rc.persist()
+      await w.flushNow()
+      const need = l1EntriesNeeded({ ...h, size: newSize })
+      const hdr = new Uint8Array(24) // size (24), crypt_method (32), l1_size (36), l1_table_offset (40)
+      putU64be(hdr, 0, newSize)
+      putU32be(hdr, 8, h.cryptMethod)
+      let l1Size = h.l1Size
+      let l1Offset = h.l1TableOffset
+      const oldL1 = { offset: h.l1TableOffset, bytes: h.l1Size * 8 }
+      let allocated: { offset: number; bytes: number } | undefined
+      let switched = false
+      try {
+        if (need > h.l1Size) {
+          const table = new Uint8Array(need * 8)
+          table.set(img.l1)
+          l1Offset = await w.allocClusters(Math.ceil((need * 8) / cs))
+          allocated = { offset: l1Offset, bytes: need * 8 }
+          await w.writeMetadata(l1Offset, table, 'l1')
+          await w.rc.persist()
+          await w.flushNow()
+          l1Size = need
+        }
+        putU32be(hdr, 12, l1Size)
+        putU64be(hdr, 16, l1Offset)
+        await w.writeMetadata(24, hdr, 'header')
+        switched = true
+      } catch (e) {
+        // the header was not written: the new L1 table is unreferenced, give it back
+        if (allocated) {
+          await w.rc.update(allocated.offset, allocated.bytes, -1)
+          await w.rc.persist().catch(() => undefined)
+        }
+        throw e
+      } finally {
+        if (switched) {
+          h.size = newSize
+          if (l1Offset !== oldL1.offset) {
+            w.guard.setRange(oldL1.offset, oldL1.bytes, undefined)
+            w.guard.setRange(l1Offset, l1Size * 8, 'l1')
+            // the old table stays counted until the header switch is durable
+            if (oldL1.bytes > 0) w.deferFree(oldL1.offset, oldL1.bytes)
+            h.l1Size = l1Size
+            h.l1TableOffset = l1Offset
+          }
+        }
+      }
+      await w.flushNow()
+      if (hasDataFile(h) && dataFileRaw(h) && img.dataDevice !== img.device) await img.dataDevice.truncate(newSize)
+      await w.rc.persist()
+      await w.flushNow()
+    })
+  } finally {
+    // the image is closed either way: reopen it to use the new size
+    await img.close()
+    w.retire()
+  }
+}

@@ -1,0 +1,82 @@
+/**
+ * Reading refcounts: the refcount table (loaded once, at most 8 MiB) and
+ * refcount blocks through a small cache. Writers update through the same
+ * object so the cache never goes stale.
+ */
+import { CorruptImageError, hex } from '../../../errors.js'
+import type { BlockDevice } from '../../../io/block-device.js'
+import { Lru } from '../../../util/lru.js'
+import type { Qcow2Header } from '../spec/header.js'
+import { getRefcountEntry, refcountsPerBlock } from '../spec/refcount-codec.js'
+
+export interface ReftableEntry {
+  offset: number
+  reservedBits: boolean
+}
+
+export function decodeReftableEntry(dv: DataView, byteOffset: number): ReftableEntry {
+  const hi = dv.getUint32(byteOffset, false)
+  const lo = dv.getUint32(byteOffset + 4, false)
+  return { offset: hi * 0x1_0000_0000 + ((lo & 0xfffffe00) >>> 0), reservedBits: (lo & 0x1ff) !== 0 }
+}
+
+export class RefcountReader {
+  private table: Uint8Array | undefined
+  private readonly blocks = new Lru<number, Uint8Array>(64)
+  readonly perBlock: number
+
+  constructor(
+    private readonly dev: BlockDevice,
+    private readonly h: Qcow2Header,
+    private readonly file: string,
+  ) {
+    this.perBlock = refcountsPerBlock(h.clusterSize, h.refcountOrder)
+  }
+
+  get tableEntries(): number {
+    return (this.h.refcountTableClusters * this.h.clusterSize) / 8
+  }
+
+  async loadTable(): Promise<Uint8Array> {
+    if (!this.table) {
+      this.table = await this.dev.read(this.h.refcountTableOffset, this.h.refcountTableClusters * this.h.clusterSize, 'reftable')
+    }
+    return this.table
+  }
+
+  async reftableEntry(index: number): Promise<ReftableEntry> {
+    const t = await this.loadTable()
+    if (index >= this.tableEntries) return { offset: 0, reservedBits: false }
+    return decodeReftableEntry(new DataView(t.buffer, t.byteOffset, t.byteLength), index * 8)
+  }
+
+  async block(offset: number): Promise<Uint8Array> {
+    let b = this.blocks.get(offset)
+    if (!b) {
+      b = await this.dev.read(offset, this.h.clusterSize, 'refblock')
+      this.blocks.set(offset, b)
+    }
+    return b
+  }
+
+  /** Refcount of host cluster `cluster`; 0 where no refcount block exists. */
+  async get(cluster: number): Promise<number> {
+    const ti = Math.floor(cluster / this.perBlock)
+    const e = await this.reftableEntry(ti)
+    if (e.offset === 0) return 0
+    if (e.offset % this.h.clusterSize !== 0) {
+      throw new CorruptImageError(
+        `qcow2: ${this.file}: refcount block offset ${hex(e.offset)} is not aligned to cluster size ${hex(this.h.clusterSize)} (refcount table index ${ti})`,
+        { file: this.file, structure: 'reftable', offset: this.h.refcountTableOffset + ti * 8 },
+      )
+    }
+    const b = await this.block(e.offset)
+    return getRefcountEntry(b, cluster % this.perBlock, this.h.refcountOrder)
+  }
+
+  /** Drop cached state (after a writer replaced the table or blocks). */
+  invalidate(): void {
+    this.table = undefined
+    this.blocks.clear()
+  }
+}
