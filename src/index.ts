@@ -51,7 +51,7 @@ export { checkExitCode, EXIT_CLEAN, EXIT_CHECK_FAILED, EXIT_CORRUPT, EXIT_LEAKS,
 export type { Extent, ImageInfo, SnapshotInfo } from './image/disk-image.js'
 export type { BlockDevice, IoTag, HostStatus } from './io/block-device.js'
 export { MemoryDevice } from './io/memory-device.js'
-export type { FormatName } from './image/probe.js'
+export { FORMAT_NAMES, isFormatName, type FormatName } from './image/probe.js'
 export {
   ImgtoolError,
   UsageError,

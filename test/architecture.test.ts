@@ -68,4 +68,16 @@ describe('architecture', () => {
       expect(problems).toEqual([])
     })
   }
+
+  // The library returns data; only src/cli prints or exits (bin/ is outside src).
+  const OUTPUT_RE = /\bconsole\.|\bprocess\.(?:stdout|stderr|exit)\b/
+  for (const file of walk(SRC)) {
+    const rel = relative(SRC, file).split('\\').join('/')
+    if (layerOf(rel) === 5) continue
+    it(`${rel} neither prints nor exits`, () => {
+      const lines = readFileSync(file, 'utf8').split('\n')
+      const problems = lines.flatMap((line, i) => (OUTPUT_RE.test(line) ? [`line ${i + 1}: ${line.trim()}`] : []))
+      expect(problems).toEqual([])
+    })
+  }
 })
