@@ -94,7 +94,7 @@ export async function createImage(path: string, o: CreateOptions): Promise<Creat
     for (const k of Object.keys(options)) if (k !== 'preallocation') throw new UsageError(`raw images take no options but size and preallocation`)
     if (options['preallocation'] !== 'metadata') {
       // (qemu-img creates the file before it refuses metadata for raw)
-      const { parseRawPreallocation } = await import('../formats/raw/create.js')
+      const { parseRawPreallocation } = await import('../formats/raw/index.js')
       parseRawPreallocation(options['preallocation'], path)
     }
   }
