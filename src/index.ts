@@ -16,6 +16,7 @@
  */
 export { openImage, type Image, type OpenOptions, type ReferencePolicy } from './api/image.js'
 export { check, type CheckImageOptions } from './api/check.js'
+export { imageInfo, mapImage, type InfoOptions, type MapOptions } from './api/inspect.js'
 export {
   repair,
   undoRepair,
@@ -53,6 +54,10 @@ export type { Extent, ImageInfo, SnapshotInfo } from './image/disk-image.js'
 export type { BlockDevice, IoTag, HostStatus } from './io/block-device.js'
 export { MemoryDevice } from './io/memory-device.js'
 export { FORMAT_NAMES, isFormatName, type FormatName } from './image/probe.js'
+/** qemu-img's sizes: parseSize('1.5M') is 1572864; humanSize(1572864) is '1.5 MiB'. */
+export { parseSize, humanSize } from './util/size.js'
+/** Text from an image (a backing file name in a header) made safe to print: control characters become \xNN. */
+export { escapeControls } from './util/text.js'
 export {
   ImgtoolError,
   UsageError,
