@@ -37,6 +37,7 @@ export {
   type Progress,
   type CreateOptions,
   type CreateResult,
+  type CreatePlan,
   type ConvertOptions,
   type ConvertResult,
   type TargetFormat,

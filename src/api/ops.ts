@@ -35,13 +35,30 @@ export interface CreateOptions {
   format: 'raw' | 'qcow2' | 'dmsnap'
   /** virtual size in bytes, or as qemu-img takes it ('10G', '512M'); with a backing file it may be left out */
   size?: number | string
-  /** format options as qemu-img create -o takes them (cluster_size, compat, preallocation, chunk_size...) */
+  /** format options as qemu-img create -o takes them (cluster_size, compat, preallocation, chunk_size, backing_file...) */
   options?: Record<string, string>
   backingFile?: string
   backingFormat?: string
+  /** default true: with a backing file and no size, open the backing file for its size (false: qemu-img create -u) */
+  openBacking?: boolean
   /** dm-snapshot: the origin */
   origin?: string
+  /**
+   * Called once the size is known, before the options are checked and before
+   * the file is touched (imgtool prints qemu-img's "Formatting" line here).
+   */
+  onPlan?: (plan: CreatePlan) => void
   signal?: AbortSignal
+}
+
+/** What createImage is about to make. */
+export interface CreatePlan {
+  format: 'raw' | 'qcow2' | 'dmsnap'
+  size: number
+  /** the format options as given (backing_file and backing_fmt among them when given there) */
+  options: Record<string, string>
+  backingFile?: string
+  backingFormat?: string
 }
 
 export interface CreateResult {
@@ -52,8 +69,8 @@ export interface CreateResult {
 
 /**
  * Create a new image file. Options are checked before the file is touched:
- * a mistake leaves no new file and an existing one intact; an image that fails
- * half way is removed.
+ * a mistake leaves no new file and an existing one intact; a qcow2 image that
+ * fails half way is removed (as qemu-img).
  */
 export async function createImage(path: string, o: CreateOptions): Promise<CreateResult> {
   checkAborted(o.signal, 'create')
@@ -65,38 +82,47 @@ export async function createImage(path: string, o: CreateOptions): Promise<Creat
   if (options['origin'] !== undefined && format !== 'dmsnap') throw new UsageError('an origin goes with dmsnap stores')
   const backing = o.backingFile ?? options['backing_file']
   const backingFormat = o.backingFormat ?? options['backing_fmt']
-  delete options['backing_file']
-  delete options['backing_fmt']
   if (backing !== undefined && backingFormat === undefined) throw new UsageError(`${path}: Backing file specified without backing format`)
-  if (backing !== undefined && format !== 'qcow2') throw new UsageError(`${format} images take no backing file`)
   const { parseSize } = await import('../util/size.js')
-  if (o.size !== undefined && options['size'] !== undefined) throw new UsageError('The image size must be specified only once')
+  if (o.size !== undefined && options['size'] !== undefined) throw new UsageError(`${path}: The image size must be specified only once`)
   let size = typeof o.size === 'string' ? parseSize(o.size) : (o.size ?? (options['size'] !== undefined ? parseSize(options['size']) : undefined))
-  delete options['size']
-  if (size === undefined && backing !== undefined) {
+  if (size === undefined && backing !== undefined && o.openBacking !== false) {
     const { combinePath, protocolPrefix } = await import('../formats/qcow2/index.js')
+    const { escapeControls } = await import('../util/text.js')
     const protocol = protocolPrefix(backing)
     if (protocol !== undefined) {
       throw new UsageError(
-        `${path}: backing file names the protocol '${protocol}:'; imgtool opens only plain file names (give the size to write the name without opening it)`,
+        `${path}: backing file ${escapeControls(backing)} names the protocol '${escapeControls(protocol)}:'; imgtool opens only plain file names (give SIZE and -u to write the name without opening it)`,
       )
     }
-    const b = await openByPath(combinePath(path, backing), { format: formatOption(backingFormat), readOnly: true })
+    const { isFormatName } = await import('../image/probe.js')
+    const b = await openByPath(combinePath(path, backing), { format: isFormatName(backingFormat!) ? backingFormat : undefined, readOnly: true })
     size = b.virtualSize
     await b.close()
   }
   if (size === undefined) throw new UsageError('Image creation needs a size parameter')
   if (!Number.isSafeInteger(size) || size < 0) throw new UsageError(`Invalid image size ${size}`)
+  if (format === 'raw' && (backing !== undefined || Object.keys(options).some((k) => k !== 'size' && k !== 'preallocation'))) {
+    throw new UsageError(`raw images take no options but size and preallocation`)
+  }
+  o.onPlan?.({
+    format,
+    size,
+    options: { ...options },
+    ...(backing !== undefined ? { backingFile: backing } : {}),
+    ...(backingFormat !== undefined ? { backingFormat } : {}),
+  })
+  // options checked before the file is touched: a mistake leaves no new file and an existing one intact, as qemu-img
   if (format === 'qcow2') {
     const { parseCreateOptions } = await import('../formats/qcow2/index.js')
-    parseCreateOptions({ size, options, ...(backing !== undefined ? { backingFile: backing, backingFormat: backingFormat! } : {}) })
-  } else if (format === 'raw') {
-    for (const k of Object.keys(options)) if (k !== 'preallocation') throw new UsageError(`raw images take no options but size and preallocation`)
-    if (options['preallocation'] !== 'metadata') {
-      // (qemu-img creates the file before it refuses metadata for raw)
-      const { parseRawPreallocation } = await import('../formats/raw/index.js')
-      parseRawPreallocation(options['preallocation'], path)
-    }
+    const q = { ...options }
+    delete q['backing_file']
+    delete q['backing_fmt']
+    parseCreateOptions({ size, options: q, ...(backing !== undefined ? { backingFile: backing, backingFormat: backingFormat! } : {}) })
+  } else if (format === 'raw' && options['preallocation'] !== 'metadata') {
+    // (qemu-img creates the file before it refuses metadata for raw)
+    const { parseRawPreallocation } = await import('../formats/raw/index.js')
+    parseRawPreallocation(options['preallocation'], path)
   }
   const { existsSync, rmSync } = await import('node:fs')
   const existed = existsSync(path)
@@ -104,8 +130,17 @@ export async function createImage(path: string, o: CreateOptions): Promise<Creat
   let ok = false
   try {
     const context = makeContext(openFileDevice)
-    const extra = backing !== undefined ? { backingFile: backing, backingFormat: backingFormat! } : {}
-    await driverFor(format).create!(dev, context, { size, options, ...extra })
+    if (format === 'dmsnap') {
+      if (backing !== undefined) throw new UsageError('dmsnap stores take --origin, not a backing file')
+      await driverFor('dmsnap').create!(dev, context, { size, options })
+    } else if (format === 'raw') {
+      await driverFor('raw').create!(dev, context, { size, options })
+    } else {
+      delete options['backing_file']
+      delete options['backing_fmt']
+      const extra = backing !== undefined ? { backingFile: backing, backingFormat: backingFormat! } : {}
+      await driverFor('qcow2').create!(dev, context, { size, options, ...extra })
+    }
     await dev.flush()
     ok = true
   } finally {
