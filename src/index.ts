@@ -44,6 +44,8 @@ export {
   type CompareOptions,
   type CompareResult,
   type SnapshotResult,
+  type SnapshotOptions,
+  type Qcow2OpOptions,
   type ResizeOptions,
   type MergeOptions,
   type MergeResult,

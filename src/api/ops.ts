@@ -7,8 +7,9 @@ import { UsageError, checkAborted } from '../errors.js'
 import { openFileDevice } from '../io/file-device.js'
 import type { DiskImage, SnapshotInfo } from '../image/disk-image.js'
 import { driverFor, makeContext, openImage as openByPath } from '../open.js'
-import { compareImages, type CompareResult } from '../convert/compare.js'
-import { convertFile, type ConvertFileResult, type TargetFormat } from '../convert/to-file.js'
+// the convert and compare engines load when they are called: importing the package stays cheap (the CLI's start)
+import type { CompareResult } from '../convert/compare.js'
+import type { ConvertFileResult, TargetFormat } from '../convert/to-file.js'
 import { diskImageOf, formatOption, openOptionsOf, type Image, type OpenOptions } from './image.js'
 
 export type Progress = (done: number, total: number) => void
@@ -20,7 +21,12 @@ export interface CommonOptions {
 
 async function withImage<R>(target: Image | string, o: OpenOptions, fn: (d: DiskImage) => Promise<R>): Promise<R> {
   if (typeof target !== 'string') return fn(diskImageOf(target))
-  const d = await openByPath(target, { format: formatOption(o.format), readOnly: o.readOnly ?? true, options: openOptionsOf(o) })
+  const d = await openByPath(target, {
+    format: formatOption(o.format),
+    readOnly: o.readOnly ?? true,
+    options: openOptionsOf(o),
+    forceShare: o.forceShare === true,
+  })
   try {
     return await fn(d)
   } finally {
@@ -171,15 +177,23 @@ export interface ConvertOptions extends CommonOptions {
   minSparse?: number
   /** 'unsafe' (default, as qemu-img: no flush) or 'writeback' (flushed once at the end) */
   cache?: 'unsafe' | 'writeback'
+  /** reads in flight (qemu-img convert -m; default 4) */
+  parallel?: number
+  /** qemu-img's -U: open the source (and its chain) without image locks */
+  forceShare?: boolean
 }
 
 export type { ConvertFileResult as ConvertResult, TargetFormat }
 
 /**
- * Convert an image file into a new file. The target is refused when it is any
- * file the source reads; a failed or aborted convert removes the target it made.
+ * Convert an image file into a new file, or (raw only) into a stream such as
+ * stdout. The target file is refused when it is any file the source reads; a
+ * failed or aborted convert removes the target it made. A stream gets the
+ * guest bytes in order; a reader that goes away (EPIPE) ends it quietly.
  */
-export async function convert(source: string, target: string, o: ConvertOptions = {}): Promise<ConvertFileResult> {
+export async function convert(source: string, target: string | NodeJS.WritableStream, o: ConvertOptions = {}): Promise<ConvertFileResult> {
+  if (typeof target !== 'string') return convertToStream(source, target, o)
+  const { convertFile } = await import('../convert/to-file.js')
   return convertFile(source, target, {
     ...(o.format !== undefined ? { sourceFormat: formatOption(o.format)! } : {}),
     sourceOptions: o.origin !== undefined ? { origin: o.origin } : {},
@@ -189,9 +203,37 @@ export async function convert(source: string, target: string, o: ConvertOptions 
     ...(o.compress !== undefined ? { compress: o.compress } : {}),
     ...(o.minSparse !== undefined ? { minSparse: o.minSparse } : {}),
     ...(o.cache !== undefined ? { cache: o.cache } : {}),
+    ...(o.parallel !== undefined ? { inFlight: o.parallel } : {}),
+    ...(o.forceShare ? { sourceForceShare: true } : {}),
     ...(o.onProgress ? { onProgress: o.onProgress } : {}),
     ...(o.signal ? { signal: o.signal } : {}),
   })
+}
+
+/** convert to a stream: the guest bytes as raw (nothing is created, nothing to clean up). */
+async function convertToStream(source: string, output: NodeJS.WritableStream, o: ConvertOptions): Promise<ConvertFileResult> {
+  checkAborted(o.signal, 'convert')
+  if ((o.targetFormat ?? 'raw') !== 'raw') throw new UsageError('Only raw output can go to a stream')
+  const { rawStream } = await import('../convert/convert.js')
+  const { writeStream } = await import('../convert/export.js')
+  const src = await openByPath(source, {
+    format: formatOption(o.format),
+    readOnly: true,
+    options: o.origin !== undefined ? { origin: o.origin } : {},
+    forceShare: o.forceShare === true,
+  })
+  let done = 0
+  try {
+    for await (const chunk of rawStream(src, { inFlight: o.parallel ?? 4 })) {
+      if (!(await writeStream(output, chunk))) break
+      done += chunk.byteLength
+      o.onProgress?.(done, src.virtualSize)
+      checkAborted(o.signal, 'convert')
+    }
+  } finally {
+    await src.close()
+  }
+  return { bytesRead: done, bytesWritten: done, compressedClusters: 0, created: false }
 }
 
 export interface CompareOptions extends CommonOptions {
@@ -201,6 +243,8 @@ export interface CompareOptions extends CommonOptions {
   formats?: [OpenOptions['format'], OpenOptions['format']]
   /** a dm-snapshot image among the two: its origin */
   origin?: string
+  /** qemu-img's -U: open both without image locks */
+  forceShare?: boolean
 }
 
 export type { CompareResult }
@@ -208,8 +252,10 @@ export type { CompareResult }
 /** Compare the guest contents of two images (qemu-img compare's meaning), paths or open images. */
 export async function compare(a: Image | string, b: Image | string, o: CompareOptions = {}): Promise<CompareResult> {
   checkAborted(o.signal, 'compare')
-  const oa: OpenOptions = { ...(o.formats?.[0] ? { format: o.formats[0] } : {}), ...(o.origin ? { origin: o.origin } : {}) }
-  const ob: OpenOptions = { ...(o.formats?.[1] ? { format: o.formats[1] } : {}), ...(o.origin ? { origin: o.origin } : {}) }
+  const { compareImages } = await import('../convert/compare.js')
+  const share = o.forceShare ? { forceShare: true } : {}
+  const oa: OpenOptions = { ...(o.formats?.[0] ? { format: o.formats[0] } : {}), ...(o.origin ? { origin: o.origin } : {}), ...share }
+  const ob: OpenOptions = { ...(o.formats?.[1] ? { format: o.formats[1] } : {}), ...(o.origin ? { origin: o.origin } : {}), ...share }
   return withImage(a, oa, (da) =>
     withImage(b, ob, (db) =>
       compareImages(da, db, {
@@ -225,24 +271,37 @@ export async function compare(a: Image | string, b: Image | string, o: CompareOp
 // ---------------------------------------------------------------------------
 // snapshots, resize, merge
 
+/** Where a snapshot or resize opens its image. */
+export interface Qcow2OpOptions {
+  /** the format; probed when absent (the image must turn out qcow2) */
+  format?: OpenOptions['format']
+  /** format-specific open options (qemu-img's -o spelling) */
+  options?: Record<string, string>
+  /** called with each note about the image met on opening it (e.g. stale refcounts rebuilt), as it is met */
+  onNotice?: (notice: string) => void
+}
+
 async function writableQcow2<R>(
   path: string,
-  what: string,
   readOnly: boolean,
+  o: SnapshotOptions,
   fn: (img: import('../formats/qcow2/index.js').Qcow2Image, notices: string[]) => Promise<R>,
-  format?: OpenOptions['format'],
 ): Promise<R> {
-  const d = await openByPath(path, { format: formatOption(format), readOnly })
-  let closed = false
+  const d = await openByPath(path, { format: formatOption(o.format), readOnly, options: { ...(o.options ?? {}) }, forceShare: o.forceShare === true })
   try {
-    if (d.format !== 'qcow2') throw new UsageError(`${d.format}: ${what} needs a qcow2 image`)
+    if (d.format !== 'qcow2') throw new UsageError(`${d.format}: internal snapshots need a qcow2 image`)
     const img = d as import('../formats/qcow2/index.js').Qcow2Image
-    const r = await fn(img, [...(img.writer?.notices ?? [])])
-    if (what === 'resize') closed = true
-    return r
+    const notices = [...(img.writer?.notices ?? [])]
+    for (const n of notices) o.onNotice?.(n)
+    return await fn(img, notices)
   } finally {
-    if (!closed) await d.close()
+    await d.close()
   }
+}
+
+export interface SnapshotOptions extends Qcow2OpOptions {
+  /** qemu-img's -U: take and test no image locks (a writable open refuses it) */
+  forceShare?: boolean
 }
 
 export interface SnapshotResult {
@@ -253,81 +312,68 @@ export interface SnapshotResult {
 /** Internal snapshots of qcow2 images (qemu-img snapshot). */
 export const snapshot = {
   /** the snapshot table */
-  async list(path: string, o: { format?: OpenOptions['format'] } = {}): Promise<SnapshotInfo[]> {
-    return writableQcow2(path, 'internal snapshots', true, async (img) => (await import('../formats/qcow2/index.js')).listSnapshots(img), o.format)
+  async list(path: string, o: SnapshotOptions = {}): Promise<SnapshotInfo[]> {
+    return writableQcow2(path, true, o, async (img) => (await import('../formats/qcow2/index.js')).listSnapshots(img))
   },
   /** create snapshot `name` of the image's current state */
-  async create(path: string, name: string, o: { format?: OpenOptions['format'] } = {}): Promise<SnapshotResult & { snapshot: SnapshotInfo }> {
-    return writableQcow2(
-      path,
-      'internal snapshots',
-      false,
-      async (img, notices) => ({ snapshot: await (await import('../formats/qcow2/index.js')).createSnapshot(img, name), notices }),
-      o.format,
-    )
+  async create(path: string, name: string, o: SnapshotOptions = {}): Promise<SnapshotResult & { snapshot: SnapshotInfo }> {
+    return writableQcow2(path, false, o, async (img, notices) => ({
+      snapshot: await (await import('../formats/qcow2/index.js')).createSnapshot(img, name),
+      notices,
+    }))
   },
   /** revert the image to snapshot `name` (or id) */
-  async apply(path: string, name: string, o: { format?: OpenOptions['format'] } = {}): Promise<SnapshotResult> {
-    return writableQcow2(
-      path,
-      'internal snapshots',
-      false,
-      async (img, notices) => {
-        await (await import('../formats/qcow2/index.js')).applySnapshot(img, name)
-        return { notices }
-      },
-      o.format,
-    )
+  async apply(path: string, name: string, o: SnapshotOptions = {}): Promise<SnapshotResult> {
+    return writableQcow2(path, false, o, async (img, notices) => {
+      await (await import('../formats/qcow2/index.js')).applySnapshot(img, name)
+      return { notices }
+    })
   },
   /** delete snapshot `name` (or id) */
-  async delete(path: string, name: string, o: { format?: OpenOptions['format'] } = {}): Promise<SnapshotResult> {
-    return writableQcow2(
-      path,
-      'internal snapshots',
-      false,
-      async (img, notices) => {
-        await (await import('../formats/qcow2/index.js')).deleteSnapshot(img, name)
-        return { notices }
-      },
-      o.format,
-    )
+  async delete(path: string, name: string, o: SnapshotOptions = {}): Promise<SnapshotResult> {
+    return writableQcow2(path, false, o, async (img, notices) => {
+      await (await import('../formats/qcow2/index.js')).deleteSnapshot(img, name)
+      return { notices }
+    })
   },
 }
 
-export interface ResizeOptions {
-  format?: OpenOptions['format']
+export interface ResizeOptions extends Qcow2OpOptions {
   /** allow a smaller size (only unallocated space past the new end may go) */
   shrink?: boolean
   signal?: AbortSignal
 }
 
 /**
- * Change an image's virtual size. `size` in bytes, or a string as qemu-img
- * resize takes it: '2G', '+1M', '-512K'.
+ * Change a qcow2 image's virtual size. `size` in bytes, or a string as
+ * qemu-img resize takes it: '2G', '+1M', '-512K'.
  */
 export async function resize(path: string, size: number | string, o: ResizeOptions = {}): Promise<{ size: number; notices: string[] }> {
   checkAborted(o.signal, 'resize')
   const { parseSize } = await import('../util/size.js')
-  return writableQcow2(
-    path,
-    'resize',
-    false,
-    async (img, notices) => {
-      let target: number
-      if (typeof size === 'number') target = size
-      else {
-        const rel = size.startsWith('+') ? 1 : size.startsWith('-') ? -1 : 0
-        const n = parseSize(rel ? size.slice(1) : size)
-        target = rel ? img.virtualSize + rel * n : n
-      }
-      if (!Number.isSafeInteger(target) || target < 0) throw new UsageError('New image size must be positive')
-      if (target < img.virtualSize && !o.shrink) throw new UsageError('Use the --shrink option to perform a shrink operation.')
-      const { resizeQcow2 } = await import('../formats/qcow2/index.js')
-      await resizeQcow2(img, target)
-      return { size: target, notices }
-    },
-    o.format,
-  )
+  const d = await openByPath(path, { format: formatOption(o.format), readOnly: false, options: { ...(o.options ?? {}) } })
+  let closed = false
+  try {
+    const notices = [...((d as { writer?: { notices: string[] } }).writer?.notices ?? [])]
+    for (const n of notices) o.onNotice?.(n)
+    let target: number
+    if (typeof size === 'number') target = size
+    else {
+      const rel = size.startsWith('+') ? 1 : size.startsWith('-') ? -1 : 0
+      const n = parseSize(rel ? size.slice(1) : size)
+      target = rel ? d.virtualSize + rel * n : n
+    }
+    if (target < 0) throw new UsageError('New image size must be positive')
+    if (!Number.isSafeInteger(target)) throw new UsageError(`Invalid image size ${target}`)
+    if (target < d.virtualSize && !o.shrink) throw new UsageError('Use the --shrink option to perform a shrink operation.')
+    if (d.format !== 'qcow2') throw new UsageError(`${d.format}: resize is supported for qcow2 images`)
+    const { resizeQcow2 } = await import('../formats/qcow2/index.js')
+    closed = true // resizeQcow2 closes the image, whatever happens
+    await resizeQcow2(d as import('../formats/qcow2/index.js').Qcow2Image, target)
+    return { size: target, notices }
+  } finally {
+    if (!closed) await d.close()
+  }
 }
 
 export interface MergeOptions extends CommonOptions {

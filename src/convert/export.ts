@@ -153,7 +153,7 @@ export async function exportImage(path: string, output: NodeJS.WritableStream, o
 }
 
 /** Write to a stream with backpressure; false when the reader has gone (EPIPE). */
-function writeStream(stream: NodeJS.WritableStream, chunk: Uint8Array): Promise<boolean> {
+export function writeStream(stream: NodeJS.WritableStream, chunk: Uint8Array): Promise<boolean> {
   return new Promise((resolve, reject) => {
     const onError = (e: NodeJS.ErrnoException): void => {
       stream.off('error', onError)
