@@ -16,6 +16,7 @@
  */
 export { openImage, type Image, type OpenOptions, type ReferencePolicy } from './api/image.js'
 export { check, type CheckImageOptions } from './api/check.js'
+export { imageInfo, mapImage, type InfoOptions, type MapOptions } from './api/inspect.js'
 export {
   repair,
   undoRepair,
@@ -36,22 +37,30 @@ export {
   type Progress,
   type CreateOptions,
   type CreateResult,
+  type CreatePlan,
   type ConvertOptions,
   type ConvertResult,
   type TargetFormat,
   type CompareOptions,
   type CompareResult,
   type SnapshotResult,
+  type SnapshotOptions,
+  type Qcow2OpOptions,
   type ResizeOptions,
   type MergeOptions,
   type MergeResult,
 } from './api/ops.js'
+export { exportImage, type ExportOptions, type ExportResult } from './convert/export.js'
 export type { CheckReport, Finding, Notice, Severity, GuestRange, RepairMode, RepairAction, RepairResult } from './check/types.js'
 export { checkExitCode, EXIT_CLEAN, EXIT_CHECK_FAILED, EXIT_CORRUPT, EXIT_LEAKS, EXIT_NO_CHECK } from './check/types.js'
 export type { Extent, ImageInfo, SnapshotInfo } from './image/disk-image.js'
 export type { BlockDevice, IoTag, HostStatus } from './io/block-device.js'
 export { MemoryDevice } from './io/memory-device.js'
-export type { FormatName } from './image/probe.js'
+export { FORMAT_NAMES, isFormatName, type FormatName } from './image/probe.js'
+/** qemu-img's sizes: parseSize('1.5M') is 1572864; humanSize(1572864) is '1.5 MiB'. */
+export { parseSize, humanSize } from './util/size.js'
+/** Text from an image (a backing file name in a header) made safe to print: control characters become \xNN. */
+export { escapeControls } from './util/text.js'
 export {
   ImgtoolError,
   UsageError,

@@ -6,8 +6,8 @@ import { openFileDevice } from './io/file-device.js'
 import type { DiskImage } from './image/disk-image.js'
 import { MAX_CHAIN_DEPTH, type FormatDriver, type OpenContext, type OpenImageOptions } from './image/context.js'
 import { PROBE_BYTES, probeFormat, type FormatName } from './image/probe.js'
-import { rawDriver } from './formats/raw/image.js'
-import { qcow2Driver } from './formats/qcow2/driver.js'
+import { rawDriver } from './formats/raw/index.js'
+import { qcow2Driver } from './formats/qcow2/index.js'
 
 /** dm-snapshot is loaded when a dm-snapshot store is opened: a qcow2 command need not pay for it. */
 const dmsnapDriver: FormatDriver = {

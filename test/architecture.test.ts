@@ -68,4 +68,41 @@ describe('architecture', () => {
       expect(problems).toEqual([])
     })
   }
+
+  // The CLI sits on the public API: src/index.ts, its own files, node built-ins and its npm dependencies.
+  const CLI_DEPS = ['commander', 'zod', 'ora', 'cli-table3']
+  for (const file of walk(SRC)) {
+    const rel = relative(SRC, file).split('\\').join('/')
+    if (layerOf(rel) !== 5) continue
+    it(`${rel} imports only src/index.ts, src/cli, node built-ins and ${CLI_DEPS.join('/')}`, () => {
+      const problems: string[] = []
+      for (const m of readFileSync(file, 'utf8').matchAll(IMPORT_RE)) {
+        const spec = m[1] ?? m[2]
+        if (!spec) continue
+        if (spec.startsWith('.')) {
+          const target = relative(SRC, resolve(dirname(file), spec))
+            .split('\\')
+            .join('/')
+            .replace(/\.js$/, '.ts')
+          if (target !== 'index.ts' && !target.startsWith('cli/')) problems.push(`imports ${target}`)
+        } else {
+          const pkg = spec.startsWith('@') ? spec.split('/').slice(0, 2).join('/') : spec.split('/')[0]!
+          if (!spec.startsWith('node:') && !CLI_DEPS.includes(pkg)) problems.push(`imports ${spec}`)
+        }
+      }
+      expect(problems).toEqual([])
+    })
+  }
+
+  // The library returns data; only src/cli prints or exits (bin/ is outside src).
+  const OUTPUT_RE = /\bconsole\.|\bprocess\.(?:stdout|stderr|exit)\b/
+  for (const file of walk(SRC)) {
+    const rel = relative(SRC, file).split('\\').join('/')
+    if (layerOf(rel) === 5) continue
+    it(`${rel} neither prints nor exits`, () => {
+      const lines = readFileSync(file, 'utf8').split('\n')
+      const problems = lines.flatMap((line, i) => (OUTPUT_RE.test(line) ? [`line ${i + 1}: ${line.trim()}`] : []))
+      expect(problems).toEqual([])
+    })
+  }
 })

@@ -7,8 +7,9 @@ import { UsageError, checkAborted } from '../errors.js'
 import { openFileDevice } from '../io/file-device.js'
 import type { DiskImage, SnapshotInfo } from '../image/disk-image.js'
 import { driverFor, makeContext, openImage as openByPath } from '../open.js'
-import { compareImages, type CompareResult } from '../convert/compare.js'
-import { convertFile, type ConvertFileResult, type TargetFormat } from '../convert/to-file.js'
+// the convert and compare engines load when they are called: importing the package stays cheap (the CLI's start)
+import type { CompareResult } from '../convert/compare.js'
+import type { ConvertFileResult, TargetFormat } from '../convert/to-file.js'
 import { diskImageOf, formatOption, openOptionsOf, type Image, type OpenOptions } from './image.js'
 
 export type Progress = (done: number, total: number) => void
@@ -20,7 +21,12 @@ export interface CommonOptions {
 
 async function withImage<R>(target: Image | string, o: OpenOptions, fn: (d: DiskImage) => Promise<R>): Promise<R> {
   if (typeof target !== 'string') return fn(diskImageOf(target))
-  const d = await openByPath(target, { format: formatOption(o.format), readOnly: o.readOnly ?? true, options: openOptionsOf(o) })
+  const d = await openByPath(target, {
+    format: formatOption(o.format),
+    readOnly: o.readOnly ?? true,
+    options: openOptionsOf(o),
+    forceShare: o.forceShare === true,
+  })
   try {
     return await fn(d)
   } finally {
@@ -35,13 +41,30 @@ export interface CreateOptions {
   format: 'raw' | 'qcow2' | 'dmsnap'
   /** virtual size in bytes, or as qemu-img takes it ('10G', '512M'); with a backing file it may be left out */
   size?: number | string
-  /** format options as qemu-img create -o takes them (cluster_size, compat, preallocation, chunk_size...) */
+  /** format options as qemu-img create -o takes them (cluster_size, compat, preallocation, chunk_size, backing_file...) */
   options?: Record<string, string>
   backingFile?: string
   backingFormat?: string
+  /** default true: with a backing file and no size, open the backing file for its size (false: qemu-img create -u) */
+  openBacking?: boolean
   /** dm-snapshot: the origin */
   origin?: string
+  /**
+   * Called once the size is known, before the options are checked and before
+   * the file is touched (imgtool prints qemu-img's "Formatting" line here).
+   */
+  onPlan?: (plan: CreatePlan) => void
   signal?: AbortSignal
+}
+
+/** What createImage is about to make. */
+export interface CreatePlan {
+  format: 'raw' | 'qcow2' | 'dmsnap'
+  size: number
+  /** the format options as given (backing_file and backing_fmt among them when given there) */
+  options: Record<string, string>
+  backingFile?: string
+  backingFormat?: string
 }
 
 export interface CreateResult {
@@ -52,8 +75,8 @@ export interface CreateResult {
 
 /**
  * Create a new image file. Options are checked before the file is touched:
- * a mistake leaves no new file and an existing one intact; an image that fails
- * half way is removed.
+ * a mistake leaves no new file and an existing one intact; a qcow2 image that
+ * fails half way is removed (as qemu-img).
  */
 export async function createImage(path: string, o: CreateOptions): Promise<CreateResult> {
   checkAborted(o.signal, 'create')
@@ -65,38 +88,47 @@ export async function createImage(path: string, o: CreateOptions): Promise<Creat
   if (options['origin'] !== undefined && format !== 'dmsnap') throw new UsageError('an origin goes with dmsnap stores')
   const backing = o.backingFile ?? options['backing_file']
   const backingFormat = o.backingFormat ?? options['backing_fmt']
-  delete options['backing_file']
-  delete options['backing_fmt']
   if (backing !== undefined && backingFormat === undefined) throw new UsageError(`${path}: Backing file specified without backing format`)
-  if (backing !== undefined && format !== 'qcow2') throw new UsageError(`${format} images take no backing file`)
   const { parseSize } = await import('../util/size.js')
-  if (o.size !== undefined && options['size'] !== undefined) throw new UsageError('The image size must be specified only once')
+  if (o.size !== undefined && options['size'] !== undefined) throw new UsageError(`${path}: The image size must be specified only once`)
   let size = typeof o.size === 'string' ? parseSize(o.size) : (o.size ?? (options['size'] !== undefined ? parseSize(options['size']) : undefined))
-  delete options['size']
-  if (size === undefined && backing !== undefined) {
+  if (size === undefined && backing !== undefined && o.openBacking !== false) {
     const { combinePath, protocolPrefix } = await import('../formats/qcow2/index.js')
+    const { escapeControls } = await import('../util/text.js')
     const protocol = protocolPrefix(backing)
     if (protocol !== undefined) {
       throw new UsageError(
-        `${path}: backing file names the protocol '${protocol}:'; imgtool opens only plain file names (give the size to write the name without opening it)`,
+        `${path}: backing file ${escapeControls(backing)} names the protocol '${escapeControls(protocol)}:'; imgtool opens only plain file names (give SIZE and -u to write the name without opening it)`,
       )
     }
-    const b = await openByPath(combinePath(path, backing), { format: formatOption(backingFormat), readOnly: true })
+    const { isFormatName } = await import('../image/probe.js')
+    const b = await openByPath(combinePath(path, backing), { format: isFormatName(backingFormat!) ? backingFormat : undefined, readOnly: true })
     size = b.virtualSize
     await b.close()
   }
   if (size === undefined) throw new UsageError('Image creation needs a size parameter')
   if (!Number.isSafeInteger(size) || size < 0) throw new UsageError(`Invalid image size ${size}`)
+  if (format === 'raw' && (backing !== undefined || Object.keys(options).some((k) => k !== 'size' && k !== 'preallocation'))) {
+    throw new UsageError(`raw images take no options but size and preallocation`)
+  }
+  o.onPlan?.({
+    format,
+    size,
+    options: { ...options },
+    ...(backing !== undefined ? { backingFile: backing } : {}),
+    ...(backingFormat !== undefined ? { backingFormat } : {}),
+  })
+  // options checked before the file is touched: a mistake leaves no new file and an existing one intact, as qemu-img
   if (format === 'qcow2') {
     const { parseCreateOptions } = await import('../formats/qcow2/index.js')
-    parseCreateOptions({ size, options, ...(backing !== undefined ? { backingFile: backing, backingFormat: backingFormat! } : {}) })
-  } else if (format === 'raw') {
-    for (const k of Object.keys(options)) if (k !== 'preallocation') throw new UsageError(`raw images take no options but size and preallocation`)
-    if (options['preallocation'] !== 'metadata') {
-      // (qemu-img creates the file before it refuses metadata for raw)
-      const { parseRawPreallocation } = await import('../formats/raw/create.js')
-      parseRawPreallocation(options['preallocation'], path)
-    }
+    const q = { ...options }
+    delete q['backing_file']
+    delete q['backing_fmt']
+    parseCreateOptions({ size, options: q, ...(backing !== undefined ? { backingFile: backing, backingFormat: backingFormat! } : {}) })
+  } else if (format === 'raw' && options['preallocation'] !== 'metadata') {
+    // (qemu-img creates the file before it refuses metadata for raw)
+    const { parseRawPreallocation } = await import('../formats/raw/index.js')
+    parseRawPreallocation(options['preallocation'], path)
   }
   const { existsSync, rmSync } = await import('node:fs')
   const existed = existsSync(path)
@@ -104,8 +136,17 @@ export async function createImage(path: string, o: CreateOptions): Promise<Creat
   let ok = false
   try {
     const context = makeContext(openFileDevice)
-    const extra = backing !== undefined ? { backingFile: backing, backingFormat: backingFormat! } : {}
-    await driverFor(format).create!(dev, context, { size, options, ...extra })
+    if (format === 'dmsnap') {
+      if (backing !== undefined) throw new UsageError('dmsnap stores take --origin, not a backing file')
+      await driverFor('dmsnap').create!(dev, context, { size, options })
+    } else if (format === 'raw') {
+      await driverFor('raw').create!(dev, context, { size, options })
+    } else {
+      delete options['backing_file']
+      delete options['backing_fmt']
+      const extra = backing !== undefined ? { backingFile: backing, backingFormat: backingFormat! } : {}
+      await driverFor('qcow2').create!(dev, context, { size, options, ...extra })
+    }
     await dev.flush()
     ok = true
   } finally {
@@ -136,15 +177,23 @@ export interface ConvertOptions extends CommonOptions {
   minSparse?: number
   /** 'unsafe' (default, as qemu-img: no flush) or 'writeback' (flushed once at the end) */
   cache?: 'unsafe' | 'writeback'
+  /** reads in flight (qemu-img convert -m; default 4) */
+  parallel?: number
+  /** qemu-img's -U: open the source (and its chain) without image locks */
+  forceShare?: boolean
 }
 
 export type { ConvertFileResult as ConvertResult, TargetFormat }
 
 /**
- * Convert an image file into a new file. The target is refused when it is any
- * file the source reads; a failed or aborted convert removes the target it made.
+ * Convert an image file into a new file, or (raw only) into a stream such as
+ * stdout. The target file is refused when it is any file the source reads; a
+ * failed or aborted convert removes the target it made. A stream gets the
+ * guest bytes in order; a reader that goes away (EPIPE) ends it quietly.
  */
-export async function convert(source: string, target: string, o: ConvertOptions = {}): Promise<ConvertFileResult> {
+export async function convert(source: string, target: string | NodeJS.WritableStream, o: ConvertOptions = {}): Promise<ConvertFileResult> {
+  if (typeof target !== 'string') return convertToStream(source, target, o)
+  const { convertFile } = await import('../convert/to-file.js')
   return convertFile(source, target, {
     ...(o.format !== undefined ? { sourceFormat: formatOption(o.format)! } : {}),
     sourceOptions: o.origin !== undefined ? { origin: o.origin } : {},
@@ -154,9 +203,37 @@ export async function convert(source: string, target: string, o: ConvertOptions 
     ...(o.compress !== undefined ? { compress: o.compress } : {}),
     ...(o.minSparse !== undefined ? { minSparse: o.minSparse } : {}),
     ...(o.cache !== undefined ? { cache: o.cache } : {}),
+    ...(o.parallel !== undefined ? { inFlight: o.parallel } : {}),
+    ...(o.forceShare ? { sourceForceShare: true } : {}),
     ...(o.onProgress ? { onProgress: o.onProgress } : {}),
     ...(o.signal ? { signal: o.signal } : {}),
   })
+}
+
+/** convert to a stream: the guest bytes as raw (nothing is created, nothing to clean up). */
+async function convertToStream(source: string, output: NodeJS.WritableStream, o: ConvertOptions): Promise<ConvertFileResult> {
+  checkAborted(o.signal, 'convert')
+  if ((o.targetFormat ?? 'raw') !== 'raw') throw new UsageError('Only raw output can go to a stream')
+  const { rawStream } = await import('../convert/convert.js')
+  const { writeStream } = await import('../convert/export.js')
+  const src = await openByPath(source, {
+    format: formatOption(o.format),
+    readOnly: true,
+    options: o.origin !== undefined ? { origin: o.origin } : {},
+    forceShare: o.forceShare === true,
+  })
+  let done = 0
+  try {
+    for await (const chunk of rawStream(src, { inFlight: o.parallel ?? 4 })) {
+      if (!(await writeStream(output, chunk))) break
+      done += chunk.byteLength
+      o.onProgress?.(done, src.virtualSize)
+      checkAborted(o.signal, 'convert')
+    }
+  } finally {
+    await src.close()
+  }
+  return { bytesRead: done, bytesWritten: done, compressedClusters: 0, created: false }
 }
 
 export interface CompareOptions extends CommonOptions {
@@ -166,6 +243,8 @@ export interface CompareOptions extends CommonOptions {
   formats?: [OpenOptions['format'], OpenOptions['format']]
   /** a dm-snapshot image among the two: its origin */
   origin?: string
+  /** qemu-img's -U: open both without image locks */
+  forceShare?: boolean
 }
 
 export type { CompareResult }
@@ -173,8 +252,10 @@ export type { CompareResult }
 /** Compare the guest contents of two images (qemu-img compare's meaning), paths or open images. */
 export async function compare(a: Image | string, b: Image | string, o: CompareOptions = {}): Promise<CompareResult> {
   checkAborted(o.signal, 'compare')
-  const oa: OpenOptions = { ...(o.formats?.[0] ? { format: o.formats[0] } : {}), ...(o.origin ? { origin: o.origin } : {}) }
-  const ob: OpenOptions = { ...(o.formats?.[1] ? { format: o.formats[1] } : {}), ...(o.origin ? { origin: o.origin } : {}) }
+  const { compareImages } = await import('../convert/compare.js')
+  const share = o.forceShare ? { forceShare: true } : {}
+  const oa: OpenOptions = { ...(o.formats?.[0] ? { format: o.formats[0] } : {}), ...(o.origin ? { origin: o.origin } : {}), ...share }
+  const ob: OpenOptions = { ...(o.formats?.[1] ? { format: o.formats[1] } : {}), ...(o.origin ? { origin: o.origin } : {}), ...share }
   return withImage(a, oa, (da) =>
     withImage(b, ob, (db) =>
       compareImages(da, db, {
@@ -190,24 +271,37 @@ export async function compare(a: Image | string, b: Image | string, o: CompareOp
 // ---------------------------------------------------------------------------
 // snapshots, resize, merge
 
+/** Where a snapshot or resize opens its image. */
+export interface Qcow2OpOptions {
+  /** the format; probed when absent (the image must turn out qcow2) */
+  format?: OpenOptions['format']
+  /** format-specific open options (qemu-img's -o spelling) */
+  options?: Record<string, string>
+  /** called with each note about the image met on opening it (e.g. stale refcounts rebuilt), as it is met */
+  onNotice?: (notice: string) => void
+}
+
 async function writableQcow2<R>(
   path: string,
-  what: string,
   readOnly: boolean,
+  o: SnapshotOptions,
   fn: (img: import('../formats/qcow2/index.js').Qcow2Image, notices: string[]) => Promise<R>,
-  format?: OpenOptions['format'],
 ): Promise<R> {
-  const d = await openByPath(path, { format: formatOption(format), readOnly })
-  let closed = false
+  const d = await openByPath(path, { format: formatOption(o.format), readOnly, options: { ...(o.options ?? {}) }, forceShare: o.forceShare === true })
   try {
-    if (d.format !== 'qcow2') throw new UsageError(`${d.format}: ${what} needs a qcow2 image`)
+    if (d.format !== 'qcow2') throw new UsageError(`${d.format}: internal snapshots need a qcow2 image`)
     const img = d as import('../formats/qcow2/index.js').Qcow2Image
-    const r = await fn(img, [...(img.writer?.notices ?? [])])
-    if (what === 'resize') closed = true
-    return r
+    const notices = [...(img.writer?.notices ?? [])]
+    for (const n of notices) o.onNotice?.(n)
+    return await fn(img, notices)
   } finally {
-    if (!closed) await d.close()
+    await d.close()
   }
+}
+
+export interface SnapshotOptions extends Qcow2OpOptions {
+  /** qemu-img's -U: take and test no image locks (a writable open refuses it) */
+  forceShare?: boolean
 }
 
 export interface SnapshotResult {
@@ -218,81 +312,68 @@ export interface SnapshotResult {
 /** Internal snapshots of qcow2 images (qemu-img snapshot). */
 export const snapshot = {
   /** the snapshot table */
-  async list(path: string, o: { format?: OpenOptions['format'] } = {}): Promise<SnapshotInfo[]> {
-    return writableQcow2(path, 'internal snapshots', true, async (img) => (await import('../formats/qcow2/index.js')).listSnapshots(img), o.format)
+  async list(path: string, o: SnapshotOptions = {}): Promise<SnapshotInfo[]> {
+    return writableQcow2(path, true, o, async (img) => (await import('../formats/qcow2/index.js')).listSnapshots(img))
   },
   /** create snapshot `name` of the image's current state */
-  async create(path: string, name: string, o: { format?: OpenOptions['format'] } = {}): Promise<SnapshotResult & { snapshot: SnapshotInfo }> {
-    return writableQcow2(
-      path,
-      'internal snapshots',
-      false,
-      async (img, notices) => ({ snapshot: await (await import('../formats/qcow2/index.js')).createSnapshot(img, name), notices }),
-      o.format,
-    )
+  async create(path: string, name: string, o: SnapshotOptions = {}): Promise<SnapshotResult & { snapshot: SnapshotInfo }> {
+    return writableQcow2(path, false, o, async (img, notices) => ({
+      snapshot: await (await import('../formats/qcow2/index.js')).createSnapshot(img, name),
+      notices,
+    }))
   },
   /** revert the image to snapshot `name` (or id) */
-  async apply(path: string, name: string, o: { format?: OpenOptions['format'] } = {}): Promise<SnapshotResult> {
-    return writableQcow2(
-      path,
-      'internal snapshots',
-      false,
-      async (img, notices) => {
-        await (await import('../formats/qcow2/index.js')).applySnapshot(img, name)
-        return { notices }
-      },
-      o.format,
-    )
+  async apply(path: string, name: string, o: SnapshotOptions = {}): Promise<SnapshotResult> {
+    return writableQcow2(path, false, o, async (img, notices) => {
+      await (await import('../formats/qcow2/index.js')).applySnapshot(img, name)
+      return { notices }
+    })
   },
   /** delete snapshot `name` (or id) */
-  async delete(path: string, name: string, o: { format?: OpenOptions['format'] } = {}): Promise<SnapshotResult> {
-    return writableQcow2(
-      path,
-      'internal snapshots',
-      false,
-      async (img, notices) => {
-        await (await import('../formats/qcow2/index.js')).deleteSnapshot(img, name)
-        return { notices }
-      },
-      o.format,
-    )
+  async delete(path: string, name: string, o: SnapshotOptions = {}): Promise<SnapshotResult> {
+    return writableQcow2(path, false, o, async (img, notices) => {
+      await (await import('../formats/qcow2/index.js')).deleteSnapshot(img, name)
+      return { notices }
+    })
   },
 }
 
-export interface ResizeOptions {
-  format?: OpenOptions['format']
+export interface ResizeOptions extends Qcow2OpOptions {
   /** allow a smaller size (only unallocated space past the new end may go) */
   shrink?: boolean
   signal?: AbortSignal
 }
 
 /**
- * Change an image's virtual size. `size` in bytes, or a string as qemu-img
- * resize takes it: '2G', '+1M', '-512K'.
+ * Change a qcow2 image's virtual size. `size` in bytes, or a string as
+ * qemu-img resize takes it: '2G', '+1M', '-512K'.
  */
 export async function resize(path: string, size: number | string, o: ResizeOptions = {}): Promise<{ size: number; notices: string[] }> {
   checkAborted(o.signal, 'resize')
   const { parseSize } = await import('../util/size.js')
-  return writableQcow2(
-    path,
-    'resize',
-    false,
-    async (img, notices) => {
-      let target: number
-      if (typeof size === 'number') target = size
-      else {
-        const rel = size.startsWith('+') ? 1 : size.startsWith('-') ? -1 : 0
-        const n = parseSize(rel ? size.slice(1) : size)
-        target = rel ? img.virtualSize + rel * n : n
-      }
-      if (!Number.isSafeInteger(target) || target < 0) throw new UsageError('New image size must be positive')
-      if (target < img.virtualSize && !o.shrink) throw new UsageError('Use the --shrink option to perform a shrink operation.')
-      const { resizeQcow2 } = await import('../formats/qcow2/index.js')
-      await resizeQcow2(img, target)
-      return { size: target, notices }
-    },
-    o.format,
-  )
+  const d = await openByPath(path, { format: formatOption(o.format), readOnly: false, options: { ...(o.options ?? {}) } })
+  let closed = false
+  try {
+    const notices = [...((d as { writer?: { notices: string[] } }).writer?.notices ?? [])]
+    for (const n of notices) o.onNotice?.(n)
+    let target: number
+    if (typeof size === 'number') target = size
+    else {
+      const rel = size.startsWith('+') ? 1 : size.startsWith('-') ? -1 : 0
+      const n = parseSize(rel ? size.slice(1) : size)
+      target = rel ? d.virtualSize + rel * n : n
+    }
+    if (target < 0) throw new UsageError('New image size must be positive')
+    if (!Number.isSafeInteger(target)) throw new UsageError(`Invalid image size ${target}`)
+    if (target < d.virtualSize && !o.shrink) throw new UsageError('Use the --shrink option to perform a shrink operation.')
+    if (d.format !== 'qcow2') throw new UsageError(`${d.format}: resize is supported for qcow2 images`)
+    const { resizeQcow2 } = await import('../formats/qcow2/index.js')
+    closed = true // resizeQcow2 closes the image, whatever happens
+    await resizeQcow2(d as import('../formats/qcow2/index.js').Qcow2Image, target)
+    return { size: target, notices }
+  } finally {
+    if (!closed) await d.close()
+  }
 }
 
 export interface MergeOptions extends CommonOptions {

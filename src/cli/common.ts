@@ -1,8 +1,7 @@
 /** Options shared by commands that open one image, parsed with zod. */
 import type { Command } from 'commander'
 import { createRequire } from 'node:module'
-import { UsageError } from '../errors.js'
-import { FORMAT_NAMES, isFormatName, type FormatName } from '../image/probe.js'
+import { FORMAT_NAMES, UsageError, isFormatName, type FormatName } from '../index.js'
 
 /**
  * zod costs ~30 ms to load, more than reading a 1 TiB image's map takes; the

@@ -2,8 +2,7 @@
  * Turning thrown errors into one line on stderr and an exit code. Never a
  * stack trace (set IMGTOOL_DEBUG=1 to see one).
  */
-import { isImgtoolError } from '../errors.js'
-import { escapeControls } from '../util/text.js'
+import { escapeControls, isImgtoolError } from '../index.js'
 
 /** Exit codes outside check: qemu-img uses 1 for every failure. */
 export const EXIT_FAILURE = 1

@@ -16,8 +16,8 @@ import { openFileDevice } from '../io/file-device.js'
 import type { DiskImage } from '../image/disk-image.js'
 import type { FormatName } from '../image/probe.js'
 import { driverFor, makeContext, openImage } from '../open.js'
-import { parseCreateOptions } from '../formats/qcow2/ops/create.js'
-import { parseRawPreallocation } from '../formats/raw/create.js'
+import { parseCreateOptions } from '../formats/qcow2/index.js'
+import { parseRawPreallocation } from '../formats/raw/index.js'
 import { convert, type ConvertOptions, type ConvertResult } from './convert.js'
 import { unsafeCacheOpener } from './unsafe-cache.js'
 
@@ -198,12 +198,12 @@ async function writeTarget(
       return { bytesRead: 0, bytesWritten: 0, compressedClusters: 0, created }
     }
     const dst = await openImage(dstPath, { format: o.targetFormat, readOnly: false, openDevice: unsafeCacheOpener(openFileDevice, o.cache ?? 'unsafe') })
-    let pool: import('../formats/qcow2/write/compress-write.js').CompressPool | undefined
+    let pool: import('../formats/qcow2/index.js').CompressPool | undefined
     try {
       let compressFns: Pick<ConvertOptions, 'compress' | 'compressMany'> = {}
       if (o.compress) {
-        const { CompressPool } = await import('../formats/qcow2/write/compress-write.js')
-        const q = dst as import('../formats/qcow2/image.js').Qcow2Image
+        const { CompressPool } = await import('../formats/qcow2/index.js')
+        const q = dst as import('../formats/qcow2/index.js').Qcow2Image
         const p = (pool = new CompressPool())
         compressFns = {
           compress: (c) => p.compress(c, q.clusterSize, q.header.compressionType),

@@ -1,6 +1,7 @@
 /** Format probing by magic; raw is the fallback. `-f FMT` overrides it. */
 export type FormatName = 'qcow2' | 'dmsnap' | 'raw'
 
+/** Every format name imgtool reads, in the order `-f` lists them. */
 export const FORMAT_NAMES: readonly FormatName[] = ['qcow2', 'dmsnap', 'raw']
 
 /** Bytes a prober needs from the start of the file. */
@@ -13,6 +14,7 @@ export function probeFormat(head: Uint8Array): FormatName {
   return 'raw'
 }
 
+/** True when `s` names a format imgtool knows (`qcow2`, `dmsnap`, `raw`). */
 export function isFormatName(s: string): s is FormatName {
   return (FORMAT_NAMES as readonly string[]).includes(s)
 }

@@ -19,39 +19,33 @@ const compare: CommandModule = {
   async run(args, opts, io) {
     const { renderError } = await import('../errors.js')
     try {
-      const { UsageError } = await import('../../errors.js')
-      const { isFormatName } = await import('../../image/probe.js')
+      const { UsageError, compare, isFormatName } = await import('../../index.js')
       if (args.length !== 2) throw new UsageError('Expecting two image file names')
       const fmt = (v: unknown) => {
         if (v === undefined) return undefined
-        if (!isFormatName(String(v))) throw new UsageError(`Unknown file format '${String(v)}'`)
-        return String(v) as import('../../image/probe.js').FormatName
+        const f = String(v)
+        if (!isFormatName(f)) throw new UsageError(`Unknown file format '${f}'`)
+        return f
       }
-      const { openImage } = await import('../../open.js')
-      const { compareImages } = await import('../../convert/compare.js')
-      const options: Record<string, string> = typeof opts['origin'] === 'string' ? { origin: opts['origin'] } : {}
-      const a = await openImage(args[0]!, { format: fmt(opts['format']), readOnly: true, options, forceShare: opts['forceShare'] === true })
+      const formats: [ReturnType<typeof fmt>, ReturnType<typeof fmt>] = [fmt(opts['format']), fmt(opts['secondFormat'])]
+      const progress = opts['progress'] && io.isTTY && !opts['quiet'] ? await (await import('../progress.js')).startProgress(io, 'comparing') : undefined
+      let r: Awaited<ReturnType<typeof compare>>
       try {
-        const b = await openImage(args[1]!, { format: fmt(opts['secondFormat']), readOnly: true, options, forceShare: opts['forceShare'] === true })
-        try {
-          const progress = opts['progress'] && io.isTTY && !opts['quiet'] ? await (await import('../progress.js')).startProgress(io, 'comparing') : undefined
-          let r: Awaited<ReturnType<typeof compareImages>>
-          try {
-            r = await compareImages(a, b, { strict: Boolean(opts['strict']), hostFiles: true, onProgress: progress?.update })
-          } finally {
-            progress?.stop()
-          }
-          const out: string[] = []
-          if (r.sizeMismatch && !opts['strict']) out.push('Warning: Image size mismatch!')
-          out.push(r.identical ? 'Images are identical.' : r.message)
-          if (!opts['quiet']) io.stdout.write(out.join('\n') + '\n')
-          return r.identical ? 0 : 1
-        } finally {
-          await b.close()
-        }
+        r = await compare(args[0]!, args[1]!, {
+          strict: Boolean(opts['strict']),
+          formats,
+          ...(typeof opts['origin'] === 'string' ? { origin: opts['origin'] } : {}),
+          forceShare: opts['forceShare'] === true,
+          ...(progress ? { onProgress: progress.update } : {}),
+        })
       } finally {
-        await a.close()
+        progress?.stop()
       }
+      const out: string[] = []
+      if (r.sizeMismatch && !opts['strict']) out.push('Warning: Image size mismatch!')
+      out.push(r.identical ? 'Images are identical.' : r.message)
+      if (!opts['quiet']) io.stdout.write(out.join('\n') + '\n')
+      return r.identical ? 0 : 1
     } catch (e) {
       renderError(e, io.stderr)
       return 2

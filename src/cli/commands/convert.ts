@@ -24,9 +24,7 @@ const convert: CommandModule = {
       .argument('<target>')
   },
   async run(args, opts, io) {
-    const { UsageError } = await import('../../errors.js')
-    const { parseSize } = await import('../../util/size.js')
-    const { isFormatName } = await import('../../image/probe.js')
+    const { UsageError, convert, isFormatName, parseSize } = await import('../../index.js')
     if (args.length !== 2) throw new UsageError('Expecting one source and one target')
     const [srcPath, dstPath] = args as [string, string]
     const outFmt = String(opts['outputFormat'] ?? 'raw')
@@ -43,26 +41,30 @@ const convert: CommandModule = {
     const options = parseKeyValues(opts['options'] as string | undefined)
     const backing = opts['backing'] as string | undefined
     if (backing !== undefined && outFmt !== 'qcow2') throw new UsageError('-B needs a target format with backing files (qcow2)')
-    const srcOptions: Record<string, string> = typeof opts['origin'] === 'string' ? { origin: opts['origin'] } : {}
+    const origin = typeof opts['origin'] === 'string' ? { origin: opts['origin'] } : {}
     const showProgress = Boolean(opts['progress']) && io.isTTY && !opts['quiet']
+    const common = { ...(srcFmt !== undefined ? { format: srcFmt } : {}), ...origin, forceShare: opts['forceShare'] === true, parallel: inFlight }
     if (dstPath === '-') {
+      // the guest bytes as raw on stdout (nothing is created, nothing to clean up)
       if (outFmt !== 'raw') throw new UsageError('Only raw output can go to stdout (-)')
-      return toStdout(srcPath, srcFmt, srcOptions, inFlight, showProgress, io, opts['forceShare'] === true)
+      const progress = showProgress ? await (await import('../progress.js')).startProgress(io, 'converting') : undefined
+      try {
+        await convert(srcPath, io.stdout, { ...common, ...(progress ? { onProgress: progress.update } : {}) })
+      } finally {
+        progress?.stop()
+      }
+      return 0
     }
-    const { convertFile } = await import('../../convert/to-file.js')
     const progress = showProgress ? await (await import('../progress.js')).startProgress(io, 'converting') : undefined
     io.setGraceful?.(true)
     try {
-      await convertFile(srcPath, dstPath, {
-        ...(srcFmt !== undefined ? { sourceFormat: srcFmt as never } : {}),
-        sourceOptions: srcOptions,
-        sourceForceShare: opts['forceShare'] === true,
+      await convert(srcPath, dstPath, {
+        ...common,
         targetFormat: outFmt,
         options,
         ...(backing !== undefined ? { backingFile: backing, backingFormat: String(opts['backingFormat'] ?? 'qcow2') } : {}),
         compress,
         minSparse,
-        inFlight,
         cache,
         ...(progress ? { onProgress: progress.update } : {}),
         ...(io.signal ? { signal: io.signal } : {}),
@@ -74,37 +76,3 @@ const convert: CommandModule = {
   },
 }
 export default convert
-
-/** DST '-': the guest bytes as raw on stdout (nothing is created, nothing to clean up). */
-async function toStdout(
-  srcPath: string,
-  srcFmt: string | undefined,
-  srcOptions: Record<string, string>,
-  inFlight: number,
-  showProgress: boolean,
-  io: import('../command.js').CliIo,
-  forceShare: boolean,
-): Promise<number> {
-  const { openImage } = await import('../../open.js')
-  const { rawStream } = await import('../../convert/convert.js')
-  const { writeOut, PipeClosed } = await import('../stream.js')
-  const src = await openImage(srcPath, { format: srcFmt as never, readOnly: true, options: srcOptions, forceShare })
-  const progress = showProgress ? await (await import('../progress.js')).startProgress(io, 'converting') : undefined
-  try {
-    let done = 0
-    for await (const chunk of rawStream(src, { inFlight })) {
-      try {
-        await writeOut(io.stdout, chunk)
-      } catch (e) {
-        if (e instanceof PipeClosed) return 0
-        throw e
-      }
-      done += chunk.byteLength
-      progress?.update(done, src.virtualSize)
-    }
-    return 0
-  } finally {
-    progress?.stop()
-    await src.close()
-  }
-}

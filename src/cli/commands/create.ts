@@ -22,8 +22,7 @@ const create: CommandModule = {
       .argument('[size]')
   },
   async run(args, opts, io) {
-    const { UsageError } = await import('../../errors.js')
-    const { parseSize } = await import('../../util/size.js')
+    const { UsageError, createImage, parseSize } = await import('../../index.js')
     const [file, sizeText] = args
     if (!file) throw new UsageError('Expecting image file name')
     const format = String(opts['format'] ?? 'raw')
@@ -31,71 +30,18 @@ const create: CommandModule = {
     const options = parseKeyValues(opts['options'] as string | undefined)
     if (typeof opts['origin'] === 'string') options['origin'] = opts['origin']
     if (options['origin'] !== undefined && format !== 'dmsnap') throw new UsageError('--origin goes with -f dmsnap')
-    const backing = (opts['backing'] as string | undefined) ?? options['backing_file']
-    const backingFormat = (opts['backingFormat'] as string | undefined) ?? options['backing_fmt']
-    if (backing !== undefined && backingFormat === undefined) throw new UsageError(`${file}: Backing file specified without backing format`)
-    const { openFileDevice } = await import('../../io/file-device.js')
-    const { makeContext, openImage, driverFor } = await import('../../open.js')
-    if (sizeText !== undefined && options['size'] !== undefined) throw new UsageError(`${file}: The image size must be specified only once`)
-    let size: number | undefined = sizeText !== undefined ? parseSize(sizeText) : options['size'] !== undefined ? parseSize(options['size']) : undefined
-    if (size === undefined && backing !== undefined && !opts['u']) {
-      const { combinePath, protocolPrefix } = await import('../../formats/qcow2/spec/paths.js')
-      const { isFormatName } = await import('../../image/probe.js')
-      const { escapeControls } = await import('../../util/text.js')
-      const protocol = protocolPrefix(backing)
-      if (protocol !== undefined) {
-        throw new UsageError(
-          `${file}: backing file ${escapeControls(backing)} names the protocol '${escapeControls(protocol)}:'; imgtool opens only plain file names (give SIZE and -u to write the name without opening it)`,
-        )
-      }
-      const b = await openImage(combinePath(file, backing), { format: isFormatName(backingFormat!) ? backingFormat : undefined, readOnly: true })
-      size = b.virtualSize
-      await b.close()
-    }
-    if (size === undefined) throw new UsageError('Image creation needs a size parameter')
-    if (format === 'raw' && (backing !== undefined || Object.keys(options).some((k) => k !== 'size' && k !== 'preallocation'))) {
-      throw new UsageError(`raw images take no options but size and preallocation`)
-    }
-    if (!opts['quiet']) io.stdout.write(`Formatting '${file}', fmt=${format}${formattingOptions(format, size, options, backing, backingFormat, parseSize)}\n`)
-    // options checked before the file is touched: a mistake leaves no new file and an existing one intact, as qemu-img
-    if (format === 'qcow2') {
-      const { parseCreateOptions } = await import('../../formats/qcow2/ops/create.js')
-      const o = { ...options }
-      delete o['backing_file']
-      delete o['backing_fmt']
-      parseCreateOptions({ size, options: o, ...(backing !== undefined ? { backingFile: backing, backingFormat: backingFormat! } : {}) })
-    } else if (format === 'raw' && options['preallocation'] !== 'metadata') {
-      // (qemu-img creates the file before it refuses metadata for raw)
-      const { parseRawPreallocation } = await import('../../formats/raw/create.js')
-      parseRawPreallocation(options['preallocation'], file)
-    }
-    const { existsSync, rmSync } = await import('node:fs')
-    const existed = existsSync(file)
-    const dev = await openFileDevice(file, { readOnly: false, create: true })
-    let ok = false
-    try {
-      if (format === 'dmsnap') {
-        if (backing !== undefined) throw new UsageError('dmsnap stores take --origin, not a backing file')
-        await driverFor('dmsnap').create!(dev, makeContext(openFileDevice), { size, options })
-      } else if (format === 'raw') {
-        await driverFor('raw').create!(dev, makeContext(openFileDevice), { size, options })
-      } else {
-        const extra: { backingFile?: string; backingFormat?: string } = {}
-        if (backing !== undefined) {
-          extra.backingFile = backing
-          extra.backingFormat = backingFormat!
-        }
-        delete options['backing_file']
-        delete options['backing_fmt']
-        await driverFor('qcow2').create!(dev, makeContext(openFileDevice), { size, options, ...extra })
-      }
-      await dev.flush()
-      ok = true
-    } finally {
-      await dev.close()
-      // a qcow2 image that could not be made is not left behind half made (qemu-img leaves none)
-      if (!ok && !existed && format === 'qcow2') rmSync(file, { force: true })
-    }
+    await createImage(file, {
+      format,
+      ...(sizeText !== undefined ? { size: sizeText } : {}),
+      options,
+      ...(typeof opts['backing'] === 'string' ? { backingFile: opts['backing'] } : {}),
+      ...(typeof opts['backingFormat'] === 'string' ? { backingFormat: opts['backingFormat'] } : {}),
+      openBacking: !opts['u'],
+      onPlan: (p) => {
+        if (!opts['quiet'])
+          io.stdout.write(`Formatting '${file}', fmt=${format}${formattingOptions(format, p.size, p.options, p.backingFile, p.backingFormat, parseSize)}\n`)
+      },
+    })
     return 0
   },
 }

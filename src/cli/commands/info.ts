@@ -14,20 +14,20 @@ const info: CommandModule = {
     const path = oneImageArg(args)
     const { format, options } = parseImageOptions(opts)
     const output = parseOutput(opts)
-    const { openImage } = await import('../../open.js')
+    const { imageInfo } = await import('../../index.js')
     const { infoHuman, infoJson } = await import('../render/info.js')
     // as qemu-img info: the image alone (a missing or looping backing file is a name
     // to show); --backing-chain opens the chain and fails where it cannot be opened
-    const image = await openImage(path, { format, readOnly: true, options, infoOnly: !opts['backingChain'], forceShare: opts['forceShare'] === true })
-    try {
-      const top = await image.info()
-      const chain = [top]
-      if (opts['backingChain']) for (let i = top.backing; i; i = i.backing) chain.push(i)
-      if (output === 'json') printJson(io.stdout, opts['backingChain'] ? chain.map(infoJson) : infoJson(top))
-      else io.stdout.write(chain.map(infoHuman).join('\n'))
-    } finally {
-      await image.close()
-    }
+    const top = await imageInfo(path, {
+      ...(format !== undefined ? { format } : {}),
+      options,
+      backingChain: Boolean(opts['backingChain']),
+      forceShare: opts['forceShare'] === true,
+    })
+    const chain = [top]
+    if (opts['backingChain']) for (let i = top.backing; i; i = i.backing) chain.push(i)
+    if (output === 'json') printJson(io.stdout, opts['backingChain'] ? chain.map(infoJson) : infoJson(top))
+    else io.stdout.write(chain.map(infoHuman).join('\n'))
     return 0
   },
 }

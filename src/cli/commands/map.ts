@@ -16,20 +16,20 @@ const map: CommandModule = {
     const path = oneImageArg(args)
     const { format, options } = parseImageOptions(opts)
     const output = parseOutput(opts)
-    const { parseSize } = await import('../../util/size.js')
-    const { openImage } = await import('../../open.js')
-    const { mergeExtents } = await import('../../image/range.js')
-    const image = await openImage(path, { format, readOnly: true, options, forceShare: opts['forceShare'] === true })
-    try {
-      const start = opts['startOffset'] !== undefined ? parseSize(String(opts['startOffset']), 'start offset') : 0
-      const size = image.virtualSize
-      const from = Math.min(start, size)
-      const maxLen = opts['maxLength'] !== undefined ? parseSize(String(opts['maxLength']), 'max length') : size
-      const length = Math.min(maxLen, size - from)
+    const { mapImage } = await import('../../index.js')
+    const records = mapImage(path, {
+      ...(format !== undefined ? { format } : {}),
+      options,
+      forceShare: opts['forceShare'] === true,
+      ...(opts['startOffset'] !== undefined ? { offset: String(opts['startOffset']) } : {}),
+      ...(opts['maxLength'] !== undefined ? { length: String(opts['maxLength']) } : {}),
+    })
+    {
       let first = true
       // the opening goes out with the first batch: an image that fails early prints nothing on stdout
+      // (an empty range is one empty record, as qemu-img prints it)
       let batch = output === 'human' ? `${'Offset'.padEnd(16)}${'Length'.padEnd(16)}${'Mapped to'.padEnd(16)}File\n` : '['
-      for await (const e of mergeExtents(image.extents(from, length))) {
+      for await (const e of records) {
         if (output === 'json') {
           const off = e.hostOffset !== undefined ? `, "offset": ${e.hostOffset}` : ''
           batch += `${first ? '' : ',\n'}{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}${off}}`
@@ -42,12 +42,8 @@ const map: CommandModule = {
           batch = ''
         }
       }
-      // qemu-img prints one empty entry for an empty range
-      if (output === 'json' && first) batch += `{ "start": ${from}, "length": 0, "depth": 0, "present": false, "zero": false, "data": false}`
       if (output === 'json') batch += ']\n'
       await writeOut(io.stdout, batch)
-    } finally {
-      await image.close()
     }
     return 0
   },

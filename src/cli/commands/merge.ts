@@ -3,8 +3,6 @@
  * COW store to its origin (what the kernel's snapshot-merge target does).
  */
 import type { CommandModule } from '../command.js'
-import { UsageError } from '../../errors.js'
-import { isFormatName } from '../../image/probe.js'
 import { addImageOptions, addOutputOption, oneImageArg, parseImageOptions, parseOutput, printJson } from '../common.js'
 
 const merge: CommandModule = {
@@ -15,35 +13,23 @@ const merge: CommandModule = {
     addOutputOption(addImageOptions(cmd)).option('-q, --quiet', 'no progress output').argument('<cow>')
   },
   async run(args, opts, io) {
+    const { UsageError, isFormatName, merge } = await import('../../index.js')
     const path = oneImageArg(args, 'COW file name')
     const { format, options } = parseImageOptions(opts)
     if (format !== undefined && format !== 'dmsnap') throw new UsageError(`merge: only dm-snapshot COW stores (-f dmsnap) can be merged, not '${format}'`)
     const originPath = options['origin']
     if (!originPath) throw new UsageError('merge: the origin is required (--origin ORIGIN or -o origin=ORIGIN)')
     const output = parseOutput(opts)
-    const { openFileDevice } = await import('../../io/file-device.js')
-    const { openImage } = await import('../../open.js')
-    const { mergeStore, describeMerge } = await import('../../formats/dmsnap/index.js')
     const originFormat = options['origin_format']
     if (originFormat !== undefined && !isFormatName(originFormat)) throw new UsageError(`merge: unknown origin format '${originFormat}'`)
-    const origin = await openImage(originPath, { readOnly: false, ...(originFormat ? { format: originFormat } : {}) })
-    try {
-      const cow = await openFileDevice(path, { readOnly: false })
-      try {
-        const progress = io.isTTY && output !== 'json' && !opts['quiet']
-        const result = await mergeStore(cow, origin, {
-          onProgress: progress ? (done, total) => io.stderr.write(`\rmerging: ${done}/${total} exceptions`) : undefined,
-        })
-        if (progress) io.stderr.write('\n')
-        if (output === 'json')
-          printJson(io.stdout, { 'merged-exceptions': result.merged, 'chunks-copied': result.chunksCopied, 'chunk-size': result.chunkSize })
-        else io.stdout.write(`${describeMerge(result)}\n`)
-      } finally {
-        await cow.close()
-      }
-    } finally {
-      await origin.close()
-    }
+    const progress = io.isTTY && output !== 'json' && !opts['quiet']
+    const result = await merge(path, originPath, {
+      ...(originFormat ? { originFormat } : {}),
+      ...(progress ? { onProgress: (done: number, total: number) => void io.stderr.write(`\rmerging: ${done}/${total} exceptions`) } : {}),
+    })
+    if (progress) io.stderr.write('\n')
+    if (output === 'json') printJson(io.stdout, { 'merged-exceptions': result.merged, 'chunks-copied': result.chunksCopied, 'chunk-size': result.chunkSize })
+    else io.stdout.write(`${result.summary}\n`)
     return 0
   },
 }

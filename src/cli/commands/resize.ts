@@ -13,33 +13,16 @@ const resize: CommandModule = {
       .argument('<size>', 'new size, or +SIZE / -SIZE')
   },
   async run(args, opts, io) {
-    const { UsageError } = await import('../../errors.js')
-    const { parseSize } = await import('../../util/size.js')
+    const { UsageError, resize } = await import('../../index.js')
     const [path, sizeText] = args
     if (!path || sizeText === undefined) throw new UsageError('Expecting image file name and size')
     const { format, options } = parseImageOptions(opts)
-    const { openImage } = await import('../../open.js')
-    const image = await openImage(path, { format, readOnly: false, options })
-    let closed = false
-    for (const n of (image as { writer?: { notices: string[] } }).writer?.notices ?? []) io.stderr.write(`imgtool: ${n}\n`)
-    try {
-      const rel = sizeText.startsWith('+') ? 1 : sizeText.startsWith('-') ? -1 : 0
-      const n = parseSize(rel ? sizeText.slice(1) : sizeText)
-      const size = rel ? image.virtualSize + rel * n : n
-      if (size < 0) throw new UsageError('New image size must be positive')
-      if (size < image.virtualSize && !opts['shrink']) {
-        throw new UsageError('Use the --shrink option to perform a shrink operation.')
-      }
-      if (image.format === 'qcow2') {
-        const { resizeQcow2 } = await import('../../formats/qcow2/ops/resize.js')
-        closed = true
-        await resizeQcow2(image as import('../../formats/qcow2/image.js').Qcow2Image, size)
-      } else {
-        throw new UsageError(`${image.format}: resize is supported for qcow2 images`)
-      }
-    } finally {
-      if (!closed) await image.close()
-    }
+    await resize(path, sizeText, {
+      ...(format !== undefined ? { format } : {}),
+      options,
+      shrink: Boolean(opts['shrink']),
+      onNotice: (n) => void io.stderr.write(`imgtool: ${n}\n`),
+    })
     if (!opts['quiet']) io.stdout.write('Image resized.\n')
     return 0
   },

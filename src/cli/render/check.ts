@@ -4,7 +4,7 @@
  * order qemu-img 7.2 prints them, zero-valued optional members omitted, plus
  * `findings` (and `notices` when there are some).
  */
-import type { CheckReport, Finding, RepairAction } from '../../check/types.js'
+import type { CheckReport, Finding, RepairAction } from '../../index.js'
 
 export function checkJson(r: CheckReport, filename: string): Record<string, unknown> {
   const o: Record<string, unknown> = {}

@@ -1,8 +1,6 @@
 /** info rendering: qemu-img's JSON field names, and a readable table for people. */
 import Table from 'cli-table3'
-import type { ImageInfo, SnapshotInfo } from '../../image/disk-image.js'
-import { humanSize } from '../../util/size.js'
-import { escapeControls as esc } from '../../util/text.js'
+import { escapeControls as esc, humanSize, type ImageInfo, type SnapshotInfo } from '../../index.js'
 
 export function infoJson(i: ImageInfo): Record<string, unknown> {
   const o: Record<string, unknown> = {}
