@@ -68,3 +68,17 @@ export {
   type ErrorCode,
   type ErrorDetails,
 } from './errors.js'
+export {
+  resolvePolicy,
+  basePolicy,
+  PRESETS,
+  PRESET_NAMES,
+  KNOWN_FORMATS,
+  QCOW2_INCOMPATIBLE,
+  QCOW2_COMPATIBLE,
+  QCOW2_AUTOCLEAR,
+  type Policy,
+  type PolicyInput,
+  type PresetName,
+  type Limits,
+} from './validate/index.js'
