@@ -69,6 +69,7 @@ export {
   type ErrorDetails,
 } from './errors.js'
 export {
+  validate,
   resolvePolicy,
   basePolicy,
   PRESETS,
@@ -77,8 +78,19 @@ export {
   QCOW2_INCOMPATIBLE,
   QCOW2_COMPATIBLE,
   QCOW2_AUTOCLEAR,
+  CODES,
+  CHECK_GROUPS,
+  type ValidateOptions,
   type Policy,
   type PolicyInput,
   type PresetName,
   type Limits,
+  type CheckGroup,
+  type CodeInfo,
+  type ViolationCode,
+  type ViolationSeverity,
+  type ValidationReport,
+  type Violation,
+  type CheckStatus,
+  type GuestDigest,
 } from './validate/index.js'

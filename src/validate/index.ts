@@ -1,4 +1,5 @@
 /** validate: the library entry of this folder (the public API re-exports it from src/index.ts). */
+export { validate, type ValidateOptions } from './validate.js'
 export {
   resolvePolicy,
   basePolicy,
@@ -15,3 +16,5 @@ export {
   type Limits,
 } from './policy.js'
 export { PRESETS } from './presets.js'
+export { CODES, CHECK_GROUPS, type CheckGroup, type CodeInfo, type ViolationCode, type ViolationSeverity } from './codes.js'
+export type { ValidationReport, Violation, CheckStatus, GuestDigest } from './report.js'

@@ -1,0 +1,79 @@
+/** imgtool validate: options, policy loading, one library call per image, rendering, exit code. */
+import { z } from 'zod'
+import { PRESET_NAMES, UsageError, isImgtoolError, resolvePolicy, validate, type Policy, type PolicyInput } from '../../index.js'
+import type { CliIo } from '../command.js'
+import { qemuJson } from '../common.js'
+import { loadPolicyFile, policyJsonSchema } from './policy-file.js'
+import { exitCodeOf, human, jsonDocument, summarize, type FailOn, type Outcome } from './render.js'
+
+const optionsSchema = z.object({
+  policy: z.string().optional(),
+  preset: z.enum(PRESET_NAMES, { error: () => `--preset must be one of ${PRESET_NAMES.join(', ')}` }).optional(),
+  expectFormat: z.string().optional(),
+  output: z.enum(['human', 'json', 'junit', 'sarif'], { error: () => '--output must be human, json, junit or sarif' }),
+  failOn: z.enum(['error', 'warning'], { error: () => '--fail-on must be error or warning' }),
+  manifest: z.string().optional(),
+  jobs: z.coerce
+    .number({ error: () => '--jobs must be a whole number from 1 to 64' })
+    .int()
+    .min(1)
+    .max(64),
+  printSchema: z.boolean().optional(),
+})
+
+export type ValidateCliOptions = z.infer<typeof optionsSchema> & { images: string[] }
+
+export function parseValidateOptions(args: string[], opts: Record<string, unknown>): ValidateCliOptions {
+  const r = optionsSchema.safeParse({ ...opts, output: opts['json'] ? 'json' : opts['output'] })
+  if (!r.success) throw new UsageError(r.error.issues.map((i) => i.message).join('; '))
+  const o = { ...r.data, images: args }
+  if (!o.printSchema && o.images.length === 0 && o.manifest === undefined) throw new UsageError('Expecting at least one image file name (or --manifest FILE)')
+  return o
+}
+
+/** The policy the options name: --policy FILE, with --preset as its `extends` when given. */
+export async function policyOf(o: Pick<ValidateCliOptions, 'policy' | 'preset' | 'expectFormat'>): Promise<Policy> {
+  const input: PolicyInput = o.policy !== undefined ? await loadPolicyFile(o.policy) : {}
+  if (o.preset !== undefined) input.extends = o.preset
+  if (o.expectFormat !== undefined) input.expectFormat = o.expectFormat
+  return resolvePolicy(input)
+}
+
+export async function validateOne(file: string, policy: Policy): Promise<Outcome> {
+  try {
+    return { file, report: await validate(file, policy) }
+  } catch (e) {
+    if (!isImgtoolError(e) && !(e instanceof Error && 'code' in e)) throw e
+    return { file, error: (e as Error).message }
+  }
+}
+
+export async function runValidate(o: ValidateCliOptions, io: CliIo): Promise<number> {
+  if (o.printSchema) {
+    io.stdout.write(JSON.stringify(policyJsonSchema(), null, 2) + '\n')
+    return 0
+  }
+  if (o.manifest !== undefined) {
+    const { runManifest } = await import('./manifest.js')
+    return runManifest(o, io)
+  }
+  const policy = await policyOf(o)
+  const outcomes: Outcome[] = []
+  for (const file of o.images) outcomes.push(await validateOne(file, policy))
+  const failOn: FailOn = o.failOn
+  io.stdout.write(await render(o.output, outcomes, failOn, policy))
+  return exitCodeOf(summarize(outcomes, failOn))
+}
+
+async function render(output: ValidateCliOptions['output'], outcomes: Outcome[], failOn: FailOn, policy: Policy): Promise<string> {
+  switch (output) {
+    case 'human':
+      return human(outcomes, failOn)
+    case 'json':
+      return qemuJson(jsonDocument(outcomes, failOn)) + '\n'
+    case 'junit':
+      return (await import('./junit.js')).junit(outcomes, failOn)
+    case 'sarif':
+      return JSON.stringify((await import('./sarif.js')).sarif(outcomes, failOn, policy), null, 2) + '\n'
+  }
+}
