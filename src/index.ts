@@ -72,6 +72,7 @@ export {
   validate,
   resolvePolicy,
   basePolicy,
+  mergePolicy,
   PRESETS,
   PRESET_NAMES,
   KNOWN_FORMATS,

@@ -87,6 +87,16 @@ describeQemu('imgtool validate CLI', () => {
     expect(doc.summary).toMatchObject({ images: 2, passed: 1, failed: 1, errors: 0 })
   })
 
+  it('the library call validate(path, policy) returns the report the JSON output carries', async () => {
+    const { validate } = await import('../../src/index.js')
+    const lib = await validate(backed, 'produced')
+    const r = await cli('validate', '--preset', 'produced', '--output', 'json', backed)
+    const { status, durationMs: _d, ...fromCli } = (JSON.parse(r.stdout) as { images: Array<Record<string, unknown>> }).images[0]!
+    const { durationMs: _l, ...fromLib } = lib as unknown as Record<string, unknown>
+    expect(status).toBe('fail')
+    expect(fromCli).toEqual(JSON.parse(JSON.stringify(fromLib)))
+  })
+
   it('--print-schema prints the JSON Schema of policy files', async () => {
     const r = await cli('validate', '--print-schema')
     expect(r.code).toBe(0)

@@ -9,10 +9,17 @@ export const MAKE = resolve(__dirname, 'fixtures', 'make.sh')
 
 export function makeFixtures(): string {
   const dir = makeTempDir('imgtool-validate-')
-  execFileSync('sh', [MAKE, dir], {
-    env: { ...process.env, QEMU_IMG: QEMU_IMG ?? 'qemu-img', QEMU_IO: QEMU_IO ?? 'qemu-io' },
-    stdio: ['ignore', 'ignore', 'inherit'],
-  })
+  try {
+    execFileSync('sh', ['-x', MAKE, dir], {
+      env: { ...process.env, QEMU_IMG: QEMU_IMG ?? 'qemu-img', QEMU_IO: QEMU_IO ?? 'qemu-io' },
+      stdio: ['ignore', 'pipe', 'pipe'],
+      maxBuffer: 16 << 20,
+    })
+  } catch (e) {
+    // the trace (sh -x) names the command that failed
+    const err = e as { status?: number; signal?: string; stderr?: Buffer }
+    throw new Error(`make.sh failed (status ${err.status}, signal ${err.signal}):\n${err.stderr?.toString().split('\n').slice(-15).join('\n')}`)
+  }
   return dir
 }
 
