@@ -48,12 +48,15 @@ export class ViolationSink {
   readonly list: Violation[] = []
   readonly notes: string[] = []
   readonly skipped = new Set<CheckGroup>()
+  /** set when the report is handed out (a timed-out check may still be running): later findings are dropped */
+  closed = false
   constructor(
     readonly file: string,
     private readonly policy: Policy,
   ) {}
 
   add(code: ViolationCode, message: string, at: { structure?: string; offset?: number; severity?: ViolationSeverity } = {}): void {
+    if (this.closed) return
     const info = CODES[code]
     const override = this.policy.severity[code]
     if (override === 'off') return
@@ -72,6 +75,7 @@ export class ViolationSink {
   }
 
   skip(group: CheckGroup, why: string): void {
+    if (this.closed) return
     this.skipped.add(group)
     this.notes.push(`${group}: ${why}`)
   }

@@ -48,13 +48,18 @@ export async function validate(path: string, policyInput: PolicyInput | PresetNa
   }
   try {
     const work = run(dev, policy, sink, report, o.expectFormat ?? policy.expectFormat, deadline)
-    await withDeadline(work, deadline, () => sink.add('LIMIT_TIMEOUT', `validation took longer than limits.timeoutSeconds ${policy.limits.timeoutSeconds}`))
+    await withDeadline(work, deadline, () => {
+      sink.add('LIMIT_TIMEOUT', `validation took longer than limits.timeoutSeconds ${policy.limits.timeoutSeconds}`)
+      // the work left running fails once its device closes: nothing it finds after this counts
+      sink.closed = true
+    })
   } finally {
     await dev.close().catch(() => undefined)
   }
+  sink.closed = true
   report.checks = sink.statuses()
   report.durationMs = Date.now() - started
-  return report
+  return { ...report, violations: [...sink.list], notes: [...sink.notes] }
 }
 
 function isResolved(p: PolicyInput | PresetName | Policy): p is Policy {
