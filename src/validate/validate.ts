@@ -138,9 +138,15 @@ async function run(
 
   // structure: the check engine, on the image alone (no backing or data file)
   let imageEnd: number | undefined
+  let dataBytes: number | undefined
   if (facts?.overLimit) sink.skip('structure', 'a table exceeds the limits')
   else if (!policy.structure.check) sink.skip('structure', 'structure.check is off')
-  else imageEnd = await structure(dev.name, format, policy, sink, facts?.header?.incompatibleFeatures)
+  else {
+    const r = await structure(dev.name, format, policy, sink, facts?.header?.incompatibleFeatures)
+    imageEnd = r?.imageEnd
+    // guest bytes the image stores (compressed or not): allocated guest clusters, as check counts them
+    if (r && facts) dataBytes = r.allocatedClusters * facts.clusterSize
+  }
 
   // sizes and content need the guest view: only when nothing outside the file is named
   const unreadable = references ? 'the guest bytes depend on a file validation does not open' : facts?.encrypted ? 'the guest data is encrypted' : undefined
@@ -148,7 +154,7 @@ async function run(
     sink.skip('content', unreadable ?? 'a table exceeds the limits')
     if (policy.content.digest && unreadable !== undefined)
       sink.add('CONTENT_SKIPPED', `${unreadable}: no digest`, { structure: references ? 'reference' : 'header crypt_method' })
-    if (virtualSize !== undefined) sizeRules(virtualSize, undefined, dev.size, imageEnd, policy, sink)
+    if (virtualSize !== undefined) sizeRules(virtualSize, dataBytes, dev.size, imageEnd, policy, sink)
     return
   }
   const img = await openImageOnDevice(await openFileDevice(dev.name, { readOnly: true }), {
@@ -159,7 +165,8 @@ async function run(
   })
   try {
     report.virtualSize = img.virtualSize
-    const dataBytes = await guestDataBytes(img)
+    // without a check (raw stores what it holds; structure.check off) the extents are counted
+    if (dataBytes === undefined && format !== 'raw') dataBytes = await guestDataBytes(img)
     const bomb = sizeRules(img.virtualSize, dataBytes, dev.size, imageEnd, policy, sink)
     if (bomb) {
       sink.skip('content', 'the allocation ratio exceeds the limit: data not read')
@@ -177,7 +184,7 @@ async function structure(
   policy: Policy,
   sink: ViolationSink,
   incompat: bigint | undefined,
-): Promise<number | undefined> {
+): Promise<{ imageEnd: number; allocatedClusters: number } | undefined> {
   if (format === 'raw') {
     sink.skip('structure', 'raw has no metadata to check')
     return undefined
@@ -218,7 +225,7 @@ async function structure(
         offset: first?.hostOffset,
       })
     }
-    return typeof r.imageEndOffset === 'bigint' ? Number(r.imageEndOffset) : r.imageEndOffset
+    return { imageEnd: Number(r.imageEndOffset), allocatedClusters: r.allocatedClusters }
   } catch (e) {
     if (!(e instanceof ImgtoolError)) throw e
     sink.add('CHECK_FAILED', `check could not complete: ${e.message}`, { structure: 'check' })
