@@ -3,7 +3,6 @@ import { z } from 'zod'
 import { PRESET_NAMES, UsageError, isImgtoolError, resolvePolicy, validate, type Policy, type PolicyInput } from '../../index.js'
 import type { CliIo } from '../command.js'
 import { qemuJson } from '../common.js'
-import { loadPolicyFile, policyJsonSchema } from './policy-file.js'
 import { exitCodeOf, human, jsonDocument, summarize, type FailOn, type Outcome } from './render.js'
 
 const optionsSchema = z.object({
@@ -33,7 +32,8 @@ export function parseValidateOptions(args: string[], opts: Record<string, unknow
 
 /** The policy the options name: --policy FILE, with --preset as its `extends` when given. */
 export async function policyOf(o: Pick<ValidateCliOptions, 'policy' | 'preset' | 'expectFormat'>): Promise<Policy> {
-  const input: PolicyInput = o.policy !== undefined ? await loadPolicyFile(o.policy) : {}
+  // the policy-file module (and the yaml parser) loads only when a file is named
+  const input: PolicyInput = o.policy !== undefined ? await (await import('./policy-file.js')).loadPolicyFile(o.policy) : {}
   if (o.preset !== undefined) input.extends = o.preset
   if (o.expectFormat !== undefined) input.expectFormat = o.expectFormat
   return resolvePolicy(input)
@@ -50,6 +50,7 @@ export async function validateOne(file: string, policy: Policy): Promise<Outcome
 
 export async function runValidate(o: ValidateCliOptions, io: CliIo): Promise<number> {
   if (o.printSchema) {
+    const { policyJsonSchema } = await import('./policy-file.js')
     io.stdout.write(JSON.stringify(policyJsonSchema(), null, 2) + '\n')
     return 0
   }
