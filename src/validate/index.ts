@@ -1,7 +1,6 @@
 /** validate: the library entry of this folder (the public API re-exports it from src/index.ts). */
 export { validate, type ValidateOptions } from './validate.js'
 export {
-  resolvePolicy,
   basePolicy,
   mergePolicy,
   PRESET_NAMES,
@@ -16,5 +15,6 @@ export {
   type Limits,
 } from './policy.js'
 export { PRESETS } from './presets.js'
+export { resolvePolicy } from './resolve.js'
 export { CODES, CHECK_GROUPS, type CheckGroup, type CodeInfo, type ViolationCode, type ViolationSeverity } from './codes.js'
 export type { ValidationReport, Violation, CheckStatus, GuestDigest } from './report.js'

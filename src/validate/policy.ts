@@ -5,8 +5,6 @@
  * (src/cli/validate/policy-file.ts), the library merges and fills defaults here.
  */
 
-import { UsageError } from '../errors.js'
-
 export const PRESET_NAMES = ['openstack', 'kubevirt', 'azure', 'aws', 'vsphere', 'produced'] as const
 export type PresetName = (typeof PRESET_NAMES)[number]
 
@@ -165,18 +163,4 @@ export function mergePolicy<T extends object>(base: T, over: object): T {
     } else out[k] = Array.isArray(v) ? [...(v as unknown[])] : v
   }
   return out as T
-}
-
-/** A policy ready to apply: the base, the preset it extends, then its own keys. */
-export async function resolvePolicy(input: PolicyInput | PresetName = {}): Promise<Policy> {
-  const { PRESETS } = await import('./presets.js')
-  const given: PolicyInput = typeof input === 'string' ? { extends: input } : input
-  let policy = basePolicy()
-  if (given.extends !== undefined) {
-    const preset = PRESETS[given.extends]
-    if (!preset) throw new UsageError(`unknown preset '${String(given.extends)}' (known: ${PRESET_NAMES.join(', ')})`)
-    policy = mergePolicy(policy, preset)
-  }
-  const { extends: _ignored, ...own } = given
-  return mergePolicy(policy, own)
 }

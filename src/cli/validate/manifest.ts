@@ -13,7 +13,7 @@ import { KNOWN_FORMATS, PRESET_NAMES, UsageError, mergePolicy, resolvePolicy, ty
 import type { CliIo } from '../command.js'
 import { loadPolicyFile } from './policy-file.js'
 import { addToSummary, exitCodeOf, humanOne, humanSummary, outcomeJson, type Outcome, type Summary } from './render.js'
-import { policyOf, validateOne, type ValidateCliOptions } from './run.js'
+import { policyOf, validateOne, type ValidateCliOptions } from './options.js'
 
 const lineSchema = z.strictObject({
   path: z.string().min(1),

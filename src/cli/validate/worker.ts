@@ -1,7 +1,7 @@
 /** A worker thread of `validate --manifest --jobs N`: validates one image per message and posts the outcome. */
 import { parentPort } from 'node:worker_threads'
 import type { Policy } from '../../index.js'
-import { validateOne } from './run.js'
+import { validateOne } from './options.js'
 
 parentPort?.on('message', (m: { file: string; policy: Policy }) => {
   validateOne(m.file, m.policy).then(
