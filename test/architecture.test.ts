@@ -10,7 +10,7 @@ function layerOf(rel: string): number {
   if (rel.startsWith('io/')) return 1
   if (rel.startsWith('image/') || rel.startsWith('check/')) return 2
   if (rel.startsWith('formats/')) return 3
-  if (rel.startsWith('convert/') || rel.startsWith('api/') || rel === 'open.ts' || rel === 'index.ts') return 4
+  if (rel.startsWith('convert/') || rel.startsWith('api/') || rel.startsWith('validate/') || rel === 'open.ts' || rel === 'index.ts') return 4
   if (rel.startsWith('cli/')) return 5
   throw new Error(`file outside the known layers: ${rel}`)
 }

@@ -21,4 +21,5 @@ export const COMMANDS: CommandEntry[] = [
   { name: 'compare', load: async () => (await import('./compare.js')).default },
   { name: 'snapshot', load: async () => (await import('./snapshot.js')).default },
   { name: 'resize', load: async () => (await import('./resize.js')).default },
+  { name: 'validate', load: async () => (await import('./validate.js')).default },
 ]

@@ -1,0 +1,359 @@
+/**
+ * validate(path, policy): is this image safe, sound and what was ordered?
+ * Opens that one file read-only; a backing file, data file or origin it names
+ * is reported and never opened (the open context refuses every other file).
+ * Thrown errors mean the file could not be validated (missing, unreadable);
+ * everything wrong with the image is a violation in the report.
+ */
+import { ImgtoolError, WrongFormatError } from '../errors.js'
+import type { BlockDevice, DeviceOpener } from '../io/block-device.js'
+import { openFileDevice } from '../io/file-device.js'
+import type { DiskImage } from '../image/disk-image.js'
+import { isFormatName } from '../image/probe.js'
+import { makeContext, openImageOnDevice } from '../open.js'
+import { DataLimitError, DeadlineError, guestDataBytes, guestDigest, partitionFacts } from './content.js'
+import type { Policy, PolicyInput, PresetName } from './policy.js'
+import { resolvePolicy } from './resolve.js'
+import { qcow2Rules, type Qcow2Facts } from './qcow2-rules.js'
+import { ViolationSink, type ValidationReport } from './report.js'
+import { detectFormat, fileSignatures, foreignSignatures, headSignatures } from './signatures.js'
+
+export interface ValidateOptions {
+  /** the declared format (overrides the policy's expectFormat) */
+  expectFormat?: string
+  signal?: AbortSignal
+}
+
+const UNSUPPORTED = new Set(['vhd', 'vhdx', 'vmdk', 'iso'])
+
+/** Refuses every file: validation reads the named file only. */
+const refuseAll: DeviceOpener = async (path) => {
+  throw new WrongFormatError(`${path}: not opened: validation never follows a reference`, { file: path, structure: 'reference' })
+}
+
+export async function validate(path: string, policyInput: PolicyInput | PresetName | Policy = {}, o: ValidateOptions = {}): Promise<ValidationReport> {
+  const started = Date.now()
+  const policy = isResolved(policyInput) ? policyInput : await resolvePolicy(policyInput)
+  const sink = new ViolationSink(path, policy)
+  const deadline = started + policy.limits.timeoutSeconds * 1000
+  const dev = await openFileDevice(path, { readOnly: true })
+  const report: ValidationReport = {
+    file: path,
+    format: 'unknown',
+    signatures: [],
+    fileSize: dev.size,
+    checks: sink.statuses(),
+    violations: sink.list,
+    notes: sink.notes,
+    durationMs: 0,
+  }
+  try {
+    const work = run(dev, policy, sink, report, o.expectFormat ?? policy.expectFormat, deadline)
+    await withDeadline(work, deadline, () => {
+      sink.add('LIMIT_TIMEOUT', `validation took longer than limits.timeoutSeconds ${policy.limits.timeoutSeconds}`)
+      // the work left running fails once its device closes: nothing it finds after this counts
+      sink.closed = true
+    })
+  } finally {
+    await dev.close().catch(() => undefined)
+  }
+  sink.closed = true
+  report.checks = sink.statuses()
+  report.durationMs = Date.now() - started
+  return { ...report, violations: [...sink.list], notes: [...sink.notes] }
+}
+
+function isResolved(p: PolicyInput | PresetName | Policy): p is Policy {
+  return (
+    typeof p === 'object' &&
+    'severity' in p &&
+    'limits' in p &&
+    typeof (p as Policy).limits?.timeoutSeconds === 'number' &&
+    Array.isArray(p.formats) &&
+    !('extends' in p)
+  )
+}
+
+async function withDeadline(work: Promise<void>, deadline: number, onTimeout: () => void): Promise<void> {
+  let timer: NodeJS.Timeout | undefined
+  const late = new Promise<'late'>((resolve) => {
+    timer = setTimeout(() => resolve('late'), Math.max(0, deadline - Date.now()))
+  })
+  try {
+    if ((await Promise.race([work.then(() => 'done' as const), late])) === 'late') {
+      onTimeout()
+      work.catch(() => undefined)
+    }
+  } finally {
+    clearTimeout(timer)
+  }
+}
+
+async function run(
+  dev: BlockDevice,
+  policy: Policy,
+  sink: ViolationSink,
+  report: ValidationReport,
+  expect: string | undefined,
+  deadline: number,
+): Promise<void> {
+  // identity
+  const hits = await fileSignatures(dev)
+  report.signatures = hits
+  const format = detectFormat(hits)
+  report.format = format
+  report.expectedFormat = expect
+  if (!policy.formats.includes(format)) {
+    sink.add('FORMAT_NOT_ALLOWED', `format ${format} is not allowed (allowed: ${policy.formats.join(', ') || 'none'})`, { structure: 'header', offset: 0 })
+  }
+  if (expect !== undefined && expect !== format)
+    sink.add('FORMAT_MISMATCH', `declared format ${expect}, but the file is ${format}`, { structure: 'header', offset: 0 })
+  const foreign = foreignSignatures(format, hits)
+  if (foreign.length > 0 && !policy.identity.allowPolyglot) {
+    for (const f of foreign)
+      sink.add('POLYGLOT', `a ${format} image that also carries a ${f.signature} signature`, { structure: `${f.signature} signature`, offset: f.offset })
+  }
+  if (format === 'vmdk' && hits.some((h) => h.signature === 'vmdk-descriptor')) await vmdkExtents(dev, policy, sink)
+  if (UNSUPPORTED.has(format)) {
+    sink.add('UNSUPPORTED_FORMAT', `format ${format} cannot be read by imgtool yet: not validated`, {
+      structure: 'header',
+      offset: hits.find((h) => h.signature.startsWith(format))?.offset ?? 0,
+    })
+    for (const g of ['references', 'features', 'sizes', 'structure', 'content'] as const) sink.skip(g, `format ${format} is not supported yet`)
+    return
+  }
+  if (!isFormatName(format)) return
+
+  // identity, references and features from the header
+  let facts: Qcow2Facts | undefined
+  if (format === 'qcow2') {
+    facts = await qcow2Rules(dev, policy, sink)
+    if (!facts?.header) {
+      for (const g of ['structure', 'content'] as const) sink.skip(g, 'the header could not be parsed')
+      return
+    }
+  }
+  const references = facts?.hasReferences === true || format === 'dmsnap'
+  const virtualSize = facts?.header ? facts.header.size : format === 'raw' ? dev.size : undefined
+  report.virtualSize = virtualSize
+
+  // structure: the check engine, on the image alone (no backing or data file)
+  let imageEnd: number | undefined
+  let dataBytes: number | undefined
+  if (facts?.overLimit) sink.skip('structure', 'a table exceeds the limits')
+  else if (!policy.structure.check) sink.skip('structure', 'structure.check is off')
+  else {
+    const r = await structure(dev.name, format, policy, sink, facts?.header?.incompatibleFeatures)
+    imageEnd = r?.imageEnd
+    // guest bytes the image stores (compressed or not): allocated guest clusters, as check counts them
+    if (r && facts) dataBytes = r.allocatedClusters * facts.clusterSize
+  }
+
+  // sizes and content need the guest view: only when nothing outside the file is named
+  const unreadable = references ? 'the guest bytes depend on a file validation does not open' : facts?.encrypted ? 'the guest data is encrypted' : undefined
+  if (unreadable !== undefined || facts?.overLimit) {
+    sink.skip('content', unreadable ?? 'a table exceeds the limits')
+    if (policy.content.digest && unreadable !== undefined)
+      sink.add('CONTENT_SKIPPED', `${unreadable}: no digest`, { structure: references ? 'reference' : 'header crypt_method' })
+    if (virtualSize !== undefined) sizeRules(virtualSize, dataBytes, dev.size, imageEnd, policy, sink)
+    return
+  }
+  const img = await openImageOnDevice(await openFileDevice(dev.name, { readOnly: true }), {
+    format,
+    readOnly: true,
+    options: {},
+    context: makeContext(refuseAll),
+  })
+  try {
+    report.virtualSize = img.virtualSize
+    // without a check (raw stores what it holds; structure.check off) the extents are counted
+    if (dataBytes === undefined && format !== 'raw') dataBytes = await guestDataBytes(img)
+    const bomb = sizeRules(img.virtualSize, dataBytes, dev.size, imageEnd, policy, sink)
+    if (bomb) {
+      sink.skip('content', 'the allocation ratio exceeds the limit: data not read')
+      return
+    }
+    await contentRules(img, policy, sink, report, deadline)
+  } finally {
+    await img.close()
+  }
+}
+
+async function structure(
+  file: string,
+  format: 'qcow2' | 'raw' | 'dmsnap',
+  policy: Policy,
+  sink: ViolationSink,
+  incompat: bigint | undefined,
+): Promise<{ imageEnd: number; allocatedClusters: number } | undefined> {
+  if (format === 'raw') {
+    sink.skip('structure', 'raw has no metadata to check')
+    return undefined
+  }
+  let img: DiskImage
+  try {
+    img = await openImageOnDevice(await openFileDevice(file, { readOnly: true }), {
+      format,
+      readOnly: true,
+      forCheck: true,
+      infoOnly: true,
+      options: {},
+      context: makeContext(refuseAll),
+    })
+  } catch (e) {
+    sink.add('CHECK_FAILED', `cannot be opened for check: ${(e as Error).message}`, { structure: 'image' })
+    return undefined
+  }
+  try {
+    if (!img.check) {
+      sink.skip('structure', `${format} has no check`)
+      return undefined
+    }
+    const r = await img.check()
+    if (r.checkErrors > 0) sink.add('CHECK_FAILED', `check could not complete: ${r.checkErrors} error(s)`, { structure: 'check' })
+    if (r.corruptions > 0) {
+      const first = r.findings.find((f) => f.severity === 'corruption')
+      sink.add('CHECK_CORRUPTIONS', `${r.corruptions} corruption(s); first: ${first?.message ?? 'n/a'}`, {
+        structure: first?.structure ?? 'metadata',
+        offset: first?.hostOffset,
+      })
+    }
+    const staleOk = policy.qcow2.dirty === 'stale-refcounts-expected' && incompat !== undefined && (incompat & 1n) !== 0n
+    if (r.leaks > policy.structure.maxLeaks && !staleOk) {
+      const first = r.findings.find((f) => f.severity === 'leak')
+      sink.add('CHECK_LEAKS', `${r.leaks} leaked cluster(s), at most ${policy.structure.maxLeaks} allowed`, {
+        structure: first?.structure ?? 'refcount',
+        offset: first?.hostOffset,
+      })
+    }
+    return { imageEnd: Number(r.imageEndOffset), allocatedClusters: r.allocatedClusters }
+  } catch (e) {
+    if (!(e instanceof ImgtoolError)) throw e
+    sink.add('CHECK_FAILED', `check could not complete: ${e.message}`, { structure: 'check' })
+    return undefined
+  } finally {
+    await img.close()
+  }
+}
+
+/** Returns true when the allocation ratio marks a decompression bomb (content is then not read). */
+function sizeRules(
+  virtualSize: number,
+  dataBytes: number | undefined,
+  fileSize: number,
+  imageEnd: number | undefined,
+  policy: Policy,
+  sink: ViolationSink,
+): boolean {
+  const s = policy.sizes
+  if (virtualSize < s.minVirtualSize || virtualSize > s.maxVirtualSize) {
+    sink.add('VIRTUAL_SIZE_BOUNDS', `virtual size ${virtualSize} is outside ${s.minVirtualSize}..${s.maxVirtualSize}`, { structure: 'virtual size' })
+  }
+  if (s.virtualSizeAlignment > 0 && virtualSize % s.virtualSizeAlignment !== 0) {
+    sink.add(
+      'VIRTUAL_SIZE_ALIGNMENT',
+      `virtual size ${virtualSize} is not a multiple of ${s.virtualSizeAlignment} (${virtualSize % s.virtualSizeAlignment} bytes over)`,
+      {
+        structure: 'virtual size',
+      },
+    )
+  }
+  if (s.targetVolumeSize > 0) {
+    const needed = Math.ceil(virtualSize * (1 + s.targetOverheadPercent / 100))
+    if (needed > s.targetVolumeSize) {
+      sink.add(
+        'TARGET_VOLUME',
+        `virtual size ${virtualSize} plus ${s.targetOverheadPercent}% overhead (${needed}) does not fit the target volume of ${s.targetVolumeSize}`,
+        {
+          structure: 'virtual size',
+        },
+      )
+    }
+  }
+  if (imageEnd !== undefined && fileSize > imageEnd + s.maxTrailingBytes) {
+    sink.add('FILE_SIZE_LAYOUT', `the file is ${fileSize} bytes, its layout ends at ${imageEnd} (${fileSize - imageEnd} bytes beyond)`, {
+      structure: 'file end',
+      offset: imageEnd,
+    })
+  }
+  if (dataBytes !== undefined && s.maxAllocationRatio > 0) {
+    const ratio = dataBytes / Math.max(fileSize, 1)
+    if (ratio > s.maxAllocationRatio) {
+      sink.add('ALLOCATION_RATIO', `${dataBytes} guest data bytes from a ${fileSize}-byte file (ratio ${ratio.toFixed(1)}, limit ${s.maxAllocationRatio})`, {
+        structure: 'allocation',
+      })
+      return true
+    }
+  }
+  return false
+}
+
+async function contentRules(img: DiskImage, policy: Policy, sink: ViolationSink, report: ValidationReport, deadline: number): Promise<void> {
+  const c = policy.content
+  // a guest that starts with an image format's magic would be probed as that format once written raw
+  const guestHead = await img.read(0, Math.min(img.virtualSize, 8192))
+  const nested = headSignatures(guestHead).filter((h) => h.offset === 0)
+  if (!policy.identity.allowPolyglot) {
+    for (const n of nested)
+      sink.add('POLYGLOT', `guest data starts with a ${n.signature} header: written raw, it would be probed as ${n.signature}`, {
+        structure: 'guest sector 0',
+        offset: 0,
+      })
+  }
+  if (c.partitions !== 'off') {
+    const p = await partitionFacts(img)
+    if (p.kind === 'none' && c.partitions === 'require')
+      sink.add('NO_PARTITION_TABLE', 'the guest has no MBR or GPT', { structure: 'guest sector 0', offset: 0 })
+    for (const problem of p.problems) sink.add('PARTITION_TABLE', problem.message, { structure: `guest ${problem.structure}`, offset: problem.offset })
+  }
+  if (!c.digest && c.expectDigest === undefined && c.reference === undefined) return
+  const budget = { maxDataBytes: policy.limits.maxDataBytes, deadline }
+  try {
+    report.digest = await guestDigest(img, budget)
+  } catch (e) {
+    if (e instanceof DataLimitError) sink.add('LIMIT_DATA_BYTES', e.message, { structure: 'guest data' })
+    else if (e instanceof DeadlineError) sink.add('LIMIT_TIMEOUT', e.message, { structure: 'guest data' })
+    else throw e
+    return
+  }
+  if (c.expectDigest !== undefined && c.expectDigest.toLowerCase() !== report.digest.hex) {
+    sink.add('DIGEST_MISMATCH', `guest SHA-256 ${report.digest.hex}, expected ${c.expectDigest.toLowerCase()}`, { structure: 'guest data' })
+  }
+  if (c.reference !== undefined) {
+    const ref = await openReference(c.reference)
+    try {
+      const other = await guestDigest(ref, budget)
+      if (ref.virtualSize !== img.virtualSize || other.hex !== report.digest.hex) {
+        sink.add('REFERENCE_MISMATCH', `guest bytes differ from reference ${c.reference} (sizes ${img.virtualSize}/${ref.virtualSize}, SHA-256 ${other.hex})`, {
+          structure: 'guest data',
+        })
+      }
+    } finally {
+      await ref.close()
+    }
+  }
+}
+
+async function openReference(path: string): Promise<DiskImage> {
+  const dev = await openFileDevice(path, { readOnly: true })
+  const head = await dev.read(0, Math.min(dev.size, 8192), 'probe')
+  const format = detectFormat(headSignatures(head))
+  if (!isFormatName(format)) {
+    await dev.close()
+    throw new WrongFormatError(`${path}: reference image format ${format} cannot be read`, { file: path })
+  }
+  return openImageOnDevice(dev, { format, readOnly: true, options: {}, context: makeContext(refuseAll) })
+}
+
+/** A VMDK descriptor's extent lines (`RW 2048 FLAT "name" 0`): files it would open, reported, never opened. */
+async function vmdkExtents(dev: BlockDevice, policy: Policy, sink: ViolationSink): Promise<void> {
+  const text = new TextDecoder('latin1').decode(await dev.read(0, Math.min(dev.size, 64 * 1024), 'probe'))
+  for (const m of text.matchAll(/^[ \t]*(?:RW|RDONLY|NOACCESS)[ \t]+\d+[ \t]+(\w+)[ \t]+"([^"]*)"/gm)) {
+    const name = m[2]!
+    const at = { structure: 'VMDK descriptor extent', offset: m.index }
+    if (!policy.references.dataFile) sink.add('EXTENT_FILE', `VMDK descriptor names ${m[1]} extent '${name}'; not opened`, at)
+    if (/^[^:/]*:/.test(name) && !policy.references.protocolNames) sink.add('PROTOCOL_NAME', `extent name '${name}' selects a protocol`, at)
+    if (name.split('/').includes('..') && !policy.references.parentDirNames) sink.add('PARENT_DIR_NAME', `extent name '${name}' climbs with '..'`, at)
+    if (name.startsWith('/') && !policy.references.absoluteNames) sink.add('ABSOLUTE_NAME', `extent name '${name}' is an absolute path`, at)
+  }
+}
