@@ -7,11 +7,11 @@
 import { UnsupportedFeatureError, UsageError, hex } from '../../../errors.js'
 import { alignUp, putU32be, putU64be } from '../../../util/bytes.js'
 import { dataFileRaw, hasDataFile, l1EntriesNeeded } from '../spec/header.js'
-import type { Qcow2Image } from '../image.js'
+import { writerOf, type Qcow2OpenImage } from './open-image.js'
 
-export async function resizeQcow2(img: Qcow2Image, size: number): Promise<void> {
-  const w = img.writer
-  if (!w) throw img.writerRefusal ?? new UnsupportedFeatureError(`qcow2: ${img.filename}: image is not open for writing`)
+export async function resizeQcow2(img: Qcow2OpenImage, size: number): Promise<void> {
+  const w = writerOf(img)
+  const state = img.state
   if (!Number.isSafeInteger(size) || size < 0) throw new UsageError(`qcow2: invalid size ${size}`)
   const newSize = alignUp(size, 512)
   try {
@@ -19,17 +19,17 @@ export async function resizeQcow2(img: Qcow2Image, size: number): Promise<void> 
       w.assertUsable()
       // an inconsistent (in use) bitmap cannot be resized: refused as qemu-img resize does
       w.bitmaps?.checkResizable()
-      const h = img.header
+      const h = state.header
       const cs = h.clusterSize
       // v3 snapshots keep their own disk sizes (QEMU 7.2 resizes such images); v2 ones do not
-      if (img.snapshots.length > 0 && h.version < 3) {
-        throw new UnsupportedFeatureError(`qcow2: ${img.filename}: Can't resize a v2 image which has snapshots`)
+      if (state.snapshots.length > 0 && h.version < 3) {
+        throw new UnsupportedFeatureError(`qcow2: ${state.filename}: Can't resize a v2 image which has snapshots`)
       }
       if (newSize < h.size) {
-        for await (const run of img.mapper.map(newSize, h.size - newSize)) {
+        for await (const run of state.map(newSize, h.size - newSize)) {
           if (run.type !== 'unallocated' && run.type !== 'zero') {
             throw new UnsupportedFeatureError(
-              `qcow2: ${img.filename}: cannot shrink to ${newSize} bytes: guest data is allocated at ${hex(run.guest)} (only unallocated or zero space can be cut)`,
+              `qcow2: ${state.filename}: cannot shrink to ${newSize} bytes: guest data is allocated at ${hex(run.guest)} (only unallocated or zero space can be cut)`,
             )
           }
         }
@@ -48,7 +48,7 @@ export async function resizeQcow2(img: Qcow2Image, size: number): Promise<void> 
       try {
         if (need > h.l1Size) {
           const table = new Uint8Array(need * 8)
-          table.set(img.l1)
+          table.set(state.l1)
           l1Offset = await w.allocClusters(Math.ceil((need * 8) / cs))
           allocated = { offset: l1Offset, bytes: need * 8 }
           await w.writeMetadata(l1Offset, table, 'l1')
@@ -81,7 +81,7 @@ export async function resizeQcow2(img: Qcow2Image, size: number): Promise<void> 
         }
       }
       await w.flushNow()
-      if (hasDataFile(h) && dataFileRaw(h) && img.dataDevice !== img.device) await img.dataDevice.truncate(newSize)
+      if (hasDataFile(h) && dataFileRaw(h) && state.dataDevice !== state.device) await state.dataDevice.truncate(newSize)
       await w.rc.persist()
       await w.flushNow()
     })

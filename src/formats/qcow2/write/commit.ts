@@ -13,33 +13,9 @@
 import { ImgtoolError } from '../../../errors.js'
 import { putU64be } from '../../../util/bytes.js'
 import { decodeL1, encodeL1 } from '../spec/entries.js'
-import type { DataWrite } from './plan.js'
-import type { Qcow2Writer } from './write.js'
+import type { DataWrite, Range, TableWork, WriterCore } from './core.js'
 
-export interface Range {
-  offset: number
-  length: number
-}
-
-/** The work on one L2 table within one request. */
-export interface TableWork {
-  l1Index: number
-  /** table the entries are read from (0: none yet) */
-  oldL2: number
-  /** table the entries are written to */
-  l2: number
-  mode: 'inplace' | 'new' | 'cow'
-  table: Uint8Array
-  lo: number
-  hi: number
-  /** clusters allocated for this table's entries (data, compressed bytes): freed if never linked */
-  allocated: Range[]
-  /** references dropped once the link is durable */
-  frees: Range[]
-  linked: boolean
-  /** a link write for this table was issued (it may have reached the disk) */
-  attempted: boolean
-}
+export type { Range, TableWork } from './core.js'
 
 /** The bytes of a queued data write as one buffer (its parts joined once). */
 export function joined(d: DataWrite): Uint8Array {
@@ -54,9 +30,9 @@ export function joined(d: DataWrite): Uint8Array {
 }
 
 /** Get the table for L1 index `i` ready for changes: in place, new, or COW of a shared table. */
-export async function prepareTable(wr: Qcow2Writer, i: number, create: boolean): Promise<TableWork | undefined> {
+export async function prepareTable(wr: WriterCore, i: number, create: boolean): Promise<TableWork | undefined> {
   if (i >= wr.h.l1Size) throw new ImgtoolError('INTERNAL', `qcow2: L1 index ${i} beyond l1_size ${wr.h.l1Size}`)
-  const l1e = decodeL1(new DataView(wr.img.l1.buffer, wr.img.l1.byteOffset, wr.img.l1.byteLength), i * 8)
+  const l1e = wr.state.l1Entry(i)
   const base = { l1Index: i, lo: Infinity, hi: -1, allocated: [] as Range[], frees: [] as Range[], linked: false, attempted: false }
   if (l1e.l2Offset === 0) {
     if (!create) return undefined
@@ -64,7 +40,7 @@ export async function prepareTable(wr: Qcow2Writer, i: number, create: boolean):
     wr.guard.set(l2 / wr.cs, 'l2')
     return { ...base, oldL2: 0, l2, mode: 'new', table: new Uint8Array(wr.cs), allocated: [{ offset: l2, length: wr.cs }] }
   }
-  const old = await wr.img.mapper.loadL2(i, l1e.l2Offset)
+  const old = await wr.state.loadL2(i, l1e.l2Offset)
   if ((await wr.refcount(l1e.l2Offset)) === 1) {
     return { ...base, oldL2: l1e.l2Offset, l2: l1e.l2Offset, mode: 'inplace', table: old.slice() }
   }
@@ -81,8 +57,8 @@ export async function prepareTable(wr: Qcow2Writer, i: number, create: boolean):
   }
 }
 
-export async function commit(wr: Qcow2Writer, works: TableWork[], writes: DataWrite[], needFlush: boolean): Promise<void> {
-  const dev = wr.img.device
+export async function commit(wr: WriterCore, works: TableWork[], writes: DataWrite[], needFlush: boolean): Promise<void> {
+  const dev = wr.state.device
   // A. refcounts (lazy: kept in memory; the dirty bit is durable before anything depends on it)
   // lazy refcounts: any refcount change (allocation or free) may reach the disk out of order
   const changing = works.some((w) => w.allocated.length > 0 || w.frees.length > 0)
@@ -102,7 +78,7 @@ export async function commit(wr: Qcow2Writer, works: TableWork[], writes: DataWr
       w.attempted = true
       await wr.guardedWrite(dev, w.l2 + w.lo * es, w.table.slice(w.lo * es, (w.hi + 1) * es), 'l2', 'l2')
       w.linked = true
-      wr.img.mapper.l2cache.set(w.l2, w.table)
+      wr.state.cacheL2(w.l2, w.table)
     }
   }
   if (works.some((w) => w.mode !== 'inplace')) {
@@ -114,15 +90,15 @@ export async function commit(wr: Qcow2Writer, works: TableWork[], writes: DataWr
       w.attempted = true
       await wr.guardedWrite(dev, wr.h.l1TableOffset + w.l1Index * 8, b, 'l1', 'l1')
       w.linked = true
-      wr.img.l1.set(b, w.l1Index * 8)
-      wr.img.mapper.l2cache.set(w.l2, w.table)
+      wr.state.setL1Entry(w.l1Index, b)
+      wr.state.cacheL2(w.l2, w.table)
     }
   }
   // D. drop replaced references once the new links are durable
   await applyFrees(wr, works)
 }
 
-export async function applyFrees(wr: Qcow2Writer, works: TableWork[]): Promise<void> {
+export async function applyFrees(wr: WriterCore, works: TableWork[]): Promise<void> {
   const frees = works.filter((w) => w.linked).flatMap((w) => w.frees)
   if (frees.length === 0) return
   if (!wr.rc.lazy) await wr.flushDevices()
@@ -131,16 +107,16 @@ export async function applyFrees(wr: Qcow2Writer, works: TableWork[]): Promise<v
   if (!wr.rc.lazy) await wr.rc.persist()
 }
 
-export async function free(wr: Qcow2Writer, f: Range): Promise<void> {
+export async function free(wr: WriterCore, f: Range): Promise<void> {
   await wr.rc.update(f.offset, f.length, -1)
   wr.compressedCursor = 0
-  wr.img.dropCompressedCache()
+  wr.state.dropCompressedCache()
   const first = Math.floor(f.offset / wr.cs)
   const last = Math.floor((f.offset + f.length - 1) / wr.cs)
   for (let c = first; c <= last; c++) {
     if (wr.guard.kindAt(c) === 'l2' && (await wr.rc.get(c)) === 0) {
       wr.guard.set(c, undefined)
-      wr.img.mapper.l2cache.delete(c * wr.cs)
+      wr.state.forgetL2(c * wr.cs)
     }
   }
 }
@@ -150,7 +126,7 @@ export async function free(wr: Qcow2Writer, f: Range): Promise<void> {
  * write that failed, read back what reached the disk and keep anything it
  * references. Linked tables still get their replaced references dropped.
  */
-export async function undo(wr: Qcow2Writer, works: TableWork[]): Promise<void> {
+export async function undo(wr: WriterCore, works: TableWork[]): Promise<void> {
   const toFree: Range[] = []
   for (const w of works) {
     if (w.linked) continue
@@ -181,13 +157,13 @@ export async function undo(wr: Qcow2Writer, works: TableWork[]): Promise<void> {
 }
 
 /** Host clusters of `w.allocated` that the on-disk metadata references right now. */
-export async function referencedOnDisk(wr: Qcow2Writer, w: TableWork): Promise<Set<number>> {
-  const dev = wr.img.device
+export async function referencedOnDisk(wr: WriterCore, w: TableWork): Promise<Set<number>> {
+  const dev = wr.state.device
   const out = new Set<number>()
   if (w.mode === 'inplace') {
     if (w.hi < 0) return out
     const disk = await dev.read(w.l2, wr.cs, 'l2')
-    wr.img.mapper.l2cache.set(w.l2, disk)
+    wr.state.cacheL2(w.l2, disk)
     for (let i = w.lo; i <= w.hi; i++) {
       const e = wr.entry(disk, i)
       if (e.type === 'normal' || e.type === 'zero') out.add(e.hostOffset)
@@ -204,8 +180,8 @@ export async function referencedOnDisk(wr: Qcow2Writer, w: TableWork): Promise<S
   const l1e = decodeL1(new DataView(b.buffer, b.byteOffset, 8), 0)
   if (l1e.l2Offset === w.l2) {
     // the new table is linked after all: it and everything it references stay
-    wr.img.l1.set(b, w.l1Index * 8)
-    wr.img.mapper.l2cache.set(w.l2, w.table)
+    wr.state.setL1Entry(w.l1Index, b)
+    wr.state.cacheL2(w.l2, w.table)
     w.linked = true
     for (const r of w.allocated) for (let c = r.offset; c < r.offset + r.length; c += wr.cs) out.add(c)
   }

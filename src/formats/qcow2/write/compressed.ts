@@ -5,11 +5,11 @@
  */
 import { maxRefcount } from '../spec/refcount-codec.js'
 import { setCompressed } from '../spec/l2-meta.js'
-import type { Qcow2Writer } from './write.js'
+import type { WriterCore } from './core.js'
 import { commit, prepareTable, undo, type Range, type TableWork } from './commit.js'
 import { dataWrite, type DataWrite } from './plan.js'
 
-export async function writeCompressedLocked(wr: Qcow2Writer, items: Array<{ offset: number; data: Uint8Array }>): Promise<void> {
+export async function writeCompressedLocked(wr: WriterCore, items: Array<{ offset: number; data: Uint8Array }>): Promise<void> {
   wr.assertUsable()
   const coverage = wr.l2Entries * wr.cs
   const works: TableWork[] = []
@@ -30,7 +30,7 @@ export async function writeCompressedLocked(wr: Qcow2Writer, items: Array<{ offs
       w.allocated.push(host.range)
       setCompressed(w.table, wr.ew, idx, host.offset, it.data.byteLength)
       wr.touch(w, idx)
-      dataWrite(writes, wr.img.device, host.offset, it.data)
+      dataWrite(writes, wr.state.device, host.offset, it.data)
     }
     await commit(wr, works, writes, true)
   } catch (e) {
@@ -47,7 +47,7 @@ export async function writeCompressedLocked(wr: Qcow2Writer, items: Array<{ offs
  * reference); otherwise, or when the allocation had to add a refcount block,
  * the data starts at the new cluster.
  */
-async function allocBytes(wr: Qcow2Writer, size: number): Promise<{ offset: number; range: Range }> {
+async function allocBytes(wr: WriterCore, size: number): Promise<{ offset: number; range: Range }> {
   const cs = wr.cs
   let cur = wr.compressedCursor
   if (cur !== 0) {

@@ -14,10 +14,10 @@ import { CorruptImageError, ImgtoolError, hex } from '../../../errors.js'
 import type { BlockDevice } from '../../../io/block-device.js'
 import { putU32be, putU64be } from '../../../util/bytes.js'
 import { AUTOCLEAR_KNOWN, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES } from '../spec/constants.js'
-import { decodeL1, decodeL2 } from '../spec/entries.js'
+import { decodeL1, decodeL2, setCopiedFlag } from '../spec/entries.js'
 import { readBitmapDirectory } from '../spec/bitmap-directory.js'
 import { bitmapsValid, hasDataFile, l2EntrySize, type Qcow2Header } from '../spec/header.js'
-import type { Qcow2Image } from '../image.js'
+import type { Qcow2State } from '../read/state.js'
 import { maxRefcount, refcountsPerBlock, setRefcountEntry } from '../spec/refcount-codec.js'
 import { snapshotTableBytes } from '../spec/snapshot-table.js'
 
@@ -58,15 +58,15 @@ export async function clearUnknownAutoclear(dev: BlockDevice, h: Qcow2Header): P
  * refcounts must count), except the refcount structures themselves.
  */
 export async function walkMetadata(
-  img: Qcow2Image,
+  state: Qcow2State,
   visit: (offset: number, length: number, kind: WalkKind) => void,
   options: { data: boolean },
 ): Promise<void> {
-  const h = img.header
-  const dev = img.device
+  const h = state.header
+  const dev = state.device
   const cs = h.clusterSize
   const es = l2EntrySize(h)
-  const ctx = img.mapper.decodeContext
+  const ctx = state.decodeContext
   const dataFile = hasDataFile(h)
   visit(0, cs, 'header')
   const walkL1 = async (l1: Uint8Array, l1Kind: 'l1' | 'snapshot-l1', l1Offset: number, l1Size: number) => {
@@ -77,7 +77,7 @@ export async function walkMetadata(
       if (e.l2Offset === 0) continue
       visit(e.l2Offset, cs, 'l2')
       if (!options.data) continue
-      const t = l1Kind === 'l1' ? await img.mapper.loadL2(i, e.l2Offset) : await dev.read(e.l2Offset, cs, 'l2')
+      const t = l1Kind === 'l1' ? await state.loadL2(i, e.l2Offset) : await dev.read(e.l2Offset, cs, 'l2')
       const tdv = new DataView(t.buffer, t.byteOffset, t.byteLength)
       for (let j = 0; j < cs / es; j++) {
         const le = decodeL2(tdv, j * es, ctx)
@@ -89,11 +89,11 @@ export async function walkMetadata(
       }
     }
   }
-  if (h.l1Size > 0) await walkL1(img.l1, 'l1', h.l1TableOffset, h.l1Size)
+  if (h.l1Size > 0) await walkL1(state.l1, 'l1', h.l1TableOffset, h.l1Size)
   // persistent bitmaps: directory, tables and data clusters (as qemu-img check counts them)
   if (h.bitmaps && bitmapsValid(h) && h.bitmaps.nbBitmaps > 0) {
     visit(h.bitmaps.directoryOffset, h.bitmaps.directorySize, 'bitmap')
-    for (const bm of await readBitmapDirectory(dev, img.filename, h.bitmaps)) {
+    for (const bm of await readBitmapDirectory(dev, state.filename, h.bitmaps)) {
       if (bm.tableSize === 0) continue
       visit(bm.tableOffset, bm.tableSize * 8, 'bitmap')
       if (!options.data) continue
@@ -106,7 +106,7 @@ export async function walkMetadata(
     }
   }
   if (h.nbSnapshots > 0) {
-    const snaps = img.snapshots
+    const snaps = state.snapshots
     visit(h.snapshotsOffset, snapshotTableBytes(snaps, h.snapshotsOffset), 'snapshot')
     for (const s of snaps) {
       if (s.l1Size === 0) continue
@@ -120,19 +120,18 @@ export async function walkMetadata(
  * Make COPIED (bit 63) in the active L1 and L2 tables say "refcount is 1",
  * as qemu-img check -r all does. Writes only the entries that change.
  */
-export async function fixCopiedFlags(img: Qcow2Image, refcountOf: (cluster: number) => number): Promise<number> {
-  const h = img.header
-  const dev = img.device
+export async function fixCopiedFlags(state: Qcow2State, refcountOf: (cluster: number) => number): Promise<number> {
+  const h = state.header
+  const dev = state.device
   const cs = h.clusterSize
   const es = l2EntrySize(h)
-  const ctx = img.mapper.decodeContext
+  const ctx = state.decodeContext
   const dataFile = hasDataFile(h)
-  const l1dv = new DataView(img.l1.buffer, img.l1.byteOffset, img.l1.byteLength)
   let fixed = 0
   for (let i = 0; i < h.l1Size; i++) {
-    const e = decodeL1(l1dv, i * 8)
+    const e = state.l1Entry(i)
     if (e.l2Offset === 0) continue
-    const t = (await img.mapper.loadL2(i, e.l2Offset)).slice()
+    const t = (await state.loadL2(i, e.l2Offset)).slice()
     const tdv = new DataView(t.buffer, t.byteOffset, t.byteLength)
     let changed = false
     for (let j = 0; j < cs / es; j++) {
@@ -140,21 +139,21 @@ export async function fixCopiedFlags(img: Qcow2Image, refcountOf: (cluster: numb
       if (!((le.type === 'normal' || le.type === 'zero') && (le.hostOffset !== 0 || (dataFile && le.type === 'normal')))) continue
       const want = dataFile || refcountOf(Math.floor(le.hostOffset / cs)) === 1
       if (want !== le.copied) {
-        const hi = tdv.getUint32(j * es, false)
-        tdv.setUint32(j * es, want ? (hi | 0x80000000) >>> 0 : (hi & 0x7fffffff) >>> 0, false)
+        setCopiedFlag(tdv, j * es, want)
         changed = true
         fixed++
       }
     }
     if (changed) {
       await dev.write(e.l2Offset, t, 'l2')
-      img.mapper.l2cache.set(e.l2Offset, t)
+      state.cacheL2(e.l2Offset, t)
     }
     const want = refcountOf(Math.floor(e.l2Offset / cs)) === 1
     if (want !== e.copied) {
-      const hi = l1dv.getUint32(i * 8, false)
-      l1dv.setUint32(i * 8, want ? (hi | 0x80000000) >>> 0 : (hi & 0x7fffffff) >>> 0, false)
-      await dev.write(h.l1TableOffset + i * 8, img.l1.slice(i * 8, i * 8 + 8), 'l1')
+      const entry = state.l1.slice(i * 8, i * 8 + 8)
+      setCopiedFlag(new DataView(entry.buffer), 0, want)
+      state.setL1Entry(i, entry)
+      await dev.write(h.l1TableOffset + i * 8, entry, 'l1')
       fixed++
     }
   }
@@ -162,15 +161,15 @@ export async function fixCopiedFlags(img: Qcow2Image, refcountOf: (cluster: numb
 }
 
 /** Recompute every refcount from the metadata and install fresh refcount structures. */
-export async function rebuildRefcounts(img: Qcow2Image): Promise<{ clusters: number }> {
-  const h = img.header
-  const dev = img.device
+export async function rebuildRefcounts(state: Qcow2State): Promise<{ clusters: number }> {
+  const h = state.header
+  const dev = state.device
   const cs = h.clusterSize
   const pb = refcountsPerBlock(cs, h.refcountOrder)
   const counts = new Map<number, number>()
   let maxUsed = 0
   await walkMetadata(
-    img,
+    state,
     (offset, length) => {
       if (length <= 0) return
       const first = Math.floor(offset / cs)
@@ -198,7 +197,7 @@ export async function rebuildRefcounts(img: Qcow2Image): Promise<{ clusters: num
     blockTis = sorted
   }
   if (tableClusters * cs > MAX_REFTABLE_BYTES) {
-    throw new ImgtoolError('NO_SPACE', `qcow2: ${img.filename}: rebuilt refcount table would exceed 8 MiB`)
+    throw new ImgtoolError('NO_SPACE', `qcow2: ${state.filename}: rebuilt refcount table would exceed 8 MiB`)
   }
   const tableOffset = top * cs
   const table = new Uint8Array(tableClusters * cs)
@@ -212,7 +211,7 @@ export async function rebuildRefcounts(img: Qcow2Image): Promise<{ clusters: num
   const max = maxRefcount(h.refcountOrder)
   for (const [c, n] of counts) {
     if (n > max) {
-      throw new CorruptImageError(`qcow2: ${img.filename}: cluster ${hex(c * cs)} has ${n} references, more than refcount_bits allows`)
+      throw new CorruptImageError(`qcow2: ${state.filename}: cluster ${hex(c * cs)} has ${n} references, more than refcount_bits allows`)
     }
     setRefcountEntry(blocks.get(Math.floor(c / pb))!, c % pb, h.refcountOrder, n)
   }
@@ -222,7 +221,7 @@ export async function rebuildRefcounts(img: Qcow2Image): Promise<{ clusters: num
     i++
   }
   await dev.write(tableOffset, table, 'reftable')
-  await fixCopiedFlags(img, (c) => counts.get(c) ?? 0)
+  await fixCopiedFlags(state, (c) => counts.get(c) ?? 0)
   await dev.flush()
   const hdr = new Uint8Array(12)
   putU64be(hdr, 0, tableOffset)
@@ -233,6 +232,6 @@ export async function rebuildRefcounts(img: Qcow2Image): Promise<{ clusters: num
   h.refcountTableClusters = tableClusters
   await markDirtyBit(dev, h, false)
   await dev.flush()
-  img.refcounts.invalidate()
+  state.refcounts.invalidate()
   return { clusters: counts.size }
 }

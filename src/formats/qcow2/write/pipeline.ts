@@ -30,12 +30,11 @@
  * the pipeline to empty and then takes the ordinary path (write-plan.ts).
  */
 import { ImgtoolError, hex } from '../../../errors.js'
-import { decodeL1 } from '../spec/entries.js'
 import { hasDataFile } from '../spec/header.js'
 import { ALL_SUBCLUSTERS, getBitmap, setBitmap, setStandard, subclusterMask } from '../spec/l2-meta.js'
 import { commit, joined, prepareTable, undo, type TableWork } from './commit.js'
 import { dataWrite, writeLocked, type DataWrite } from './plan.js'
-import type { Qcow2Writer } from './write.js'
+import type { WriterCore } from './core.js'
 
 /** planned requests whose data writes may be in flight at once */
 const MAX_PLANNED = 3
@@ -70,7 +69,7 @@ export class WritePipeline {
   /** the data writes of the last planned request (settled, never rejected) */
   private lastData: Promise<unknown> = Promise.resolve()
 
-  constructor(private readonly wr: Qcow2Writer) {}
+  constructor(private readonly wr: WriterCore) {}
 
   submit(offset: number, data: Uint8Array): Promise<void> {
     return new Promise<void>((resolve, reject) => {
@@ -181,7 +180,7 @@ export class WritePipeline {
     const why = cause instanceof Error ? `: ${cause.message}` : ''
     return new ImgtoolError(
       'IO',
-      `qcow2: ${this.wr.img.filename}: write of ${job.data.byteLength} bytes at guest offset ${hex(job.offset)} abandoned: an earlier write in flight failed${why}`,
+      `qcow2: ${this.wr.state.filename}: write of ${job.data.byteLength} bytes at guest offset ${hex(job.offset)} abandoned: an earlier write in flight failed${why}`,
     )
   }
 
@@ -205,12 +204,12 @@ export class WritePipeline {
         table = sh.table
         l2 = sh.l2
       } else {
-        const l1e = decodeL1(new DataView(wr.img.l1.buffer, wr.img.l1.byteOffset, wr.img.l1.byteLength), l1Index * 8)
+        const l1e = wr.state.l1Entry(l1Index)
         l2 = l1e.l2Offset
         if (l2 === 0) table = new Uint8Array(0)
         else {
           if ((await wr.refcount(l2)) !== 1) return undefined // shared table: copy-on-write path
-          table = await wr.img.mapper.loadL2(l1Index, l2)
+          table = await wr.state.loadL2(l1Index, l2)
         }
       }
       for (let p = pos; p < to;) {
@@ -266,7 +265,7 @@ export class WritePipeline {
           if (w.mode === 'cow')
             throw new ImgtoolError(
               'INTERNAL',
-              `qcow2: ${wr.img.filename}: L2 table of L1 index ${t.l1Index} (at ${hex(t.l2)}) became shared while a write was planned`,
+              `qcow2: ${wr.state.filename}: L2 table of L1 index ${t.l1Index} (at ${hex(t.l2)}) became shared while a write was planned`,
             )
         }
         works.push(w)
@@ -277,7 +276,7 @@ export class WritePipeline {
           const cEnd = Math.min(t.to, guest + cs)
           const idx = (guest / cs) % wr.l2Entries
           const e = wr.entry(w.table, idx)
-          if (e.type === 'normal') dataWrite(writes, wr.img.dataDevice, e.hostOffset + (p - guest), job.data.subarray(p - job.offset, cEnd - job.offset))
+          if (e.type === 'normal') dataWrite(writes, wr.state.dataDevice, e.hostOffset + (p - guest), job.data.subarray(p - job.offset, cEnd - job.offset))
           else fill.push({ idx, guest })
           p = cEnd
         }
@@ -287,7 +286,7 @@ export class WritePipeline {
           for (let k = 0; k < fill.length; k++) {
             const { idx, guest } = fill[k]!
             const host = first + k * cs
-            dataWrite(writes, wr.img.device, host, job.data.subarray(guest - job.offset, guest - job.offset + cs))
+            dataWrite(writes, wr.state.device, host, job.data.subarray(guest - job.offset, guest - job.offset + cs))
             setStandard(w.table, wr.ew, idx, { hostOffset: host, copied: true })
             if (wr.ew.extended) setBitmap(w.table, idx, { alloc: ALL_SUBCLUSTERS, zero: 0 })
             wr.touch(w, idx)

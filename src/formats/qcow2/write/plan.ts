@@ -9,17 +9,12 @@ import type { BlockDevice } from '../../../io/block-device.js'
 import type { L2Entry } from '../spec/entries.js'
 import { hasDataFile } from '../spec/header.js'
 import { ALL_SUBCLUSTERS, getBitmap, setBitmap, setStandard, subclusterMask } from '../spec/l2-meta.js'
-import { commit, prepareTable, undo, type TableWork } from './commit.js'
-import type { Qcow2Writer } from './write.js'
+import { commit, prepareTable, undo } from './commit.js'
+import type { DataWrite, TableWork, WriterCore } from './core.js'
 
-export interface DataWrite {
-  device: BlockDevice
-  offset: number
-  parts: Uint8Array[]
-  length: number
-}
+export type { DataWrite } from './core.js'
 
-export async function writeLocked(wr: Qcow2Writer, offset: number, data: Uint8Array): Promise<void> {
+export async function writeLocked(wr: WriterCore, offset: number, data: Uint8Array): Promise<void> {
   wr.assertUsable()
   if (data.byteLength === 0) return
   const works: TableWork[] = []
@@ -60,15 +55,15 @@ export async function writeLocked(wr: Qcow2Writer, offset: number, data: Uint8Ar
         needFlush = true
         if (hasDataFile(wr.h)) {
           for (const pl of alloc)
-            await fillNewCluster(wr, w, pl.idx, pl.guest, pl.guest, pl.e, pl.from, data.subarray(pl.from - offset, pl.to - offset), writes, wr.img.dataDevice)
+            await fillNewCluster(wr, w, pl.idx, pl.guest, pl.guest, pl.e, pl.from, data.subarray(pl.from - offset, pl.to - offset), writes, wr.state.dataDevice)
         } else {
           const first = await wr.alloc(alloc.length, w)
           for (let k = 0; k < alloc.length; k++) {
             const pl = alloc[k]!
             const piece = data.subarray(pl.from - offset, pl.to - offset)
             if (!wr.ew.extended && pl.from === pl.guest && piece.byteLength === wr.cs)
-              fillWholeCluster(wr, w, pl.idx, first + k * wr.cs, pl.e, piece, writes, wr.img.device)
-            else await fillNewCluster(wr, w, pl.idx, pl.guest, first + k * wr.cs, pl.e, pl.from, piece, writes, wr.img.device)
+              fillWholeCluster(wr, w, pl.idx, first + k * wr.cs, pl.e, piece, writes, wr.state.device)
+            else await fillNewCluster(wr, w, pl.idx, pl.guest, first + k * wr.cs, pl.e, pl.from, piece, writes, wr.state.device)
           }
         }
       }
@@ -86,7 +81,7 @@ export async function writeLocked(wr: Qcow2Writer, offset: number, data: Uint8Ar
  * entry changes: subclusters or a preallocated zero cluster), or 'alloc'.
  */
 export async function planClusterWrite(
-  wr: Qcow2Writer,
+  wr: WriterCore,
   w: TableWork,
   idx: number,
   guest: number,
@@ -95,7 +90,7 @@ export async function planClusterWrite(
   writes: DataWrite[],
 ): Promise<'inplace' | 'meta' | 'alloc'> {
   const e = wr.entry(w.table, idx)
-  const dataDev = wr.img.dataDevice
+  const dataDev = wr.state.dataDevice
   const owned = (e.type === 'normal' || (e.type === 'zero' && e.hostOffset !== 0)) && (hasDataFile(wr.h) || (await wr.refcount(e.hostOffset)) === 1)
   if (!owned) return 'alloc'
   const host = (e as { hostOffset: number }).hostOffset
@@ -130,7 +125,7 @@ export async function planClusterWrite(
 }
 
 /** Bytes of [cluster+a, cluster+b): old guest content overlaid with `piece` (at guest `from`). */
-export async function subclusterBuffer(wr: Qcow2Writer, guest: number, a: number, b: number, from: number, piece: Uint8Array): Promise<Uint8Array> {
+export async function subclusterBuffer(wr: WriterCore, guest: number, a: number, b: number, from: number, piece: Uint8Array): Promise<Uint8Array> {
   const total = b - a
   const covered = from === guest + a && piece.byteLength >= total
   const buf = covered ? new Uint8Array(total) : await wr.oldGuest(guest + a, total)
@@ -140,7 +135,7 @@ export async function subclusterBuffer(wr: Qcow2Writer, guest: number, a: number
 
 /** Content for a newly allocated (or external) host cluster and its new entry. */
 export async function fillNewCluster(
-  wr: Qcow2Writer,
+  wr: WriterCore,
   w: TableWork,
   idx: number,
   guest: number,
@@ -167,7 +162,7 @@ export async function fillNewCluster(
   const mask = subclusterMask(s0, s1)
   if (e.type === 'normal') {
     // a shared cluster: copy its allocated subclusters, then the new ones
-    const old = await wr.img.dataDevice.read(e.hostOffset, wr.cs, 'data')
+    const old = await wr.state.dataDevice.read(e.hostOffset, wr.cs, 'data')
     const mid = await subclusterBuffer(wr, guest, s0 * wr.sc, (s1 + 1) * wr.sc, from, piece)
     old.set(mid, s0 * wr.sc)
     dataWrite(writes, dev, host, old)
@@ -182,7 +177,7 @@ export async function fillNewCluster(
 }
 
 /** A new host cluster holding `buf` (the whole cluster) for entry `idx`, replacing entry `e`. */
-function fillWholeCluster(wr: Qcow2Writer, w: TableWork, idx: number, host: number, e: L2Entry, buf: Uint8Array, writes: DataWrite[], dev: BlockDevice): void {
+function fillWholeCluster(wr: WriterCore, w: TableWork, idx: number, host: number, e: L2Entry, buf: Uint8Array, writes: DataWrite[], dev: BlockDevice): void {
   const dropped = wr.dropRef(e)
   if (dropped) w.frees.push(dropped)
   dataWrite(writes, dev, host, buf)

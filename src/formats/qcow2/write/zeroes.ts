@@ -7,11 +7,11 @@
 import { dataFileRaw, hasDataFile } from '../spec/header.js'
 import { isAllZero } from '../../../util/bytes.js'
 import { ALL_SUBCLUSTERS, getBitmap, setBitmap, setStandard, subclusterMask } from '../spec/l2-meta.js'
-import type { Qcow2Writer } from './write.js'
+import type { WriterCore } from './core.js'
 import { commit, prepareTable, undo, type Range, type TableWork } from './commit.js'
 import { writeLocked } from './plan.js'
 
-export async function writeZeroesLocked(wr: Qcow2Writer, offset: number, length: number, discard: boolean): Promise<void> {
+export async function writeZeroesLocked(wr: WriterCore, offset: number, length: number, discard: boolean): Promise<void> {
   wr.assertUsable()
   if (length === 0) return
   const g = wr.sc
@@ -26,7 +26,7 @@ export async function writeZeroesLocked(wr: Qcow2Writer, offset: number, length:
     if (b < end) partial.push({ offset: b, length: end - b })
   }
   const raw = hasDataFile(wr.h) && dataFileRaw(wr.h)
-  const v2WithBacking = wr.h.version < 3 && wr.img.backing !== undefined
+  const v2WithBacking = wr.h.version < 3 && wr.state.backing !== undefined
   const fallback = raw || v2WithBacking
   for (const p of partial) {
     const cur = await wr.oldGuest(p.offset, p.length)
@@ -47,10 +47,10 @@ export async function writeZeroesLocked(wr: Qcow2Writer, offset: number, length:
 }
 
 /** Zero whole granules (clusters, or subclusters with extended L2) through entries. */
-async function zeroAligned(wr: Qcow2Writer, offset: number, length: number, discard: boolean): Promise<void> {
+async function zeroAligned(wr: WriterCore, offset: number, length: number, discard: boolean): Promise<void> {
   const works: TableWork[] = []
   const coverage = wr.l2Entries * wr.cs
-  const backing = wr.img.backing !== undefined
+  const backing = wr.state.backing !== undefined
   const compressedPartial: Range[] = []
   let needFlush = false
   try {
@@ -85,9 +85,9 @@ async function zeroAligned(wr: Qcow2Writer, offset: number, length: number, disc
 }
 
 /** Zero [a, b) of one cluster in table copy `w`; returns a range to write as data instead. */
-async function zeroCluster(wr: Qcow2Writer, w: TableWork, idx: number, guest: number, a: number, b: number, discard: boolean): Promise<Range | undefined> {
+async function zeroCluster(wr: WriterCore, w: TableWork, idx: number, guest: number, a: number, b: number, discard: boolean): Promise<Range | undefined> {
   const e = wr.entry(w.table, idx)
-  const backing = wr.img.backing !== undefined
+  const backing = wr.state.backing !== undefined
   const dataFile = hasDataFile(wr.h)
   const wholeCluster = a === 0 && (b === wr.cs || guest + b >= wr.h.size)
   const owned =
