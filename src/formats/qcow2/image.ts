@@ -2,21 +2,20 @@
  * A qcow2 image: open (header, L1, backing chain, data file, snapshot table,
  * bitmap directory), guest reads, extents with qemu-img map's meaning, info.
  */
-import { CorruptImageError, UnsupportedFeatureError, hex, isImgtoolError } from '../../errors.js'
+import { UnsupportedFeatureError } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
 import { l2CacheBudget, type OpenContext, type OpenImageOptions } from '../../image/context.js'
 import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
 import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../../check/types.js'
-import { isFormatName } from '../../image/probe.js'
 import { checkGuestRange } from '../../image/range.js'
 import { bitmapFlagNames, readBitmapDirectory, type Qcow2Bitmap } from './spec/bitmap-directory.js'
 import type { ClusterMapper, MappingRun } from './read/cluster.js'
+import { openBacking, openDataFile, readActiveL1 } from './read/open.js'
 import { Qcow2State } from './read/state.js'
-import { COMPRESSION_ZSTD, CRYPT_AES, EXT_DATA_FILE } from './spec/constants.js'
+import { COMPRESSION_ZSTD, CRYPT_AES } from './spec/constants.js'
 import { readLuksInfo } from './spec/luks.js'
 import { bitmapsValid, dataFileRaw, hasDataFile, hasExtendedL2, hasLazyRefcounts, isCorrupt, isDirty, readHeader, type Qcow2Header } from './spec/header.js'
-import { combinePath, protocolPrefix } from './spec/paths.js'
-import { escapeControls } from '../../util/text.js'
+import { combinePath } from './spec/paths.js'
 import type { RefcountReader } from './read/refcount.js'
 import { readSnapshotTable, snapshotInfo, type Qcow2Snapshot } from './spec/snapshot-table.js'
 import type { Qcow2Writer, WriteZeroesOptions } from './write/write.js'
@@ -359,61 +358,20 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
   const file = device.name
   const forCheck = options.forCheck ?? false
   const h = await readHeader(device, { file, readOnly: device.readOnly, forCheck })
-  const eofLimit = Math.ceil(device.size / h.clusterSize) * h.clusterSize
-  const l1Bytes = h.l1Size * 8
-  // Tables past the end of the file read as zeros, as QEMU reads them (qemu-img
-  // info and convert open such images); imgtool only refuses to write to them.
   const writing = !device.readOnly && !forCheck
-  if (writing && l1Bytes > 0 && h.l1TableOffset + l1Bytes > eofLimit) {
-    throw new CorruptImageError(
-      `qcow2: ${file}: L1 table of ${h.l1Size} entries extends beyond the end of the file (size ${hex(device.size)}); not opened for writing (L1 table at ${hex(h.l1TableOffset)})`,
-      { file, structure: 'l1', offset: h.l1TableOffset },
-    )
-  }
-  if (writing && h.refcountTableOffset + h.refcountTableClusters * h.clusterSize > eofLimit) {
-    throw new CorruptImageError(
-      `qcow2: ${file}: refcount table of ${h.refcountTableClusters} clusters extends beyond the end of the file (size ${hex(device.size)}); not opened for writing (refcount table at ${hex(h.refcountTableOffset)})`,
-      { file, structure: 'reftable', offset: h.refcountTableOffset },
-    )
-  }
-  // read what the file holds; the rest of the table reads as zeros (no read past the end)
-  const l1InFile = Math.max(0, Math.min(l1Bytes, device.size - h.l1TableOffset))
-  let l1 = l1InFile > 0 ? await device.read(h.l1TableOffset, l1InFile, 'l1') : new Uint8Array(0)
-  if (l1InFile < l1Bytes) {
-    const full = new Uint8Array(l1Bytes)
-    full.set(l1)
-    l1 = full
-  }
+  const l1 = await readActiveL1(device, h, writing)
 
   const opened: Array<{ close(): Promise<void> }> = []
   try {
     let dataDevice = device
     const infoOnly = options.infoOnly ?? false
     if (hasDataFile(h) && !infoOnly) {
-      const ext = h.extensions.find((x) => x.magic === EXT_DATA_FILE)
-      const fieldOffset = (ext?.offset ?? 0) + 8
-      const path = relatedPath(file, 'data file', h.dataFile!, h.dataFileError, fieldOffset)
-      try {
-        dataDevice = await context.openDevice(path, { readOnly: device.readOnly })
-      } catch (e) {
-        throw relatedFileError(e, file, 'data file', h.dataFile!, path, fieldOffset)
-      }
+      dataDevice = await openDataFile(device, h, context)
       opened.push(dataDevice)
     }
     let backing: DiskImage | undefined
     if (h.backingFile !== undefined && !infoOnly) {
-      const path = relatedPath(file, 'backing file', h.backingFile, h.backingFileError, h.backingFileOffset)
-      const fmt = h.backingFormat
-      try {
-        backing = await context.openImage(path, {
-          format: fmt !== undefined && isFormatName(fmt) ? fmt : undefined,
-          readOnly: true,
-          depth: (options.depth ?? 0) + 1,
-          chain: options.chain ?? [],
-        })
-      } catch (e) {
-        throw relatedFileError(e, file, 'backing file', h.backingFile, path, h.backingFileOffset)
-      }
+      backing = await openBacking(file, h, context, options)
       opened.push(backing)
     }
     const snapshots = forCheck || h.nbSnapshots === 0 ? [] : await readSnapshotTable(device, file, h.snapshotsOffset, h.nbSnapshots)
@@ -436,43 +394,4 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
     for (const o of opened.reverse()) await o.close().catch(() => undefined)
     throw e
   }
-}
-
-/**
- * The path a backing or data file name opens: relative names are taken
- * relative to the image's directory. Names QEMU would hand to a protocol
- * driver (`json:`, `file:`, `nbd:`, the `x` of `x:y`) and names that are not
- * UTF-8 are refused, never opened relative to the current directory.
- */
-function relatedPath(file: string, what: string, name: string, nameError: string | undefined, fieldOffset: number): string {
-  const refuse = (why: string): never => {
-    throw new UnsupportedFeatureError(`qcow2: ${file}: ${why} (${what} name at ${hex(fieldOffset)})`, {
-      file,
-      structure: `${what} name`,
-      offset: fieldOffset,
-    })
-  }
-  if (nameError !== undefined) refuse(nameError)
-  const protocol = protocolPrefix(name)
-  if (protocol !== undefined) {
-    refuse(`${what} ${escapeControls(name)} names the protocol '${escapeControls(protocol)}:'; imgtool opens only plain file names`)
-  }
-  return combinePath(file, name)
-}
-
-/**
- * A backing or data file that cannot be opened (missing, or a backing chain
- * that loops or is too deep) is a fact about this image: name it and the
- * header field that points at the other file. Errors from inside a backing
- * image that did open already name that image, and pass through.
- */
-function relatedFileError(e: unknown, file: string, what: string, name: string, path: string, fieldOffset: number): unknown {
-  if (!isImgtoolError(e) || !(e.code === 'NOT_FOUND' || e.details.structure === 'backing chain')) return e
-  const prefix = `${path}: `
-  const why = e.message.startsWith(prefix) ? e.message.slice(prefix.length) : e.message
-  return new CorruptImageError(`qcow2: ${file}: ${what} ${escapeControls(name)}: ${why} (${what} name at ${hex(fieldOffset)})`, {
-    file,
-    structure: `${what} name`,
-    offset: fieldOffset,
-  })
 }

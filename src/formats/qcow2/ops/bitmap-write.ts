@@ -249,12 +249,12 @@ export class PersistentBitmaps implements PersistentBitmapHook {
    */
   private async switchDirectory(w: Qcow2Writer, entries: Qcow2Bitmap[], allocated: Range[], old: Range[] = []): Promise<void> {
     // ordered refcount writes even with lazy_refcounts: a dirty image with bitmaps cannot be rebuilt on open
-    const lazy = w.rc.lazy
-    w.rc.lazy = false
+    const lazy = w.refcounts.lazy
+    w.refcounts.lazy = false
     try {
       await this.switchDirectoryOrdered(w, entries, allocated, old)
     } finally {
-      w.rc.lazy = lazy
+      w.refcounts.lazy = lazy
     }
   }
 
@@ -274,7 +274,7 @@ export class PersistentBitmaps implements PersistentBitmapHook {
       mine.push({ offset: dirOffset, length: dir.byteLength })
       await dev.write(dirOffset, dir, 'bitmap')
       w.guard.setRange(dirOffset, dir.byteLength, 'bitmap-directory')
-      await w.rc.persist()
+      await w.refcounts.persist()
       await w.flushDevices()
     } catch (e) {
       await this.undo(w, mine)
@@ -291,9 +291,9 @@ export class PersistentBitmaps implements PersistentBitmapHook {
     // the old structures are unreachable now that the switch is durable
     for (const r of [oldDir, ...old]) {
       w.guard.setRange(r.offset, r.length, undefined)
-      await w.rc.update(r.offset, r.length, -1)
+      await w.refcounts.update(r.offset, r.length, -1)
     }
-    await w.rc.persist()
+    await w.refcounts.persist()
     await w.flushDevices()
     entries.forEach((e, i) => {
       e.entryOffset = dirOffset + entryStart(entries, i)
@@ -310,9 +310,9 @@ export class PersistentBitmaps implements PersistentBitmapHook {
     try {
       for (const r of ranges) {
         w.guard.setRange(r.offset, r.length, undefined)
-        await w.rc.update(r.offset, r.length, -1)
+        await w.refcounts.update(r.offset, r.length, -1)
       }
-      await w.rc.persist()
+      await w.refcounts.persist()
     } catch {
       // unreferenced either way: a leak at worst
     }

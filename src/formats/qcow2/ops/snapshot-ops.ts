@@ -48,7 +48,7 @@ async function checkOverflow(state: Qcow2State, w: Qcow2Writer, l1: Uint8Array, 
     }
   }
   for (const [c, n] of add) {
-    if ((await w.rc.get(c)) + n > max) {
+    if ((await w.refcounts.get(c)) + n > max) {
       throw new UnsupportedFeatureError(
         `qcow2: ${state.filename}: refcount of cluster 0x${(c * cs).toString(16)} would exceed ${max} (refcount_bits ${2 ** h.refcountOrder}); nothing was changed`,
       )

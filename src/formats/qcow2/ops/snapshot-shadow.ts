@@ -123,10 +123,10 @@ export async function commitShadow(state: Qcow2State, w: Qcow2Writer, next: Shad
   // everything on disk now (refcounts, deferred frees), so the old structures are exact while the new ones are built;
   // no dirty bit: a crash leaves the old image or the new one, both exact
   w.assertUsable()
-  await w.rc.persist()
+  await w.refcounts.persist()
   await w.flushNow()
-  if (w.rc.dirty) {
-    await w.rc.persist()
+  if (w.refcounts.dirty) {
+    await w.refcounts.persist()
     await w.flushNow()
   }
 
@@ -139,7 +139,7 @@ export async function commitShadow(state: Qcow2State, w: Qcow2Writer, next: Shad
 
   // the old image: header, refcount structures, L1 tables, snapshot table
   const oldMeta: number[] = [0]
-  for (const [c] of await w.rc.metadataClusters()) oldMeta.push(c)
+  for (const [c] of await w.refcounts.metadataClusters()) oldMeta.push(c)
   oldMeta.push(...clusters(h.l1TableOffset, h.l1Size * 8))
   if (h.nbSnapshots > 0) oldMeta.push(...clusters(h.snapshotsOffset, snapshotTableBytes(state.snapshots, h.snapshotsOffset)))
   const oldL1s: Array<[Uint8Array, number]> = [[state.l1, h.l1Size]]

@@ -52,11 +52,11 @@ export interface WriterCore {
   readonly state: Qcow2State
   readonly mutex: Mutex
   readonly guard: OverlapGuard
-  readonly h: Qcow2Header
-  readonly cs: number
-  readonly ew: EntryWriter
-  readonly sc: number
-  readonly rc: RefcountWriter
+  readonly header: Qcow2Header
+  readonly clusterSize: number
+  readonly entryWriter: EntryWriter
+  readonly subclusterSize: number
+  readonly refcounts: RefcountWriter
   /** byte cursor for packing compressed clusters (compressed.ts) */
   compressedCursor: number
   readonly l2Entries: number

@@ -62,6 +62,17 @@ interface Session {
   ticket: number
 }
 
+/** One L2 table a pipelined request touches: guest [from, to) of L1 index `l1Index`. */
+interface ShapeTable {
+  l1Index: number
+  from: number
+  to: number
+  table: Uint8Array
+  /** the request's own table copy still in flight, when there is one */
+  shadow: TableWork | undefined
+  l2: number
+}
+
 export class WritePipeline {
   private current: Session | undefined
   /** table copies of planned, uncommitted requests, by L1 index: what the next plan starts from */
@@ -184,16 +195,17 @@ export class WritePipeline {
     )
   }
 
-  /** Plan a request of the pipelined shape and issue its data write; undefined for any other shape. */
-  private async plan(job: Job): Promise<Planned | undefined> {
+  /**
+   * The tables a request touches, when it has the pipelined shape: every
+   * cluster either filled whole (unallocated, or zero without a host cluster)
+   * or owned (refcount 1) and written in place; undefined for any other shape.
+   */
+  private async pipelinedShape(job: Job): Promise<ShapeTable[] | undefined> {
     const wr = this.wr
-    if (job.data.byteLength === 0) return { job, works: [], needFlush: false, dataDone: Promise.resolve(undefined) }
-    if (hasDataFile(wr.h)) return undefined
-    const cs = wr.cs
-    const coverage = wr.l2Entries * cs
+    const clusterSize = wr.clusterSize
+    const coverage = wr.l2Entries * clusterSize
     const end = job.offset + job.data.byteLength
-    // shape check first, without allocating: whole clusters to fill, or owned clusters kept as they are
-    const tables: Array<{ l1Index: number; from: number; to: number; table: Uint8Array; shadow: TableWork | undefined; l2: number }> = []
+    const tables: ShapeTable[] = []
     for (let pos = job.offset; pos < end;) {
       const l1Index = Math.floor(pos / coverage)
       const to = Math.min(end, (l1Index + 1) * coverage)
@@ -213,21 +225,21 @@ export class WritePipeline {
         }
       }
       for (let p = pos; p < to;) {
-        const guest = Math.floor(p / cs) * cs
-        const cEnd = Math.min(to, guest + cs)
-        const whole = p === guest && cEnd === guest + cs
+        const guest = Math.floor(p / clusterSize) * clusterSize
+        const cEnd = Math.min(to, guest + clusterSize)
+        const whole = p === guest && cEnd === guest + clusterSize
         if (table.byteLength === 0) {
           if (!whole) return undefined
         } else {
-          const e = wr.entry(table, (guest / cs) % wr.l2Entries)
+          const e = wr.entry(table, (guest / clusterSize) % wr.l2Entries)
           const fresh = e.type === 'unallocated' || (e.type === 'zero' && e.hostOffset === 0)
           if (fresh) {
             if (!whole) return undefined
           } else if (e.type === 'normal') {
             if ((await wr.refcount(e.hostOffset)) !== 1) return undefined
-            if (wr.ew.extended) {
-              const bm = getBitmap(table, (guest / cs) % wr.l2Entries)
-              const mask = subclusterMask(Math.floor((p - guest) / wr.sc), Math.floor((cEnd - guest - 1) / wr.sc))
+            if (wr.entryWriter.extended) {
+              const bm = getBitmap(table, (guest / clusterSize) % wr.l2Entries)
+              const mask = subclusterMask(Math.floor((p - guest) / wr.subclusterSize), Math.floor((cEnd - guest - 1) / wr.subclusterSize))
               if ((bm.alloc & mask) !== mask) return undefined
             }
           } else {
@@ -239,6 +251,18 @@ export class WritePipeline {
       tables.push({ l1Index, from: pos, to, table, shadow: sh, l2 })
       pos = to
     }
+    return tables
+  }
+
+  /** Plan a request of the pipelined shape and issue its data write; undefined for any other shape. */
+  private async plan(job: Job): Promise<Planned | undefined> {
+    const wr = this.wr
+    if (job.data.byteLength === 0) return { job, works: [], needFlush: false, dataDone: Promise.resolve(undefined) }
+    if (hasDataFile(wr.header)) return undefined
+    // shape check first, without allocating: whole clusters to fill, or owned clusters kept as they are
+    const tables = await this.pipelinedShape(job)
+    if (!tables) return undefined
+    const clusterSize = wr.clusterSize
     // the shape fits: allocate, fill the table copies, issue the data writes
     const works: TableWork[] = []
     const writes: DataWrite[] = []
@@ -272,9 +296,9 @@ export class WritePipeline {
         if (w.mode !== 'inplace') needFlush = true
         const fill: Array<{ idx: number; guest: number }> = []
         for (let p = t.from; p < t.to;) {
-          const guest = Math.floor(p / cs) * cs
-          const cEnd = Math.min(t.to, guest + cs)
-          const idx = (guest / cs) % wr.l2Entries
+          const guest = Math.floor(p / clusterSize) * clusterSize
+          const cEnd = Math.min(t.to, guest + clusterSize)
+          const idx = (guest / clusterSize) % wr.l2Entries
           const e = wr.entry(w.table, idx)
           if (e.type === 'normal') dataWrite(writes, wr.state.dataDevice, e.hostOffset + (p - guest), job.data.subarray(p - job.offset, cEnd - job.offset))
           else fill.push({ idx, guest })
@@ -285,10 +309,10 @@ export class WritePipeline {
           const first = await wr.alloc(fill.length, w)
           for (let k = 0; k < fill.length; k++) {
             const { idx, guest } = fill[k]!
-            const host = first + k * cs
-            dataWrite(writes, wr.state.device, host, job.data.subarray(guest - job.offset, guest - job.offset + cs))
-            setStandard(w.table, wr.ew, idx, { hostOffset: host, copied: true })
-            if (wr.ew.extended) setBitmap(w.table, idx, { alloc: ALL_SUBCLUSTERS, zero: 0 })
+            const host = first + k * clusterSize
+            dataWrite(writes, wr.state.device, host, job.data.subarray(guest - job.offset, guest - job.offset + clusterSize))
+            setStandard(w.table, wr.entryWriter, idx, { hostOffset: host, copied: true })
+            if (wr.entryWriter.extended) setBitmap(w.table, idx, { alloc: ALL_SUBCLUSTERS, zero: 0 })
             wr.touch(w, idx)
           }
         }
@@ -298,9 +322,18 @@ export class WritePipeline {
       throw e
     }
     for (const w of works) this.shadow.set(w.l1Index, w)
-    // data writes go out one request after the other: a request may overwrite in place a cluster
-    // that an earlier one in flight is still writing, and two writes to one place may land in
-    // either order. Planning and commits still overlap them; the device gets the next write at once.
+    const dataDone = this.queueDataWrites(writes)
+    return { job, works, needFlush, dataDone }
+  }
+
+  /**
+   * Queue a request's data writes behind the earlier requests' ones. Data
+   * writes go out one request after the other: a request may overwrite in place a cluster
+   * that an earlier one in flight is still writing, and two writes to one place may land in
+   * either order. Planning and commits still overlap them; the device gets the next write at once.
+   */
+  private queueDataWrites(writes: DataWrite[]): Promise<unknown> {
+    const wr = this.wr
     const dataDone = this.lastData
       .then(async (earlier) => {
         // after a failed data write nothing more goes out: the requests behind it are abandoned
@@ -312,6 +345,6 @@ export class WritePipeline {
         (e: unknown) => e ?? new Error('data write failed'),
       )
     this.lastData = dataDone
-    return { job, works, needFlush, dataDone }
+    return dataDone
   }
 }

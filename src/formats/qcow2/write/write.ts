@@ -61,10 +61,10 @@ export class Qcow2Writer implements WriterCore {
   /** guest writes: data writes of consecutive requests in flight together (write-pipeline.ts) */
   private readonly pipeline = new WritePipeline(this)
   readonly guard: OverlapGuard
-  readonly h: Qcow2Header
-  readonly cs: number
-  readonly ew: EntryWriter
-  readonly sc: number
+  readonly header: Qcow2Header
+  readonly clusterSize: number
+  readonly entryWriter: EntryWriter
+  readonly subclusterSize: number
   private closed = false
   private corrupt = false
   private broken = false
@@ -77,43 +77,43 @@ export class Qcow2Writer implements WriterCore {
   bitmaps: PersistentBitmapHook | undefined
 
   /** the image's refcounts (replaced only by `replaceRefcounts`) */
-  private refcounts: RefcountWriter
+  private refcountWriter: RefcountWriter
 
-  get rc(): RefcountWriter {
-    return this.refcounts
+  get refcounts(): RefcountWriter {
+    return this.refcountWriter
   }
 
   /**
    * After a commit that switched the image to a new refcount table (the v2
-   * snapshot shadow commit): count with `rc` from now on, same laziness.
+   * snapshot shadow commit): count with `next` from now on, same laziness.
    */
-  replaceRefcounts(rc: RefcountWriter): void {
-    rc.lazy = this.refcounts.lazy
-    this.refcounts = rc
+  replaceRefcounts(next: RefcountWriter): void {
+    next.lazy = this.refcountWriter.lazy
+    this.refcountWriter = next
     this.compressedCursor = 0
   }
 
   private constructor(
     readonly state: Qcow2State,
-    rc: RefcountWriter,
+    refcounts: RefcountWriter,
   ) {
-    this.refcounts = rc
-    this.h = state.header
-    this.cs = state.header.clusterSize
-    this.ew = { entrySize: l2EntrySize(this.h), extended: hasExtendedL2(this.h), clusterBits: this.h.clusterBits }
-    this.sc = this.ew.extended ? this.cs / SUBCLUSTERS_PER_CLUSTER : this.cs
-    this.guard = new OverlapGuard(this.cs, state.filename)
-    this.dirtyMarked = isDirty(this.h)
-    rc.lazy = hasLazyRefcounts(this.h)
+    this.refcountWriter = refcounts
+    this.header = state.header
+    this.clusterSize = state.header.clusterSize
+    this.entryWriter = { entrySize: l2EntrySize(this.header), extended: hasExtendedL2(this.header), clusterBits: this.header.clusterBits }
+    this.subclusterSize = this.entryWriter.extended ? this.clusterSize / SUBCLUSTERS_PER_CLUSTER : this.clusterSize
+    this.guard = new OverlapGuard(this.clusterSize, state.filename)
+    this.dirtyMarked = isDirty(this.header)
+    refcounts.lazy = hasLazyRefcounts(this.header)
   }
 
   /** Attach a writer to an image opened read-write; a dirty image gets its refcounts rebuilt first. */
   static async attach(state: Qcow2State, loadBitmaps?: BitmapLoader): Promise<Qcow2Writer> {
-    const h = state.header
+    const header = state.header
     if (state.device.readOnly) throw new ReadOnlyError(`qcow2: ${state.filename}: image is open read-only`)
-    if (h.cryptMethod !== 0) throw new UnsupportedFeatureError(`qcow2: ${state.filename}: writing encrypted images is not supported`)
+    if (header.cryptMethod !== 0) throw new UnsupportedFeatureError(`qcow2: ${state.filename}: writing encrypted images is not supported`)
     const notices: string[] = []
-    if (isDirty(h)) {
+    if (isDirty(header)) {
       await rebuildRefcounts(state)
       notices.push(`qcow2: ${state.filename}: the image was not closed cleanly; refcounts were rebuilt`)
     }
@@ -127,8 +127,8 @@ export class Qcow2Writer implements WriterCore {
     // let, not const: the hook above reads w while RefcountWriter.load runs, before it is assigned
     // eslint-disable-next-line prefer-const
     let w: Qcow2Writer | undefined
-    const rc = await RefcountWriter.load(state.device, h, state.filename, hooks)
-    w = new Qcow2Writer(state, rc)
+    const refcounts = await RefcountWriter.load(state.device, header, state.filename, hooks)
+    w = new Qcow2Writer(state, refcounts)
     w.notices.push(...notices)
     for (const [c, k] of guardFill) w.guard.set(c, k === '' ? undefined : (k as 'refblock'))
     guardFill = []
@@ -146,7 +146,7 @@ export class Qcow2Writer implements WriterCore {
   private async loadGuard(): Promise<void> {
     const g = this.guard
     g.set(0, 'header')
-    for (const [c, k] of await this.rc.metadataClusters()) g.set(c, k)
+    for (const [c, k] of await this.refcounts.metadataClusters()) g.set(c, k)
     await walkMetadata(
       this.state,
       (offset, length, kind) => {
@@ -157,31 +157,32 @@ export class Qcow2Writer implements WriterCore {
   }
 
   get lazy(): boolean {
-    return this.rc.lazy
+    return this.refcounts.lazy
   }
 
   // ---------------------------------------------------------------- public
 
   write(offset: number, data: Uint8Array): Promise<void> {
-    checkGuestRange(`qcow2: ${this.state.filename}: write`, offset, data.byteLength, this.h.size)
+    checkGuestRange(`qcow2: ${this.state.filename}: write`, offset, data.byteLength, this.header.size)
     this.noteGuestChange(offset, data.byteLength)
     return this.pipeline.submit(offset, data)
   }
 
   writeZeroes(offset: number, length: number, options: WriteZeroesOptions = {}): Promise<void> {
-    checkGuestRange(`qcow2: ${this.state.filename}: write zeroes`, offset, length, this.h.size)
+    checkGuestRange(`qcow2: ${this.state.filename}: write zeroes`, offset, length, this.header.size)
     this.noteGuestChange(offset, length)
     return this.mutex.run(() => writeZeroesLocked(this, offset, length, options.discard ?? false))
   }
 
   /** Store one whole cluster as compressed bytes (`compressed` from compress-write.ts). */
   writeCompressed(offset: number, compressed: Uint8Array): Promise<void> {
-    if (offset % this.cs !== 0) throw new ImgtoolError('USAGE', `qcow2: compressed write at ${hex(offset)} is not cluster aligned`)
-    checkGuestRange(`qcow2: ${this.state.filename}: compressed write`, offset, Math.min(this.cs, this.h.size - offset), this.h.size)
-    if (hasDataFile(this.h)) throw new UnsupportedFeatureError(`qcow2: ${this.state.filename}: compressed writes are not possible with an external data file`)
-    if (compressed.byteLength >= this.cs)
+    if (offset % this.clusterSize !== 0) throw new ImgtoolError('USAGE', `qcow2: compressed write at ${hex(offset)} is not cluster aligned`)
+    checkGuestRange(`qcow2: ${this.state.filename}: compressed write`, offset, Math.min(this.clusterSize, this.header.size - offset), this.header.size)
+    if (hasDataFile(this.header))
+      throw new UnsupportedFeatureError(`qcow2: ${this.state.filename}: compressed writes are not possible with an external data file`)
+    if (compressed.byteLength >= this.clusterSize)
       throw new ImgtoolError('USAGE', `qcow2: compressed cluster of ${compressed.byteLength} bytes is not smaller than the cluster`)
-    this.noteGuestChange(offset, Math.min(this.cs, this.h.size - offset))
+    this.noteGuestChange(offset, Math.min(this.clusterSize, this.header.size - offset))
     return this.mutex.run(() => writeCompressedLocked(this, [{ offset, data: compressed }]))
   }
 
@@ -197,9 +198,9 @@ export class Qcow2Writer implements WriterCore {
   /** Plain flush: data and refcounts. Bitmaps are stored only on close, as QEMU does. */
   flush(): Promise<void> {
     return this.mutex.run(async () => {
-      await this.rc.persist()
+      await this.refcounts.persist()
       await this.flushDevices()
-      if (this.rc.dirty && !this.rc.lazy) await this.rc.persist()
+      if (this.refcounts.dirty && !this.refcounts.lazy) await this.refcounts.persist()
     })
   }
 
@@ -208,17 +209,17 @@ export class Qcow2Writer implements WriterCore {
       if (this.closed) return
       this.closed = true
       if (this.corrupt || this.broken) return
-      await this.rc.persist()
+      await this.refcounts.persist()
       await this.flushDevices()
-      if (this.rc.dirty) {
+      if (this.refcounts.dirty) {
         // frees that waited for that flush
-        await this.rc.persist()
+        await this.refcounts.persist()
         await this.flushDevices()
       }
       // bitmaps: new data, tables and directory, durable before the header points at them
       if (this.bitmaps) await this.bitmaps.store(this)
-      if (this.dirtyMarked && isDirty(this.h)) {
-        await markDirtyBit(this.state.device, this.h, false)
+      if (this.dirtyMarked && isDirty(this.header)) {
+        await markDirtyBit(this.state.device, this.header, false)
         await this.state.device.flush()
         this.dirtyMarked = false
       }
@@ -233,9 +234,9 @@ export class Qcow2Writer implements WriterCore {
    */
   async beginTransaction(): Promise<void> {
     this.assertUsable()
-    await this.rc.persist()
+    await this.refcounts.persist()
     await this.flushDevices()
-    if (this.h.version >= 3) await this.ensureDirty()
+    if (this.header.version >= 3) await this.ensureDirty()
   }
 
   /**
@@ -248,10 +249,10 @@ export class Qcow2Writer implements WriterCore {
   }
 
   async endTransaction(): Promise<void> {
-    await this.rc.persist()
+    await this.refcounts.persist()
     await this.flushDevices()
-    if (this.dirtyMarked && !this.rc.lazy) {
-      await markDirtyBit(this.state.device, this.h, false)
+    if (this.dirtyMarked && !this.refcounts.lazy) {
+      await markDirtyBit(this.state.device, this.header, false)
       await this.state.device.flush()
       this.dirtyMarked = false
     }
@@ -305,21 +306,21 @@ export class Qcow2Writer implements WriterCore {
   async flushDevices(): Promise<void> {
     if (this.state.dataDevice !== this.state.device) await this.state.dataDevice.flush()
     await this.state.device.flush()
-    if (this.rc.deferredFrees.length > 0) await this.rc.applyDeferredFrees()
+    if (this.refcounts.deferredFrees.length > 0) await this.refcounts.applyDeferredFrees()
   }
 
   /** Drop a reference once the next flush succeeds (it may still be reachable from what is on disk). */
   deferFree(offset: number, length: number): void {
-    this.rc.deferredFrees.push({ offset, length })
+    this.refcounts.deferredFrees.push({ offset, length })
   }
 
   /** Mark the image corrupt (v3 header bit) and refuse further writes. */
   async markCorrupt(): Promise<void> {
     this.corrupt = true
-    if (this.h.version < 3) return
-    this.h.incompatibleFeatures |= BigInt(INCOMPAT_CORRUPT)
+    if (this.header.version < 3) return
+    this.header.incompatibleFeatures |= BigInt(INCOMPAT_CORRUPT)
     const b = new Uint8Array(8)
-    putU64be(b, 0, this.h.incompatibleFeatures)
+    putU64be(b, 0, this.header.incompatibleFeatures)
     try {
       await this.state.device.write(72, b, 'header')
       await this.state.device.flush()
@@ -342,18 +343,18 @@ export class Qcow2Writer implements WriterCore {
 
   /** @internal */
   get l2Entries(): number {
-    return this.cs / this.ew.entrySize
+    return this.clusterSize / this.entryWriter.entrySize
   }
 
   /** @internal */
   entry(t: Uint8Array, i: number): L2Entry {
-    return decodeL2(new DataView(t.buffer, t.byteOffset, t.byteLength), i * this.ew.entrySize, this.state.decodeContext)
+    return decodeL2(new DataView(t.buffer, t.byteOffset, t.byteLength), i * this.entryWriter.entrySize, this.state.decodeContext)
   }
 
   /** Old guest bytes of [offset, offset+length), zeros past the virtual size. */
   /** @internal */
   async oldGuest(offset: number, length: number): Promise<Uint8Array> {
-    const n = Math.max(0, Math.min(length, this.h.size - offset))
+    const n = Math.max(0, Math.min(length, this.header.size - offset))
     if (n === length) return this.state.readGuest(offset, length)
     const out = new Uint8Array(length)
     if (n > 0) out.set(await this.state.readGuest(offset, n))
@@ -362,18 +363,18 @@ export class Qcow2Writer implements WriterCore {
 
   /** @internal */
   async refcount(host: number): Promise<number> {
-    return this.rc.get(Math.floor(host / this.cs))
+    return this.refcounts.get(Math.floor(host / this.clusterSize))
   }
 
   /** Allocate clusters; refcounts that call known metadata free mean a corrupt image. */
   /** @internal */
   async alloc(n: number, w: TableWork | undefined): Promise<number> {
-    const first = await this.rc.alloc(n)
-    if (w) w.allocated.push({ offset: first, length: n * this.cs })
-    const hit = this.guard.conflict(first, n * this.cs)
+    const first = await this.refcounts.alloc(n)
+    if (w) w.allocated.push({ offset: first, length: n * this.clusterSize })
+    const hit = this.guard.conflict(first, n * this.clusterSize)
     if (hit) {
       await this.markCorrupt()
-      throw this.guard.error(first, n * this.cs, 'allocation (refcount 0)', hit)
+      throw this.guard.error(first, n * this.clusterSize, 'allocation (refcount 0)', hit)
     }
     return first
   }
@@ -391,8 +392,8 @@ export class Qcow2Writer implements WriterCore {
       const start = e.hostOffset - (e.hostOffset % 512)
       return { offset: start, length: e.sectors * 512 }
     }
-    if ((e.type === 'normal' || e.type === 'zero') && e.hostOffset !== 0 && !hasDataFile(this.h)) {
-      return { offset: e.hostOffset, length: this.cs }
+    if ((e.type === 'normal' || e.type === 'zero') && e.hostOffset !== 0 && !hasDataFile(this.header)) {
+      return { offset: e.hostOffset, length: this.clusterSize }
     }
     return undefined
   }
@@ -400,7 +401,7 @@ export class Qcow2Writer implements WriterCore {
   /** @internal */
   async ensureDirty(): Promise<void> {
     if (this.dirtyMarked) return
-    await markDirtyBit(this.state.device, this.h, true)
+    await markDirtyBit(this.state.device, this.header, true)
     await this.state.device.flush()
     this.dirtyMarked = true
   }
@@ -422,13 +423,14 @@ export class Qcow2Writer implements WriterCore {
   /** Several whole clusters stored compressed in one commit (one table update per L2 table). */
   writeCompressedBatch(items: Array<{ offset: number; data: Uint8Array }>): Promise<void> {
     for (const it of items) {
-      if (it.offset % this.cs !== 0) throw new ImgtoolError('USAGE', `qcow2: compressed write at ${hex(it.offset)} is not cluster aligned`)
-      checkGuestRange(`qcow2: ${this.state.filename}: compressed write`, it.offset, Math.min(this.cs, this.h.size - it.offset), this.h.size)
-      if (it.data.byteLength >= this.cs)
+      if (it.offset % this.clusterSize !== 0) throw new ImgtoolError('USAGE', `qcow2: compressed write at ${hex(it.offset)} is not cluster aligned`)
+      checkGuestRange(`qcow2: ${this.state.filename}: compressed write`, it.offset, Math.min(this.clusterSize, this.header.size - it.offset), this.header.size)
+      if (it.data.byteLength >= this.clusterSize)
         throw new ImgtoolError('USAGE', `qcow2: compressed cluster of ${it.data.byteLength} bytes is not smaller than the cluster`)
     }
-    if (hasDataFile(this.h)) throw new UnsupportedFeatureError(`qcow2: ${this.state.filename}: compressed writes are not possible with an external data file`)
-    for (const it of items) this.noteGuestChange(it.offset, Math.min(this.cs, this.h.size - it.offset))
+    if (hasDataFile(this.header))
+      throw new UnsupportedFeatureError(`qcow2: ${this.state.filename}: compressed writes are not possible with an external data file`)
+    for (const it of items) this.noteGuestChange(it.offset, Math.min(this.clusterSize, this.header.size - it.offset))
     return this.mutex.run(() => writeCompressedLocked(this, items))
   }
 }

@@ -14,7 +14,7 @@ import { writeLocked } from './plan.js'
 export async function writeZeroesLocked(wr: WriterCore, offset: number, length: number, discard: boolean): Promise<void> {
   wr.assertUsable()
   if (length === 0) return
-  const g = wr.sc
+  const g = wr.subclusterSize
   const end = offset + length
   const a = Math.ceil(offset / g) * g
   const b = Math.floor(end / g) * g
@@ -25,8 +25,8 @@ export async function writeZeroesLocked(wr: WriterCore, offset: number, length: 
     if (offset < a) partial.push({ offset, length: a - offset })
     if (b < end) partial.push({ offset: b, length: end - b })
   }
-  const raw = hasDataFile(wr.h) && dataFileRaw(wr.h)
-  const v2WithBacking = wr.h.version < 3 && wr.state.backing !== undefined
+  const raw = hasDataFile(wr.header) && dataFileRaw(wr.header)
+  const v2WithBacking = wr.header.version < 3 && wr.state.backing !== undefined
   const fallback = raw || v2WithBacking
   for (const p of partial) {
     const cur = await wr.oldGuest(p.offset, p.length)
@@ -49,7 +49,7 @@ export async function writeZeroesLocked(wr: WriterCore, offset: number, length: 
 /** Zero whole granules (clusters, or subclusters with extended L2) through entries. */
 async function zeroAligned(wr: WriterCore, offset: number, length: number, discard: boolean): Promise<void> {
   const works: TableWork[] = []
-  const coverage = wr.l2Entries * wr.cs
+  const coverage = wr.l2Entries * wr.clusterSize
   const backing = wr.state.backing !== undefined
   const compressedPartial: Range[] = []
   let needFlush = false
@@ -67,9 +67,9 @@ async function zeroAligned(wr: WriterCore, offset: number, length: number, disca
       works.push(w)
       if (w.mode !== 'inplace') needFlush = true
       for (let p = pos; p < tEnd;) {
-        const guest = Math.floor(p / wr.cs) * wr.cs
-        const to = Math.min(tEnd, guest + wr.cs)
-        const idx = (guest / wr.cs) % wr.l2Entries
+        const guest = Math.floor(p / wr.clusterSize) * wr.clusterSize
+        const to = Math.min(tEnd, guest + wr.clusterSize)
+        const idx = (guest / wr.clusterSize) % wr.l2Entries
         const r = await zeroCluster(wr, w, idx, guest, p - guest, to - guest, discard)
         if (r) compressedPartial.push(r)
         p = to
@@ -88,39 +88,39 @@ async function zeroAligned(wr: WriterCore, offset: number, length: number, disca
 async function zeroCluster(wr: WriterCore, w: TableWork, idx: number, guest: number, a: number, b: number, discard: boolean): Promise<Range | undefined> {
   const e = wr.entry(w.table, idx)
   const backing = wr.state.backing !== undefined
-  const dataFile = hasDataFile(wr.h)
-  const wholeCluster = a === 0 && (b === wr.cs || guest + b >= wr.h.size)
+  const dataFile = hasDataFile(wr.header)
+  const wholeCluster = a === 0 && (b === wr.clusterSize || guest + b >= wr.header.size)
   const owned =
     e.type === 'normal' || (e.type === 'zero' && e.hostOffset !== 0) ? dataFile || (await wr.refcount((e as { hostOffset: number }).hostOffset)) === 1 : false
-  if (!wr.ew.extended) {
-    if (wr.h.version < 3) {
+  if (!wr.entryWriter.extended) {
+    if (wr.header.version < 3) {
       if (e.type === 'unallocated') return undefined
       const d = wr.dropRef(e)
       if (d) w.frees.push(d)
-      setStandard(w.table, wr.ew, idx, { hostOffset: 0, copied: false })
+      setStandard(w.table, wr.entryWriter, idx, { hostOffset: 0, copied: false })
       wr.touch(w, idx)
       return undefined
     }
     if (e.type === 'zero' && (e.hostOffset === 0 || !discard)) return undefined
     if (e.type === 'unallocated' && !backing) return undefined
     if (owned && !discard) {
-      setStandard(w.table, wr.ew, idx, { hostOffset: (e as { hostOffset: number }).hostOffset, copied: true, zero: true })
+      setStandard(w.table, wr.entryWriter, idx, { hostOffset: (e as { hostOffset: number }).hostOffset, copied: true, zero: true })
     } else {
       const d = wr.dropRef(e)
       if (d) w.frees.push(d)
-      setStandard(w.table, wr.ew, idx, { hostOffset: 0, copied: false, zero: true })
+      setStandard(w.table, wr.entryWriter, idx, { hostOffset: 0, copied: false, zero: true })
     }
     wr.touch(w, idx)
     return undefined
   }
   // extended L2
-  const s0 = Math.floor(a / wr.sc)
-  const s1 = Math.floor((b - 1) / wr.sc)
+  const s0 = Math.floor(a / wr.subclusterSize)
+  const s1 = Math.floor((b - 1) / wr.subclusterSize)
   const mask = wholeCluster ? ALL_SUBCLUSTERS : subclusterMask(s0, s1)
   if (e.type === 'compressed') {
     if (!wholeCluster) return { offset: guest + a, length: b - a }
     w.frees.push(wr.dropRef(e)!)
-    setStandard(w.table, wr.ew, idx, { hostOffset: 0, copied: false })
+    setStandard(w.table, wr.entryWriter, idx, { hostOffset: 0, copied: false })
     setBitmap(w.table, idx, { alloc: 0, zero: ALL_SUBCLUSTERS })
     wr.touch(w, idx)
     return undefined
@@ -129,7 +129,7 @@ async function zeroCluster(wr: WriterCore, w: TableWork, idx: number, guest: num
   if (e.type === 'normal' && mask === ALL_SUBCLUSTERS && (discard || !owned)) {
     const d = wr.dropRef(e)
     if (d) w.frees.push(d)
-    setStandard(w.table, wr.ew, idx, { hostOffset: 0, copied: false })
+    setStandard(w.table, wr.entryWriter, idx, { hostOffset: 0, copied: false })
     setBitmap(w.table, idx, { alloc: 0, zero: ALL_SUBCLUSTERS })
     wr.touch(w, idx)
     return undefined
