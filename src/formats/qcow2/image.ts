@@ -2,32 +2,28 @@
  * A qcow2 image: open (header, L1, backing chain, data file, snapshot table,
  * bitmap directory), guest reads, extents with qemu-img map's meaning, info.
  */
-import { CorruptImageError, UnsupportedFeatureError, UsageError, hex, isImgtoolError } from '../../errors.js'
+import { UnsupportedFeatureError } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
 import { l2CacheBudget, type OpenContext, type OpenImageOptions } from '../../image/context.js'
 import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
 import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../../check/types.js'
-import { isFormatName } from '../../image/probe.js'
 import { checkGuestRange } from '../../image/range.js'
-import { Lru } from '../../util/lru.js'
 import { bitmapFlagNames, readBitmapDirectory, type Qcow2Bitmap } from './spec/bitmap-directory.js'
-import { ClusterMapper, L2Cache, type MappingRun } from './read/cluster.js'
-import { decompressCluster } from './spec/compress.js'
-import { COMPRESSION_ZSTD, CRYPT_AES, EXT_BACKING_FORMAT, EXT_DATA_FILE } from './spec/constants.js'
+import type { ClusterMapper, MappingRun } from './read/cluster.js'
+import { openBacking, openDataFile, readActiveL1 } from './read/open.js'
+import { Qcow2State } from './read/state.js'
+import { COMPRESSION_ZSTD, CRYPT_AES } from './spec/constants.js'
 import { readLuksInfo } from './spec/luks.js'
 import { bitmapsValid, dataFileRaw, hasDataFile, hasExtendedL2, hasLazyRefcounts, isCorrupt, isDirty, readHeader, type Qcow2Header } from './spec/header.js'
-import { combinePath, protocolPrefix } from './spec/paths.js'
-import { escapeControls } from '../../util/text.js'
-import { RefcountReader } from './read/refcount.js'
+import { combinePath } from './spec/paths.js'
+import type { RefcountReader } from './read/refcount.js'
 import { readSnapshotTable, snapshotInfo, type Qcow2Snapshot } from './spec/snapshot-table.js'
 import type { Qcow2Writer, WriteZeroesOptions } from './write/write.js'
 
 export class Qcow2Image implements DiskImage {
   readonly format = 'qcow2'
-  /** replaced (with `l1`) only by `replaceL1`, under the writer's mutex */
-  mapper: ClusterMapper
-  readonly refcounts: RefcountReader
-  private readonly compressedCache = new Lru<number, Uint8Array>(4)
+  /** the open image's state (read/state.ts): handed to check, repair, the writer and the operations */
+  readonly state: Qcow2State
   private metadataPrealloc: boolean | undefined
   /** the writer, attached when the image is opened read-write (write.ts) */
   writer: Qcow2Writer | undefined
@@ -35,30 +31,55 @@ export class Qcow2Image implements DiskImage {
   writerRefusal: Error | undefined
 
   constructor(
-    readonly device: BlockDevice,
-    readonly header: Qcow2Header,
-    /** the active L1 table; writers update it in place (or replace it: `replaceL1`) */
-    public l1: Uint8Array,
+    device: BlockDevice,
+    header: Qcow2Header,
+    /** the active L1 table */
+    l1: Uint8Array,
     /** where guest data lives: the image file, or the external data file */
-    readonly dataDevice: BlockDevice,
-    readonly backing: DiskImage | undefined,
-    readonly snapshots: Qcow2Snapshot[],
-    readonly bitmaps: Qcow2Bitmap[],
+    dataDevice: BlockDevice,
+    backing: DiskImage | undefined,
+    snapshots: Qcow2Snapshot[],
+    bitmaps: Qcow2Bitmap[],
     readonly context: OpenContext,
     readonly openOptions: OpenImageOptions,
   ) {
-    this.mapper = new ClusterMapper(device, header, device.name, l1, new L2Cache(header.clusterSize, l2CacheBudget(openOptions.depth ?? 0, header.clusterSize)))
-    this.refcounts = new RefcountReader(device, header, device.name)
+    const l2CacheBytes = l2CacheBudget(openOptions.depth ?? 0, header.clusterSize)
+    this.state = new Qcow2State(device, header, l1, dataDevice, backing, snapshots, bitmaps, l2CacheBytes, Boolean(openOptions.infoOnly))
   }
 
-  /**
-   * @internal The writer switched to another active L1 table, possibly of
-   * another size (snapshot apply that resized the image; header fields are
-   * already updated). The mapper follows it; cached L2 tables stay valid.
-   */
+  get device(): BlockDevice {
+    return this.state.device
+  }
+  get header(): Qcow2Header {
+    return this.state.header
+  }
+  get dataDevice(): BlockDevice {
+    return this.state.dataDevice
+  }
+  get backing(): DiskImage | undefined {
+    return this.state.backing
+  }
+  get snapshots(): Qcow2Snapshot[] {
+    return this.state.snapshots
+  }
+  get bitmaps(): Qcow2Bitmap[] {
+    return this.state.bitmaps
+  }
+  /** the active L1 table */
+  get l1(): Uint8Array {
+    return this.state.l1
+  }
+  /** the mapper over the active L1 table and the L2 cache */
+  get mapper(): ClusterMapper {
+    return this.state.mapper
+  }
+  get refcounts(): RefcountReader {
+    return this.state.refcounts
+  }
+
+  /** @internal The writer switched to another active L1 table (read/state.ts). */
   replaceL1(l1: Uint8Array): void {
-    this.l1 = l1
-    this.mapper = new ClusterMapper(this.device, this.header, this.device.name, l1, this.mapper.l2cache)
+    this.state.replaceL1(l1)
   }
 
   get filename(): string {
@@ -92,105 +113,8 @@ export class Qcow2Image implements DiskImage {
   }
 
   /** @internal guest read without the writer's mutex: for the writer itself, which holds it. */
-  async readUnlocked(offset: number, length: number): Promise<Uint8Array> {
-    checkGuestRange(`qcow2: ${this.filename}: read`, offset, length, this.virtualSize)
-    this.refuseInfoOnly()
-    this.refuseEncrypted()
-    // One mapping run covering the whole request: hand back the device buffer as
-    // is (no second buffer, no copy); otherwise pieces go into one zeroed buffer.
-    let out: Uint8Array | undefined
-    for await (const run of this.mapper.map(offset, length)) {
-      const at = run.guest - offset
-      const piece = await this.readRun(run)
-      if (piece) {
-        if (run.guest === offset && run.length === length) return piece
-        out ??= new Uint8Array(length)
-        out.set(piece, at)
-      }
-    }
-    return out ?? new Uint8Array(length)
-  }
-
-  /** Bytes of one run, or undefined when it reads as zeros. */
-  private async readRun(run: MappingRun): Promise<Uint8Array | undefined> {
-    switch (run.type) {
-      case 'normal':
-        return this.dataDevice.read(run.hostOffset!, run.length, 'data')
-      case 'zero':
-      case 'zero-alloc':
-        return undefined
-      case 'compressed': {
-        const c = run.compressed!
-        const cluster = await this.compressedCluster(c.hostOffset, c.size, c.clusterGuest)
-        const from = run.guest - c.clusterGuest
-        return cluster.subarray(from, from + run.length)
-      }
-      case 'unallocated':
-      case 'unallocated-alloc':
-        return this.readBacking(run.guest, run.length)
-    }
-  }
-
-  private async readBacking(offset: number, length: number): Promise<Uint8Array | undefined> {
-    const b = this.backing
-    if (!b || offset >= b.virtualSize) return undefined
-    const n = Math.min(length, b.virtualSize - offset)
-    const data = await b.read(offset, n)
-    if (n === length) return data
-    const out = new Uint8Array(length)
-    out.set(data)
-    return out
-  }
-
-  private async compressedCluster(hostOffset: number, size: number, guest: number): Promise<Uint8Array> {
-    const hit = this.compressedCache.get(hostOffset)
-    if (hit) return hit
-    const file = this.device.name
-    if (hasDataFile(this.header)) {
-      throw new CorruptImageError(
-        `qcow2: ${file}: compressed cluster for guest ${hex(guest)} in an image with an external data file (compressed cluster at ${hex(hostOffset)})`,
-        {
-          file,
-          structure: 'l2',
-          offset: hostOffset,
-        },
-      )
-    }
-    const eofLimit = Math.ceil(this.device.size / 512) * 512
-    if (hostOffset + size > eofLimit) {
-      throw new CorruptImageError(
-        `qcow2: ${file}: compressed cluster descriptor out of range: ${size} bytes for guest ${hex(guest)} run past the end of the file (size ${hex(this.device.size)}) (compressed cluster at ${hex(hostOffset)})`,
-        { file, structure: 'compressed', offset: hostOffset },
-      )
-    }
-    const raw = await this.device.read(hostOffset, size, 'compressed')
-    let data: Uint8Array
-    try {
-      data = decompressCluster(raw, this.clusterSize, this.header.compressionType)
-    } catch (e) {
-      const codec = this.header.compressionType === COMPRESSION_ZSTD ? 'zstd' : 'deflate'
-      throw new CorruptImageError(
-        `qcow2: ${file}: cannot decompress ${codec} cluster of ${size} bytes for guest ${hex(guest)}: ${(e as Error).message.replace(/^(zstd|deflate): /, '')} (compressed cluster at ${hex(hostOffset)})`,
-        { file, structure: 'compressed', offset: hostOffset },
-      )
-    }
-    this.compressedCache.set(hostOffset, data)
-    return data
-  }
-
-  /** An image opened for info has no backing or data file open: its guest data cannot be read. */
-  private refuseInfoOnly(): void {
-    if (this.openOptions.infoOnly) throw new UsageError(`qcow2: ${this.filename}: opened for info only; guest data cannot be read`, { file: this.filename })
-  }
-
-  private refuseEncrypted(): void {
-    if (this.header.cryptMethod !== 0) {
-      throw new UnsupportedFeatureError(`qcow2: ${this.filename}: encrypted images (crypt_method ${this.header.cryptMethod}) cannot be read by imgtool`, {
-        file: this.filename,
-        structure: 'header',
-        offset: 32,
-      })
-    }
+  readUnlocked(offset: number, length: number): Promise<Uint8Array> {
+    return this.state.readGuest(offset, length)
   }
 
   /**
@@ -228,22 +152,22 @@ export class Qcow2Image implements DiskImage {
    */
   async *extents(offset = 0, length = this.virtualSize - offset): AsyncIterable<Extent> {
     checkGuestRange(`qcow2: ${this.filename}: map`, offset, length, this.virtualSize)
-    this.refuseInfoOnly()
+    this.state.refuseInfoOnly()
     const w = this.writer
     if (!w) {
       const recurse = await this.detectMetadataPreallocation()
-      for await (const run of this.mapper.map(offset, length)) yield* this.runExtents(run, recurse)
+      for await (const run of this.state.mapper.map(offset, length)) yield* this.runExtents(run, recurse)
       return
     }
     const recurse = await w.mutex.shared(() => this.detectMetadataPreallocation())
-    const window = this.mapper.l2Entries * this.clusterSize
+    const window = this.state.l2Entries * this.clusterSize
     const end = offset + length
     for (let pos = offset; pos < end;) {
       const next = Math.min(end, (Math.floor(pos / window) + 1) * window)
       const from = pos
       const batch = await w.mutex.shared(async () => {
         const out: Extent[] = []
-        for await (const run of this.mapper.map(from, next - from)) for await (const e of this.runExtents(run, recurse)) out.push(e)
+        for await (const run of this.state.mapper.map(from, next - from)) for await (const e of this.runExtents(run, recurse)) out.push(e)
         return out
       })
       yield* batch
@@ -363,12 +287,12 @@ export class Qcow2Image implements DiskImage {
 
   /** qemu-img check's verdict (check.ts) */
   async check(options: CheckOptions = {}): Promise<CheckReport> {
-    return (await import('./check/run.js')).checkQcow2(this, options)
+    return (await import('./check/run.js')).checkQcow2(this.state, options)
   }
 
   /** check, repair, check again (repair.ts) */
   async repair(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult> {
-    return (await import('./repair/repair.js')).repairQcow2(this, options)
+    return (await import('./repair/repair.js')).repairQcow2(this.state, options)
   }
 
   async write(offset: number, data: Uint8Array): Promise<void> {
@@ -401,7 +325,7 @@ export class Qcow2Image implements DiskImage {
 
   /** Writers call this when compressed clusters are freed (their host bytes may be reused). */
   dropCompressedCache(): void {
-    this.compressedCache.clear()
+    this.state.dropCompressedCache()
   }
 
   async flush(): Promise<void> {
@@ -434,71 +358,20 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
   const file = device.name
   const forCheck = options.forCheck ?? false
   const h = await readHeader(device, { file, readOnly: device.readOnly, forCheck, infoOnly: options.infoOnly === true })
-  const eofLimit = Math.ceil(device.size / h.clusterSize) * h.clusterSize
-  const l1Bytes = h.l1Size * 8
-  // Tables past the end of the file read as zeros, as QEMU reads them (qemu-img
-  // info and convert open such images); imgtool only refuses to write to them.
   const writing = !device.readOnly && !forCheck
-  if (writing && l1Bytes > 0 && h.l1TableOffset + l1Bytes > eofLimit) {
-    throw new CorruptImageError(
-      `qcow2: ${file}: L1 table of ${h.l1Size} entries extends beyond the end of the file (size ${hex(device.size)}); not opened for writing (L1 table at ${hex(h.l1TableOffset)})`,
-      { file, structure: 'l1', offset: h.l1TableOffset },
-    )
-  }
-  if (writing && h.refcountTableOffset + h.refcountTableClusters * h.clusterSize > eofLimit) {
-    throw new CorruptImageError(
-      `qcow2: ${file}: refcount table of ${h.refcountTableClusters} clusters extends beyond the end of the file (size ${hex(device.size)}); not opened for writing (refcount table at ${hex(h.refcountTableOffset)})`,
-      { file, structure: 'reftable', offset: h.refcountTableOffset },
-    )
-  }
-  // read what the file holds; the rest of the table reads as zeros (no read past the end)
-  const l1InFile = Math.max(0, Math.min(l1Bytes, device.size - h.l1TableOffset))
-  let l1 = l1InFile > 0 ? await device.read(h.l1TableOffset, l1InFile, 'l1') : new Uint8Array(0)
-  if (l1InFile < l1Bytes) {
-    const full = new Uint8Array(l1Bytes)
-    full.set(l1)
-    l1 = full
-  }
+  const l1 = await readActiveL1(device, h, writing)
 
   const opened: Array<{ close(): Promise<void> }> = []
   try {
     let dataDevice = device
     const infoOnly = options.infoOnly ?? false
     if (hasDataFile(h) && !infoOnly) {
-      const ext = h.extensions.find((x) => x.magic === EXT_DATA_FILE)
-      const fieldOffset = (ext?.offset ?? 0) + 8
-      const path = relatedPath(file, 'data file', h.dataFile!, h.dataFileError, fieldOffset)
-      try {
-        dataDevice = await context.openDevice(path, { readOnly: device.readOnly })
-      } catch (e) {
-        throw relatedFileError(e, file, 'data file', h.dataFile!, path, fieldOffset)
-      }
+      dataDevice = await openDataFile(device, h, context)
       opened.push(dataDevice)
     }
     let backing: DiskImage | undefined
     if (h.backingFile !== undefined && !infoOnly) {
-      const path = relatedPath(file, 'backing file', h.backingFile, h.backingFileError, h.backingFileOffset)
-      const fmt = h.backingFormat
-      if (fmt !== undefined && !isFormatName(fmt)) {
-        // qemu-img opens the backing file with the driver the header names, and fails on a name it has no
-        // driver for; probing instead would read the file as something the image did not say it is
-        const ext = h.extensions.find((x) => x.magic === EXT_BACKING_FORMAT)
-        const at = (ext?.offset ?? 0) + 8
-        throw new UnsupportedFeatureError(
-          `qcow2: ${file}: backing file ${escapeControls(h.backingFile)}: Unknown driver '${escapeControls(fmt)}' (backing format at ${hex(at)})`,
-          { file, structure: 'backing format', offset: at },
-        )
-      }
-      try {
-        backing = await context.openImage(path, {
-          format: fmt,
-          readOnly: true,
-          depth: (options.depth ?? 0) + 1,
-          chain: options.chain ?? [],
-        })
-      } catch (e) {
-        throw relatedFileError(e, file, 'backing file', h.backingFile, path, h.backingFileOffset)
-      }
+      backing = await openBacking(file, h, context, options)
       opened.push(backing)
     }
     const snapshots = forCheck || h.nbSnapshots === 0 ? [] : await readSnapshotTable(device, file, h.snapshotsOffset, h.nbSnapshots)
@@ -510,7 +383,8 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
     if (!device.readOnly && !forCheck) {
       try {
         // the writer is loaded only for images opened read/write
-        image.writer = await (await import('./write/write.js')).Qcow2Writer.attach(image)
+        const loadBitmaps = async (state: Qcow2State) => (await import('./ops/bitmap-write.js')).PersistentBitmaps.load(state)
+        image.writer = await (await import('./write/write.js')).Qcow2Writer.attach(image.state, loadBitmaps)
       } catch (e) {
         if (!(e instanceof UnsupportedFeatureError)) throw e
         image.writerRefusal = e
@@ -521,43 +395,4 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
     for (const o of opened.reverse()) await o.close().catch(() => undefined)
     throw e
   }
-}
-
-/**
- * The path a backing or data file name opens: relative names are taken
- * relative to the image's directory. Names QEMU would hand to a protocol
- * driver (`json:`, `file:`, `nbd:`, the `x` of `x:y`) and names that are not
- * UTF-8 are refused, never opened relative to the current directory.
- */
-function relatedPath(file: string, what: string, name: string, nameError: string | undefined, fieldOffset: number): string {
-  const refuse = (why: string): never => {
-    throw new UnsupportedFeatureError(`qcow2: ${file}: ${why} (${what} name at ${hex(fieldOffset)})`, {
-      file,
-      structure: `${what} name`,
-      offset: fieldOffset,
-    })
-  }
-  if (nameError !== undefined) refuse(nameError)
-  const protocol = protocolPrefix(name)
-  if (protocol !== undefined) {
-    refuse(`${what} ${escapeControls(name)} names the protocol '${escapeControls(protocol)}:'; imgtool opens only plain file names`)
-  }
-  return combinePath(file, name)
-}
-
-/**
- * A backing or data file that cannot be opened (missing, or a backing chain
- * that loops or is too deep) is a fact about this image: name it and the
- * header field that points at the other file. Errors from inside a backing
- * image that did open already name that image, and pass through.
- */
-function relatedFileError(e: unknown, file: string, what: string, name: string, path: string, fieldOffset: number): unknown {
-  if (!isImgtoolError(e) || !(e.code === 'NOT_FOUND' || e.details.structure === 'backing chain')) return e
-  const prefix = `${path}: `
-  const why = e.message.startsWith(prefix) ? e.message.slice(prefix.length) : e.message
-  return new CorruptImageError(`qcow2: ${file}: ${what} ${escapeControls(name)}: ${why} (${what} name at ${hex(fieldOffset)})`, {
-    file,
-    structure: `${what} name`,
-    offset: fieldOffset,
-  })
 }

@@ -1,9 +1,9 @@
 /** Qcow2Image.check(): the analysis of check.ts, as a CheckReport. */
 import type { CheckOptions, CheckReport } from '../../../check/types.js'
+import type { Qcow2State } from '../read/state.js'
 import { analyzeQcow2 } from './check.js'
-import type { Qcow2Image } from '../image.js'
 
-export async function checkQcow2(img: Qcow2Image, _options: CheckOptions = {}): Promise<CheckReport> {
-  const a = await analyzeQcow2(img.device, { filename: img.filename })
+export async function checkQcow2(state: Qcow2State, _options: CheckOptions = {}): Promise<CheckReport> {
+  const a = await analyzeQcow2(state.device, { filename: state.filename })
   return a.report
 }

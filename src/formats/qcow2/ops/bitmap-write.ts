@@ -37,8 +37,8 @@ import {
 } from '../spec/bitmap-directory.js'
 import { EXT_BITMAPS } from '../spec/constants.js'
 import { bitmapsValid } from '../spec/header.js'
-import type { Qcow2Image } from '../image.js'
-import type { Qcow2Writer } from '../write/write.js'
+import type { Qcow2State } from '../read/state.js'
+import type { PersistentBitmapHook, Qcow2Writer } from '../write/write.js'
 
 /** One bitmap of the directory and, when it is consistent, its bits in memory. */
 interface TrackedBitmap {
@@ -60,40 +60,40 @@ interface Range {
   length: number
 }
 
-export class PersistentBitmaps {
+export class PersistentBitmaps implements PersistentBitmapHook {
   /** the enabled, consistent bitmaps (what `note()` walks) */
   private readonly tracking: TrackedBitmap[]
   /** the virtual size the bits were sized for */
   private size: number
 
   private constructor(
-    private readonly img: Qcow2Image,
+    private readonly state: Qcow2State,
     readonly list: TrackedBitmap[],
   ) {
-    this.size = img.header.size
+    this.size = state.header.size
     this.tracking = list.filter((b) => b.enabled && !b.inconsistent)
   }
 
   /** The image's bitmaps, loaded and checked as QEMU loads them; undefined when it has none. */
-  static async load(img: Qcow2Image): Promise<PersistentBitmaps | undefined> {
-    const h = img.header
-    const file = img.filename
+  static async load(state: Qcow2State): Promise<PersistentBitmaps | undefined> {
+    const h = state.header
+    const file = state.filename
     const ext = h.bitmaps
     if (!ext || !bitmapsValid(h) || ext.nbBitmaps === 0) return undefined
-    const field = headerField(img)
+    const field = headerField(state)
     if (Math.floor(field / 512) !== Math.floor((field + 7) / 512)) {
       throw new UnsupportedFeatureError(
         `qcow2: ${file}: the bitmaps extension's directory offset at ${hex(field)} crosses a sector boundary; it cannot be updated atomically`,
       )
     }
-    const entries = await readBitmapDirectory(img.device, file, ext)
+    const entries = await readBitmapDirectory(state.device, file, ext)
     validateBitmapDirectory(entries, ext, h.size, h.clusterSize, file)
     const list: TrackedBitmap[] = []
     for (const entry of entries) {
       const inconsistent = (entry.flags & BME_FLAG_IN_USE) !== 0
       const enabled = (entry.flags & BME_FLAG_AUTO) !== 0
       const g = bitmapGeometry(h.size, entry.granularityBits, h.clusterSize)
-      const table = await img.device.read(entry.tableOffset, entry.tableSize * 8, 'bitmap')
+      const table = await state.device.read(entry.tableOffset, entry.tableSize * 8, 'bitmap')
       const dataClusters: number[] = []
       let bits: Uint8Array | undefined
       if (!inconsistent) {
@@ -122,19 +122,19 @@ export class PersistentBitmaps {
         if (!bits) continue
         const start = i * h.clusterSize
         const n = Math.min(h.clusterSize, bits.byteLength - start)
-        if (e.offset !== 0) bits.set((await img.device.read(e.offset, h.clusterSize, 'bitmap')).subarray(0, n), start)
+        if (e.offset !== 0) bits.set((await state.device.read(e.offset, h.clusterSize, 'bitmap')).subarray(0, n), start)
         else if (e.allOnes) bits.fill(0xff, start, start + n)
       }
       if (bits) clearTail(bits, g.bits)
       list.push({ entry, inconsistent, enabled, bits, nbits: g.bits, dataClusters })
     }
-    return new PersistentBitmaps(img, list)
+    return new PersistentBitmaps(state, list)
   }
 
   /** Every cluster holding bitmap metadata, for the overlap guard. */
   guardRanges(): Array<Range & { kind: 'bitmap-directory' | 'bitmap-table' | 'bitmap-data' }> {
-    const ext = this.img.header.bitmaps!
-    const cs = this.img.header.clusterSize
+    const ext = this.state.header.bitmaps!
+    const cs = this.state.header.clusterSize
     const out: Array<Range & { kind: 'bitmap-directory' | 'bitmap-table' | 'bitmap-data' }> = [
       { offset: ext.directoryOffset, length: ext.directorySize, kind: 'bitmap-directory' },
     ]
@@ -161,7 +161,7 @@ export class PersistentBitmaps {
     const bad = this.list.find((b) => b.inconsistent)
     if (bad) {
       throw new UnsupportedFeatureError(
-        `qcow2: ${this.img.filename}: Bitmap '${bad.entry.name}' is inconsistent and cannot be used (remove it with qemu-img bitmap --remove)`,
+        `qcow2: ${this.state.filename}: Bitmap '${bad.entry.name}' is inconsistent and cannot be used (remove it with qemu-img bitmap --remove)`,
       )
     }
   }
@@ -169,7 +169,7 @@ export class PersistentBitmaps {
   /** QEMU refuses to apply an internal snapshot while the image has any bitmap (bdrv_snapshot_goto). */
   checkSnapshotApply(name: string): void {
     if (this.list.length > 0) {
-      throw new UnsupportedFeatureError(`qcow2: ${this.img.filename}: Could not apply snapshot '${name}': Device has active dirty bitmaps`)
+      throw new UnsupportedFeatureError(`qcow2: ${this.state.filename}: Could not apply snapshot '${name}': Device has active dirty bitmaps`)
     }
   }
 
@@ -186,9 +186,9 @@ export class PersistentBitmaps {
    */
   async store(w: Qcow2Writer): Promise<void> {
     if (!this.list.some((b) => !b.inconsistent)) return
-    const h = this.img.header
+    const h = this.state.header
     const cs = h.clusterSize
-    const dev = this.img.device
+    const dev = this.state.device
     if (h.size !== this.size) this.resizeBits(h.size)
     const allocated: Range[] = []
     const entries: Qcow2Bitmap[] = []
@@ -249,23 +249,23 @@ export class PersistentBitmaps {
    */
   private async switchDirectory(w: Qcow2Writer, entries: Qcow2Bitmap[], allocated: Range[], old: Range[] = []): Promise<void> {
     // ordered refcount writes even with lazy_refcounts: a dirty image with bitmaps cannot be rebuilt on open
-    const lazy = w.rc.lazy
-    w.rc.lazy = false
+    const lazy = w.refcounts.lazy
+    w.refcounts.lazy = false
     try {
       await this.switchDirectoryOrdered(w, entries, allocated, old)
     } finally {
-      w.rc.lazy = lazy
+      w.refcounts.lazy = lazy
     }
   }
 
   private async switchDirectoryOrdered(w: Qcow2Writer, entries: Qcow2Bitmap[], allocated: Range[], old: Range[]): Promise<void> {
-    const h = this.img.header
+    const h = this.state.header
     const ext = h.bitmaps!
     const cs = h.clusterSize
-    const dev = this.img.device
+    const dev = this.state.device
     const dir = encodeBitmapDirectory(entries)
     if (dir.byteLength !== ext.directorySize) {
-      throw new ImgtoolError('INTERNAL', `qcow2: ${this.img.filename}: new bitmap directory is ${dir.byteLength} bytes, the header says ${ext.directorySize}`)
+      throw new ImgtoolError('INTERNAL', `qcow2: ${this.state.filename}: new bitmap directory is ${dir.byteLength} bytes, the header says ${ext.directorySize}`)
     }
     const mine = [...allocated]
     let dirOffset: number
@@ -274,7 +274,7 @@ export class PersistentBitmaps {
       mine.push({ offset: dirOffset, length: dir.byteLength })
       await dev.write(dirOffset, dir, 'bitmap')
       w.guard.setRange(dirOffset, dir.byteLength, 'bitmap-directory')
-      await w.rc.persist()
+      await w.refcounts.persist()
       await w.flushDevices()
     } catch (e) {
       await this.undo(w, mine)
@@ -282,7 +282,7 @@ export class PersistentBitmaps {
     }
     const field = new Uint8Array(8)
     putU64be(field, 0, dirOffset)
-    await dev.write(headerField(this.img), field, 'header')
+    await dev.write(headerField(this.state), field, 'header')
     await w.flushDevices()
     const oldDir = { offset: ext.directoryOffset, length: ext.directorySize }
     ext.directoryOffset = dirOffset
@@ -291,9 +291,9 @@ export class PersistentBitmaps {
     // the old structures are unreachable now that the switch is durable
     for (const r of [oldDir, ...old]) {
       w.guard.setRange(r.offset, r.length, undefined)
-      await w.rc.update(r.offset, r.length, -1)
+      await w.refcounts.update(r.offset, r.length, -1)
     }
-    await w.rc.persist()
+    await w.refcounts.persist()
     await w.flushDevices()
     entries.forEach((e, i) => {
       e.entryOffset = dirOffset + entryStart(entries, i)
@@ -302,7 +302,7 @@ export class PersistentBitmaps {
       b.entry = entries[i]!
     })
     // what info reports for this open image
-    this.img.bitmaps.splice(0, this.img.bitmaps.length, ...entries)
+    this.state.bitmaps.splice(0, this.state.bitmaps.length, ...entries)
   }
 
   /** Give back clusters allocated for structures nothing points at (a failure before the header switch). */
@@ -310,9 +310,9 @@ export class PersistentBitmaps {
     try {
       for (const r of ranges) {
         w.guard.setRange(r.offset, r.length, undefined)
-        await w.rc.update(r.offset, r.length, -1)
+        await w.refcounts.update(r.offset, r.length, -1)
       }
-      await w.rc.persist()
+      await w.refcounts.persist()
     } catch {
       // unreferenced either way: a leak at worst
     }
@@ -320,7 +320,7 @@ export class PersistentBitmaps {
 
   /** The disk was resized: bits past the new end are dropped, new ones start clean (QEMU's truncate). */
   private resizeBits(size: number): void {
-    const cs = this.img.header.clusterSize
+    const cs = this.state.header.clusterSize
     for (const b of this.list) {
       if (b.inconsistent) continue
       const g = bitmapGeometry(size, b.entry.granularityBits, cs)
@@ -340,9 +340,9 @@ export class PersistentBitmaps {
 }
 
 /** Byte offset of the directory offset field in the header cluster. */
-function headerField(img: Qcow2Image): number {
-  const x = img.header.extensions.find((e) => e.magic === EXT_BITMAPS)
-  if (!x) throw new ImgtoolError('INTERNAL', `qcow2: ${img.filename}: bitmaps extension not found`)
+function headerField(state: Qcow2State): number {
+  const x = state.header.extensions.find((e) => e.magic === EXT_BITMAPS)
+  if (!x) throw new ImgtoolError('INTERNAL', `qcow2: ${state.filename}: bitmaps extension not found`)
   return x.offset + 8 + 16
 }
 

@@ -7,11 +7,13 @@
 import { UnsupportedFeatureError, UsageError, hex } from '../../../errors.js'
 import { alignUp, putU32be, putU64be } from '../../../util/bytes.js'
 import { dataFileRaw, hasDataFile, l1EntriesNeeded } from '../spec/header.js'
-import type { Qcow2Image } from '../image.js'
+import type { Qcow2State } from '../read/state.js'
+import type { Qcow2Writer } from '../write/write.js'
+import { writerOf, type Qcow2OpenImage } from './open-image.js'
 
-export async function resizeQcow2(img: Qcow2Image, size: number): Promise<void> {
-  const w = img.writer
-  if (!w) throw img.writerRefusal ?? new UnsupportedFeatureError(`qcow2: ${img.filename}: image is not open for writing`)
+export async function resizeQcow2(img: Qcow2OpenImage, size: number): Promise<void> {
+  const w = writerOf(img)
+  const state = img.state
   if (!Number.isSafeInteger(size) || size < 0) throw new UsageError(`qcow2: invalid size ${size}`)
   const newSize = alignUp(size, 512)
   try {
@@ -19,75 +21,90 @@ export async function resizeQcow2(img: Qcow2Image, size: number): Promise<void> 
       w.assertUsable()
       // an inconsistent (in use) bitmap cannot be resized: refused as qemu-img resize does
       w.bitmaps?.checkResizable()
-      const h = img.header
-      const cs = h.clusterSize
+      const h = state.header
       // v3 snapshots keep their own disk sizes (QEMU 7.2 resizes such images); v2 ones do not
-      if (img.snapshots.length > 0 && h.version < 3) {
-        throw new UnsupportedFeatureError(`qcow2: ${img.filename}: Can't resize a v2 image which has snapshots`)
+      if (state.snapshots.length > 0 && h.version < 3) {
+        throw new UnsupportedFeatureError(`qcow2: ${state.filename}: Can't resize a v2 image which has snapshots`)
       }
-      if (newSize < h.size) {
-        for await (const run of img.mapper.map(newSize, h.size - newSize)) {
-          if (run.type !== 'unallocated' && run.type !== 'zero') {
-            throw new UnsupportedFeatureError(
-              `qcow2: ${img.filename}: cannot shrink to ${newSize} bytes: guest data is allocated at ${hex(run.guest)} (only unallocated or zero space can be cut)`,
-            )
-          }
-        }
-      }
-      await w.rc.persist()
+      if (newSize < h.size) await refuseShrinkOverData(state, newSize)
+      await w.refcounts.persist()
       await w.flushNow()
-      const need = l1EntriesNeeded({ ...h, size: newSize })
-      const hdr = new Uint8Array(24) // size (24), crypt_method (32), l1_size (36), l1_table_offset (40)
-      putU64be(hdr, 0, newSize)
-      putU32be(hdr, 8, h.cryptMethod)
-      let l1Size = h.l1Size
-      let l1Offset = h.l1TableOffset
-      const oldL1 = { offset: h.l1TableOffset, bytes: h.l1Size * 8 }
-      let allocated: { offset: number; bytes: number } | undefined
-      let switched = false
-      try {
-        if (need > h.l1Size) {
-          const table = new Uint8Array(need * 8)
-          table.set(img.l1)
-          l1Offset = await w.allocClusters(Math.ceil((need * 8) / cs))
-          allocated = { offset: l1Offset, bytes: need * 8 }
-          await w.writeMetadata(l1Offset, table, 'l1')
-          await w.rc.persist()
-          await w.flushNow()
-          l1Size = need
-        }
-        putU32be(hdr, 12, l1Size)
-        putU64be(hdr, 16, l1Offset)
-        await w.writeMetadata(24, hdr, 'header')
-        switched = true
-      } catch (e) {
-        // the header was not written: the new L1 table is unreferenced, give it back
-        if (allocated) {
-          await w.rc.update(allocated.offset, allocated.bytes, -1)
-          await w.rc.persist().catch(() => undefined)
-        }
-        throw e
-      } finally {
-        if (switched) {
-          h.size = newSize
-          if (l1Offset !== oldL1.offset) {
-            w.guard.setRange(oldL1.offset, oldL1.bytes, undefined)
-            w.guard.setRange(l1Offset, l1Size * 8, 'l1')
-            // the old table stays counted until the header switch is durable
-            if (oldL1.bytes > 0) w.deferFree(oldL1.offset, oldL1.bytes)
-            h.l1Size = l1Size
-            h.l1TableOffset = l1Offset
-          }
-        }
-      }
+      await switchSize(w, state.l1, newSize)
       await w.flushNow()
-      if (hasDataFile(h) && dataFileRaw(h) && img.dataDevice !== img.device) await img.dataDevice.truncate(newSize)
-      await w.rc.persist()
+      if (hasDataFile(h) && dataFileRaw(h) && state.dataDevice !== state.device) await state.dataDevice.truncate(newSize)
+      await w.refcounts.persist()
       await w.flushNow()
     })
   } finally {
     // the image is closed either way: reopen it to use the new size
     await img.close()
     w.retire()
+  }
+}
+
+/** Shrinking cuts only unallocated or zero space: refuse when guest data lies past the new end. */
+async function refuseShrinkOverData(state: Qcow2State, newSize: number): Promise<void> {
+  const h = state.header
+  for await (const run of state.map(newSize, h.size - newSize)) {
+    if (run.type !== 'unallocated' && run.type !== 'zero') {
+      throw new UnsupportedFeatureError(
+        `qcow2: ${state.filename}: cannot shrink to ${newSize} bytes: guest data is allocated at ${hex(run.guest)} (only unallocated or zero space can be cut)`,
+      )
+    }
+  }
+}
+
+/**
+ * Switch the header to the new size, with a larger L1 table (a copy of
+ * `activeL1`, written and flushed first) when the size needs one: one header
+ * write covers size and L1 fields. A new table the header never pointed at is
+ * given back.
+ */
+async function switchSize(w: Qcow2Writer, activeL1: Uint8Array, newSize: number): Promise<void> {
+  const h = w.header
+  const cs = h.clusterSize
+  const need = l1EntriesNeeded({ ...h, size: newSize })
+  const hdr = new Uint8Array(24) // size (24), crypt_method (32), l1_size (36), l1_table_offset (40)
+  putU64be(hdr, 0, newSize)
+  putU32be(hdr, 8, h.cryptMethod)
+  let l1Size = h.l1Size
+  let l1Offset = h.l1TableOffset
+  const oldL1 = { offset: h.l1TableOffset, bytes: h.l1Size * 8 }
+  let allocated: { offset: number; bytes: number } | undefined
+  let switched = false
+  try {
+    if (need > h.l1Size) {
+      const table = new Uint8Array(need * 8)
+      table.set(activeL1)
+      l1Offset = await w.allocClusters(Math.ceil((need * 8) / cs))
+      allocated = { offset: l1Offset, bytes: need * 8 }
+      await w.writeMetadata(l1Offset, table, 'l1')
+      await w.refcounts.persist()
+      await w.flushNow()
+      l1Size = need
+    }
+    putU32be(hdr, 12, l1Size)
+    putU64be(hdr, 16, l1Offset)
+    await w.writeMetadata(24, hdr, 'header')
+    switched = true
+  } catch (e) {
+    // the header was not written: the new L1 table is unreferenced, give it back
+    if (allocated) {
+      await w.refcounts.update(allocated.offset, allocated.bytes, -1)
+      await w.refcounts.persist().catch(() => undefined)
+    }
+    throw e
+  } finally {
+    if (switched) {
+      h.size = newSize
+      if (l1Offset !== oldL1.offset) {
+        w.guard.setRange(oldL1.offset, oldL1.bytes, undefined)
+        w.guard.setRange(l1Offset, l1Size * 8, 'l1')
+        // the old table stays counted until the header switch is durable
+        if (oldL1.bytes > 0) w.deferFree(oldL1.offset, oldL1.bytes)
+        h.l1Size = l1Size
+        h.l1TableOffset = l1Offset
+      }
+    }
   }
 }

@@ -12,28 +12,24 @@ import type { SnapshotInfo } from '../../../image/disk-image.js'
 import { putU16be, putU32be, putU64be } from '../../../util/bytes.js'
 import { decodeL1, decodeL2 } from '../spec/entries.js'
 import { hasDataFile, l1EntriesNeeded, l2EntrySize } from '../spec/header.js'
-import type { Qcow2Image } from '../image.js'
+import type { Qcow2State } from '../read/state.js'
 import { SNAPSHOT_FIXED_BYTES, snapshotInfo, type Qcow2Snapshot } from '../spec/snapshot-table.js'
 import type { Qcow2Writer } from '../write/write.js'
+import { writerOf, type Qcow2OpenImage } from './open-image.js'
 import { commitShadow } from './snapshot-shadow.js'
 
-function writerOf(img: Qcow2Image): Qcow2Writer {
-  if (!img.writer) throw img.writerRefusal ?? new UnsupportedFeatureError(`qcow2: ${img.filename}: image is not open for writing`)
-  return img.writer
-}
-
-export function listSnapshots(img: Qcow2Image): SnapshotInfo[] {
-  return img.snapshots.map(snapshotInfo)
+export function listSnapshots(img: Qcow2OpenImage): SnapshotInfo[] {
+  return img.state.snapshots.map(snapshotInfo)
 }
 
 /** Refuse before changing anything if adding `delta` would overflow a refcount (small refcount_bits). */
-async function checkOverflow(img: Qcow2Image, w: Qcow2Writer, l1: Uint8Array, l1Size: number): Promise<void> {
-  const h = img.header
+async function checkOverflow(state: Qcow2State, w: Qcow2Writer, l1: Uint8Array, l1Size: number): Promise<void> {
+  const h = state.header
   if (h.refcountOrder >= 6) return
   const max = 2 ** (2 ** h.refcountOrder) - 1
   const cs = h.clusterSize
   const es = l2EntrySize(h)
-  const ctx = img.mapper.decodeContext
+  const ctx = state.decodeContext
   const add = new Map<number, number>()
   const bump = (off: number, len: number) => {
     for (let c = Math.floor(off / cs); c <= Math.floor((off + len - 1) / cs); c++) add.set(c, (add.get(c) ?? 0) + 1)
@@ -43,7 +39,7 @@ async function checkOverflow(img: Qcow2Image, w: Qcow2Writer, l1: Uint8Array, l1
     const e = decodeL1(dv, i * 8)
     if (e.l2Offset === 0) continue
     bump(e.l2Offset, cs)
-    const t = await img.device.read(e.l2Offset, cs, 'l2')
+    const t = await state.device.read(e.l2Offset, cs, 'l2')
     const tdv = new DataView(t.buffer, t.byteOffset, t.byteLength)
     for (let j = 0; j < cs / es; j++) {
       const le = decodeL2(tdv, j * es, ctx)
@@ -52,18 +48,18 @@ async function checkOverflow(img: Qcow2Image, w: Qcow2Writer, l1: Uint8Array, l1
     }
   }
   for (const [c, n] of add) {
-    if ((await w.rc.get(c)) + n > max) {
+    if ((await w.refcounts.get(c)) + n > max) {
       throw new UnsupportedFeatureError(
-        `qcow2: ${img.filename}: refcount of cluster 0x${(c * cs).toString(16)} would exceed ${max} (refcount_bits ${2 ** h.refcountOrder}); nothing was changed`,
+        `qcow2: ${state.filename}: refcount of cluster 0x${(c * cs).toString(16)} would exceed ${max} (refcount_bits ${2 ** h.refcountOrder}); nothing was changed`,
       )
     }
   }
 }
 
 /** A new snapshot entry for the active image, its L1 table at `l1Offset`. */
-function newSnapshot(img: Qcow2Image, name: string, now: number, l1Offset: number): Qcow2Snapshot {
-  const h = img.header
-  const maxId = img.snapshots.reduce((m, s) => Math.max(m, Number.parseInt(s.id, 10) || 0), 0)
+function newSnapshot(state: Qcow2State, name: string, now: number, l1Offset: number): Qcow2Snapshot {
+  const h = state.header
+  const maxId = state.snapshots.reduce((m, s) => Math.max(m, Number.parseInt(s.id, 10) || 0), 0)
   const extra = new Uint8Array(24)
   putU64be(extra, 0, 0)
   putU64be(extra, 8, h.size)
@@ -85,9 +81,9 @@ function newSnapshot(img: Qcow2Image, name: string, now: number, l1Offset: numbe
   }
 }
 
-function find(img: Qcow2Image, nameOrId: string): Qcow2Snapshot {
-  const s = img.snapshots.find((x) => x.id === nameOrId) ?? img.snapshots.find((x) => x.name === nameOrId)
-  if (!s) throw new NotFoundError(`qcow2: ${img.filename}: Can't find the snapshot '${nameOrId}'`)
+function find(state: Qcow2State, nameOrId: string): Qcow2Snapshot {
+  const s = state.snapshots.find((x) => x.id === nameOrId) ?? state.snapshots.find((x) => x.name === nameOrId)
+  if (!s) throw new NotFoundError(`qcow2: ${state.filename}: Can't find the snapshot '${nameOrId}'`)
   return s
 }
 
@@ -122,34 +118,36 @@ export function encodeSnapshotTable(snaps: Qcow2Snapshot[]): Uint8Array {
   return out
 }
 
-export async function createSnapshot(img: Qcow2Image, name: string, now = Date.now()): Promise<SnapshotInfo> {
+export async function createSnapshot(img: Qcow2OpenImage, name: string, now = Date.now()): Promise<SnapshotInfo> {
   const w = writerOf(img)
-  if (hasDataFile(img.header)) {
-    throw new UnsupportedFeatureError(`qcow2: ${img.filename}: internal snapshots are not supported with an external data file (as in QEMU)`)
+  const state = img.state
+  if (hasDataFile(state.header)) {
+    throw new UnsupportedFeatureError(`qcow2: ${state.filename}: internal snapshots are not supported with an external data file (as in QEMU)`)
   }
   if (name === '') throw new UsageError('qcow2: a snapshot needs a name')
   return w.mutex.run(async () => {
-    if (img.snapshots.some((s) => s.name === name || s.id === name)) {
-      throw new UsageError(`qcow2: ${img.filename}: a snapshot named '${name}' already exists`)
+    if (state.snapshots.some((s) => s.name === name || s.id === name)) {
+      throw new UsageError(`qcow2: ${state.filename}: a snapshot named '${name}' already exists`)
     }
-    const h = img.header
+    const h = state.header
     w.assertUsable()
-    await checkOverflow(img, w, img.l1, h.l1Size)
+    await checkOverflow(state, w, state.l1, h.l1Size)
     // the snapshot takes the active L1 table as it is; the active image gets a copy
-    const snap = newSnapshot(img, name, now, h.l1Size > 0 ? h.l1TableOffset : 0)
-    const snaps = [...img.snapshots, snap]
-    await commitShadow(img, w, { l1: img.l1.slice(), l1Size: h.l1Size, snapshots: snaps, table: encodeSnapshotTable(snaps) })
+    const snap = newSnapshot(state, name, now, h.l1Size > 0 ? h.l1TableOffset : 0)
+    const snaps = [...state.snapshots, snap]
+    await commitShadow(state, w, { l1: state.l1.slice(), l1Size: h.l1Size, snapshots: snaps, table: encodeSnapshotTable(snaps) })
     return listSnapshots(img).find((s) => s.id === snap.id)!
   })
 }
 
-export async function deleteSnapshot(img: Qcow2Image, nameOrId: string): Promise<void> {
+export async function deleteSnapshot(img: Qcow2OpenImage, nameOrId: string): Promise<void> {
   const w = writerOf(img)
+  const state = img.state
   return w.mutex.run(async () => {
-    const s = find(img, nameOrId)
+    const s = find(state, nameOrId)
     w.assertUsable()
-    const snaps = img.snapshots.filter((x) => x !== s)
-    await commitShadow(img, w, { l1: img.l1.slice(), l1Size: img.header.l1Size, snapshots: snaps, table: encodeSnapshotTable(snaps) })
+    const snaps = state.snapshots.filter((x) => x !== s)
+    await commitShadow(state, w, { l1: state.l1.slice(), l1Size: state.header.l1Size, snapshots: snaps, table: encodeSnapshotTable(snaps) })
   })
 }
 
@@ -163,28 +161,29 @@ export async function deleteSnapshot(img: Qcow2Image, nameOrId: string): Promise
  * l1_table_offset together, so a crash leaves either the old image or the
  * snapshot's, never a mix.
  */
-export async function applySnapshot(img: Qcow2Image, nameOrId: string): Promise<void> {
+export async function applySnapshot(img: Qcow2OpenImage, nameOrId: string): Promise<void> {
   const w = writerOf(img)
+  const state = img.state
   return w.mutex.run(async () => {
     // QEMU refuses before it looks the snapshot up (bdrv_snapshot_goto): the bitmaps would not match the data
     w.bitmaps?.checkSnapshotApply(nameOrId)
-    const s = find(img, nameOrId)
-    const h = img.header
+    const s = find(state, nameOrId)
+    const h = state.header
     const newSize = s.diskSize ?? h.size
     const resize = newSize !== h.size
     if (resize && h.version < 3) {
       throw new UnsupportedFeatureError(
-        `qcow2: ${img.filename}: snapshot '${s.name}' has another disk size (${newSize}) than the image (${h.size}): Can't resize a v2 image which has snapshots`,
+        `qcow2: ${state.filename}: snapshot '${s.name}' has another disk size (${newSize}) than the image (${h.size}): Can't resize a v2 image which has snapshots`,
       )
     }
     w.assertUsable()
     const newTable = resize || s.l1Size > h.l1Size
     const l1Size = newTable ? Math.max(s.l1Size, l1EntriesNeeded({ ...h, size: newSize })) : h.l1Size
     const snapL1 = new Uint8Array(l1Size * 8)
-    if (s.l1Size > 0) snapL1.set(await img.device.read(s.l1TableOffset, s.l1Size * 8, 'l1'))
-    await checkOverflow(img, w, snapL1, l1Size)
+    if (s.l1Size > 0) snapL1.set(await state.device.read(s.l1TableOffset, s.l1Size * 8, 'l1'))
+    await checkOverflow(state, w, snapL1, l1Size)
     // the active L1 becomes a copy of the snapshot's (at the snapshot's size, as qcow2_snapshot_goto)
-    const snaps = [...img.snapshots]
-    await commitShadow(img, w, { l1: snapL1, l1Size, snapshots: snaps, table: encodeSnapshotTable(snaps), size: newSize })
+    const snaps = [...state.snapshots]
+    await commitShadow(state, w, { l1: snapL1, l1Size, snapshots: snaps, table: encodeSnapshotTable(snaps), size: newSize })
   })
 }

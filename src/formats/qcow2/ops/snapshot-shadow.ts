@@ -36,7 +36,7 @@ import { MAX_REFTABLE_BYTES } from '../spec/constants.js'
 import { decodeL1, decodeL2, encodeL1 } from '../spec/entries.js'
 import { decodeBitmapTableEntry, readBitmapDirectory } from '../spec/bitmap-directory.js'
 import { bitmapsValid, l2EntrySize } from '../spec/header.js'
-import type { Qcow2Image } from '../image.js'
+import type { Qcow2State } from '../read/state.js'
 import { maxRefcount, refcountsPerBlock, setRefcountEntry } from '../spec/refcount-codec.js'
 import { RefcountWriter } from '../write/refcount-writer.js'
 import { SNAPSHOT_FIXED_BYTES, snapshotTableBytes, type Qcow2Snapshot } from '../spec/snapshot-table.js'
@@ -84,12 +84,12 @@ class PerCluster<T extends Uint32Array | Uint8Array> {
 }
 
 /** Run the shadow commit for `next` (inside the writer's mutex, writer usable). */
-export async function commitShadow(img: Qcow2Image, w: Qcow2Writer, next: ShadowTree): Promise<void> {
-  const h = img.header
-  const dev = img.device
+export async function commitShadow(state: Qcow2State, w: Qcow2Writer, next: ShadowTree): Promise<void> {
+  const h = state.header
+  const dev = state.device
   const cs = h.clusterSize
   const es = l2EntrySize(h)
-  const ctx = img.mapper.decodeContext
+  const ctx = state.decodeContext
   const clusters = (off: number, len: number): number[] => {
     const out: number[] = []
     if (len <= 0) return out
@@ -115,18 +115,18 @@ export async function commitShadow(img: Qcow2Image, w: Qcow2Writer, next: Shadow
 
   if (h.bitmaps !== undefined && h.version < 3) {
     // (QEMU writes bitmaps only to v3 images) their clusters are not in the walk below
-    throw new UnsupportedFeatureError(`qcow2: ${img.filename}: snapshot operations on a v2 image with a bitmaps extension are not supported`)
+    throw new UnsupportedFeatureError(`qcow2: ${state.filename}: snapshot operations on a v2 image with a bitmaps extension are not supported`)
   }
   if (next.size !== undefined && next.size !== h.size && h.version < 3) {
-    throw new UnsupportedFeatureError(`qcow2: ${img.filename}: Can't resize a v2 image which has snapshots`)
+    throw new UnsupportedFeatureError(`qcow2: ${state.filename}: Can't resize a v2 image which has snapshots`)
   }
   // everything on disk now (refcounts, deferred frees), so the old structures are exact while the new ones are built;
   // no dirty bit: a crash leaves the old image or the new one, both exact
   w.assertUsable()
-  await w.rc.persist()
+  await w.refcounts.persist()
   await w.flushNow()
-  if (w.rc.dirty) {
-    await w.rc.persist()
+  if (w.refcounts.dirty) {
+    await w.refcounts.persist()
     await w.flushNow()
   }
 
@@ -139,11 +139,11 @@ export async function commitShadow(img: Qcow2Image, w: Qcow2Writer, next: Shadow
 
   // the old image: header, refcount structures, L1 tables, snapshot table
   const oldMeta: number[] = [0]
-  for (const [c] of await w.rc.metadataClusters()) oldMeta.push(c)
+  for (const [c] of await w.refcounts.metadataClusters()) oldMeta.push(c)
   oldMeta.push(...clusters(h.l1TableOffset, h.l1Size * 8))
-  if (h.nbSnapshots > 0) oldMeta.push(...clusters(h.snapshotsOffset, snapshotTableBytes(img.snapshots, h.snapshotsOffset)))
-  const oldL1s: Array<[Uint8Array, number]> = [[img.l1, h.l1Size]]
-  for (const s of img.snapshots) {
+  if (h.nbSnapshots > 0) oldMeta.push(...clusters(h.snapshotsOffset, snapshotTableBytes(state.snapshots, h.snapshotsOffset)))
+  const oldL1s: Array<[Uint8Array, number]> = [[state.l1, h.l1Size]]
+  for (const s of state.snapshots) {
     oldMeta.push(...clusters(s.l1TableOffset, s.l1Size * 8))
     oldL1s.push([await readL1(s.l1TableOffset, s.l1Size), s.l1Size])
   }
@@ -151,7 +151,7 @@ export async function commitShadow(img: Qcow2Image, w: Qcow2Writer, next: Shadow
   const bitmapRanges: Array<[number, number]> = []
   if (h.bitmaps && bitmapsValid(h) && h.bitmaps.nbBitmaps > 0) {
     bitmapRanges.push([h.bitmaps.directoryOffset, h.bitmaps.directorySize])
-    for (const bm of await readBitmapDirectory(dev, img.filename, h.bitmaps)) {
+    for (const bm of await readBitmapDirectory(dev, state.filename, h.bitmaps)) {
       if (bm.tableSize === 0) continue
       bitmapRanges.push([bm.tableOffset, bm.tableSize * 8])
       const t = await dev.read(bm.tableOffset, bm.tableSize * 8, 'bitmap')
@@ -243,7 +243,7 @@ export async function commitShadow(img: Qcow2Image, w: Qcow2Writer, next: Shadow
   }
 
   // a new refcount structure, counting itself
-  const rt = layoutRefcounts(counts, take, cs, h.refcountOrder, img.filename)
+  const rt = layoutRefcounts(counts, take, cs, h.refcountOrder, state.filename)
 
   // writes: all to clusters nothing uses yet
   for (const c of copies) await w.writeMetadata(c.offset, c.table, 'l2')
@@ -267,7 +267,7 @@ export async function commitShadow(img: Qcow2Image, w: Qcow2Writer, next: Shadow
   try {
     await w.writeMetadata(resize ? 24 : 36, resize ? sw : sw.subarray(12), 'header')
     await w.flushNow()
-    await follow(img, w, next, { l1Offset, tableOffset, active, rt, oldGuard: [...oldMeta, ...[...reach.keys()].map((off) => off / cs)] })
+    await follow(state, w, next, { l1Offset, tableOffset, active, rt, oldGuard: [...oldMeta, ...[...reach.keys()].map((off) => off / cs)] })
   } catch (e) {
     // the switch may or may not be on disk, or memory is half way: the writer refuses until the image is reopened
     w.abortTransaction()
@@ -278,12 +278,12 @@ export async function commitShadow(img: Qcow2Image, w: Qcow2Writer, next: Shadow
 
 /** Memory follows the disk after the switch: header fields, tables, snapshot list, the writer's refcounts. */
 async function follow(
-  img: Qcow2Image,
+  state: Qcow2State,
   w: Qcow2Writer,
   next: ShadowTree,
   o: { l1Offset: number; tableOffset: number; active: Uint8Array; rt: { tableOffset: number; tableClusters: number }; oldGuard: number[] },
 ): Promise<void> {
-  const h = img.header
+  const h = state.header
   const { l1Offset, tableOffset, active, rt } = o
   if (next.size !== undefined) h.size = next.size
   h.l1Size = next.l1Size
@@ -297,13 +297,13 @@ async function follow(
     s.entryOffset = pos
     pos += entryBytes(s)
   }
-  img.snapshots.length = 0
-  img.snapshots.push(...next.snapshots)
-  img.mapper.l2cache.clear()
-  img.replaceL1(active)
-  img.dropCompressedCache()
-  img.refcounts.invalidate()
-  await reloadWriter(img, w, o.oldGuard)
+  state.snapshots.length = 0
+  state.snapshots.push(...next.snapshots)
+  state.clearL2Cache()
+  state.replaceL1(active)
+  state.dropCompressedCache()
+  state.refcounts.invalidate()
+  await reloadWriter(state, w, o.oldGuard)
 }
 
 /**
@@ -311,11 +311,11 @@ async function follow(
  * keeps its identity (and mutex); its RefcountWriter is replaced by one loaded
  * from the new table.
  */
-async function reloadWriter(img: Qcow2Image, w: Qcow2Writer, oldMeta: number[]): Promise<void> {
-  const h = img.header
+async function reloadWriter(state: Qcow2State, w: Qcow2Writer, oldMeta: number[]): Promise<void> {
+  const h = state.header
   const cs = h.clusterSize
   const g = w.guard
-  const rc = await RefcountWriter.load(img.device, h, img.filename, { onMetadata: (c, k) => g.set(c, k) })
+  const rc = await RefcountWriter.load(state.device, h, state.filename, { onMetadata: (c, k) => g.set(c, k) })
   w.replaceRefcounts(rc)
   for (const c of oldMeta) g.set(c, undefined)
   g.set(0, 'header')
@@ -328,12 +328,12 @@ async function reloadWriter(img: Qcow2Image, w: Qcow2Writer, oldMeta: number[]):
       if (off !== 0) g.set(off / cs, 'l2')
     }
   }
-  l2s(img.l1, h.l1Size)
-  if (h.nbSnapshots > 0) g.setRange(h.snapshotsOffset, snapshotTableBytes(img.snapshots, h.snapshotsOffset), 'snapshot')
-  for (const s of img.snapshots) {
+  l2s(state.l1, h.l1Size)
+  if (h.nbSnapshots > 0) g.setRange(h.snapshotsOffset, snapshotTableBytes(state.snapshots, h.snapshotsOffset), 'snapshot')
+  for (const s of state.snapshots) {
     if (s.l1Size === 0) continue
     g.setRange(s.l1TableOffset, s.l1Size * 8, 'snapshot-l1')
-    l2s(await img.device.read(s.l1TableOffset, s.l1Size * 8, 'l1'), s.l1Size)
+    l2s(await state.device.read(s.l1TableOffset, s.l1Size * 8, 'l1'), s.l1Size)
   }
 }
 

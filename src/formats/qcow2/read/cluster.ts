@@ -96,16 +96,16 @@ export class ClusterMapper {
 
   constructor(
     private readonly dev: BlockDevice,
-    private readonly h: Qcow2Header,
+    private readonly header: Qcow2Header,
     private readonly file: string,
     /** the active L1 table bytes (l1Size * 8); writers update it in place */
     readonly l1: Uint8Array,
     readonly l2cache: L2Cache,
   ) {
-    this.clusterSize = h.clusterSize
-    this.l2Entries = h.clusterSize / l2EntrySize(h)
-    this.subclusterSize = hasExtendedL2(h) ? h.clusterSize / SUBCLUSTERS_PER_CLUSTER : h.clusterSize
-    this.ctx = { clusterBits: h.clusterBits, extendedL2: hasExtendedL2(h), dataFile: hasDataFile(h) }
+    this.clusterSize = header.clusterSize
+    this.l2Entries = header.clusterSize / l2EntrySize(header)
+    this.subclusterSize = hasExtendedL2(header) ? header.clusterSize / SUBCLUSTERS_PER_CLUSTER : header.clusterSize
+    this.ctx = { clusterBits: header.clusterBits, extendedL2: hasExtendedL2(header), dataFile: hasDataFile(header) }
     this.l1View = new DataView(l1.buffer, l1.byteOffset, l1.byteLength)
   }
 
@@ -123,8 +123,8 @@ export class ClusterMapper {
     if (cached) return cached
     if (l2Offset % this.clusterSize !== 0) {
       throw new CorruptImageError(
-        `qcow2: ${this.file}: L2 table offset ${hex(l2Offset)} is not aligned to cluster size ${hex(this.clusterSize)} (L1 entry ${l1Index} at ${hex(this.h.l1TableOffset + l1Index * 8)})`,
-        { file: this.file, structure: 'l1', offset: this.h.l1TableOffset + l1Index * 8 },
+        `qcow2: ${this.file}: L2 table offset ${hex(l2Offset)} is not aligned to cluster size ${hex(this.clusterSize)} (L1 entry ${l1Index} at ${hex(this.header.l1TableOffset + l1Index * 8)})`,
+        { file: this.file, structure: 'l1', offset: this.header.l1TableOffset + l1Index * 8 },
       )
     }
     const eofLimit = Math.ceil(this.dev.size / this.clusterSize) * this.clusterSize
@@ -139,8 +139,8 @@ export class ClusterMapper {
     }
     if (l2Offset + this.clusterSize > eofLimit) {
       throw new CorruptImageError(
-        `qcow2: ${this.file}: L2 table offset ${hex(l2Offset)} is beyond the end of the file (size ${hex(this.dev.size)}) (L1 entry ${l1Index} at ${hex(this.h.l1TableOffset + l1Index * 8)})`,
-        { file: this.file, structure: 'l1', offset: this.h.l1TableOffset + l1Index * 8 },
+        `qcow2: ${this.file}: L2 table offset ${hex(l2Offset)} is beyond the end of the file (size ${hex(this.dev.size)}) (L1 entry ${l1Index} at ${hex(this.header.l1TableOffset + l1Index * 8)})`,
+        { file: this.file, structure: 'l1', offset: this.header.l1TableOffset + l1Index * 8 },
       )
     }
     const t = await this.dev.read(l2Offset, this.clusterSize, 'l2')
@@ -149,7 +149,7 @@ export class ClusterMapper {
   }
 
   decodeEntry(table: DataView, index: number): L2Entry {
-    return decodeL2(table, index * l2EntrySize(this.h), this.ctx)
+    return decodeL2(table, index * l2EntrySize(this.header), this.ctx)
   }
 
   /**
@@ -162,7 +162,7 @@ export class ClusterMapper {
    */
   async *map(offset: number, length: number): AsyncGenerator<MappingRun> {
     const end = offset + length
-    const cs = this.clusterSize
+    const clusterSize = this.clusterSize
     const m = new RunMerger()
     // On a read-only image (no writer can change a table meanwhile) the next L2
     // table is read while this one is scanned. A failed read-ahead is reported
@@ -170,17 +170,17 @@ export class ClusterMapper {
     let ahead: { l1Index: number; table: Promise<Uint8Array> } | undefined
     let pos = offset
     while (pos < end) {
-      const cluster = Math.floor(pos / cs)
+      const cluster = Math.floor(pos / clusterSize)
       const l1Index = Math.floor(cluster / this.l2Entries)
       const l2Index = cluster % this.l2Entries
-      const tableEnd = Math.min(end, (l1Index + 1) * this.l2Entries * cs)
-      const l1e = l1Index < this.h.l1Size ? this.l1Entry(l1Index) : undefined
+      const tableEnd = Math.min(end, (l1Index + 1) * this.l2Entries * clusterSize)
+      const l1e = l1Index < this.header.l1Size ? this.l1Entry(l1Index) : undefined
       if (!l1e || l1e.l2Offset === 0) {
         m.add({ guest: pos, length: tableEnd - pos, type: 'unallocated' })
       } else {
         const raw = ahead?.l1Index === l1Index ? await ahead.table : await this.loadL2(l1Index, l1e.l2Offset)
         ahead = undefined
-        if (this.dev.readOnly && tableEnd < end && l1Index + 1 < this.h.l1Size) {
+        if (this.dev.readOnly && tableEnd < end && l1Index + 1 < this.header.l1Size) {
           const next = this.l1Entry(l1Index + 1)
           if (next.l2Offset !== 0) {
             ahead = { l1Index: l1Index + 1, table: this.loadL2(l1Index + 1, next.l2Offset) }
@@ -203,12 +203,12 @@ export class ClusterMapper {
 
   /** Standard L2 entries from `l2Index` covering [pos, tableEnd): the common ones decoded inline. */
   private scanStandard(m: RunMerger, dv: DataView, l1Index: number, l2Offset: number, l2Index: number, pos: number, tableEnd: number): void {
-    const cs = this.clusterSize
-    const v2 = this.h.version < 3
+    const clusterSize = this.clusterSize
+    const v2 = this.header.version < 3
     const dataFile = this.ctx.dataFile
     for (; pos < tableEnd; l2Index++) {
-      const clusterStart = Math.floor(pos / cs) * cs
-      const clusterEnd = Math.min(tableEnd, clusterStart + cs)
+      const clusterStart = Math.floor(pos / clusterSize) * clusterSize
+      const clusterEnd = Math.min(tableEnd, clusterStart + clusterSize)
       const hi = dv.getUint32(l2Index * 8, false)
       const lo = dv.getUint32(l2Index * 8 + 4, false)
       // the same classification as decodeL2 + standardRun; anything unusual
@@ -229,7 +229,7 @@ export class ClusterMapper {
           type = 'normal'
           host = off
         }
-        if (host >= 0 && (host % cs !== 0 || (dataFile && host !== clusterStart))) type = undefined
+        if (host >= 0 && (host % clusterSize !== 0 || (dataFile && host !== clusterStart))) type = undefined
       }
       if (type === undefined) {
         m.add(this.standardRun(this.decodeEntry(dv, l2Index), l1Index, l2Offset, l2Index, pos, clusterStart, clusterEnd))
@@ -241,12 +241,12 @@ export class ClusterMapper {
       // Whole clusters whose raw entry is this one's with the host offset moved on by
       // a cluster (or unchanged, without a host offset) continue the same run: same
       // type, same flags, contiguous and aligned host ranges. Compare raw words only.
-      const step = host < 0 ? 0 : cs
+      const step = host < 0 ? 0 : clusterSize
       let eHi = hi
       let eLo = lo
       let k = l2Index + 1
       let q = pos
-      while (q + cs <= tableEnd) {
+      while (q + clusterSize <= tableEnd) {
         let nLo = eLo + step
         let nHi = eHi
         if (nLo >= TWO32) {
@@ -257,7 +257,7 @@ export class ClusterMapper {
         eHi = nHi
         eLo = nLo
         k++
-        q += cs
+        q += clusterSize
       }
       if (q > pos) {
         m.pending!.length += q - pos
@@ -268,10 +268,10 @@ export class ClusterMapper {
   }
 
   private scanExtended(m: RunMerger, dv: DataView, l1Index: number, l2Offset: number, l2Index: number, pos: number, tableEnd: number): void {
-    const cs = this.clusterSize
+    const clusterSize = this.clusterSize
     for (; pos < tableEnd; l2Index++) {
-      const clusterStart = Math.floor(pos / cs) * cs
-      const clusterEnd = Math.min(tableEnd, clusterStart + cs)
+      const clusterStart = Math.floor(pos / clusterSize) * clusterSize
+      const clusterEnd = Math.min(tableEnd, clusterStart + clusterSize)
       this.extendedRuns(m, this.decodeEntry(dv, l2Index), dv, l2Index, l1Index, l2Offset, pos, clusterStart, clusterEnd)
       pos = clusterEnd
     }
@@ -285,7 +285,7 @@ export class ClusterMapper {
       case 'compressed':
         return { guest: pos, length, type: 'compressed', compressed: { hostOffset: e.hostOffset, size: e.size, clusterGuest: clusterStart } }
       case 'zero':
-        if (this.h.version < 3) {
+        if (this.header.version < 3) {
           throw new CorruptImageError(
             `qcow2: ${this.file}: zero cluster entry for guest ${hex(clusterStart)} found in a v2 image (L2 entry ${l2Index} at ${hex(l2Offset + l2Index * 8)})`,
             { file: this.file, structure: 'l2', offset: l2Offset + l2Index * 8 },
@@ -317,11 +317,11 @@ export class ClusterMapper {
     }
     if (e.type === 'normal') this.checkHost(e.hostOffset, l1Index, l2Offset, l2Index, clusterStart)
     const bm = readBitmap(dv, l2Index * 16)
-    const sc = this.subclusterSize
+    const subclusterSize = this.subclusterSize
     let p = pos
     while (p < clusterEnd) {
-      const i = Math.floor((p - clusterStart) / sc)
-      const scEnd = Math.min(clusterEnd, clusterStart + (i + 1) * sc)
+      const i = Math.floor((p - clusterStart) / subclusterSize)
+      const scEnd = Math.min(clusterEnd, clusterStart + (i + 1) * subclusterSize)
       const t = subclusterType(e, bm, i)
       if (t === 'invalid') {
         throw new CorruptImageError(
@@ -342,14 +342,14 @@ export class ClusterMapper {
   private checkHost(host: number, l1Index: number, l2Offset: number, l2Index: number, clusterStart: number): void {
     if (host % this.clusterSize !== 0) {
       throw new CorruptImageError(
-        `qcow2: ${this.file}: data cluster offset ${hex(host)} for guest ${hex(clusterStart)} is not aligned to cluster size ${hex(this.clusterSize)} (L2 entry ${l2Index} at ${hex(l2Offset + l2Index * l2EntrySize(this.h))})`,
-        { file: this.file, structure: 'l2', offset: l2Offset + l2Index * l2EntrySize(this.h) },
+        `qcow2: ${this.file}: data cluster offset ${hex(host)} for guest ${hex(clusterStart)} is not aligned to cluster size ${hex(this.clusterSize)} (L2 entry ${l2Index} at ${hex(l2Offset + l2Index * l2EntrySize(this.header))})`,
+        { file: this.file, structure: 'l2', offset: l2Offset + l2Index * l2EntrySize(this.header) },
       )
     }
     if (this.ctx.dataFile && host !== clusterStart) {
       throw new CorruptImageError(
-        `qcow2: ${this.file}: external data file cluster offset ${hex(host)} does not match guest offset ${hex(clusterStart)} (L2 entry ${l2Index} at ${hex(l2Offset + l2Index * l2EntrySize(this.h))})`,
-        { file: this.file, structure: 'l2', offset: l2Offset + l2Index * l2EntrySize(this.h) },
+        `qcow2: ${this.file}: external data file cluster offset ${hex(host)} does not match guest offset ${hex(clusterStart)} (L2 entry ${l2Index} at ${hex(l2Offset + l2Index * l2EntrySize(this.header))})`,
+        { file: this.file, structure: 'l2', offset: l2Offset + l2Index * l2EntrySize(this.header) },
       )
     }
   }

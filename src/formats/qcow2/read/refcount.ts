@@ -27,19 +27,19 @@ export class RefcountReader {
 
   constructor(
     private readonly dev: BlockDevice,
-    private readonly h: Qcow2Header,
+    private readonly header: Qcow2Header,
     private readonly file: string,
   ) {
-    this.perBlock = refcountsPerBlock(h.clusterSize, h.refcountOrder)
+    this.perBlock = refcountsPerBlock(header.clusterSize, header.refcountOrder)
   }
 
   get tableEntries(): number {
-    return (this.h.refcountTableClusters * this.h.clusterSize) / 8
+    return (this.header.refcountTableClusters * this.header.clusterSize) / 8
   }
 
   async loadTable(): Promise<Uint8Array> {
     if (!this.table) {
-      this.table = await this.dev.read(this.h.refcountTableOffset, this.h.refcountTableClusters * this.h.clusterSize, 'reftable')
+      this.table = await this.dev.read(this.header.refcountTableOffset, this.header.refcountTableClusters * this.header.clusterSize, 'reftable')
     }
     return this.table
   }
@@ -53,7 +53,7 @@ export class RefcountReader {
   async block(offset: number): Promise<Uint8Array> {
     let b = this.blocks.get(offset)
     if (!b) {
-      b = await this.dev.read(offset, this.h.clusterSize, 'refblock')
+      b = await this.dev.read(offset, this.header.clusterSize, 'refblock')
       this.blocks.set(offset, b)
     }
     return b
@@ -64,14 +64,14 @@ export class RefcountReader {
     const ti = Math.floor(cluster / this.perBlock)
     const e = await this.reftableEntry(ti)
     if (e.offset === 0) return 0
-    if (e.offset % this.h.clusterSize !== 0) {
+    if (e.offset % this.header.clusterSize !== 0) {
       throw new CorruptImageError(
-        `qcow2: ${this.file}: refcount block offset ${hex(e.offset)} is not aligned to cluster size ${hex(this.h.clusterSize)} (refcount table index ${ti})`,
-        { file: this.file, structure: 'reftable', offset: this.h.refcountTableOffset + ti * 8 },
+        `qcow2: ${this.file}: refcount block offset ${hex(e.offset)} is not aligned to cluster size ${hex(this.header.clusterSize)} (refcount table index ${ti})`,
+        { file: this.file, structure: 'reftable', offset: this.header.refcountTableOffset + ti * 8 },
       )
     }
     const b = await this.block(e.offset)
-    return getRefcountEntry(b, cluster % this.perBlock, this.h.refcountOrder)
+    return getRefcountEntry(b, cluster % this.perBlock, this.header.refcountOrder)
   }
 
   /** Drop cached state (after a writer replaced the table or blocks). */

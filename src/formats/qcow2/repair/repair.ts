@@ -46,7 +46,7 @@ import { Qcow2Journal, type JournalRegion } from './journal.js'
 import { maxRefcount, refcountsPerBlock, setRefcountEntry } from '../spec/refcount-codec.js'
 import { AUTOCLEAR_KNOWN, MAX_REFTABLE_BYTES } from '../spec/constants.js'
 import { putU64be, u32be, u64be } from '../../../util/bytes.js'
-import type { Qcow2Image } from '../image.js'
+import type { Qcow2State } from '../read/state.js'
 
 const TWO32 = 0x1_0000_0000
 
@@ -60,17 +60,17 @@ export interface RepairDeviceOptions {
   filename?: string
 }
 
-export async function repairQcow2(img: Qcow2Image, options: CheckOptions & { repair: RepairMode }): Promise<RepairResult> {
-  if (img.device.readOnly && !options.dryRun) {
-    throw new ReadOnlyError(`qcow2: ${img.filename}: open the image read-write to repair it`, { file: img.filename })
+export async function repairQcow2(image: Qcow2State, options: CheckOptions & { repair: RepairMode }): Promise<RepairResult> {
+  if (image.device.readOnly && !options.dryRun) {
+    throw new ReadOnlyError(`qcow2: ${image.filename}: open the image read-write to repair it`, { file: image.filename })
   }
-  const o: RepairDeviceOptions = { repair: options.repair, filename: img.filename }
+  const o: RepairDeviceOptions = { repair: options.repair, filename: image.filename }
   if (options.dryRun) o.dryRun = true
   if (options.journal) o.journal = options.journal
   if (options.journalPath) o.journalPath = options.journalPath
   if (options.journalIdentity) o.journalIdentity = options.journalIdentity
-  const r = await repairQcow2Device(img.device, o)
-  img.refcounts.invalidate()
+  const r = await repairQcow2Device(image.device, o)
+  image.refcounts.invalidate()
   return r
 }
 

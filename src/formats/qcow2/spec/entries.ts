@@ -22,6 +22,12 @@ export function decodeL1(dv: DataView, byteOffset: number): L1Entry {
   }
 }
 
+/** Set or clear COPIED (bit 63) of the L1 or L2 entry at `byteOffset`, leaving every other bit as it is. */
+export function setCopiedFlag(dv: DataView, byteOffset: number, copied: boolean): void {
+  const hi = dv.getUint32(byteOffset, false)
+  dv.setUint32(byteOffset, copied ? (hi | 0x80000000) >>> 0 : (hi & 0x7fffffff) >>> 0, false)
+}
+
 export function encodeL1(e: { l2Offset: number; copied: boolean }): bigint {
   return BigInt(e.l2Offset) | (e.copied ? 1n << 63n : 0n)
 }

@@ -94,6 +94,8 @@ export interface ParseHeaderOptions {
   infoOnly?: boolean
 }
 
+type Fail = (msg: string, offset: number, structure?: string) => never
+
 /** Read and validate the header cluster's fixed part and extensions. */
 export async function readHeader(dev: BlockDevice, opts: ParseHeaderOptions): Promise<Qcow2Header> {
   const file = opts.file
@@ -191,35 +193,9 @@ export async function readHeader(dev: BlockDevice, opts: ParseHeaderOptions): Pr
   const extEnd = h.backingFileOffset > 0 ? h.backingFileOffset : clusterSize
   const extError = parseExtensions(h, headerCluster, headerLength, extEnd)
 
-  if (h.compressionType !== C.COMPRESSION_ZLIB && h.compressionType !== C.COMPRESSION_ZSTD) {
-    throw new UnsupportedFeatureError(`qcow2: ${file}: unknown compression type: ${h.compressionType} (header byte 0x68)`, {
-      file,
-      structure: 'header',
-      offset: 104,
-    })
-  }
-  const compressionBit = (incompatibleFeatures & BigInt(C.INCOMPAT_COMPRESSION)) !== 0n
-  if (h.compressionType === C.COMPRESSION_ZLIB && compressionBit) {
-    fail('Compression type incompatible feature bit must not be set with zlib compression', 72)
-  }
-  if (h.compressionType !== C.COMPRESSION_ZLIB && !compressionBit) {
-    fail('Compression type incompatible feature bit must be set for non-zlib compression', 72)
-  }
+  checkCompressionType(h, file, fail)
 
-  const unknown = incompatibleFeatures & ~BigInt(C.INCOMPAT_KNOWN)
-  if (unknown !== 0n) {
-    const names: string[] = []
-    for (let bit = 0; bit < 64; bit++) {
-      if ((unknown >> BigInt(bit)) & 1n) {
-        const named = h.featureNames.find((f) => f.type === 'incompatible' && f.bit === bit)
-        names.push(named ? `${named.name} (bit ${bit})` : `Unknown incompatible feature: bit ${bit}`)
-      }
-    }
-    throw new UnsupportedFeatureError(
-      `qcow2: ${file}: Unsupported qcow2 feature(s): ${names.join(', ')} (incompatible_features ${hex(incompatibleFeatures)} at 0x48)`,
-      { file, structure: 'header', offset: 72 },
-    )
-  }
+  refuseUnknownIncompatible(h, file)
   if (isCorrupt(h) && !opts.readOnly && !opts.forCheck) {
     fail('Image is corrupt; cannot be opened read/write (run imgtool check -r all)', 72)
   }
@@ -235,6 +211,74 @@ export async function readHeader(dev: BlockDevice, opts: ParseHeaderOptions): Pr
   if (h.refcountTableClusters === 0 && !opts.forCheck) {
     fail('Image does not contain a reference count table (refcount_table_clusters is 0)', 56)
   }
+  readTableOffsets(h, head, opts.forCheck, fail)
+  const sizeField = h.sizeField!
+  const needed = l1EntriesNeeded({ size: sizeField, clusterBits, incompatibleFeatures })
+  if (needed > 0x7fffffff) fail(`Image is too big: ${sizeField} bytes need ${needed} L1 entries`, 24)
+  if (h.l1Size < needed) fail(`L1 table is too small: l1_size ${h.l1Size}, the virtual size ${sizeField} needs ${needed}`, 36)
+  // QEMU keeps the size in 512-byte sectors, rounded down (bs->total_sectors)
+  h.size = Math.floor(sizeField / 512) * 512
+  if (h.cryptMethod > C.CRYPT_LUKS) {
+    throw new UnsupportedFeatureError(`qcow2: ${file}: Unsupported encryption method ${h.cryptMethod} (crypt_method at 0x20)`, {
+      file,
+      structure: 'header',
+      offset: 32,
+    })
+  }
+  if (extError) fail(extError.message, extError.offset, 'header extension')
+  if (hasDataFile(h) && h.dataFile === undefined && opts.infoOnly !== true) {
+    fail("'data-file' is required for this image: the external data file bit is set but no data file name extension exists", 72)
+  }
+  if (!hasDataFile(h) && dataFileRaw(h) && opts.infoOnly !== true) {
+    fail('data-file-raw requires a data file: autoclear bit 1 is set but the external data file bit is not', 88)
+  }
+  if (h.cryptMethod === C.CRYPT_LUKS && h.crypto === undefined) {
+    fail(`Missing CRYPTO header for crypt method ${h.cryptMethod}: no crypto header extension`, 32)
+  }
+
+  readBackingFileName(h, headerCluster, fail)
+  return h
+}
+
+/** The compression type byte and the incompatible bit that goes with it agree (as QEMU validates them). */
+function checkCompressionType(h: Qcow2Header, file: string, fail: Fail): void {
+  if (h.compressionType !== C.COMPRESSION_ZLIB && h.compressionType !== C.COMPRESSION_ZSTD) {
+    throw new UnsupportedFeatureError(`qcow2: ${file}: unknown compression type: ${h.compressionType} (header byte 0x68)`, {
+      file,
+      structure: 'header',
+      offset: 104,
+    })
+  }
+  const compressionBit = (h.incompatibleFeatures & BigInt(C.INCOMPAT_COMPRESSION)) !== 0n
+  if (h.compressionType === C.COMPRESSION_ZLIB && compressionBit) {
+    fail('Compression type incompatible feature bit must not be set with zlib compression', 72)
+  }
+  if (h.compressionType !== C.COMPRESSION_ZLIB && !compressionBit) {
+    fail('Compression type incompatible feature bit must be set for non-zlib compression', 72)
+  }
+}
+
+/** Refuse incompatible feature bits imgtool does not know, named from the feature name table when it has them. */
+function refuseUnknownIncompatible(h: Qcow2Header, file: string): void {
+  const unknown = h.incompatibleFeatures & ~BigInt(C.INCOMPAT_KNOWN)
+  if (unknown !== 0n) {
+    const names: string[] = []
+    for (let bit = 0; bit < 64; bit++) {
+      if ((unknown >> BigInt(bit)) & 1n) {
+        const named = h.featureNames.find((f) => f.type === 'incompatible' && f.bit === bit)
+        names.push(named ? `${named.name} (bit ${bit})` : `Unknown incompatible feature: bit ${bit}`)
+      }
+    }
+    throw new UnsupportedFeatureError(
+      `qcow2: ${file}: Unsupported qcow2 feature(s): ${names.join(', ')} (incompatible_features ${hex(h.incompatibleFeatures)} at 0x48)`,
+      { file, structure: 'header', offset: 72 },
+    )
+  }
+}
+
+/** The refcount table, snapshot table and active L1 table offsets, validated as qcow2_validate_table does. */
+function readTableOffsets(h: Qcow2Header, head: Uint8Array, forCheck: boolean, fail: Fail): void {
+  const clusterSize = h.clusterSize
   // qcow2_validate_table: the size first, then the offset (aligned, and the
   // table's end below 2^63) whether or not the table has entries
   const tableOffset = (what: string, name: string, at: number, entries: number, entryLen: number): number => {
@@ -266,7 +310,7 @@ export async function readHeader(dev: BlockDevice, opts: ParseHeaderOptions): Pr
     fail(`Reference count table too large: ${h.refcountTableClusters} clusters (limit 8 MiB)`, 56)
   }
   h.refcountTableOffset = tableOffset('Reference count table', 'refcount_table_offset', 48, h.refcountTableClusters, clusterSize)
-  if (!opts.forCheck) {
+  if (!forCheck) {
     if (h.nbSnapshots > C.MAX_SNAPSHOTS) fail(`Snapshot table too large: ${h.nbSnapshots} snapshots (limit 65536)`, 60)
     h.snapshotsOffset = tableOffset('Snapshot table', 'snapshots_offset', 64, h.nbSnapshots, 40)
   } else {
@@ -277,32 +321,12 @@ export async function readHeader(dev: BlockDevice, opts: ParseHeaderOptions): Pr
   }
   if (h.l1Size * 8 > C.MAX_L1_BYTES) fail(`Active L1 table too large: l1_size ${h.l1Size} (limit 32 MiB)`, 36)
   h.l1TableOffset = tableOffset('Active L1 table', 'l1_table_offset', 40, h.l1Size, 8)
-  const sizeField = h.sizeField!
-  const needed = l1EntriesNeeded({ size: sizeField, clusterBits, incompatibleFeatures })
-  if (needed > 0x7fffffff) fail(`Image is too big: ${sizeField} bytes need ${needed} L1 entries`, 24)
-  if (h.l1Size < needed) fail(`L1 table is too small: l1_size ${h.l1Size}, the virtual size ${sizeField} needs ${needed}`, 36)
-  // QEMU keeps the size in 512-byte sectors, rounded down (bs->total_sectors)
-  h.size = Math.floor(sizeField / 512) * 512
-  if (h.cryptMethod > C.CRYPT_LUKS) {
-    throw new UnsupportedFeatureError(`qcow2: ${file}: Unsupported encryption method ${h.cryptMethod} (crypt_method at 0x20)`, {
-      file,
-      structure: 'header',
-      offset: 32,
-    })
-  }
-  if (extError) fail(extError.message, extError.offset, 'header extension')
-  if (hasDataFile(h) && h.dataFile === undefined && opts.infoOnly !== true) {
-    fail("'data-file' is required for this image: the external data file bit is set but no data file name extension exists", 72)
-  }
-  if (!hasDataFile(h) && dataFileRaw(h) && opts.infoOnly !== true) {
-    fail('data-file-raw requires a data file: autoclear bit 1 is set but the external data file bit is not', 88)
-  }
-  if (h.cryptMethod === C.CRYPT_LUKS && h.crypto === undefined) {
-    fail(`Missing CRYPTO header for crypt method ${h.cryptMethod}: no crypto header extension`, 32)
-  }
+}
 
+/** The backing file name the header points at; bytes past the end of the file read as zeros. */
+function readBackingFileName(h: Qcow2Header, headerCluster: Uint8Array, fail: Fail): void {
   if (h.backingFileOffset > 0) {
-    const maxLen = Math.min(C.MAX_BACKING_FILE_NAME, clusterSize - h.backingFileOffset)
+    const maxLen = Math.min(C.MAX_BACKING_FILE_NAME, h.clusterSize - h.backingFileOffset)
     if (h.backingFileSize > maxLen) fail(`Backing file name too long: ${h.backingFileSize} bytes`, 16)
     // bytes past the end of the file read as zeros (a truncated header): no name, no backing file
     const name = decodeName(headerCluster.subarray(h.backingFileOffset, h.backingFileOffset + h.backingFileSize))
@@ -311,7 +335,6 @@ export async function readHeader(dev: BlockDevice, opts: ParseHeaderOptions): Pr
       if (name.invalid) h.backingFileError = `backing file name "${name.escaped}" is not valid UTF-8`
     }
   }
-  return h
 }
 
 export function l1EntriesNeeded(h: Pick<Qcow2Header, 'size' | 'clusterBits' | 'incompatibleFeatures'>): number {

@@ -5,13 +5,13 @@
  */
 import { maxRefcount } from '../spec/refcount-codec.js'
 import { setCompressed } from '../spec/l2-meta.js'
-import type { Qcow2Writer } from './write.js'
+import type { WriterCore } from './core.js'
 import { commit, prepareTable, undo, type Range, type TableWork } from './commit.js'
 import { dataWrite, type DataWrite } from './plan.js'
 
-export async function writeCompressedLocked(wr: Qcow2Writer, items: Array<{ offset: number; data: Uint8Array }>): Promise<void> {
+export async function writeCompressedLocked(wr: WriterCore, items: Array<{ offset: number; data: Uint8Array }>): Promise<void> {
   wr.assertUsable()
-  const coverage = wr.l2Entries * wr.cs
+  const coverage = wr.l2Entries * wr.clusterSize
   const works: TableWork[] = []
   const writes: DataWrite[] = []
   try {
@@ -22,15 +22,15 @@ export async function writeCompressedLocked(wr: Qcow2Writer, items: Array<{ offs
         w = (await prepareTable(wr, l1Index, true))!
         works.push(w)
       }
-      const idx = (it.offset / wr.cs) % wr.l2Entries
+      const idx = (it.offset / wr.clusterSize) % wr.l2Entries
       const e = wr.entry(w.table, idx)
       const d = wr.dropRef(e)
       if (d) w.frees.push(d)
       const host = await allocBytes(wr, it.data.byteLength)
       w.allocated.push(host.range)
-      setCompressed(w.table, wr.ew, idx, host.offset, it.data.byteLength)
+      setCompressed(w.table, wr.entryWriter, idx, host.offset, it.data.byteLength)
       wr.touch(w, idx)
-      dataWrite(writes, wr.img.device, host.offset, it.data)
+      dataWrite(writes, wr.state.device, host.offset, it.data)
     }
     await commit(wr, works, writes, true)
   } catch (e) {
@@ -47,38 +47,38 @@ export async function writeCompressedLocked(wr: Qcow2Writer, items: Array<{ offs
  * reference); otherwise, or when the allocation had to add a refcount block,
  * the data starts at the new cluster.
  */
-async function allocBytes(wr: Qcow2Writer, size: number): Promise<{ offset: number; range: Range }> {
-  const cs = wr.cs
+async function allocBytes(wr: WriterCore, size: number): Promise<{ offset: number; range: Range }> {
+  const clusterSize = wr.clusterSize
   let cur = wr.compressedCursor
   if (cur !== 0) {
-    const cluster = cur - (cur % cs)
-    const n = await wr.rc.get(cluster / cs)
+    const cluster = cur - (cur % clusterSize)
+    const n = await wr.refcounts.get(cluster / clusterSize)
     // the packing cluster must still be ours to share: referenced, below the maximum, not metadata
-    if (n === 0 || n >= maxRefcount(wr.h.refcountOrder) || wr.guard.kindAt(cluster / cs) !== undefined) cur = 0
+    if (n === 0 || n >= maxRefcount(wr.header.refcountOrder) || wr.guard.kindAt(cluster / clusterSize) !== undefined) cur = 0
   }
   let offset: number
   let range: Range
-  if (cur !== 0 && cs - (cur % cs) >= size) {
+  if (cur !== 0 && clusterSize - (cur % clusterSize) >= size) {
     offset = cur
-    await wr.rc.update(cur - (cur % cs), 1, +1)
-    range = { offset: cur - (cur % cs), length: cs }
+    await wr.refcounts.update(cur - (cur % clusterSize), 1, +1)
+    range = { offset: cur - (cur % clusterSize), length: clusterSize }
   } else {
-    const changes = wr.rc.structureChanges
+    const changes = wr.refcounts.structureChanges
     const fresh = await wr.alloc(1, undefined)
     // QEMU retries an allocation that had to add a refcount block (-EAGAIN) from a fresh cluster:
     // no spanning then, the rest of the old cluster stays unused
-    const grew = wr.rc.structureChanges !== changes
-    if (cur !== 0 && !grew && cur - (cur % cs) + cs === fresh) {
+    const grew = wr.refcounts.structureChanges !== changes
+    if (cur !== 0 && !grew && cur - (cur % clusterSize) + clusterSize === fresh) {
       // contiguous: the bytes run from the old cluster into the new one
       offset = cur
-      await wr.rc.update(cur - (cur % cs), 1, +1)
-      range = { offset: cur - (cur % cs), length: 2 * cs }
+      await wr.refcounts.update(cur - (cur % clusterSize), 1, +1)
+      range = { offset: cur - (cur % clusterSize), length: 2 * clusterSize }
     } else {
       offset = fresh
-      range = { offset: fresh, length: cs }
+      range = { offset: fresh, length: clusterSize }
     }
   }
   const next = offset + size
-  wr.compressedCursor = next % cs === 0 ? 0 : next
+  wr.compressedCursor = next % clusterSize === 0 ? 0 : next
   return { offset, range }
 }

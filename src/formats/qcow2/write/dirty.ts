@@ -14,23 +14,23 @@ import { CorruptImageError, ImgtoolError, hex } from '../../../errors.js'
 import type { BlockDevice } from '../../../io/block-device.js'
 import { putU32be, putU64be } from '../../../util/bytes.js'
 import { AUTOCLEAR_KNOWN, INCOMPAT_DIRTY, MAX_REFTABLE_BYTES } from '../spec/constants.js'
-import { decodeL1, decodeL2 } from '../spec/entries.js'
+import { decodeL1, decodeL2, setCopiedFlag } from '../spec/entries.js'
 import { readBitmapDirectory } from '../spec/bitmap-directory.js'
 import { bitmapsValid, hasDataFile, l2EntrySize, type Qcow2Header } from '../spec/header.js'
-import type { Qcow2Image } from '../image.js'
+import type { Qcow2State } from '../read/state.js'
 import { maxRefcount, refcountsPerBlock, setRefcountEntry } from '../spec/refcount-codec.js'
 import { snapshotTableBytes } from '../spec/snapshot-table.js'
 
 export type WalkKind = 'header' | 'l1' | 'l2' | 'data' | 'compressed' | 'snapshot' | 'snapshot-l1' | 'bitmap'
 
 /** Write the dirty bit (incompatible feature bit 0) as one 8-byte write in the first sector. */
-export async function markDirtyBit(dev: BlockDevice, h: Qcow2Header, on: boolean): Promise<void> {
-  if (h.version < 3) return
-  const next = on ? h.incompatibleFeatures | BigInt(INCOMPAT_DIRTY) : h.incompatibleFeatures & ~BigInt(INCOMPAT_DIRTY)
+export async function markDirtyBit(dev: BlockDevice, header: Qcow2Header, on: boolean): Promise<void> {
+  if (header.version < 3) return
+  const next = on ? header.incompatibleFeatures | BigInt(INCOMPAT_DIRTY) : header.incompatibleFeatures & ~BigInt(INCOMPAT_DIRTY)
   const b = new Uint8Array(8)
   putU64be(b, 0, next)
   await dev.write(72, b, 'header')
-  h.incompatibleFeatures = next
+  header.incompatibleFeatures = next
 }
 
 /**
@@ -40,16 +40,16 @@ export async function markDirtyBit(dev: BlockDevice, h: Qcow2Header, on: boolean
  * else is written; so does imgtool. One 8-byte write in the first sector, flushed.
  * Returns whether anything was cleared.
  */
-export async function clearUnknownAutoclear(dev: BlockDevice, h: Qcow2Header): Promise<boolean> {
-  if (h.version < 3) return false
+export async function clearUnknownAutoclear(dev: BlockDevice, header: Qcow2Header): Promise<boolean> {
+  if (header.version < 3) return false
   const known = BigInt(AUTOCLEAR_KNOWN)
-  if ((h.autoclearFeatures & ~known) === 0n) return false
-  const next = h.autoclearFeatures & known
+  if ((header.autoclearFeatures & ~known) === 0n) return false
+  const next = header.autoclearFeatures & known
   const b = new Uint8Array(8)
   putU64be(b, 0, next)
   await dev.write(88, b, 'header')
   await dev.flush()
-  h.autoclearFeatures = next
+  header.autoclearFeatures = next
   return true
 }
 
@@ -58,42 +58,42 @@ export async function clearUnknownAutoclear(dev: BlockDevice, h: Qcow2Header): P
  * refcounts must count), except the refcount structures themselves.
  */
 export async function walkMetadata(
-  img: Qcow2Image,
+  state: Qcow2State,
   visit: (offset: number, length: number, kind: WalkKind) => void,
   options: { data: boolean },
 ): Promise<void> {
-  const h = img.header
-  const dev = img.device
-  const cs = h.clusterSize
-  const es = l2EntrySize(h)
-  const ctx = img.mapper.decodeContext
-  const dataFile = hasDataFile(h)
-  visit(0, cs, 'header')
+  const header = state.header
+  const dev = state.device
+  const clusterSize = header.clusterSize
+  const es = l2EntrySize(header)
+  const ctx = state.decodeContext
+  const dataFile = hasDataFile(header)
+  visit(0, clusterSize, 'header')
   const walkL1 = async (l1: Uint8Array, l1Kind: 'l1' | 'snapshot-l1', l1Offset: number, l1Size: number) => {
     visit(l1Offset, l1Size * 8, l1Kind)
     const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength)
     for (let i = 0; i < l1Size; i++) {
       const e = decodeL1(dv, i * 8)
       if (e.l2Offset === 0) continue
-      visit(e.l2Offset, cs, 'l2')
+      visit(e.l2Offset, clusterSize, 'l2')
       if (!options.data) continue
-      const t = l1Kind === 'l1' ? await img.mapper.loadL2(i, e.l2Offset) : await dev.read(e.l2Offset, cs, 'l2')
+      const t = l1Kind === 'l1' ? await state.loadL2(i, e.l2Offset) : await dev.read(e.l2Offset, clusterSize, 'l2')
       const tdv = new DataView(t.buffer, t.byteOffset, t.byteLength)
-      for (let j = 0; j < cs / es; j++) {
+      for (let j = 0; j < clusterSize / es; j++) {
         const le = decodeL2(tdv, j * es, ctx)
         if (le.type === 'compressed') {
           visit(le.hostOffset - (le.hostOffset % 512), le.sectors * 512, 'compressed')
         } else if ((le.type === 'normal' || le.type === 'zero') && le.hostOffset !== 0 && !dataFile) {
-          visit(le.hostOffset, cs, 'data')
+          visit(le.hostOffset, clusterSize, 'data')
         }
       }
     }
   }
-  if (h.l1Size > 0) await walkL1(img.l1, 'l1', h.l1TableOffset, h.l1Size)
+  if (header.l1Size > 0) await walkL1(state.l1, 'l1', header.l1TableOffset, header.l1Size)
   // persistent bitmaps: directory, tables and data clusters (as qemu-img check counts them)
-  if (h.bitmaps && bitmapsValid(h) && h.bitmaps.nbBitmaps > 0) {
-    visit(h.bitmaps.directoryOffset, h.bitmaps.directorySize, 'bitmap')
-    for (const bm of await readBitmapDirectory(dev, img.filename, h.bitmaps)) {
+  if (header.bitmaps && bitmapsValid(header) && header.bitmaps.nbBitmaps > 0) {
+    visit(header.bitmaps.directoryOffset, header.bitmaps.directorySize, 'bitmap')
+    for (const bm of await readBitmapDirectory(dev, state.filename, header.bitmaps)) {
       if (bm.tableSize === 0) continue
       visit(bm.tableOffset, bm.tableSize * 8, 'bitmap')
       if (!options.data) continue
@@ -101,13 +101,13 @@ export async function walkMetadata(
       const tdv = new DataView(t.buffer, t.byteOffset, t.byteLength)
       for (let i = 0; i < bm.tableSize; i++) {
         const off = Number(tdv.getBigUint64(i * 8) & 0x00fffffffffffe00n)
-        if (off !== 0) visit(off, cs, 'bitmap')
+        if (off !== 0) visit(off, clusterSize, 'bitmap')
       }
     }
   }
-  if (h.nbSnapshots > 0) {
-    const snaps = img.snapshots
-    visit(h.snapshotsOffset, snapshotTableBytes(snaps, h.snapshotsOffset), 'snapshot')
+  if (header.nbSnapshots > 0) {
+    const snaps = state.snapshots
+    visit(header.snapshotsOffset, snapshotTableBytes(snaps, header.snapshotsOffset), 'snapshot')
     for (const s of snaps) {
       if (s.l1Size === 0) continue
       const l1 = await dev.read(s.l1TableOffset, s.l1Size * 8, 'l1')
@@ -120,41 +120,40 @@ export async function walkMetadata(
  * Make COPIED (bit 63) in the active L1 and L2 tables say "refcount is 1",
  * as qemu-img check -r all does. Writes only the entries that change.
  */
-export async function fixCopiedFlags(img: Qcow2Image, refcountOf: (cluster: number) => number): Promise<number> {
-  const h = img.header
-  const dev = img.device
-  const cs = h.clusterSize
-  const es = l2EntrySize(h)
-  const ctx = img.mapper.decodeContext
-  const dataFile = hasDataFile(h)
-  const l1dv = new DataView(img.l1.buffer, img.l1.byteOffset, img.l1.byteLength)
+export async function fixCopiedFlags(state: Qcow2State, refcountOf: (cluster: number) => number): Promise<number> {
+  const header = state.header
+  const dev = state.device
+  const clusterSize = header.clusterSize
+  const es = l2EntrySize(header)
+  const ctx = state.decodeContext
+  const dataFile = hasDataFile(header)
   let fixed = 0
-  for (let i = 0; i < h.l1Size; i++) {
-    const e = decodeL1(l1dv, i * 8)
+  for (let i = 0; i < header.l1Size; i++) {
+    const e = state.l1Entry(i)
     if (e.l2Offset === 0) continue
-    const t = (await img.mapper.loadL2(i, e.l2Offset)).slice()
+    const t = (await state.loadL2(i, e.l2Offset)).slice()
     const tdv = new DataView(t.buffer, t.byteOffset, t.byteLength)
     let changed = false
-    for (let j = 0; j < cs / es; j++) {
+    for (let j = 0; j < clusterSize / es; j++) {
       const le = decodeL2(tdv, j * es, ctx)
       if (!((le.type === 'normal' || le.type === 'zero') && (le.hostOffset !== 0 || (dataFile && le.type === 'normal')))) continue
-      const want = dataFile || refcountOf(Math.floor(le.hostOffset / cs)) === 1
+      const want = dataFile || refcountOf(Math.floor(le.hostOffset / clusterSize)) === 1
       if (want !== le.copied) {
-        const hi = tdv.getUint32(j * es, false)
-        tdv.setUint32(j * es, want ? (hi | 0x80000000) >>> 0 : (hi & 0x7fffffff) >>> 0, false)
+        setCopiedFlag(tdv, j * es, want)
         changed = true
         fixed++
       }
     }
     if (changed) {
       await dev.write(e.l2Offset, t, 'l2')
-      img.mapper.l2cache.set(e.l2Offset, t)
+      state.cacheL2(e.l2Offset, t)
     }
-    const want = refcountOf(Math.floor(e.l2Offset / cs)) === 1
+    const want = refcountOf(Math.floor(e.l2Offset / clusterSize)) === 1
     if (want !== e.copied) {
-      const hi = l1dv.getUint32(i * 8, false)
-      l1dv.setUint32(i * 8, want ? (hi | 0x80000000) >>> 0 : (hi & 0x7fffffff) >>> 0, false)
-      await dev.write(h.l1TableOffset + i * 8, img.l1.slice(i * 8, i * 8 + 8), 'l1')
+      const entry = state.l1.slice(i * 8, i * 8 + 8)
+      setCopiedFlag(new DataView(entry.buffer), 0, want)
+      state.setL1Entry(i, entry)
+      await dev.write(header.l1TableOffset + i * 8, entry, 'l1')
       fixed++
     }
   }
@@ -162,19 +161,19 @@ export async function fixCopiedFlags(img: Qcow2Image, refcountOf: (cluster: numb
 }
 
 /** Recompute every refcount from the metadata and install fresh refcount structures. */
-export async function rebuildRefcounts(img: Qcow2Image): Promise<{ clusters: number }> {
-  const h = img.header
-  const dev = img.device
-  const cs = h.clusterSize
-  const pb = refcountsPerBlock(cs, h.refcountOrder)
+export async function rebuildRefcounts(state: Qcow2State): Promise<{ clusters: number }> {
+  const header = state.header
+  const dev = state.device
+  const clusterSize = header.clusterSize
+  const pb = refcountsPerBlock(clusterSize, header.refcountOrder)
   const counts = new Map<number, number>()
   let maxUsed = 0
   await walkMetadata(
-    img,
+    state,
     (offset, length) => {
       if (length <= 0) return
-      const first = Math.floor(offset / cs)
-      const last = Math.floor((offset + length - 1) / cs)
+      const first = Math.floor(offset / clusterSize)
+      const last = Math.floor((offset + length - 1) / clusterSize)
       for (let c = first; c <= last; c++) {
         counts.set(c, (counts.get(c) ?? 0) + 1)
         maxUsed = Math.max(maxUsed, c + 1)
@@ -182,7 +181,7 @@ export async function rebuildRefcounts(img: Qcow2Image): Promise<{ clusters: num
     },
     { data: true },
   )
-  const top = Math.max(Math.ceil(dev.size / cs), maxUsed)
+  const top = Math.max(Math.ceil(dev.size / clusterSize), maxUsed)
   const usedTis = new Set<number>()
   for (const c of counts.keys()) usedTis.add(Math.floor(c / pb))
   let tableClusters = 1
@@ -192,47 +191,47 @@ export async function rebuildRefcounts(img: Qcow2Image): Promise<{ clusters: num
     const tis = new Set(usedTis)
     for (let ti = Math.floor(top / pb); ti <= Math.floor((end - 1) / pb); ti++) tis.add(ti)
     const sorted = [...tis].sort((a, b) => a - b)
-    const t = Math.max(1, Math.ceil((((sorted[sorted.length - 1] ?? 0) + 1) * 8) / cs))
+    const t = Math.max(1, Math.ceil((((sorted[sorted.length - 1] ?? 0) + 1) * 8) / clusterSize))
     if (t === tableClusters && sorted.length === blockTis.length) break
     tableClusters = t
     blockTis = sorted
   }
-  if (tableClusters * cs > MAX_REFTABLE_BYTES) {
-    throw new ImgtoolError('NO_SPACE', `qcow2: ${img.filename}: rebuilt refcount table would exceed 8 MiB`)
+  if (tableClusters * clusterSize > MAX_REFTABLE_BYTES) {
+    throw new ImgtoolError('NO_SPACE', `qcow2: ${state.filename}: rebuilt refcount table would exceed 8 MiB`)
   }
-  const tableOffset = top * cs
-  const table = new Uint8Array(tableClusters * cs)
+  const tableOffset = top * clusterSize
+  const table = new Uint8Array(tableClusters * clusterSize)
   const blocks = new Map<number, Uint8Array>()
   blockTis.forEach((ti, i) => {
-    const off = (top + tableClusters + i) * cs
+    const off = (top + tableClusters + i) * clusterSize
     putU64be(table, ti * 8, off)
-    blocks.set(ti, new Uint8Array(cs))
+    blocks.set(ti, new Uint8Array(clusterSize))
   })
   for (let c = top; c < top + tableClusters + blockTis.length; c++) counts.set(c, (counts.get(c) ?? 0) + 1)
-  const max = maxRefcount(h.refcountOrder)
+  const max = maxRefcount(header.refcountOrder)
   for (const [c, n] of counts) {
     if (n > max) {
-      throw new CorruptImageError(`qcow2: ${img.filename}: cluster ${hex(c * cs)} has ${n} references, more than refcount_bits allows`)
+      throw new CorruptImageError(`qcow2: ${state.filename}: cluster ${hex(c * clusterSize)} has ${n} references, more than refcount_bits allows`)
     }
-    setRefcountEntry(blocks.get(Math.floor(c / pb))!, c % pb, h.refcountOrder, n)
+    setRefcountEntry(blocks.get(Math.floor(c / pb))!, c % pb, header.refcountOrder, n)
   }
   let i = 0
   for (const ti of blockTis) {
-    await dev.write((top + tableClusters + i) * cs, blocks.get(ti)!, 'refblock')
+    await dev.write((top + tableClusters + i) * clusterSize, blocks.get(ti)!, 'refblock')
     i++
   }
   await dev.write(tableOffset, table, 'reftable')
-  await fixCopiedFlags(img, (c) => counts.get(c) ?? 0)
+  await fixCopiedFlags(state, (c) => counts.get(c) ?? 0)
   await dev.flush()
   const hdr = new Uint8Array(12)
   putU64be(hdr, 0, tableOffset)
   putU32be(hdr, 8, tableClusters)
   await dev.write(48, hdr, 'header')
   await dev.flush()
-  h.refcountTableOffset = tableOffset
-  h.refcountTableClusters = tableClusters
-  await markDirtyBit(dev, h, false)
+  header.refcountTableOffset = tableOffset
+  header.refcountTableClusters = tableClusters
+  await markDirtyBit(dev, header, false)
   await dev.flush()
-  img.refcounts.invalidate()
+  state.refcounts.invalidate()
   return { clusters: counts.size }
 }

@@ -30,12 +30,11 @@
  * the pipeline to empty and then takes the ordinary path (write-plan.ts).
  */
 import { ImgtoolError, hex } from '../../../errors.js'
-import { decodeL1 } from '../spec/entries.js'
 import { hasDataFile } from '../spec/header.js'
 import { ALL_SUBCLUSTERS, getBitmap, setBitmap, setStandard, subclusterMask } from '../spec/l2-meta.js'
 import { commit, joined, prepareTable, undo, type TableWork } from './commit.js'
 import { dataWrite, writeLocked, type DataWrite } from './plan.js'
-import type { Qcow2Writer } from './write.js'
+import type { WriterCore } from './core.js'
 
 /** planned requests whose data writes may be in flight at once */
 const MAX_PLANNED = 3
@@ -63,6 +62,17 @@ interface Session {
   ticket: number
 }
 
+/** One L2 table a pipelined request touches: guest [from, to) of L1 index `l1Index`. */
+interface ShapeTable {
+  l1Index: number
+  from: number
+  to: number
+  table: Uint8Array
+  /** the request's own table copy still in flight, when there is one */
+  shadow: TableWork | undefined
+  l2: number
+}
+
 export class WritePipeline {
   private current: Session | undefined
   /** table copies of planned, uncommitted requests, by L1 index: what the next plan starts from */
@@ -70,7 +80,7 @@ export class WritePipeline {
   /** the data writes of the last planned request (settled, never rejected) */
   private lastData: Promise<unknown> = Promise.resolve()
 
-  constructor(private readonly wr: Qcow2Writer) {}
+  constructor(private readonly wr: WriterCore) {}
 
   submit(offset: number, data: Uint8Array): Promise<void> {
     return new Promise<void>((resolve, reject) => {
@@ -181,20 +191,21 @@ export class WritePipeline {
     const why = cause instanceof Error ? `: ${cause.message}` : ''
     return new ImgtoolError(
       'IO',
-      `qcow2: ${this.wr.img.filename}: write of ${job.data.byteLength} bytes at guest offset ${hex(job.offset)} abandoned: an earlier write in flight failed${why}`,
+      `qcow2: ${this.wr.state.filename}: write of ${job.data.byteLength} bytes at guest offset ${hex(job.offset)} abandoned: an earlier write in flight failed${why}`,
     )
   }
 
-  /** Plan a request of the pipelined shape and issue its data write; undefined for any other shape. */
-  private async plan(job: Job): Promise<Planned | undefined> {
+  /**
+   * The tables a request touches, when it has the pipelined shape: every
+   * cluster either filled whole (unallocated, or zero without a host cluster)
+   * or owned (refcount 1) and written in place; undefined for any other shape.
+   */
+  private async pipelinedShape(job: Job): Promise<ShapeTable[] | undefined> {
     const wr = this.wr
-    if (job.data.byteLength === 0) return { job, works: [], needFlush: false, dataDone: Promise.resolve(undefined) }
-    if (hasDataFile(wr.h)) return undefined
-    const cs = wr.cs
-    const coverage = wr.l2Entries * cs
+    const clusterSize = wr.clusterSize
+    const coverage = wr.l2Entries * clusterSize
     const end = job.offset + job.data.byteLength
-    // shape check first, without allocating: whole clusters to fill, or owned clusters kept as they are
-    const tables: Array<{ l1Index: number; from: number; to: number; table: Uint8Array; shadow: TableWork | undefined; l2: number }> = []
+    const tables: ShapeTable[] = []
     for (let pos = job.offset; pos < end;) {
       const l1Index = Math.floor(pos / coverage)
       const to = Math.min(end, (l1Index + 1) * coverage)
@@ -205,30 +216,30 @@ export class WritePipeline {
         table = sh.table
         l2 = sh.l2
       } else {
-        const l1e = decodeL1(new DataView(wr.img.l1.buffer, wr.img.l1.byteOffset, wr.img.l1.byteLength), l1Index * 8)
+        const l1e = wr.state.l1Entry(l1Index)
         l2 = l1e.l2Offset
         if (l2 === 0) table = new Uint8Array(0)
         else {
           if ((await wr.refcount(l2)) !== 1) return undefined // shared table: copy-on-write path
-          table = await wr.img.mapper.loadL2(l1Index, l2)
+          table = await wr.state.loadL2(l1Index, l2)
         }
       }
       for (let p = pos; p < to;) {
-        const guest = Math.floor(p / cs) * cs
-        const cEnd = Math.min(to, guest + cs)
-        const whole = p === guest && cEnd === guest + cs
+        const guest = Math.floor(p / clusterSize) * clusterSize
+        const cEnd = Math.min(to, guest + clusterSize)
+        const whole = p === guest && cEnd === guest + clusterSize
         if (table.byteLength === 0) {
           if (!whole) return undefined
         } else {
-          const e = wr.entry(table, (guest / cs) % wr.l2Entries)
+          const e = wr.entry(table, (guest / clusterSize) % wr.l2Entries)
           const fresh = e.type === 'unallocated' || (e.type === 'zero' && e.hostOffset === 0)
           if (fresh) {
             if (!whole) return undefined
           } else if (e.type === 'normal') {
             if ((await wr.refcount(e.hostOffset)) !== 1) return undefined
-            if (wr.ew.extended) {
-              const bm = getBitmap(table, (guest / cs) % wr.l2Entries)
-              const mask = subclusterMask(Math.floor((p - guest) / wr.sc), Math.floor((cEnd - guest - 1) / wr.sc))
+            if (wr.entryWriter.extended) {
+              const bm = getBitmap(table, (guest / clusterSize) % wr.l2Entries)
+              const mask = subclusterMask(Math.floor((p - guest) / wr.subclusterSize), Math.floor((cEnd - guest - 1) / wr.subclusterSize))
               if ((bm.alloc & mask) !== mask) return undefined
             }
           } else {
@@ -240,6 +251,18 @@ export class WritePipeline {
       tables.push({ l1Index, from: pos, to, table, shadow: sh, l2 })
       pos = to
     }
+    return tables
+  }
+
+  /** Plan a request of the pipelined shape and issue its data write; undefined for any other shape. */
+  private async plan(job: Job): Promise<Planned | undefined> {
+    const wr = this.wr
+    if (job.data.byteLength === 0) return { job, works: [], needFlush: false, dataDone: Promise.resolve(undefined) }
+    if (hasDataFile(wr.header)) return undefined
+    // shape check first, without allocating: whole clusters to fill, or owned clusters kept as they are
+    const tables = await this.pipelinedShape(job)
+    if (!tables) return undefined
+    const clusterSize = wr.clusterSize
     // the shape fits: allocate, fill the table copies, issue the data writes
     const works: TableWork[] = []
     const writes: DataWrite[] = []
@@ -266,18 +289,18 @@ export class WritePipeline {
           if (w.mode === 'cow')
             throw new ImgtoolError(
               'INTERNAL',
-              `qcow2: ${wr.img.filename}: L2 table of L1 index ${t.l1Index} (at ${hex(t.l2)}) became shared while a write was planned`,
+              `qcow2: ${wr.state.filename}: L2 table of L1 index ${t.l1Index} (at ${hex(t.l2)}) became shared while a write was planned`,
             )
         }
         works.push(w)
         if (w.mode !== 'inplace') needFlush = true
         const fill: Array<{ idx: number; guest: number }> = []
         for (let p = t.from; p < t.to;) {
-          const guest = Math.floor(p / cs) * cs
-          const cEnd = Math.min(t.to, guest + cs)
-          const idx = (guest / cs) % wr.l2Entries
+          const guest = Math.floor(p / clusterSize) * clusterSize
+          const cEnd = Math.min(t.to, guest + clusterSize)
+          const idx = (guest / clusterSize) % wr.l2Entries
           const e = wr.entry(w.table, idx)
-          if (e.type === 'normal') dataWrite(writes, wr.img.dataDevice, e.hostOffset + (p - guest), job.data.subarray(p - job.offset, cEnd - job.offset))
+          if (e.type === 'normal') dataWrite(writes, wr.state.dataDevice, e.hostOffset + (p - guest), job.data.subarray(p - job.offset, cEnd - job.offset))
           else fill.push({ idx, guest })
           p = cEnd
         }
@@ -286,10 +309,10 @@ export class WritePipeline {
           const first = await wr.alloc(fill.length, w)
           for (let k = 0; k < fill.length; k++) {
             const { idx, guest } = fill[k]!
-            const host = first + k * cs
-            dataWrite(writes, wr.img.device, host, job.data.subarray(guest - job.offset, guest - job.offset + cs))
-            setStandard(w.table, wr.ew, idx, { hostOffset: host, copied: true })
-            if (wr.ew.extended) setBitmap(w.table, idx, { alloc: ALL_SUBCLUSTERS, zero: 0 })
+            const host = first + k * clusterSize
+            dataWrite(writes, wr.state.device, host, job.data.subarray(guest - job.offset, guest - job.offset + clusterSize))
+            setStandard(w.table, wr.entryWriter, idx, { hostOffset: host, copied: true })
+            if (wr.entryWriter.extended) setBitmap(w.table, idx, { alloc: ALL_SUBCLUSTERS, zero: 0 })
             wr.touch(w, idx)
           }
         }
@@ -299,9 +322,18 @@ export class WritePipeline {
       throw e
     }
     for (const w of works) this.shadow.set(w.l1Index, w)
-    // data writes go out one request after the other: a request may overwrite in place a cluster
-    // that an earlier one in flight is still writing, and two writes to one place may land in
-    // either order. Planning and commits still overlap them; the device gets the next write at once.
+    const dataDone = this.queueDataWrites(writes)
+    return { job, works, needFlush, dataDone }
+  }
+
+  /**
+   * Queue a request's data writes behind the earlier requests' ones. Data
+   * writes go out one request after the other: a request may overwrite in place a cluster
+   * that an earlier one in flight is still writing, and two writes to one place may land in
+   * either order. Planning and commits still overlap them; the device gets the next write at once.
+   */
+  private queueDataWrites(writes: DataWrite[]): Promise<unknown> {
+    const wr = this.wr
     const dataDone = this.lastData
       .then(async (earlier) => {
         // after a failed data write nothing more goes out: the requests behind it are abandoned
@@ -313,6 +345,6 @@ export class WritePipeline {
         (e: unknown) => e ?? new Error('data write failed'),
       )
     this.lastData = dataDone
-    return { job, works, needFlush, dataDone }
+    return dataDone
   }
 }

@@ -9,23 +9,18 @@ import type { BlockDevice } from '../../../io/block-device.js'
 import type { L2Entry } from '../spec/entries.js'
 import { hasDataFile } from '../spec/header.js'
 import { ALL_SUBCLUSTERS, getBitmap, setBitmap, setStandard, subclusterMask } from '../spec/l2-meta.js'
-import { commit, prepareTable, undo, type TableWork } from './commit.js'
-import type { Qcow2Writer } from './write.js'
+import { commit, prepareTable, undo } from './commit.js'
+import type { DataWrite, TableWork, WriterCore } from './core.js'
 
-export interface DataWrite {
-  device: BlockDevice
-  offset: number
-  parts: Uint8Array[]
-  length: number
-}
+export type { DataWrite } from './core.js'
 
-export async function writeLocked(wr: Qcow2Writer, offset: number, data: Uint8Array): Promise<void> {
+export async function writeLocked(wr: WriterCore, offset: number, data: Uint8Array): Promise<void> {
   wr.assertUsable()
   if (data.byteLength === 0) return
   const works: TableWork[] = []
   const writes: DataWrite[] = []
   let needFlush = false
-  const coverage = wr.l2Entries * wr.cs
+  const coverage = wr.l2Entries * wr.clusterSize
   try {
     let pos = offset
     const end = offset + data.byteLength
@@ -38,9 +33,9 @@ export async function writeLocked(wr: Qcow2Writer, offset: number, data: Uint8Ar
       // clusters needing a new host cluster, allocated together in guest order
       const plans: Array<{ idx: number; guest: number; from: number; to: number; e: L2Entry }> = []
       for (let p = pos; p < tEnd;) {
-        const cStart = Math.floor(p / wr.cs) * wr.cs
-        const to = Math.min(tEnd, cStart + wr.cs)
-        const idx = (cStart / wr.cs) % wr.l2Entries
+        const cStart = Math.floor(p / wr.clusterSize) * wr.clusterSize
+        const to = Math.min(tEnd, cStart + wr.clusterSize)
+        const idx = (cStart / wr.clusterSize) % wr.l2Entries
         plans.push({ idx, guest: cStart, from: p, to, e: wr.entry(w.table, idx) })
         p = to
       }
@@ -58,17 +53,17 @@ export async function writeLocked(wr: Qcow2Writer, offset: number, data: Uint8Ar
       }
       if (alloc.length > 0) {
         needFlush = true
-        if (hasDataFile(wr.h)) {
+        if (hasDataFile(wr.header)) {
           for (const pl of alloc)
-            await fillNewCluster(wr, w, pl.idx, pl.guest, pl.guest, pl.e, pl.from, data.subarray(pl.from - offset, pl.to - offset), writes, wr.img.dataDevice)
+            await fillNewCluster(wr, w, pl.idx, pl.guest, pl.guest, pl.e, pl.from, data.subarray(pl.from - offset, pl.to - offset), writes, wr.state.dataDevice)
         } else {
           const first = await wr.alloc(alloc.length, w)
           for (let k = 0; k < alloc.length; k++) {
             const pl = alloc[k]!
             const piece = data.subarray(pl.from - offset, pl.to - offset)
-            if (!wr.ew.extended && pl.from === pl.guest && piece.byteLength === wr.cs)
-              fillWholeCluster(wr, w, pl.idx, first + k * wr.cs, pl.e, piece, writes, wr.img.device)
-            else await fillNewCluster(wr, w, pl.idx, pl.guest, first + k * wr.cs, pl.e, pl.from, piece, writes, wr.img.device)
+            if (!wr.entryWriter.extended && pl.from === pl.guest && piece.byteLength === wr.clusterSize)
+              fillWholeCluster(wr, w, pl.idx, first + k * wr.clusterSize, pl.e, piece, writes, wr.state.device)
+            else await fillNewCluster(wr, w, pl.idx, pl.guest, first + k * wr.clusterSize, pl.e, pl.from, piece, writes, wr.state.device)
           }
         }
       }
@@ -86,7 +81,7 @@ export async function writeLocked(wr: Qcow2Writer, offset: number, data: Uint8Ar
  * entry changes: subclusters or a preallocated zero cluster), or 'alloc'.
  */
 export async function planClusterWrite(
-  wr: Qcow2Writer,
+  wr: WriterCore,
   w: TableWork,
   idx: number,
   guest: number,
@@ -95,34 +90,34 @@ export async function planClusterWrite(
   writes: DataWrite[],
 ): Promise<'inplace' | 'meta' | 'alloc'> {
   const e = wr.entry(w.table, idx)
-  const dataDev = wr.img.dataDevice
-  const owned = (e.type === 'normal' || (e.type === 'zero' && e.hostOffset !== 0)) && (hasDataFile(wr.h) || (await wr.refcount(e.hostOffset)) === 1)
+  const dataDev = wr.state.dataDevice
+  const owned = (e.type === 'normal' || (e.type === 'zero' && e.hostOffset !== 0)) && (hasDataFile(wr.header) || (await wr.refcount(e.hostOffset)) === 1)
   if (!owned) return 'alloc'
   const host = (e as { hostOffset: number }).hostOffset
-  if (!wr.ew.extended) {
+  if (!wr.entryWriter.extended) {
     if (e.type === 'normal') {
       dataWrite(writes, dataDev, host + (from - guest), piece)
       return 'inplace'
     }
     // preallocated zero cluster: write the whole cluster, then drop the zero flag
-    const buf = new Uint8Array(wr.cs)
+    const buf = new Uint8Array(wr.clusterSize)
     buf.set(piece, from - guest)
     dataWrite(writes, dataDev, host, buf)
-    setStandard(w.table, wr.ew, idx, { hostOffset: host, copied: true })
+    setStandard(w.table, wr.entryWriter, idx, { hostOffset: host, copied: true })
     wr.touch(w, idx)
     return 'meta'
   }
   // extended L2, host cluster owned: write subclusters in place, mark them allocated
   const bm = getBitmap(w.table, idx)
-  const s0 = Math.floor((from - guest) / wr.sc)
-  const s1 = Math.floor((from - guest + piece.byteLength - 1) / wr.sc)
+  const s0 = Math.floor((from - guest) / wr.subclusterSize)
+  const s1 = Math.floor((from - guest + piece.byteLength - 1) / wr.subclusterSize)
   const mask = subclusterMask(s0, s1)
   if ((bm.alloc & mask) === mask) {
     dataWrite(writes, dataDev, host + (from - guest), piece)
     return 'inplace'
   }
-  const bufStart = s0 * wr.sc
-  const buf = await subclusterBuffer(wr, guest, bufStart, (s1 + 1) * wr.sc, from, piece)
+  const bufStart = s0 * wr.subclusterSize
+  const buf = await subclusterBuffer(wr, guest, bufStart, (s1 + 1) * wr.subclusterSize, from, piece)
   dataWrite(writes, dataDev, host + bufStart, buf)
   setBitmap(w.table, idx, { alloc: (bm.alloc | mask) >>> 0, zero: (bm.zero & ~mask) >>> 0 })
   wr.touch(w, idx)
@@ -130,7 +125,7 @@ export async function planClusterWrite(
 }
 
 /** Bytes of [cluster+a, cluster+b): old guest content overlaid with `piece` (at guest `from`). */
-export async function subclusterBuffer(wr: Qcow2Writer, guest: number, a: number, b: number, from: number, piece: Uint8Array): Promise<Uint8Array> {
+export async function subclusterBuffer(wr: WriterCore, guest: number, a: number, b: number, from: number, piece: Uint8Array): Promise<Uint8Array> {
   const total = b - a
   const covered = from === guest + a && piece.byteLength >= total
   const buf = covered ? new Uint8Array(total) : await wr.oldGuest(guest + a, total)
@@ -140,7 +135,7 @@ export async function subclusterBuffer(wr: Qcow2Writer, guest: number, a: number
 
 /** Content for a newly allocated (or external) host cluster and its new entry. */
 export async function fillNewCluster(
-  wr: Qcow2Writer,
+  wr: WriterCore,
   w: TableWork,
   idx: number,
   guest: number,
@@ -151,10 +146,10 @@ export async function fillNewCluster(
   writes: DataWrite[],
   dev: BlockDevice,
 ): Promise<void> {
-  if (!wr.ew.extended || e.type === 'compressed') {
-    const full = from === guest && piece.byteLength === wr.cs
+  if (!wr.entryWriter.extended || e.type === 'compressed') {
+    const full = from === guest && piece.byteLength === wr.clusterSize
     // the whole cluster is written: no copy-on-write, nothing to wait for (the common case of a large write)
-    const buf = full ? piece : await wr.oldGuest(guest, wr.cs)
+    const buf = full ? piece : await wr.oldGuest(guest, wr.clusterSize)
     if (!full) buf.set(piece, from - guest)
     fillWholeCluster(wr, w, idx, host, e, buf, writes, dev)
     return
@@ -162,32 +157,32 @@ export async function fillNewCluster(
   const dropped = wr.dropRef(e)
   if (dropped) w.frees.push(dropped)
   const bm = getBitmap(w.table, idx)
-  const s0 = Math.floor((from - guest) / wr.sc)
-  const s1 = Math.floor((from - guest + piece.byteLength - 1) / wr.sc)
+  const s0 = Math.floor((from - guest) / wr.subclusterSize)
+  const s1 = Math.floor((from - guest + piece.byteLength - 1) / wr.subclusterSize)
   const mask = subclusterMask(s0, s1)
   if (e.type === 'normal') {
     // a shared cluster: copy its allocated subclusters, then the new ones
-    const old = await wr.img.dataDevice.read(e.hostOffset, wr.cs, 'data')
-    const mid = await subclusterBuffer(wr, guest, s0 * wr.sc, (s1 + 1) * wr.sc, from, piece)
-    old.set(mid, s0 * wr.sc)
+    const old = await wr.state.dataDevice.read(e.hostOffset, wr.clusterSize, 'data')
+    const mid = await subclusterBuffer(wr, guest, s0 * wr.subclusterSize, (s1 + 1) * wr.subclusterSize, from, piece)
+    old.set(mid, s0 * wr.subclusterSize)
     dataWrite(writes, dev, host, old)
   } else {
-    const bufStart = s0 * wr.sc
-    const mid = await subclusterBuffer(wr, guest, bufStart, (s1 + 1) * wr.sc, from, piece)
+    const bufStart = s0 * wr.subclusterSize
+    const mid = await subclusterBuffer(wr, guest, bufStart, (s1 + 1) * wr.subclusterSize, from, piece)
     dataWrite(writes, dev, host + bufStart, mid)
   }
-  setStandard(w.table, wr.ew, idx, { hostOffset: host, copied: true })
+  setStandard(w.table, wr.entryWriter, idx, { hostOffset: host, copied: true })
   setBitmap(w.table, idx, { alloc: (bm.alloc | mask) >>> 0, zero: (bm.zero & ~mask) >>> 0 })
   wr.touch(w, idx)
 }
 
 /** A new host cluster holding `buf` (the whole cluster) for entry `idx`, replacing entry `e`. */
-function fillWholeCluster(wr: Qcow2Writer, w: TableWork, idx: number, host: number, e: L2Entry, buf: Uint8Array, writes: DataWrite[], dev: BlockDevice): void {
+function fillWholeCluster(wr: WriterCore, w: TableWork, idx: number, host: number, e: L2Entry, buf: Uint8Array, writes: DataWrite[], dev: BlockDevice): void {
   const dropped = wr.dropRef(e)
   if (dropped) w.frees.push(dropped)
   dataWrite(writes, dev, host, buf)
-  setStandard(w.table, wr.ew, idx, { hostOffset: host, copied: true })
-  if (wr.ew.extended) setBitmap(w.table, idx, { alloc: ALL_SUBCLUSTERS, zero: 0 })
+  setStandard(w.table, wr.entryWriter, idx, { hostOffset: host, copied: true })
+  if (wr.entryWriter.extended) setBitmap(w.table, idx, { alloc: ALL_SUBCLUSTERS, zero: 0 })
   wr.touch(w, idx)
 }
 

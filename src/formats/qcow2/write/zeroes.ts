@@ -7,14 +7,14 @@
 import { dataFileRaw, hasDataFile } from '../spec/header.js'
 import { isAllZero } from '../../../util/bytes.js'
 import { ALL_SUBCLUSTERS, getBitmap, setBitmap, setStandard, subclusterMask } from '../spec/l2-meta.js'
-import type { Qcow2Writer } from './write.js'
+import type { WriterCore } from './core.js'
 import { commit, prepareTable, undo, type Range, type TableWork } from './commit.js'
 import { writeLocked } from './plan.js'
 
-export async function writeZeroesLocked(wr: Qcow2Writer, offset: number, length: number, discard: boolean): Promise<void> {
+export async function writeZeroesLocked(wr: WriterCore, offset: number, length: number, discard: boolean): Promise<void> {
   wr.assertUsable()
   if (length === 0) return
-  const g = wr.sc
+  const g = wr.subclusterSize
   const end = offset + length
   const a = Math.ceil(offset / g) * g
   const b = Math.floor(end / g) * g
@@ -25,8 +25,8 @@ export async function writeZeroesLocked(wr: Qcow2Writer, offset: number, length:
     if (offset < a) partial.push({ offset, length: a - offset })
     if (b < end) partial.push({ offset: b, length: end - b })
   }
-  const raw = hasDataFile(wr.h) && dataFileRaw(wr.h)
-  const v2WithBacking = wr.h.version < 3 && wr.img.backing !== undefined
+  const raw = hasDataFile(wr.header) && dataFileRaw(wr.header)
+  const v2WithBacking = wr.header.version < 3 && wr.state.backing !== undefined
   const fallback = raw || v2WithBacking
   for (const p of partial) {
     const cur = await wr.oldGuest(p.offset, p.length)
@@ -47,10 +47,10 @@ export async function writeZeroesLocked(wr: Qcow2Writer, offset: number, length:
 }
 
 /** Zero whole granules (clusters, or subclusters with extended L2) through entries. */
-async function zeroAligned(wr: Qcow2Writer, offset: number, length: number, discard: boolean): Promise<void> {
+async function zeroAligned(wr: WriterCore, offset: number, length: number, discard: boolean): Promise<void> {
   const works: TableWork[] = []
-  const coverage = wr.l2Entries * wr.cs
-  const backing = wr.img.backing !== undefined
+  const coverage = wr.l2Entries * wr.clusterSize
+  const backing = wr.state.backing !== undefined
   const compressedPartial: Range[] = []
   let needFlush = false
   try {
@@ -67,9 +67,9 @@ async function zeroAligned(wr: Qcow2Writer, offset: number, length: number, disc
       works.push(w)
       if (w.mode !== 'inplace') needFlush = true
       for (let p = pos; p < tEnd;) {
-        const guest = Math.floor(p / wr.cs) * wr.cs
-        const to = Math.min(tEnd, guest + wr.cs)
-        const idx = (guest / wr.cs) % wr.l2Entries
+        const guest = Math.floor(p / wr.clusterSize) * wr.clusterSize
+        const to = Math.min(tEnd, guest + wr.clusterSize)
+        const idx = (guest / wr.clusterSize) % wr.l2Entries
         const r = await zeroCluster(wr, w, idx, guest, p - guest, to - guest, discard)
         if (r) compressedPartial.push(r)
         p = to
@@ -85,42 +85,42 @@ async function zeroAligned(wr: Qcow2Writer, offset: number, length: number, disc
 }
 
 /** Zero [a, b) of one cluster in table copy `w`; returns a range to write as data instead. */
-async function zeroCluster(wr: Qcow2Writer, w: TableWork, idx: number, guest: number, a: number, b: number, discard: boolean): Promise<Range | undefined> {
+async function zeroCluster(wr: WriterCore, w: TableWork, idx: number, guest: number, a: number, b: number, discard: boolean): Promise<Range | undefined> {
   const e = wr.entry(w.table, idx)
-  const backing = wr.img.backing !== undefined
-  const dataFile = hasDataFile(wr.h)
-  const wholeCluster = a === 0 && (b === wr.cs || guest + b >= wr.h.size)
+  const backing = wr.state.backing !== undefined
+  const dataFile = hasDataFile(wr.header)
+  const wholeCluster = a === 0 && (b === wr.clusterSize || guest + b >= wr.header.size)
   const owned =
     e.type === 'normal' || (e.type === 'zero' && e.hostOffset !== 0) ? dataFile || (await wr.refcount((e as { hostOffset: number }).hostOffset)) === 1 : false
-  if (!wr.ew.extended) {
-    if (wr.h.version < 3) {
+  if (!wr.entryWriter.extended) {
+    if (wr.header.version < 3) {
       if (e.type === 'unallocated') return undefined
       const d = wr.dropRef(e)
       if (d) w.frees.push(d)
-      setStandard(w.table, wr.ew, idx, { hostOffset: 0, copied: false })
+      setStandard(w.table, wr.entryWriter, idx, { hostOffset: 0, copied: false })
       wr.touch(w, idx)
       return undefined
     }
     if (e.type === 'zero' && (e.hostOffset === 0 || !discard)) return undefined
     if (e.type === 'unallocated' && !backing) return undefined
     if (owned && !discard) {
-      setStandard(w.table, wr.ew, idx, { hostOffset: (e as { hostOffset: number }).hostOffset, copied: true, zero: true })
+      setStandard(w.table, wr.entryWriter, idx, { hostOffset: (e as { hostOffset: number }).hostOffset, copied: true, zero: true })
     } else {
       const d = wr.dropRef(e)
       if (d) w.frees.push(d)
-      setStandard(w.table, wr.ew, idx, { hostOffset: 0, copied: false, zero: true })
+      setStandard(w.table, wr.entryWriter, idx, { hostOffset: 0, copied: false, zero: true })
     }
     wr.touch(w, idx)
     return undefined
   }
   // extended L2
-  const s0 = Math.floor(a / wr.sc)
-  const s1 = Math.floor((b - 1) / wr.sc)
+  const s0 = Math.floor(a / wr.subclusterSize)
+  const s1 = Math.floor((b - 1) / wr.subclusterSize)
   const mask = wholeCluster ? ALL_SUBCLUSTERS : subclusterMask(s0, s1)
   if (e.type === 'compressed') {
     if (!wholeCluster) return { offset: guest + a, length: b - a }
     w.frees.push(wr.dropRef(e)!)
-    setStandard(w.table, wr.ew, idx, { hostOffset: 0, copied: false })
+    setStandard(w.table, wr.entryWriter, idx, { hostOffset: 0, copied: false })
     setBitmap(w.table, idx, { alloc: 0, zero: ALL_SUBCLUSTERS })
     wr.touch(w, idx)
     return undefined
@@ -129,7 +129,7 @@ async function zeroCluster(wr: Qcow2Writer, w: TableWork, idx: number, guest: nu
   if (e.type === 'normal' && mask === ALL_SUBCLUSTERS && (discard || !owned)) {
     const d = wr.dropRef(e)
     if (d) w.frees.push(d)
-    setStandard(w.table, wr.ew, idx, { hostOffset: 0, copied: false })
+    setStandard(w.table, wr.entryWriter, idx, { hostOffset: 0, copied: false })
     setBitmap(w.table, idx, { alloc: 0, zero: ALL_SUBCLUSTERS })
     wr.touch(w, idx)
     return undefined
