@@ -32,7 +32,7 @@ async function withImage<R>(target: Image | string, o: OpenOptions, fn: (d: Disk
 // create
 
 export interface CreateOptions {
-  format: 'raw' | 'qcow2' | 'dmsnap'
+  format: 'raw' | 'qcow2' | 'dmsnap' | 'vpc'
   /** virtual size in bytes, or as qemu-img takes it ('10G', '512M'); with a backing file it may be left out */
   size?: number | string
   /** format options as qemu-img create -o takes them (cluster_size, compat, preallocation, chunk_size...) */
@@ -58,8 +58,8 @@ export interface CreateResult {
 export async function createImage(path: string, o: CreateOptions): Promise<CreateResult> {
   checkAborted(o.signal, 'create')
   const format = o.format
-  if (format !== 'qcow2' && format !== 'raw' && format !== 'dmsnap')
-    throw new UsageError(`Unknown file format '${String(format)}' for create (qcow2, raw, dmsnap)`)
+  if (format !== 'qcow2' && format !== 'raw' && format !== 'dmsnap' && format !== 'vpc')
+    throw new UsageError(`Unknown file format '${String(format)}' for create (qcow2, raw, dmsnap, vpc)`)
   const options = { ...(o.options ?? {}) }
   if (o.origin !== undefined) options['origin'] = o.origin
   if (options['origin'] !== undefined && format !== 'dmsnap') throw new UsageError('an origin goes with dmsnap stores')
@@ -90,6 +90,9 @@ export async function createImage(path: string, o: CreateOptions): Promise<Creat
   if (format === 'qcow2') {
     const { parseCreateOptions } = await import('../formats/qcow2/index.js')
     parseCreateOptions({ size, options, ...(backing !== undefined ? { backingFile: backing, backingFormat: backingFormat! } : {}) })
+  } else if (format === 'vpc') {
+    const { parseVhdCreateOptions } = await import('../formats/vhd/index.js')
+    parseVhdCreateOptions({ size, options })
   } else if (format === 'raw') {
     for (const k of Object.keys(options)) if (k !== 'preallocation') throw new UsageError(`raw images take no options but size and preallocation`)
     if (options['preallocation'] !== 'metadata') {
@@ -111,7 +114,7 @@ export async function createImage(path: string, o: CreateOptions): Promise<Creat
   } finally {
     await dev.close()
     // a qcow2 image that could not be made is not left behind half made (qemu-img leaves none)
-    if (!ok && !existed && format === 'qcow2') rmSync(path, { force: true })
+    if (!ok && !existed && (format === 'qcow2' || format === 'vpc')) rmSync(path, { force: true })
   }
   return { filename: path, format, size }
 }
