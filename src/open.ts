@@ -5,7 +5,7 @@ import type { BlockDevice, DeviceOpener } from './io/block-device.js'
 import { openFileDevice } from './io/file-device.js'
 import type { DiskImage } from './image/disk-image.js'
 import { MAX_CHAIN_DEPTH, type FormatDriver, type OpenContext, type OpenImageOptions } from './image/context.js'
-import { PROBE_BYTES, probeFormat, type FormatName } from './image/probe.js'
+import { PROBE_BYTES, PROBE_TAIL_BYTES, probeFormat, probeFormatTail, type FormatName } from './image/probe.js'
 import { rawDriver } from './formats/raw/index.js'
 import { qcow2Driver } from './formats/qcow2/index.js'
 
@@ -16,10 +16,18 @@ const dmsnapDriver: FormatDriver = {
   create: async (device, context, options) => (await import('./formats/dmsnap/index.js')).dmsnapDriver.create!(device, context, options),
 }
 
+/** VHD (vpc) is loaded when a VHD is opened or created. */
+const vhdDriver: FormatDriver = {
+  name: 'vpc',
+  open: async (device, context, options) => (await import('./formats/vhd/index.js')).vhdDriver.open(device, context, options),
+  create: async (device, context, options) => (await import('./formats/vhd/index.js')).vhdDriver.create!(device, context, options),
+}
+
 const DRIVERS: Record<string, FormatDriver> = {
   raw: rawDriver,
   qcow2: qcow2Driver,
   dmsnap: dmsnapDriver,
+  vpc: vhdDriver,
 }
 
 export function registeredFormats(): string[] {
@@ -37,6 +45,10 @@ export async function openImageOnDevice(device: BlockDevice, options: OpenImageO
   const context = options.context ?? makeContext(openFileDevice)
   let format = options.format
   if (!format) format = probeFormat(await device.read(0, Math.min(PROBE_BYTES, Math.max(device.size, 4)), 'probe'))
+  // a format known by its last bytes (a fixed VHD's footer)
+  if (!options.format && format === 'raw' && device.size >= PROBE_TAIL_BYTES) {
+    format = probeFormatTail(await device.read(device.size - PROBE_TAIL_BYTES, PROBE_TAIL_BYTES, 'probe')) ?? format
+  }
   return driverFor(format).open(device, context, options)
 }
 

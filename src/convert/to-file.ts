@@ -21,7 +21,7 @@ import { parseRawPreallocation } from '../formats/raw/index.js'
 import { convert, type ConvertOptions, type ConvertResult } from './convert.js'
 import { unsafeCacheOpener } from './unsafe-cache.js'
 
-export type TargetFormat = 'raw' | 'qcow2' | 'dmsnap'
+export type TargetFormat = 'raw' | 'qcow2' | 'dmsnap' | 'vpc'
 
 export interface ConvertFileOptions {
   sourceFormat?: FormatName
@@ -101,6 +101,8 @@ export function checkTargetOptions(format: TargetFormat, size: number, options: 
   } else if (format === 'raw') {
     for (const k of Object.keys(options)) if (k !== 'size' && k !== 'preallocation') throw new UsageError(`Invalid parameter '${k}' for raw`)
     parseRawPreallocation(options['preallocation'], 'raw')
+  } else if (format === 'vpc') {
+    // the vpc driver checks its options before it writes a byte; a target it refuses is removed
   } else {
     for (const k of Object.keys(options)) {
       if (!['origin', 'chunk_size', 'cow_size'].includes(k)) throw new UsageError(`-O dmsnap: unknown option '${k}' (origin, chunk_size, cow_size)`)
@@ -240,7 +242,7 @@ async function createTarget(
   options: Record<string, string>,
 ): Promise<void> {
   const context = makeContext(openFileDevice)
-  if (o.targetFormat === 'raw') return driverFor('raw').create!(dev, context, { size: src.virtualSize, options })
+  if (o.targetFormat === 'raw' || o.targetFormat === 'vpc') return driverFor(o.targetFormat).create!(dev, context, { size: src.virtualSize, options })
   if (o.targetFormat === 'qcow2') {
     const extra = o.backingFile !== undefined ? { backingFile: o.backingFile, backingFormat: o.backingFormat ?? 'qcow2' } : {}
     return driverFor('qcow2').create!(dev, context, { size: src.virtualSize, options, ...extra })

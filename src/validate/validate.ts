@@ -9,7 +9,7 @@ import { ImgtoolError, WrongFormatError } from '../errors.js'
 import type { BlockDevice, DeviceOpener } from '../io/block-device.js'
 import { openFileDevice } from '../io/file-device.js'
 import type { DiskImage } from '../image/disk-image.js'
-import { isFormatName } from '../image/probe.js'
+import { isFormatName, type FormatName } from '../image/probe.js'
 import { makeContext, openImageOnDevice } from '../open.js'
 import { DataLimitError, DeadlineError, guestDataBytes, guestDigest, partitionFacts } from './content.js'
 import type { Policy, PolicyInput, PresetName } from './policy.js'
@@ -181,7 +181,7 @@ async function run(
 
 async function structure(
   file: string,
-  format: 'qcow2' | 'raw' | 'dmsnap',
+  format: FormatName,
   policy: Policy,
   sink: ViolationSink,
   incompat: bigint | undefined,

@@ -80,7 +80,7 @@ describe('imgtool info', () => {
     const r = await cli('info', '-f', 'vmdk', fx('v3-c4k.qcow2'))
     expect(r.code).toBe(1)
     expect(r.stdout).toBe('')
-    expect(r.stderr).toBe("imgtool: Unknown file format 'vmdk' (known: qcow2, dmsnap, raw)\n")
+    expect(r.stderr).toBe("imgtool: Unknown file format 'vmdk' (known: qcow2, dmsnap, vpc, raw)\n")
   })
 
   it('a missing file is one line and exit 1', async () => {

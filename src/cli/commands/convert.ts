@@ -28,7 +28,8 @@ const convert: CommandModule = {
     if (args.length !== 2) throw new UsageError('Expecting one source and one target')
     const [srcPath, dstPath] = args as [string, string]
     const outFmt = String(opts['outputFormat'] ?? 'raw')
-    if (outFmt !== 'raw' && outFmt !== 'qcow2' && outFmt !== 'dmsnap') throw new UsageError(`Unknown target format '${outFmt}' (raw, qcow2, dmsnap)`)
+    if (outFmt !== 'raw' && outFmt !== 'qcow2' && outFmt !== 'dmsnap' && outFmt !== 'vpc')
+      throw new UsageError(`Unknown target format '${outFmt}' (raw, qcow2, dmsnap, vpc)`)
     const srcFmt = opts['format'] === undefined ? undefined : String(opts['format'])
     if (srcFmt !== undefined && !isFormatName(srcFmt)) throw new UsageError(`Unknown file format '${srcFmt}'`)
     const compress = Boolean(opts['compress'])

@@ -1,0 +1,240 @@
+/**
+ * A VHD behind the one image interface. Fixed disks map guest bytes 1:1 onto
+ * the file; dynamic disks through the BAT, one block (its sector bitmap, then
+ * its data) per entry; differencing disks like dynamic ones, except that
+ * sectors whose bitmap bit is clear, and unmapped blocks, come from the
+ * parent. Dynamic disks are read as QEMU reads them: a mapped block is read
+ * whole and its bitmap is not consulted.
+ */
+import { ReadOnlyError, UsageError } from '../../errors.js'
+import type { BlockDevice } from '../../io/block-device.js'
+import type { CheckOptions, CheckReport } from '../../check/types.js'
+import type { OpenContext, OpenImageOptions } from '../../image/context.js'
+import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
+import { checkGuestRange } from '../../image/range.js'
+import { readLayout, type SparseLayout, type VhdLayout } from './open.js'
+import { openParent } from './parent.js'
+import { BAT_UNUSED, SECTOR, TYPE_DIFFERENCING } from './spec.js'
+import { VhdWriter } from './write.js'
+
+export class VhdImage implements DiskImage {
+  readonly format = 'vpc'
+  writer: VhdWriter | undefined
+  private bitmapCache: { offset: number; bits: Uint8Array } | undefined
+
+  constructor(
+    readonly device: BlockDevice,
+    readonly layout: VhdLayout,
+    readonly backing: DiskImage | undefined,
+    private readonly infoOnly: boolean,
+  ) {}
+
+  get filename(): string {
+    return this.device.name
+  }
+  get virtualSize(): number {
+    return this.layout.virtualSize
+  }
+  get readOnly(): boolean {
+    return this.device.readOnly
+  }
+  get diskType(): number {
+    return this.layout.footer.diskType
+  }
+  get sparse(): SparseLayout | undefined {
+    return this.layout.sparse
+  }
+  get differencing(): boolean {
+    return this.diskType === TYPE_DIFFERENCING
+  }
+
+  private refuseInfoOnly(what: string): void {
+    if (this.infoOnly) throw new UsageError(`vpc: ${this.filename}: opened for info only; cannot ${what}`)
+  }
+
+  /** Host offset of the block holding guest `offset`, or undefined when the BAT maps none. */
+  blockOffset(index: number): number | undefined {
+    const s = this.sparse!
+    const v = index < s.bat.length ? s.bat[index]! : BAT_UNUSED
+    return v === BAT_UNUSED ? undefined : v * SECTOR
+  }
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    checkGuestRange(`vpc: ${this.filename}: read`, offset, length, this.virtualSize)
+    this.refuseInfoOnly('read')
+    if (this.writer) await this.writer.idle()
+    const s = this.sparse
+    if (!s) return this.device.read(offset, length, 'data')
+    const out = new Uint8Array(length)
+    for (let pos = offset; pos < offset + length;) {
+      const index = Math.floor(pos / s.blockSize)
+      const inBlock = pos - index * s.blockSize
+      const n = Math.min(s.blockSize - inBlock, offset + length - pos)
+      const block = this.blockOffset(index)
+      const dst = out.subarray(pos - offset, pos - offset + n)
+      if (block === undefined) {
+        if (this.differencing) await this.readParent(pos, dst)
+      } else if (!this.differencing) {
+        dst.set(await this.device.read(block + s.bitmapSize + inBlock, n, 'data'))
+      } else {
+        await this.readDifferencing(block, inBlock, pos, dst)
+      }
+      pos += n
+    }
+    return out
+  }
+
+  private async readParent(pos: number, dst: Uint8Array): Promise<void> {
+    const p = this.backing
+    if (!p || pos >= p.virtualSize) return
+    const n = Math.min(dst.byteLength, p.virtualSize - pos)
+    dst.set(await p.read(pos, n))
+  }
+
+  async bitmap(block: number): Promise<Uint8Array> {
+    if (this.bitmapCache?.offset === block) return this.bitmapCache.bits
+    const bits = await this.device.read(block, this.sparse!.bitmapSize, 'bitmap')
+    this.bitmapCache = { offset: block, bits }
+    return bits
+  }
+
+  /** Runs of sectors within one block: [start, end) in bytes from the block start, and whether the child holds them. */
+  private async bitmapRuns(block: number, from: number, to: number): Promise<Array<{ start: number; end: number; mine: boolean }>> {
+    const bits = await this.bitmap(block)
+    const runs: Array<{ start: number; end: number; mine: boolean }> = []
+    for (let p = from; p < to;) {
+      const sector = Math.floor(p / SECTOR)
+      const mine = ((bits[sector >> 3]! >> (7 - (sector & 7))) & 1) === 1
+      const end = Math.min(to, (sector + 1) * SECTOR)
+      const last = runs[runs.length - 1]
+      if (last && last.mine === mine) last.end = end
+      else runs.push({ start: p, end, mine })
+      p = end
+    }
+    return runs
+  }
+
+  private async readDifferencing(block: number, inBlock: number, pos: number, dst: Uint8Array): Promise<void> {
+    const s = this.sparse!
+    for (const r of await this.bitmapRuns(block, inBlock, inBlock + dst.byteLength)) {
+      const part = dst.subarray(r.start - inBlock, r.end - inBlock)
+      if (r.mine) part.set(await this.device.read(block + s.bitmapSize + r.start, r.end - r.start, 'data'))
+      else await this.readParent(pos + (r.start - inBlock), part)
+    }
+  }
+
+  async *extents(offset = 0, length = this.virtualSize - offset): AsyncIterable<Extent> {
+    checkGuestRange(`vpc: ${this.filename}: map`, offset, length, this.virtualSize)
+    if (this.writer) await this.writer.idle()
+    const end = offset + length
+    const s = this.sparse
+    if (!s) {
+      yield* this.fixedExtents(offset, end)
+      return
+    }
+    for (let pos = offset; pos < end;) {
+      const index = Math.floor(pos / s.blockSize)
+      const inBlock = pos - index * s.blockSize
+      const n = Math.min(s.blockSize - inBlock, end - pos)
+      const block = this.blockOffset(index)
+      if (block === undefined) {
+        if (this.differencing) yield* this.parentExtents(pos, n)
+        else yield { start: pos, length: n, depth: 0, present: true, zero: true, data: false }
+      } else if (!this.differencing) {
+        yield { start: pos, length: n, depth: 0, present: true, zero: false, data: true, hostOffset: block + s.bitmapSize + inBlock, file: this.filename }
+      } else {
+        for (const r of await this.bitmapRuns(block, inBlock, inBlock + n)) {
+          const at = pos + r.start - inBlock
+          if (r.mine) {
+            yield {
+              start: at,
+              length: r.end - r.start,
+              depth: 0,
+              present: true,
+              zero: false,
+              data: true,
+              hostOffset: block + s.bitmapSize + r.start,
+              file: this.filename,
+            }
+          } else yield* this.parentExtents(at, r.end - r.start)
+        }
+      }
+      pos += n
+    }
+  }
+
+  /** A fixed disk maps 1:1 onto its file; holes read as zeros (qemu-img map says zero and data, as it does for vpc). */
+  private async *fixedExtents(offset: number, end: number): AsyncIterable<Extent> {
+    for (let pos = offset; pos < end;) {
+      const st = this.device.hostStatus ? await this.device.hostStatus(pos, end - pos) : { data: true, length: end - pos }
+      yield { start: pos, length: st.length, depth: 0, present: true, zero: !st.data, data: true, hostOffset: pos, file: this.filename }
+      pos += st.length
+    }
+  }
+
+  private async *parentExtents(pos: number, n: number): AsyncIterable<Extent> {
+    const p = this.backing
+    const inParent = p ? Math.max(0, Math.min(n, p.virtualSize - pos)) : 0
+    if (p && inParent > 0) for await (const e of p.extents(pos, inParent)) yield { ...e, depth: e.depth + 1 }
+    if (inParent < n) yield { start: pos + inParent, length: n - inParent, depth: 0, present: false, zero: true, data: false }
+  }
+
+  async info(): Promise<ImageInfo> {
+    const info: ImageInfo = { filename: this.filename, format: 'vpc', virtualSize: this.virtualSize }
+    if (this.device.allocatedSize) info.actualSize = await this.device.allocatedSize()
+    if (this.sparse) info.clusterSize = this.sparse.blockSize
+    if (this.backing) info.backingFilename = this.backing.filename
+    return info
+  }
+
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    checkGuestRange(`vpc: ${this.filename}: write`, offset, data.byteLength, this.virtualSize)
+    await this.requireWriter().write(offset, data)
+  }
+
+  async writeZeroes(offset: number, length: number): Promise<void> {
+    checkGuestRange(`vpc: ${this.filename}: write zeroes`, offset, length, this.virtualSize)
+    await this.requireWriter().writeZeroes(offset, length)
+  }
+
+  private requireWriter(): VhdWriter {
+    if (this.writer) return this.writer
+    if (this.readOnly) throw new ReadOnlyError(`vpc: ${this.filename}: opened read-only`, { file: this.filename })
+    throw new ReadOnlyError(`vpc: ${this.filename}: imgtool does not write differencing disks`, { file: this.filename })
+  }
+
+  async flush(): Promise<void> {
+    if (this.writer) await this.writer.idle()
+    await this.device.flush()
+  }
+
+  async check(options: CheckOptions = {}): Promise<CheckReport> {
+    void options
+    const { checkVhd } = await import('./check.js')
+    return checkVhd(this.device)
+  }
+
+  async close(): Promise<void> {
+    try {
+      if (this.writer) await this.writer.idle()
+    } finally {
+      if (this.backing) await this.backing.close().catch(() => undefined)
+      await this.device.close()
+    }
+  }
+}
+
+export async function openVhd(device: BlockDevice, context: OpenContext, options: OpenImageOptions): Promise<VhdImage> {
+  const forCheck = options.forCheck ?? false
+  const layout = await readLayout(device, forCheck)
+  const infoOnly = options.infoOnly ?? false
+  let backing: DiskImage | undefined
+  if (layout.footer.diskType === TYPE_DIFFERENCING && !infoOnly && !forCheck) {
+    backing = await openParent(device, layout.sparse!.header, layout.sparse!.headerOffset, context, options)
+  }
+  const image = new VhdImage(device, layout, backing, infoOnly)
+  if (!device.readOnly && !forCheck && layout.footer.diskType !== TYPE_DIFFERENCING) {
+    image.writer = new VhdWriter(device, layout)
+  }
+  return image
+}

@@ -1,0 +1,173 @@
+/**
+ * Opening a VHD: find the footer (at 0 for dynamic and differencing disks,
+ * in the last 512 bytes for fixed ones), check it, and for sparse disks read
+ * the dynamic header and the BAT. Every refusal is one line naming the file,
+ * the structure and its offset. Memory is bounded by the BAT, which must lie
+ * inside the file and cover no more than the 2040 GiB a VHD can address.
+ */
+import { CorruptImageError, UnsupportedFeatureError, hex } from '../../errors.js'
+import type { BlockDevice } from '../../io/block-device.js'
+import { isPowerOfTwo, toSafeNumber } from '../../util/bytes.js'
+import {
+  BAT_UNUSED,
+  FOOTER_CHECKSUM_AT,
+  FOOTER_COOKIE,
+  FOOTER_SIZE,
+  HEADER_CHECKSUM_AT,
+  HEADER_COOKIE,
+  HEADER_SIZE,
+  MAX_SECTORS,
+  SECTOR,
+  TYPE_DIFFERENCING,
+  TYPE_DYNAMIC,
+  TYPE_FIXED,
+  bitmapSize,
+  decodeFooter,
+  decodeHeader,
+  footerVirtualSize,
+  vhdChecksum,
+  type DynamicHeader,
+  type Footer,
+} from './spec.js'
+
+/** BATs larger than this are refused (64 MiB: 16 M blocks; a 2040 GiB disk of 2 MiB blocks needs 4 MiB). */
+export const MAX_BAT_BYTES = 64 * 1024 * 1024
+
+export interface SparseLayout {
+  header: DynamicHeader
+  headerOffset: number
+  headerBytes: Uint8Array
+  batOffset: number
+  bat: Uint32Array
+  blockSize: number
+  bitmapSize: number
+  /** where the next block goes: past the BAT and past every block (QEMU's free_data_block_offset) */
+  nextFree: number
+}
+
+export interface VhdLayout {
+  footer: Footer
+  footerBytes: Uint8Array
+  footerOffset: number
+  virtualSize: number
+  sparse?: SparseLayout
+  /** problems a check-open let through (a normal open throws them) */
+  problems: CorruptImageError[]
+}
+
+function corrupt(file: string, structure: string, offset: number, what: string): CorruptImageError {
+  return new CorruptImageError(`vpc: ${file}: ${structure} at ${hex(offset)}: ${what}`, { file, structure, offset })
+}
+
+export function footerCookieOk(b: Uint8Array): boolean {
+  return b.byteLength >= 8 && String.fromCharCode(...b.subarray(0, 8)) === FOOTER_COOKIE
+}
+
+/** Read and check a VHD's metadata. With `lenient` (check), damage is collected instead of thrown where reading can go on. */
+export async function readLayout(device: BlockDevice, lenient: boolean): Promise<VhdLayout> {
+  const file = device.name
+  const problems: CorruptImageError[] = []
+  const fail = (e: CorruptImageError) => {
+    if (!lenient) throw e
+    problems.push(e)
+  }
+  if (device.size < FOOTER_SIZE) {
+    throw corrupt(file, 'footer', 0, `the file (${device.size} bytes) is too small for a VHD footer (${FOOTER_SIZE} bytes)`)
+  }
+  let footerOffset = 0
+  let footerBytes = await device.read(0, FOOTER_SIZE, 'header')
+  if (!footerCookieOk(footerBytes)) {
+    footerOffset = device.size - FOOTER_SIZE
+    footerBytes = await device.read(footerOffset, FOOTER_SIZE, 'header')
+    if (!footerCookieOk(footerBytes)) throw corrupt(file, 'footer', footerOffset, `no '${FOOTER_COOKIE}' cookie at the start or in the last 512 bytes`)
+  }
+  const footer = decodeFooter(footerBytes)
+  const sum = vhdChecksum(footerBytes, FOOTER_CHECKSUM_AT)
+  if (sum !== footer.checksum) fail(corrupt(file, 'footer', footerOffset, `checksum ${hex(footer.checksum)} does not match the footer (expected ${hex(sum)})`))
+  const fixed = footerOffset !== 0
+  if (fixed && footer.diskType !== TYPE_FIXED) {
+    throw corrupt(file, 'footer', footerOffset, `disk type ${footer.diskType} in a footer found only at the end (a fixed disk has type ${TYPE_FIXED})`)
+  }
+  if (!fixed && footer.diskType !== TYPE_DYNAMIC && footer.diskType !== TYPE_DIFFERENCING) {
+    throw corrupt(
+      file,
+      'footer',
+      0,
+      `disk type ${footer.diskType} at the start of the file (expected ${TYPE_DYNAMIC} dynamic or ${TYPE_DIFFERENCING} differencing)`,
+    )
+  }
+  const virtualSize = footerVirtualSize(footer, file, footerOffset)
+  const layout: VhdLayout = { footer, footerBytes, footerOffset, virtualSize, problems }
+  if (!fixed) layout.sparse = await readSparse(device, footer, virtualSize, fail)
+  return layout
+}
+
+async function readSparse(device: BlockDevice, footer: Footer, virtualSize: number, fail: (e: CorruptImageError) => void): Promise<SparseLayout> {
+  const file = device.name
+  const headerOffset = toSafeNumber(footer.dataOffset, `vpc: ${file}: footer data offset`)
+  if (headerOffset + HEADER_SIZE > device.size) {
+    throw corrupt(file, 'dynamic header', headerOffset, `the header (${HEADER_SIZE} bytes) extends past the end of the file (size ${hex(device.size)})`)
+  }
+  const headerBytes = await device.read(headerOffset, HEADER_SIZE, 'header')
+  const header = decodeHeader(headerBytes)
+  if (header.cookie !== HEADER_COOKIE) throw corrupt(file, 'dynamic header', headerOffset, `no '${HEADER_COOKIE}' cookie`)
+  const hsum = vhdChecksum(headerBytes, HEADER_CHECKSUM_AT)
+  if (hsum !== header.checksum)
+    fail(corrupt(file, 'dynamic header', headerOffset, `checksum ${hex(header.checksum)} does not match the header (expected ${hex(hsum)})`))
+  const blockSize = header.blockSize
+  if (!isPowerOfTwo(blockSize) || blockSize < SECTOR)
+    throw corrupt(file, 'dynamic header', headerOffset + 32, `invalid block size ${blockSize} (a power of two, at least 512)`)
+  const entries = header.maxTableEntries
+  if (entries * blockSize < virtualSize) {
+    fail(corrupt(file, 'BAT', headerOffset + 28, `${entries} entries of ${blockSize} bytes cover less than the virtual size ${virtualSize}`))
+  }
+  if (entries > Math.ceil((MAX_SECTORS * SECTOR) / blockSize) || entries * 4 > MAX_BAT_BYTES) {
+    throw corrupt(
+      file,
+      'BAT',
+      headerOffset + 28,
+      `${entries} entries is more than a VHD can address (2040 GiB) or imgtool reads (${MAX_BAT_BYTES} bytes of BAT)`,
+    )
+  }
+  const batOffset = toSafeNumber(header.tableOffset, `vpc: ${file}: BAT offset`)
+  const batBytes = entries * 4
+  if (batOffset + batBytes > device.size) {
+    fail(corrupt(file, 'BAT', batOffset, `the table of ${entries} entries (${batBytes} bytes) extends past the end of the file (size ${hex(device.size)})`))
+  }
+  // (a check reads what the file holds; the rest of the table counts as unused)
+  const inFile = Math.max(0, Math.min(batBytes, device.size - batOffset))
+  const raw = new Uint8Array(batBytes).fill(0xff)
+  if (inFile > 0) raw.set(await device.read(batOffset, inFile, 'bat'))
+  const dv = new DataView(raw.buffer, raw.byteOffset, raw.byteLength)
+  const bat = new Uint32Array(entries)
+  const bmp = bitmapSize(blockSize)
+  let nextFree = Math.ceil((batOffset + batBytes) / SECTOR) * SECTOR
+  for (let i = 0; i < entries; i++) {
+    const v = dv.getUint32(i * 4, false)
+    bat[i] = v
+    if (v === BAT_UNUSED) continue
+    const end = v * SECTOR + bmp + blockSize
+    if (end > nextFree) nextFree = end
+  }
+  if (nextFree > device.size) {
+    // the file was cut short: QEMU refuses the image too ("free_data_block_offset points after the end of file")
+    let worst = 0
+    for (let i = 0; i < entries; i++) if (bat[i] !== BAT_UNUSED && bat[i]! * SECTOR + bmp + blockSize > device.size) worst = i
+    fail(
+      corrupt(
+        file,
+        'BAT',
+        batOffset + worst * 4,
+        `entry ${worst} maps a block at ${hex(bat[worst]! * SECTOR)} that ends at ${hex(bat[worst]! * SECTOR + bmp + blockSize)}, past the end of the file (size ${hex(device.size)}): the image was truncated`,
+      ),
+    )
+  }
+  if (footer.diskType === TYPE_DIFFERENCING && blockSize > 64 * 1024 * 1024) {
+    throw new UnsupportedFeatureError(`vpc: ${file}: differencing disk with ${blockSize}-byte blocks (imgtool reads up to 64 MiB blocks)`, {
+      file,
+      structure: 'dynamic header',
+      offset: headerOffset + 32,
+    })
+  }
+  return { header, headerOffset, headerBytes, batOffset, bat, blockSize, bitmapSize: bmp, nextFree }
+}

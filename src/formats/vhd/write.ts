@@ -1,0 +1,147 @@
+/**
+ * Writing fixed and dynamic disks.
+ *
+ * A fixed disk is written in place. A dynamic disk writes into mapped blocks
+ * in place and allocates a new block at the end of the file in three
+ * durable steps, so that a crash at any point leaves at most a leak:
+ *
+ *   1. the footer copy is written at the new end of the file (flush): the file
+ *      always ends in a valid footer copy;
+ *   2. the block's data (the whole block when the space held older bytes)
+ *      and its sector bitmap (flush): data before the entry that maps it;
+ *   3. the BAT entry (flush).
+ *
+ * A step that fails undoes the allocation (the file is cut back and its old
+ * footer copy rewritten), so a write that returned an error leaves no leak.
+ * Requests are run one at a time, in the order they were made.
+ */
+import { CorruptImageError, UnsupportedFeatureError, hex } from '../../errors.js'
+import type { BlockDevice } from '../../io/block-device.js'
+import { isAllZero } from '../../util/bytes.js'
+import type { VhdLayout } from './open.js'
+import { BAT_UNUSED, FOOTER_SIZE, SECTOR } from './spec.js'
+
+export class VhdWriter {
+  private tail: Promise<void> = Promise.resolve()
+
+  constructor(
+    private readonly device: BlockDevice,
+    private readonly layout: VhdLayout,
+  ) {}
+
+  /** Resolves once every request made so far has finished (failed ones too). */
+  idle(): Promise<void> {
+    return this.tail.catch(() => undefined)
+  }
+
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.tail.catch(() => undefined).then(fn)
+    this.tail = run.then(
+      () => undefined,
+      () => undefined,
+    )
+    return run
+  }
+
+  write(offset: number, data: Uint8Array): Promise<void> {
+    return this.serial(() => this.writeNow(offset, data, false))
+  }
+
+  writeZeroes(offset: number, length: number): Promise<void> {
+    return this.serial(async () => {
+      const chunk = new Uint8Array(Math.min(length, 1 << 20))
+      for (let p = 0; p < length; p += chunk.byteLength) {
+        const n = Math.min(chunk.byteLength, length - p)
+        await this.writeNow(offset + p, chunk.subarray(0, n), true)
+      }
+    })
+  }
+
+  private async writeNow(offset: number, data: Uint8Array, zeroes: boolean): Promise<void> {
+    const s = this.layout.sparse
+    const file = this.device.name
+    if (!s) {
+      if (this.layout.virtualSize > this.layout.footerOffset) {
+        throw new CorruptImageError(
+          `vpc: ${file}: the virtual size ${this.layout.virtualSize} reaches into the footer at ${hex(this.layout.footerOffset)}; not written`,
+          { file, structure: 'footer', offset: this.layout.footerOffset },
+        )
+      }
+      await this.device.write(offset, data, 'data')
+      return
+    }
+    for (let pos = offset; pos < offset + data.byteLength;) {
+      const index = Math.floor(pos / s.blockSize)
+      const inBlock = pos - index * s.blockSize
+      const n = Math.min(s.blockSize - inBlock, offset + data.byteLength - pos)
+      const part = data.subarray(pos - offset, pos - offset + n)
+      const v = s.bat[index]!
+      if (v !== BAT_UNUSED) await this.device.write(v * SECTOR + s.bitmapSize + inBlock, part, 'data')
+      else if (!(zeroes || isAllZero(part))) await this.allocate(index, inBlock, part)
+      pos += n
+    }
+  }
+
+  private async allocate(index: number, inBlock: number, part: Uint8Array): Promise<void> {
+    const s = this.layout.sparse!
+    const dev = this.device
+    const file = dev.name
+    const at = s.nextFree
+    if (at % SECTOR !== 0 || at / SECTOR > 0xfffffffe) {
+      throw new UnsupportedFeatureError(`vpc: ${file}: no room for block ${index} at ${hex(at)} (a BAT entry holds a sector number below 2^32)`, {
+        file,
+        structure: 'BAT',
+        offset: s.batOffset + index * 4,
+      })
+    }
+    const dataAt = at + s.bitmapSize
+    const end = dataAt + s.blockSize
+    const before = dev.size
+    // bytes past the old footer copy (a block leaked by a crash) are not zero: write the whole block
+    const stale = before > at + FOOTER_SIZE
+    const oldTail = await dev.read(before - FOOTER_SIZE, FOOTER_SIZE, 'footer')
+    try {
+      // 1. the file ends in a footer copy again
+      await dev.write(end, this.layout.footerBytes, 'footer')
+      await dev.flush()
+      // 2. data and bitmap
+      if (stale) {
+        const whole = new Uint8Array(s.blockSize)
+        whole.set(part, inBlock)
+        await dev.write(dataAt, whole, 'data')
+      } else {
+        await dev.write(dataAt + inBlock, part, 'data')
+      }
+      await dev.write(at, new Uint8Array(s.bitmapSize).fill(0xff), 'bitmap')
+      await dev.flush()
+      // 3. the BAT entry
+      const entry = new Uint8Array(4)
+      new DataView(entry.buffer).setUint32(0, at / SECTOR, false)
+      await dev.write(s.batOffset + index * 4, entry, 'bat')
+      await dev.flush()
+    } catch (e) {
+      await this.undo(s.batOffset + index * 4, before, oldTail).catch(() => undefined)
+      throw e
+    }
+    s.bat[index] = at / SECTOR
+    s.nextFree = end
+    if (stale && dev.size > end + FOOTER_SIZE) {
+      // the leaked tail is gone: the footer copy written in step 1 ends the file
+      await dev.truncate(end + FOOTER_SIZE)
+      await dev.flush()
+    }
+  }
+
+  /**
+   * Put the file back as it was before a failed allocation: the BAT entry
+   * unused again (its write may have landed though its flush failed), then
+   * the old size and the old last sector (the footer copy).
+   */
+  private async undo(entryAt: number, size: number, oldTail: Uint8Array): Promise<void> {
+    await this.device.write(entryAt, new Uint8Array(4).fill(0xff), 'bat')
+    await this.device.flush()
+    await this.device.truncate(size)
+    await this.device.write(size - FOOTER_SIZE, oldTail, 'footer')
+    await this.device.flush()
+  }
+}
