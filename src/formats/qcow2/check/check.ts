@@ -100,8 +100,8 @@ export async function analyzeQcow2(dev: BlockDevice, options: AnalyzeOptions = {
 
 /** the passes of qcow2_check_refcounts in order, then the verdict and what repair needs */
 async function runCheck(st: CheckState): Promise<Qcow2Analysis> {
-  const h = st.h
-  const cs = st.cs
+  const h = st.header
+  const cs = st.clusterSize
   const snaps = await readSnapshotsForCheck(st.dev, cs, h.version, false)
   st.diagnostics.push(...snaps.diagnostics)
   if (snaps.failure) {

@@ -11,8 +11,8 @@ import { CheckFailedError, TWO32, entryHex, type CheckState, type CopiedError, t
 
 /** check_oflag_copied: active L1/L2 tables against on-disk refcounts */
 export async function checkCopied(st: CheckState, reftable: Uint8Array, cmp: { mismatches: Mismatch[]; unreadable: Set<number> }): Promise<CopiedError[]> {
-  const h = st.h
-  const cs = st.cs
+  const h = st.header
+  const cs = st.clusterSize
   const out: CopiedError[] = []
   const perBlock = refcountsPerBlock(cs, h.refcountOrder)
   const tableEntries = reftable.byteLength / 8

@@ -21,7 +21,7 @@ export function checkRefblocks(st: CheckState, reftable: Uint8Array): void {
     const lo = dv.getUint32(i * 8 + 4, false)
     if (hi === 0 && lo === 0) continue
     const offset = hi * TWO32 + ((lo & 0xfffffe00) >>> 0)
-    const base = { structure: 'reftable', hostOffset: st.h.refcountTableOffset + i * 8 }
+    const base = { structure: 'reftable', hostOffset: st.header.refcountTableOffset + i * 8 }
     if ((lo & 0x1ff) !== 0) {
       st.finding(
         'corruption',
@@ -32,13 +32,13 @@ export function checkRefblocks(st: CheckState, reftable: Uint8Array): void {
       st.reftableBroken = true
       continue
     }
-    if ((lo & 0xfffffe00 & (st.cs - 1)) !== 0) {
+    if ((lo & 0xfffffe00 & (st.clusterSize - 1)) !== 0) {
       st.finding(
         'corruption',
         {
           ...base,
           kind: 'refblock-unaligned',
-          message: `qcow2: refcount block ${i} offset ${entryHex(hi, lo & 0xfffffe00)} is not aligned to cluster size ${hex(st.cs)}`,
+          message: `qcow2: refcount block ${i} offset ${entryHex(hi, lo & 0xfffffe00)} is not aligned to cluster size ${hex(st.clusterSize)}`,
         },
         `ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`,
       )
@@ -46,7 +46,7 @@ export function checkRefblocks(st: CheckState, reftable: Uint8Array): void {
       st.reftableBroken = true
       continue
     }
-    const cluster = offset / st.cs
+    const cluster = offset / st.clusterSize
     if (cluster >= st.imrt.size) {
       st.refblocksOutside.push(i)
       st.finding(
@@ -62,7 +62,7 @@ export function checkRefblocks(st: CheckState, reftable: Uint8Array): void {
       continue
     }
     if (offset !== 0) {
-      st.inc(offset, st.cs, 'refcount block')
+      st.inc(offset, st.clusterSize, 'refcount block')
       const c = st.imrt.get(cluster)
       if (c !== 1) {
         st.finding(
@@ -84,7 +84,7 @@ export function checkRefblocks(st: CheckState, reftable: Uint8Array): void {
 
 /** skipped snapshots: walk what can be walked, only to keep its clusters from being freed */
 export async function protectSnapshot(st: CheckState, s: CheckSnapshot): Promise<void> {
-  const cs = st.cs
+  const cs = st.clusterSize
   const n = Math.min(s.l1Size, Math.max(0, Math.floor((st.fileSize - s.l1TableOffset) / 8)), MAX_L1_BYTES / 8)
   protectRange(st, s.l1TableOffset, n * 8)
   if (n === 0) return
@@ -98,13 +98,13 @@ export async function protectSnapshot(st: CheckState, s: CheckSnapshot): Promise
 
 export function protectRange(st: CheckState, off: number, len: number): void {
   if (off >= st.fileSize || len <= 0) return
-  const cs = st.cs
+  const cs = st.clusterSize
   for (let k = Math.floor(off / cs); k <= Math.floor((Math.min(off + len, st.fileSize) - 1) / cs); k++) st.protectedClusters.add(k)
 }
 
 /** keep an L2 table we cannot trust, and everything it points at, from being freed */
 export async function protectL2(st: CheckState, l2: number): Promise<void> {
-  const cs = st.cs
+  const cs = st.clusterSize
   if (l2 === 0 || l2 >= st.fileSize) return
   protectRange(st, l2, cs)
   const t = await st.dev.read(l2, cs, 'l2')
@@ -125,8 +125,8 @@ export async function protectL2(st: CheckState, l2: number): Promise<void> {
 
 /** compare_refcounts (no fix), one refcount block at a time */
 export async function compareRefcounts(st: CheckState, reftable: Uint8Array): Promise<{ mismatches: Mismatch[]; unreadable: Set<number>; highest: number }> {
-  const h = st.h
-  const cs = st.cs
+  const h = st.header
+  const cs = st.clusterSize
   const order = h.refcountOrder
   const perBlock = refcountsPerBlock(cs, order)
   const nb = st.imrt.size

@@ -80,7 +80,7 @@ export interface WalkStats {
 
 /** The state of one check run (qemu: the BDRVQcow2State and the refcount_table of check mode). */
 export class CheckState {
-  readonly cs: number
+  readonly clusterSize: number
   readonly cb: number
   readonly extL2: boolean
   readonly dataFile: boolean
@@ -121,15 +121,15 @@ export class CheckState {
 
   constructor(
     readonly dev: BlockDevice,
-    readonly h: Qcow2Header,
+    readonly header: Qcow2Header,
     readonly file: string,
   ) {
-    this.cs = h.clusterSize
-    this.cb = h.clusterBits
-    this.extL2 = hasExtendedL2(h)
-    this.dataFile = hasDataFile(h)
+    this.clusterSize = header.clusterSize
+    this.cb = header.clusterBits
+    this.extL2 = hasExtendedL2(header)
+    this.dataFile = hasDataFile(header)
     this.entrySize = this.extL2 ? 16 : 8
-    this.l2Count = this.cs / this.entrySize
+    this.l2Count = this.clusterSize / this.entrySize
     this.report = { ...emptyReport(file, 'qcow2'), diagnostics: [] }
     this.diagnostics = this.report.diagnostics
     this.fileSize = dev.size
@@ -173,7 +173,7 @@ export class CheckState {
 
   guestRange(ref: EntryRef): { offset: number; length: number }[] | undefined {
     if (!ref.active) return undefined
-    return [{ offset: (ref.l1Index * this.l2Count + ref.index) * this.cs, length: this.cs }]
+    return [{ offset: (ref.l1Index * this.l2Count + ref.index) * this.clusterSize, length: this.clusterSize }]
   }
 
   /**
@@ -193,7 +193,7 @@ export class CheckState {
   /** qcow2_inc_refcounts_imrt; false when the region ends a cluster or more past EOF */
   inc(offset: number, size: number, what: string, ref?: EntryRef, offsetHex?: string): boolean {
     if (size <= 0) return true
-    if (offset + size - this.fileSize >= this.cs) {
+    if (offset + size - this.fileSize >= this.clusterSize) {
       if (what !== 'refcount table' && what !== 'refcount block') {
         if (this.uncounted.length < MAX_UNCOUNTED) this.uncounted.push({ offset, size, what })
         else this.uncountedTruncated = true
@@ -206,7 +206,7 @@ export class CheckState {
         kind: 'past-eof',
         structure: ref ? (what === 'L2 table' ? 'l1' : 'l2') : what,
         hostOffset: offset,
-        cluster: Math.floor(offset / this.cs),
+        cluster: Math.floor(offset / this.clusterSize),
         message: `qcow2: ${what} at ${hex(offset)} (${hex(size)} bytes) lies beyond the end of the file (size ${hex(this.fileSize)})${ref ? ` (${this.where(ref)})` : ''}`,
       }
       if (ref) {
@@ -222,8 +222,8 @@ export class CheckState {
       )
       return false
     }
-    const first = Math.floor(offset / this.cs)
-    const last = Math.floor((offset + size - 1) / this.cs)
+    const first = Math.floor(offset / this.clusterSize)
+    const last = Math.floor((offset + size - 1) / this.clusterSize)
     for (let k = first; k <= last; k++) {
       if (!this.imrt.inc(k)) {
         this.overflowed.add(k)
@@ -233,10 +233,10 @@ export class CheckState {
             kind: 'refcount-overflow',
             structure: 'refcount',
             cluster: k,
-            hostOffset: k * this.cs,
-            message: `qcow2: cluster ${k} (${hex(k * this.cs)}) has more references than a ${2 ** this.h.refcountOrder}-bit refcount can hold (${what})`,
+            hostOffset: k * this.clusterSize,
+            message: `qcow2: cluster ${k} (${hex(k * this.clusterSize)}) has more references than a ${2 ** this.header.refcountOrder}-bit refcount can hold (${what})`,
           },
-          `ERROR: overflow cluster offset=${hex(k * this.cs)}`,
+          `ERROR: overflow cluster offset=${hex(k * this.clusterSize)}`,
         )
         this.diagnostics.push(
           'Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing',
@@ -271,7 +271,7 @@ export class CheckState {
     }
     if (hostOffset !== undefined) {
       f.hostOffset = hostOffset
-      f.cluster = Math.floor(hostOffset / this.cs)
+      f.cluster = Math.floor(hostOffset / this.clusterSize)
     }
     const g = this.guestRange(ref)
     if (g) f.guestRanges = g

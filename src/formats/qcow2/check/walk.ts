@@ -57,7 +57,7 @@ export async function walkL1(
   for (let i = 0; i < l1Size; i++) {
     if (dv.getUint32(i * 8, false) === 0 && dv.getUint32(i * 8 + 4, false) === 0) continue
     const off = (dv.getUint32(i * 8, false) & 0x00ffffff) * TWO32 + ((dv.getUint32(i * 8 + 4, false) & 0xfffffe00) >>> 0)
-    if (off < st.fileSize) tables.push({ offset: off, length: st.cs })
+    if (off < st.fileSize) tables.push({ offset: off, length: st.clusterSize })
   }
   const prefetch = new Prefetcher(st.dev, tables, 'l2')
   for (let i = 0; i < l1Size; i++) {
@@ -83,8 +83,8 @@ export async function walkL1(
             `ERROR found L1 entry with reserved bits set: ${entryHex(hi, lo).slice(2)}`,
           )
     }
-    if (!st.inc(l2Offset, st.cs, 'L2 table', ref)) st.addPastEof({ ref, kind: 'l2-table', hostOffset: l2Offset })
-    if (l2Offset % st.cs !== 0) {
+    if (!st.inc(l2Offset, st.clusterSize, 'L2 table', ref)) st.addPastEof({ ref, kind: 'l2-table', hostOffset: l2Offset })
+    if (l2Offset % st.clusterSize !== 0) {
       st.saturated
         ? st.countOnly()
         : st.finding(
@@ -94,12 +94,12 @@ export async function walkL1(
               structure: 'l1',
               l1Index: i,
               hostOffset: l2Offset,
-              message: `qcow2: L2 table offset ${hex(l2Offset)} is not aligned to cluster size ${hex(st.cs)} (${active ? 'active' : 'snapshot'} L1 index ${i})`,
+              message: `qcow2: L2 table offset ${hex(l2Offset)} is not aligned to cluster size ${hex(st.clusterSize)} (${active ? 'active' : 'snapshot'} L1 index ${i})`,
             },
             `ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`,
           )
     }
-    if (l2Offset % st.cs !== 0) st.unalignedL2.push(l2Offset - (l2Offset % st.cs))
+    if (l2Offset % st.clusterSize !== 0) st.unalignedL2.push(l2Offset - (l2Offset % st.clusterSize))
     if (l2Offset < st.fileSize) await walkL2(st, l2Offset, i, active, stats, prefetch)
   }
 }
@@ -113,7 +113,7 @@ export async function walkL2(
   stats: WalkStats | undefined,
   prefetch: Prefetcher,
 ): Promise<void> {
-  const cs = st.cs
+  const cs = st.clusterSize
   const t = await st.readTable(l2Offset, cs, 'l2', 'check_refcounts_l2', prefetch.take())
   scanL2(st, t, l2Offset, l1Index, active, stats) // keeps nothing of t
   prefetch.release(t)
@@ -127,7 +127,7 @@ export async function walkL2(
  * garbage on a 1 TiB image) and ran ~1.5x slower; see bench/README-check.md.
  */
 export function scanL2(st: CheckState, t: Uint8Array, l2Offset: number, l1Index: number, active: boolean, stats: WalkStats | undefined): void {
-  const cs = st.cs
+  const cs = st.clusterSize
   const cb = st.cb
   const es = st.entrySize
   const dv = new DataView(t.buffer, t.byteOffset, t.byteLength)
@@ -185,7 +185,7 @@ export function scanL2(st: CheckState, t: Uint8Array, l2Offset: number, l1Index:
 
 /** the next-contiguous state for a byte offset: a cluster index when it is one, else -2 with the offset in nextBytes */
 export function contiguousAfter(st: CheckState, offset: number): number {
-  const cs = st.cs
+  const cs = st.clusterSize
   if (offset % cs === 0 && offset / cs < 2 ** 30) return offset / cs
   st.nextBytes[0] = offset
   return -2
@@ -202,7 +202,7 @@ export function slowL2Entry(
   stats: WalkStats | undefined,
   nextK: number,
 ): number {
-  const cs = st.cs
+  const cs = st.clusterSize
   const es = st.entrySize
   const ext = st.extL2
   const x = 70 - st.cb // compressed: offset bits
@@ -379,7 +379,7 @@ export function slowL2Entry(
 }
 
 export async function countBitmaps(st: CheckState): Promise<void> {
-  const h = st.h
+  const h = st.header
   const ext = h.bitmaps
   if (!ext || !bitmapsValid(h) || ext.nbBitmaps === 0) return
   st.inc(ext.directoryOffset, ext.directorySize, 'bitmap directory')
@@ -393,7 +393,7 @@ export async function countBitmaps(st: CheckState): Promise<void> {
   // what qemu checks when it loads the bitmaps at open (bitmap_list_load, check_dir_entry, load_bitmap):
   // a bitmap that fails makes qemu-img refuse to open the image, so check cannot complete (exit 1)
   try {
-    validateBitmapDirectory(list, ext, h.size, st.cs, st.file)
+    validateBitmapDirectory(list, ext, h.size, st.clusterSize, st.file)
   } catch (e) {
     st.finding('check-error', {
       kind: 'bitmap-unloadable',
@@ -409,7 +409,7 @@ export async function countBitmaps(st: CheckState): Promise<void> {
     let unloadable = false
     // load_bitmap_data: the table of a bitmap not in use must have exactly the clusters its data needs
     // (one bit per granule of the virtual size), or qemu-img cannot load it and refuses to open the image
-    const needed = Math.ceil(Math.ceil(Math.ceil(h.size / 2 ** bm.granularityBits) / 8) / st.cs)
+    const needed = Math.ceil(Math.ceil(Math.ceil(h.size / 2 ** bm.granularityBits) / 8) / st.clusterSize)
     if ((bm.flags & BME_FLAG_IN_USE) === 0 && bm.tableSize !== needed) {
       unloadable = true
       st.finding('check-error', {
@@ -423,7 +423,7 @@ export async function countBitmaps(st: CheckState): Promise<void> {
       const hi = dv.getUint32(i * 8, false)
       const lo = dv.getUint32(i * 8 + 4, false)
       const off = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
-      const bad = (hi & 0xff000000) !== 0 || (lo & 0x1fe) !== 0 || (off !== 0 && ((lo & 1) !== 0 || off % st.cs !== 0))
+      const bad = (hi & 0xff000000) !== 0 || (lo & 0x1fe) !== 0 || (off !== 0 && ((lo & 1) !== 0 || off % st.clusterSize !== 0))
       if (bad && !unloadable && (bm.flags & BME_FLAG_IN_USE) === 0) {
         unloadable = true
         st.finding('check-error', {
@@ -445,7 +445,7 @@ export async function countBitmaps(st: CheckState): Promise<void> {
         continue
       }
       if (off === 0) continue
-      st.inc(off, st.cs, 'bitmap data')
+      st.inc(off, st.clusterSize, 'bitmap data')
     }
   }
 }

@@ -31,7 +31,7 @@ export interface RefcountWriterHooks {
 }
 
 export class RefcountWriter {
-  readonly cs: number
+  readonly clusterSize: number
   readonly perBlock: number
   readonly order: number
   private table: Uint8Array
@@ -55,17 +55,17 @@ export class RefcountWriter {
 
   constructor(
     private readonly dev: BlockDevice,
-    private readonly h: Qcow2Header,
+    private readonly header: Qcow2Header,
     private readonly file: string,
     table: Uint8Array,
     private readonly hooks: RefcountWriterHooks = {},
   ) {
-    this.cs = h.clusterSize
-    this.order = h.refcountOrder
-    this.perBlock = refcountsPerBlock(h.clusterSize, h.refcountOrder)
+    this.clusterSize = header.clusterSize
+    this.order = header.refcountOrder
+    this.perBlock = refcountsPerBlock(header.clusterSize, header.refcountOrder)
     this.table = table
     this.tableDv = new DataView(table.buffer, table.byteOffset, table.byteLength)
-    this.top = Math.ceil(dev.size / this.cs)
+    this.top = Math.ceil(dev.size / this.clusterSize)
   }
 
   static async load(dev: BlockDevice, h: Qcow2Header, file: string, hooks: RefcountWriterHooks = {}): Promise<RefcountWriter> {
@@ -75,7 +75,7 @@ export class RefcountWriter {
     for (let ti = w.tableEntries - 1; ti >= 0; ti--) {
       const off = w.blockOffset(ti)
       if (off === 0) continue
-      w.top = Math.max(w.top, off / w.cs + 1)
+      w.top = Math.max(w.top, off / w.clusterSize + 1)
       const b = await w.block(ti)
       for (let i = w.perBlock - 1; i >= 0; i--) {
         if (getRefcountEntry(b, i, w.order) !== 0) {
@@ -95,11 +95,11 @@ export class RefcountWriter {
   /** Refcount blocks' and table's cluster indices (for the overlap guard). */
   async metadataClusters(): Promise<Array<[number, MetadataKind]>> {
     const out: Array<[number, MetadataKind]> = []
-    const t0 = this.h.refcountTableOffset / this.cs
-    for (let i = 0; i < this.h.refcountTableClusters; i++) out.push([t0 + i, 'reftable'])
+    const t0 = this.header.refcountTableOffset / this.clusterSize
+    for (let i = 0; i < this.header.refcountTableClusters; i++) out.push([t0 + i, 'reftable'])
     for (let ti = 0; ti < this.tableEntries; ti++) {
       const off = this.blockOffset(ti)
-      if (off !== 0) out.push([off / this.cs, 'refblock'])
+      if (off !== 0) out.push([off / this.clusterSize, 'refblock'])
     }
     return out
   }
@@ -114,13 +114,13 @@ export class RefcountWriter {
     const off = this.blockOffset(ti)
     let b = this.blocks.get(off)
     if (!b) {
-      if (off % this.cs !== 0) {
+      if (off % this.clusterSize !== 0) {
         throw new CorruptImageError(`qcow2: ${this.file}: refcount block offset ${hex(off)} is not aligned (reftable index ${ti})`, {
           file: this.file,
           structure: 'reftable',
         })
       }
-      b = await this.dev.read(off, this.cs, 'refblock')
+      b = await this.dev.read(off, this.clusterSize, 'refblock')
       this.blocks.set(off, b)
     }
     return b
@@ -173,8 +173,11 @@ export class RefcountWriter {
   async alloc(n: number): Promise<number> {
     if (n <= 0) throw new ImgtoolError('INTERNAL', `qcow2: allocation of ${n} clusters`)
     const start = await this.find(n)
-    if ((start + n) * this.cs > MAX_HOST_OFFSET) {
-      throw new ImgtoolError('NO_SPACE', `qcow2: ${this.file}: cannot allocate ${n} clusters at ${hex(start * this.cs)}: beyond the largest host offset`)
+    if ((start + n) * this.clusterSize > MAX_HOST_OFFSET) {
+      throw new ImgtoolError(
+        'NO_SPACE',
+        `qcow2: ${this.file}: cannot allocate ${n} clusters at ${hex(start * this.clusterSize)}: beyond the largest host offset`,
+      )
     }
     this.reserved.add(start, n)
     let done = 0
@@ -204,26 +207,26 @@ export class RefcountWriter {
     }
     this.top = Math.max(this.top, start + n)
     if (start === this.freeHint) this.freeHint = start + n
-    return start * this.cs
+    return start * this.clusterSize
   }
 
   /** Add `delta` to the refcount of every cluster overlapping [offset, offset+length). */
   async update(offset: number, length: number, delta: number): Promise<void> {
-    const first = Math.floor(offset / this.cs)
-    const last = Math.floor((offset + length - 1) / this.cs)
+    const first = Math.floor(offset / this.clusterSize)
+    const last = Math.floor((offset + length - 1) / this.clusterSize)
     for (let c = first; c <= last; c++) {
       const v = (await this.get(c)) + delta
       if (v < 0) {
-        throw new CorruptImageError(`qcow2: ${this.file}: refcount of cluster ${hex(c * this.cs)} would drop below 0`, {
+        throw new CorruptImageError(`qcow2: ${this.file}: refcount of cluster ${hex(c * this.clusterSize)} would drop below 0`, {
           file: this.file,
           structure: 'refblock',
-          offset: c * this.cs,
+          offset: c * this.clusterSize,
         })
       }
       if (v > maxRefcount(this.order)) {
         throw new ImgtoolError(
           'UNSUPPORTED',
-          `qcow2: ${this.file}: refcount of cluster ${hex(c * this.cs)} would exceed ${maxRefcount(this.order)} (refcount_bits ${2 ** this.order})`,
+          `qcow2: ${this.file}: refcount of cluster ${hex(c * this.clusterSize)} would exceed ${maxRefcount(this.order)} (refcount_bits ${2 ** this.order})`,
         )
       }
       await this.setCount(c, v)
@@ -251,14 +254,14 @@ export class RefcountWriter {
     const b = await this.find(1)
     this.reserved.add(b, 1)
     try {
-      const blk = new Uint8Array(this.cs)
+      const blk = new Uint8Array(this.clusterSize)
       if (Math.floor(b / this.perBlock) === ti) {
         // the block describes itself
         setRefcountEntry(blk, b % this.perBlock, this.order, 1)
       } else {
         await this.setCount(b, 1)
       }
-      const off = b * this.cs
+      const off = b * this.clusterSize
       this.blocks.set(off, blk)
       this.setTableEntry(ti, off)
       this.newBlocks.add(off)
@@ -284,7 +287,7 @@ export class RefcountWriter {
   private async growTable(needIndex: number): Promise<void> {
     this.structureChanges++
     await this.persist() // existing state first, so the new table copies what is on disk
-    const cs = this.cs
+    const cs = this.clusterSize
     const pb = this.perBlock
     const start = this.topFree()
     let entries = Math.max(needIndex + 1, Math.ceil((this.tableEntries * 3) / 2))
@@ -372,11 +375,11 @@ export class RefcountWriter {
     newBlocks: Array<{ cluster: number; ti: number; data: Uint8Array }>,
     counted: number,
   ): void {
-    const cs = this.cs
-    const oldOffset = this.h.refcountTableOffset
-    const oldClusters = this.h.refcountTableClusters
-    this.h.refcountTableOffset = start * cs
-    this.h.refcountTableClusters = tableClusters
+    const cs = this.clusterSize
+    const oldOffset = this.header.refcountTableOffset
+    const oldClusters = this.header.refcountTableClusters
+    this.header.refcountTableOffset = start * cs
+    this.header.refcountTableClusters = tableClusters
     this.table = table
     this.tableDv = tableDv
     for (const nb of newBlocks) {
@@ -410,7 +413,7 @@ export class RefcountWriter {
    */
   async persist(): Promise<void> {
     if (!this.dirty) return
-    const cs = this.cs
+    const cs = this.clusterSize
     if (this.newBlocks.size > 0) {
       for (const off of [...this.newBlocks].sort((a, b) => a - b)) {
         await this.dev.write(off, this.blocks.get(off)!.slice(), 'refblock')
@@ -436,7 +439,7 @@ export class RefcountWriter {
       if (!first && !this.lazy) await this.dev.flush()
       first = false
       for (const ti of ready.sort((a, b) => a - b)) {
-        await this.dev.write(this.h.refcountTableOffset + ti * 8, this.table.slice(ti * 8, ti * 8 + 8), 'reftable')
+        await this.dev.write(this.header.refcountTableOffset + ti * 8, this.table.slice(ti * 8, ti * 8 + 8), 'reftable')
         this.dirtyEntries.delete(ti)
       }
     }
