@@ -216,6 +216,46 @@ describeQemu('repair edge defects (issue 10), against qemu-img on the same bytes
     expect(o.oursMd5).toBe(o.qemuRepairedMd5)
   })
 
+  it('a guest cluster mapped at the end of the file and a snapshot table to rewrite: the new table goes past it (fuzz seed 12, case 500)', async () => {
+    const dir = makeTempDir('imgtool-eof-snap-')
+    const orig = await made(dir, 'eof', 'cluster_size=512', '256K', ['write -P 7 0 8k'], async (p) => {
+      await qemuImgOk(['snapshot', '-c', 's1', p])
+    })
+    // the guest view qemu-img gives with only the entry moved to the end of the file: that range reads zeros
+    const moved = new Qcow2Bytes(orig)
+    const what = moved.dataPastEof(0)
+    const movedPath = join(dir, 'eof-moved.qcow2')
+    writeFileSync(movedPath, moved.bytes)
+    const expected = await guestMd5(movedPath)
+    // and a snapshot table repair must rewrite "past the end of the file"
+    const img = new Qcow2Bytes(moved.bytes)
+    img.snapshotExtraTooBig()
+    const o = await compare(dir, 'eof', img.bytes)
+    expect(o.error, what).toBeUndefined()
+    expect(o.result!.actions.some((a) => a.kind === 'rewrite-snapshot-table')).toBe(true)
+    const table = o.result!.actions.find((a) => a.kind === 'rewrite-snapshot-table')!.hostOffset!
+    expect(table).toBeGreaterThan(moved.bytes.byteLength) // not the cluster at the end the entry maps
+    expect(o.oursMd5).toBe(expected)
+    expect(o.qemuAfter.code).toBe(0)
+  })
+
+  it('an external data file whose refcounts are lost: no data cluster is "copied" off the metadata it shares an index with (fuzz seed 12, case 45)', async () => {
+    const dir = makeTempDir('imgtool-df-')
+    const data = join(dir, 'df-orig.data')
+    const orig = await made(dir, 'df', `data_file=${data},cluster_size=4096`, '256K', ['write -P 5 0 8k', 'write -P 6 64k 4k'])
+    const img = new Qcow2Bytes(orig)
+    img.putU64(img.reftableOffset, 0) // every refcount of the qcow2 file reads 0
+    const dev = new MemoryDevice(img.bytes, { name: 'df.qcow2' })
+    const r = await repairQcow2Device(dev, { repair: 'all', journal: new MemoryDevice(0, { name: 'journal' }), journalPath: 'journal' })
+    expect(r.actions.filter((a) => a.kind === 'copy-data-cluster')).toEqual([])
+    const ours = join(dir, 'df-orig.qcow2')
+    writeFileSync(ours, dev.snapshot())
+    const check = await qemuImg(['check', '-f', 'qcow2', ours])
+    expect(check.code, check.stdout + check.stderr).toBe(0)
+    const map = parseJson<Array<{ start: number; offset?: number }>>(await qemuImgOk(['map', '--output=json', '-f', 'qcow2', ours]))
+    for (const m of map) if (m.offset !== undefined) expect(m.offset, 'a data-file offset equals its guest offset').toBe(m.start)
+  })
+
   it('D11: a garbage refcount table entry and nb_snapshots 20: no internal error, a verdict as qemu-img', async () => {
     const dir = makeTempDir('imgtool-d11-')
     const img = new Qcow2Bytes(await made(dir, 'd11', 'refcount_bits=4,cluster_size=4096', '1M', ['write -P 1 0 8k']))

@@ -36,6 +36,18 @@ const CASES: Case[] = [
   { fx: 'v3-c4k', name: 'inflated L1 table trimmed', mode: 'all', damage: (i) => inflateL1(i) },
   { fx: 'v3-c4k', name: 'data cluster on the refcount table copied', mode: 'all', damage: (i) => i.dataIntoReftable() },
   {
+    fx: 'v3-c4k',
+    name: 'unknown autoclear bit cleared first, then leaks freed',
+    mode: 'leaks',
+    damage: (i) => (i.putU64(88, BigInt(i.u64(88)) | (1n << 40n)), i.leak(2)),
+  },
+  {
+    fx: 'v3-snapshot',
+    name: 'snapshot table rewritten past a guest cluster mapped at the end of the file',
+    mode: 'all',
+    damage: (i) => (i.dataPastEof(0), i.snapshotExtraTooBig()),
+  },
+  {
     fx: 'v3-snapshot',
     name: 'dirty lazy-refcount image with -r leaks',
     mode: 'leaks',

@@ -111,7 +111,8 @@ export async function checkCopied(st: CheckState, reftable: Uint8Array, cmp: { m
       if (off === 0 && !(st.dataFile && copiedFlag)) continue
       const cl = Math.floor(off / cs)
       if (!st.dataFile && copiedFlag && off % cs === 0 && cl < nb && noMismatch && (counters[cl] as number) === 1 && blockFor(cl) > 0) continue // the common case
-      const mf = byCluster.size ? byCluster.get(cl) : undefined
+      // an external data file's offsets are not this file's clusters: they name no finding here
+      const mf = byCluster.size && !st.dataFile ? byCluster.get(cl) : undefined
       if (mf && !mf.guestRanges) {
         mf.l1Index = i
         mf.l2Index = j

@@ -23,7 +23,7 @@ import type { BlockDevice } from '../../../io/block-device.js'
 import type { RepairAction } from '../../../check/types.js'
 import type { EntryRef, Qcow2Analysis } from '../check/check.js'
 import { MAX_L1_BYTES } from '../spec/constants.js'
-import { hasExtendedL2 } from '../spec/header.js'
+import { hasDataFile, hasExtendedL2 } from '../spec/header.js'
 import { refcountsPerBlock } from '../spec/refcount-codec.js'
 import type { Phase, Write } from './phase.js'
 
@@ -222,6 +222,22 @@ export class TableEdits {
   }
 }
 
+/** how far past the end of the file a new structure may be placed to step over a reference there */
+export const PLACEMENT_REACH = 1 << 30
+
+/**
+ * The first cluster a repair may place new bytes in: past the end of the file, past every cluster the check
+ * counted (qemu accepts a reference ending less than a cluster past the end: that guest range reads as
+ * zeros), and past every reference it did not count that starts within PLACEMENT_REACH of the end (a guest
+ * range mapped there reads as zeros until something is written there, and would then show it).
+ */
+export function firstClearCluster(a: Qcow2Analysis): number {
+  const cs = a.header.clusterSize
+  let end = Math.max(Math.ceil(a.fileSize / cs), a.imrt.size)
+  for (const r of a.uncounted) if (r.offset - a.fileSize <= PLACEMENT_REACH) end = Math.max(end, Math.ceil((r.offset + r.size) / cs))
+  return end
+}
+
 export async function planEntries(dev: BlockDevice, a: Qcow2Analysis, file: string): Promise<Phase> {
   const cs = a.header.clusterSize
   const ext = hasExtendedL2(a.header)
@@ -306,8 +322,12 @@ export async function planEntries(dev: BlockDevice, a: Qcow2Analysis, file: stri
   }
   for (const ref of a.zeroAllocUnaligned) await zeroEntry(ref, 'preallocated zero cluster with an unaligned offset')
 
-  // data entries pointing into metadata (counted twice: the metadata and the entry): the guest gets a copy
-  const suspects = new Set(a.mismatches.filter((m) => m.expected > m.onDisk && meta.kinds.has(m.cluster)).map((m) => m.cluster))
+  // data entries pointing into metadata (counted twice: the metadata and the entry): the guest gets a copy.
+  // With an external data file a data entry's offset is in that file, never in this one: no data entry can
+  // be this file's metadata, so nothing is copied (qemu-img reads guest cluster N at data-file offset N).
+  const suspects = hasDataFile(a.header)
+    ? new Set<number>()
+    : new Set(a.mismatches.filter((m) => m.expected > m.onDisk && meta.kinds.has(m.cluster)).map((m) => m.cluster))
   for (const c of a.overflowed) if (meta.kinds.has(c)) suspects.add(c)
   const copies: Write[] = []
   if (suspects.size > 0) {
@@ -318,7 +338,7 @@ export async function planEntries(dev: BlockDevice, a: Qcow2Analysis, file: stri
     })
     const byTarget = new Map<number, PointingRef[]>()
     for (const r of refs) byTarget.set(r.l2Target, [...(byTarget.get(r.l2Target) ?? []), r])
-    let next = Math.ceil(a.fileSize / cs)
+    let next = firstClearCluster(a)
     for (const [target, rs] of byTarget) {
       const copy = next++
       copies.push({ offset: copy * cs, data: new Uint8Array(await dev.read(target * cs, cs, 'data')), tag: 'data' })

@@ -38,7 +38,7 @@ import { OverlayDevice } from '../../../io/overlay-device.js'
 import type { CheckOptions, CheckReport, RepairAction, RepairMode, RepairResult } from '../../../check/types.js'
 import type { JournalIdentity } from '../../../check/undo.js'
 import { CheckFailedError, analyzeQcow2, type Qcow2Analysis, type UncountedRegion } from '../check/check.js'
-import { TableEdits, planEntries, planTrim } from './entries.js'
+import { PLACEMENT_REACH, TableEdits, firstClearCluster, planEntries, planTrim } from './entries.js'
 import { guardPhase, type Phase, type Write } from './phase.js'
 import { planSnapshotTable } from './snapshots.js'
 import { hasLazyRefcounts, isCorrupt, isDirty } from '../spec/header.js'
@@ -203,7 +203,7 @@ async function repairSteps(
   // S. a snapshot table qemu-img check refuses or calls corrupt (-r all)
   let failed = firstFailure !== undefined
   if (o.repair === 'all' && (failed || cur!.snapshots.incomplete.length > 0 || cur!.snapshots.snapshots.length > 0)) {
-    const sp = await planSnapshotTable(dev, filename)
+    const sp = await planSnapshotTable(dev, filename, failed || cur!.uncountedTruncated ? undefined : firstClearCluster(cur!))
     if (sp) {
       await run({ writes: sp.writes, then: sp.then, actions: sp.actions, leaksFixed: 0, corruptionsFixed: sp.fixed })
       cur = await analyze()
@@ -333,7 +333,7 @@ async function planRefcounts(dev: BlockDevice, a: Qcow2Analysis, fixErrors: bool
  * them.
  */
 /** how far past the end of the file a rebuilt refcount structure may be placed to step over a structure there */
-const REBUILD_REACH = 1 << 30
+const REBUILD_REACH = PLACEMENT_REACH
 
 async function planRebuild(dev: BlockDevice, a: Qcow2Analysis, file: string): Promise<Phase> {
   const h = a.header

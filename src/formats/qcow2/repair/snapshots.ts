@@ -26,7 +26,14 @@ export interface SnapshotPlan {
   fixed: number
 }
 
-export async function planSnapshotTable(dev: BlockDevice, file: string): Promise<SnapshotPlan | undefined> {
+/**
+ * `clearFrom`: the first cluster the new table may use (entries.ts firstClearCluster), when the check
+ * completed: past the file and past every cluster a reference reaches near its end, so the table never lands
+ * where a guest range already maps (that range reads as zeros, and would show the table). When the check
+ * could not complete, the first whole cluster past the end of the file is skipped, where an entry mapped
+ * "at the end of the file" lands.
+ */
+export async function planSnapshotTable(dev: BlockDevice, file: string, clearFrom?: number): Promise<SnapshotPlan | undefined> {
   const h = await readHeader(dev, { file, readOnly: true, forCheck: true })
   const cs = h.clusterSize
   const t: SnapshotTableCheck = await readSnapshotsForCheck(dev, cs, h.version, true)
@@ -72,7 +79,7 @@ export async function planSnapshotTable(dev: BlockDevice, file: string): Promise
     table.set(e, pos)
     pos += e.byteLength
   }
-  const start = Math.ceil(dev.size / cs)
+  const start = clearFrom === undefined ? Math.ceil(dev.size / cs) + 1 : Math.max(Math.ceil(dev.size / cs), clearFrom)
   const n = entries.length ? table.byteLength / cs : 0
   const writes: SnapshotPlan['writes'] = []
   if (n > 0) {
