@@ -13,6 +13,7 @@ const check: CommandModule = {
       .option('--no-journal', 'with -r: repair without an undo journal')
       .option('--force-valid', 'with -r all: re-validate an invalidated dm-snapshot store when every record checks out')
       .option('-U, --force-share', 'open without image locks (without -r; the image may be in use)')
+      .option('-p, --progress', "show progress (a terminal line; otherwise qemu-img's '    (NN.NN/100%)' lines, on stderr)")
       .argument('[image...]')
   },
   async run(args, opts, io) {
@@ -32,6 +33,7 @@ const check: CommandModule = {
       journal: opts['journal'] === false ? false : (opts['journal'] as string | undefined),
       forceValid: Boolean(opts['forceValid']),
       forceShare: opts['forceShare'] === true,
+      progress: Boolean(opts['progress']),
     })
   },
 }
@@ -50,6 +52,8 @@ export interface RunCheckArgs {
   forceValid?: boolean
   /** -U: open without image locks (read-only opens only, as qemu-img) */
   forceShare?: boolean
+  /** -p: show progress (stdout carries the report: plain lines go to stderr) */
+  progress?: boolean
 }
 
 /** check / check -r / repair: one library call, render, qemu-img's exit code. */
@@ -61,6 +65,9 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
     if (!a.quiet) io.stdout.write(s)
   }
   const origin = a.image.options['origin']
+  const { startProgress } = await import('../progress.js')
+  const progress = await startProgress(io, a.repair ? 'repairing' : 'checking', { requested: a.progress === true, quiet: a.quiet, dataOnStdout: true })
+  let ok = false
   try {
     let report: import('../../index.js').CheckReport
     if (a.repair) {
@@ -72,7 +79,10 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
         ...(origin !== undefined ? { origin } : {}),
         ...(a.forceValid ? { forceValid: true } : {}),
         ...(a.forceShare ? { forceShare: true } : {}),
+        onProgress: progress.update,
       })
+      ok = true
+      progress.stop(ok)
       if (a.dryRun) {
         if (a.output === 'json') {
           if (!a.quiet) printJson(io.stdout, { ...checkJson(result.before, a.path), plan: result.actions })
@@ -93,7 +103,10 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
         ...(a.image.format ? { format: a.image.format } : {}),
         ...(origin !== undefined ? { origin } : {}),
         ...(a.forceShare ? { forceShare: true } : {}),
+        onProgress: progress.update,
       })
+      ok = true
+      progress.stop(ok)
     }
     if (a.output === 'json') {
       if (!a.quiet) printJson(io.stdout, checkJson(report, a.path))
@@ -120,6 +133,8 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
       return 1
     }
     throw e
+  } finally {
+    progress.stop(ok)
   }
 }
 

@@ -10,7 +10,7 @@ const compare: CommandModule = {
       .option('-F, --second-format <fmt>', 'format of the second image')
       .option('-s, --strict', 'strict mode: sizes and allocation must match too')
       .option('--origin <path>', 'origin of a dm-snapshot image among the two (-f/-F dmsnap)')
-      .option('-p, --progress', 'show progress')
+      .option('-p, --progress', "show progress (a terminal line; otherwise qemu-img's '    (NN.NN/100%)' lines)")
       .option('-q, --quiet', 'print nothing')
       .option('-U, --force-share', 'open without image locks (read-only; the image may be in use)')
       .argument('<image1>')
@@ -28,7 +28,8 @@ const compare: CommandModule = {
         return f
       }
       const formats: [ReturnType<typeof fmt>, ReturnType<typeof fmt>] = [fmt(opts['format']), fmt(opts['secondFormat'])]
-      const progress = opts['progress'] && io.isTTY && !opts['quiet'] ? await (await import('../progress.js')).startProgress(io, 'comparing') : undefined
+      const { startProgress } = await import('../progress.js')
+      const progress = await startProgress(io, 'comparing', { requested: Boolean(opts['progress']), quiet: Boolean(opts['quiet']) })
       let r: Awaited<ReturnType<typeof compare>>
       try {
         r = await compare(args[0]!, args[1]!, {
@@ -36,15 +37,19 @@ const compare: CommandModule = {
           formats,
           ...(typeof opts['origin'] === 'string' ? { origin: opts['origin'] } : {}),
           forceShare: opts['forceShare'] === true,
-          ...(progress ? { onProgress: progress.update } : {}),
+          onProgress: progress.update,
         })
-      } finally {
-        progress?.stop()
+      } catch (e) {
+        progress.stop(false)
+        throw e
       }
       const out: string[] = []
       if (r.sizeMismatch && !opts['strict']) out.push('Warning: Image size mismatch!')
       out.push(r.identical ? 'Images are identical.' : r.message)
-      if (!opts['quiet']) io.stdout.write(out.join('\n') + '\n')
+      // the verdict before the progress lines' last newline, where qemu-img prints it
+      progress.stop(r.identical, () => {
+        if (!opts['quiet']) io.stdout.write(out.join('\n') + '\n')
+      })
       return r.identical ? 0 : 1
     } catch (e) {
       renderError(e, io.stderr)

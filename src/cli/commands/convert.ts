@@ -17,7 +17,7 @@ const convert: CommandModule = {
       .option('-S, --sparse-size <size>', 'zero runs of at least SIZE bytes are left sparse (0: write all)', '4k')
       .option('-m, --parallel <n>', 'I/Os in flight', '4')
       .option('-t, --cache <mode>', 'target cache mode: unsafe (as qemu-img: no flush at all) or writeback (flushed once, at the end)', 'unsafe')
-      .option('-p, --progress', 'show progress (on a terminal)')
+      .option('-p, --progress', "show progress (a terminal line; otherwise qemu-img's '    (NN.NN/100%)' lines)")
       .option('-q, --quiet', 'print nothing')
       .option('-U, --force-share', 'open the source without image locks (it may be in use)')
       .argument('<source>')
@@ -43,21 +43,25 @@ const convert: CommandModule = {
     const backing = opts['backing'] as string | undefined
     if (backing !== undefined && outFmt !== 'qcow2') throw new UsageError('-B needs a target format with backing files (qcow2)')
     const origin = typeof opts['origin'] === 'string' ? { origin: opts['origin'] } : {}
-    const showProgress = Boolean(opts['progress']) && io.isTTY && !opts['quiet']
+    const { startProgress } = await import('../progress.js')
+    const progressOptions = { requested: Boolean(opts['progress']), quiet: Boolean(opts['quiet']) }
     const common = { ...(srcFmt !== undefined ? { format: srcFmt } : {}), ...origin, forceShare: opts['forceShare'] === true, parallel: inFlight }
     if (dstPath === '-') {
       // the guest bytes as raw on stdout (nothing is created, nothing to clean up)
       if (outFmt !== 'raw') throw new UsageError('Only raw output can go to stdout (-)')
-      const progress = showProgress ? await (await import('../progress.js')).startProgress(io, 'converting') : undefined
+      const progress = await startProgress(io, 'converting', { ...progressOptions, dataOnStdout: true })
+      let ok = false
       try {
-        await convert(srcPath, io.stdout, { ...common, ...(progress ? { onProgress: progress.update } : {}) })
+        await convert(srcPath, io.stdout, { ...common, onProgress: progress.update })
+        ok = true
       } finally {
-        progress?.stop()
+        progress.stop(ok)
       }
       return 0
     }
-    const progress = showProgress ? await (await import('../progress.js')).startProgress(io, 'converting') : undefined
+    const progress = await startProgress(io, 'converting', progressOptions)
     io.setGraceful?.(true)
+    let ok = false
     try {
       await convert(srcPath, dstPath, {
         ...common,
@@ -67,11 +71,12 @@ const convert: CommandModule = {
         compress,
         minSparse,
         cache,
-        ...(progress ? { onProgress: progress.update } : {}),
+        onProgress: progress.update,
         ...(io.signal ? { signal: io.signal } : {}),
       })
+      ok = true
     } finally {
-      progress?.stop()
+      progress.stop(ok)
     }
     return 0
   },

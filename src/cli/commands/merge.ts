@@ -10,7 +10,10 @@ const merge: CommandModule = {
   aliases: ['commit'],
   description: 'merge a dm-snapshot COW store into its origin (snapshot-merge); resumable after a crash',
   configure(cmd) {
-    addOutputOption(addImageOptions(cmd)).option('-q, --quiet', 'no progress output').argument('<cow>')
+    addOutputOption(addImageOptions(cmd))
+      .option('-q, --quiet', 'no progress output')
+      .option('-p, --progress', "show progress (shown on a terminal anyway; otherwise qemu-img's '    (NN.NN/100%)' lines)")
+      .argument('<cow>')
   },
   async run(args, opts, io) {
     const { UsageError, isFormatName, merge } = await import('../../index.js')
@@ -22,12 +25,23 @@ const merge: CommandModule = {
     const output = parseOutput(opts)
     const originFormat = options['origin_format']
     if (originFormat !== undefined && !isFormatName(originFormat)) throw new UsageError(`merge: unknown origin format '${originFormat}'`)
-    const progress = io.isTTY && output !== 'json' && !opts['quiet']
-    const result = await merge(path, originPath, {
-      ...(originFormat ? { originFormat } : {}),
-      ...(progress ? { onProgress: (done: number, total: number) => void io.stderr.write(`\rmerging: ${done}/${total} exceptions`) } : {}),
+    // -p, or a terminal as before; the plain lines go to stderr when stdout carries JSON
+    const { startProgress } = await import('../progress.js')
+    const progress = await startProgress(io, 'merging', {
+      requested: Boolean(opts['progress']) || (io.isTTY && output !== 'json'),
+      quiet: Boolean(opts['quiet']),
+      dataOnStdout: output === 'json',
+      unit: 'items',
+      itemName: 'exceptions',
     })
-    if (progress) io.stderr.write('\n')
+    let ok = false
+    let result: Awaited<ReturnType<typeof merge>>
+    try {
+      result = await merge(path, originPath, { ...(originFormat ? { originFormat } : {}), onProgress: progress.update })
+      ok = true
+    } finally {
+      progress.stop(ok)
+    }
     if (output === 'json') printJson(io.stdout, { 'merged-exceptions': result.merged, 'chunks-copied': result.chunksCopied, 'chunk-size': result.chunkSize })
     else io.stdout.write(`${result.summary}\n`)
     return 0

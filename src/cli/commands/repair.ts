@@ -14,6 +14,7 @@ const repair: CommandModule = {
       .option('--force', 'with --undo: apply a journal that cannot be checked (no seal, format 1) or onto another file (a copy) holding what the repair left')
       .option('--force-valid', 're-validate an invalidated dm-snapshot store when every record checks out')
       .option('-q, --quiet', 'print nothing on stdout')
+      .option('-p, --progress', "show progress (a terminal line; otherwise qemu-img's '    (NN.NN/100%)' lines, on stderr)")
       .argument('[image...]')
   },
   async run(args, opts, io) {
@@ -34,6 +35,7 @@ const repair: CommandModule = {
       dryRun: Boolean(opts['dryRun']),
       journal: opts['journal'] === false ? false : (opts['journal'] as string | undefined),
       forceValid: Boolean(opts['forceValid']),
+      progress: Boolean(opts['progress']),
     })
   },
 }
