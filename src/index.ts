@@ -50,6 +50,9 @@ export {
   type MergeOptions,
   type MergeResult,
 } from './api/ops.js'
+export { measure, type MeasureOptions, type MeasureResult } from './api/measure.js'
+export { dd, type DdOptions, type DdResult } from './api/dd.js'
+export { nativeParts, QEMU_IMG_VERSION, type NativeParts } from './api/native.js'
 export { exportImage, type ExportOptions, type ExportResult } from './convert/export.js'
 export type { CheckReport, Finding, Notice, Severity, GuestRange, RepairMode, RepairAction, RepairResult } from './check/types.js'
 export { checkExitCode, EXIT_CLEAN, EXIT_CHECK_FAILED, EXIT_CORRUPT, EXIT_LEAKS, EXIT_NO_CHECK } from './check/types.js'

@@ -8,6 +8,22 @@ function version(): string {
   return (require('../../package.json') as { version: string }).version
 }
 
+/**
+ * `imgtool --version`: the package version, the qemu-img version whose
+ * behaviour imgtool follows, and which optional native parts were loaded.
+ */
+async function versionText(): Promise<string> {
+  const { QEMU_IMG_VERSION, nativeParts } = await import('../index.js')
+  const n = await nativeParts()
+  const yes = (b: boolean): string => (b ? 'yes' : 'no')
+  return (
+    `imgtool ${version()}\n` +
+    `follows qemu-img ${QEMU_IMG_VERSION}\n` +
+    `native: seek-hole ${yes(n.seekHole)}, ofd-locks ${yes(n.ofdLocks)}, copy-file-range ${yes(n.copyFileRange)}, ` +
+    `fallocate ${yes(n.fallocate)}, deflate ${yes(n.deflate)}\n`
+  )
+}
+
 export async function main(argv: string[], io?: Partial<CliIo>): Promise<number> {
   const cio: CliIo = {
     stdout: io?.stdout ?? process.stdout,
@@ -20,7 +36,7 @@ export async function main(argv: string[], io?: Partial<CliIo>): Promise<number>
   const args = argv.slice(2)
   if (args.length === 1 && (args[0] === '--version' || args[0] === '-V')) {
     // the fast path: no commander, no command modules
-    cio.stdout.write(version() + '\n')
+    cio.stdout.write(await versionText())
     return 0
   }
   const { Command, CommanderError } = await import('commander')
@@ -28,7 +44,7 @@ export async function main(argv: string[], io?: Partial<CliIo>): Promise<number>
   const program = new Command('imgtool')
   program
     .description('Check, repair, inspect and convert qcow2 images and dm-snapshot COW stores')
-    .version(version(), '-V, --version')
+    .version(args.includes('-V') || args.includes('--version') ? await versionText() : version(), '-V, --version')
     .exitOverride()
     .configureOutput({
       writeOut: (s) => cio.stdout.write(s),

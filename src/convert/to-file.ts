@@ -42,6 +42,13 @@ export interface ConvertFileOptions {
   cache?: 'unsafe' | 'writeback'
   onProgress?: (done: number, total: number) => void
   signal?: AbortSignal
+  /**
+   * what the target is made from: the source itself (default) or a view of it
+   * (dd's window of guest bytes); the target gets the view's virtual size
+   */
+  view?: (source: DiskImage) => DiskImage
+  /** the command named in a refusal (default convert) */
+  verb?: string
 }
 
 interface FileId {
@@ -79,14 +86,14 @@ export function recordingOpener(inner: DeviceOpener, opened: string[]): DeviceOp
  * Refuse `target` when it is one of `protectedFiles` (device and inode, so a
  * symlink or hard link to the source is caught too). Nothing is touched.
  */
-export async function refuseSourceAsTarget(target: string, protectedFiles: ReadonlyArray<{ path: string; role: string }>): Promise<void> {
+export async function refuseSourceAsTarget(target: string, protectedFiles: ReadonlyArray<{ path: string; role: string }>, verb = 'convert'): Promise<void> {
   const t = await fileId(target)
   if (!t) return
   for (const { path, role } of protectedFiles) {
     const s = await fileId(path)
     if (s && sameFile(s, t)) {
       const same = resolve(path) === resolve(target) ? '' : ` ('${path}')`
-      throw new UsageError(`convert: the target '${target}' is ${role}${same}: refusing to overwrite it`, { file: target, structure: 'target' })
+      throw new UsageError(`${verb}: the target '${target}' is ${role}${same}: refusing to overwrite it`, { file: target, structure: 'target' })
     }
   }
 }
@@ -138,8 +145,9 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
   })
   let origin: DiskImage | undefined
   try {
+    const view = o.view ? o.view(src) : src
     // 2. options, and the files the target must not be
-    checkTargetOptions(o.targetFormat, src.virtualSize, options, o.backingFile, o.backingFormat)
+    checkTargetOptions(o.targetFormat, view.virtualSize, options, o.backingFile, o.backingFormat)
     if ((await src.info()).encrypted) {
       throw new UnsupportedFeatureError(`${src.format}: ${srcPath}: encrypted images cannot be read by imgtool (no key is taken)`, {
         file: srcPath,
@@ -161,9 +169,9 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
       const path = o.backingFile.startsWith('/') ? o.backingFile : resolve(dirname(dstPath), o.backingFile)
       protect.push({ path, role: "the target's own backing file" })
     }
-    await refuseSourceAsTarget(dstPath, protect)
+    await refuseSourceAsTarget(dstPath, protect, o.verb)
     checkAborted(o.signal, 'convert')
-    return await writeTarget(src, origin, dstPath, o, options)
+    return await writeTarget(view, origin, dstPath, o, options)
   } finally {
     await origin?.close().catch(() => undefined)
     await src.close()

@@ -121,16 +121,19 @@ describeQemu(
       })
     }
 
-    it('human info says encrypted: yes and shows the LUKS parameters', async () => {
-      const r = await run(['info', join(dir, 'essiv.qcow2')])
-      expect(r.code).toBe(0)
-      const text = r.stdout.toString()
-      expect(text).toMatch(/encrypted\s*│ yes/)
-      for (const s of ['format: luks', 'cipher-alg: aes-128', 'cipher-mode: cbc', 'ivgen-alg: essiv', 'ivgen-hash-alg: sha256', 'hash-alg: sha1'])
+    it("human info is qemu-img info's: encrypted: yes and the encrypt block with its LUKS parameters", async () => {
+      for (const name of ['essiv.qcow2', 'aes.qcow2', 'luks-backed.qcow2']) {
+        const file = join(dir, name)
+        const r = await run(['info', file])
+        expect(r.code).toBe(0)
+        expect(r.stdout.toString()).toBe(await qemuImgOk(['info', file]))
+      }
+      const text = (await run(['info', join(dir, 'essiv.qcow2')])).stdout.toString()
+      expect(text).toContain('\nencrypted: yes\n')
+      for (const s of ['format: luks', 'cipher alg: aes-128', 'cipher mode: cbc', 'ivgen alg: essiv', 'ivgen hash alg: sha256', 'hash alg: sha1'])
         expect(text).toContain(s)
-      const aes = (await run(['info', join(dir, 'aes.qcow2')])).stdout.toString()
-      expect(aes).toMatch(/encrypted\s*│ yes/)
-      expect(aes).toContain('format: aes')
+      expect((await run(['info', join(dir, 'aes.qcow2')])).stdout.toString()).toContain('format: aes')
+      expect((await run(['info', '--table', join(dir, 'aes.qcow2')])).stdout.toString()).toMatch(/encrypted\s*│ yes/)
     })
 
     it('crypt_method 2 without a crypto header extension: refused as qemu-img refuses it (info and check exit 1)', async () => {

@@ -23,25 +23,24 @@ describe('imgtool info', () => {
     expect(c.stdout).toBe(a.stdout)
   })
 
-  it('human output is a readable table of the same facts', async () => {
+  it("human output is qemu-img's key: value lines; --table keeps the table of the same facts", async () => {
     const r = await cli('info', fx('v3-compressed-zstd-c4k.qcow2'))
     expect(r.code).toBe(0)
     expect(r.stderr).toBe('')
     for (const s of [
-      'image',
-      'file format',
-      'qcow2',
-      'virtual size',
-      '1 MiB (1048576 bytes)',
-      'cluster size',
-      '4096',
-      'compression-type',
-      'zstd',
-      'refcount-bits',
-    ]) {
-      expect(r.stdout).toContain(s)
-    }
+      'file format: qcow2',
+      'virtual size: 1 MiB (1048576 bytes)',
+      'cluster_size: 4096',
+      'Format specific information:',
+      '    compression type: zstd',
+    ])
+      expect(r.stdout).toContain(`\n${s}\n`)
     expect(() => JSON.parse(r.stdout)).toThrow()
+    const t = await cli('info', '--table', fx('v3-compressed-zstd-c4k.qcow2'))
+    expect(t.code).toBe(0)
+    for (const s of ['│ image', 'file format', 'qcow2', '1 MiB (1048576 bytes)', 'cluster size', '4096', 'compression-type', 'zstd', 'refcount-bits']) {
+      expect(t.stdout).toContain(s)
+    }
   })
 
   it('human output lists snapshots and backing files', async () => {

@@ -11,13 +11,23 @@ const VERSION = (JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as
 const imgtool = (...args: string[]) => run(process.execPath, [BIN, ...args], { timeout: 30_000 })
 
 describe('imgtool (the process)', () => {
-  it('--version and -V print the package version and exit 0', async () => {
+  it('--version and -V print the package version, the qemu-img version followed and the native parts, and exit 0', async () => {
     for (const flag of ['--version', '-V']) {
       const r = await imgtool(flag)
       expect(r.code).toBe(0)
-      expect(r.stdout).toBe(`${VERSION}\n`)
+      expect(r.stdout).toMatch(
+        new RegExp(
+          `^imgtool ${VERSION.replace(/\./g, '\\.')}\\nfollows qemu-img 7\\.2\\nnative: seek-hole (yes|no), ofd-locks (yes|no), copy-file-range (yes|no), fallocate (yes|no), deflate (yes|no)\\n$`,
+        ),
+      )
       expect(r.stderr).toBe('')
     }
+  })
+
+  it('--version says which native parts are missing (the seek-hole addon turned off)', async () => {
+    const r = await run(process.execPath, [BIN, '--version'], { timeout: 30_000, env: { ...process.env, IMGTOOL_NO_SEEK_HOLE: '1' } })
+    expect(r.code).toBe(0)
+    expect(r.stdout).toContain('native: seek-hole no, ofd-locks no, copy-file-range no, fallocate no, deflate ')
   })
 
   it('--help lists info, map and cat and exits 0', async () => {

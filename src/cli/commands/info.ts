@@ -7,6 +7,7 @@ const info: CommandModule = {
   configure(cmd) {
     addOutputOption(addImageOptions(cmd))
       .option('--backing-chain', 'show every image of the backing chain')
+      .option('--table', "human output as a table (imgtool's older layout) instead of qemu-img's lines")
       .option('-U, --force-share', 'open without image locks (read-only; the image may be in use)')
       .argument('<image>')
   },
@@ -15,7 +16,7 @@ const info: CommandModule = {
     const { format, options } = parseImageOptions(opts)
     const output = parseOutput(opts)
     const { imageInfo } = await import('../../index.js')
-    const { infoHuman, infoJson } = await import('../render/info.js')
+    const { infoHuman, infoJson, infoTable } = await import('../render/info.js')
     // as qemu-img info: the image alone (a missing or looping backing file is a name
     // to show); --backing-chain opens the chain and fails where it cannot be opened
     const top = await imageInfo(path, {
@@ -27,7 +28,7 @@ const info: CommandModule = {
     const chain = [top]
     if (opts['backingChain']) for (let i = top.backing; i; i = i.backing) chain.push(i)
     if (output === 'json') printJson(io.stdout, opts['backingChain'] ? chain.map(infoJson) : infoJson(top))
-    else io.stdout.write(chain.map(infoHuman).join('\n'))
+    else io.stdout.write(chain.map(opts['table'] ? infoTable : infoHuman).join('\n'))
     return 0
   },
 }

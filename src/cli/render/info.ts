@@ -1,4 +1,7 @@
-/** info rendering: qemu-img's JSON field names, and a readable table for people. */
+/**
+ * info rendering: qemu-img's JSON field names; qemu-img's human `key: value`
+ * lines (bdrv_image_info_dump); and the older table behind --table.
+ */
 import Table from 'cli-table3'
 import { escapeControls as esc, humanSize, type ImageInfo, type SnapshotInfo } from '../../index.js'
 
@@ -32,7 +35,8 @@ function snapshotJson(s: SnapshotInfo): Record<string, unknown> {
   return o
 }
 
-export function infoHuman(i: ImageInfo): string {
+/** The old cli-table3 rendering (`imgtool info --table`). */
+export function infoTable(i: ImageInfo): string {
   const t = new Table({ style: { head: [], border: [] } })
   const row = (k: string, v: string) => t.push({ [k]: v })
   row('image', esc(i.filename))
@@ -98,4 +102,97 @@ function formatClock(ns: number): string {
   const s = Math.floor(ms / 1000) % 60
   const p = (n: number, w = 2) => String(n).padStart(w, '0')
   return `${p(h)}:${p(m)}:${p(s)}.${p(ms % 1000, 3)}`
+}
+
+/**
+ * qemu-img info's human text for one image, line for line: the same keys in
+ * the same order, the snapshot table with its column widths, and the
+ * format-specific data dumped as qemu dumps a QDict (keys in its hash order,
+ * dashes shown as spaces, four spaces per level).
+ */
+export function infoHuman(i: ImageInfo): string {
+  const lines: string[] = []
+  lines.push(`image: ${esc(i.filename)}`, `file format: ${i.format}`, `virtual size: ${humanSize(i.virtualSize)} (${i.virtualSize} bytes)`)
+  if (i.actualSize !== undefined) lines.push(`disk size: ${humanSize(i.actualSize)}`)
+  if (i.encrypted) lines.push('encrypted: yes')
+  if (i.clusterSize !== undefined) lines.push(`cluster_size: ${i.clusterSize}`)
+  if (i.dirty) lines.push('cleanly shut down: no')
+  if (i.backingFilename !== undefined) {
+    let line = `backing file: ${esc(i.backingFilename)}`
+    if (i.fullBackingFilename === undefined) line += ' (cannot determine actual path)'
+    else if (i.fullBackingFilename !== i.backingFilename) line += ` (actual path: ${esc(i.fullBackingFilename)})`
+    lines.push(line)
+  }
+  if (i.backingFormat !== undefined) lines.push(`backing file format: ${esc(i.backingFormat)}`)
+  if (i.snapshots && i.snapshots.length > 0) {
+    lines.push('Snapshot list:', snapshotHeader())
+    for (const sn of i.snapshots) lines.push(snapshotLine(sn))
+  }
+  let out = lines.join('\n') + '\n'
+  if (i.formatSpecific) out += 'Format specific information:\n' + dumpDict(1, i.formatSpecific.data)
+  return out
+}
+
+const padEnd = (s: string, n: number): string => s.padEnd(n)
+const padStart = (s: string, n: number): string => s.padStart(n)
+
+/** the columns of qemu's bdrv_snapshot_dump */
+function snapshotHeader(): string {
+  return padEnd('ID', 10) + padEnd('TAG', 17) + padStart('VM SIZE', 8) + padStart('DATE', 20) + padStart('VM CLOCK', 13) + padStart('ICOUNT', 11)
+}
+
+function snapshotLine(sn: SnapshotInfo): string {
+  const secs = Math.floor(sn.vmClockNsec / 1e9)
+  const p2 = (n: number): string => String(n).padStart(2, '0')
+  const clock = `${p2(Math.floor(secs / 3600))}:${p2(Math.floor(secs / 60) % 60)}:${p2(secs % 60)}.${String(Math.floor(sn.vmClockNsec / 1e6) % 1000).padStart(3, '0')}`
+  return (
+    padEnd(esc(sn.id), 9) +
+    ' ' +
+    padEnd(esc(sn.name), 16) +
+    ' ' +
+    padStart(humanSize(sn.vmStateSize), 8) +
+    padStart(formatDate(sn.dateSec), 20) +
+    padStart(clock, 13) +
+    padStart(sn.icount === undefined ? '' : String(sn.icount), 11)
+  )
+}
+
+/** tdb_hash, the hash of QEMU's QDict: a QDict is walked bucket by bucket (512 of them) */
+function qdictBucket(key: string): number {
+  const b = Buffer.from(key, 'utf8')
+  let v = Math.imul(0x238f13af, b.length) >>> 0
+  for (let i = 0; i < b.length; i++) v = (v + ((b[i]! << ((i * 5) % 24)) >>> 0)) >>> 0
+  return ((Math.imul(1103515243, v) + 12345) >>> 0) % 512
+}
+
+function isComposite(v: unknown): boolean {
+  return typeof v === 'object' && v !== null
+}
+
+function scalar(v: unknown): string {
+  return typeof v === 'string' ? esc(v) : String(v)
+}
+
+function dumpDict(level: number, d: Record<string, unknown>): string {
+  // equal buckets: the later key first (QEMU links a new entry at the head of its bucket)
+  const keys = Object.keys(d)
+    .filter((k) => d[k] !== undefined)
+    .map((k, n) => ({ k, n, b: qdictBucket(k) }))
+    .sort((x, y) => x.b - y.b || y.n - x.n)
+  let out = ''
+  for (const { k } of keys) {
+    const v = d[k]
+    const name = esc(k.replace(/-/g, ' '))
+    out += isComposite(v) ? `${' '.repeat(level * 4)}${name}:\n${dumpValue(level + 1, v)}` : `${' '.repeat(level * 4)}${name}: ${scalar(v)}\n`
+  }
+  return out
+}
+
+function dumpValue(level: number, v: unknown): string {
+  if (!Array.isArray(v)) return dumpDict(level, v as Record<string, unknown>)
+  let out = ''
+  v.forEach((x, n) => {
+    out += isComposite(x) ? `${' '.repeat(level * 4)}[${n}]:\n${dumpValue(level + 1, x)}` : `${' '.repeat(level * 4)}[${n}]: ${scalar(x)}\n`
+  })
+  return out
 }
