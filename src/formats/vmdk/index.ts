@@ -1,0 +1,11 @@
+/** VMDK: the format's only entry. */
+import type { FormatDriver } from '../../image/context.js'
+import { openVmdk } from './image.js'
+
+export { VmdkImage, openVmdk } from './image.js'
+export { checkVmdk } from './check.js'
+
+export const vmdkDriver: FormatDriver = {
+  name: 'vmdk',
+  open: (device, context, options) => openVmdk(device, context, options),
+}
