@@ -27,6 +27,7 @@ const vhdDriver: FormatDriver = {
 const vmdkDriver: FormatDriver = {
   name: 'vmdk',
   open: async (device, context, options) => (await import('./formats/vmdk/index.js')).vmdkDriver.open(device, context, options),
+  create: async (device, context, options) => (await import('./formats/vmdk/index.js')).vmdkDriver.create!(device, context, options),
 }
 
 const DRIVERS: Record<string, FormatDriver> = {
