@@ -23,11 +23,19 @@ const vhdDriver: FormatDriver = {
   create: async (device, context, options) => (await import('./formats/vhd/index.js')).vhdDriver.create!(device, context, options),
 }
 
+/** VMDK is loaded when a VMDK is opened or created. */
+const vmdkDriver: FormatDriver = {
+  name: 'vmdk',
+  open: async (device, context, options) => (await import('./formats/vmdk/index.js')).vmdkDriver.open(device, context, options),
+  create: async (device, context, options) => (await import('./formats/vmdk/index.js')).vmdkDriver.create!(device, context, options),
+}
+
 const DRIVERS: Record<string, FormatDriver> = {
   raw: rawDriver,
   qcow2: qcow2Driver,
   dmsnap: dmsnapDriver,
   vpc: vhdDriver,
+  vmdk: vmdkDriver,
 }
 
 export function registeredFormats(): string[] {

@@ -38,7 +38,7 @@ async function withImage<R>(target: Image | string, o: OpenOptions, fn: (d: Disk
 // create
 
 export interface CreateOptions {
-  format: 'raw' | 'qcow2' | 'dmsnap' | 'vpc'
+  format: 'raw' | 'qcow2' | 'dmsnap' | 'vpc' | 'vmdk'
   /** virtual size in bytes, or as qemu-img takes it ('10G', '512M'); with a backing file it may be left out */
   size?: number | string
   /** format options as qemu-img create -o takes them (cluster_size, compat, preallocation, chunk_size, backing_file...) */
@@ -59,7 +59,7 @@ export interface CreateOptions {
 
 /** What createImage is about to make. */
 export interface CreatePlan {
-  format: 'raw' | 'qcow2' | 'dmsnap' | 'vpc'
+  format: 'raw' | 'qcow2' | 'dmsnap' | 'vpc' | 'vmdk'
   size: number
   /** the format options as given (backing_file and backing_fmt among them when given there) */
   options: Record<string, string>
@@ -81,8 +81,8 @@ export interface CreateResult {
 export async function createImage(path: string, o: CreateOptions): Promise<CreateResult> {
   checkAborted(o.signal, 'create')
   const format = o.format
-  if (format !== 'qcow2' && format !== 'raw' && format !== 'dmsnap' && format !== 'vpc')
-    throw new UsageError(`Unknown file format '${String(format)}' for create (qcow2, raw, dmsnap, vpc)`)
+  if (format !== 'qcow2' && format !== 'raw' && format !== 'dmsnap' && format !== 'vpc' && format !== 'vmdk')
+    throw new UsageError(`Unknown file format '${String(format)}' for create (qcow2, raw, dmsnap, vpc, vmdk)`)
   const options = { ...(o.options ?? {}) }
   if (o.origin !== undefined) options['origin'] = o.origin
   if (options['origin'] !== undefined && format !== 'dmsnap') throw new UsageError('an origin goes with dmsnap stores')
@@ -129,6 +129,10 @@ export async function createImage(path: string, o: CreateOptions): Promise<Creat
     if (backing !== undefined) throw new UsageError(`Backing file not supported for file format 'vpc'`)
     const { parseVhdCreateOptions } = await import('../formats/vhd/index.js')
     parseVhdCreateOptions({ size, options })
+  } else if (format === 'vmdk') {
+    if (backing !== undefined) throw new UsageError(`vmdk: imgtool does not create delta disks (backing files)`)
+    const { parseVmdkCreateOptions } = await import('../formats/vmdk/index.js')
+    parseVmdkCreateOptions({ size, options })
   } else if (format === 'raw' && options['preallocation'] !== 'metadata') {
     // (qemu-img creates the file before it refuses metadata for raw)
     const { parseRawPreallocation } = await import('../formats/raw/index.js')
@@ -145,8 +149,8 @@ export async function createImage(path: string, o: CreateOptions): Promise<Creat
       await driverFor('dmsnap').create!(dev, context, { size, options })
     } else if (format === 'raw') {
       await driverFor('raw').create!(dev, context, { size, options })
-    } else if (format === 'vpc') {
-      await driverFor('vpc').create!(dev, context, { size, options })
+    } else if (format === 'vpc' || format === 'vmdk') {
+      await driverFor(format).create!(dev, context, { size, options })
     } else {
       delete options['backing_file']
       delete options['backing_fmt']
@@ -158,7 +162,7 @@ export async function createImage(path: string, o: CreateOptions): Promise<Creat
   } finally {
     await dev.close()
     // a qcow2 image that could not be made is not left behind half made (qemu-img leaves none)
-    if (!ok && !existed && (format === 'qcow2' || format === 'vpc')) rmSync(path, { force: true })
+    if (!ok && !existed && (format === 'qcow2' || format === 'vpc' || format === 'vmdk')) rmSync(path, { force: true })
   }
   return { filename: path, format, size }
 }

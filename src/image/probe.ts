@@ -1,8 +1,8 @@
 /** Format probing by magic; raw is the fallback. `-f FMT` overrides it. */
-export type FormatName = 'qcow2' | 'dmsnap' | 'vpc' | 'raw'
+export type FormatName = 'qcow2' | 'dmsnap' | 'vpc' | 'vmdk' | 'raw'
 
 /** Every format name imgtool reads, in the order `-f` lists them. */
-export const FORMAT_NAMES: readonly FormatName[] = ['qcow2', 'dmsnap', 'vpc', 'raw']
+export const FORMAT_NAMES: readonly FormatName[] = ['qcow2', 'dmsnap', 'vpc', 'vmdk', 'raw']
 
 /** Bytes a prober needs from the start of the file. */
 export const PROBE_BYTES = 512
@@ -13,6 +13,9 @@ export function probeFormat(head: Uint8Array): FormatName {
   if (head.length >= 4 && head[0] === 0x53 && head[1] === 0x6e && head[2] === 0x41 && head[3] === 0x70) return 'dmsnap'
   // VHD (qemu's vpc): a dynamic or differencing disk starts with a copy of its footer
   if (isVhdFooter(head)) return 'vpc'
+  // VMDK: a hosted sparse extent ("KDMV") or a text descriptor file
+  if (head.length >= 4 && head[0] === 0x4b && head[1] === 0x44 && head[2] === 0x4d && head[3] === 0x56) return 'vmdk'
+  if (startsWith(head, '# Disk DescriptorFile')) return 'vmdk'
   return 'raw'
 }
 
@@ -33,12 +36,18 @@ export function probeFormatTail(tail: Uint8Array): FormatName | undefined {
   return stored === ~sum >>> 0 && type === 2 ? 'vpc' : undefined
 }
 
+function startsWith(b: Uint8Array, text: string): boolean {
+  if (b.length < text.length) return false
+  for (let i = 0; i < text.length; i++) if (b[i] !== text.charCodeAt(i)) return false
+  return true
+}
+
 function isVhdFooter(b: Uint8Array): boolean {
   const cookie = [0x63, 0x6f, 0x6e, 0x65, 0x63, 0x74, 0x69, 0x78] // "conectix"
   return b.length >= 8 && cookie.every((c, i) => b[i] === c)
 }
 
-/** True when `s` names a format imgtool knows (`qcow2`, `dmsnap`, `vpc`, `raw`). */
+/** True when `s` names a format imgtool knows (`qcow2`, `dmsnap`, `vpc`, `vmdk`, `raw`). */
 export function isFormatName(s: string): s is FormatName {
   return (FORMAT_NAMES as readonly string[]).includes(s)
 }

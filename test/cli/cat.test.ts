@@ -84,7 +84,7 @@ describe('imgtool cat', () => {
     expect(raw.code).toBe(0)
     expect(raw.stdout.equals(readFileSync(fx('v3-c4k.qcow2')))).toBe(true)
     const bad = await cli('cat', '-f', 'vdi', fx('v3-c4k.qcow2'))
-    expect([bad.code, bad.stdout.length, bad.stderr]).toEqual([1, 0, "imgtool: Unknown file format 'vdi' (known: qcow2, dmsnap, vpc, raw)\n"])
+    expect([bad.code, bad.stdout.length, bad.stderr]).toEqual([1, 0, "imgtool: Unknown file format 'vdi' (known: qcow2, dmsnap, vpc, vmdk, raw)\n"])
     const missing = await cli('cat', join(FIXTURES, 'missing.qcow2'))
     expect([missing.code, missing.stdout.length, missing.stderr]).toEqual([1, 0, `imgtool: ${join(FIXTURES, 'missing.qcow2')}: No such file or directory\n`])
   })

@@ -76,10 +76,10 @@ describe('imgtool info', () => {
   })
 
   it('an unknown format is one line and exit 1', async () => {
-    const r = await cli('info', '-f', 'vmdk', fx('v3-c4k.qcow2'))
+    const r = await cli('info', '-f', 'vdi', fx('v3-c4k.qcow2'))
     expect(r.code).toBe(1)
     expect(r.stdout).toBe('')
-    expect(r.stderr).toBe("imgtool: Unknown file format 'vmdk' (known: qcow2, dmsnap, vpc, raw)\n")
+    expect(r.stderr).toBe("imgtool: Unknown file format 'vdi' (known: qcow2, dmsnap, vpc, vmdk, raw)\n")
   })
 
   it('a missing file is one line and exit 1', async () => {

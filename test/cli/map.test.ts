@@ -33,7 +33,7 @@ describe('imgtool map', () => {
 
   it('an unknown format, a missing file and a bad --output are one line, exit 1, nothing on stdout', async () => {
     const cases: Array<[string[], string]> = [
-      [['map', '-f', 'qed', fx('v3-c4k.qcow2')], "imgtool: Unknown file format 'qed' (known: qcow2, dmsnap, vpc, raw)\n"],
+      [['map', '-f', 'qed', fx('v3-c4k.qcow2')], "imgtool: Unknown file format 'qed' (known: qcow2, dmsnap, vpc, vmdk, raw)\n"],
       [['map', '--json', '/nonexistent/y.qcow2'], 'imgtool: /nonexistent/y.qcow2: No such file or directory\n'],
       [['map', '--output', 'yaml', fx('v3-c4k.qcow2')], "imgtool: --output must be 'human' or 'json', not 'yaml'\n"],
     ]

@@ -7,7 +7,7 @@ const create: CommandModule = {
   description: 'create a new image (qemu-img create)',
   configure(cmd) {
     cmd
-      .option('-f, --format <fmt>', 'image format (qcow2, raw, vpc, or dmsnap: a dm-snapshot COW store)', 'raw')
+      .option('-f, --format <fmt>', 'image format (qcow2, raw, vpc, vmdk, or dmsnap: a dm-snapshot COW store)', 'raw')
       .option('--origin <path>', 'dmsnap: the origin the store snapshots (same as -o origin=PATH)')
       .option(
         '-o, --options <opts>',
@@ -26,8 +26,8 @@ const create: CommandModule = {
     const [file, sizeText] = args
     if (!file) throw new UsageError('Expecting image file name')
     const format = String(opts['format'] ?? 'raw')
-    if (format !== 'qcow2' && format !== 'raw' && format !== 'dmsnap' && format !== 'vpc')
-      throw new UsageError(`Unknown file format '${format}' for create (qcow2, raw, dmsnap, vpc)`)
+    if (format !== 'qcow2' && format !== 'raw' && format !== 'dmsnap' && format !== 'vpc' && format !== 'vmdk')
+      throw new UsageError(`Unknown file format '${format}' for create (qcow2, raw, dmsnap, vpc, vmdk)`)
     const options = parseKeyValues(opts['options'] as string | undefined)
     if (typeof opts['origin'] === 'string') options['origin'] = opts['origin']
     if (options['origin'] !== undefined && format !== 'dmsnap') throw new UsageError('--origin goes with -f dmsnap')

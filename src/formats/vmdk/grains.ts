@@ -1,0 +1,106 @@
+/**
+ * Guest-to-host mapping inside a sparse extent: the grain directory names
+ * grain tables, a grain table entry names a grain (decoded once into a
+ * GrainEntry). Grain tables are cached (a byte budget); a compressed grain is
+ * decoded whole and the last one kept.
+ */
+import { inflateSync } from 'node:zlib'
+import { CorruptImageError, hex } from '../../errors.js'
+import { Lru } from '../../util/lru.js'
+import { corrupt, type SparseExtent } from './open.js'
+import { SECTOR, decodeGrainEntry, type GrainEntry } from './spec.js'
+
+const GT_CACHE_BYTES = 4 * 1024 * 1024
+
+export class GrainMap {
+  private readonly gtCache: Lru<number, Uint32Array>
+  private lastGrain: { sector: number; bytes: Uint8Array } | undefined
+
+  constructor(readonly extent: SparseExtent) {
+    this.gtCache = new Lru(Math.max(4, Math.floor(GT_CACHE_BYTES / (extent.gtes * 4))))
+  }
+
+  /** guest bytes one grain table covers */
+  get gtSpan(): number {
+    return this.extent.gtes * this.extent.grainSize
+  }
+
+  /** The grain table at a grain directory index, or undefined when the entry is 0. */
+  async table(gdIndex: number): Promise<Uint32Array | undefined> {
+    const e = this.extent
+    const sector = e.gd[gdIndex]!
+    if (sector === 0) return undefined
+    const cached = this.gtCache.get(sector)
+    if (cached) return cached
+    const offset = sector * SECTOR
+    const bytes = e.gtes * 4
+    if (offset + bytes > e.device.size) {
+      throw corrupt(
+        e.file,
+        'grain table',
+        offset,
+        `grain directory entry ${gdIndex} (at ${hex(e.gdOffset + gdIndex * 4)}) names a table that extends past the end of the file (size ${hex(e.device.size)})`,
+      )
+    }
+    const raw = await e.device.read(offset, bytes, 'l2')
+    const dv = new DataView(raw.buffer, raw.byteOffset, raw.byteLength)
+    const t = new Uint32Array(e.gtes)
+    for (let i = 0; i < e.gtes; i++) t[i] = dv.getUint32(i * 4, true)
+    this.gtCache.set(sector, t)
+    return t
+  }
+
+  /** The entry for the grain holding extent-relative byte `rel`. */
+  async entry(rel: number): Promise<GrainEntry> {
+    const e = this.extent
+    const grain = Math.floor(rel / e.grainSize)
+    const gdIndex = Math.floor(grain / e.gtes)
+    if (gdIndex >= e.gd.length) throw corrupt(e.file, 'grain directory', e.gdOffset, `no entry ${gdIndex} for byte ${hex(rel)} of the extent`)
+    const t = await this.table(gdIndex)
+    if (!t) return { kind: 'unallocated' }
+    return decodeGrainEntry(t[grain % e.gtes]!, e.zeroGrain, e.compressed)
+  }
+
+  /** A compressed grain, decoded: at most one grain of bytes (the last grain of an extent may be shorter). */
+  async compressedGrain(sector: number, guestGrain: number): Promise<Uint8Array> {
+    if (this.lastGrain?.sector === sector) return this.lastGrain.bytes
+    const e = this.extent
+    const offset = sector * SECTOR
+    let data: Uint8Array
+    if (e.markers) {
+      const head = await e.device.read(offset, 12, 'compressed')
+      const dv = new DataView(head.buffer, head.byteOffset, 12)
+      const lba = dv.getBigUint64(0, true)
+      const size = dv.getUint32(8, true)
+      if (size === 0 || size > 2 * e.grainSize) {
+        throw corrupt(e.file, 'grain marker', offset, `compressed size ${size} (1 to ${2 * e.grainSize} bytes for a grain of ${e.grainSize})`)
+      }
+      if (offset + 12 + size > e.device.size) {
+        throw corrupt(e.file, 'grain marker', offset, `${size} compressed bytes extend past the end of the file (size ${hex(e.device.size)})`)
+      }
+      const want = BigInt((guestGrain * e.grainSize) / SECTOR)
+      if (lba !== want) throw corrupt(e.file, 'grain marker', offset, `marker says sector ${lba}, but the grain table maps sector ${want} here`)
+      data = await e.device.read(offset + 12, size, 'compressed')
+    } else {
+      data = await e.device.read(offset, Math.max(0, Math.min(2 * e.grainSize, e.device.size - offset)), 'compressed')
+    }
+    let out: Uint8Array
+    try {
+      out = inflateSync(data, { maxOutputLength: e.grainSize })
+    } catch (err) {
+      throw new CorruptImageError(`vmdk: ${e.file}: compressed grain at ${hex(offset)}: does not inflate to at most one grain (${(err as Error).message})`, {
+        file: e.file,
+        structure: 'compressed grain',
+        offset,
+      })
+    }
+    this.lastGrain = { sector, bytes: out }
+    return out
+  }
+
+  /** Forget cached tables (after a writer changed them). */
+  invalidate(): void {
+    this.gtCache.clear()
+    this.lastGrain = undefined
+  }
+}

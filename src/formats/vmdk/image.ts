@@ -1,0 +1,178 @@
+/**
+ * A VMDK behind the one image interface: a list of extents laid end to end in
+ * guest space. A flat extent maps its bytes 1:1 onto its file from its start
+ * offset; a sparse extent through its grain directory and tables (unallocated
+ * and zeroed grains read as zeros, compressed grains are inflated).
+ */
+import { CorruptImageError, ReadOnlyError, UsageError, hex } from '../../errors.js'
+import type { BlockDevice } from '../../io/block-device.js'
+import type { CheckOptions, CheckReport } from '../../check/types.js'
+import type { OpenContext, OpenImageOptions } from '../../image/context.js'
+import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
+import { checkGuestRange } from '../../image/range.js'
+import { GrainMap } from './grains.js'
+import { readLayout, type FlatExtent, type SparseExtent, type VmdkExtent, type VmdkLayout } from './open.js'
+
+export class VmdkImage implements DiskImage {
+  readonly format = 'vmdk'
+  readonly maps = new Map<VmdkExtent, GrainMap>()
+
+  constructor(
+    readonly device: BlockDevice,
+    readonly layout: VmdkLayout,
+    private readonly infoOnly: boolean,
+  ) {
+    for (const e of layout.extents) if (e.kind === 'sparse') this.maps.set(e, new GrainMap(e))
+  }
+
+  get filename(): string {
+    return this.device.name
+  }
+  get virtualSize(): number {
+    return this.layout.virtualSize
+  }
+  get readOnly(): boolean {
+    return true
+  }
+
+  /** The extent holding guest byte `pos` (extents are few: a linear walk). */
+  extentAt(pos: number): VmdkExtent {
+    for (const e of this.layout.extents) if (pos < e.start + e.length) return e
+    throw new CorruptImageError(`vmdk: ${this.filename}: no extent holds guest offset ${hex(pos)}`, { file: this.filename, structure: 'descriptor' })
+  }
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    checkGuestRange(`vmdk: ${this.filename}: read`, offset, length, this.virtualSize)
+    if (this.infoOnly) throw new UsageError(`vmdk: ${this.filename}: opened for info only; cannot read`)
+    const out = new Uint8Array(length)
+    for (let pos = offset; pos < offset + length;) {
+      const e = this.extentAt(pos)
+      const rel = pos - e.start
+      const n = e.kind === 'flat' ? Math.min(e.start + e.length, offset + length) - pos : Math.min(e.grainSize - (rel % e.grainSize), offset + length - pos)
+      const dst = out.subarray(pos - offset, pos - offset + n)
+      if (e.kind === 'flat') dst.set(await e.device.read(e.hostStart + rel, n, 'data'))
+      else await this.readGrain(e, rel, dst)
+      pos += n
+    }
+    return out
+  }
+
+  private async readGrain(e: SparseExtent, rel: number, dst: Uint8Array): Promise<void> {
+    const map = this.maps.get(e)!
+    const entry = await map.entry(rel)
+    const inGrain = rel % e.grainSize
+    if (entry.kind === 'unallocated' || entry.kind === 'zero') return
+    if (entry.kind === 'normal') {
+      dst.set(await e.device.read(entry.sector * 512 + inGrain, dst.byteLength, 'data'))
+      return
+    }
+    const grain = Math.floor(rel / e.grainSize)
+    const bytes = await map.compressedGrain(entry.sector, grain)
+    if (inGrain + dst.byteLength > bytes.byteLength) {
+      throw new CorruptImageError(
+        `vmdk: ${e.file}: compressed grain at ${hex(entry.sector * 512)}: inflates to ${bytes.byteLength} bytes, fewer than the ${inGrain + dst.byteLength} read from it`,
+        { file: e.file, structure: 'compressed grain', offset: entry.sector * 512 },
+      )
+    }
+    dst.set(bytes.subarray(inGrain, inGrain + dst.byteLength))
+  }
+
+  async *extents(offset = 0, length = this.virtualSize - offset): AsyncIterable<Extent> {
+    checkGuestRange(`vmdk: ${this.filename}: map`, offset, length, this.virtualSize)
+    const end = offset + length
+    for (let pos = offset; pos < end;) {
+      const e = this.extentAt(pos)
+      const stop = Math.min(end, e.start + e.length)
+      if (e.kind === 'flat') yield* this.flatExtents(e, pos, stop)
+      else yield* this.sparseExtents(e, pos, stop)
+      pos = stop
+    }
+  }
+
+  /** A flat extent as qemu-img maps it: data, and zero too where the host file has a hole. */
+  private async *flatExtents(e: FlatExtent, pos: number, stop: number): AsyncIterable<Extent> {
+    const dev = e.device
+    while (pos < stop) {
+      const host = e.hostStart + pos - e.start
+      const st =
+        dev.hostStatus && host < dev.size ? await dev.hostStatus(host, Math.min(stop - pos, dev.size - host)) : { data: host < dev.size, length: stop - pos }
+      const n = Math.min(st.length, stop - pos)
+      yield { start: pos, length: n, depth: 0, present: true, zero: !st.data, data: true, hostOffset: host, file: e.file }
+      pos += n
+    }
+  }
+
+  private async *sparseExtents(e: SparseExtent, pos: number, stop: number): AsyncIterable<Extent> {
+    const map = this.maps.get(e)!
+    while (pos < stop) {
+      const rel = pos - e.start
+      const n = Math.min(e.grainSize - (rel % e.grainSize), stop - pos)
+      const entry = await map.entry(rel)
+      if (entry.kind === 'unallocated') yield { start: pos, length: n, depth: 0, present: false, zero: true, data: false }
+      else if (entry.kind === 'zero') yield { start: pos, length: n, depth: 0, present: true, zero: true, data: false }
+      else if (entry.kind === 'compressed') yield { start: pos, length: n, depth: 0, present: true, zero: false, data: true }
+      else yield { start: pos, length: n, depth: 0, present: true, zero: false, data: true, hostOffset: entry.sector * 512 + (rel % e.grainSize), file: e.file }
+      pos += n
+    }
+  }
+
+  async info(): Promise<ImageInfo> {
+    const l = this.layout
+    const info: ImageInfo = { filename: this.filename, format: 'vmdk', virtualSize: this.virtualSize }
+    if (this.device.allocatedSize) {
+      let total = await this.device.allocatedSize()
+      for (const d of l.extraDevices) if (d.allocatedSize) total += await d.allocatedSize()
+      info.actualSize = total
+    }
+    // qemu-img gives a cluster size when every extent is alike and sparse (vmdk_co_get_info)
+    const first = l.extents[0]!
+    const alike = l.extents.every(
+      (e) =>
+        e.kind === first.kind &&
+        (e.kind === 'flat' || (first.kind === 'sparse' && e.kind === 'sparse' && e.compressed === first.compressed && e.grainSize === first.grainSize)),
+    )
+    if (alike && first.kind === 'sparse') info.clusterSize = first.grainSize
+    info.formatSpecific = {
+      type: 'vmdk',
+      data: {
+        cid: l.descriptor.cid,
+        'parent-cid': l.descriptor.parentCid,
+        'create-type': l.createType,
+        extents: l.extents.map((e) => {
+          const o: Record<string, unknown> = { 'virtual-size': e.length, filename: e.file }
+          if (e.kind === 'sparse') o['cluster-size'] = e.grainSize
+          o['format'] = e.type
+          if (e.kind === 'sparse' && e.compressed) o['compressed'] = true
+          return o
+        }),
+      },
+    }
+    return info
+  }
+
+  flush(): Promise<void> {
+    return Promise.resolve()
+  }
+
+  async check(options: CheckOptions = {}): Promise<CheckReport> {
+    void options
+    const { checkVmdk } = await import('./check.js')
+    return checkVmdk(this.filename, this.layout)
+  }
+
+  async close(): Promise<void> {
+    try {
+      for (const d of this.layout.extraDevices) if (d !== this.device) await d.close().catch(() => undefined)
+    } finally {
+      await this.device.close()
+    }
+  }
+}
+
+export async function openVmdk(device: BlockDevice, context: OpenContext, options: OpenImageOptions): Promise<VmdkImage> {
+  if (!options.readOnly && !options.forCheck) {
+    throw new ReadOnlyError(`vmdk: ${device.name}: imgtool opens existing VMDK images read-only`, { file: device.name })
+  }
+  const layout = await readLayout(device, context, options)
+  return new VmdkImage(device, layout, options.infoOnly ?? false)
+}
