@@ -6,9 +6,9 @@
  * parent. Dynamic disks are read as QEMU reads them: a mapped block is read
  * whole and its bitmap is not consulted.
  */
-import { ReadOnlyError, UsageError } from '../../errors.js'
+import { CorruptImageError, ReadOnlyError, UsageError } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
-import type { CheckOptions, CheckReport } from '../../check/types.js'
+import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../../check/types.js'
 import type { OpenContext, OpenImageOptions } from '../../image/context.js'
 import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
 import { checkGuestRange } from '../../image/range.js'
@@ -214,6 +214,12 @@ export class VhdImage implements DiskImage {
     return checkVhd(this.device)
   }
 
+  async repair(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult> {
+    if (this.writer) await this.writer.idle()
+    const { repairVhd } = await import('./repair.js')
+    return repairVhd(this.device, options)
+  }
+
   async close(): Promise<void> {
     try {
       if (this.writer) await this.writer.idle()
@@ -224,9 +230,60 @@ export class VhdImage implements DiskImage {
   }
 }
 
-export async function openVhd(device: BlockDevice, context: OpenContext, options: OpenImageOptions): Promise<VhdImage> {
+/**
+ * A VHD whose footer or header cannot be read, opened for a check or a
+ * repair: it reads nothing; check names what is wrong, repair restores what
+ * it can (a footer at 0 from its copy at the end).
+ */
+export class UnreadableVhd implements DiskImage {
+  readonly format = 'vpc'
+  readonly virtualSize = 0
+  readonly backing = undefined
+  constructor(
+    readonly device: BlockDevice,
+    readonly cause: CorruptImageError,
+  ) {}
+  get filename(): string {
+    return this.device.name
+  }
+  get readOnly(): boolean {
+    return this.device.readOnly
+  }
+  read(): Promise<Uint8Array> {
+    return Promise.reject(this.cause)
+  }
+  // eslint-disable-next-line require-yield
+  async *extents(): AsyncIterable<Extent> {
+    throw this.cause
+  }
+  info(): Promise<ImageInfo> {
+    return Promise.reject(this.cause)
+  }
+  async flush(): Promise<void> {
+    await this.device.flush()
+  }
+  async close(): Promise<void> {
+    await this.device.close()
+  }
+  async check(): Promise<CheckReport> {
+    const { checkVhd } = await import('./check.js')
+    return checkVhd(this.device)
+  }
+  async repair(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult> {
+    const { repairVhd } = await import('./repair.js')
+    return repairVhd(this.device, options)
+  }
+}
+
+export async function openVhd(device: BlockDevice, context: OpenContext, options: OpenImageOptions): Promise<VhdImage | UnreadableVhd> {
   const forCheck = options.forCheck ?? false
-  const layout = await readLayout(device, forCheck)
+  let layout: VhdLayout
+  try {
+    layout = await readLayout(device, forCheck)
+  } catch (e) {
+    if (forCheck && e instanceof CorruptImageError) return new UnreadableVhd(device, e)
+    throw e
+  }
   const infoOnly = options.infoOnly ?? false
   let backing: DiskImage | undefined
   if (layout.footer.diskType === TYPE_DIFFERENCING && !infoOnly && !forCheck) {
