@@ -103,7 +103,7 @@ export function metadataSpans(device: BlockDevice, s: SparseLayout): Span[] {
   const spans: Span[] = [
     { start: 0, end: FOOTER_SIZE, what: 'the footer' },
     { start: s.headerOffset, end: s.headerOffset + HEADER_SIZE, what: 'the dynamic header' },
-    { start: s.batOffset, end: s.batOffset + s.bat.length * 4, what: 'the BAT' },
+    { start: s.batOffset, end: s.batOffset + s.header.maxTableEntries * 4, what: 'the BAT' },
   ]
   for (const [i, l] of s.header.locators.entries()) {
     if (l.platform === '\0\0\0\0' || l.dataLength === 0 || l.dataOffset >= BigInt(device.size)) continue
