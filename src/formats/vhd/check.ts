@@ -23,7 +23,8 @@ function corruption(structure: string, kind: string, message: string, hostOffset
   return { kind, severity: 'corruption', structure, message, ...(hostOffset !== undefined ? { hostOffset } : {}) }
 }
 
-function finish(report: CheckReport): CheckReport {
+/** The counts from the findings. */
+export function finish(report: CheckReport): CheckReport {
   report.corruptions = report.findings.filter((f) => f.severity === 'corruption').length
   report.leaks = report.findings.filter((f) => f.severity === 'leak').reduce((n, f) => n + (f.cluster ?? 1), 0)
   return report

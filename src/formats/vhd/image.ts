@@ -6,7 +6,7 @@
  * parent. Dynamic disks are read as QEMU reads them: a mapped block is read
  * whole and its bitmap is not consulted.
  */
-import { CorruptImageError, ReadOnlyError, UsageError } from '../../errors.js'
+import { CorruptImageError, ReadOnlyError, UsageError, hex } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
 import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../../check/types.js'
 import type { OpenContext, OpenImageOptions } from '../../image/context.js'
@@ -21,6 +21,9 @@ export class VhdImage implements DiskImage {
   readonly format = 'vpc'
   writer: VhdWriter | undefined
   private bitmapCache: { offset: number; bits: Uint8Array } | undefined
+
+  /** for a differencing disk opened for check: how to open its parent (to compare UUIDs) */
+  parentOpener: (() => Promise<DiskImage>) | undefined
 
   constructor(
     readonly device: BlockDevice,
@@ -210,8 +213,33 @@ export class VhdImage implements DiskImage {
 
   async check(options: CheckOptions = {}): Promise<CheckReport> {
     void options
-    const { checkVhd } = await import('./check.js')
-    return checkVhd(this.device)
+    const { checkVhd, finish } = await import('./check.js')
+    const report = await checkVhd(this.device)
+    if (this.differencing && this.parentOpener) {
+      let parent: DiskImage | undefined
+      try {
+        parent = await this.parentOpener()
+      } catch (e) {
+        const why = e instanceof Error ? e.message : String(e)
+        ;(report.notices ??= []).push({ kind: 'parent-not-checked', structure: 'parent locator', message: `the parent UUID was not compared: ${why}` })
+      }
+      if (parent) {
+        try {
+          const m = parentMismatch(this, parent)
+          if (m)
+            report.findings.push({
+              kind: 'parent-uuid-mismatch',
+              severity: 'corruption',
+              structure: 'dynamic header',
+              hostOffset: m.offset,
+              message: m.message,
+            })
+        } finally {
+          await parent.close().catch(() => undefined)
+        }
+      }
+    }
+    return finish(report)
   }
 
   async repair(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult> {
@@ -275,6 +303,32 @@ export class UnreadableVhd implements DiskImage {
   }
 }
 
+const uuidText = (u: Uint8Array) => Array.from(u, (b) => b.toString(16).padStart(2, '0')).join('')
+
+/**
+ * A differencing disk names its parent by the parent's footer UUID (dynamic
+ * header, offset 40). QEMU 7.2 reads no parent and never compares it; imgtool
+ * reports a mismatch (or a parent that is no VHD, so has no UUID) and refuses
+ * to write through it: data written over the wrong parent is silently wrong.
+ */
+export function parentMismatch(child: VhdImage, parent: DiskImage): { offset: number; message: string } | undefined {
+  const s = child.sparse!
+  const offset = s.headerOffset + 40
+  const want = uuidText(s.header.parentUuid)
+  if (!(parent instanceof VhdImage)) {
+    return {
+      offset,
+      message: `vpc: ${child.filename}: the parent ${parent.filename} is ${parent.format}, not a VHD: its UUID cannot match ${want} (dynamic header at ${hex(offset)})`,
+    }
+  }
+  const got = uuidText(parent.layout.footer.uuid)
+  if (got === want) return undefined
+  return {
+    offset,
+    message: `vpc: ${child.filename}: parent UUID ${want} (dynamic header at ${hex(offset)}) does not match ${parent.filename}'s UUID ${got}: the parent changed or is another disk`,
+  }
+}
+
 export async function openVhd(device: BlockDevice, context: OpenContext, options: OpenImageOptions): Promise<VhdImage | UnreadableVhd> {
   const forCheck = options.forCheck ?? false
   let layout: VhdLayout
@@ -290,6 +344,16 @@ export async function openVhd(device: BlockDevice, context: OpenContext, options
     backing = await openParent(device, layout.sparse!.header, layout.sparse!.headerOffset, context, options)
   }
   const image = new VhdImage(device, layout, backing, infoOnly)
+  if (layout.footer.diskType === TYPE_DIFFERENCING && forCheck) {
+    image.parentOpener = () => openParent(device, layout.sparse!.header, layout.sparse!.headerOffset, context, options)
+  }
+  if (backing && !device.readOnly) {
+    const m = parentMismatch(image, backing)
+    if (m) {
+      await backing.close().catch(() => undefined)
+      throw new ReadOnlyError(`${m.message}; not opened for writing`, { file: device.name, structure: 'dynamic header', offset: m.offset })
+    }
+  }
   if (!device.readOnly && !forCheck && layout.footer.diskType !== TYPE_DIFFERENCING) {
     image.writer = new VhdWriter(device, layout)
   }
