@@ -66,6 +66,11 @@ export class VhdImage implements DiskImage {
     checkGuestRange(`vpc: ${this.filename}: read`, offset, length, this.virtualSize)
     this.refuseInfoOnly('read')
     if (this.writer) await this.writer.idle()
+    return this.readNow(offset, length)
+  }
+
+  /** read() without waiting for the writer (the writer's own reads of guest bytes) */
+  async readNow(offset: number, length: number): Promise<Uint8Array> {
     const s = this.sparse
     if (!s) return this.device.read(offset, length, 'data')
     const out = new Uint8Array(length)
@@ -92,6 +97,10 @@ export class VhdImage implements DiskImage {
     if (!p || pos >= p.virtualSize) return
     const n = Math.min(dst.byteLength, p.virtualSize - pos)
     dst.set(await p.read(pos, n))
+  }
+
+  dropBitmapCache(): void {
+    this.bitmapCache = undefined
   }
 
   async bitmap(block: number): Promise<Uint8Array> {
@@ -354,8 +363,11 @@ export async function openVhd(device: BlockDevice, context: OpenContext, options
       throw new ReadOnlyError(`${m.message}; not opened for writing`, { file: device.name, structure: 'dynamic header', offset: m.offset })
     }
   }
-  if (!device.readOnly && !forCheck && layout.footer.diskType !== TYPE_DIFFERENCING) {
-    image.writer = new VhdWriter(device, layout)
+  if (!device.readOnly && !forCheck && !infoOnly) {
+    image.writer =
+      layout.footer.diskType !== TYPE_DIFFERENCING
+        ? new VhdWriter(device, layout)
+        : new VhdWriter(device, layout, { readGuest: (o, n) => image.readNow(o, n), bitmapChanged: () => image.dropBitmapCache() })
   }
   return image
 }
