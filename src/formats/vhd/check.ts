@@ -23,7 +23,8 @@ function corruption(structure: string, kind: string, message: string, hostOffset
   return { kind, severity: 'corruption', structure, message, ...(hostOffset !== undefined ? { hostOffset } : {}) }
 }
 
-function finish(report: CheckReport): CheckReport {
+/** The counts from the findings. */
+export function finish(report: CheckReport): CheckReport {
   report.corruptions = report.findings.filter((f) => f.severity === 'corruption').length
   report.leaks = report.findings.filter((f) => f.severity === 'leak').reduce((n, f) => n + (f.cluster ?? 1), 0)
   return report
@@ -98,24 +99,38 @@ interface Span {
   what: string
 }
 
-function checkBlocks(device: BlockDevice, layout: VhdLayout, s: SparseLayout, report: CheckReport): void {
-  const file = device.name
-  const needed = Math.ceil(layout.virtualSize / s.blockSize)
-  const batBytes = s.bat.length * 4
-  if (s.batOffset % SECTOR !== 0) {
-    report.findings.push(corruption('BAT', 'bat-unaligned', `vpc: ${file}: the BAT at ${hex(s.batOffset)} is not aligned to 512 bytes`, s.batOffset))
-  }
-  report.totalClusters = needed
-  const metadata: Span[] = [
+/** The footer, header, BAT and parent locator data of a sparse disk, as byte ranges. */
+export function metadataSpans(device: BlockDevice, s: SparseLayout): Span[] {
+  const spans: Span[] = [
     { start: 0, end: FOOTER_SIZE, what: 'the footer' },
     { start: s.headerOffset, end: s.headerOffset + HEADER_SIZE, what: 'the dynamic header' },
-    { start: s.batOffset, end: s.batOffset + batBytes, what: 'the BAT' },
+    { start: s.batOffset, end: s.batOffset + s.header.maxTableEntries * 4, what: 'the BAT' },
   ]
   for (const [i, l] of s.header.locators.entries()) {
     if (l.platform === '\0\0\0\0' || l.dataLength === 0 || l.dataOffset >= BigInt(device.size)) continue
     const start = Number(l.dataOffset)
-    metadata.push({ start, end: start + Math.max(l.dataLength, l.dataSpace < 0x10000 ? l.dataSpace * SECTOR : l.dataSpace), what: `parent locator ${i}` })
+    spans.push({ start, end: start + Math.max(l.dataLength, l.dataSpace < 0x10000 ? l.dataSpace * SECTOR : l.dataSpace), what: `parent locator ${i}` })
   }
+  return spans
+}
+
+/**
+ * Where the bytes the metadata reaches end (sector-aligned): past every
+ * mapped block, the BAT, the header and the parent locator data. The footer
+ * copy belongs here; anything between this and the footer copy is leaked.
+ */
+export function reachedEnd(device: BlockDevice, s: SparseLayout): number {
+  return Math.max(s.nextFree, ...metadataSpans(device, s).map((m) => Math.ceil(m.end / SECTOR) * SECTOR))
+}
+
+function checkBlocks(device: BlockDevice, layout: VhdLayout, s: SparseLayout, report: CheckReport): void {
+  const file = device.name
+  const needed = Math.ceil(layout.virtualSize / s.blockSize)
+  if (s.batOffset % SECTOR !== 0) {
+    report.findings.push(corruption('BAT', 'bat-unaligned', `vpc: ${file}: the BAT at ${hex(s.batOffset)} is not aligned to 512 bytes`, s.batOffset))
+  }
+  report.totalClusters = needed
+  const metadata = metadataSpans(device, s)
   const footerCopyAt = device.size - FOOTER_SIZE
   const blocks: Array<Span & { index: number }> = []
   let lastEnd = -1
@@ -179,7 +194,7 @@ function checkBlocks(device: BlockDevice, layout: VhdLayout, s: SparseLayout, re
     }
   }
   // leaks: what lies between the last thing the metadata reaches and the footer copy
-  const reached = Math.max(s.nextFree, ...metadata.map((m) => Math.ceil(m.end / SECTOR) * SECTOR))
+  const reached = reachedEnd(device, s)
   if (footerCopyAt > reached && !report.findings.some((f) => f.kind === 'footer-copy-missing')) {
     const bytes = footerCopyAt - reached
     const unit = s.bitmapSize + s.blockSize

@@ -6,9 +6,9 @@
  * parent. Dynamic disks are read as QEMU reads them: a mapped block is read
  * whole and its bitmap is not consulted.
  */
-import { ReadOnlyError, UsageError } from '../../errors.js'
+import { CorruptImageError, ReadOnlyError, UsageError, hex } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
-import type { CheckOptions, CheckReport } from '../../check/types.js'
+import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../../check/types.js'
 import type { OpenContext, OpenImageOptions } from '../../image/context.js'
 import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
 import { checkGuestRange } from '../../image/range.js'
@@ -21,6 +21,9 @@ export class VhdImage implements DiskImage {
   readonly format = 'vpc'
   writer: VhdWriter | undefined
   private bitmapCache: { offset: number; bits: Uint8Array } | undefined
+
+  /** for a differencing disk opened for check: how to open its parent (to compare UUIDs) */
+  parentOpener: (() => Promise<DiskImage>) | undefined
 
   constructor(
     readonly device: BlockDevice,
@@ -63,6 +66,11 @@ export class VhdImage implements DiskImage {
     checkGuestRange(`vpc: ${this.filename}: read`, offset, length, this.virtualSize)
     this.refuseInfoOnly('read')
     if (this.writer) await this.writer.idle()
+    return this.readNow(offset, length)
+  }
+
+  /** read() without waiting for the writer (the writer's own reads of guest bytes) */
+  async readNow(offset: number, length: number): Promise<Uint8Array> {
     const s = this.sparse
     if (!s) return this.device.read(offset, length, 'data')
     const out = new Uint8Array(length)
@@ -89,6 +97,10 @@ export class VhdImage implements DiskImage {
     if (!p || pos >= p.virtualSize) return
     const n = Math.min(dst.byteLength, p.virtualSize - pos)
     dst.set(await p.read(pos, n))
+  }
+
+  dropBitmapCache(): void {
+    this.bitmapCache = undefined
   }
 
   async bitmap(block: number): Promise<Uint8Array> {
@@ -210,8 +222,39 @@ export class VhdImage implements DiskImage {
 
   async check(options: CheckOptions = {}): Promise<CheckReport> {
     void options
-    const { checkVhd } = await import('./check.js')
-    return checkVhd(this.device)
+    const { checkVhd, finish } = await import('./check.js')
+    const report = await checkVhd(this.device)
+    if (this.differencing && this.parentOpener) {
+      let parent: DiskImage | undefined
+      try {
+        parent = await this.parentOpener()
+      } catch (e) {
+        const why = e instanceof Error ? e.message : String(e)
+        ;(report.notices ??= []).push({ kind: 'parent-not-checked', structure: 'parent locator', message: `the parent UUID was not compared: ${why}` })
+      }
+      if (parent) {
+        try {
+          const m = parentMismatch(this, parent)
+          if (m)
+            report.findings.push({
+              kind: 'parent-uuid-mismatch',
+              severity: 'corruption',
+              structure: 'dynamic header',
+              hostOffset: m.offset,
+              message: m.message,
+            })
+        } finally {
+          await parent.close().catch(() => undefined)
+        }
+      }
+    }
+    return finish(report)
+  }
+
+  async repair(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult> {
+    if (this.writer) await this.writer.idle()
+    const { repairVhd } = await import('./repair.js')
+    return repairVhd(this.device, options)
   }
 
   async close(): Promise<void> {
@@ -224,17 +267,107 @@ export class VhdImage implements DiskImage {
   }
 }
 
-export async function openVhd(device: BlockDevice, context: OpenContext, options: OpenImageOptions): Promise<VhdImage> {
+/**
+ * A VHD whose footer or header cannot be read, opened for a check or a
+ * repair: it reads nothing; check names what is wrong, repair restores what
+ * it can (a footer at 0 from its copy at the end).
+ */
+export class UnreadableVhd implements DiskImage {
+  readonly format = 'vpc'
+  readonly virtualSize = 0
+  readonly backing = undefined
+  constructor(
+    readonly device: BlockDevice,
+    readonly cause: CorruptImageError,
+  ) {}
+  get filename(): string {
+    return this.device.name
+  }
+  get readOnly(): boolean {
+    return this.device.readOnly
+  }
+  read(): Promise<Uint8Array> {
+    return Promise.reject(this.cause)
+  }
+  // eslint-disable-next-line require-yield
+  async *extents(): AsyncIterable<Extent> {
+    throw this.cause
+  }
+  info(): Promise<ImageInfo> {
+    return Promise.reject(this.cause)
+  }
+  async flush(): Promise<void> {
+    await this.device.flush()
+  }
+  async close(): Promise<void> {
+    await this.device.close()
+  }
+  async check(): Promise<CheckReport> {
+    const { checkVhd } = await import('./check.js')
+    return checkVhd(this.device)
+  }
+  async repair(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult> {
+    const { repairVhd } = await import('./repair.js')
+    return repairVhd(this.device, options)
+  }
+}
+
+const uuidText = (u: Uint8Array) => Array.from(u, (b) => b.toString(16).padStart(2, '0')).join('')
+
+/**
+ * A differencing disk names its parent by the parent's footer UUID (dynamic
+ * header, offset 40). QEMU 7.2 reads no parent and never compares it; imgtool
+ * reports a mismatch (or a parent that is no VHD, so has no UUID) and refuses
+ * to write through it: data written over the wrong parent is silently wrong.
+ */
+export function parentMismatch(child: VhdImage, parent: DiskImage): { offset: number; message: string } | undefined {
+  const s = child.sparse!
+  const offset = s.headerOffset + 40
+  const want = uuidText(s.header.parentUuid)
+  if (!(parent instanceof VhdImage)) {
+    return {
+      offset,
+      message: `vpc: ${child.filename}: the parent ${parent.filename} is ${parent.format}, not a VHD: its UUID cannot match ${want} (dynamic header at ${hex(offset)})`,
+    }
+  }
+  const got = uuidText(parent.layout.footer.uuid)
+  if (got === want) return undefined
+  return {
+    offset,
+    message: `vpc: ${child.filename}: parent UUID ${want} (dynamic header at ${hex(offset)}) does not match ${parent.filename}'s UUID ${got}: the parent changed or is another disk`,
+  }
+}
+
+export async function openVhd(device: BlockDevice, context: OpenContext, options: OpenImageOptions): Promise<VhdImage | UnreadableVhd> {
   const forCheck = options.forCheck ?? false
-  const layout = await readLayout(device, forCheck)
+  let layout: VhdLayout
+  try {
+    layout = await readLayout(device, forCheck)
+  } catch (e) {
+    if (forCheck && e instanceof CorruptImageError) return new UnreadableVhd(device, e)
+    throw e
+  }
   const infoOnly = options.infoOnly ?? false
   let backing: DiskImage | undefined
   if (layout.footer.diskType === TYPE_DIFFERENCING && !infoOnly && !forCheck) {
     backing = await openParent(device, layout.sparse!.header, layout.sparse!.headerOffset, context, options)
   }
   const image = new VhdImage(device, layout, backing, infoOnly)
-  if (!device.readOnly && !forCheck && layout.footer.diskType !== TYPE_DIFFERENCING) {
-    image.writer = new VhdWriter(device, layout)
+  if (layout.footer.diskType === TYPE_DIFFERENCING && forCheck) {
+    image.parentOpener = () => openParent(device, layout.sparse!.header, layout.sparse!.headerOffset, context, options)
+  }
+  if (backing && !device.readOnly) {
+    const m = parentMismatch(image, backing)
+    if (m) {
+      await backing.close().catch(() => undefined)
+      throw new ReadOnlyError(`${m.message}; not opened for writing`, { file: device.name, structure: 'dynamic header', offset: m.offset })
+    }
+  }
+  if (!device.readOnly && !forCheck && !infoOnly) {
+    image.writer =
+      layout.footer.diskType !== TYPE_DIFFERENCING
+        ? new VhdWriter(device, layout)
+        : new VhdWriter(device, layout, { readGuest: (o, n) => image.readNow(o, n), bitmapChanged: () => image.dropBitmapCache() })
   }
   return image
 }

@@ -3,9 +3,11 @@ import type { FormatDriver } from '../../image/context.js'
 import { createVhd } from './create.js'
 import { openVhd } from './image.js'
 
-export { VhdImage, openVhd } from './image.js'
+export { VhdImage, UnreadableVhd, openVhd } from './image.js'
 export { createVhd, parseVhdCreateOptions } from './create.js'
 export { checkVhd } from './check.js'
+export { repairVhd } from './repair.js'
+export { applyVhdUndo, VHD_UNDO_MAGIC } from './journal.js'
 
 export const vhdDriver: FormatDriver = {
   name: 'vpc',

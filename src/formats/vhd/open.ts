@@ -33,6 +33,9 @@ import {
 /** BATs larger than this are refused (64 MiB: 16 M blocks; a 2040 GiB disk of 2 MiB blocks needs 4 MiB). */
 export const MAX_BAT_BYTES = 64 * 1024 * 1024
 
+/** Below this block size QEMU's bitmap size (none) and the specification's (one sector) differ: refused. */
+export const MIN_BLOCK_SIZE = 4096
+
 export interface SparseLayout {
   header: DynamicHeader
   headerOffset: number
@@ -117,6 +120,14 @@ async function readSparse(device: BlockDevice, footer: Footer, virtualSize: numb
   const blockSize = header.blockSize
   if (!isPowerOfTwo(blockSize) || blockSize < SECTOR)
     throw corrupt(file, 'dynamic header', headerOffset + 32, `invalid block size ${blockSize} (a power of two, at least 512)`)
+  if (blockSize < MIN_BLOCK_SIZE) {
+    // QEMU sizes a block's bitmap as (block size / 4096) rounded up to 512 bytes: none at all below 4 KiB, where
+    // the specification keeps one sector. The two read different bytes, so imgtool reads neither.
+    throw new UnsupportedFeatureError(
+      `vpc: ${file}: dynamic header at ${hex(headerOffset)}: block size ${blockSize} (at ${hex(headerOffset + 32)}) is below ${MIN_BLOCK_SIZE}, where QEMU and the VHD specification disagree on the sector bitmap's size`,
+      { file, structure: 'dynamic header', offset: headerOffset + 32 },
+    )
+  }
   const entries = header.maxTableEntries
   if (entries * blockSize < virtualSize) {
     fail(corrupt(file, 'BAT', headerOffset + 28, `${entries} entries of ${blockSize} bytes cover less than the virtual size ${virtualSize}`))
@@ -134,15 +145,14 @@ async function readSparse(device: BlockDevice, footer: Footer, virtualSize: numb
   if (batOffset + batBytes > device.size) {
     fail(corrupt(file, 'BAT', batOffset, `the table of ${entries} entries (${batBytes} bytes) extends past the end of the file (size ${hex(device.size)})`))
   }
-  // (a check reads what the file holds; the rest of the table counts as unused)
-  const inFile = Math.max(0, Math.min(batBytes, device.size - batOffset))
-  const raw = new Uint8Array(batBytes).fill(0xff)
-  if (inFile > 0) raw.set(await device.read(batOffset, inFile, 'bat'))
+  // (a check reads what the file holds, so memory is bounded by the file; the rest of the table counts as unused)
+  const held = Math.max(0, Math.min(entries, Math.floor((device.size - batOffset) / 4)))
+  const raw = held > 0 ? await device.read(batOffset, held * 4, 'bat') : new Uint8Array(0)
   const dv = new DataView(raw.buffer, raw.byteOffset, raw.byteLength)
-  const bat = new Uint32Array(entries)
+  const bat = new Uint32Array(held)
   const bmp = bitmapSize(blockSize)
   let nextFree = Math.ceil((batOffset + batBytes) / SECTOR) * SECTOR
-  for (let i = 0; i < entries; i++) {
+  for (let i = 0; i < held; i++) {
     const v = dv.getUint32(i * 4, false)
     bat[i] = v
     if (v === BAT_UNUSED) continue
@@ -152,7 +162,7 @@ async function readSparse(device: BlockDevice, footer: Footer, virtualSize: numb
   if (nextFree > device.size) {
     // the file was cut short: QEMU refuses the image too ("free_data_block_offset points after the end of file")
     let worst = 0
-    for (let i = 0; i < entries; i++) if (bat[i] !== BAT_UNUSED && bat[i]! * SECTOR + bmp + blockSize > device.size) worst = i
+    for (let i = 0; i < held; i++) if (bat[i] !== BAT_UNUSED && bat[i]! * SECTOR + bmp + blockSize > device.size) worst = i
     fail(
       corrupt(
         file,

@@ -21,12 +21,21 @@ import { isAllZero } from '../../util/bytes.js'
 import type { VhdLayout } from './open.js'
 import { BAT_UNUSED, FOOTER_SIZE, SECTOR } from './spec.js'
 
+/** What a differencing disk's writer needs of its image: guest reads (bitmap and parent) and a stale-bitmap signal. */
+export interface DifferencingHooks {
+  /** guest bytes as they read now (sectors the child does not hold come from the parent) */
+  readGuest(offset: number, length: number): Promise<Uint8Array>
+  /** a block's bitmap changed on disk */
+  bitmapChanged(): void
+}
+
 export class VhdWriter {
   private tail: Promise<void> = Promise.resolve()
 
   constructor(
     private readonly device: BlockDevice,
     private readonly layout: VhdLayout,
+    private readonly diff?: DifferencingHooks,
   ) {}
 
   /** Resolves once every request made so far has finished (failed ones too). */
@@ -76,13 +85,58 @@ export class VhdWriter {
       const n = Math.min(s.blockSize - inBlock, offset + data.byteLength - pos)
       const part = data.subarray(pos - offset, pos - offset + n)
       const v = s.bat[index]!
-      if (v !== BAT_UNUSED) await this.device.write(v * SECTOR + s.bitmapSize + inBlock, part, 'data')
+      if (this.diff) await this.writeDifferencing(index, inBlock, part)
+      else if (v !== BAT_UNUSED) await this.device.write(v * SECTOR + s.bitmapSize + inBlock, part, 'data')
       else if (!(zeroes || isAllZero(part))) await this.allocate(index, inBlock, part)
       pos += n
     }
   }
 
-  private async allocate(index: number, inBlock: number, part: Uint8Array): Promise<void> {
+  /**
+   * A differencing disk holds whole sectors: a write is widened to sectors, the
+   * bytes around it read as the guest sees them (from the parent where the
+   * child has no copy). Into a mapped block: the data (flush), then the bitmap
+   * bits for those sectors. A new block: allocated as a dynamic disk's, with
+   * bitmap bits set only for the sectors written, so every other sector still
+   * reads from the parent.
+   */
+  private async writeDifferencing(index: number, inBlock: number, part: Uint8Array): Promise<void> {
+    const s = this.layout.sparse!
+    const start = Math.floor(inBlock / SECTOR) * SECTOR
+    const end = Math.ceil((inBlock + part.byteLength) / SECTOR) * SECTOR
+    const guest = index * s.blockSize
+    let buf = part
+    if (start !== inBlock || end !== inBlock + part.byteLength) {
+      buf = new Uint8Array(end - start)
+      buf.set(await this.diff!.readGuest(guest + start, SECTOR), 0)
+      if (end - start > SECTOR) buf.set(await this.diff!.readGuest(guest + end - SECTOR, SECTOR), end - start - SECTOR)
+      buf.set(part, inBlock - start)
+    }
+    const first = start / SECTOR
+    const last = end / SECTOR - 1
+    const v = s.bat[index]!
+    if (v === BAT_UNUSED) {
+      const bits = new Uint8Array(s.bitmapSize)
+      setBits(bits, first, last)
+      await this.allocate(index, start, buf, bits)
+      this.diff!.bitmapChanged()
+      return
+    }
+    const block = v * SECTOR
+    await this.device.write(block + s.bitmapSize + start, buf, 'data')
+    // the bitmap sectors holding these bits
+    const from = Math.floor(first / 8 / SECTOR) * SECTOR
+    const to = Math.ceil((last + 1) / 8 / SECTOR) * SECTOR
+    const bits = await this.device.read(block + from, to - from, 'bitmap')
+    const before = bits.slice()
+    setBits(bits, first - from * 8, last - from * 8)
+    if (bits.every((b, i) => b === before[i])) return
+    await this.device.flush() // the data is durable before the bits that make the guest read it
+    await this.device.write(block + from, bits, 'bitmap')
+    this.diff!.bitmapChanged()
+  }
+
+  private async allocate(index: number, inBlock: number, part: Uint8Array, bitmap?: Uint8Array): Promise<void> {
     const s = this.layout.sparse!
     const dev = this.device
     const file = dev.name
@@ -98,7 +152,8 @@ export class VhdWriter {
     const end = dataAt + s.blockSize
     const before = dev.size
     // bytes past the old footer copy (a block leaked by a crash) are not zero: write the whole block
-    const stale = before > at + FOOTER_SIZE
+    // (a differencing block's bitmap marks only what is written: the rest is never read from it)
+    const stale = before > at + FOOTER_SIZE && bitmap === undefined
     const oldTail = await dev.read(before - FOOTER_SIZE, FOOTER_SIZE, 'footer')
     try {
       // 1. the file ends in a footer copy again
@@ -112,7 +167,7 @@ export class VhdWriter {
       } else {
         await dev.write(dataAt + inBlock, part, 'data')
       }
-      await dev.write(at, new Uint8Array(s.bitmapSize).fill(0xff), 'bitmap')
+      await dev.write(at, bitmap ?? new Uint8Array(s.bitmapSize).fill(0xff), 'bitmap')
       await dev.flush()
       // 3. the BAT entry
       const entry = new Uint8Array(4)
@@ -144,4 +199,9 @@ export class VhdWriter {
     await this.device.write(size - FOOTER_SIZE, oldTail, 'footer')
     await this.device.flush()
   }
+}
+
+/** Set bits first..last (sector numbers, most significant bit first) of a sector bitmap. */
+function setBits(bits: Uint8Array, first: number, last: number): void {
+  for (let i = first; i <= last; i++) bits[i >> 3] = bits[i >> 3]! | (0x80 >> (i & 7))
 }
