@@ -1,11 +1,12 @@
 import type { CommandModule } from '../command.js'
+import { addOutputOption, parseOutput, printJson } from '../common.js'
 
 /** imgtool compare [-f FMT] [-F FMT] [-s] A B: exit 0 identical, 1 different, 2 error (as qemu-img) */
 const compare: CommandModule = {
   name: 'compare',
   description: 'check whether two images have the same contents (qemu-img compare)',
   configure(cmd) {
-    cmd
+    addOutputOption(cmd)
       .option('-f, --format <fmt>', 'format of the first image')
       .option('-F, --second-format <fmt>', 'format of the second image')
       .option('-s, --strict', 'strict mode: sizes and allocation must match too')
@@ -29,7 +30,8 @@ const compare: CommandModule = {
       }
       const formats: [ReturnType<typeof fmt>, ReturnType<typeof fmt>] = [fmt(opts['format']), fmt(opts['secondFormat'])]
       const { startProgress } = await import('../progress.js')
-      const progress = await startProgress(io, 'comparing', { requested: Boolean(opts['progress']), quiet: Boolean(opts['quiet']) })
+      const json = parseOutput(opts) === 'json'
+      const progress = await startProgress(io, 'comparing', { requested: Boolean(opts['progress']), quiet: Boolean(opts['quiet']), dataOnStdout: json })
       let r: Awaited<ReturnType<typeof compare>>
       try {
         r = await compare(args[0]!, args[1]!, {
@@ -48,7 +50,13 @@ const compare: CommandModule = {
       out.push(r.identical ? 'Images are identical.' : r.message)
       // the verdict before the progress lines' last newline, where qemu-img prints it
       progress.stop(r.identical, () => {
-        if (!opts['quiet']) io.stdout.write(out.join('\n') + '\n')
+        if (json)
+          printJson(io.stdout, {
+            identical: r.identical,
+            'size-mismatch': r.sizeMismatch,
+            ...(r.identical ? {} : { reason: r.reason, ...(r.offset !== undefined ? { offset: r.offset } : {}), message: r.message }),
+          })
+        else if (!opts['quiet']) io.stdout.write(out.join('\n') + '\n')
       })
       return r.identical ? 0 : 1
     } catch (e) {

@@ -1,13 +1,13 @@
 import type { CommandModule } from '../command.js'
-import { addImageOptions, oneImageArg, parseImageOptions } from '../common.js'
+import { addImageOptions, addOutputOption, oneImageArg, parseImageOptions, parseOutput, printJson } from '../common.js'
 
 /** imgtool snapshot [-l | -c NAME | -a NAME | -d NAME] IMAGE */
 const snapshot: CommandModule = {
   name: 'snapshot',
   description: 'list, create, apply or delete internal snapshots (qemu-img snapshot)',
   configure(cmd) {
-    addImageOptions(cmd)
-      .option('-l, --list', 'list snapshots')
+    addOutputOption(addImageOptions(cmd))
+      .option('-l, --list', 'list snapshots (--output json: the snapshots array of qemu-img info --output json)')
       .option('-c, --create <name>', 'create a snapshot')
       .option('-a, --apply <name>', 'revert the image to a snapshot')
       .option('-d, --delete <name>', 'delete a snapshot')
@@ -34,18 +34,9 @@ const snapshot: CommandModule = {
     else if (action === 'delete') await api.snapshot.delete(path, name, o)
     else {
       const list = await api.snapshot.list(path, o)
-      if (list.length === 0) return 0
-      const pad = (s: string, n: number) => s.padEnd(n)
-      const lines = ['Snapshot list:', `${pad('ID', 9)} ${pad('TAG', 17)} ${'VM SIZE'.padStart(7)}                DATE     VM CLOCK     ICOUNT`]
-      for (const s of list) {
-        const d = new Date(s.dateSec * 1000)
-        const date = `${d.getFullYear()}-${String(d.getMonth() + 1).padStart(2, '0')}-${String(d.getDate()).padStart(2, '0')} ${d.toTimeString().slice(0, 8)}`
-        const clock = new Date(Math.floor(s.vmClockNsec / 1e6)).toISOString().slice(11, 23)
-        lines.push(
-          `${pad(s.id, 9)} ${pad(s.name, 17)} ${api.humanSize(s.vmStateSize).padStart(7)} ${date} ${clock.padStart(12)} ${(s.icount !== undefined && s.icount >= 0 ? String(s.icount) : '').padStart(10)}`,
-        )
-      }
-      if (!opts['quiet']) io.stdout.write(lines.join('\n') + '\n')
+      const { snapshotJson, snapshotList } = await import('../render/info.js')
+      if (parseOutput(opts) === 'json') printJson(io.stdout, list.map(snapshotJson))
+      else if (list.length > 0 && !opts['quiet']) io.stdout.write(snapshotList(list).join('\n') + '\n')
     }
     return 0
   },

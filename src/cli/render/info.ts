@@ -22,7 +22,8 @@ export function infoJson(i: ImageInfo): Record<string, unknown> {
   return o
 }
 
-function snapshotJson(s: SnapshotInfo): Record<string, unknown> {
+/** one snapshot as qemu-img info --output json shows it */
+export function snapshotJson(s: SnapshotInfo): Record<string, unknown> {
   const o: Record<string, unknown> = {}
   if (s.icount !== undefined) o['icount'] = s.icount
   o['vm-clock-nsec'] = s.vmClockNsec % 1e9
@@ -124,13 +125,15 @@ export function infoHuman(i: ImageInfo): string {
     lines.push(line)
   }
   if (i.backingFormat !== undefined) lines.push(`backing file format: ${esc(i.backingFormat)}`)
-  if (i.snapshots && i.snapshots.length > 0) {
-    lines.push('Snapshot list:', snapshotHeader())
-    for (const sn of i.snapshots) lines.push(snapshotLine(sn))
-  }
+  if (i.snapshots && i.snapshots.length > 0) lines.push(...snapshotList(i.snapshots))
   let out = lines.join('\n') + '\n'
   if (i.formatSpecific) out += 'Format specific information:\n' + dumpDict(1, i.formatSpecific.data)
   return out
+}
+
+/** "Snapshot list:", the header and one line per snapshot, as qemu-img info and qemu-img snapshot -l print them */
+export function snapshotList(list: readonly SnapshotInfo[]): string[] {
+  return ['Snapshot list:', snapshotHeader(), ...list.map(snapshotLine)]
 }
 
 const padEnd = (s: string, n: number): string => s.padEnd(n)
