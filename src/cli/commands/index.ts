@@ -24,4 +24,6 @@ export const COMMANDS: CommandEntry[] = [
   { name: 'measure', load: async () => (await import('./measure.js')).default },
   { name: 'dd', load: async () => (await import('./dd.js')).default },
   { name: 'validate', load: async () => (await import('./validate.js')).default },
+  { name: 'completion', load: async () => (await import('./completion.js')).default },
+  { name: 'man', load: async () => (await import('./man.js')).default },
 ]
