@@ -54,6 +54,7 @@ export { measure, type MeasureOptions, type MeasureResult } from './api/measure.
 export { dd, type DdOptions, type DdResult } from './api/dd.js'
 export { nativeParts, QEMU_IMG_VERSION, type NativeParts } from './api/native.js'
 export { exportImage, type ExportOptions, type ExportResult } from './convert/export.js'
+export { CACHE_MODES, type CacheMode } from './convert/unsafe-cache.js'
 export type { CheckReport, Finding, Notice, Severity, GuestRange, RepairMode, RepairAction, RepairResult } from './check/types.js'
 export { checkExitCode, EXIT_CLEAN, EXIT_CHECK_FAILED, EXIT_CORRUPT, EXIT_LEAKS, EXIT_NO_CHECK } from './check/types.js'
 export type { Extent, ImageInfo, SnapshotInfo } from './image/disk-image.js'

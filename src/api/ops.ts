@@ -10,6 +10,7 @@ import { driverFor, makeContext, openImage as openByPath } from '../open.js'
 // the convert and compare engines load when they are called: importing the package stays cheap (the CLI's start)
 import type { CompareResult } from '../convert/compare.js'
 import type { ConvertFileResult, TargetFormat } from '../convert/to-file.js'
+import type { CacheMode } from '../convert/unsafe-cache.js'
 import { diskImageOf, formatOption, openOptionsOf, type Image, type OpenOptions } from './image.js'
 
 export type Progress = (done: number, total: number) => void
@@ -185,8 +186,15 @@ export interface ConvertOptions extends CommonOptions {
   compress?: boolean
   /** zero runs of at least this many bytes stay sparse; 0 allocates the whole target (default 4096) */
   minSparse?: number
-  /** 'unsafe' (default, as qemu-img: no flush) or 'writeback' (flushed once at the end) */
-  cache?: 'unsafe' | 'writeback'
+  /**
+   * the target's cache mode, as qemu-img -t: 'unsafe' (default: no flush), 'writeback' or 'none' (flushed once
+   * at the end), 'writethrough' or 'directsync' (every write flushed)
+   */
+  cache?: CacheMode
+  /** -n: write into the existing target instead of creating it (it must be at least as large as the source) */
+  skipCreate?: boolean
+  /** --target-is-zero (with -n): the existing target reads as zeros, so zero ranges are not written */
+  targetIsZero?: boolean
   /** reads in flight (qemu-img convert -m; default 4) */
   parallel?: number
   /** qemu-img's -U: open the source (and its chain) without image locks */
@@ -213,6 +221,8 @@ export async function convert(source: string, target: string | NodeJS.WritableSt
     ...(o.compress !== undefined ? { compress: o.compress } : {}),
     ...(o.minSparse !== undefined ? { minSparse: o.minSparse } : {}),
     ...(o.cache !== undefined ? { cache: o.cache } : {}),
+    ...(o.skipCreate ? { skipCreate: true } : {}),
+    ...(o.targetIsZero ? { targetIsZero: true } : {}),
     ...(o.parallel !== undefined ? { inFlight: o.parallel } : {}),
     ...(o.forceShare ? { sourceForceShare: true } : {}),
     ...(o.onProgress ? { onProgress: o.onProgress } : {}),

@@ -38,6 +38,12 @@ export interface ConvertOptions {
    */
   targetHasBacking?: boolean
   /**
+   * convert -n without --target-is-zero: the target already holds data, so every guest range the source
+   * does not fill with data (unallocated, zero, zero runs inside data) is written as zeros, as qemu-img
+   * does; a fresh target (the default) reads as zeros and those ranges are left alone.
+   */
+  targetDirty?: boolean
+  /**
    * bytes per read and per target write request (default 8 MiB, 2 MiB with -c; rounded to the target's cluster
    * size): the qcow2 writer's cost per request made 2 MiB requests take 0.4 s of CPU for 2 GiB, 8 MiB ones 0.2 s
    */
@@ -89,6 +95,7 @@ async function* plan(
     let kind: 'data' | 'zero' | 'skip'
     if (e.data && !(o.targetHasBacking && e.depth > 0)) kind = 'data'
     else if (o.targetHasBacking && !fromBacking && e.zero) kind = 'zero'
+    else if (o.targetDirty && !(o.targetHasBacking && fromBacking)) kind = 'zero'
     else kind = 'skip'
     const eEnd = e.start + e.length
     if (kind !== 'data') {
@@ -153,6 +160,7 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     throw new UsageError(`convert: the target (${dst.virtualSize} bytes) is smaller than the source (${src.virtualSize} bytes)`)
   }
   const compress = options.compress
+  if (compress && options.targetDirty) throw new UsageError('convert: -c cannot write into a target that holds data (-n without --target-is-zero)')
   if (compress && !isCompressedTarget(dst)) throw new UsageError(`convert: ${dst.format} targets cannot store compressed clusters (-c)`)
   const cs = isCompressedTarget(dst) ? dst.clusterSize : 65536
   // -c: 2 MiB, as every cluster of a chunk is compressed at once (deflate state per cluster: RSS)
@@ -184,10 +192,18 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
 
   const files = new HostFiles()
   const pool = new BufferPool(chunkSize)
+  const zeroes = (offset: number, length: number): Promise<void> =>
+    dst.writeZeroes ? dst.writeZeroes(offset, length) : dst.write!(offset, new Uint8Array(length))
   const prepareData = async (c: DataChunk): Promise<Prepared> => {
     // zero-flagged data (a host hole under a preallocated cluster) reads as zeros: nothing to
     // write when zero blocks are skipped anyway (-S > 0, or -c)
-    if (c.source.kind === 'zero' && (minSparse > 0 || compress)) return async () => progress(c.length)
+    if (c.source.kind === 'zero' && (minSparse > 0 || compress)) {
+      if (!options.targetDirty) return async () => progress(c.length)
+      return async () => {
+        await zeroes(c.offset, c.length)
+        progress(c.length)
+      }
+    }
     const buf = await readGuest(src, c.source.kind === 'zero' ? { kind: 'image' } : c.source, c.offset, c.length, files, pool)
     result.bytesRead += c.length
     if (compress) {
@@ -259,6 +275,14 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     return async () => {
       // every run submitted now, in order; the buffer goes back to the pool once all are written
       const submitted = runs.map((r) => dst.write!(r.offset, buf.subarray(r.offset - c.offset, r.offset - c.offset + r.length)))
+      // a target that holds data gets zeros in the gaps between the runs (zero blocks -S skipped)
+      if (options.targetDirty) {
+        let at = c.offset
+        for (const r of [...runs, { offset: c.offset + c.length, length: 0 }]) {
+          if (r.offset > at) submitted.push(zeroes(at, r.offset - at))
+          at = r.offset + r.length
+        }
+      }
       const settled = await Promise.allSettled(submitted)
       const failed = settled.find((x) => x.status === 'rejected')
       if (failed) throw (failed as PromiseRejectedResult).reason

@@ -19,7 +19,7 @@ import { driverFor, makeContext, openImage } from '../open.js'
 import { parseCreateOptions } from '../formats/qcow2/index.js'
 import { parseRawPreallocation } from '../formats/raw/index.js'
 import { convert, type ConvertOptions, type ConvertResult } from './convert.js'
-import { unsafeCacheOpener } from './unsafe-cache.js'
+import { unsafeCacheOpener, type CacheMode } from './unsafe-cache.js'
 
 export type TargetFormat = 'raw' | 'qcow2' | 'dmsnap' | 'vpc'
 
@@ -38,8 +38,15 @@ export interface ConvertFileOptions {
   compress?: boolean
   minSparse?: number
   inFlight?: number
-  /** 'unsafe' (qemu-img's default: no flush) or 'writeback' (one flush at the end) */
-  cache?: 'unsafe' | 'writeback'
+  /** qemu's cache mode for the target (default unsafe, as qemu-img convert: no flush) */
+  cache?: CacheMode
+  /**
+   * -n: write into the existing target (opened as `targetFormat`) instead of creating one; it must be at
+   * least as large as the source and is never removed. Every guest range the source does not fill with
+   * data is written as zeros, unless `targetIsZero` (--target-is-zero) says the target already reads as zeros.
+   */
+  skipCreate?: boolean
+  targetIsZero?: boolean
   onProgress?: (done: number, total: number) => void
   signal?: AbortSignal
   /**
@@ -132,6 +139,9 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
   const options = { ...(o.options ?? {}) }
   if (o.compress && o.targetFormat !== 'qcow2') throw new UsageError('Compression not supported for this file format')
   if (o.backingFile !== undefined && o.targetFormat !== 'qcow2') throw new UsageError('-B needs a target format with backing files (qcow2)')
+  if (o.targetIsZero && !o.skipCreate) throw new UsageError('--target-is-zero requires use of -n flag')
+  if (o.skipCreate && Object.keys(options).length > 0) throw new UsageError('-o has no effect when skipping image creation')
+  if (o.skipCreate && o.targetFormat === 'dmsnap') throw new UsageError('-n cannot write into a dm-snapshot store')
   checkAborted(o.signal, 'convert')
 
   // 1. the source, every file it reads recorded
@@ -147,7 +157,7 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
   try {
     const view = o.view ? o.view(src) : src
     // 2. options, and the files the target must not be
-    checkTargetOptions(o.targetFormat, view.virtualSize, options, o.backingFile, o.backingFormat)
+    if (!o.skipCreate) checkTargetOptions(o.targetFormat, view.virtualSize, options, o.backingFile, o.backingFormat)
     if ((await src.info()).encrypted) {
       throw new UnsupportedFeatureError(`${src.format}: ${srcPath}: encrypted images cannot be read by imgtool (no key is taken)`, {
         file: srcPath,
@@ -171,6 +181,7 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
     }
     await refuseSourceAsTarget(dstPath, protect, o.verb)
     checkAborted(o.signal, 'convert')
+    if (o.skipCreate) return await writeExisting(view, dstPath, o)
     return await writeTarget(view, origin, dstPath, o, options)
   } finally {
     await origin?.close().catch(() => undefined)
@@ -239,6 +250,30 @@ async function writeTarget(
     throw await cleanUp(e, dstPath, created, before !== undefined, isBlock)
   } finally {
     if (!ok && created) await rm(dstPath, { force: true }).catch(() => undefined)
+  }
+}
+
+/** convert -n: the guest bytes into an image that exists (nothing is created, so nothing is removed on failure). */
+async function writeExisting(src: DiskImage, dstPath: string, o: ConvertFileOptions): Promise<ConvertFileResult> {
+  const dst = await openImage(dstPath, {
+    format: o.targetFormat as FormatName,
+    readOnly: false,
+    openDevice: unsafeCacheOpener(openFileDevice, o.cache ?? 'unsafe'),
+  })
+  try {
+    if (dst.virtualSize < src.virtualSize) throw new UsageError('output file is smaller than input file', { file: dstPath, structure: 'target' })
+    const r = await convert(src, dst, {
+      inFlight: o.inFlight ?? 4,
+      hostFiles: true,
+      targetHasBacking: o.backingFile !== undefined,
+      targetDirty: o.targetIsZero !== true,
+      ...(o.minSparse !== undefined ? { minSparse: o.minSparse } : {}),
+      ...(o.onProgress ? { onProgress: o.onProgress } : {}),
+      ...(o.signal ? { signal: o.signal } : {}),
+    })
+    return { ...r, created: false }
+  } finally {
+    await dst.close()
   }
 }
 

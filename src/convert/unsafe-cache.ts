@@ -121,10 +121,28 @@ class UnsafeCacheDevice extends PassThroughDevice {
   }
 }
 
-export type CacheMode = 'unsafe' | 'writeback'
+/**
+ * qemu's cache modes for a target: `unsafe` (no flush), `writeback` and `none` (one flush at the end;
+ * `none` is O_DIRECT in QEMU, here the page cache is used and the end is made durable the same way),
+ * `writethrough` and `directsync` (every write is flushed before it completes).
+ */
+export type CacheMode = 'unsafe' | 'writeback' | 'none' | 'writethrough' | 'directsync'
+export const CACHE_MODES: readonly CacheMode[] = ['unsafe', 'writeback', 'none', 'writethrough', 'directsync']
+
+/** Every write made durable before it completes (cache=writethrough/directsync): no metadata caching either. */
+class WriteThroughDevice extends PassThroughDevice {
+  constructor(inner: BlockDevice) {
+    super(inner, { forward: ['hostStatus', 'allocatedSize'] })
+  }
+  override async write(offset: number, data: Uint8Array, tag?: IoTag): Promise<void> {
+    await this.inner.write(offset, data, tag)
+    await this.inner.flush()
+  }
+}
 
 export function unsafeCacheDevice(inner: BlockDevice, mode: CacheMode = 'unsafe'): BlockDevice {
-  return new UnsafeCacheDevice(inner, mode === 'writeback')
+  if (mode === 'writethrough' || mode === 'directsync') return new WriteThroughDevice(inner)
+  return new UnsafeCacheDevice(inner, mode === 'writeback' || mode === 'none')
 }
 
 export function unsafeCacheOpener(open: DeviceOpener, mode: CacheMode = 'unsafe'): DeviceOpener {

@@ -1,3 +1,4 @@
+import type { CacheMode } from '../../index.js'
 import type { CommandModule } from '../command.js'
 import { accumulateOptions, parseKeyValues } from '../common.js'
 
@@ -16,7 +17,14 @@ const convert: CommandModule = {
       .option('-F, --backing-format <fmt>', 'format of the -B backing file')
       .option('-S, --sparse-size <size>', 'zero runs of at least SIZE bytes are left sparse (0: write all)', '4k')
       .option('-m, --parallel <n>', 'I/Os in flight', '4')
-      .option('-t, --cache <mode>', 'target cache mode: unsafe (as qemu-img: no flush at all) or writeback (flushed once, at the end)', 'unsafe')
+      .option(
+        '-t, --cache <mode>',
+        'target cache mode: unsafe (as qemu-img: no flush at all), writeback or none (flushed once, at the end), writethrough or directsync (every write flushed)',
+        'unsafe',
+      )
+      .option('-T, --source-cache <mode>', 'source cache mode (accepted as qemu-img takes it; reads are the same in every mode)', 'writeback')
+      .option('-n, --no-create', 'skip target creation: write into the existing target (opened as -O FMT), at least as large as the source')
+      .option('--target-is-zero', 'with -n: the target already reads as zeros, so zero ranges are not written')
       .option('-p, --progress', "show progress (a terminal line; otherwise qemu-img's '    (NN.NN/100%)' lines)")
       .option('-q, --quiet', 'print nothing')
       .option('-U, --force-share', 'open the source without image locks (it may be in use)')
@@ -24,7 +32,7 @@ const convert: CommandModule = {
       .argument('<target>')
   },
   async run(args, opts, io) {
-    const { UsageError, convert, isFormatName, parseSize } = await import('../../index.js')
+    const { CACHE_MODES, UsageError, convert, isFormatName, parseSize } = await import('../../index.js')
     if (args.length !== 2) throw new UsageError('Expecting one source and one target')
     const [srcPath, dstPath] = args as [string, string]
     const outFmt = String(opts['outputFormat'] ?? 'raw')
@@ -37,8 +45,12 @@ const convert: CommandModule = {
     const minSparse = parseSize(String(opts['sparseSize'] ?? '4k'), '-S')
     const inFlight = Number(opts['parallel'] ?? 4)
     if (!Number.isInteger(inFlight) || inFlight < 1) throw new UsageError('-m must be a positive whole number')
-    const cache = String(opts['cache'] ?? 'unsafe')
-    if (cache !== 'unsafe' && cache !== 'writeback') throw new UsageError(`Invalid cache option: ${cache} (unsafe, writeback)`)
+    const cache = String(opts['cache'] ?? 'unsafe') as CacheMode
+    if (!CACHE_MODES.includes(cache)) throw new UsageError(`Invalid cache option: ${cache}`)
+    const sourceCache = String(opts['sourceCache'] ?? 'writeback') as CacheMode
+    if (!CACHE_MODES.includes(sourceCache) && String(sourceCache) !== 'writethrough') throw new UsageError(`Invalid source cache option: ${sourceCache}`)
+    const skipCreate = opts['create'] === false
+    const targetIsZero = opts['targetIsZero'] === true
     const options = parseKeyValues(opts['options'] as string | undefined)
     const backing = opts['backing'] as string | undefined
     if (backing !== undefined && outFmt !== 'qcow2') throw new UsageError('-B needs a target format with backing files (qcow2)')
@@ -71,6 +83,8 @@ const convert: CommandModule = {
         compress,
         minSparse,
         cache,
+        ...(skipCreate ? { skipCreate } : {}),
+        ...(targetIsZero ? { targetIsZero } : {}),
         onProgress: progress.update,
         ...(io.signal ? { signal: io.signal } : {}),
       })
