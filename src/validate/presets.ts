@@ -68,6 +68,12 @@ export const PRESETS: Record<PresetName, PolicyInput> = {
   azure: {
     // learn.microsoft.com "Prepare a Windows/Linux VHD for Azure": fixed VHD only (VHDX and dynamic VHD refused)
     formats: ['vhd'],
+    // same page: "VHDX format isn't supported in Azure, only fixed VHD"
+    vhd: {
+      subformats: ['fixed'],
+      // same page: a fixed VHD's file is the virtual size (a whole number of MiB) plus the 512-byte footer
+      fileSizeAlignment: MiB,
+    },
     sizes: {
       // same page: "the virtual size of all VHDs on Azure must be aligned to 1 MB"
       virtualSizeAlignment: MiB,

@@ -9,13 +9,14 @@ import { ImgtoolError, WrongFormatError } from '../errors.js'
 import type { BlockDevice, DeviceOpener } from '../io/block-device.js'
 import { openFileDevice } from '../io/file-device.js'
 import type { DiskImage } from '../image/disk-image.js'
-import { isFormatName, type FormatName } from '../image/probe.js'
+import type { FormatName } from '../image/probe.js'
 import { makeContext, openImageOnDevice } from '../open.js'
 import { DataLimitError, DeadlineError, guestDataBytes, guestDigest, partitionFacts } from './content.js'
 import type { Policy, PolicyInput, PresetName } from './policy.js'
 import { resolvePolicy } from './resolve.js'
 import { qcow2Rules, type Qcow2Facts } from './qcow2-rules.js'
 import { ViolationSink, type ValidationReport } from './report.js'
+import { vhdRules, type VhdFacts } from './vhd-rules.js'
 import { detectFormat, fileSignatures, foreignSignatures, headSignatures } from './signatures.js'
 
 export interface ValidateOptions {
@@ -24,7 +25,10 @@ export interface ValidateOptions {
   signal?: AbortSignal
 }
 
-const UNSUPPORTED = new Set(['vhd', 'vhdx', 'vmdk', 'iso'])
+const UNSUPPORTED = new Set(['vhdx', 'vmdk', 'iso'])
+
+/** validate's format names (qemu-img info's) against the library's driver names */
+const LIBRARY_NAME: Partial<Record<string, FormatName>> = { raw: 'raw', qcow2: 'qcow2', dmsnap: 'dmsnap', vhd: 'vpc' }
 
 /** Refuses every file: validation reads the named file only. */
 const refuseAll: DeviceOpener = async (path) => {
@@ -48,7 +52,9 @@ export async function validate(path: string, policyInput: PolicyInput | PresetNa
     durationMs: 0,
   }
   try {
-    const work = run(dev, policy, sink, report, o.expectFormat ?? policy.expectFormat, deadline)
+    const declared = o.expectFormat ?? policy.expectFormat
+    // qemu-img's name for VHD is vpc: either spelling declares it
+    const work = run(dev, policy, sink, report, declared === 'vpc' ? 'vhd' : declared, deadline)
     await withDeadline(work, deadline, () => {
       sink.add('LIMIT_TIMEOUT', `validation took longer than limits.timeoutSeconds ${policy.limits.timeoutSeconds}`)
       // the work left running fails once its device closes: nothing it finds after this counts
@@ -122,48 +128,73 @@ async function run(
     for (const g of ['references', 'features', 'sizes', 'structure', 'content'] as const) sink.skip(g, `format ${format} is not supported yet`)
     return
   }
-  if (!isFormatName(format)) return
+  const lib = LIBRARY_NAME[format]
+  if (lib === undefined) return
 
-  // identity, references and features from the header
+  // identity, references and features from the header (footer)
   let facts: Qcow2Facts | undefined
+  let vhd: VhdFacts | undefined
   if (format === 'qcow2') {
     facts = await qcow2Rules(dev, policy, sink)
     if (!facts?.header) {
       for (const g of ['structure', 'content'] as const) sink.skip(g, 'the header could not be parsed')
       return
     }
+  } else if (format === 'vhd') {
+    vhd = await vhdRules(dev, hits, policy, sink)
+    if (!vhd.valid) {
+      for (const g of ['structure', 'content'] as const) sink.skip(g, 'the footer or dynamic header could not be parsed')
+      return
+    }
   }
-  const references = facts?.hasReferences === true || format === 'dmsnap'
-  const virtualSize = facts?.header ? facts.header.size : format === 'raw' ? dev.size : undefined
-  report.virtualSize = virtualSize
+  const overLimit = facts?.overLimit === true || vhd?.overLimit === true
+  const references = facts?.hasReferences === true || vhd?.hasReferences === true || format === 'dmsnap'
+  report.virtualSize = facts?.header ? facts.header.size : format === 'raw' ? dev.size : undefined
 
-  // structure: the check engine, on the image alone (no backing or data file)
+  // structure: the check engine of `imgtool check`, on the image alone (no backing, data or parent file)
   let imageEnd: number | undefined
   let dataBytes: number | undefined
-  if (facts?.overLimit) sink.skip('structure', 'a table exceeds the limits')
-  else if (!policy.structure.check) sink.skip('structure', 'structure.check is off')
+  if (overLimit) sink.skip('structure', 'a table exceeds the limits')
   else {
-    const r = await structure(dev.name, format, policy, sink, facts?.header?.incompatibleFeatures)
+    const r = await structure(dev.name, lib, policy, sink, facts?.header?.incompatibleFeatures)
+    report.virtualSize ??= r?.virtualSize
     imageEnd = r?.imageEnd
     // guest bytes the image stores (compressed or not): allocated guest clusters, as check counts them
-    if (r && facts) dataBytes = r.allocatedClusters * facts.clusterSize
+    if (r?.allocatedClusters !== undefined && facts) dataBytes = r.allocatedClusters * facts.clusterSize
   }
+  if (vhd?.subformat === 'fixed') vhdFileSize(dev.size, policy, sink)
 
-  // sizes and content need the guest view: only when nothing outside the file is named
-  const unreadable = references ? 'the guest bytes depend on a file validation does not open' : facts?.encrypted ? 'the guest data is encrypted' : undefined
-  if (unreadable !== undefined || facts?.overLimit) {
+  // sizes and content need the guest view: only when nothing outside the file is named and the metadata is sound
+  const corrupt = sink.list.some((v) => v.code === 'CHECK_CORRUPTIONS' || v.code === 'CHECK_FAILED')
+  const unreadable = references
+    ? 'the guest bytes depend on a file validation does not open'
+    : facts?.encrypted
+      ? 'the guest data is encrypted'
+      : corrupt
+        ? 'the structure check found the metadata unsound'
+        : undefined
+  if (unreadable !== undefined || overLimit) {
     sink.skip('content', unreadable ?? 'a table exceeds the limits')
-    if (policy.content.digest && unreadable !== undefined)
+    if (policy.content.digest && unreadable !== undefined && !corrupt)
       sink.add('CONTENT_SKIPPED', `${unreadable}: no digest`, { structure: references ? 'reference' : 'header crypt_method' })
-    if (virtualSize !== undefined) sizeRules(virtualSize, dataBytes, dev.size, imageEnd, policy, sink)
+    if (report.virtualSize !== undefined) sizeRules(report.virtualSize, dataBytes, dev.size, imageEnd, policy, sink)
     return
   }
-  const img = await openImageOnDevice(await openFileDevice(dev.name, { readOnly: true }), {
-    format,
-    readOnly: true,
-    options: {},
-    context: makeContext(refuseAll),
-  })
+  let img: DiskImage
+  try {
+    img = await openImageOnDevice(await openFileDevice(dev.name, { readOnly: true }), {
+      format: lib,
+      readOnly: true,
+      options: {},
+      context: makeContext(refuseAll),
+    })
+  } catch (e) {
+    if (!(e instanceof ImgtoolError)) throw e
+    const at = typeof e.details.offset === 'number' ? e.details.offset : undefined
+    sink.add('HEADER_INVALID', `cannot be opened: ${e.message}`, { structure: String(e.details.structure ?? 'header'), offset: at })
+    sink.skip('content', 'the image cannot be opened')
+    return
+  }
   try {
     report.virtualSize = img.virtualSize
     // without a check (raw stores what it holds; structure.check off) the extents are counted
@@ -174,18 +205,31 @@ async function run(
       return
     }
     await contentRules(img, policy, sink, report, deadline)
+  } catch (e) {
+    // metadata the reader refuses mid-read (the check was off, or missed it): reported, never thrown
+    if (!(e instanceof ImgtoolError) || e.code !== 'CORRUPT') throw e
+    const at = typeof e.details.offset === 'number' ? e.details.offset : undefined
+    sink.add('CHECK_CORRUPTIONS', `guest data cannot be read: ${e.message}`, { structure: String(e.details.structure ?? 'metadata'), offset: at })
+    sink.skip('content', 'the guest data cannot be read')
   } finally {
     await img.close()
   }
 }
 
+interface StructureFacts {
+  virtualSize: number
+  imageEnd?: number
+  allocatedClusters?: number
+}
+
+/** Opens the image as `imgtool check` does (references not followed) and, unless the policy says not, runs its check. */
 async function structure(
   file: string,
   format: FormatName,
   policy: Policy,
   sink: ViolationSink,
   incompat: bigint | undefined,
-): Promise<{ imageEnd: number; allocatedClusters: number } | undefined> {
+): Promise<StructureFacts | undefined> {
   if (format === 'raw') {
     sink.skip('structure', 'raw has no metadata to check')
     return undefined
@@ -201,13 +245,19 @@ async function structure(
       context: makeContext(refuseAll),
     })
   } catch (e) {
-    sink.add('CHECK_FAILED', `cannot be opened for check: ${(e as Error).message}`, { structure: 'image' })
+    if (!(e instanceof ImgtoolError)) throw e
+    sink.add('CHECK_FAILED', `cannot be opened for check: ${e.message}`, { structure: 'image' })
     return undefined
   }
+  const facts: StructureFacts = { virtualSize: img.virtualSize }
   try {
+    if (!policy.structure.check) {
+      sink.skip('structure', 'structure.check is off')
+      return facts
+    }
     if (!img.check) {
       sink.skip('structure', `${format} has no check`)
-      return undefined
+      return facts
     }
     const r = await img.check()
     if (r.checkErrors > 0) sink.add('CHECK_FAILED', `check could not complete: ${r.checkErrors} error(s)`, { structure: 'check' })
@@ -226,13 +276,26 @@ async function structure(
         offset: first?.hostOffset,
       })
     }
-    return { imageEnd: Number(r.imageEndOffset), allocatedClusters: r.allocatedClusters }
+    return { ...facts, imageEnd: Number(r.imageEndOffset), allocatedClusters: r.allocatedClusters }
   } catch (e) {
     if (!(e instanceof ImgtoolError)) throw e
     sink.add('CHECK_FAILED', `check could not complete: ${e.message}`, { structure: 'check' })
-    return undefined
+    return facts
   } finally {
     await img.close()
+  }
+}
+
+/** Azure's rule for a fixed VHD: the file is a whole number of alignment units plus the 512-byte footer. */
+function vhdFileSize(fileSize: number, policy: Policy, sink: ViolationSink): void {
+  const align = policy.vhd.fileSizeAlignment
+  if (align <= 0) return
+  const over = (fileSize - 512) % align
+  if (fileSize < 512 || over !== 0) {
+    sink.add('VHD_FILE_SIZE', `the file is ${fileSize} bytes, not a multiple of ${align} plus the 512-byte footer (${over} bytes over)`, {
+      structure: 'file end',
+      offset: fileSize - 512,
+    })
   }
 }
 
@@ -336,13 +399,13 @@ async function contentRules(img: DiskImage, policy: Policy, sink: ViolationSink,
 
 async function openReference(path: string): Promise<DiskImage> {
   const dev = await openFileDevice(path, { readOnly: true })
-  const head = await dev.read(0, Math.min(dev.size, 8192), 'probe')
-  const format = detectFormat(headSignatures(head))
-  if (!isFormatName(format)) {
+  const format = detectFormat(await fileSignatures(dev))
+  const lib = LIBRARY_NAME[format]
+  if (lib === undefined) {
     await dev.close()
     throw new WrongFormatError(`${path}: reference image format ${format} cannot be read`, { file: path })
   }
-  return openImageOnDevice(dev, { format, readOnly: true, options: {}, context: makeContext(refuseAll) })
+  return openImageOnDevice(dev, { format: lib, readOnly: true, options: {}, context: makeContext(refuseAll) })
 }
 
 /** A VMDK descriptor's extent lines (`RW 2048 FLAT "name" 0`): files it would open, reported, never opened. */
