@@ -5,7 +5,7 @@
  * Thrown errors mean the file could not be validated (missing, unreadable);
  * everything wrong with the image is a violation in the report.
  */
-import { ImgtoolError, WrongFormatError } from '../errors.js'
+import { AbortedError, ImgtoolError, WrongFormatError, checkAborted } from '../errors.js'
 import type { BlockDevice, DeviceOpener } from '../io/block-device.js'
 import { openFileDevice } from '../io/file-device.js'
 import type { DiskImage } from '../image/disk-image.js'
@@ -15,6 +15,7 @@ import { DataLimitError, DeadlineError, guestDataBytes, guestDigest, partitionFa
 import type { Policy, PolicyInput, PresetName } from './policy.js'
 import { resolvePolicy } from './resolve.js'
 import { qcow2Rules, type Qcow2Facts } from './qcow2-rules.js'
+import { CHECK_GROUPS, type CheckGroup } from './codes.js'
 import { ViolationSink, type ValidationReport } from './report.js'
 import { vhdRules, type VhdFacts } from './vhd-rules.js'
 import { detectFormat, fileSignatures, foreignSignatures, headSignatures } from './signatures.js'
@@ -35,12 +36,49 @@ const refuseAll: DeviceOpener = async (path) => {
   throw new WrongFormatError(`${path}: not opened: validation never follows a reference`, { file: path, structure: 'reference' })
 }
 
+/** After the time limit, how long the work may take to reach its next poll before its report is handed out anyway. */
+const GRACE_MS = 5000
+
+/** What one validation carries through its stages: the signal every loop polls, and where it is. */
+interface RunContext {
+  signal: AbortSignal
+  /** the stage running now, named in a LIMIT_TIMEOUT violation */
+  stage: string
+  /** check groups whose verdict is complete (the others are skipped when time runs out) */
+  done: Set<CheckGroup>
+}
+
+/** Enter a stage: stop here if time ran out; the groups named are complete. */
+function stage(ctx: RunContext, name: string, complete: CheckGroup[] = []): void {
+  for (const g of complete) ctx.done.add(g)
+  ctx.stage = name
+  checkAborted(ctx.signal, `validate: stopped before the ${name}`)
+}
+
 export async function validate(path: string, policyInput: PolicyInput | PresetName | Policy = {}, o: ValidateOptions = {}): Promise<ValidationReport> {
   const started = Date.now()
+  checkAborted(o.signal, 'validate')
   const policy = isResolved(policyInput) ? policyInput : await resolvePolicy(policyInput)
   const sink = new ViolationSink(path, policy)
-  const deadline = started + policy.limits.timeoutSeconds * 1000
-  const dev = await openFileDevice(path, { readOnly: true })
+  const limit = policy.limits.timeoutSeconds
+  // the time limit is an abort signal every stage polls, the check engine included (between tables)
+  const timeout = new AbortController()
+  let timedOut = false
+  const timer = setTimeout(() => {
+    timedOut = true
+    timeout.abort(new DeadlineError(`time ran out (limits.timeoutSeconds ${limit})`))
+  }, limit * 1000)
+  const onOuterAbort = (): void => timeout.abort(o.signal?.reason)
+  o.signal?.addEventListener('abort', onOuterAbort, { once: true })
+  const ctx: RunContext = { signal: timeout.signal, stage: 'identity check', done: new Set() }
+  let dev: BlockDevice
+  try {
+    dev = await openFileDevice(path, { readOnly: true })
+  } catch (e) {
+    clearTimeout(timer)
+    o.signal?.removeEventListener('abort', onOuterAbort)
+    throw e
+  }
   const report: ValidationReport = {
     file: path,
     format: 'unknown',
@@ -51,18 +89,29 @@ export async function validate(path: string, policyInput: PolicyInput | PresetNa
     notes: sink.notes,
     durationMs: 0,
   }
+  const outOfTime = (how: string): void => {
+    sink.add('LIMIT_TIMEOUT', `validation ran out of time (limits.timeoutSeconds ${limit}) ${how}`, { structure: ctx.stage })
+    for (const g of CHECK_GROUPS) if (g !== 'limits' && !ctx.done.has(g) && !sink.list.some((v) => v.group === g)) sink.skip(g, 'time ran out')
+    // anything the work finds after this does not count
+    sink.closed = true
+  }
   try {
     const declared = o.expectFormat ?? policy.expectFormat
     // qemu-img's name for VHD is vpc: either spelling declares it
-    const work = run(dev, policy, sink, report, declared === 'vpc' ? 'vhd' : declared, deadline)
-    await withDeadline(work, deadline, () => {
-      sink.add('LIMIT_TIMEOUT', `validation took longer than limits.timeoutSeconds ${policy.limits.timeoutSeconds}`)
-      // the work left running fails once its device closes: nothing it finds after this counts
-      sink.closed = true
+    const work = run(dev, policy, sink, report, declared === 'vpc' ? 'vhd' : declared, ctx)
+    await withGrace(work, timeout.signal, GRACE_MS, () => {
+      if (timedOut) outOfTime(`during the ${ctx.stage}, which did not stop within ${GRACE_MS / 1000} s`)
     })
+  } catch (e) {
+    // the work stopped at a poll: the time limit is a violation, an abort from outside an error
+    if (!timedOut || !(e instanceof AbortedError || e instanceof DeadlineError)) throw e
+    outOfTime(`during the ${ctx.stage}: ${e.message}`)
   } finally {
+    clearTimeout(timer)
+    o.signal?.removeEventListener('abort', onOuterAbort)
     await dev.close().catch(() => undefined)
   }
+  if (o.signal?.aborted) checkAborted(o.signal, 'validate')
   sink.closed = true
   report.checks = sink.statuses()
   report.durationMs = Date.now() - started
@@ -80,18 +129,29 @@ function isResolved(p: PolicyInput | PresetName | Policy): p is Policy {
   )
 }
 
-async function withDeadline(work: Promise<void>, deadline: number, onTimeout: () => void): Promise<void> {
+/**
+ * Waits for the work; once the signal fires, gives it `graceMs` to reach its
+ * next poll and stop (rejecting), then hands out the report without it (a
+ * stage that does not poll is abandoned; its device is closed under it).
+ */
+async function withGrace(work: Promise<void>, signal: AbortSignal, graceMs: number, onLate: () => void): Promise<void> {
   let timer: NodeJS.Timeout | undefined
+  let arm: (() => void) | undefined
   const late = new Promise<'late'>((resolve) => {
-    timer = setTimeout(() => resolve('late'), Math.max(0, deadline - Date.now()))
+    arm = () => {
+      timer = setTimeout(() => resolve('late'), graceMs)
+    }
+    if (signal.aborted) arm()
+    else signal.addEventListener('abort', arm, { once: true })
   })
   try {
     if ((await Promise.race([work.then(() => 'done' as const), late])) === 'late') {
-      onTimeout()
       work.catch(() => undefined)
+      onLate()
     }
   } finally {
     clearTimeout(timer)
+    if (arm) signal.removeEventListener('abort', arm)
   }
 }
 
@@ -101,9 +161,10 @@ async function run(
   sink: ViolationSink,
   report: ValidationReport,
   expect: string | undefined,
-  deadline: number,
+  ctx: RunContext,
 ): Promise<void> {
   // identity
+  stage(ctx, 'identity check')
   const hits = await fileSignatures(dev)
   report.signatures = hits
   const format = detectFormat(hits)
@@ -156,7 +217,8 @@ async function run(
   let dataBytes: number | undefined
   if (overLimit) sink.skip('structure', 'a table exceeds the limits')
   else {
-    const r = await structure(dev.name, lib, policy, sink, facts?.header?.incompatibleFeatures)
+    stage(ctx, 'structural check', ['identity', 'references', 'features'])
+    const r = await structure(dev.name, lib, policy, sink, facts?.header?.incompatibleFeatures, ctx.signal)
     report.virtualSize ??= r?.virtualSize
     imageEnd = r?.imageEnd
     // guest bytes the image stores (compressed or not): allocated guest clusters, as check counts them
@@ -198,13 +260,15 @@ async function run(
   try {
     report.virtualSize = img.virtualSize
     // without a check (raw stores what it holds; structure.check off) the extents are counted
-    if (dataBytes === undefined && format !== 'raw') dataBytes = await guestDataBytes(img)
+    stage(ctx, 'allocation count', ['identity', 'references', 'features', 'structure'])
+    if (dataBytes === undefined && format !== 'raw') dataBytes = await guestDataBytes(img, ctx.signal)
     const bomb = sizeRules(img.virtualSize, dataBytes, dev.size, imageEnd, policy, sink)
     if (bomb) {
       sink.skip('content', 'the allocation ratio exceeds the limit: data not read')
       return
     }
-    await contentRules(img, policy, sink, report, deadline)
+    stage(ctx, 'content check', ['sizes'])
+    await contentRules(img, policy, sink, report, ctx)
   } catch (e) {
     // metadata the reader refuses mid-read (the check was off, or missed it): reported, never thrown
     if (!(e instanceof ImgtoolError) || e.code !== 'CORRUPT') throw e
@@ -229,6 +293,7 @@ async function structure(
   policy: Policy,
   sink: ViolationSink,
   incompat: bigint | undefined,
+  signal: AbortSignal,
 ): Promise<StructureFacts | undefined> {
   if (format === 'raw') {
     sink.skip('structure', 'raw has no metadata to check')
@@ -245,7 +310,7 @@ async function structure(
       context: makeContext(refuseAll),
     })
   } catch (e) {
-    if (!(e instanceof ImgtoolError)) throw e
+    if (!(e instanceof ImgtoolError) || e instanceof AbortedError) throw e
     sink.add('CHECK_FAILED', `cannot be opened for check: ${e.message}`, { structure: 'image' })
     return undefined
   }
@@ -259,7 +324,7 @@ async function structure(
       sink.skip('structure', `${format} has no check`)
       return facts
     }
-    const r = await img.check()
+    const r = await img.check({ signal })
     if (r.checkErrors > 0) sink.add('CHECK_FAILED', `check could not complete: ${r.checkErrors} error(s)`, { structure: 'check' })
     if (r.corruptions > 0) {
       const first = r.findings.find((f) => f.severity === 'corruption')
@@ -278,7 +343,8 @@ async function structure(
     }
     return { ...facts, imageEnd: Number(r.imageEndOffset), allocatedClusters: r.allocatedClusters }
   } catch (e) {
-    if (!(e instanceof ImgtoolError)) throw e
+    // time ran out: the engine stopped at its next table (the caller reports it)
+    if (!(e instanceof ImgtoolError) || e instanceof AbortedError) throw e
     sink.add('CHECK_FAILED', `check could not complete: ${e.message}`, { structure: 'check' })
     return facts
   } finally {
@@ -351,7 +417,7 @@ function sizeRules(
   return false
 }
 
-async function contentRules(img: DiskImage, policy: Policy, sink: ViolationSink, report: ValidationReport, deadline: number): Promise<void> {
+async function contentRules(img: DiskImage, policy: Policy, sink: ViolationSink, report: ValidationReport, ctx: RunContext): Promise<void> {
   const c = policy.content
   // a guest that starts with an image format's magic would be probed as that format once written raw
   const guestHead = await img.read(0, Math.min(img.virtualSize, 8192))
@@ -370,12 +436,13 @@ async function contentRules(img: DiskImage, policy: Policy, sink: ViolationSink,
     for (const problem of p.problems) sink.add('PARTITION_TABLE', problem.message, { structure: `guest ${problem.structure}`, offset: problem.offset })
   }
   if (!c.digest && c.expectDigest === undefined && c.reference === undefined) return
-  const budget = { maxDataBytes: policy.limits.maxDataBytes, deadline }
+  ctx.stage = 'content digest'
+  const budget = { maxDataBytes: policy.limits.maxDataBytes, signal: ctx.signal }
   try {
     report.digest = await guestDigest(img, budget)
   } catch (e) {
+    // a DeadlineError (time ran out) goes up to validate(), which reports it with the stage
     if (e instanceof DataLimitError) sink.add('LIMIT_DATA_BYTES', e.message, { structure: 'guest data' })
-    else if (e instanceof DeadlineError) sink.add('LIMIT_TIMEOUT', e.message, { structure: 'guest data' })
     else throw e
     return
   }

@@ -8,6 +8,7 @@
 import type { BlockDevice } from '../io/block-device.js'
 import { u32be, u64be } from '../util/bytes.js'
 import type { Policy, VhdSubformat } from './policy.js'
+import { overMemoryLimit } from './limits.js'
 import type { ViolationSink } from './report.js'
 import type { SignatureHit } from './signatures.js'
 
@@ -119,6 +120,8 @@ export async function vhdRules(dev: BlockDevice, hits: readonly SignatureHit[], 
   const blockSize = u32be(header, 32)
   const batBytes = entries * 4
   facts.metadataBytes = batBytes + Math.ceil(blockSize / 512 / 8 / 512) * 512
+  if (overMemoryLimit(facts.metadataBytes, 'the BAT and a sector bitmap', { structure: 'dynamic header', offset: at + 28 }, policy, sink))
+    facts.overLimit = true
   if (batBytes > policy.limits.maxTableBytes) {
     sink.add('LIMIT_TABLE_SIZE', `BAT of ${entries} entries (${batBytes} bytes) is larger than limits.maxTableBytes ${policy.limits.maxTableBytes}: not read`, {
       structure: 'dynamic header max table entries',
