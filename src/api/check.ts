@@ -30,7 +30,7 @@ export async function check(target: Image | string, o: CheckImageOptions = {}): 
       : diskImageOf(target)
   try {
     if (typeof d.check !== 'function') throw new NoCheckError(`${d.format}: ${d.filename}: this image format does not support checks`, { file: d.filename })
-    return await d.check(o.onProgress ? { onProgress: o.onProgress } : {})
+    return await d.check({ ...(o.onProgress ? { onProgress: o.onProgress } : {}), ...(o.signal ? { signal: o.signal } : {}) })
   } finally {
     if (typeof target === 'string') await d.close()
   }

@@ -111,6 +111,8 @@ export interface CheckOptions {
   /** format-specific switches, e.g. dmsnap's forceValid */
   flags?: Record<string, boolean>
   onProgress?: (done: number, total: number) => void
+  /** polled between metadata tables: once aborted, the check throws AbortedError */
+  signal?: AbortSignal
 }
 
 /** A planned or applied repair step, for --dry-run and the report. */

@@ -16,7 +16,8 @@ export class DeadlineError extends Error {}
 
 export interface DigestBudget {
   maxDataBytes: number
-  deadline: number
+  /** the time limit: polled before every chunk read */
+  signal: AbortSignal
 }
 
 export async function guestDigest(img: DiskImage, budget: DigestBudget): Promise<GuestDigest> {
@@ -33,7 +34,7 @@ export async function guestDigest(img: DiskImage, budget: DigestBudget): Promise
       const n = Math.min(CHUNK, e.length - done)
       if (dataBytes + n > budget.maxDataBytes)
         throw new DataLimitError(`guest data beyond limits.maxDataBytes ${budget.maxDataBytes} at guest offset 0x${(e.start + done).toString(16)}`)
-      if (Date.now() > budget.deadline) throw new DeadlineError(`time ran out at guest offset 0x${(e.start + done).toString(16)}`)
+      if (budget.signal.aborted) throw new DeadlineError(`stopped at guest offset 0x${(e.start + done).toString(16)}`)
       hash.update(await img.read(e.start + done, n))
       dataBytes += n
     }
@@ -42,9 +43,12 @@ export async function guestDigest(img: DiskImage, budget: DigestBudget): Promise
 }
 
 /** Guest bytes the image holds as data (not zero, not a hole): what a reader would decompress or read. */
-export async function guestDataBytes(img: DiskImage): Promise<number> {
+export async function guestDataBytes(img: DiskImage, signal: AbortSignal): Promise<number> {
   let n = 0
-  for await (const e of img.extents(0, img.virtualSize)) if (e.data && !e.zero && e.depth === 0) n += e.length
+  for await (const e of img.extents(0, img.virtualSize)) {
+    if (signal.aborted) throw new DeadlineError(`stopped at guest offset 0x${e.start.toString(16)}`)
+    if (e.data && !e.zero && e.depth === 0) n += e.length
+  }
   return n
 }
 

@@ -9,10 +9,12 @@ export {
   QCOW2_COMPATIBLE,
   QCOW2_AUTOCLEAR,
   DEFAULT_LIMITS,
+  VHD_SUBFORMATS,
   type Policy,
   type PolicyInput,
   type PresetName,
   type Limits,
+  type VhdSubformat,
 } from './policy.js'
 export { PRESETS } from './presets.js'
 export { resolvePolicy } from './resolve.js'

@@ -19,6 +19,10 @@ export type Qcow2IncompatibleFeature = (typeof QCOW2_INCOMPATIBLE)[number]
 export type Qcow2CompatibleFeature = (typeof QCOW2_COMPATIBLE)[number]
 export type Qcow2AutoclearFeature = (typeof QCOW2_AUTOCLEAR)[number]
 
+/** VHD subformats (footer disk type 2, 3, 4) */
+export const VHD_SUBFORMATS = ['fixed', 'dynamic', 'differencing'] as const
+export type VhdSubformat = (typeof VHD_SUBFORMATS)[number]
+
 export type DirtyRule = 'fail' | 'warn' | 'stale-refcounts-expected'
 export type PartitionRule = 'off' | 'check' | 'require'
 
@@ -33,6 +37,12 @@ export interface Limits {
   maxChainDepth: number
   /** most guest bytes the digest reads (decompressed); beyond it the digest stops with a violation */
   maxDataBytes: number
+  /**
+   * most metadata the structural check may hold in memory at once (tables x entry width: L1,
+   * refcount table, the in-memory refcount array, tables in flight; a VHD's BAT), computed from
+   * the header before anything is read
+   */
+  maxMetadataMemory: number
 }
 
 export interface Policy {
@@ -65,6 +75,12 @@ export interface Policy {
     maxBitmaps: number
     refcountBits: number[]
     clusterSizes: number[]
+  }
+  vhd: {
+    /** allowed disk types: fixed (2), dynamic (3), differencing (4, names a parent) */
+    subformats: VhdSubformat[]
+    /** the file size minus the 512-byte footer is a multiple of this (Azure: 1 MiB); 0 = no rule */
+    fileSizeAlignment: number
   }
   sizes: {
     minVirtualSize: number
@@ -115,6 +131,7 @@ export const DEFAULT_LIMITS: Limits = {
   maxClusters: 64 * 1024 * 1024,
   maxChainDepth: 0,
   maxDataBytes: 4 * TiB,
+  maxMetadataMemory: 256 * MiB,
 }
 
 /** The base every policy starts from: deny by default. */
@@ -136,6 +153,7 @@ export function basePolicy(): Policy {
       refcountBits: [16],
       clusterSizes: [65536],
     },
+    vhd: { subformats: ['fixed', 'dynamic'], fileSizeAlignment: 0 },
     sizes: {
       minVirtualSize: 512,
       maxVirtualSize: 16 * TiB,

@@ -68,6 +68,12 @@ export const PRESETS: Record<PresetName, PolicyInput> = {
   azure: {
     // learn.microsoft.com "Prepare a Windows/Linux VHD for Azure": fixed VHD only (VHDX and dynamic VHD refused)
     formats: ['vhd'],
+    // same page: "VHDX format isn't supported in Azure, only fixed VHD"
+    vhd: {
+      subformats: ['fixed'],
+      // same page: a fixed VHD's file is the virtual size (a whole number of MiB) plus the 512-byte footer
+      fileSizeAlignment: MiB,
+    },
     sizes: {
       // same page: "the virtual size of all VHDs on Azure must be aligned to 1 MB"
       virtualSizeAlignment: MiB,
@@ -110,6 +116,9 @@ export const PRESETS: Record<PresetName, PolicyInput> = {
       clusterSizes: ALL_CLUSTER_SIZES,
     },
     structure: { check: true, maxLeaks: 0 },
-    content: { digest: true, partitions: 'check' },
+    // imgtool: the guest digest reads every data byte (seconds per GiB, hours on a 1 TiB
+    // preallocated image): produced computes it only when a policy asks for an expected digest
+    // (content.expectDigest, a manifest line's digest) or a reference image; content.digest: true turns it on
+    content: { digest: false, partitions: 'check' },
   },
 }

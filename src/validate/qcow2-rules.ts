@@ -8,6 +8,7 @@ import type { BlockDevice } from '../io/block-device.js'
 import { readBitmapDirectory, readHeader, BME_FLAG_IN_USE, type Qcow2Header } from '../formats/qcow2/index.js'
 import { u32be, u64be } from '../util/bytes.js'
 import { QCOW2_AUTOCLEAR, QCOW2_COMPATIBLE, QCOW2_INCOMPATIBLE, type Policy } from './policy.js'
+import { overMemoryLimit } from './limits.js'
 import type { ViolationSink } from './report.js'
 
 export interface Qcow2Facts {
@@ -24,6 +25,8 @@ export interface Qcow2Facts {
   encrypted: boolean
   /** a table larger than the limits: nothing more is read */
   overLimit: boolean
+  /** metadata the check would hold at once, from the header (tables x entry width) */
+  metadataBytes: number
 }
 
 const TABLES = { incompatible: QCOW2_INCOMPATIBLE, compatible: QCOW2_COMPATIBLE, autoclear: QCOW2_AUTOCLEAR } as const
@@ -55,6 +58,7 @@ export async function qcow2Rules(dev: BlockDevice, policy: Policy, sink: Violati
     hasReferences: false,
     encrypted: false,
     overLimit: false,
+    metadataBytes: 0,
   }
   if (!policy.qcow2.clusterSizes.includes(facts.clusterSize)) {
     sink.add('CLUSTER_SIZE', `cluster size ${facts.clusterSize} (2^${clusterBits}) is not allowed`, { structure: 'header cluster_bits', offset: 20 })
@@ -84,6 +88,9 @@ export async function qcow2Rules(dev: BlockDevice, policy: Policy, sink: Violati
     }
   }
   tableLimits(head, facts, policy, sink)
+  facts.metadataBytes = checkMemory(head, facts, dev.size)
+  const memoryWhat = 'L1 and refcount tables, refcount array, tables read ahead'
+  if (overMemoryLimit(facts.metadataBytes, memoryWhat, { structure: 'header', offset: 36 }, policy, sink)) facts.overLimit = true
   truncation(head, facts, dev.size, sink)
 
   try {
@@ -165,6 +172,21 @@ function tableLimits(head: Uint8Array, f: Qcow2Facts, policy: Policy, sink: Viol
     f.overLimit = true
   }
   void head
+}
+
+/**
+ * What qcow2 check holds in memory, from the header alone: the active L1
+ * (l1_size x 8), the refcount table (clusters x cluster size), the in-memory
+ * refcount array (one counter of the refcount width per host cluster of the
+ * file), its OFLAG_COPIED bitmap (a bit per host cluster), and the L2 tables
+ * and refcount blocks read ahead (8 + 8 clusters).
+ */
+function checkMemory(head: Uint8Array, f: Qcow2Facts, fileSize: number): number {
+  if (f.clusterSize === 0) return 0
+  const order = f.version >= 3 && head.length >= 100 ? u32be(head, 96) : 4
+  const counter = order <= 3 ? 1 : 2 ** (Math.min(order, 6) - 3)
+  const hostClusters = Math.ceil(fileSize / f.clusterSize)
+  return f.l1Size * 8 + f.refcountTableClusters * f.clusterSize + hostClusters * counter + Math.ceil(hostClusters / 8) + 16 * f.clusterSize
 }
 
 function truncation(head: Uint8Array, f: Qcow2Facts, fileSize: number, sink: ViolationSink): void {

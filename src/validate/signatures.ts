@@ -74,7 +74,9 @@ export function detectFormat(hits: readonly SignatureHit[]): string {
  */
 export function foreignSignatures(format: string, hits: readonly SignatureHit[]): SignatureHit[] {
   const own = (s: Signature): boolean => s === format || (format === 'vmdk' && s === 'vmdk-descriptor')
-  const partitionOk = format === 'raw' || format === 'iso'
+  // a fixed VHD is raw guest bytes and a footer: its guest's partition table is at the start of the file
+  const fixedVhd = format === 'vhd' && !hits.some((h) => h.signature === 'vhd' && h.offset === 0)
+  const partitionOk = format === 'raw' || format === 'iso' || fixedVhd
   return hits.filter((h) => {
     if (own(h.signature)) return false
     if ((h.signature === 'mbr' || h.signature === 'gpt') && partitionOk) return false

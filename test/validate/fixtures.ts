@@ -40,6 +40,7 @@ export const PERMISSIVE: PolicyInput = {
     refcountBits: [1, 2, 4, 8, 16, 32, 64],
     clusterSizes: [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1048576, 2097152],
   },
+  vhd: { subformats: ['fixed', 'dynamic', 'differencing'] },
   content: { partitions: 'check' },
 }
 

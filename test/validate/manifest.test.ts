@@ -49,7 +49,8 @@ describeQemu('validate --manifest', () => {
     await qemuIoOk(join(dir, 'small.qcow2'), ['write -P 0x61 0 4k'], { format: 'qcow2' })
     await qemuImgOk(['convert', '-O', 'raw', join(dir, 'small.qcow2'), join(dir, 'small.raw')])
     await qemuImgOk(['create', '-q', '-f', 'qcow2', '-b', 'small.qcow2', '-F', 'qcow2', join(dir, 'backed.qcow2')])
-    const r = await cli('validate', '--preset', 'produced', '--output', 'json', join(dir, 'small.raw'))
+    // openstack computes the digest; produced does only when a line asks for one
+    const r = await cli('validate', '--preset', 'openstack', '--output', 'json', join(dir, 'small.raw'))
     goodDigest = (JSON.parse(r.stdout) as { images: Line[] }).images[0]!.digest!.hex
   })
 

@@ -71,7 +71,12 @@ describeQemu('presets and partition tables', () => {
   it('produced: a fresh qcow2 passes; compat 0.10, a backing file, a dirty bit or a leak fail', async () => {
     expect(codes(await validate(join(dir, 'good.qcow2'), 'produced'))).toEqual([])
     expect(codes(await validate(join(dir, 'compat010.qcow2'), 'produced'))).toEqual(['VERSION_NOT_ALLOWED'])
-    expect(codes(await validate(join(dir, 'backing.qcow2'), 'produced'))).toEqual(['BACKING_FILE', 'CONTENT_SKIPPED'])
+    // produced asks for no digest, so a skipped content is no violation of its own
+    expect(codes(await validate(join(dir, 'backing.qcow2'), 'produced'))).toEqual(['BACKING_FILE'])
+    const digest = (await validate(join(dir, 'good.raw'), 'openstack')).digest!.hex
+    expect((await validate(join(dir, 'good.qcow2'), 'produced')).digest).toBeUndefined()
+    expect(codes(await validate(join(dir, 'good.qcow2'), { extends: 'produced', content: { expectDigest: digest } }))).toEqual([])
+    expect(codes(await validate(join(dir, 'good.qcow2'), { extends: 'produced', content: { expectDigest: 'ab'.repeat(32) } }))).toEqual(['DIGEST_MISMATCH'])
     const dirty = damaged(dir, 'good.qcow2', 'dirty', [[72, u64(1n)]])
     expect(codes(await validate(dirty, 'produced'))).toEqual(['DIRTY_BIT'])
   })
@@ -100,8 +105,12 @@ describeQemu('presets and partition tables', () => {
     expect(codes(await validate(join(dir, 'backing.qcow2'), 'kubevirt'))).toEqual(['BACKING_FILE', 'CONTENT_SKIPPED'])
   })
 
-  it('azure: a fixed VHD is recognised but unsupported for now; the whole-MiB size rule catches 1 MiB + 512 bytes', async () => {
-    expect(codes(await validate(join(dir, 'fixed.vhd'), 'azure'))).toEqual(['UNSUPPORTED_FORMAT'])
+  it('azure: a fixed VHD of whole MiB passes; the whole-MiB size rule catches 1 MiB + 512 bytes', async () => {
+    expect(codes(await validate(join(dir, 'fixed.vhd'), 'azure'))).toEqual([])
+    expect(codes(await validate(join(dir, 'azure.vhd'), 'azure'))).toEqual([])
+    expect(codes(await validate(join(dir, 'near-miss.vhd'), 'azure'))).toEqual(['VHD_FILE_SIZE', 'VIRTUAL_SIZE_ALIGNMENT'])
+    // qemu-img sizes a dynamic disk without force_size up to a CHS geometry: 1 MiB becomes 1,079,296 bytes
+    expect(codes(await validate(join(dir, 'dynamic.vhd'), 'azure'))).toEqual(['VHD_SUBFORMAT', 'VIRTUAL_SIZE_ALIGNMENT'])
     expect(codes(await validate(join(dir, 'size-1m.raw'), 'azure'))).toEqual(['FORMAT_NOT_ALLOWED'])
     expect(codes(await validate(join(dir, 'size-1m-512.raw'), 'azure'))).toEqual(['FORMAT_NOT_ALLOWED', 'VIRTUAL_SIZE_ALIGNMENT'])
     expect(codes(await validate(join(dir, 'size-1m-512.qcow2'), 'azure'))).toEqual(['FORMAT_NOT_ALLOWED', 'VIRTUAL_SIZE_ALIGNMENT'])

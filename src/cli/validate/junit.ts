@@ -18,10 +18,35 @@ const esc = (s: string): string =>
     .replace(/"/g, '&quot;')
 
 export function junit(outcomes: readonly Outcome[], failOn: FailOn, now = new Date()): string {
-  const timestamp = now.toISOString().slice(0, 19)
-  const host = esc(hostname() || 'localhost')
-  const out: string[] = ['<?xml version="1.0" encoding="UTF-8"?>', '<testsuites>']
-  outcomes.forEach((o, id) => {
+  const w = new JunitWriter(failOn, now)
+  return w.head() + outcomes.map((o, id) => w.suite(o, id)).join('') + w.tail()
+}
+
+/** One document written piece by piece: head(), a suite() per image as it finishes, tail(). */
+export class JunitWriter {
+  private readonly timestamp: string
+  private readonly host: string
+  constructor(
+    private readonly failOn: FailOn,
+    now = new Date(),
+  ) {
+    this.timestamp = now.toISOString().slice(0, 19)
+    this.host = esc(hostname() || 'localhost')
+  }
+
+  head(): string {
+    return '<?xml version="1.0" encoding="UTF-8"?>\n<testsuites>\n'
+  }
+
+  tail(): string {
+    return '</testsuites>\n'
+  }
+
+  /** one testsuite: `id` is the image's place (its manifest line) */
+  suite(o: Outcome, id: number): string {
+    const { timestamp, failOn } = this
+    const host = this.host
+    const out: string[] = []
     const name = esc(o.file)
     if ('error' in o) {
       out.push(
@@ -32,7 +57,7 @@ export function junit(outcomes: readonly Outcome[], failOn: FailOn, now = new Da
         `    <testcase name="validate" classname="${name}" time="0"><error type="COULD_NOT_VALIDATE" message="${esc(o.error)}">${esc(o.error)}</error></testcase>`,
       )
       out.push('    <system-out/>', '    <system-err/>', '  </testsuite>')
-      return
+      return out.join('\n') + '\n'
     }
     const r = o.report
     const cases: string[] = []
@@ -62,7 +87,6 @@ export function junit(outcomes: readonly Outcome[], failOn: FailOn, now = new Da
     if (r.digest) out.push(`      <property name="sha256" value="${r.digest.hex}"/>`)
     out.push('    </properties>')
     out.push(...cases, notes.length > 0 ? `    <system-out>${esc(notes.join('\n'))}</system-out>` : '    <system-out/>', '    <system-err/>', '  </testsuite>')
-  })
-  out.push('</testsuites>')
-  return out.join('\n') + '\n'
+    return out.join('\n') + '\n'
+  }
 }

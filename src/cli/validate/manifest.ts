@@ -1,6 +1,7 @@
 /**
  * Many images: `--manifest FILE` (JSON lines) validated by `--jobs N` worker
- * threads, one result line per image as it finishes and a summary line.
+ * threads, one result line per image as it finishes and a summary line (human,
+ * json), or one JUnit / SARIF document the images are written into as they finish.
  * The manifest is read as a stream and at most N images are in flight, so
  * memory stays bounded however many lines the manifest has.
  */
@@ -40,9 +41,11 @@ interface Runner {
 }
 
 export async function runManifest(o: ValidateCliOptions, io: CliIo): Promise<number> {
-  if (o.output === 'junit' || o.output === 'sarif') throw new UsageError(`--manifest streams results: use --output json (JSON lines) or human, not ${o.output}`)
   const manifest = o.manifest!
   const base = await policyOf(o)
+  // junit and sarif: one document over every image, each image written into it as it finishes
+  const junitOut = o.output === 'junit' ? new (await import('./junit.js')).JunitWriter(o.failOn) : undefined
+  const sarifOut = o.output === 'sarif' ? new (await import('./sarif.js')).SarifWriter(o.failOn, base) : undefined
   const policies = new PolicyCache(manifest)
   const runner = o.jobs > 1 ? await workerRunner(o.jobs) : inProcessRunner()
   const summary: Summary = { images: 0, passed: 0, failed: 0, errors: 0, violations: 0 }
@@ -50,8 +53,17 @@ export async function runManifest(o: ValidateCliOptions, io: CliIo): Promise<num
   const emit = (index: number, out: Outcome): void => {
     addToSummary(summary, out, o.failOn)
     if (o.output === 'json') io.stdout.write(JSON.stringify({ index, ...outcomeJson(out, o.failOn) }) + '\n')
+    else if (junitOut) io.stdout.write(junitOut.suite(out, index))
+    else if (sarifOut) io.stdout.write(sarifOut.add(out))
     else io.stdout.write(humanOne(out, o.failOn).join('\n') + '\n')
     if (io.isTTY && o.output === 'human') io.stderr.write(`\r${summary.images} image(s) validated`)
+  }
+  let started = false
+  const start = (): void => {
+    if (started) return
+    started = true
+    if (junitOut) io.stdout.write(junitOut.head())
+    if (sarifOut) io.stdout.write(sarifOut.head())
   }
   try {
     const lines = createInterface({ input: createReadStream(manifest, 'utf8'), crlfDelay: Infinity })
@@ -60,6 +72,7 @@ export async function runManifest(o: ValidateCliOptions, io: CliIo): Promise<num
       index++
       if (text.trim() === '' || text.trimStart().startsWith('#')) continue
       const line = parseLine(text, manifest, index)
+      start()
       const file = isAbsolute(line.path) ? line.path : join(dirname(manifest), line.path)
       const job: Job = { index, file, policy: await policies.for(line, base) }
       const p: Promise<void> = runner.run(job).then((out) => {
@@ -78,7 +91,10 @@ export async function runManifest(o: ValidateCliOptions, io: CliIo): Promise<num
     await runner.close()
   }
   if (io.isTTY && o.output === 'human') io.stderr.write('\n')
-  if (o.output === 'json') io.stdout.write(JSON.stringify({ summary }) + '\n')
+  start()
+  if (junitOut) io.stdout.write(junitOut.tail())
+  else if (sarifOut) io.stdout.write(sarifOut.end())
+  else if (o.output === 'json') io.stdout.write(JSON.stringify({ summary }) + '\n')
   else io.stdout.write(humanSummary(summary) + '\n')
   return exitCodeOf(summary)
 }

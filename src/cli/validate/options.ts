@@ -1,29 +1,47 @@
-/** validate's command-line options (zod), the policy they name, and one image validated: shared by run.ts, manifest.ts and worker.ts. */
-import { z } from 'zod'
-import { PRESET_NAMES, UsageError, isImgtoolError, resolvePolicy, validate, type Policy, type PolicyInput } from '../../index.js'
+/** validate's command-line options, the policy they name, and one image validated: shared by run.ts, manifest.ts and worker.ts. */
+import { PRESET_NAMES, UsageError, isImgtoolError, resolvePolicy, validate, type Policy, type PolicyInput, type PresetName } from '../../index.js'
 import type { Outcome } from './render.js'
 
-const optionsSchema = z.object({
-  policy: z.string().optional(),
-  preset: z.enum(PRESET_NAMES, { error: () => `--preset must be one of ${PRESET_NAMES.join(', ')}` }).optional(),
-  expectFormat: z.string().optional(),
-  output: z.enum(['human', 'json', 'junit', 'sarif'], { error: () => '--output must be human, json, junit or sarif' }),
-  failOn: z.enum(['error', 'warning'], { error: () => '--fail-on must be error or warning' }),
-  manifest: z.string().optional(),
-  jobs: z.coerce
-    .number({ error: () => '--jobs must be a whole number from 1 to 64' })
-    .int()
-    .min(1)
-    .max(64),
-  printSchema: z.boolean().optional(),
-})
+// plain checks, not zod: loading zod costs about 30 ms of every run (zod loads with a policy file or a manifest)
+const OUTPUTS = ['human', 'json', 'junit', 'sarif'] as const
+const FAIL_ON = ['error', 'warning'] as const
 
-export type ValidateCliOptions = z.infer<typeof optionsSchema> & { images: string[] }
+export interface ValidateCliOptions {
+  policy?: string | undefined
+  preset?: PresetName | undefined
+  expectFormat?: string | undefined
+  output: (typeof OUTPUTS)[number]
+  failOn: (typeof FAIL_ON)[number]
+  manifest?: string | undefined
+  jobs: number
+  printSchema?: boolean | undefined
+  images: string[]
+}
+
+const oneOf = <T extends string>(list: readonly T[], v: unknown): v is T => typeof v === 'string' && (list as readonly string[]).includes(v)
+const str = (v: unknown): string | undefined => (typeof v === 'string' ? v : undefined)
 
 export function parseValidateOptions(args: string[], opts: Record<string, unknown>): ValidateCliOptions {
-  const r = optionsSchema.safeParse({ ...opts, output: opts['json'] ? 'json' : opts['output'] })
-  if (!r.success) throw new UsageError(r.error.issues.map((i) => i.message).join('; '))
-  const o = { ...r.data, images: args }
+  const problems: string[] = []
+  const output = opts['json'] ? 'json' : opts['output']
+  if (!oneOf(OUTPUTS, output)) problems.push('--output must be human, json, junit or sarif')
+  if (!oneOf(FAIL_ON, opts['failOn'])) problems.push('--fail-on must be error or warning')
+  if (opts['preset'] !== undefined && !oneOf(PRESET_NAMES, opts['preset'])) problems.push(`--preset must be one of ${PRESET_NAMES.join(', ')}`)
+  const jobsText = String(opts['jobs'] ?? '')
+  const jobs = /^\s*\d+\s*$/.test(jobsText) ? Number(jobsText) : NaN
+  if (!(jobs >= 1 && jobs <= 64)) problems.push('--jobs must be a whole number from 1 to 64')
+  if (problems.length > 0) throw new UsageError(problems.join('; '))
+  const o: ValidateCliOptions = {
+    policy: str(opts['policy']),
+    preset: opts['preset'] as PresetName | undefined,
+    expectFormat: str(opts['expectFormat']),
+    output: output as ValidateCliOptions['output'],
+    failOn: opts['failOn'] as ValidateCliOptions['failOn'],
+    manifest: str(opts['manifest']),
+    jobs,
+    printSchema: opts['printSchema'] === true ? true : undefined,
+    images: args,
+  }
   if (!o.printSchema && o.images.length === 0 && o.manifest === undefined) throw new UsageError('Expecting at least one image file name (or --manifest FILE)')
   return o
 }

@@ -10,6 +10,8 @@ import { KNOWN_FORMATS, PRESET_NAMES, QCOW2_AUTOCLEAR, QCOW2_COMPATIBLE, QCOW2_I
 
 const size = z.number().int().nonnegative()
 const formatName = z.enum(KNOWN_FORMATS)
+// the library's VhdSubformat (a drift is a compile error below)
+const VHD_SUBFORMATS = ['fixed', 'dynamic', 'differencing'] as const
 
 export const policySchema = z
   .strictObject({
@@ -43,6 +45,13 @@ export const policySchema = z
         clusterSizes: z.array(size).optional(),
       })
       .optional(),
+    vhd: z
+      .strictObject({
+        subformats: z.array(z.enum(VHD_SUBFORMATS)).optional(),
+        fileSizeAlignment: size.optional(),
+      })
+      .optional()
+      .describe('VHD disk types allowed; the file size minus the footer a multiple of fileSizeAlignment'),
     sizes: z
       .strictObject({
         minVirtualSize: size.optional(),
@@ -73,6 +82,7 @@ export const policySchema = z
         maxClusters: size.optional(),
         maxChainDepth: size.optional(),
         maxDataBytes: size.optional(),
+        maxMetadataMemory: size.optional(),
       })
       .optional(),
     severity: z

@@ -80,6 +80,8 @@ export interface AnalyzeOptions {
   /** the external data file device (guest data), when there is one */
   dataDevice?: BlockDevice
   filename?: string
+  /** polled before each metadata table is read (CheckState.readTable) */
+  signal?: AbortSignal
 }
 
 /** Run qemu-img check's algorithm without fixing anything. */
@@ -87,6 +89,7 @@ export async function analyzeQcow2(dev: BlockDevice, options: AnalyzeOptions = {
   const file = options.filename ?? dev.name
   const h = await readHeader(dev, { file, readOnly: true, forCheck: true })
   const st = new CheckState(dev, h, file)
+  st.signal = options.signal
   try {
     return await runCheck(st)
   } catch (e) {

@@ -5,7 +5,7 @@
  * qcow2_inc_refcounts_imrt) and record a finding, the error that means the
  * check could not complete, and the types the analysis returns.
  */
-import { ImgtoolError, hex } from '../../../errors.js'
+import { ImgtoolError, checkAborted, hex } from '../../../errors.js'
 import type { BlockDevice } from '../../../io/block-device.js'
 import { emptyReport, type CheckReport, type Finding, type Severity } from '../../../check/types.js'
 import { hasDataFile, hasExtendedL2, type Qcow2Header } from '../spec/header.js'
@@ -116,6 +116,8 @@ export class CheckState {
   /** aligned-down offsets of L2 tables whose L1 entry is unaligned: their data is kept */
   readonly unalignedL2: number[] = []
   corruptSignalled = false
+  /** the caller's abort signal: polled before each table read (between L2 tables) */
+  signal: AbortSignal | undefined
   /** scratch for a next-contiguous offset that is no small cluster index */
   readonly nextBytes = new Float64Array(1)
 
@@ -247,6 +249,7 @@ export class CheckState {
   }
 
   async readTable(offset: number, length: number, tag: string, what: string, pending?: Promise<Uint8Array>): Promise<Uint8Array> {
+    checkAborted(this.signal, `qcow2: ${this.file}: check stopped before the ${tag} table at ${hex(offset)}`)
     try {
       return await (pending ?? this.dev.read(offset, length, tag))
     } catch (e) {
