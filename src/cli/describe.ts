@@ -26,12 +26,11 @@ export interface CommandDescription {
   options: OptionDescription[]
 }
 
-/** Every command (but the ones that only describe the others), configured on a throw-away commander program. */
-export async function describeCommands(skip: readonly string[] = ['completion', 'man']): Promise<CommandDescription[]> {
+/** Every work command (completion and man, which describe them, are not in the table), each configured on a throw-away commander command. */
+export async function describeCommands(): Promise<CommandDescription[]> {
   const { Command } = await import('commander')
   const out: CommandDescription[] = []
   for (const entry of COMMANDS) {
-    if (skip.includes(entry.name)) continue
     const mod: CommandModule = await entry.load()
     const cmd = new Command(mod.name)
     mod.configure(cmd)

@@ -1,6 +1,6 @@
 import { createRequire } from 'node:module'
 import type { CliIo } from './command.js'
-import { COMMANDS } from './commands/index.js'
+import { COMMANDS, type CommandEntry } from './commands/index.js'
 import { EXIT_FAILURE, renderError } from './errors.js'
 
 function version(): string {
@@ -54,9 +54,9 @@ export async function main(argv: string[], io?: Partial<CliIo>): Promise<number>
 
   // Only the command being run is loaded; --help lists every command by loading them all.
   const wanted = argv.slice(2).find((a) => !a.startsWith('-'))
-  const known = wanted !== undefined && COMMANDS.some((c) => c.name === wanted || (ALIASES[c.name] ?? []).includes(wanted))
+  const known = wanted !== undefined && ALL_COMMANDS.some((c) => c.name === wanted || (ALIASES[c.name] ?? []).includes(wanted))
   const wantsHelp = !known || argv.includes('--help') || argv.includes('-h')
-  for (const entry of COMMANDS) {
+  for (const entry of ALL_COMMANDS) {
     if (!wantsHelp && entry.name !== wanted && !(ALIASES[entry.name] ?? []).includes(wanted!)) continue
     const mod = await entry.load()
     const cmd = program.command(mod.name).description(mod.description)
@@ -85,6 +85,13 @@ export async function main(argv: string[], io?: Partial<CliIo>): Promise<number>
   }
   return exitCode
 }
+
+/** The work commands and the two that describe them (generated from the table, so not in it). */
+const ALL_COMMANDS: CommandEntry[] = [
+  ...COMMANDS,
+  { name: 'completion', load: async () => (await import('./commands/completion.js')).default },
+  { name: 'man', load: async () => (await import('./commands/man.js')).default },
+]
 
 /** Aliases must be known before a command module is loaded. */
 const ALIASES: Record<string, string[]> = { merge: ['commit'] }

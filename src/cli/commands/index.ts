@@ -9,6 +9,10 @@ export interface CommandEntry {
   load: () => Promise<CommandModule>
 }
 
+/**
+ * The commands that do the work. `completion` and `man`, which describe these, are added by main.ts
+ * (listing them here would make a cycle: they read this table).
+ */
 export const COMMANDS: CommandEntry[] = [
   { name: 'info', load: async () => (await import('./info.js')).default },
   { name: 'map', load: async () => (await import('./map.js')).default },
@@ -24,6 +28,4 @@ export const COMMANDS: CommandEntry[] = [
   { name: 'measure', load: async () => (await import('./measure.js')).default },
   { name: 'dd', load: async () => (await import('./dd.js')).default },
   { name: 'validate', load: async () => (await import('./validate.js')).default },
-  { name: 'completion', load: async () => (await import('./completion.js')).default },
-  { name: 'man', load: async () => (await import('./man.js')).default },
 ]
