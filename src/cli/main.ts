@@ -87,4 +87,4 @@ export async function main(argv: string[], io?: Partial<CliIo>): Promise<number>
 }
 
 /** Aliases must be known before a command module is loaded. */
-const ALIASES: Record<string, string[]> = { merge: ['commit'] }
+const ALIASES: Record<string, string[]> = {}
