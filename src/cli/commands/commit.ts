@@ -4,7 +4,7 @@
  * into its origin (--origin ORIGIN, as merge). The image's format decides.
  */
 import type { CommandModule } from '../command.js'
-import { addImageOptions, oneImageArg, parseImageOptions } from '../common.js'
+import { addImageOptions, addOutputOption, oneImageArg, parseImageOptions, parseOutput, printJson } from '../common.js'
 
 const CACHE_MODES = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe']
 
@@ -12,7 +12,7 @@ const commit: CommandModule = {
   name: 'commit',
   description: 'commit a qcow2 overlay into its backing file, or a dm-snapshot store into its origin (qemu-img commit)',
   configure(cmd) {
-    addImageOptions(cmd)
+    addOutputOption(addImageOptions(cmd))
       .option('-t, --cache <mode>', `cache mode of the images written (${CACHE_MODES.join(', ')}); every mode flushes before the overlay is emptied`)
       .option('-b, --base <file>', 'commit into this image of the backing chain (implies -d)')
       .option('-d, --keep', "keep the overlay's data (do not empty it)")
@@ -28,8 +28,13 @@ const commit: CommandModule = {
     if (cache !== undefined && !CACHE_MODES.includes(String(cache))) throw new UsageError(`Invalid cache option: ${String(cache)}`)
     const originFormat = options['origin_format']
     if (originFormat !== undefined && !isFormatName(originFormat)) throw new UsageError(`commit: unknown origin format '${originFormat}'`)
+    const output = parseOutput(opts)
     const { startProgress } = await import('../progress.js')
-    const progress = await startProgress(io, 'committing', { requested: Boolean(opts['progress']), quiet: Boolean(opts['quiet']) })
+    const progress = await startProgress(io, 'committing', {
+      requested: Boolean(opts['progress']),
+      quiet: Boolean(opts['quiet']),
+      dataOnStdout: output === 'json',
+    })
     let ok = false
     let r: Awaited<ReturnType<typeof commitImage>>
     try {
@@ -45,7 +50,15 @@ const commit: CommandModule = {
     } finally {
       progress.stop(ok)
     }
-    if (!opts['quiet']) io.stdout.write(r.format === 'dmsnap' ? `${r.merge!.summary}\n` : 'Image committed.\n')
+    if (output === 'json') {
+      const m = r.merge
+      printJson(
+        io.stdout,
+        m
+          ? { 'merged-exceptions': m.merged, 'chunks-copied': m.chunksCopied, 'chunk-size': m.chunkSize }
+          : { 'bytes-committed': r.bytesCommitted, base: r.base, emptied: r.emptied },
+      )
+    } else if (!opts['quiet']) io.stdout.write(r.format === 'dmsnap' ? `${r.merge!.summary}\n` : 'Image committed.\n')
     return 0
   },
 }
