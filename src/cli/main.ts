@@ -94,4 +94,4 @@ const ALL_COMMANDS: CommandEntry[] = [
 ]
 
 /** Aliases must be known before a command module is loaded. */
-const ALIASES: Record<string, string[]> = { merge: ['commit'] }
+const ALIASES: Record<string, string[]> = {}

@@ -43,7 +43,7 @@ describe('dmsnap through the CLI', () => {
     expect(j['format-specific'].data.status).toBe('72/256 16')
   })
 
-  it('merge applies the store like the kernel; commit is an alias', async () => {
+  it('merge applies the store like the kernel; commit does the same on a dm-snapshot store', async () => {
     for (const cmd of ['merge', 'commit']) {
       const dir = copyFixture('c8-basic')
       const r = await run([cmd, '--origin', join(dir, 'origin.img'), '--output', 'json', join(dir, 'cow.img')])

@@ -1,5 +1,5 @@
 /**
- * imgtool merge (alias commit) -f dmsnap --origin ORIGIN COW: apply a dm-snapshot
+ * imgtool merge -f dmsnap --origin ORIGIN COW: apply a dm-snapshot
  * COW store to its origin (what the kernel's snapshot-merge target does).
  */
 import type { CommandModule } from '../command.js'
@@ -7,7 +7,6 @@ import { addImageOptions, addOutputOption, oneImageArg, parseImageOptions, parse
 
 const merge: CommandModule = {
   name: 'merge',
-  aliases: ['commit'],
   description: 'merge a dm-snapshot COW store into its origin (snapshot-merge); resumable after a crash',
   configure(cmd) {
     addOutputOption(addImageOptions(cmd))
