@@ -275,6 +275,7 @@ async function writeVmdkStream(dev: BlockDevice, src: DiskImage, o: ConvertFileO
       await dev.write(at, b, 'data')
       at += b.byteLength
     },
+    flush: () => dev.flush(),
   }
   const name = dev.name.slice(dev.name.lastIndexOf('/') + 1)
   return writeStreamOptimized(src, sink, vo, name, { ...(o.onProgress ? { onProgress: o.onProgress } : {}), ...(o.signal ? { signal: o.signal } : {}) })

@@ -16,7 +16,10 @@
  * several at once on libuv's thread pool. Grains of zeros are not stored.
  *
  * Not a durable-in-place format: the file is valid only once the footer and
- * end-of-stream marker are written (before that, open refuses it: no footer).
+ * end-of-stream marker are written (before that, open refuses it: no
+ * footer). Written to a file, the grains and tables are flushed before the
+ * directory, and the directory before the footer, so a crash leaves a file
+ * that open refuses or one that reads whole.
  */
 import { promisify } from 'node:util'
 import { deflate as deflateCb } from 'node:zlib'
@@ -53,6 +56,8 @@ const SINK_CHUNK = 1 << 20
 export interface StreamSink {
   /** the next bytes of the file, in order */
   write(data: Uint8Array): Promise<void>
+  /** a file: make what was written durable (a pipe has none) */
+  flush?(): Promise<void>
 }
 
 export interface StreamWriteOptions {
@@ -214,10 +219,15 @@ export async function writeStreamOptimized(
   if (batch.length > 0) await flushBatch(batch)
   await closeTable()
 
-  // directory, footer, end of stream
+  // directory, footer, end of stream; on a file each durable before what names it (grains and
+  // tables before the directory, the directory before the footer), so a footer found means a whole file
+  await out.drain()
+  await sink.flush?.()
   await out.put(encodeMarker(gd.byteLength / SECTOR, MARKER_GD))
   const gdSector = out.sector
   await out.put(gd)
+  await out.drain()
+  await sink.flush?.()
   await out.put(encodeMarker(1, MARKER_FOOTER))
   await out.put(header(o, BigInt(gdSector), overhead))
   await out.put(new Uint8Array(SECTOR))
