@@ -86,6 +86,29 @@ describeQemu('vmdk guest writes, read by qemu-io', () => {
     })
   }
 
+  for (const sub of ['twoGbMaxExtentSparse', 'twoGbMaxExtentFlat']) {
+    it(`${sub} (5 GiB, three extent files): writes across the extent boundaries read back in qemu-io`, async () => {
+      const path = join(dir, `${sub}.vmdk`)
+      await qemuImgOk(['create', '-q', '-f', 'vmdk', '-o', `subformat=${sub}`, path, '5G'])
+      const G = 2 ** 31
+      const img = await openImage(path, { readOnly: false })
+      try {
+        await img.write!(G - 1000, new Uint8Array(3000).fill(0x5a))
+        await img.write!(2 * G - 65536 + 7, new Uint8Array(200000).fill(0x6b))
+        await img.flush()
+      } finally {
+        await img.close()
+      }
+      await qemuIoOk(
+        path,
+        [`read -P 0x5a ${G - 1000} 3000`, `read -P 0x6b ${2 * G - 65536 + 7} 200000`, `read -P 0 ${G + 2000} 60000`, `read -P 0 ${G - 66536} 65536`],
+        { format: 'vmdk' },
+      )
+      const check = await qemuImg(['check', '-f', 'vmdk', path])
+      expect(check.code, check.stdout + check.stderr).toBe(0)
+    })
+  }
+
   it('a streamOptimized image is refused for writing with one line naming the file', async () => {
     const path = join(dir, 'stream.vmdk')
     await qemuImgOk(['create', '-q', '-f', 'vmdk', '-o', 'subformat=streamOptimized', path, '1M'])
