@@ -49,7 +49,9 @@ const GRAIN = GRAIN_SECTORS * SECTOR
 const GTES = 512
 const DESCRIPTOR_SECTORS = 20
 /** grains read and deflated at once */
-const BATCH = 32
+const BATCH = 16
+/** batches being read and deflated while earlier ones are written */
+const AHEAD = 3
 /** bytes gathered before one call to the sink */
 const SINK_CHUNK = 1 << 20
 
@@ -190,33 +192,48 @@ export async function writeStreamOptimized(
     result.compressedClusters++
   }
 
-  const flushBatch = async (batch: number[]): Promise<void> => {
-    const reads = batch.map(async (g) => {
-      const at = g * GRAIN
-      const n = Math.min(GRAIN, src.virtualSize - at)
-      const bytes = await src.read(at, n)
-      result.bytesRead += n
-      if (isAllZero(bytes)) return undefined
-      const whole = n === GRAIN ? bytes : padded(bytes)
-      return new Uint8Array(await deflate(whole, { level: 6 }))
-    })
-    for (const [i, r] of (await Promise.all(reads)).entries()) {
-      const packed = r
-      if (packed) await emit(batch[i]!, packed)
-    }
+  // a batch is read and deflated while the ones before it are emitted (in order, at most AHEAD in flight)
+  const prepare = (batch: number[]): Promise<Array<Uint8Array | undefined>> =>
+    Promise.all(
+      batch.map(async (g) => {
+        const at = g * GRAIN
+        const n = Math.min(GRAIN, src.virtualSize - at)
+        const bytes = await src.read(at, n)
+        result.bytesRead += n
+        if (isAllZero(bytes)) return undefined
+        const whole = n === GRAIN ? bytes : padded(bytes)
+        return new Uint8Array(await deflate(whole, { level: 6 }))
+      }),
+    )
+  const inFlight: Array<{ batch: number[]; packed: Promise<Array<Uint8Array | undefined>> }> = []
+  const emitOldest = async (): Promise<void> => {
+    const { batch, packed } = inFlight.shift()!
+    for (const [i, p] of (await packed).entries()) if (p) await emit(batch[i]!, p)
     checkAborted(w.signal, 'convert')
     w.onProgress?.(Math.min(src.virtualSize, (batch[batch.length - 1]! + 1) * GRAIN), src.virtualSize)
   }
+  const submit = async (batch: number[]): Promise<void> => {
+    const packed = prepare(batch)
+    packed.catch(() => undefined) // awaited in order by emitOldest; an early failure is not unhandled
+    inFlight.push({ batch, packed })
+    while (inFlight.length > AHEAD) await emitOldest()
+  }
 
   let batch: number[] = []
-  for await (const g of dataGrains(src)) {
-    batch.push(g)
-    if (batch.length >= BATCH) {
-      await flushBatch(batch)
-      batch = []
+  try {
+    for await (const g of dataGrains(src)) {
+      batch.push(g)
+      if (batch.length >= BATCH) {
+        await submit(batch)
+        batch = []
+      }
     }
+    if (batch.length > 0) await submit(batch)
+    while (inFlight.length > 0) await emitOldest()
+  } finally {
+    // after a failure: let every deflate still running finish before the caller closes the source
+    await Promise.allSettled(inFlight.map((x) => x.packed))
   }
-  if (batch.length > 0) await flushBatch(batch)
   await closeTable()
 
   // directory, footer, end of stream; on a file each durable before what names it (grains and

@@ -35,7 +35,8 @@ interface Pending {
 
 interface NewGrain {
   grain: number
-  buf: Uint8Array
+  /** the bytes written into it, at their offsets in the grain (the rest is zeros) */
+  pieces: Array<{ at: number; data: Uint8Array }>
   /** where it was written (set once the write is durable) */
   sector: number
 }
@@ -93,7 +94,7 @@ export class SparseWriter {
         const n = Math.min(gs - inGrain, p.rel + p.data.byteLength - pos)
         const piece = p.data.subarray(pos - p.rel, pos - p.rel + n)
         const pending = fresh.get(grain)
-        if (pending) pending.buf.set(piece, inGrain)
+        if (pending) pending.pieces.push({ at: inGrain, data: piece })
         else {
           const entry = await this.map.entry(grain * gs)
           if (entry.kind === 'normal') inPlace.push({ at: entry.sector * SECTOR + inGrain, data: piece })
@@ -110,9 +111,7 @@ export class SparseWriter {
                 },
               )
             }
-            const buf = new Uint8Array(gs)
-            buf.set(piece, inGrain)
-            fresh.set(grain, { grain, buf, sector: 0 })
+            fresh.set(grain, { grain, pieces: [{ at: inGrain, data: piece }], sector: 0 })
           }
         }
         pos += n
@@ -131,8 +130,9 @@ export class SparseWriter {
     const e = this.extent
     const gs = e.grainSize
     const start = this.end
+    // one buffer, one copy of the caller's bytes (pieces land in call order: a later write wins)
     const all = new Uint8Array(grains.length * gs)
-    for (const [i, g] of grains.entries()) all.set(g.buf, i * gs)
+    for (const [i, g] of grains.entries()) for (const p of g.pieces) all.set(p.data, i * gs + p.at)
     try {
       await e.device.write(start, all, 'data')
       await e.device.flush()
