@@ -196,8 +196,8 @@ export interface ConvertOptions extends CommonOptions {
 export type { ConvertFileResult as ConvertResult, TargetFormat }
 
 /**
- * Convert an image file into a new file, or (raw only) into a stream such as
- * stdout. The target file is refused when it is any file the source reads; a
+ * Convert an image file into a new file, or (raw, or vmdk with
+ * `options.subformat = 'streamOptimized'`) into a stream such as stdout. The target file is refused when it is any file the source reads; a
  * failed or aborted convert removes the target it made. A stream gets the
  * guest bytes in order; a reader that goes away (EPIPE) ends it quietly.
  */

@@ -237,6 +237,58 @@ describe('vmdk monolithicSparse writer: fault sweep', () => {
   }
 })
 
+describe('vmdk create + convert: fault sweep', () => {
+  for (const errno of ['EIO', 'ENOSPC'] as const) {
+    it(`${errno} on every write of create + convert: an ImgtoolError; the file is refused cleanly or holds at most leaks`, async () => {
+      const r = new Prng(8)
+      const srcBytes = new Uint8Array(2 * MiB + 512)
+      for (let at = 0; at < srcBytes.byteLength; at += 32768) if (r.chance(0.6)) srcBytes.set(r.bytes(Math.min(32768, srcBytes.byteLength - at)), at)
+      const source = await openImageOnDevice(new MemoryDevice(srcBytes, { readOnly: true }), { format: 'raw', readOnly: true })
+      let refused = 0
+      const points = await sweepFaults(
+        { op: 'write', errno },
+        () => new MemoryDevice(0, { name: 'disk.vmdk' }),
+        async (dev) => {
+          await createVmdk(dev, makeContext(openFileDevice), { size: srcBytes.byteLength, options: {} })
+          const img = await open(dev, true)
+          try {
+            await convert(source, img, { chunkSize: 256 * 1024 })
+          } finally {
+            await img.close()
+          }
+        },
+        async (p) => {
+          expect(isImgtoolError(p.error), String(p.error)).toBe(true)
+          const bytes = (p.device.inner as MemoryDevice).snapshot()
+          let img: DiskImage
+          try {
+            img = await open(new MemoryDevice(bytes), false)
+          } catch (e) {
+            // create failed before its header: nothing that looks like an image (the caller removes the file)
+            expect(isImgtoolError(e), String(e)).toBe(true)
+            refused++
+            return
+          }
+          try {
+            const rep = await img.check!()
+            expect(rep.findings.filter((f) => f.severity !== 'leak')).toEqual([])
+            // what is mapped is the source's; the rest reads as zeros
+            const got = await img.read(0, srcBytes.byteLength)
+            for (let o = 0; o < got.byteLength; o += 512) {
+              const g = Buffer.from(got.subarray(o, o + 512))
+              expect(g.equals(Buffer.from(srcBytes.subarray(o, o + 512))) || g.every((x) => x === 0), `sector at ${o}`).toBe(true)
+            }
+          } finally {
+            await img.close()
+          }
+        },
+      )
+      expect(points).toBeGreaterThan(10)
+      expect(refused).toBeGreaterThan(0)
+    })
+  }
+})
+
 describe('vmdk streamOptimized writer: crash sweep', () => {
   it('every crash state is refused by open (one ImgtoolError) or reads exactly as the source', async () => {
     const r = new Prng(9)
