@@ -104,6 +104,33 @@ describeQemu(
       }
     }
 
+    for (const o of [
+      'zeroed_grain=on',
+      'compat6=on,adapter_type=buslogic',
+      'hwversion=7,subformat=streamOptimized',
+      'adapter_type=legacyESX,subformat=monolithicFlat',
+    ]) {
+      it(`-o ${o}: the descriptor qemu-img create writes for those options, check clean, compare identical`, async () => {
+        const raw = join(dir, 'opts-src.raw')
+        if (!existsSync(raw)) writeFileSync(raw, source('sparse', 3 * 1024 * 1024 + 1234, 61))
+        const out = join(dir, `opts-${o.replace(/\W+/g, '-')}.vmdk`)
+        const r = await cli('convert', '-f', 'raw', '-O', 'vmdk', '-o', o, raw, out)
+        expect(r.code, r.err).toBe(0)
+        const theirs = join(dir, `opts-${o.replace(/\W+/g, '-')}-qemu.vmdk`)
+        await qemuImgOk(['convert', '-f', 'raw', '-O', 'vmdk', '-o', o, raw, theirs])
+        // the descriptor lines that carry the options (CID, names and createType aside for the stream, as qemu differs there)
+        const ddb = (p: string) =>
+          readFileSync(p)
+            .toString('latin1')
+            .split('\n')
+            .filter((l) => l.startsWith('ddb.'))
+        expect(ddb(out)).toEqual(ddb(theirs))
+        expect(readFileSync(out).readUInt32LE(4)).toBe(readFileSync(theirs).readUInt32LE(4)) // sparse: the header version (1, 2 with zeroed grains, 3)
+        expect((await qemuImg(['check', '-f', 'vmdk', out])).code).toBe(0)
+        expect((await qemuImg(['compare', '-f', 'raw', '-F', 'vmdk', raw, out])).code).toBe(0)
+      })
+    }
+
     it('streamOptimized: version 3, GD_AT_END, grain markers, footer and end-of-stream marker', async () => {
       const raw = join(dir, 'stream-src.raw')
       writeFileSync(raw, source('sparse', 40 * 1024 * 1024 + 100, 21))
