@@ -187,6 +187,22 @@ describeQemu(
       expect(cmp.code, cmp.stderr).toBe(0)
     })
 
+    it('streamOptimized: a table span without data gets no table (directory entry 0); qemu-img and imgtool read it alike', async () => {
+      const raw = join(dir, 'gap-src.raw')
+      const b = Buffer.alloc(100 * 1024 * 1024)
+      b.set(new Prng(71).bytes(200000), 1000)
+      b.set(new Prng(72).bytes(70000), 99 * 1024 * 1024 + 5)
+      writeFileSync(raw, b)
+      const out = join(dir, 'gap.vmdk')
+      expect((await cli('convert', '-f', 'raw', '-O', 'vmdk', '-o', 'subformat=streamOptimized', raw, out)).code).toBe(0)
+      const v = readFileSync(out)
+      const gd = Number(v.readBigUInt64LE(v.length - 1024 + 56)) * 512
+      expect([0, 1, 2, 3].map((i) => v.readUInt32LE(gd + i * 4) !== 0)).toEqual([true, false, false, true])
+      expect((await qemuImg(['check', '-f', 'vmdk', out])).code).toBe(0)
+      expect((await qemuImg(['compare', '-f', 'raw', '-F', 'vmdk', raw, out])).code).toBe(0)
+      expect((await cli('compare', '-f', 'raw', '-F', 'vmdk', raw, out)).code).toBe(0)
+    })
+
     it('convert -O vmdk -o subformat=streamOptimized SRC - writes the stream to stdout; qemu-img reads it', async () => {
       const raw = join(dir, 'pipe-src.raw')
       writeFileSync(raw, source('compressible', 2 * 1024 * 1024 + 1000, 31))
