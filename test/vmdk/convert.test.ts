@@ -252,6 +252,14 @@ describeQemu(
       }
     })
 
+    it("measure -O vmdk is refused in qemu-img 7.2's words (its vmdk driver does not measure)", async () => {
+      const theirs = await qemuImg(['measure', '-O', 'vmdk', '--size', '1M'])
+      const ours = await cli('measure', '-O', 'vmdk', '--size', '1M')
+      expect(theirs.code).toBe(1)
+      expect(ours.code).toBe(1)
+      expect(ours.err.trim().replace(/^imgtool: /, '')).toBe(theirs.stderr.trim().replace(/^qemu-img: /, ''))
+    })
+
     it('option mistakes and a target that is the source are refused before a file is made', async () => {
       const raw = join(dir, 'opt-src.raw')
       writeFileSync(raw, source('dense', 100000, 51))
