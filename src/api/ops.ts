@@ -204,8 +204,8 @@ export interface ConvertOptions extends CommonOptions {
 export type { ConvertFileResult as ConvertResult, TargetFormat }
 
 /**
- * Convert an image file into a new file, or (raw only) into a stream such as
- * stdout. The target file is refused when it is any file the source reads; a
+ * Convert an image file into a new file, or (raw, or vmdk with
+ * `options.subformat = 'streamOptimized'`) into a stream such as stdout. The target file is refused when it is any file the source reads; a
  * failed or aborted convert removes the target it made. A stream gets the
  * guest bytes in order; a reader that goes away (EPIPE) ends it quietly.
  */
@@ -233,7 +233,9 @@ export async function convert(source: string, target: string | NodeJS.WritableSt
 /** convert to a stream: the guest bytes as raw (nothing is created, nothing to clean up). */
 async function convertToStream(source: string, output: NodeJS.WritableStream, o: ConvertOptions): Promise<ConvertFileResult> {
   checkAborted(o.signal, 'convert')
-  if ((o.targetFormat ?? 'raw') !== 'raw') throw new UsageError('Only raw output can go to a stream')
+  const target = o.targetFormat ?? 'raw'
+  if (target === 'vmdk' && o.options?.['subformat'] === 'streamOptimized') return vmdkToStream(source, output, o)
+  if (target !== 'raw') throw new UsageError('Only raw output, or vmdk with -o subformat=streamOptimized, can go to a stream')
   const { rawStream } = await import('../convert/convert.js')
   const { writeStream } = await import('../convert/export.js')
   const src = await openByPath(source, {
@@ -254,6 +256,40 @@ async function convertToStream(source: string, output: NodeJS.WritableStream, o:
     await src.close()
   }
   return { bytesRead: done, bytesWritten: done, compressedClusters: 0, created: false }
+}
+
+/**
+ * convert to a stream as a streamOptimized vmdk, written front to back (the
+ * format was made for it). A reader that goes away ends it quietly, as raw.
+ */
+async function vmdkToStream(source: string, output: NodeJS.WritableStream, o: ConvertOptions): Promise<ConvertFileResult> {
+  const { parseVmdkCreateOptions, writeStreamOptimized } = await import('../formats/vmdk/index.js')
+  const { writeStream } = await import('../convert/export.js')
+  const src = await openByPath(source, {
+    format: formatOption(o.format),
+    readOnly: true,
+    options: o.origin !== undefined ? { origin: o.origin } : {},
+    forceShare: o.forceShare === true,
+  })
+  const gone = new Error('the reader went away')
+  try {
+    const vo = parseVmdkCreateOptions({ size: src.virtualSize, options: o.options ?? {} })
+    const sink = {
+      write: async (b: Uint8Array) => {
+        if (!(await writeStream(output, b))) throw gone
+      },
+    }
+    const r = await writeStreamOptimized(src, sink, vo, 'stream.vmdk', {
+      ...(o.onProgress ? { onProgress: o.onProgress } : {}),
+      ...(o.signal ? { signal: o.signal } : {}),
+    })
+    return { ...r, created: false }
+  } catch (e) {
+    if (e === gone) return { bytesRead: 0, bytesWritten: 0, compressedClusters: 0, created: false }
+    throw e
+  } finally {
+    await src.close()
+  }
 }
 
 export interface CompareOptions extends CommonOptions {

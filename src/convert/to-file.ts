@@ -18,10 +18,11 @@ import type { FormatName } from '../image/probe.js'
 import { driverFor, makeContext, openImage } from '../open.js'
 import { parseCreateOptions } from '../formats/qcow2/index.js'
 import { parseRawPreallocation } from '../formats/raw/index.js'
+import { flatExtentName, parseVmdkCreateOptions } from '../formats/vmdk/index.js'
 import { convert, type ConvertOptions, type ConvertResult } from './convert.js'
 import { unsafeCacheOpener, type CacheMode } from './unsafe-cache.js'
 
-export type TargetFormat = 'raw' | 'qcow2' | 'dmsnap' | 'vpc'
+export type TargetFormat = 'raw' | 'qcow2' | 'dmsnap' | 'vpc' | 'vmdk'
 
 export interface ConvertFileOptions {
   sourceFormat?: FormatName
@@ -117,6 +118,8 @@ export function checkTargetOptions(format: TargetFormat, size: number, options: 
     parseRawPreallocation(options['preallocation'], 'raw')
   } else if (format === 'vpc') {
     // the vpc driver checks its options before it writes a byte; a target it refuses is removed
+  } else if (format === 'vmdk') {
+    parseVmdkCreateOptions({ size, options })
   } else {
     for (const k of Object.keys(options)) {
       if (!['origin', 'chunk_size', 'cow_size'].includes(k)) throw new UsageError(`-O dmsnap: unknown option '${k}' (origin, chunk_size, cow_size)`)
@@ -137,7 +140,8 @@ export interface ConvertFileResult extends ConvertResult {
  */
 export async function convertFile(srcPath: string, dstPath: string, o: ConvertFileOptions): Promise<ConvertFileResult> {
   const options = { ...(o.options ?? {}) }
-  if (o.compress && o.targetFormat !== 'qcow2') throw new UsageError('Compression not supported for this file format')
+  // -c with vmdk is accepted as qemu-img accepts it: streamOptimized grains are compressed anyway, other subformats store them whole
+  if (o.compress && o.targetFormat !== 'qcow2' && o.targetFormat !== 'vmdk') throw new UsageError('Compression not supported for this file format')
   if (o.backingFile !== undefined && o.targetFormat !== 'qcow2') throw new UsageError('-B needs a target format with backing files (qcow2)')
   if (o.targetIsZero && !o.skipCreate) throw new UsageError('--target-is-zero requires use of -n flag')
   if (o.skipCreate && Object.keys(options).length > 0) throw new UsageError('-o has no effect when skipping image creation')
@@ -180,6 +184,8 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
       protect.push({ path, role: "the target's own backing file" })
     }
     await refuseSourceAsTarget(dstPath, protect, o.verb)
+    const flat = vmdkFlatPath(o.targetFormat, dstPath, options)
+    if (flat !== undefined) await refuseSourceAsTarget(flat, protect, o.verb)
     checkAborted(o.signal, 'convert')
     if (o.skipCreate) return await writeExisting(view, dstPath, o)
     return await writeTarget(view, origin, dstPath, o, options)
@@ -203,16 +209,25 @@ async function writeTarget(
     before = undefined
   }
   const isBlock = (await fileId(dstPath))?.block ?? false
+  // a monolithicFlat target is two files: the flat extent beside the descriptor is removed on failure too
+  const flat = vmdkFlatPath(o.targetFormat, dstPath, options)
+  const flatExisted = flat !== undefined && (await fileId(flat)) !== undefined
   let created = false
   let ok = false
   try {
     const dev = await openFileDevice(dstPath, { readOnly: false, create: true })
     created = !isBlock
+    let streamed: ConvertResult | undefined
     try {
-      await createTarget(dev, src, origin, o, options)
+      if (o.targetFormat === 'vmdk' && (options['subformat'] ?? '') === 'streamOptimized') streamed = await writeVmdkStream(dev, src, o, options)
+      else await createTarget(dev, src, origin, o, options)
       await dev.flush()
     } finally {
       await dev.close()
+    }
+    if (streamed) {
+      ok = true
+      return { ...streamed, created }
     }
     if (o.targetFormat === 'dmsnap') {
       ok = true
@@ -222,7 +237,7 @@ async function writeTarget(
     let pool: import('../formats/qcow2/index.js').CompressPool | undefined
     try {
       let compressFns: Pick<ConvertOptions, 'compress' | 'compressMany'> = {}
-      if (o.compress) {
+      if (o.compress && o.targetFormat === 'qcow2') {
         const { CompressPool } = await import('../formats/qcow2/index.js')
         const q = dst as import('../formats/qcow2/index.js').Qcow2Image
         const p = (pool = new CompressPool())
@@ -250,6 +265,7 @@ async function writeTarget(
     throw await cleanUp(e, dstPath, created, before !== undefined, isBlock)
   } finally {
     if (!ok && created) await rm(dstPath, { force: true }).catch(() => undefined)
+    if (!ok && flat !== undefined && !flatExisted) await rm(flat, { force: true }).catch(() => undefined)
   }
 }
 
@@ -277,6 +293,29 @@ async function writeExisting(src: DiskImage, dstPath: string, o: ConvertFileOpti
   }
 }
 
+/** The flat extent file a monolithicFlat vmdk target writes beside its descriptor. */
+function vmdkFlatPath(format: TargetFormat, dstPath: string, options: Record<string, string>): string | undefined {
+  if (format !== 'vmdk' || options['subformat'] !== 'monolithicFlat') return undefined
+  return resolve(dirname(dstPath), flatExtentName(dstPath))
+}
+
+/** A streamOptimized vmdk target: written front to back from the source (no image is opened on it). */
+async function writeVmdkStream(dev: BlockDevice, src: DiskImage, o: ConvertFileOptions, options: Record<string, string>): Promise<ConvertResult> {
+  const { writeStreamOptimized } = await import('../formats/vmdk/index.js')
+  const vo = parseVmdkCreateOptions({ size: src.virtualSize, options })
+  await dev.truncate(0)
+  let at = 0
+  const sink = {
+    write: async (b: Uint8Array) => {
+      await dev.write(at, b, 'data')
+      at += b.byteLength
+    },
+    flush: () => dev.flush(),
+  }
+  const name = dev.name.slice(dev.name.lastIndexOf('/') + 1)
+  return writeStreamOptimized(src, sink, vo, name, { ...(o.onProgress ? { onProgress: o.onProgress } : {}), ...(o.signal ? { signal: o.signal } : {}) })
+}
+
 async function createTarget(
   dev: BlockDevice,
   src: DiskImage,
@@ -285,7 +324,8 @@ async function createTarget(
   options: Record<string, string>,
 ): Promise<void> {
   const context = makeContext(openFileDevice)
-  if (o.targetFormat === 'raw' || o.targetFormat === 'vpc') return driverFor(o.targetFormat).create!(dev, context, { size: src.virtualSize, options })
+  if (o.targetFormat === 'raw' || o.targetFormat === 'vpc' || o.targetFormat === 'vmdk')
+    return driverFor(o.targetFormat).create!(dev, context, { size: src.virtualSize, options })
   if (o.targetFormat === 'qcow2') {
     const extra = o.backingFile !== undefined ? { backingFile: o.backingFile, backingFormat: o.backingFormat ?? 'qcow2' } : {}
     return driverFor('qcow2').create!(dev, context, { size: src.virtualSize, options, ...extra })

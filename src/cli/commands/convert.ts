@@ -2,16 +2,20 @@ import type { CacheMode } from '../../index.js'
 import type { CommandModule } from '../command.js'
 import { accumulateOptions, parseKeyValues } from '../common.js'
 
-/** imgtool convert [-f FMT] -O raw|qcow2 [-c] [-o ...] [-B BACKING] [-S SIZE] [-p] SRC DST (DST may be - for raw) */
+/** imgtool convert [-f FMT] -O raw|qcow2|vpc|vmdk|dmsnap [-c] [-o ...] [-B BACKING] [-S SIZE] [-p] SRC DST (DST may be - for raw and streamOptimized vmdk) */
 const convert: CommandModule = {
   name: 'convert',
   description: 'convert an image to another format (qemu-img convert)',
   configure(cmd) {
     cmd
       .option('-f, --format <fmt>', 'source format (probed when absent)')
-      .option('-O, --output-format <fmt>', 'target format: raw, qcow2, or dmsnap (a COW store against -o origin=PATH)', 'raw')
+      .option(
+        '-O, --output-format <fmt>',
+        'target format: raw, qcow2, vpc, vmdk (-o subformat=monolithicSparse|monolithicFlat|streamOptimized), or dmsnap (a COW store against -o origin=PATH)',
+        'raw',
+      )
       .option('--origin <path>', 'origin of a dm-snapshot source (with -f dmsnap)')
-      .option('-c, --compress', 'write compressed clusters (qcow2)')
+      .option('-c, --compress', 'write compressed clusters (qcow2; accepted for vmdk, whose streamOptimized grains are always compressed)')
       .option('-o, --options <opts>', 'target format options (as for create); may be repeated', accumulateOptions)
       .option('-B, --backing <file>', 'target backing file: only data not in it is written')
       .option('-F, --backing-format <fmt>', 'format of the -B backing file')
@@ -36,12 +40,12 @@ const convert: CommandModule = {
     if (args.length !== 2) throw new UsageError('Expecting one source and one target')
     const [srcPath, dstPath] = args as [string, string]
     const outFmt = String(opts['outputFormat'] ?? 'raw')
-    if (outFmt !== 'raw' && outFmt !== 'qcow2' && outFmt !== 'dmsnap' && outFmt !== 'vpc')
-      throw new UsageError(`Unknown target format '${outFmt}' (raw, qcow2, dmsnap, vpc)`)
+    if (outFmt !== 'raw' && outFmt !== 'qcow2' && outFmt !== 'dmsnap' && outFmt !== 'vpc' && outFmt !== 'vmdk')
+      throw new UsageError(`Unknown target format '${outFmt}' (raw, qcow2, dmsnap, vpc, vmdk)`)
     const srcFmt = opts['format'] === undefined ? undefined : String(opts['format'])
     if (srcFmt !== undefined && !isFormatName(srcFmt)) throw new UsageError(`Unknown file format '${srcFmt}'`)
     const compress = Boolean(opts['compress'])
-    if (compress && outFmt !== 'qcow2') throw new UsageError('Compression not supported for this file format')
+    if (compress && outFmt !== 'qcow2' && outFmt !== 'vmdk') throw new UsageError('Compression not supported for this file format')
     const minSparse = parseSize(String(opts['sparseSize'] ?? '4k'), '-S')
     const inFlight = Number(opts['parallel'] ?? 4)
     if (!Number.isInteger(inFlight) || inFlight < 1) throw new UsageError('-m must be a positive whole number')
@@ -59,12 +63,13 @@ const convert: CommandModule = {
     const progressOptions = { requested: Boolean(opts['progress']), quiet: Boolean(opts['quiet']) }
     const common = { ...(srcFmt !== undefined ? { format: srcFmt } : {}), ...origin, forceShare: opts['forceShare'] === true, parallel: inFlight }
     if (dstPath === '-') {
-      // the guest bytes as raw on stdout (nothing is created, nothing to clean up)
-      if (outFmt !== 'raw') throw new UsageError('Only raw output can go to stdout (-)')
+      // the guest bytes as raw, or a streamOptimized vmdk, on stdout (nothing is created, nothing to clean up)
+      const stream = outFmt === 'vmdk' && options['subformat'] === 'streamOptimized'
+      if (outFmt !== 'raw' && !stream) throw new UsageError('Only raw output, or -O vmdk -o subformat=streamOptimized, can go to stdout (-)')
       const progress = await startProgress(io, 'converting', { ...progressOptions, dataOnStdout: true })
       let ok = false
       try {
-        await convert(srcPath, io.stdout, { ...common, onProgress: progress.update })
+        await convert(srcPath, io.stdout, { ...common, ...(stream ? { targetFormat: 'vmdk' as const, options } : {}), onProgress: progress.update })
         ok = true
       } finally {
         progress.stop(ok)

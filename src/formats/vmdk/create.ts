@@ -108,6 +108,11 @@ function descriptorText(o: VmdkCreateOptions, createType: string, extent: { type
   })
 }
 
+/** The embedded descriptor of a streamOptimized extent named `name` (stream.ts). */
+export function streamDescriptor(o: VmdkCreateOptions, name: string): string {
+  return descriptorText(o, 'streamOptimized', { type: 'SPARSE', name })
+}
+
 export async function createVmdk(device: BlockDevice, context: OpenContext, options: CreateImageOptions): Promise<void> {
   const o = parseVmdkCreateOptions(options)
   if (o.subformat === 'monolithicFlat') {

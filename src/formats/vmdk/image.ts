@@ -12,17 +12,26 @@ import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
 import { checkGuestRange } from '../../image/range.js'
 import { GrainMap } from './grains.js'
 import { readLayout, type FlatExtent, type SparseExtent, type VmdkExtent, type VmdkLayout } from './open.js'
+import { SparseWriter } from './write.js'
 
 export class VmdkImage implements DiskImage {
   readonly format = 'vmdk'
   readonly maps = new Map<VmdkExtent, GrainMap>()
+  /** one writer per sparse extent when the image was opened for writing */
+  readonly writers = new Map<VmdkExtent, SparseWriter>()
 
   constructor(
     readonly device: BlockDevice,
     readonly layout: VmdkLayout,
     private readonly infoOnly: boolean,
+    private readonly writable = false,
   ) {
-    for (const e of layout.extents) if (e.kind === 'sparse') this.maps.set(e, new GrainMap(e))
+    for (const e of layout.extents) {
+      if (e.kind !== 'sparse') continue
+      const map = new GrainMap(e)
+      this.maps.set(e, map)
+      if (writable) this.writers.set(e, new SparseWriter(e, map))
+    }
   }
 
   get filename(): string {
@@ -32,7 +41,7 @@ export class VmdkImage implements DiskImage {
     return this.layout.virtualSize
   }
   get readOnly(): boolean {
-    return true
+    return !this.writable
   }
 
   /** The extent holding guest byte `pos` (extents are few: a linear walk). */
@@ -150,8 +159,32 @@ export class VmdkImage implements DiskImage {
     return info
   }
 
-  flush(): Promise<void> {
-    return Promise.resolve()
+  /**
+   * Guest bytes into the extents: a flat extent in place, a sparse extent
+   * through its writer (grains allocated at the end of its file, linked once
+   * durable: write.ts).
+   */
+  async write(offset: number, data: Uint8Array): Promise<void> {
+    checkGuestRange(`vmdk: ${this.filename}: write`, offset, data.byteLength, this.virtualSize)
+    if (!this.writable) throw new ReadOnlyError(`vmdk: ${this.filename}: the image is open read-only`, { file: this.filename })
+    const end = offset + data.byteLength
+    const parts: Array<Promise<void>> = []
+    for (let pos = offset; pos < end;) {
+      const e = this.extentAt(pos)
+      const n = Math.min(e.start + e.length, end) - pos
+      const piece = data.subarray(pos - offset, pos - offset + n)
+      if (e.kind === 'flat') parts.push(e.device.write(e.hostStart + pos - e.start, piece, 'data'))
+      else parts.push(this.writers.get(e)!.write(pos - e.start, piece))
+      pos += n
+    }
+    const settled = await Promise.allSettled(parts)
+    const failed = settled.find((x) => x.status === 'rejected')
+    if (failed) throw (failed as PromiseRejectedResult).reason
+  }
+
+  async flush(): Promise<void> {
+    if (!this.writable) return
+    for (const e of this.layout.extents) await e.device.flush()
   }
 
   async check(options: CheckOptions = {}): Promise<CheckReport> {
@@ -170,9 +203,17 @@ export class VmdkImage implements DiskImage {
 }
 
 export async function openVmdk(device: BlockDevice, context: OpenContext, options: OpenImageOptions): Promise<VmdkImage> {
-  if (!options.readOnly && !options.forCheck) {
-    throw new ReadOnlyError(`vmdk: ${device.name}: imgtool opens existing VMDK images read-only`, { file: device.name })
-  }
   const layout = await readLayout(device, context, options)
-  return new VmdkImage(device, layout, options.infoOnly ?? false)
+  const writable = !options.readOnly && !options.forCheck
+  if (writable) {
+    // flat extents and uncompressed sparse extents take writes; a stream (compressed grains) does not
+    const stream = layout.extents.find((e) => e.kind === 'sparse' && (e.compressed || e.markers))
+    const problem = layout.problems[0]
+    if (stream || problem) {
+      for (const d of layout.extraDevices) if (d !== device) await d.close().catch(() => undefined)
+      const why = stream ? `its extent ${stream.file} is stream-optimized (compressed grains)` : `it is damaged (${problem!.message})`
+      throw new ReadOnlyError(`vmdk: ${device.name}: imgtool writes monolithicSparse and flat VMDK images only; ${why}`, { file: device.name })
+    }
+  }
+  return new VmdkImage(device, layout, options.infoOnly ?? false, writable)
 }

@@ -5,7 +5,8 @@ import { openVmdk } from './image.js'
 
 export { VmdkImage, openVmdk } from './image.js'
 export { checkVmdk } from './check.js'
-export { createVmdk, parseVmdkCreateOptions } from './create.js'
+export { createVmdk, flatExtentName, parseVmdkCreateOptions, type VmdkCreateOptions } from './create.js'
+export { writeStreamOptimized, type StreamSink, type StreamWriteResult } from './stream.js'
 
 export const vmdkDriver: FormatDriver = {
   name: 'vmdk',
