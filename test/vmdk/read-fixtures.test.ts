@@ -9,6 +9,42 @@ import { describe, expect, it } from 'vitest'
 import { md5 } from '../support/qemu.js'
 import { FIXTURES, FIXTURE_DIR, cli, relativeNames } from './support.js'
 
+interface MapRecord {
+  start: number
+  length: number
+  depth: number
+  present: boolean
+  zero: boolean
+  data: boolean
+  offset?: number
+}
+
+/**
+ * A map without what the host file system decides: a flat extent's zero flag on data (`zero` and `data`
+ * both true) comes from the host's holes, and whether a checkout has holes where the bytes are zero is up
+ * to the file system (some punch them for any zero block, a plain git checkout writes none). Such records
+ * count as data, and neighbours that then continue each other are merged. What the image itself says
+ * (unallocated, zero clusters without data, offsets) is kept.
+ */
+function hostIndependent(map: MapRecord[]): MapRecord[] {
+  const out: MapRecord[] = []
+  for (const r of map) {
+    const m = { ...r, zero: r.data ? false : r.zero }
+    const p = out.at(-1)
+    const continues =
+      p !== undefined &&
+      p.start + p.length === m.start &&
+      p.depth === m.depth &&
+      p.present === m.present &&
+      p.zero === m.zero &&
+      p.data === m.data &&
+      (p.offset === undefined ? m.offset === undefined : m.offset === p.offset + p.length)
+    if (continues) p.length += m.length
+    else out.push(m)
+  }
+  return out
+}
+
 describe('vmdk fixtures against qemu-img golden outputs', () => {
   for (const name of FIXTURES) {
     const path = join(FIXTURE_DIR, name)
@@ -30,10 +66,10 @@ describe('vmdk fixtures against qemu-img golden outputs', () => {
       expect(ours).toEqual(theirs)
     })
 
-    it(`${name}: map --output json equals qemu-img map`, async () => {
+    it(`${name}: map --output json equals qemu-img map (host holes aside)`, async () => {
       const r = await cli('map', '--output', 'json', path)
       expect(r.code, r.err).toBe(0)
-      expect(JSON.parse(r.out)).toEqual(JSON.parse(golden('map.json')))
+      expect(hostIndependent(JSON.parse(r.out) as MapRecord[])).toEqual(hostIndependent(JSON.parse(golden('map.json')) as MapRecord[]))
     })
   }
 })
