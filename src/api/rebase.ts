@@ -141,6 +141,9 @@ export async function commit(path: string, o: CommitOptions = {}): Promise<Commi
   }
   const base = chain[depth]!
   const keepOverlay = o.keepOverlay === true || o.base !== undefined
+  // a base smaller than the overlay is grown first, as qemu-img commit grows it (what the overlay reads
+  // past the base's old end, zeros, the grown base reads too); a crash after this leaves a larger base
+  if (base.size < chain[0]!.size) await growBase(base.path, base.format, chain[0]!.size)
   // the base is opened for writing first; the overlay's chain reads it through a view of that
   // device, so one process holds one lock per file
   const baseDev = await openFileDevice(base.path, { readOnly: false })
@@ -164,6 +167,23 @@ export async function commit(path: string, o: CommitOptions = {}): Promise<Commi
   } finally {
     if (baseImg) await baseImg.close()
     else await baseDev.close()
+  }
+}
+
+async function growBase(path: string, format: string, size: number): Promise<void> {
+  if (format === 'qcow2') {
+    const { resize } = await import('./ops.js')
+    await resize(path, size)
+  } else if (format === 'raw') {
+    const dev = await openFileDevice(path, { readOnly: false })
+    try {
+      await dev.truncate(size)
+      await dev.flush()
+    } finally {
+      await dev.close()
+    }
+  } else {
+    throw new UsageError(`${format}: ${path}: the base is smaller than the image committed into it, and imgtool cannot grow a ${format} base`)
   }
 }
 
@@ -196,11 +216,11 @@ async function probePath(path: string): Promise<NonNullable<OpenOptions['format'
 }
 
 /** The backing chain's files, the image first, with the format each was opened as (read without locks). */
-async function chainOf(path: string): Promise<Array<{ path: string; format: string }>> {
+async function chainOf(path: string): Promise<Array<{ path: string; format: string; size: number }>> {
   const d = await openByPath(path, { format: 'qcow2', readOnly: true, forceShare: true })
   try {
-    const out: Array<{ path: string; format: string }> = []
-    for (let x: DiskImage | undefined = d; x; x = x.backing) out.push({ path: x.filename, format: x.format })
+    const out: Array<{ path: string; format: string; size: number }> = []
+    for (let x: DiskImage | undefined = d; x; x = x.backing) out.push({ path: x.filename, format: x.format, size: x.virtualSize })
     return out
   } finally {
     await d.close()

@@ -10,9 +10,13 @@ import { mergeExtents } from '../image/range.js'
 import { isZeroFast as isAllZero } from './convert.js'
 import { BufferPool, HostFiles, readGuest, sourceOf, type Source } from './host-reads.js'
 
+/**
+ * `sizeWarning`: qemu-img's "Warning: Image size mismatch!" is printed — the sizes differ and the common
+ * part was found identical (a difference inside the common part is reported alone, as qemu-img does).
+ */
 export type CompareResult =
-  | { identical: true; sizeMismatch: boolean }
-  | { identical: false; sizeMismatch: boolean; reason: 'content' | 'size' | 'status'; offset?: number; message: string }
+  | { identical: true; sizeMismatch: boolean; sizeWarning: boolean }
+  | { identical: false; sizeMismatch: boolean; sizeWarning: boolean; reason: 'content' | 'size' | 'status'; offset?: number; message: string }
 
 export interface CompareOptions {
   strict?: boolean
@@ -50,7 +54,7 @@ function firstNonZero(a: Uint8Array): number {
 export async function compareImages(a: DiskImage, b: DiskImage, options: CompareOptions = {}): Promise<CompareResult> {
   const sizeMismatch = a.virtualSize !== b.virtualSize
   if (sizeMismatch && options.strict) {
-    return { identical: false, sizeMismatch, reason: 'size', message: 'Strict mode: Image size mismatch!' }
+    return { identical: false, sizeMismatch, sizeWarning: false, reason: 'size', message: 'Strict mode: Image size mismatch!' }
   }
   const common = Math.min(a.virtualSize, b.virtualSize)
   const total = Math.max(a.virtualSize, b.virtualSize)
@@ -77,7 +81,7 @@ export async function compareImages(a: DiskImage, b: DiskImage, options: Compare
       if (d < 0) return undefined
       const offset = job.at + d
       for (const j of queue) j.diff.catch(() => undefined)
-      return { identical: false, sizeMismatch, reason: 'content', offset, message: `Content mismatch at offset ${offset}!` }
+      return { identical: false, sizeMismatch, sizeWarning: false, reason: 'content', offset, message: `Content mismatch at offset ${offset}!` }
     }
     const piece = async (at: number, n: number, sa: Source, sb: Source): Promise<number> => {
       const [x, y] = await Promise.all([
@@ -96,7 +100,14 @@ export async function compareImages(a: DiskImage, b: DiskImage, options: Compare
           const r = await settle()
           if (r) return r
         }
-        return { identical: false, sizeMismatch, reason: 'status', offset: pos, message: `Strict mode: Offset ${pos} block status mismatch!` }
+        return {
+          identical: false,
+          sizeMismatch,
+          sizeWarning: false,
+          reason: 'status',
+          offset: pos,
+          message: `Strict mode: Offset ${pos} block status mismatch!`,
+        }
       }
       if (ca.zero && cb.zero) {
         queue.push({ at: pos, end, diff: Promise.resolve(-1) })
@@ -133,11 +144,11 @@ export async function compareImages(a: DiskImage, b: DiskImage, options: Compare
         const buf = await big.read(p, n)
         if (!isAllZero(buf)) {
           const d = firstDiff(buf, new Uint8Array(n))
-          return { identical: false, sizeMismatch, reason: 'content', offset: p + d, message: `Content mismatch at offset ${p + d}!` }
+          return { identical: false, sizeMismatch, sizeWarning: true, reason: 'content', offset: p + d, message: `Content mismatch at offset ${p + d}!` }
         }
       }
     }
   }
   options.onProgress?.(total, total)
-  return { identical: true, sizeMismatch }
+  return { identical: true, sizeMismatch, sizeWarning: sizeMismatch }
 }

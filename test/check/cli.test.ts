@@ -42,12 +42,13 @@ describe('imgtool check', () => {
     expect(j).toEqual({ ...JSON.parse(golden), filename: p })
   })
 
-  it('reports 3 leaked clusters with exit 3, findings first, then the qemu-img summary', async () => {
+  it("reports 3 leaked clusters with exit 3: qemu-img's lines then the findings on stderr, the summary alone on stdout", async () => {
     const p = damaged(makeTempDir(), 'v3-c4k', (i) => i.leak(3))
     const r = await cli('check', p)
     expect(r.code).toBe(3)
-    expect(r.out).toMatch(/^leak: qcow2: cluster \d+ /)
-    expect(r.out).toContain('\n3 leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n')
+    expect(r.err).toMatch(/^Leaked cluster \d+ refcount=1 reference=0\n/)
+    expect(r.err).toMatch(/\nleak: qcow2: cluster \d+ /)
+    expect(r.out).toMatch(/^\n3 leaked clusters were found on the image\.\nThis means waste of disk space, but no harm to data\.\n/)
     expect(r.out).toMatch(/Image end offset: \d+\n$/)
   })
 

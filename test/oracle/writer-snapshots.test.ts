@@ -180,7 +180,7 @@ describeQemu('snapshot apply with another disk size, against qemu-img snapshot -
 })
 
 describeQemu('imgtool snapshot -l prints what qemu-img snapshot -l prints', () => {
-  it('on qemu-made snapshots (icount recorded) and on ours (no icount)', async () => {
+  it('on qemu-made snapshots and on ours (icount 0, as qemu-img snapshot -c writes it)', async () => {
     const { execFileSync } = await import('node:child_process')
     const { resolve } = await import('node:path')
     const bin = resolve(__dirname, '..', '..', 'bin', 'imgtool')

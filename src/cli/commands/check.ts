@@ -59,7 +59,7 @@ export interface RunCheckArgs {
 /** check / check -r / repair: one library call, render, qemu-img's exit code. */
 export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
   const api = await import('../../index.js')
-  const { checkJson, checkHuman, repairBanner, planHuman } = await import('../render/check.js')
+  const { checkJson, checkHuman, checkHumanDetails, repairBanner, planHuman } = await import('../render/check.js')
   const { printJson } = await import('../common.js')
   const out = (s: string) => {
     if (!a.quiet) io.stdout.write(s)
@@ -86,10 +86,15 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
       if (a.dryRun) {
         if (a.output === 'json') {
           if (!a.quiet) printJson(io.stdout, { ...checkJson(result.before, a.path), plan: result.actions })
-        } else out(checkHuman(result.before) + '\n' + planHuman(result.actions))
+        } else {
+          io.stderr.write(checkHumanDetails(result.before))
+          out(checkHuman(result.before) + '\n' + planHuman(result.actions))
+        }
         return api.checkExitCode(result.before)
       }
       const fixed = result.before.leaksFixed + result.before.corruptionsFixed
+      // what was found before the repair, on stderr as qemu-img prints it before repairing
+      if (a.output === 'human') io.stderr.write(checkHumanDetails(result.before))
       if (fixed > 0 && a.output === 'human') out(repairBanner(result.before.leaksFixed, result.before.corruptionsFixed))
       report = result.report
       if (result.journalPath) {
@@ -110,7 +115,10 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
     }
     if (a.output === 'json') {
       if (!a.quiet) printJson(io.stdout, checkJson(report, a.path))
-    } else out(checkHuman(report))
+    } else {
+      io.stderr.write(checkHumanDetails(report))
+      out(checkHuman(report))
+    }
     const code = api.checkExitCode(report)
     if (report.checkErrors > 0) io.stderr.write('imgtool: Check failed\n')
     return code

@@ -46,7 +46,7 @@ const compare: CommandModule = {
         throw e
       }
       const out: string[] = []
-      if (r.sizeMismatch && !opts['strict']) out.push('Warning: Image size mismatch!')
+      if (r.sizeWarning) out.push('Warning: Image size mismatch!')
       out.push(r.identical ? 'Images are identical.' : r.message)
       // the verdict before the progress lines' last newline, where qemu-img prints it
       progress.stop(r.identical, () => {

@@ -51,7 +51,8 @@ export default create
 /**
  * The options part of qemu-img create's "Formatting" line: qcow2 lists its
  * options in QEMU's order with their defaults (sizes as numbers, the rest as
- * given); raw lists size, then preallocation when given.
+ * given); raw lists size, then preallocation when given; vpc and vmdk list theirs in
+ * their drivers' order.
  */
 function formattingOptions(
   format: string,
@@ -83,6 +84,16 @@ function formattingOptions(
   } else if (format === 'raw') {
     parts.push(`size=${size}`)
     if (o['preallocation'] !== undefined) parts.push(`preallocation=${o['preallocation']}`)
+  } else if (format === 'vpc') {
+    // block/vpc.c's create options, in their order, those given
+    parts.push(`size=${size}`)
+    for (const k of ['subformat', 'force_size']) if (o[k] !== undefined) parts.push(`${k}=${o[k]}`)
+  } else if (format === 'vmdk') {
+    // block/vmdk.c's create options in their order; compat6 and hwversion show their defaults
+    parts.push(`size=${size}`)
+    if (o['adapter_type'] !== undefined) parts.push(`adapter_type=${o['adapter_type']}`)
+    parts.push(`compat6=${o['compat6'] ?? 'off'}`, `hwversion=${o['hwversion'] ?? 'undefined'}`)
+    for (const k of ['toolsversion', 'subformat', 'zeroed_grain']) if (o[k] !== undefined) parts.push(`${k}=${o[k]}`)
   } else {
     for (const [k, v] of Object.entries(o)) if (k !== 'size') parts.push(`${k}=${v}`)
     parts.push(`size=${size}`)

@@ -1,6 +1,6 @@
 /**
- * check rendering. Human: our findings, then qemu-img check's summary lines
- * verbatim (grep-based scripts keep working). JSON: qemu-img's members, in the
+ * check rendering. Human: qemu-img check's summary lines verbatim on stdout, and its
+ * per-cluster lines then our findings on stderr (grep-based scripts keep working). JSON: qemu-img's members, in the
  * order qemu-img 7.2 prints them, zero-valued optional members omitted, plus
  * `findings` (and `notices` when there are some).
  */
@@ -54,12 +54,23 @@ function pct(n: number, d: number): string {
   return v.toFixed(2)
 }
 
-/** qemu-img check's summary (dump_human_image_check), after our findings */
-export function checkHuman(r: CheckReport): string {
+/**
+ * What human check prints on stderr, as qemu-img prints its per-cluster lines there: qemu-img's own lines
+ * for the same problems (qcow2: `ERROR cluster 5 refcount=0 reference=1`, `Leaked cluster ...`), then our
+ * findings (structure, offsets, guest ranges) and notes. stdout keeps qemu-img's summary alone, so
+ * `check | head -1` and `check 2>&1 >/dev/null | grep -c ERROR` answer as with qemu-img.
+ */
+export function checkHumanDetails(r: CheckReport): string {
   let s = ''
+  for (const d of r.diagnostics ?? []) s += `${d}\n`
   for (const f of r.findings) s += `${f.severity}: ${f.message}\n`
   for (const n of r.notices ?? []) s += `note: ${n.message}\n`
-  if (s) s += '\n'
+  return s
+}
+
+/** qemu-img check's summary (dump_human_image_check), as qemu-img prints it on stdout */
+export function checkHuman(r: CheckReport): string {
+  let s = ''
   if (r.corruptions === 0 && r.leaks === 0 && r.checkErrors === 0) {
     s += 'No errors were found on the image.\n'
   } else {

@@ -63,7 +63,7 @@ function newSnapshot(state: Qcow2State, name: string, now: number, l1Offset: num
   const extra = new Uint8Array(24)
   putU64be(extra, 0, 0)
   putU64be(extra, 8, h.size)
-  putU64be(extra, 16, 0xffffffffffffffffn)
+  putU64be(extra, 16, 0) // icount: qemu-img snapshot -c writes 0 (its record starts zeroed)
   return {
     entryOffset: 0,
     l1TableOffset: l1Offset,
@@ -77,7 +77,7 @@ function newSnapshot(state: Qcow2State, name: string, now: number, l1Offset: num
     extraData: extra,
     vmStateSizeLarge: 0,
     diskSize: h.size,
-    icount: -1,
+    icount: 0,
   }
 }
 
