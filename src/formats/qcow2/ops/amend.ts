@@ -1,0 +1,463 @@
+/**
+ * qemu-img amend for qcow2: change the options of an existing image in place
+ * (compat, lazy_refcounts, refcount_bits, size, data_file, data_file_raw), in
+ * qemu's order (upgrade, refcount width, data file, lazy refcounts, size,
+ * downgrade last) with qemu's refusals and words.
+ *
+ * Unlike qemu, everything that can be refused is checked before anything is
+ * written: a refused amend leaves the image as it was.
+ *
+ * Crash safety, step by step (every state between two steps is a valid image
+ * with the same guest contents, so no undo journal is needed):
+ * - a header field change (lazy_refcounts, data_file_raw=off) is one write of
+ *   the field in the first sector;
+ * - a header rewrite (compat, data_file) lays the header cluster out as
+ *   qemu's qcow2_update_header does and writes it so that the switch is one
+ *   512-byte sector write (see `writeHeaderCluster`);
+ * - a downgrade first turns unallocated zero clusters into unallocated ones
+ *   (L2 entries rewritten in place; both read as zeroes when no backing file
+ *   is there), flushed before the header says v2;
+ * - refcount_bits: amend-refcounts.ts;
+ * - size: resize.ts.
+ */
+import { UnsupportedFeatureError, UsageError, hex } from '../../../errors.js'
+import { alignUp, putU32be, putU64be } from '../../../util/bytes.js'
+import { parseSize } from '../../../util/size.js'
+import * as C from '../spec/constants.js'
+import { decodeL1, decodeL2 } from '../spec/entries.js'
+import { dataFileRaw, hasDataFile, hasLazyRefcounts, l2EntrySize, type Qcow2Header } from '../spec/header.js'
+import type { Qcow2State } from '../read/state.js'
+import type { Qcow2Writer } from '../write/write.js'
+import { changeRefcountOrder, carriedRefcounts } from './amend-refcounts.js'
+import { FEATURES } from './create.js'
+import { writerOf, type Qcow2OpenImage } from './open-image.js'
+import { resizeQcow2 } from './resize.js'
+
+/** The options of `qemu-img amend -o`, parsed. */
+export interface Qcow2AmendOptions {
+  version?: 2 | 3
+  /** new virtual size; 0 or absent: unchanged (as qemu) */
+  size?: number
+  lazyRefcounts?: boolean
+  refcountBits?: number
+  dataFile?: string
+  dataFileRaw?: boolean
+  backingFile?: string
+  backingFormat?: string
+  /** encrypt.* amend options were given */
+  encryption?: boolean
+}
+
+/** Options qemu-img takes only at creation: its hint names them. */
+const CREATE_ONLY = new Set([
+  'encryption',
+  'encrypt.format',
+  'encrypt.key-secret',
+  'encrypt.cipher-alg',
+  'encrypt.cipher-mode',
+  'encrypt.ivgen-alg',
+  'encrypt.ivgen-hash-alg',
+  'encrypt.hash-alg',
+  'cluster_size',
+  'extended_l2',
+  'preallocation',
+  'compression_type',
+])
+const ENCRYPT_AMEND = new Set(['encrypt.state', 'encrypt.keyslot', 'encrypt.old-secret', 'encrypt.new-secret', 'encrypt.iter-time'])
+const KNOWN = new Set(['size', 'compat', 'backing_file', 'backing_fmt', 'data_file', 'data_file_raw', 'lazy_refcounts', 'refcount_bits'])
+
+function parseBool(key: string, v: string): boolean {
+  if (v === 'on' || v === 'yes' || v === 'true') return true
+  if (v === 'off' || v === 'no' || v === 'false') return false
+  throw new UsageError(`Parameter '${key}' expects 'on' or 'off'`)
+}
+
+/**
+ * Parse `-o` options as qemu-img amend does (its words): unknown and
+ * creation-only options, value types, then the checks qcow2_amend_options
+ * makes while it reads them.
+ */
+export function parseAmendOptions(options: Record<string, string>): Qcow2AmendOptions {
+  const o: Qcow2AmendOptions = {}
+  for (const [k, v] of Object.entries(options)) {
+    if (KNOWN.has(k) || ENCRYPT_AMEND.has(k)) {
+      if (k === 'size') {
+        try {
+          o.size = v === '' ? 0 : parseSize(v)
+        } catch {
+          throw new UsageError(
+            "Parameter 'size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.",
+          )
+        }
+      } else if (k === 'lazy_refcounts') o.lazyRefcounts = parseBool(k, v)
+      else if (k === 'data_file_raw') o.dataFileRaw = parseBool(k, v)
+      else if (k === 'refcount_bits') {
+        if (!/^(0x[0-9a-f]+|[0-9]+)$/i.test(v)) throw new UsageError(`Parameter '${k}' expects a number`)
+        o.refcountBits = Number(v)
+      }
+      continue
+    }
+    if (CREATE_ONLY.has(k)) throw new UsageError(`Invalid parameter '${k}'\nThis option is only supported for image creation`)
+    throw new UsageError(`Invalid parameter '${k}'`)
+  }
+  // qcow2_amend_options' own checks, in the order of its option list
+  if (Object.keys(options).some((k) => ENCRYPT_AMEND.has(k))) o.encryption = true
+  if (options['compat'] !== undefined) {
+    const c = options['compat']
+    if (c === '0.10' || c === 'v2') o.version = 2
+    else if (c === '1.1' || c === 'v3') o.version = 3
+    else throw new UsageError(`Unknown compatibility level ${c}`)
+  }
+  if (options['backing_file'] !== undefined) o.backingFile = options['backing_file']
+  if (options['backing_fmt'] !== undefined) o.backingFormat = options['backing_fmt']
+  if (options['data_file'] !== undefined) o.dataFile = options['data_file']
+  if (o.refcountBits !== undefined) {
+    const b = o.refcountBits
+    if (b <= 0 || b > 64 || (b & (b - 1)) !== 0) throw new UsageError('Refcount width must be a power of two and may not exceed 64 bits')
+  }
+  return o
+}
+
+/** What the amend will do, every refusal checked first. */
+interface AmendPlan {
+  version: 2 | 3
+  order: number
+  lazy: boolean
+  dataFile: string | undefined
+  dataFileRaw: boolean
+  size: number
+  /** active and snapshot L2 tables holding plain zero clusters to clear before a downgrade */
+  zeroTables: number[]
+}
+
+async function planAmend(state: Qcow2State, w: Qcow2Writer, o: Qcow2AmendOptions): Promise<AmendPlan> {
+  const h = state.header
+  const file = state.filename
+  if (o.encryption) {
+    if (h.cryptMethod === C.CRYPT_NONE) throw new UsageError("Can't amend encryption options - encryption not present")
+    if (h.cryptMethod !== C.CRYPT_LUKS) throw new UnsupportedFeatureError('Only LUKS encryption options can be amended')
+    throw new UnsupportedFeatureError(`qcow2: ${file}: imgtool does not amend LUKS key slots`)
+  }
+  if (o.dataFile !== undefined && !hasDataFile(h)) throw new UsageError('data-file can only be set for images that use an external data file')
+  if (o.dataFileRaw === true && !dataFileRaw(h)) throw new UsageError('data-file-raw cannot be set on existing images')
+  if (o.dataFile === '') {
+    throw new UnsupportedFeatureError(`qcow2: ${file}: imgtool does not remove the data file name (the image would need -o data-file to open)`)
+  }
+  const oldVersion = h.version
+  const version = o.version ?? oldVersion
+  const bits = o.refcountBits ?? 2 ** h.refcountOrder
+  const order = Math.log2(bits)
+  if (order !== h.refcountOrder) {
+    if (version < 3 && bits !== 16) {
+      throw new UsageError('Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)')
+    }
+    await carriedRefcounts(state, w, order)
+  }
+  if (o.backingFile !== undefined || o.backingFormat !== undefined) {
+    if (o.backingFile !== h.backingFile || o.backingFormat !== h.backingFormat) {
+      throw new UsageError("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.")
+    }
+  }
+  if (version > oldVersion && state.snapshots.some((s) => s.extraData.byteLength < 16)) {
+    // qemu rewrites such a snapshot table with the v3 fields; imgtool does not (yet)
+    throw new UnsupportedFeatureError(`qcow2: ${file}: imgtool cannot upgrade an image whose snapshots lack the v3 extra data (disk size); use qemu-img amend`)
+  }
+  const lazy = o.lazyRefcounts ?? hasLazyRefcounts(h)
+  if (lazy && !hasLazyRefcounts(h) && version < 3) {
+    throw new UsageError('Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)')
+  }
+  const size = o.size !== undefined && o.size !== 0 ? o.size : h.size
+  const plan: AmendPlan = {
+    version,
+    order,
+    lazy,
+    dataFile: o.dataFile ?? h.dataFile,
+    dataFileRaw: o.dataFileRaw ?? dataFileRaw(h),
+    size,
+    zeroTables: [],
+  }
+  if (version < oldVersion) plan.zeroTables = await checkDowngrade(state, plan)
+  return plan
+}
+
+/** qcow2_downgrade's refusals (and imgtool's own, for what it does not expand); the L2 tables to clear. */
+async function checkDowngrade(state: Qcow2State, plan: AmendPlan): Promise<number[]> {
+  const h = state.header
+  const file = state.filename
+  if (plan.order !== 4) throw new UnsupportedFeatureError('compat=0.10 requires refcount_bits=16')
+  if (hasDataFile(h)) throw new UnsupportedFeatureError('Cannot downgrade an image with a data file')
+  for (const s of state.snapshots) {
+    if ((s.vmStateSizeLarge ?? s.vmStateSize) > 0xffffffff || (s.diskSize ?? h.size) !== plan.size) {
+      throw new UnsupportedFeatureError('Internal snapshots prevent downgrade of image')
+    }
+  }
+  // the dirty bit is gone: a read-write open rebuilt the refcounts and cleared it
+  const incompat = h.incompatibleFeatures & ~BigInt(C.INCOMPAT_DIRTY | C.INCOMPAT_COMPRESSION)
+  if (incompat !== 0n) throw new UnsupportedFeatureError(`Cannot downgrade an image with incompatible features 0x${incompat.toString(16)} set`)
+  if (h.bitmaps !== undefined && h.bitmaps.nbBitmaps > 0) {
+    // qemu 7.2 downgrades and leaves the bitmaps' clusters leaked, the bitmaps unusable
+    throw new UnsupportedFeatureError(`qcow2: ${file}: Cannot downgrade an image with persistent bitmaps (remove them first: qemu-img bitmap --remove)`)
+  }
+  const zstd = (h.incompatibleFeatures & BigInt(C.INCOMPAT_COMPRESSION)) !== 0n
+  const cs = h.clusterSize
+  const es = l2EntrySize(h)
+  const ctx = state.decodeContext
+  const tables = new Set<number>()
+  const l1s: Uint8Array[] = [state.l1.subarray(0, h.l1Size * 8)]
+  for (const s of state.snapshots) if (s.l1Size > 0) l1s.push(await state.device.read(s.l1TableOffset, s.l1Size * 8, 'l1'))
+  const withZeroes: number[] = []
+  for (const l1 of l1s) {
+    const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength)
+    for (let i = 0; i < l1.byteLength / 8; i++) {
+      const off = decodeL1(dv, i * 8).l2Offset
+      if (off === 0 || tables.has(off)) continue
+      tables.add(off)
+      const t = await state.device.read(off, cs, 'l2')
+      const tdv = new DataView(t.buffer, t.byteOffset, t.byteLength)
+      let zeroes = false
+      for (let j = 0; j < cs / es; j++) {
+        const e = decodeL2(tdv, j * es, ctx)
+        if (e.type === 'compressed' && zstd) {
+          throw new UnsupportedFeatureError('Cannot downgrade an image with zstd compression type and existing compressed clusters')
+        }
+        if (e.type !== 'zero') continue
+        if (e.hostOffset !== 0 || state.backing !== undefined || h.backingFile !== undefined) {
+          throw new UnsupportedFeatureError(
+            `qcow2: ${file}: Cannot downgrade: the zero cluster in the L2 table at ${hex(off)} (entry ${j}) is ${e.hostOffset !== 0 ? 'preallocated' : 'over a backing file'}; imgtool expands only unallocated zero clusters of images without a backing file`,
+          )
+        }
+        zeroes = true
+      }
+      if (zeroes) withZeroes.push(off)
+    }
+  }
+  return withZeroes
+}
+
+/**
+ * Amend the image's options. The image is closed afterwards, whether the
+ * amend worked or not (as resize): reopen it to use it.
+ */
+export async function amendQcow2(img: Qcow2OpenImage, o: Qcow2AmendOptions): Promise<void> {
+  const state = img.state
+  let resizing = false
+  try {
+    const w = writerOf(img)
+    let plan: AmendPlan | undefined
+    await w.mutex.run(async () => {
+      w.assertUsable()
+      await w.refcounts.persist()
+      await w.flushNow()
+      plan = await planAmend(state, w, o)
+      const h = state.header
+      if (plan.size < h.size && state.snapshots.length > 0 && h.version < 3) {
+        throw new UnsupportedFeatureError(`qcow2: ${state.filename}: Can't resize a v2 image which has snapshots`)
+      }
+      // upgrade first, then the refcount width, then the other header fields; downgrade last
+      if (plan.version > h.version) await rewriteHeader(state, w, { ...h, version: 3 }, plan)
+      if (plan.order !== h.refcountOrder) await changeRefcountOrder(state, w, plan.order)
+      if (plan.dataFile !== h.dataFile) await rewriteHeader(state, w, h, plan)
+      await setFeatureBits(state, w, plan)
+      if (plan.version < h.version) {
+        await clearZeroClusters(state, w, plan.zeroTables)
+        await rewriteHeader(state, w, { ...h, version: 2 }, plan)
+      }
+    })
+    if (plan!.size !== state.header.size) {
+      resizing = true
+      await resizeQcow2(img, plan!.size) // closes the image
+    }
+  } finally {
+    if (!resizing) {
+      await img.close()
+      img.writer?.retire()
+    }
+  }
+}
+
+/** lazy_refcounts and data_file_raw: one 8-byte field write each, in the first sector. */
+async function setFeatureBits(state: Qcow2State, w: Qcow2Writer, plan: AmendPlan): Promise<void> {
+  const h = state.header
+  if (h.version < 3) return
+  const compat = plan.lazy ? h.compatibleFeatures | BigInt(C.COMPAT_LAZY_REFCOUNTS) : h.compatibleFeatures & ~BigInt(C.COMPAT_LAZY_REFCOUNTS)
+  if (compat !== h.compatibleFeatures) {
+    const b = new Uint8Array(8)
+    putU64be(b, 0, compat)
+    await w.writeMetadata(80, b, 'header')
+    await w.flushNow()
+    h.compatibleFeatures = compat
+  }
+  const raw = BigInt(C.AUTOCLEAR_DATA_FILE_RAW)
+  const autoclear = plan.dataFileRaw ? h.autoclearFeatures | raw : h.autoclearFeatures & ~raw
+  if (autoclear !== h.autoclearFeatures) {
+    const b = new Uint8Array(8)
+    putU64be(b, 0, autoclear)
+    await w.writeMetadata(88, b, 'header')
+    await w.flushNow()
+    h.autoclearFeatures = autoclear
+  }
+}
+
+/** Plain zero clusters become unallocated (no backing file: both read as zeroes); each table one write, flushed. */
+async function clearZeroClusters(state: Qcow2State, w: Qcow2Writer, tables: number[]): Promise<void> {
+  const h = state.header
+  const cs = h.clusterSize
+  const ctx = state.decodeContext
+  for (const off of tables) {
+    const t = await state.device.read(off, cs, 'l2')
+    const dv = new DataView(t.buffer, t.byteOffset, t.byteLength)
+    for (let j = 0; j < cs / 8; j++) {
+      const e = decodeL2(dv, j * 8, ctx)
+      if (e.type === 'zero' && e.hostOffset === 0) dv.setBigUint64(j * 8, 0n, false)
+    }
+    await w.writeMetadata(off, t, 'l2')
+  }
+  if (tables.length > 0) await w.flushNow()
+  state.clearL2Cache()
+}
+
+/** End of what a reader uses in the header cluster: fields, extensions and end marker, backing file name. */
+function usedBytes(h: Qcow2Header): number {
+  let end = (h.version === 3 ? h.headerLength : C.HEADER_V2_LENGTH) + 8
+  for (const e of h.extensions) end = Math.max(end, e.offset + 8 + alignUp(e.data.byteLength, 8) + 8)
+  if (h.backingFileOffset > 0) end = Math.max(end, h.backingFileOffset + h.backingFileSize)
+  return end
+}
+
+/** The header cluster as qemu's qcow2_update_header lays it out; `featureTable` false leaves that table out. */
+function layoutHeader(
+  h: Qcow2Header,
+  plan: AmendPlan,
+  backingName: Uint8Array,
+  featureTable: boolean,
+): { bytes: Uint8Array; used: number; extensions: Qcow2Header['extensions']; backingFileOffset: number } {
+  const cs = h.clusterSize
+  const b = new Uint8Array(cs)
+  const v3 = h.version === 3
+  putU32be(b, 0, C.QCOW2_MAGIC)
+  putU32be(b, 4, h.version)
+  putU32be(b, 20, h.clusterBits)
+  putU64be(b, 24, h.size)
+  putU32be(b, 32, h.cryptMethod)
+  putU32be(b, 36, h.l1Size)
+  putU64be(b, 40, h.l1TableOffset)
+  putU64be(b, 48, h.refcountTableOffset)
+  putU32be(b, 56, h.refcountTableClusters)
+  putU32be(b, 60, h.nbSnapshots)
+  putU64be(b, 64, h.snapshotsOffset)
+  let pos = C.HEADER_V2_LENGTH
+  if (v3) {
+    putU64be(b, 72, h.incompatibleFeatures)
+    putU64be(b, 80, h.compatibleFeatures)
+    putU64be(b, 88, h.autoclearFeatures)
+    putU32be(b, 96, h.refcountOrder)
+    putU32be(b, 100, 112)
+    b[104] = h.compressionType
+    pos = 112
+  }
+  const exts: Qcow2Header['extensions'] = []
+  const add = (magic: number, data: Uint8Array) => {
+    if (pos + 8 + alignUp(data.byteLength, 8) + 8 > cs) throw new UnsupportedFeatureError(`qcow2: header extensions do not fit in the header cluster`)
+    putU32be(b, pos, magic)
+    putU32be(b, pos + 4, data.byteLength)
+    b.set(data, pos + 8)
+    exts.push({ magic, offset: pos, data })
+    pos += 8 + alignUp(data.byteLength, 8)
+  }
+  const old = (magic: number) => h.extensions.find((e) => e.magic === magic)
+  const bf = old(C.EXT_BACKING_FORMAT)
+  if (bf) add(bf.magic, bf.data)
+  if (v3 && plan.dataFile !== undefined && hasDataFile(h)) add(C.EXT_DATA_FILE, new TextEncoder().encode(plan.dataFile))
+  const crypto = old(C.EXT_CRYPTO)
+  if (crypto) add(crypto.magic, crypto.data)
+  if (v3 && featureTable) {
+    const t = new Uint8Array(FEATURES.length * 48)
+    FEATURES.forEach(([type, bit, name], i) => {
+      t[i * 48] = type
+      t[i * 48 + 1] = bit
+      t.set(new TextEncoder().encode(name), i * 48 + 2)
+    })
+    add(C.EXT_FEATURE_TABLE, t)
+  }
+  const bm = old(C.EXT_BITMAPS)
+  if (bm && v3) add(bm.magic, bm.data)
+  const known = new Set([C.EXT_BACKING_FORMAT, C.EXT_DATA_FILE, C.EXT_CRYPTO, C.EXT_FEATURE_TABLE, C.EXT_BITMAPS])
+  for (const e of h.extensions) if (!known.has(e.magic)) add(e.magic, e.data)
+  pos += 8 // end marker
+  let backingFileOffset = 0
+  if (backingName.byteLength > 0) {
+    if (pos + backingName.byteLength > cs) throw new UnsupportedFeatureError(`qcow2: backing file name does not fit in the header cluster`)
+    backingFileOffset = pos
+    putU64be(b, 8, pos)
+    putU32be(b, 16, backingName.byteLength)
+    b.set(backingName, pos)
+    pos += backingName.byteLength
+  }
+  return { bytes: b, used: pos, extensions: exts, backingFileOffset }
+}
+
+/**
+ * Rewrite the header cluster for `next` (the header with its new version)
+ * so that one 512-byte sector write is the switch:
+ * - the new header's used bytes fit in the first sector: write it, then the rest;
+ * - the old one's do: write the new rest (unused by the old header) first, then the first sector;
+ * - neither: first switch to the new header without its feature name table
+ *   (which fits in the first sector), then as above.
+ */
+async function rewriteHeader(state: Qcow2State, w: Qcow2Writer, next: Qcow2Header, plan: AmendPlan): Promise<void> {
+  const h = state.header
+  const dev = state.device
+  const cluster = await dev.read(0, h.clusterSize, 'header')
+  const name = h.backingFileOffset > 0 ? cluster.slice(h.backingFileOffset, h.backingFileOffset + h.backingFileSize) : new Uint8Array(0)
+  const target: Qcow2Header = { ...next }
+  if (next.version === 2) {
+    target.incompatibleFeatures = 0n
+    target.compatibleFeatures = 0n
+    target.autoclearFeatures = 0n
+    target.compressionType = C.COMPRESSION_ZLIB
+    target.headerLength = C.HEADER_V2_LENGTH
+  } else if (h.version === 2) {
+    target.incompatibleFeatures = 0n
+    target.compatibleFeatures = 0n
+    target.autoclearFeatures = 0n
+    target.refcountOrder = 4
+    target.compressionType = C.COMPRESSION_ZLIB
+    target.headerLength = 112
+  }
+  const full = layoutHeader(target, plan, name, true)
+  const head = (b: Uint8Array) => w.writeMetadata(0, b.subarray(0, 512), 'header')
+  const tail = (b: Uint8Array) => (h.clusterSize > 512 ? w.writeMetadata(512, b.subarray(512), 'header') : Promise.resolve())
+  if (full.used <= 512) {
+    await head(full.bytes)
+    await w.flushNow()
+    await tail(full.bytes)
+  } else if (usedBytes(h) <= 512) {
+    await tail(full.bytes)
+    await w.flushNow()
+    await head(full.bytes)
+  } else {
+    const compact = layoutHeader(target, plan, name, false)
+    if (compact.used > 512) {
+      throw new UnsupportedFeatureError(
+        `qcow2: ${state.filename}: the header cannot be rewritten crash-safely (more than 512 bytes of extensions and backing file name)`,
+      )
+    }
+    await head(compact.bytes)
+    await w.flushNow()
+    await tail(full.bytes)
+    await w.flushNow()
+    await head(full.bytes)
+  }
+  await w.flushNow()
+  // memory follows the disk
+  h.version = target.version
+  h.incompatibleFeatures = target.incompatibleFeatures
+  h.compatibleFeatures = target.compatibleFeatures
+  h.autoclearFeatures = target.autoclearFeatures
+  h.refcountOrder = target.refcountOrder
+  h.compressionType = target.compressionType
+  h.headerLength = target.headerLength
+  h.extensions = full.extensions
+  h.backingFileOffset = full.backingFileOffset
+  if (hasDataFile(h)) h.dataFile = plan.dataFile
+}
