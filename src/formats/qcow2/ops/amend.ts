@@ -370,7 +370,8 @@ function layoutHeader(
   if (v3 && plan.dataFile !== undefined && hasDataFile(h)) add(C.EXT_DATA_FILE, new TextEncoder().encode(plan.dataFile))
   const crypto = old(C.EXT_CRYPTO)
   if (crypto) add(crypto.magic, crypto.data)
-  if (v3 && featureTable) {
+  // qemu-img 7.2 writes the feature name table only with clusters of 8 KiB and more (as create.ts)
+  if (v3 && featureTable && cs >= 8192) {
     const t = new Uint8Array(FEATURES.length * 48)
     FEATURES.forEach(([type, bit, name], i) => {
       t[i * 48] = type
