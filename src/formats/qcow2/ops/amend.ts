@@ -253,14 +253,20 @@ export async function amendQcow2(img: Qcow2OpenImage, o: Qcow2AmendOptions): Pro
       if (plan.size < h.size && state.snapshots.length > 0 && h.version < 3) {
         throw new UnsupportedFeatureError(`qcow2: ${state.filename}: Can't resize a v2 image which has snapshots`)
       }
-      // upgrade first, then the refcount width, then the other header fields; downgrade last
-      if (plan.version > h.version) await rewriteHeader(state, w, { ...h, version: 3 }, plan)
-      if (plan.order !== h.refcountOrder) await changeRefcountOrder(state, w, plan.order)
-      if (plan.dataFile !== h.dataFile) await rewriteHeader(state, w, h, plan)
-      await setFeatureBits(state, w, plan)
-      if (plan.version < h.version) {
-        await clearZeroClusters(state, w, plan.zeroTables)
-        await rewriteHeader(state, w, { ...h, version: 2 }, plan)
+      try {
+        // upgrade first, then the refcount width, then the other header fields; downgrade last
+        if (plan.version > h.version) await rewriteHeader(state, w, { ...h, version: 3 }, plan)
+        if (plan.order !== h.refcountOrder) await changeRefcountOrder(state, w, plan.order)
+        if (plan.dataFile !== h.dataFile) await rewriteHeader(state, w, h, plan)
+        await setFeatureBits(state, w, plan)
+        if (plan.version < h.version) {
+          await clearZeroClusters(state, w, plan.zeroTables)
+          await rewriteHeader(state, w, { ...h, version: 2 }, plan)
+        }
+      } catch (e) {
+        // a write failed half way: memory may not match the disk, so closing writes nothing more
+        w.abortTransaction()
+        throw e
       }
     })
     if (plan!.size !== state.header.size) {
