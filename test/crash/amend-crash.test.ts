@@ -23,6 +23,7 @@ import { amendQcow2, parseAmendOptions } from '../../src/formats/qcow2/ops/amend
 import { createSnapshot } from '../../src/formats/qcow2/ops/snapshot-ops.js'
 import { compressCluster } from '../../src/formats/qcow2/write/compress-write.js'
 import { CrashDevice } from '../support/crash-device.js'
+import { stripSnapshotExtraData } from '../support/snapshot-extra.js'
 import { sweepFaults } from '../support/faulty-device.js'
 import { hasQemuImg, makeTempDir, md5, qemuImg, useTempDirs } from '../support/qemu.js'
 import { MemFiles, Unclosable, openOn, pattern } from '../writer/helpers.js'
@@ -43,6 +44,8 @@ interface AmendCase {
   snapshot?: boolean
   /** on a backing file (base.qcow2, with data of its own): the name moves when the header is rewritten */
   backing?: boolean
+  /** snapshots without extra data (as old qemu wrote v2 ones): the upgrade writes a new table */
+  stripExtra?: boolean
   /** header fields after the amend: version, refcount order, compatible features */
   expect: { version: 2 | 3; refcountOrder: number; compat: bigint }
 }
@@ -86,6 +89,14 @@ const CASES: AmendCase[] = [
     amend: { compat: 'v2' },
     backing: true,
     expect: { version: 2, refcountOrder: 4, compat: 0n },
+  },
+  {
+    name: 'upgrade of snapshots without extra data (a new snapshot table, 4 KiB clusters)',
+    create: { compat: '0.10', cluster_size: '4096' },
+    amend: { compat: '1.1' },
+    snapshot: true,
+    stripExtra: true,
+    expect: { version: 3, refcountOrder: 4, compat: 0n },
   },
   {
     name: 'upgrade with lazy refcounts (4 KiB clusters)',
@@ -161,7 +172,7 @@ async function prepare(c: AmendCase): Promise<Uint8Array> {
     }
   }
   await img.close()
-  return dev.snapshot()
+  return c.stripExtra ? stripSnapshotExtraData(dev.snapshot()) : dev.snapshot()
 }
 
 async function guest(dev: MemoryDevice): Promise<string> {

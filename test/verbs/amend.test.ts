@@ -7,10 +7,11 @@
  * Every refusal has qemu-img's exit code and words; the deliberate
  * differences are tested with imgtool's own words.
  */
-import { copyFileSync, readFileSync } from 'node:fs'
+import { copyFileSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { expect, it } from 'vitest'
 import { cli } from '../support/cli.js'
+import { stripSnapshotExtraData } from '../support/snapshot-extra.js'
 import { describeQemu, makeTempDir, qemuImg, qemuImgJson, qemuImgOk, qemuIoOk, useTempDirs } from '../support/qemu.js'
 
 useTempDirs()
@@ -147,6 +148,16 @@ describeQemu('imgtool amend matches qemu-img amend', () => {
       const m = await make([], DATA, ['s1', 's2'])
       await expectSameResult(m, 'refcount_bits=8', false)
       await expectSameResult(m, 'refcount_bits=16,compat=0.10', false)
+    },
+    LIMIT,
+  )
+  it(
+    'upgrade of v2 snapshots without extra data: the table is written anew with disk sizes',
+    async () => {
+      const m = await make(['-o', 'compat=0.10,cluster_size=4k'], DATA, ['first', 'second'])
+      for (const f of [m.ours, m.theirs]) writeFileSync(f, stripSnapshotExtraData(readFileSync(f)))
+      expect((await qemuImg(['check', m.ours])).code, 'the stripped image is sound').toBe(0)
+      await expectSameResult(m, 'compat=1.1', true)
     },
     LIMIT,
   )

@@ -13,7 +13,7 @@
  *   the field in the first sector;
  * - a header rewrite (compat, data_file) lays the header cluster out as
  *   qemu's qcow2_update_header does and writes it so that the switch is one
- *   512-byte sector write (see `writeHeaderCluster`);
+ *   512-byte sector write (amend-header.ts);
  * - a downgrade first turns unallocated zero clusters into unallocated ones
  *   (L2 entries rewritten in place; both read as zeroes when no backing file
  *   is there), flushed before the header says v2;
@@ -21,15 +21,17 @@
  * - size: resize.ts.
  */
 import { UnsupportedFeatureError, UsageError, hex } from '../../../errors.js'
-import { alignUp, putU32be, putU64be } from '../../../util/bytes.js'
+import { putU64be, u64be } from '../../../util/bytes.js'
 import { parseSize } from '../../../util/size.js'
 import * as C from '../spec/constants.js'
 import { decodeL1, decodeL2 } from '../spec/entries.js'
-import { dataFileRaw, hasDataFile, hasLazyRefcounts, l2EntrySize, type Qcow2Header } from '../spec/header.js'
+import { dataFileRaw, hasDataFile, hasLazyRefcounts, l2EntrySize } from '../spec/header.js'
 import type { Qcow2State } from '../read/state.js'
 import type { Qcow2Writer } from '../write/write.js'
 import { changeRefcountOrder, carriedRefcounts } from './amend-refcounts.js'
-import { FEATURES } from './create.js'
+import { rewriteHeader } from './amend-header.js'
+import { encodeSnapshotTable } from './snapshot-ops.js'
+import { SNAPSHOT_FIXED_BYTES, snapshotTableBytes, type Qcow2Snapshot } from '../spec/snapshot-table.js'
 import { writerOf, type Qcow2OpenImage } from './open-image.js'
 import { resizeQcow2 } from './resize.js'
 
@@ -158,10 +160,6 @@ async function planAmend(state: Qcow2State, w: Qcow2Writer, o: Qcow2AmendOptions
       throw new UsageError("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.")
     }
   }
-  if (version > oldVersion && state.snapshots.some((s) => s.extraData.byteLength < 16)) {
-    // qemu rewrites such a snapshot table with the v3 fields; imgtool does not (yet)
-    throw new UnsupportedFeatureError(`qcow2: ${file}: imgtool cannot upgrade an image whose snapshots lack the v3 extra data (disk size); use qemu-img amend`)
-  }
   const lazy = o.lazyRefcounts ?? hasLazyRefcounts(h)
   if (lazy && !hasLazyRefcounts(h) && version < 3) {
     throw new UsageError('Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)')
@@ -255,13 +253,13 @@ export async function amendQcow2(img: Qcow2OpenImage, o: Qcow2AmendOptions): Pro
       }
       try {
         // upgrade first, then the refcount width, then the other header fields; downgrade last
-        if (plan.version > h.version) await rewriteHeader(state, w, { ...h, version: 3 }, plan)
+        if (plan.version > h.version) await upgrade(state, w, plan)
         if (plan.order !== h.refcountOrder) await changeRefcountOrder(state, w, plan.order)
-        if (plan.dataFile !== h.dataFile) await rewriteHeader(state, w, h, plan)
+        if (plan.dataFile !== h.dataFile) await rewriteHeader(state, w, h, plan.dataFile)
         await setFeatureBits(state, w, plan)
         if (plan.version < h.version) {
           await clearZeroClusters(state, w, plan.zeroTables)
-          await rewriteHeader(state, w, { ...h, version: 2 }, plan)
+          await rewriteHeader(state, w, { ...h, version: 2 }, plan.dataFile)
         }
       } catch (e) {
         // a write failed half way: memory may not match the disk, so closing writes nothing more
@@ -280,6 +278,71 @@ export async function amendQcow2(img: Qcow2OpenImage, o: Qcow2AmendOptions): Pro
     }
   }
 }
+
+/**
+ * v2 to v3. v3 wants every snapshot's disk size in its extra data: when one
+ * lacks it, the table is written anew as qcow2_upgrade has qemu write it
+ * (every entry's extra data: VM state size, disk size, icount; what follows
+ * the 24 bytes kept) to newly allocated clusters, flushed, and the header
+ * rewrite that makes the image v3 points at it too. The old table is freed
+ * once that is durable; a new table the header never pointed at is given
+ * back (a crash in between leaves it leaked).
+ */
+async function upgrade(state: Qcow2State, w: Qcow2Writer, plan: AmendPlan): Promise<void> {
+  const h = state.header
+  if (!state.snapshots.some((s) => s.extraData.byteLength < 16)) return rewriteHeader(state, w, { ...h, version: 3 }, plan.dataFile)
+  const snaps = state.snapshots.map((s): Qcow2Snapshot => {
+    const extra = new Uint8Array(Math.max(24, s.extraData.byteLength))
+    extra.set(s.extraData.subarray(24), 24)
+    const vmState = s.vmStateSizeLarge ?? s.vmStateSize
+    const diskSize = s.diskSize ?? h.size
+    const icount = s.icount ?? -1
+    putU64be(extra, 0, vmState)
+    putU64be(extra, 8, diskSize)
+    putU64be(extra, 16, BigInt.asUintN(64, BigInt(icount)))
+    return { ...s, extraData: extra, vmStateSizeLarge: vmState, diskSize, icount }
+  })
+  const table = encodeSnapshotTable(snaps)
+  const cs = h.clusterSize
+  const old = { offset: h.snapshotsOffset, bytes: snapshotTableBytes(state.snapshots, h.snapshotsOffset) }
+  const offset = await w.allocClusters(Math.ceil(table.byteLength / cs))
+  try {
+    await w.refcounts.persist()
+    await w.writeMetadata(offset, table, 'snapshot')
+    await w.flushNow()
+    await rewriteHeader(state, w, { ...h, version: 3, snapshotsOffset: offset }, plan.dataFile)
+  } catch (e) {
+    // as the file reads now: a header that never pointed at the new table gives it back; one that
+    // does (a later step failed) has left the old table unreferenced, which goes
+    const head = await state.device.read(0, 72, 'header').catch(() => undefined)
+    if (head) {
+      const linked = Number(u64be(head, 64)) === offset
+      await w.refcounts.update(linked ? old.offset : offset, linked ? old.bytes : table.byteLength, -1)
+      await w.refcounts.persist()
+      await w.flushNow()
+    }
+    throw e
+  }
+  let pos = offset
+  for (const s of snaps) {
+    s.entryOffset = pos
+    pos += Math.ceil((SNAPSHOT_FIXED_BYTES + s.extraData.byteLength + enc.encode(s.id).byteLength + enc.encode(s.name).byteLength) / 8) * 8
+  }
+  state.snapshots.length = 0
+  state.snapshots.push(...snaps)
+  h.snapshotsOffset = offset
+  w.guard.setRange(old.offset, old.bytes, undefined)
+  w.guard.setRange(offset, table.byteLength, 'snapshot')
+  // the upgrade is done; if freeing the old table fails here, closing the image writes it (or reports why not)
+  w.deferFree(old.offset, old.bytes)
+  await w
+    .flushNow()
+    .then(() => w.refcounts.persist())
+    .then(() => w.flushNow())
+    .catch(() => undefined)
+}
+
+const enc = new TextEncoder()
 
 /** lazy_refcounts and data_file_raw: one 8-byte field write each, in the first sector. */
 async function setFeatureBits(state: Qcow2State, w: Qcow2Writer, plan: AmendPlan): Promise<void> {
@@ -320,151 +383,4 @@ async function clearZeroClusters(state: Qcow2State, w: Qcow2Writer, tables: numb
   }
   if (tables.length > 0) await w.flushNow()
   state.clearL2Cache()
-}
-
-/** End of what a reader uses in the header cluster: fields, extensions and end marker, backing file name. */
-function usedBytes(h: Qcow2Header): number {
-  let end = (h.version === 3 ? h.headerLength : C.HEADER_V2_LENGTH) + 8
-  for (const e of h.extensions) end = Math.max(end, e.offset + 8 + alignUp(e.data.byteLength, 8) + 8)
-  if (h.backingFileOffset > 0) end = Math.max(end, h.backingFileOffset + h.backingFileSize)
-  return end
-}
-
-/** The header cluster as qemu's qcow2_update_header lays it out; `featureTable` false leaves that table out. */
-function layoutHeader(
-  h: Qcow2Header,
-  plan: AmendPlan,
-  backingName: Uint8Array,
-  featureTable: boolean,
-): { bytes: Uint8Array; used: number; extensions: Qcow2Header['extensions']; backingFileOffset: number } {
-  const cs = h.clusterSize
-  const b = new Uint8Array(cs)
-  const v3 = h.version === 3
-  putU32be(b, 0, C.QCOW2_MAGIC)
-  putU32be(b, 4, h.version)
-  putU32be(b, 20, h.clusterBits)
-  putU64be(b, 24, h.size)
-  putU32be(b, 32, h.cryptMethod)
-  putU32be(b, 36, h.l1Size)
-  putU64be(b, 40, h.l1TableOffset)
-  putU64be(b, 48, h.refcountTableOffset)
-  putU32be(b, 56, h.refcountTableClusters)
-  putU32be(b, 60, h.nbSnapshots)
-  putU64be(b, 64, h.snapshotsOffset)
-  let pos = C.HEADER_V2_LENGTH
-  if (v3) {
-    putU64be(b, 72, h.incompatibleFeatures)
-    putU64be(b, 80, h.compatibleFeatures)
-    putU64be(b, 88, h.autoclearFeatures)
-    putU32be(b, 96, h.refcountOrder)
-    putU32be(b, 100, 112)
-    b[104] = h.compressionType
-    pos = 112
-  }
-  const exts: Qcow2Header['extensions'] = []
-  const add = (magic: number, data: Uint8Array) => {
-    if (pos + 8 + alignUp(data.byteLength, 8) + 8 > cs) throw new UnsupportedFeatureError(`qcow2: header extensions do not fit in the header cluster`)
-    putU32be(b, pos, magic)
-    putU32be(b, pos + 4, data.byteLength)
-    b.set(data, pos + 8)
-    exts.push({ magic, offset: pos, data })
-    pos += 8 + alignUp(data.byteLength, 8)
-  }
-  const old = (magic: number) => h.extensions.find((e) => e.magic === magic)
-  const bf = old(C.EXT_BACKING_FORMAT)
-  if (bf) add(bf.magic, bf.data)
-  if (v3 && plan.dataFile !== undefined && hasDataFile(h)) add(C.EXT_DATA_FILE, new TextEncoder().encode(plan.dataFile))
-  const crypto = old(C.EXT_CRYPTO)
-  if (crypto) add(crypto.magic, crypto.data)
-  // qemu-img 7.2 writes the feature name table only with clusters of 8 KiB and more (as create.ts)
-  if (v3 && featureTable && cs >= 8192) {
-    const t = new Uint8Array(FEATURES.length * 48)
-    FEATURES.forEach(([type, bit, name], i) => {
-      t[i * 48] = type
-      t[i * 48 + 1] = bit
-      t.set(new TextEncoder().encode(name), i * 48 + 2)
-    })
-    add(C.EXT_FEATURE_TABLE, t)
-  }
-  const bm = old(C.EXT_BITMAPS)
-  if (bm && v3) add(bm.magic, bm.data)
-  const known = new Set([C.EXT_BACKING_FORMAT, C.EXT_DATA_FILE, C.EXT_CRYPTO, C.EXT_FEATURE_TABLE, C.EXT_BITMAPS])
-  for (const e of h.extensions) if (!known.has(e.magic)) add(e.magic, e.data)
-  pos += 8 // end marker
-  let backingFileOffset = 0
-  if (backingName.byteLength > 0) {
-    if (pos + backingName.byteLength > cs) throw new UnsupportedFeatureError(`qcow2: backing file name does not fit in the header cluster`)
-    backingFileOffset = pos
-    putU64be(b, 8, pos)
-    putU32be(b, 16, backingName.byteLength)
-    b.set(backingName, pos)
-    pos += backingName.byteLength
-  }
-  return { bytes: b, used: pos, extensions: exts, backingFileOffset }
-}
-
-/**
- * Rewrite the header cluster for `next` (the header with its new version)
- * so that one 512-byte sector write is the switch:
- * - the new header's used bytes fit in the first sector: write it, then the rest;
- * - the old one's do: write the new rest (unused by the old header) first, then the first sector;
- * - neither: first switch to the new header without its feature name table
- *   (which fits in the first sector), then as above.
- */
-async function rewriteHeader(state: Qcow2State, w: Qcow2Writer, next: Qcow2Header, plan: AmendPlan): Promise<void> {
-  const h = state.header
-  const dev = state.device
-  const cluster = await dev.read(0, h.clusterSize, 'header')
-  const name = h.backingFileOffset > 0 ? cluster.slice(h.backingFileOffset, h.backingFileOffset + h.backingFileSize) : new Uint8Array(0)
-  const target: Qcow2Header = { ...next }
-  if (next.version === 2) {
-    target.incompatibleFeatures = 0n
-    target.compatibleFeatures = 0n
-    target.autoclearFeatures = 0n
-    target.compressionType = C.COMPRESSION_ZLIB
-    target.headerLength = C.HEADER_V2_LENGTH
-  } else if (h.version === 2) {
-    target.incompatibleFeatures = 0n
-    target.compatibleFeatures = 0n
-    target.autoclearFeatures = 0n
-    target.refcountOrder = 4
-    target.compressionType = C.COMPRESSION_ZLIB
-    target.headerLength = 112
-  }
-  const full = layoutHeader(target, plan, name, true)
-  const head = (b: Uint8Array) => w.writeMetadata(0, b.subarray(0, 512), 'header')
-  const tail = (b: Uint8Array) => (h.clusterSize > 512 ? w.writeMetadata(512, b.subarray(512), 'header') : Promise.resolve())
-  if (full.used <= 512) {
-    await head(full.bytes)
-    await w.flushNow()
-    await tail(full.bytes)
-  } else if (usedBytes(h) <= 512) {
-    await tail(full.bytes)
-    await w.flushNow()
-    await head(full.bytes)
-  } else {
-    const compact = layoutHeader(target, plan, name, false)
-    if (compact.used > 512) {
-      throw new UnsupportedFeatureError(
-        `qcow2: ${state.filename}: the header cannot be rewritten crash-safely (more than 512 bytes of extensions and backing file name)`,
-      )
-    }
-    await head(compact.bytes)
-    await w.flushNow()
-    await tail(full.bytes)
-    await w.flushNow()
-    await head(full.bytes)
-  }
-  await w.flushNow()
-  // memory follows the disk
-  h.version = target.version
-  h.incompatibleFeatures = target.incompatibleFeatures
-  h.compatibleFeatures = target.compatibleFeatures
-  h.autoclearFeatures = target.autoclearFeatures
-  h.refcountOrder = target.refcountOrder
-  h.compressionType = target.compressionType
-  h.headerLength = target.headerLength
-  h.extensions = full.extensions
-  h.backingFileOffset = full.backingFileOffset
-  if (hasDataFile(h)) h.dataFile = plan.dataFile
 }
