@@ -255,6 +255,32 @@ describeQemu('imgtool amend matches qemu-img amend', () => {
   )
 })
 
+describeQemu('imgtool amend -o help prints what qemu-img amend prints', () => {
+  for (const args of [
+    ['-f', 'qcow2', '-o', 'help'],
+    ['-o', 'help'],
+    ['-o', '?'],
+    ['-o', 'help,compat=0.10'],
+    ['-f', 'raw', '-o', 'help'],
+  ]) {
+    it(
+      `amend ${args.join(' ')}`,
+      async () => {
+        const m = await make([], [])
+        const withImage = args[0] !== '-f'
+        const before = readFileSync(m.ours)
+        const theirs = await qemuImg(['amend', ...args, ...(withImage ? [m.theirs] : [])])
+        const ours = await cli('amend', ...args, ...(withImage ? [m.ours] : []))
+        expect(ours.code).toBe(theirs.code)
+        expect(ours.stdout).toBe(theirs.stdout)
+        if (theirs.code !== 0) expect(ours.stderr.trim()).toBe(`imgtool: ${qemuWords(theirs.stderr)}`)
+        expect(Buffer.compare(readFileSync(m.ours), before), 'nothing is changed').toBe(0)
+      },
+      LIMIT,
+    )
+  }
+})
+
 describeQemu('imgtool amend: deliberate differences from qemu-img', () => {
   it(
     'refuses to shrink over guest data (qemu-img amend discards it)',

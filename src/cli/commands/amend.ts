@@ -18,13 +18,20 @@ const amend: CommandModule = {
       .argument('[image]')
   },
   async run(args, opts, io) {
-    const { UsageError, amend, isFormatName } = await import('../../index.js')
+    const { UsageError, amend, amendOptionHelp, isFormatName } = await import('../../index.js')
     const path = args[0]
     if (opts['options'] === undefined) throw new UsageError('Must specify options (-o)')
-    if (!path || args.length !== 1) throw new UsageError('Expecting one image file name')
-    const f = opts['format']
-    if (f !== undefined && (typeof f !== 'string' || !isFormatName(f))) throw new UsageError(`Unknown file format '${String(f)}'`)
     const options = parseKeyValues(opts['options'] as string)
+    const f = opts['format']
+    const wantsHelp = 'help' in options || '?' in options
+    // -f FMT -o help needs no image (qemu-img's order: the help, then the image name)
+    if (wantsHelp && typeof f === 'string') return printHelp(io, f, await amendOptionHelp(f))
+    if (!path || args.length !== 1) throw new UsageError('Expecting one image file name')
+    if (f !== undefined && (typeof f !== 'string' || !isFormatName(f))) throw new UsageError(`Unknown file format '${String(f)}'`)
+    if (wantsHelp) {
+      const r = await amend(path, { options, ...(typeof f === 'string' && isFormatName(f) ? { format: f } : {}) })
+      return printHelp(io, 'qcow2', r.help ?? [])
+    }
     const { startProgress } = await import('../progress.js')
     const progress = await startProgress(io, 'amending', {
       requested: Boolean(opts['progress']),
@@ -48,3 +55,10 @@ const amend: CommandModule = {
   },
 }
 export default amend
+
+/** qemu's option help: `  name=<type>`, padded to 24 columns, ` - help` */
+function printHelp(io: { stdout: NodeJS.WritableStream }, format: string, list: Array<{ name: string; type: string; help: string }>): number {
+  io.stdout.write(`Amend options for '${format}':\n`)
+  for (const o of list) io.stdout.write(`${`  ${o.name}=<${o.type}>`.padEnd(24)} - ${o.help}\n`)
+  return 0
+}

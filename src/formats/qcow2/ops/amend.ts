@@ -68,6 +68,30 @@ const CREATE_ONLY = new Set([
 const ENCRYPT_AMEND = new Set(['encrypt.state', 'encrypt.keyslot', 'encrypt.old-secret', 'encrypt.new-secret', 'encrypt.iter-time'])
 const KNOWN = new Set(['size', 'compat', 'backing_file', 'backing_fmt', 'data_file', 'data_file_raw', 'lazy_refcounts', 'refcount_bits'])
 
+/** One option `qemu-img amend -o help` lists for qcow2 (its order: by name). */
+export interface AmendOptionHelp {
+  name: string
+  type: string
+  help: string
+}
+
+/** The options qemu-img 7.2 lists for `amend -f qcow2 -o help` (imgtool refuses the encrypt.* ones on use). */
+export const QCOW2_AMEND_OPTIONS: readonly AmendOptionHelp[] = [
+  { name: 'backing_file', type: 'str', help: 'File name of a base image' },
+  { name: 'backing_fmt', type: 'str', help: 'Image format of the base image' },
+  { name: 'compat', type: 'str', help: 'Compatibility level (v2 [0.10] or v3 [1.1])' },
+  { name: 'data_file', type: 'str', help: 'File name of an external data file' },
+  { name: 'data_file_raw', type: 'bool (on/off)', help: 'The external data file must stay valid as a raw image' },
+  { name: 'encrypt.iter-time', type: 'num', help: 'Time to spend in PBKDF in milliseconds' },
+  { name: 'encrypt.keyslot', type: 'num', help: 'Select a single keyslot to modify explicitly' },
+  { name: 'encrypt.new-secret', type: 'str', help: 'New secret to set in the matching keyslots. Empty string to erase' },
+  { name: 'encrypt.old-secret', type: 'str', help: 'Select all keyslots that match this password' },
+  { name: 'encrypt.state', type: 'str', help: 'Select new state of affected keyslots (active/inactive)' },
+  { name: 'lazy_refcounts', type: 'bool (on/off)', help: 'Postpone refcount updates' },
+  { name: 'refcount_bits', type: 'num', help: 'Width of a reference count entry in bits' },
+  { name: 'size', type: 'size', help: 'Virtual disk size' },
+]
+
 function parseBool(key: string, v: string): boolean {
   if (v === 'on' || v === 'yes' || v === 'true') return true
   if (v === 'off' || v === 'no' || v === 'false') return false
