@@ -69,6 +69,12 @@ const CASES: AmendCase[] = [
     expect: { version: 2, refcountOrder: 4, compat: 0n },
   },
   {
+    name: 'downgrade over preallocated zero clusters (zeroes written, 4 KiB clusters)',
+    create: { cluster_size: '4096', preallocation: 'metadata' },
+    amend: { compat: '0.10' },
+    expect: { version: 2, refcountOrder: 4, compat: 0n },
+  },
+  {
     name: 'upgrade (64 KiB clusters: the header grows past the first sector)',
     create: { compat: '0.10' },
     amend: { compat: '1.1' },
@@ -163,7 +169,11 @@ async function prepare(c: AmendCase): Promise<Uint8Array> {
   if (c.snapshot) await createSnapshot(img, 'snap')
   await img.write(2 * M + cs, pattern(3, cs, 7))
   // (zero clusters over a backing file are refused by a downgrade: imgtool does not expand them)
-  if (c.create['compat'] !== '0.10' && !c.backing) await img.writeZeroes(4 * M, 3 * cs)
+  if (c.create['compat'] !== '0.10' && !c.backing) {
+    // preallocated images: data first, so the zero clusters keep old bytes the expansion must overwrite
+    if (c.create['preallocation'] !== undefined) await img.write(4 * M, pattern(4, 3 * cs, 13))
+    await img.writeZeroes(4 * M, 3 * cs)
+  }
   if (c.compressed) {
     for (let i = 0; i < 3; i++) {
       const z = await compressCluster(compressible(i, cs), cs, img.header.compressionType)

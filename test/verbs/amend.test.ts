@@ -95,6 +95,13 @@ describeQemu('imgtool amend matches qemu-img amend', () => {
     { name: 'downgrade to 0.10 (64 KiB clusters)', create: [], io: DATA, opts: 'compat=0.10', header: true },
     { name: 'downgrade to 0.10 (4 KiB clusters, snapshots)', create: ['-o', 'cluster_size=4k'], io: DATA, snaps: ['s1'], opts: 'compat=0.10', header: true },
     { name: 'downgrade over unallocated zero clusters', create: [], io: [...DATA, 'write -z 256k 128k'], opts: 'compat=v2', header: true },
+    {
+      name: 'downgrade over preallocated zero clusters (zeroes written)',
+      create: ['-o', 'preallocation=metadata,cluster_size=4k'],
+      io: ['write -P 1 0 128k', 'write -z 0 64k', 'write -z 1M 8k'],
+      opts: 'compat=0.10',
+      header: true,
+    },
     { name: 'downgrade with lazy refcounts on', create: ['-o', 'lazy_refcounts=on'], io: DATA, opts: 'compat=0.10', header: true },
     { name: 'upgrade to 1.1 (64 KiB clusters)', create: ['-o', 'compat=0.10'], io: DATA, opts: 'compat=1.1', header: true },
     {
@@ -309,12 +316,14 @@ describeQemu('imgtool amend: deliberate differences from qemu-img', () => {
     LIMIT,
   )
   it(
-    'refuses to downgrade over preallocated zero clusters (qemu-img writes zeroes into them)',
+    'refuses to downgrade over zero clusters over a backing file (qemu-img allocates and zeroes them)',
     async () => {
-      const m = await make(['-o', 'preallocation=metadata'], ['write -P 1 0 64k', 'write -z 0 64k'])
+      const m = await make(['-b', 'base.qcow2', '-F', 'qcow2'], ['write -z 0 64k'])
+      const before = readFileSync(m.ours)
       const r = await cli('amend', '-o', 'compat=0.10', m.ours)
       expect(r.code).toBe(1)
-      expect(r.stderr).toMatch(/zero cluster in the L2 table at 0x[0-9a-f]+ \(entry 0\) is preallocated/)
+      expect(r.stderr).toMatch(/zero cluster in the L2 table at 0x[0-9a-f]+ \(entry 0\) is over a backing file/)
+      expect(Buffer.compare(readFileSync(m.ours), before)).toBe(0)
     },
     LIMIT,
   )

@@ -198,12 +198,12 @@ async function planAmend(state: Qcow2State, w: Qcow2Writer, o: Qcow2AmendOptions
     size,
     zeroTables: [],
   }
-  if (version < oldVersion) plan.zeroTables = await checkDowngrade(state, plan)
+  if (version < oldVersion) plan.zeroTables = await checkDowngrade(state, w, plan)
   return plan
 }
 
 /** qcow2_downgrade's refusals (and imgtool's own, for what it does not expand); the L2 tables to clear. */
-async function checkDowngrade(state: Qcow2State, plan: AmendPlan): Promise<number[]> {
+async function checkDowngrade(state: Qcow2State, w: Qcow2Writer, plan: AmendPlan): Promise<number[]> {
   const h = state.header
   const file = state.filename
   if (plan.order !== 4) throw new UnsupportedFeatureError('compat=0.10 requires refcount_bits=16')
@@ -243,10 +243,15 @@ async function checkDowngrade(state: Qcow2State, plan: AmendPlan): Promise<numbe
           throw new UnsupportedFeatureError('Cannot downgrade an image with zstd compression type and existing compressed clusters')
         }
         if (e.type !== 'zero') continue
-        if (e.hostOffset !== 0 || state.backing !== undefined || h.backingFile !== undefined) {
+        const refuse = (why: string): never => {
           throw new UnsupportedFeatureError(
-            `qcow2: ${file}: Cannot downgrade: the zero cluster in the L2 table at ${hex(off)} (entry ${j}) is ${e.hostOffset !== 0 ? 'preallocated' : 'over a backing file'}; imgtool expands only unallocated zero clusters of images without a backing file`,
+            `qcow2: ${file}: Cannot downgrade: the zero cluster in the L2 table at ${hex(off)} (entry ${j}) is ${why}; imgtool expands unallocated zero clusters of images without a backing file and preallocated ones nothing else uses`,
           )
+        }
+        if (e.hostOffset === 0) {
+          if (state.backing !== undefined || h.backingFile !== undefined) refuse('over a backing file')
+        } else if ((await w.refcounts.get(e.hostOffset / cs)) !== 1 || (await w.refcounts.get(off / cs)) !== 1) {
+          refuse('preallocated and shared with a snapshot')
         }
         zeroes = true
       }
@@ -391,7 +396,13 @@ async function setFeatureBits(state: Qcow2State, w: Qcow2Writer, plan: AmendPlan
   }
 }
 
-/** Plain zero clusters become unallocated (no backing file: both read as zeroes); each table one write, flushed. */
+/**
+ * Zero clusters expanded as qcow2_expand_zero_clusters does for an image
+ * without a backing file: a plain one becomes unallocated (both read as
+ * zeroes), a preallocated one (used by nothing else) gets zeroes written and
+ * flushed before its entry loses the zero flag. Each table is one write; a
+ * crash in between leaves entries that read as zeroes either way.
+ */
 async function clearZeroClusters(state: Qcow2State, w: Qcow2Writer, tables: number[]): Promise<void> {
   const h = state.header
   const cs = h.clusterSize
@@ -399,10 +410,18 @@ async function clearZeroClusters(state: Qcow2State, w: Qcow2Writer, tables: numb
   for (const off of tables) {
     const t = await state.device.read(off, cs, 'l2')
     const dv = new DataView(t.buffer, t.byteOffset, t.byteLength)
+    let wrote = false
     for (let j = 0; j < cs / 8; j++) {
       const e = decodeL2(dv, j * 8, ctx)
-      if (e.type === 'zero' && e.hostOffset === 0) dv.setBigUint64(j * 8, 0n, false)
+      if (e.type !== 'zero') continue
+      if (e.hostOffset === 0) dv.setBigUint64(j * 8, 0n, false)
+      else {
+        await w.guardedWrite(state.device, e.hostOffset, new Uint8Array(cs), 'data')
+        dv.setBigUint64(j * 8, dv.getBigUint64(j * 8, false) & ~1n, false)
+        wrote = true
+      }
     }
+    if (wrote) await w.flushNow()
     await w.writeMetadata(off, t, 'l2')
   }
   if (tables.length > 0) await w.flushNow()
