@@ -134,7 +134,7 @@ export function parseCreateOptions(o: CreateImageOptions): Qcow2CreateOptions {
   }
 }
 
-const FEATURES: Array<[number, number, string]> = [
+export const FEATURES: Array<[number, number, string]> = [
   [0, 0, 'dirty bit'],
   [0, 1, 'corrupt bit'],
   [0, 2, 'external data file'],

@@ -311,7 +311,7 @@ async function follow(
  * keeps its identity (and mutex); its RefcountWriter is replaced by one loaded
  * from the new table.
  */
-async function reloadWriter(state: Qcow2State, w: Qcow2Writer, oldMeta: number[]): Promise<void> {
+export async function reloadWriter(state: Qcow2State, w: Qcow2Writer, oldMeta: number[]): Promise<void> {
   const h = state.header
   const cs = h.clusterSize
   const g = w.guard
