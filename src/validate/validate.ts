@@ -253,12 +253,7 @@ async function run(
   }
   let img: DiskImage
   try {
-    img = await openImageOnDevice(await openFileDevice(dev.name, { readOnly: true }), {
-      format: lib,
-      readOnly: true,
-      options: {},
-      context: makeContext(refuseAll),
-    })
+    img = await openOwned(dev.name, { format: lib, readOnly: true, options: {}, context: makeContext(refuseAll) })
   } catch (e) {
     if (!(e instanceof ImgtoolError)) throw e
     const at = typeof e.details.offset === 'number' ? e.details.offset : undefined
@@ -310,14 +305,7 @@ async function structure(
   }
   let img: DiskImage
   try {
-    img = await openImageOnDevice(await openFileDevice(file, { readOnly: true }), {
-      format,
-      readOnly: true,
-      forCheck: true,
-      infoOnly: true,
-      options: {},
-      context: makeContext(refuseAll),
-    })
+    img = await openOwned(file, { format, readOnly: true, forCheck: true, infoOnly: true, options: {}, context: makeContext(refuseAll) })
   } catch (e) {
     if (!(e instanceof ImgtoolError) || e instanceof AbortedError) throw e
     sink.add('CHECK_FAILED', `cannot be opened for check: ${e.message}`, { structure: 'image' })
@@ -481,5 +469,21 @@ async function openReference(path: string): Promise<DiskImage> {
     await dev.close()
     throw new WrongFormatError(`${path}: reference image format ${format} cannot be read`, { file: path })
   }
-  return openImageOnDevice(dev, { format: lib, readOnly: true, options: {}, context: makeContext(refuseAll) })
+  try {
+    return await openImageOnDevice(dev, { format: lib, readOnly: true, options: {}, context: makeContext(refuseAll) })
+  } catch (e) {
+    await dev.close().catch(() => undefined)
+    throw e
+  }
+}
+
+/** Opens `file` read-only as an image; the device is closed when the format refuses it (openImageOnDevice leaves it open). */
+async function openOwned(file: string, options: Parameters<typeof openImageOnDevice>[1]): Promise<DiskImage> {
+  const dev = await openFileDevice(file, { readOnly: true })
+  try {
+    return await openImageOnDevice(dev, options)
+  } catch (e) {
+    await dev.close().catch(() => undefined)
+    throw e
+  }
 }

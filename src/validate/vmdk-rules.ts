@@ -9,6 +9,7 @@
  */
 import { CorruptImageError } from '../errors.js'
 import type { BlockDevice } from '../io/block-device.js'
+import { escapeControls } from '../util/text.js'
 import {
   GD_AT_END,
   MAX_DESCRIPTOR_BYTES,
@@ -69,23 +70,24 @@ export async function vmdkRules(dev: BlockDevice, hits: readonly SignatureHit[],
   if (hosted) {
     header = await sparseHeader(dev, policy, sink, facts)
     if (!header) return facts
-    textAt = Number(header.descriptorOffset) * SECTOR
-    const size = Number(header.descriptorSize) * SECTOR
-    if (textAt === 0 || size === 0) {
+    const atBig = header.descriptorOffset * BigInt(SECTOR)
+    const sizeBig = header.descriptorSize * BigInt(SECTOR)
+    if (atBig === 0n || sizeBig === 0n) {
       sink.add('HEADER_INVALID', 'VMDK header names no embedded descriptor (descriptor offset or size is 0)', {
         structure: 'header descriptorOffset',
         offset: 28,
       })
       return facts
     }
-    const want = Math.min(size, MAX_DESCRIPTOR_BYTES)
-    if (!Number.isSafeInteger(textAt) || textAt + want > dev.size) {
-      sink.add('TRUNCATED', `VMDK embedded descriptor of ${size} bytes at 0x${textAt.toString(16)} ends past the end of the file (${dev.size} bytes)`, {
+    const want = sizeBig < BigInt(MAX_DESCRIPTOR_BYTES) ? Number(sizeBig) : MAX_DESCRIPTOR_BYTES
+    if (atBig + BigInt(want) > BigInt(dev.size)) {
+      sink.add('TRUNCATED', `VMDK embedded descriptor of ${sizeBig} bytes at 0x${atBig.toString(16)} ends past the end of the file (${dev.size} bytes)`, {
         structure: 'header descriptorOffset',
         offset: 28,
       })
       return facts
     }
+    textAt = Number(atBig)
     text = await dev.read(textAt, want, 'header')
   } else {
     if (dev.size > MAX_DESCRIPTOR_BYTES) {
@@ -223,7 +225,7 @@ function parentRules(d: Descriptor, text: Uint8Array, textAt: number, structure:
       'BACKING_FILE',
       hint === undefined
         ? `delta disk: parentCID ${cid} names a parent, without a parentFileNameHint; not opened`
-        : `delta disk (parentCID ${cid}): parentFileNameHint names parent '${hint}'; not opened`,
+        : `delta disk (parentCID ${cid}): parentFileNameHint names parent '${escapeControls(hint)}'; not opened`,
       at,
     )
   }
@@ -231,13 +233,14 @@ function parentRules(d: Descriptor, text: Uint8Array, textAt: number, structure:
 }
 
 function extentRules(type: string, name: string, at: { structure: string; offset: number }, policy: Policy, sink: ViolationSink): void {
-  if (!policy.references.dataFile) sink.add('EXTENT_FILE', `VMDK descriptor names ${type} extent '${name}'; not opened`, at)
+  if (!policy.references.dataFile) sink.add('EXTENT_FILE', `VMDK descriptor names ${type} extent '${escapeControls(name)}'; not opened`, at)
   nameRules('extent name', name, at, policy, sink)
 }
 
 /** The rules every referenced name gets (as a qcow2 backing name or a VHD parent locator). */
-function nameRules(what: string, name: string, at: { structure: string; offset: number }, policy: Policy, sink: ViolationSink): void {
-  const posix = (name.startsWith('file://') ? name.slice('file://'.length) : name).replace(/\\/g, '/')
+function nameRules(what: string, raw: string, at: { structure: string; offset: number }, policy: Policy, sink: ViolationSink): void {
+  const name = escapeControls(raw)
+  const posix = (raw.startsWith('file://') ? raw.slice('file://'.length) : raw).replace(/\\/g, '/')
   const drive = /^[A-Za-z]:\//.test(posix)
   const protocol = /^[^:/]*:/.exec(posix)
   if (protocol && !drive && !policy.references.protocolNames) sink.add('PROTOCOL_NAME', `${what} '${name}' selects protocol '${protocol[0].slice(0, -1)}'`, at)
@@ -252,7 +255,7 @@ function nameRules(what: string, name: string, at: { structure: string; offset: 
 function scanExtents(bytes: Uint8Array, policy: Policy, sink: ViolationSink): void {
   const nul = bytes.indexOf(0)
   const text = new TextDecoder('latin1').decode(nul < 0 ? bytes : bytes.subarray(0, nul))
-  for (const m of text.matchAll(/^[ \t]*(?:RW|RDONLY|NOACCESS)[ \t]+\d+[ \t]+(\w+)[ \t]+"([^"]*)"/gm)) {
+  for (const m of text.matchAll(/^[ \t]*(?:RW|RDONLY|NOACCESS)[ \t]+\d+[ \t]+(\w+)[ \t]+"([^"\r\n]*)"/gm)) {
     extentRules(m[1]!, m[2]!, { structure: 'VMDK descriptor extent', offset: m.index }, policy, sink)
   }
 }

@@ -8,7 +8,7 @@
  */
 import { execFileSync, spawnSync } from 'node:child_process'
 import { createHash } from 'node:crypto'
-import { existsSync, readFileSync, statSync, writeFileSync } from 'node:fs'
+import { existsSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs'
 import { basename, dirname, join, resolve } from 'node:path'
 import { beforeAll, expect, it } from 'vitest'
 import { check, validate } from '../../src/index.js'
@@ -209,6 +209,35 @@ describeQemu('validate on VMDK', () => {
     const poly = await validate(damaged(dir, 'stream.vmdk', 'mbr', [[510, [0x55, 0xaa]]]), PERMISSIVE)
     expect(codes(poly)).toEqual(['POLYGLOT'])
     expect(poly.violations[0]).toMatchObject({ structure: 'mbr signature', offset: 510 })
+  })
+
+  it('CHECK_FAILED: a stream header that sends the reader to a footer the file lacks; the file is closed again', async () => {
+    const bad = damaged(dir, 'sparse-data.vmdk', 'gdend', [[56, Array<number>(8).fill(0xff)]])
+    expect(spawnSync(IMG, ['info', '-f', 'vmdk', bad]).status).not.toBe(0)
+    const fds = (): number => readdirSync('/proc/self/fd').length
+    const before = fds()
+    const r = await validate(bad, PERMISSIVE)
+    expect(codes(r)).toEqual(['CHECK_FAILED'])
+    expect(r.violations.find((v) => v.code === 'CHECK_FAILED')!.message).toMatch(/invalid footer/)
+    expect(fds()).toBe(before)
+  })
+
+  it('LIMIT_MEMORY and sizes: the directories the check would hold; the virtual size of a hosted file and of a descriptor file', async () => {
+    const mem = await run(dir, 'sparse-data.vmdk', permissive({ limits: { maxMetadataMemory: 1 << 20 } }))
+    expect(codes(mem)).toEqual(['LIMIT_MEMORY'])
+    expect(mem.checks).toMatchObject({ structure: 'skip', content: 'skip' })
+    const align = permissive({ sizes: { virtualSizeAlignment: 2 << 20 } })
+    expect(codes(await run(dir, 'stream.vmdk', align))).toEqual(['VIRTUAL_SIZE_ALIGNMENT'])
+    const small = permissive({ sizes: { maxVirtualSize: 1 << 19 } })
+    expect(codes(await run(dir, 'stream.vmdk', small))).toEqual(['VIRTUAL_SIZE_BOUNDS'])
+    expect(codes(await run(dir, 'split-flat.vmdk', small))).toEqual(['CONTENT_SKIPPED', 'VIRTUAL_SIZE_BOUNDS'])
+  })
+
+  it('a broken descriptor file whose quote spans lines: every message stays one line', async () => {
+    const f = editDescriptor(dir, 'flat.vmdk', 'span', (s) => s.replace('"flat-flat.vmdk" 0', '"flat-flat.vmdk\x01 0\n\n# x\n"'))
+    const r = await validate(f, permissive({ references: { dataFile: false } }))
+    expect(codes(r)).toEqual(['VMDK_DESCRIPTOR'])
+    for (const v of r.violations) expect(v.message).not.toMatch(/[\n\r\x01]/)
   })
 
   it('presets: vsphere and aws take the streamOptimized image qemu-img makes and refuse monolithicSparse', async () => {
