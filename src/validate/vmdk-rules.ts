@@ -140,7 +140,10 @@ async function sparseHeader(dev: BlockDevice, policy: Policy, sink: ViolationSin
     return undefined
   }
   const h = decodeHeader(await dev.read(0, HEADER, 'header'))
-  if (h.magic !== SPARSE_MAGIC) return undefined
+  if (h.magic !== SPARSE_MAGIC) {
+    sink.add('UNSUPPORTED_FORMAT', 'a VMDK3 (COWD) sparse extent: imgtool does not read this VMDK version', { structure: 'header magic', offset: 0 })
+    return undefined
+  }
   facts.version = h.version
   if (h.version < 1 || h.version > 3) {
     sink.add('HEADER_INVALID', `VMDK sparse header version ${h.version} (1, 2 or 3)`, { structure: 'header version', offset: 4 })

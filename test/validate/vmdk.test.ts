@@ -222,6 +222,26 @@ describeQemu('validate on VMDK', () => {
     expect(fds()).toBe(before)
   })
 
+  it("identity as qemu-img probes: a descriptor without its '# Disk DescriptorFile' line is a VMDK, not raw", async () => {
+    const f = editDescriptor(dir, 'flat.vmdk', 'nohdr', (s) => s.replace(/^# Disk DescriptorFile\n/, ''))
+    expect(readFileSync(f, 'latin1').startsWith('version=1\n')).toBe(true)
+    // qemu-img, probing, opens it as a VMDK and follows its extent
+    expect((JSON.parse(execFileSync(IMG, ['info', '--output=json', f], { encoding: 'utf8' })) as { format: string }).format).toBe('vmdk')
+    const r = await validate(f, permissive({ references: { dataFile: false } }))
+    expect(r.format).toBe('vmdk')
+    expect(codes(r)).toEqual(['CONTENT_SKIPPED', 'EXTENT_FILE'])
+    expect(codes(await validate(f, permissive({ formats: ['raw'] })))).toEqual(['CONTENT_SKIPPED', 'FORMAT_NOT_ALLOWED'])
+    // the rule is qemu's: only comments and blank lines may come before 'version='
+    const late = editDescriptor(dir, 'flat.vmdk', 'late', (s) => s.replace(/^# Disk DescriptorFile\n/, 'x=1\n'))
+    expect((JSON.parse(execFileSync(IMG, ['info', '--output=json', late], { encoding: 'utf8' })) as { format: string }).format).toBe('raw')
+    expect((await validate(late, PERMISSIVE)).format).toBe('raw')
+    // a VMDK3 ('COWD') extent, which qemu's vmdk driver also claims, is detected and not read
+    const cowd = join(dir, 'cowd.vmdk')
+    writeFileSync(cowd, Buffer.concat([Buffer.from('COWD'), Buffer.alloc(4092)]))
+    const c = await validate(cowd, PERMISSIVE)
+    expect({ format: c.format, codes: codes(c) }).toEqual({ format: 'vmdk', codes: ['UNSUPPORTED_FORMAT'] })
+  })
+
   it('LIMIT_MEMORY and sizes: the directories the check would hold; the virtual size of a hosted file and of a descriptor file', async () => {
     const mem = await run(dir, 'sparse-data.vmdk', permissive({ limits: { maxMetadataMemory: 1 << 20 } }))
     expect(codes(mem)).toEqual(['LIMIT_MEMORY'])
