@@ -109,6 +109,19 @@ export async function vmdkRules(dev: BlockDevice, hits: readonly SignatureHit[],
   }
   facts.createType = d.createType
   createTypeRules(d, header, textAt, structure, policy, sink)
+  if (header) {
+    // QEMU sizes a hosted file by its header, VMware by the descriptor: two readers must not see two disks
+    const x = d.extents
+    if (x.length !== 1 || x[0]!.sectors !== header.capacity) {
+      sink.add(
+        'VMDK_DESCRIPTOR',
+        x.length !== 1
+          ? `embedded descriptor has ${x.length} extent lines; a hosted sparse file is one extent of ${header.capacity} sectors`
+          : `embedded descriptor line ${x[0]!.line}: an extent of ${x[0]!.sectors} sectors, but the header's capacity is ${header.capacity}`,
+        { structure, offset: x.length === 1 ? textAt + lineOffset(text, x[0]!.line) : textAt },
+      )
+    }
+  }
   if (d.parentCid !== NO_PARENT || d.entries.has('parentFileNameHint')) {
     facts.hasReferences = true
     facts.structureSkip = 'a delta disk: imgtool does not open VMDK delta disks (their grains fall through to the parent)'

@@ -129,6 +129,12 @@ describeQemu('validate on VMDK', () => {
     const b = await validate(broken, permissive({ references: { dataFile: false, parentDirNames: false } }))
     expect(codes(b)).toEqual(['EXTENT_FILE', 'PARENT_DIR_NAME', 'VMDK_DESCRIPTOR'])
     expect(b.violations.find((v) => v.code === 'VMDK_DESCRIPTOR')!.message).toMatch(/descriptor line 2: value of 'version'/)
+    // the embedded extent line must be the header's disk: QEMU sizes by the header, VMware by the descriptor
+    const two = patchDescriptor(dir, 'stream.vmdk', 'size', 'RW 2048 SPARSE', 'RW 4096 SPARSE')
+    const t = await validate(two, PERMISSIVE)
+    expect(codes(t)).toEqual(['VMDK_DESCRIPTOR'])
+    expect(t.violations[0]!.message).toMatch(/line \d+: an extent of 4096 sectors, but the header's capacity is 2048/)
+    expect(qemuInfo(two)['virtual-size']).toBe(2048 * 512)
   })
 
   it('descriptor files: every extent is reported with its line, never opened; sizes as qemu-img reads them', async () => {
