@@ -10,11 +10,14 @@ export {
   QCOW2_AUTOCLEAR,
   DEFAULT_LIMITS,
   VHD_SUBFORMATS,
+  VMDK_CREATE_TYPES,
   type Policy,
   type PolicyInput,
   type PresetName,
   type Limits,
   type VhdSubformat,
+  type VmdkCreateType,
+  type VmdkVersion,
 } from './policy.js'
 export { PRESETS } from './presets.js'
 export { resolvePolicy } from './resolve.js'

@@ -23,6 +23,29 @@ export type Qcow2AutoclearFeature = (typeof QCOW2_AUTOCLEAR)[number]
 export const VHD_SUBFORMATS = ['fixed', 'dynamic', 'differencing'] as const
 export type VhdSubformat = (typeof VHD_SUBFORMATS)[number]
 
+/** VMDK createType values (VMware Virtual Disk Format 5.0, and QEMU's vmdk driver) */
+export const VMDK_CREATE_TYPES = [
+  'monolithicSparse',
+  'monolithicFlat',
+  'streamOptimized',
+  'twoGbMaxExtentSparse',
+  'twoGbMaxExtentFlat',
+  'vmfs',
+  'vmfsSparse',
+  'vmfsThin',
+  'vmfsRaw',
+  'vmfsRDM',
+  'vmfsPassthroughRawDeviceMap',
+  'fullDevice',
+  'partitionedDevice',
+  'custom',
+  'seSparse',
+  'vsanSparse',
+] as const
+export type VmdkCreateType = (typeof VMDK_CREATE_TYPES)[number]
+/** hosted sparse extent header versions (1 plain, 2 zeroed grains, 3 streamOptimized) */
+export type VmdkVersion = 1 | 2 | 3
+
 export type DirtyRule = 'fail' | 'warn' | 'stale-refcounts-expected'
 export type PartitionRule = 'off' | 'check' | 'require'
 
@@ -81,6 +104,12 @@ export interface Policy {
     subformats: VhdSubformat[]
     /** the file size minus the 512-byte footer is a multiple of this (Azure: 1 MiB); 0 = no rule */
     fileSizeAlignment: number
+  }
+  vmdk: {
+    /** allowed descriptor createType values (a hosted sparse file's header must agree with it) */
+    createTypes: VmdkCreateType[]
+    /** allowed hosted sparse extent header versions */
+    versions: VmdkVersion[]
   }
   sizes: {
     minVirtualSize: number
@@ -154,6 +183,8 @@ export function basePolicy(): Policy {
       clusterSizes: [65536],
     },
     vhd: { subformats: ['fixed', 'dynamic'], fileSizeAlignment: 0 },
+    // the layouts imgtool reads and that name no parent (extent files are references of their own)
+    vmdk: { createTypes: ['monolithicSparse', 'streamOptimized', 'monolithicFlat', 'twoGbMaxExtentSparse', 'twoGbMaxExtentFlat'], versions: [1, 2, 3] },
     sizes: {
       minVirtualSize: 512,
       maxVirtualSize: 16 * TiB,

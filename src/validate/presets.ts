@@ -20,6 +20,9 @@ export const PRESETS: Record<PresetName, PolicyInput> = {
     identity: { allowPolyglot: false },
     // QcowInspector safety check "backing_file" and "data_file": both refused, as are json:/protocol names
     references: { backingFile: false, dataFile: false },
+    // VMDKInspector reads createType monolithicSparse and streamOptimized only; its extent-name safety
+    // check ("Add VMDK safety check", CVE-2024-32498) refuses extents in other files
+    vmdk: { createTypes: ['monolithicSparse', 'streamOptimized'] },
     qcow2: {
       // QcowInspector: any version it can parse (2 and 3)
       compat: ['0.10', '1.1'],
@@ -85,6 +88,8 @@ export const PRESETS: Record<PresetName, PolicyInput> = {
   aws: {
     // docs.aws.amazon.com VM Import/Export "Image formats": raw, VHD/VHDX, streamOptimized ESX VMDK (and OVA)
     formats: ['raw', 'vhd', 'vhdx', 'vmdk'],
+    // same page: the VMDK must be a stream-optimized ESX VMDK (no version named: 1 to 3 stay allowed)
+    vmdk: { createTypes: ['streamOptimized'] },
     // VM Import: differencing/linked disks are not supported
     references: { backingFile: false, dataFile: false },
     // VM Import/Export limits: volumes up to 16 TiB (import-image, raw/VHD/VMDK)
@@ -94,6 +99,7 @@ export const PRESETS: Record<PresetName, PolicyInput> = {
   vsphere: {
     // vSphere OVF import / ovftool: streamOptimized VMDK (version 3); other createTypes are refused
     formats: ['vmdk'],
+    vmdk: { createTypes: ['streamOptimized'], versions: [3] },
     references: { backingFile: false, dataFile: false },
     sizes: { maxVirtualSize: 62 * TiB },
   },

@@ -24,7 +24,9 @@ export function headSignatures(head: Uint8Array): SignatureHit[] {
   if (ascii(head, 0, 'QFI\xfb')) hits.push({ signature: 'qcow2', offset: 0 })
   if (ascii(head, 0, 'SnAp')) hits.push({ signature: 'dmsnap', offset: 0 })
   if (ascii(head, 0, 'KDMV')) hits.push({ signature: 'vmdk', offset: 0 })
-  if (ascii(head, 0, '# Disk DescriptorFile')) hits.push({ signature: 'vmdk-descriptor', offset: 0 })
+  // VMDK3 ('COWD'): qemu's vmdk driver probes it too (imgtool does not read it)
+  if (ascii(head, 0, 'COWD')) hits.push({ signature: 'vmdk', offset: 0 })
+  if (ascii(head, 0, '# Disk DescriptorFile') || qemuProbesVmdkText(head)) hits.push({ signature: 'vmdk-descriptor', offset: 0 })
   if (ascii(head, 0, 'vhdxfile')) hits.push({ signature: 'vhdx', offset: 0 })
   // a dynamic VHD starts with a copy of its footer
   if (ascii(head, 0, 'conectix')) hits.push({ signature: 'vhd', offset: 0 })
@@ -32,6 +34,35 @@ export function headSignatures(head: Uint8Array): SignatureHit[] {
   if (ascii(head, 512, 'EFI PART')) hits.push({ signature: 'gpt', offset: 512 })
   if (ascii(head, 4096, 'EFI PART')) hits.push({ signature: 'gpt', offset: 4096 })
   return hits
+}
+
+/**
+ * QEMU's vmdk_probe on text: in its 2 KiB probe buffer, comment lines and blank lines (spaces only) are
+ * skipped, and a first other line that is exactly `version=1`, `2` or `3` makes the file a VMDK descriptor,
+ * so that a "raw" file of such text is opened by qemu-img as a VMDK that names its extent files.
+ */
+function qemuProbesVmdkText(head: Uint8Array): boolean {
+  const end = Math.min(head.length, 2048)
+  let p = 0
+  while (p < end) {
+    if (head[p] === 0x23) {
+      while (p < end && head[p] !== 0x0a) p++
+      p++
+      continue
+    }
+    if (head[p] === 0x20) {
+      while (p < end && head[p] === 0x20) p++
+      if (p < end && head[p] === 0x0d) p++
+      if (p === end || head[p] !== 0x0a) return false
+      p++
+      continue
+    }
+    for (const eol of ['\n', '\r\n']) {
+      for (const v of ['1', '2', '3']) if (end - p >= 9 + eol.length && ascii(head, p, `version=${v}${eol}`)) return true
+    }
+    return false
+  }
+  return false
 }
 
 /** Every signature in the file: its head, the ISO 9660 volume descriptors and a VHD footer at the end. */

@@ -18,6 +18,7 @@ import { qcow2Rules, type Qcow2Facts } from './qcow2-rules.js'
 import { CHECK_GROUPS, type CheckGroup } from './codes.js'
 import { ViolationSink, type ValidationReport } from './report.js'
 import { vhdRules, type VhdFacts } from './vhd-rules.js'
+import { vmdkRules, type VmdkFacts } from './vmdk-rules.js'
 import { detectFormat, fileSignatures, foreignSignatures, headSignatures } from './signatures.js'
 
 export interface ValidateOptions {
@@ -26,10 +27,10 @@ export interface ValidateOptions {
   signal?: AbortSignal
 }
 
-const UNSUPPORTED = new Set(['vhdx', 'vmdk', 'iso'])
+const UNSUPPORTED = new Set(['vhdx', 'iso'])
 
 /** validate's format names (qemu-img info's) against the library's driver names */
-const LIBRARY_NAME: Partial<Record<string, FormatName>> = { raw: 'raw', qcow2: 'qcow2', dmsnap: 'dmsnap', vhd: 'vpc' }
+const LIBRARY_NAME: Partial<Record<string, FormatName>> = { raw: 'raw', qcow2: 'qcow2', dmsnap: 'dmsnap', vhd: 'vpc', vmdk: 'vmdk' }
 
 /** Refuses every file: validation reads the named file only. */
 const refuseAll: DeviceOpener = async (path) => {
@@ -180,7 +181,6 @@ async function run(
     for (const f of foreign)
       sink.add('POLYGLOT', `a ${format} image that also carries a ${f.signature} signature`, { structure: `${f.signature} signature`, offset: f.offset })
   }
-  if (format === 'vmdk' && hits.some((h) => h.signature === 'vmdk-descriptor')) await vmdkExtents(dev, policy, sink)
   if (UNSUPPORTED.has(format)) {
     sink.add('UNSUPPORTED_FORMAT', `format ${format} cannot be read by imgtool yet: not validated`, {
       structure: 'header',
@@ -195,6 +195,7 @@ async function run(
   // identity, references and features from the header (footer)
   let facts: Qcow2Facts | undefined
   let vhd: VhdFacts | undefined
+  let vmdk: VmdkFacts | undefined
   if (format === 'qcow2') {
     facts = await qcow2Rules(dev, policy, sink)
     if (!facts?.header) {
@@ -207,20 +208,28 @@ async function run(
       for (const g of ['structure', 'content'] as const) sink.skip(g, 'the footer or dynamic header could not be parsed')
       return
     }
+  } else if (format === 'vmdk') {
+    vmdk = await vmdkRules(dev, hits, policy, sink)
+    if (!vmdk.valid) {
+      for (const g of ['structure', 'content'] as const) sink.skip(g, 'the sparse header or the descriptor could not be parsed')
+      return
+    }
   }
-  const overLimit = facts?.overLimit === true || vhd?.overLimit === true
-  const references = facts?.hasReferences === true || vhd?.hasReferences === true || format === 'dmsnap'
-  report.virtualSize = facts?.header ? facts.header.size : format === 'raw' ? dev.size : undefined
+  const overLimit = facts?.overLimit === true || vhd?.overLimit === true || vmdk?.overLimit === true
+  const references = facts?.hasReferences === true || vhd?.hasReferences === true || vmdk?.hasReferences === true || format === 'dmsnap'
+  report.virtualSize = facts?.header ? facts.header.size : format === 'raw' ? dev.size : vmdk?.virtualSize
 
   // structure: the check engine of `imgtool check`, on the image alone (no backing, data or parent file)
   let imageEnd: number | undefined
   let dataBytes: number | undefined
   if (overLimit) sink.skip('structure', 'a table exceeds the limits')
+  else if (vmdk?.structureSkip !== undefined) sink.skip('structure', vmdk.structureSkip)
   else {
     stage(ctx, 'structural check', ['identity', 'references', 'features'])
     const r = await structure(dev.name, lib, policy, sink, facts?.header?.incompatibleFeatures, ctx.signal)
     report.virtualSize ??= r?.virtualSize
-    imageEnd = r?.imageEnd
+    // the VMDK check reports no layout end (its leaked grains are notices): no FILE_SIZE_LAYOUT rule
+    imageEnd = format === 'vmdk' ? undefined : r?.imageEnd
     // guest bytes the image stores (compressed or not): allocated guest clusters, as check counts them
     if (r?.allocatedClusters !== undefined && facts) dataBytes = r.allocatedClusters * facts.clusterSize
   }
@@ -244,12 +253,7 @@ async function run(
   }
   let img: DiskImage
   try {
-    img = await openImageOnDevice(await openFileDevice(dev.name, { readOnly: true }), {
-      format: lib,
-      readOnly: true,
-      options: {},
-      context: makeContext(refuseAll),
-    })
+    img = await openOwned(dev.name, { format: lib, readOnly: true, options: {}, context: makeContext(refuseAll) })
   } catch (e) {
     if (!(e instanceof ImgtoolError)) throw e
     const at = typeof e.details.offset === 'number' ? e.details.offset : undefined
@@ -301,14 +305,7 @@ async function structure(
   }
   let img: DiskImage
   try {
-    img = await openImageOnDevice(await openFileDevice(file, { readOnly: true }), {
-      format,
-      readOnly: true,
-      forCheck: true,
-      infoOnly: true,
-      options: {},
-      context: makeContext(refuseAll),
-    })
+    img = await openOwned(file, { format, readOnly: true, forCheck: true, infoOnly: true, options: {}, context: makeContext(refuseAll) })
   } catch (e) {
     if (!(e instanceof ImgtoolError) || e instanceof AbortedError) throw e
     sink.add('CHECK_FAILED', `cannot be opened for check: ${e.message}`, { structure: 'image' })
@@ -472,18 +469,21 @@ async function openReference(path: string): Promise<DiskImage> {
     await dev.close()
     throw new WrongFormatError(`${path}: reference image format ${format} cannot be read`, { file: path })
   }
-  return openImageOnDevice(dev, { format: lib, readOnly: true, options: {}, context: makeContext(refuseAll) })
+  try {
+    return await openImageOnDevice(dev, { format: lib, readOnly: true, options: {}, context: makeContext(refuseAll) })
+  } catch (e) {
+    await dev.close().catch(() => undefined)
+    throw e
+  }
 }
 
-/** A VMDK descriptor's extent lines (`RW 2048 FLAT "name" 0`): files it would open, reported, never opened. */
-async function vmdkExtents(dev: BlockDevice, policy: Policy, sink: ViolationSink): Promise<void> {
-  const text = new TextDecoder('latin1').decode(await dev.read(0, Math.min(dev.size, 64 * 1024), 'probe'))
-  for (const m of text.matchAll(/^[ \t]*(?:RW|RDONLY|NOACCESS)[ \t]+\d+[ \t]+(\w+)[ \t]+"([^"]*)"/gm)) {
-    const name = m[2]!
-    const at = { structure: 'VMDK descriptor extent', offset: m.index }
-    if (!policy.references.dataFile) sink.add('EXTENT_FILE', `VMDK descriptor names ${m[1]} extent '${name}'; not opened`, at)
-    if (/^[^:/]*:/.test(name) && !policy.references.protocolNames) sink.add('PROTOCOL_NAME', `extent name '${name}' selects a protocol`, at)
-    if (name.split('/').includes('..') && !policy.references.parentDirNames) sink.add('PARENT_DIR_NAME', `extent name '${name}' climbs with '..'`, at)
-    if (name.startsWith('/') && !policy.references.absoluteNames) sink.add('ABSOLUTE_NAME', `extent name '${name}' is an absolute path`, at)
+/** Opens `file` read-only as an image; the device is closed when the format refuses it (openImageOnDevice leaves it open). */
+async function openOwned(file: string, options: Parameters<typeof openImageOnDevice>[1]): Promise<DiskImage> {
+  const dev = await openFileDevice(file, { readOnly: true })
+  try {
+    return await openImageOnDevice(dev, options)
+  } catch (e) {
+    await dev.close().catch(() => undefined)
+    throw e
   }
 }

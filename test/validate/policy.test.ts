@@ -51,6 +51,15 @@ describe('policy files', () => {
     expect(p.limits.timeoutSeconds).toBeGreaterThan(0)
   })
 
+  it('vmdk keys: createTypes and versions from a file, a wrong name or version refused; vsphere asks for a version 3 stream', async () => {
+    const p = await resolvePolicy(parsePolicyText('extends: aws\nvmdk:\n  versions: [3]\n', 'v.yaml'))
+    expect(p.vmdk).toEqual({ createTypes: ['streamOptimized'], versions: [3] })
+    expect((await resolvePolicy('vsphere')).vmdk).toEqual({ createTypes: ['streamOptimized'], versions: [3] })
+    expect(() => parsePolicyText('vmdk: {createTypes: [monolithicsparse]}', 'c.yml')).toThrow(/c\.yml: invalid policy: vmdk\.createTypes/)
+    expect(() => parsePolicyText('vmdk: {versions: [4]}', 'n.yml')).toThrow(/n\.yml: invalid policy: vmdk\.versions/)
+    expect(() => parsePolicyText('vmdk: {subformats: [flat]}', 'k.yml')).toThrow(/unknown key 'vmdk\.subformats'/)
+  })
+
   it('every preset resolves', async () => {
     for (const name of PRESET_NAMES) expect((await resolvePolicy(name)).formats.length).toBeGreaterThan(0)
   })

@@ -93,8 +93,9 @@ describeQemu('presets and partition tables', () => {
     const file = join(dir, 'good.qcow2')
     const refblock = Number(readU64(file, Number(readU64(file, 48))))
     expect(codes(await validate(damaged(dir, 'good.qcow2', 'os-corrupt', [[refblock, [0, 0]]]), 'openstack'))).toEqual(['CHECK_CORRUPTIONS'])
-    // a VMDK whose descriptor names another file
-    expect(codes(await validate(join(dir, 'flat.vmdk'), 'openstack'))).toEqual(['EXTENT_FILE', 'UNSUPPORTED_FORMAT'])
+    // a VMDK whose descriptor names another file (and whose createType the inspector does not read)
+    expect(codes(await validate(join(dir, 'flat.vmdk'), 'openstack'))).toEqual(['CONTENT_SKIPPED', 'EXTENT_FILE', 'VMDK_CREATE_TYPE'])
+    expect(codes(await validate(join(dir, 'sparse.vmdk'), 'openstack'))).toEqual([])
   })
 
   it('kubevirt: the virtual size plus 5.5% filesystem overhead must fit the target volume', async () => {
@@ -122,8 +123,8 @@ describeQemu('presets and partition tables', () => {
     expect(codes(await validate(join(dir, 'gpt.qcow2'), 'aws'))).toEqual(['FORMAT_NOT_ALLOWED'])
   })
 
-  it('vsphere: VMDK is allowed but unsupported until the VMDK reader lands; qcow2 is not allowed', async () => {
-    expect(codes(await validate(join(dir, 'sparse.vmdk'), 'vsphere'))).toEqual(['UNSUPPORTED_FORMAT'])
+  it('vsphere: a monolithicSparse VMDK (header version 1) is not what vSphere imports; qcow2 is not allowed', async () => {
+    expect(codes(await validate(join(dir, 'sparse.vmdk'), 'vsphere'))).toEqual(['VMDK_CREATE_TYPE', 'VMDK_VERSION'])
     expect(codes(await validate(join(dir, 'good.qcow2'), 'vsphere'))).toEqual(expect.arrayContaining(['FORMAT_NOT_ALLOWED']))
   })
 })

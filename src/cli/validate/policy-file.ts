@@ -12,6 +12,25 @@ const size = z.number().int().nonnegative()
 const formatName = z.enum(KNOWN_FORMATS)
 // the library's VhdSubformat (a drift is a compile error below)
 const VHD_SUBFORMATS = ['fixed', 'dynamic', 'differencing'] as const
+// the library's VmdkCreateType (a drift is a compile error below)
+const VMDK_CREATE_TYPES = [
+  'monolithicSparse',
+  'monolithicFlat',
+  'streamOptimized',
+  'twoGbMaxExtentSparse',
+  'twoGbMaxExtentFlat',
+  'vmfs',
+  'vmfsSparse',
+  'vmfsThin',
+  'vmfsRaw',
+  'vmfsRDM',
+  'vmfsPassthroughRawDeviceMap',
+  'fullDevice',
+  'partitionedDevice',
+  'custom',
+  'seSparse',
+  'vsanSparse',
+] as const
 
 export const policySchema = z
   .strictObject({
@@ -52,6 +71,13 @@ export const policySchema = z
       })
       .optional()
       .describe('VHD disk types allowed; the file size minus the footer a multiple of fileSizeAlignment'),
+    vmdk: z
+      .strictObject({
+        createTypes: z.array(z.enum(VMDK_CREATE_TYPES)).optional(),
+        versions: z.array(z.union([z.literal(1), z.literal(2), z.literal(3)])).optional(),
+      })
+      .optional()
+      .describe('VMDK descriptor createType values and hosted sparse header versions allowed'),
     sizes: z
       .strictObject({
         minVirtualSize: size.optional(),
