@@ -140,9 +140,13 @@ describeQemu('convert and compare (CLI) against qemu-img', () => {
     expect(cmp.code).toBe(0)
   })
 
-  it('-p without a terminal prints nothing', async () => {
-    const r = await cli('convert', '-p', '-O', 'qcow2', src, join(dir, 'quiet.qcow2'))
-    expect([r.code, r.out, r.err]).toEqual([0, '', ''])
+  it("-p without a terminal prints qemu-img's progress lines on stdout, nothing on stderr; without -p nothing", async () => {
+    const r = await cli('convert', '-p', '-O', 'qcow2', src, join(dir, 'progress.qcow2'))
+    expect(r.code).toBe(0)
+    expect(r.out).toMatch(/^(?: {4}\(\d{1,3}\.\d\d\/100%\)\r)+\n$/)
+    expect(r.err).toBe('')
+    const q = await cli('convert', '-O', 'qcow2', src, join(dir, 'quiet.qcow2'))
+    expect([q.code, q.out, q.err]).toEqual([0, '', ''])
   })
 
   it('converts with -B: only what differs from the backing file is written', async () => {

@@ -168,11 +168,12 @@ export interface DescriptorText {
   ddb: Array<[string, string]>
 }
 
-const hex8 = (n: number): string => n.toString(16).padStart(8, '0')
+/** CIDs as qemu writes them (block/vmdk.c: `%x`, no leading zeros) */
+const hexCid = (n: number): string => (n >>> 0).toString(16)
 
 /** A descriptor as qemu-img writes one. */
 export function formatDescriptor(d: DescriptorText): string {
-  let s = `# Disk DescriptorFile\nversion=1\nCID=${hex8(d.cid)}\nparentCID=${hex8(d.parentCid)}\ncreateType="${d.createType}"\n\n# Extent description\n`
+  let s = `# Disk DescriptorFile\nversion=1\nCID=${hexCid(d.cid)}\nparentCID=${hexCid(d.parentCid)}\ncreateType="${d.createType}"\n\n# Extent description\n`
   for (const e of d.extents) s += `${e.access} ${e.sectors} ${e.type} "${e.name}"${e.offset !== undefined ? ` ${e.offset}` : ''}\n`
   s += '\n# The Disk Data Base\n#DDB\n\n'
   for (const [k, v] of d.ddb) s += `${k} = "${v}"\n`
