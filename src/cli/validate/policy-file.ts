@@ -6,31 +6,20 @@
 import { readFile } from 'node:fs/promises'
 import { z } from 'zod'
 import { parse as parseYaml } from 'yaml'
-import { KNOWN_FORMATS, PRESET_NAMES, QCOW2_AUTOCLEAR, QCOW2_COMPATIBLE, QCOW2_INCOMPATIBLE, UsageError, type PolicyInput } from '../../index.js'
+import {
+  KNOWN_FORMATS,
+  PRESET_NAMES,
+  QCOW2_AUTOCLEAR,
+  QCOW2_COMPATIBLE,
+  QCOW2_INCOMPATIBLE,
+  UsageError,
+  VHD_SUBFORMATS,
+  VMDK_CREATE_TYPES,
+  type PolicyInput,
+} from '../../index.js'
 
 const size = z.number().int().nonnegative()
 const formatName = z.enum(KNOWN_FORMATS)
-// the library's VhdSubformat (a drift is a compile error below)
-const VHD_SUBFORMATS = ['fixed', 'dynamic', 'differencing'] as const
-// the library's VmdkCreateType (a drift is a compile error below)
-const VMDK_CREATE_TYPES = [
-  'monolithicSparse',
-  'monolithicFlat',
-  'streamOptimized',
-  'twoGbMaxExtentSparse',
-  'twoGbMaxExtentFlat',
-  'vmfs',
-  'vmfsSparse',
-  'vmfsThin',
-  'vmfsRaw',
-  'vmfsRDM',
-  'vmfsPassthroughRawDeviceMap',
-  'fullDevice',
-  'partitionedDevice',
-  'custom',
-  'seSparse',
-  'vsanSparse',
-] as const
 
 export const policySchema = z
   .strictObject({
