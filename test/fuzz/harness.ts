@@ -85,6 +85,13 @@ const QEMU_TIMEOUT = 120_000
 const EXIT_CODES = new Set([0, 1, 2, 3, 63])
 
 /** The stderr/exit rules for one imgtool command; undefined when it obeys them. */
+/**
+ * Check's report lines on stderr are qemu-img's own (ERROR ..., Leaked cluster ..., Can't get refcount ...,
+ * Repairing ..., Warning: ...) and imgtool's findings: many shapes, none of them a JavaScript error. A line
+ * that reads like one (TypeError: ..., Error: ...) is not a report line.
+ */
+const NOT_REPORT_LINE = /^\s*(?:[A-Z][A-Za-z]*)?Error(?:\s*\[[A-Z_]+\])?:\s/
+
 export function shapeViolation(
   r: { code: number | null; stderr: string; threw?: string; stray?: string[]; crashed?: string; signal?: string | null },
   isCheck: boolean,
@@ -93,7 +100,18 @@ export function shapeViolation(
   if (r.signal) return `killed by ${r.signal}; stderr ${JSON.stringify(r.stderr.slice(0, 300))}`
   if (r.threw) return `main() rejected: ${r.threw.split('\n')[0]}`
   if (r.stray && r.stray.length) return `stray: ${r.stray[0]!.split('\n')[0]}`
-  const err = r.stderr.replace(/\n$/, '')
+  let err = r.stderr.replace(/\n$/, '')
+  if (isCheck && err.length) {
+    // human check and repair print qemu-img's per-cluster lines and imgtool's findings on stderr, before and
+    // after repair's own "imgtool: " line; none may be a JavaScript error, and the rules below hold for the
+    // "imgtool: " lines
+    const lines = err.split('\n')
+    const report = lines.filter((l) => !l.startsWith('imgtool: '))
+    const odd = report.find((l) => NOT_REPORT_LINE.test(l))
+    if (odd !== undefined) return `a JavaScript error among the report lines: ${JSON.stringify(odd.slice(0, 200))}`
+    if (/ERR_[A-Z_]+|\bat .*\(.*:\d+:\d+\)|node:internal|internal error/i.test(report.join('\n'))) return `Node internals in the report lines`
+    err = lines.filter((l) => l.startsWith('imgtool: ')).join('\n')
+  }
   if (err.length) {
     const lines = err.split('\n')
     if (lines.length > 1) return `stderr has ${lines.length} lines: ${JSON.stringify(err.slice(0, 300))}`
