@@ -9,7 +9,7 @@ import type { CmdResult } from './worker-client.js'
 
 export interface ExceptionContext {
   seed: string
-  format: 'qcow2' | 'dmsnap'
+  format: 'qcow2' | 'dmsnap' | 'vpc' | 'vmdk'
   mutations: readonly Mutation[]
   itCheck?: CmdResult
   qCheck?: ProcResult

@@ -197,6 +197,9 @@ export class Harness {
     const started = Date.now()
     const rec = seed.recipe
     const isQ = rec.format === 'qcow2'
+    // the formats qemu-img opens (dm-snapshot it does not), and those it checks (it has no check for vpc)
+    const qFmt = rec.format === 'dmsnap' ? undefined : rec.format
+    const qChecks = rec.format === 'qcow2' || rec.format === 'vmdk'
     const dir = join(this.workRoot, `case-${index}`)
     rmSync(dir, { recursive: true, force: true })
     const r = join(dir, 'r')
@@ -206,7 +209,7 @@ export class Harness {
     const mutant = applyMutations(seedBytes, fc.mutations)
     writeFileSync(join(r, rec.main), mutant)
     const mutantMd5 = md5(mutant)
-    const fmt = isQ ? ['-f', 'qcow2'] : ['-f', 'dmsnap', '--origin', rec.origin!]
+    const fmt = qFmt ? ['-f', qFmt] : ['-f', 'dmsnap', '--origin', rec.origin!]
     const ctx: Ctx = { outcomes: [], exc: { seed: rec.name, format: rec.format, mutations: fc.mutations } }
     const timeoutMs = this.opts.timeoutMs
     const shapes: string[] = []
@@ -232,9 +235,9 @@ export class Harness {
     const itInfo = await it(['info', '--output', 'json', ...fmt, rec.main], r)
     let qCheck: ProcResult | undefined
     let qInfo: ProcResult | undefined
-    if (isQ) {
-      qCheck = await qemu(['check', '--output=json', '-f', 'qcow2', rec.main], r)
-      qInfo = await qemu(['info', '--output=json', '-f', 'qcow2', rec.main], r)
+    if (qFmt) {
+      if (qChecks) qCheck = await qemu(['check', '--output=json', '-f', qFmt, rec.main], r)
+      qInfo = await qemu(['info', '--output=json', '-f', qFmt, rec.main], r)
     }
     ctx.exc.itCheck = itCheck
     ctx.exc.qCheck = qCheck
@@ -248,14 +251,14 @@ export class Harness {
     const qRaw = join(dir, 'q.raw')
     if (sizeOk) {
       itCat = await it(['cat', ...fmt, rec.main], r, itRaw)
-      if (isQ) qConv = await qemu(['convert', '-f', 'qcow2', '-O', 'raw', rec.main, qRaw], r)
+      if (qFmt) qConv = await qemu(['convert', '-f', qFmt, '-O', 'raw', rec.main, qRaw], r)
     }
     const itDry = await it(['repair', '--dry-run', ...fmt, rec.main], r)
     const after = hashDir(r)
     const changed = diffHashes(before, after)
     record(ctx, 'readonly', changed.length === 0, `read-only commands changed files: ${changed.join(', ')}`)
 
-    if (isQ && qCheck && !qCheck.timedOut && !itCheck.timedOut) {
+    if (qChecks && qCheck && !qCheck.timedOut && !itCheck.timedOut) {
       const qs = qCheck.stderr.trim().split('\n')[0] ?? ''
       record(
         ctx,
@@ -264,7 +267,7 @@ export class Harness {
         `imgtool check ${itCheck.code}, qemu-img check ${qCheck.code}${qs ? ` (${qs})` : ''}${itCheck.stderr ? `; imgtool: ${itCheck.stderr.trim().slice(0, 200)}` : ''}`,
       )
     }
-    if (isQ && qInfo && !qInfo.timedOut && !itInfo.timedOut && qInfo.code === 0) {
+    if (qFmt && qInfo && !qInfo.timedOut && !itInfo.timedOut && qInfo.code === 0) {
       const ok = itInfo.code === 0 && itVsize === qVsize
       record(
         ctx,
@@ -275,7 +278,8 @@ export class Harness {
           : `virtual-size imgtool ${itVsize}, qemu-img ${qVsize}`,
       )
     }
-    if (isQ && itCat && qConv && !qConv.timedOut && !itCat.timedOut) {
+    let bothReadEqual = false
+    if (qFmt && itCat && qConv && !qConv.timedOut && !itCat.timedOut) {
       if (qConv.code === 0) {
         record(ctx, 'read-refused', itCat.code === 0, `qemu-img convert reads it, imgtool cat exit ${itCat.code}: ${itCat.stderr.trim().slice(0, 200)}`)
         if (itCat.code === 0) {
@@ -291,6 +295,7 @@ export class Harness {
             detail = `${n} sectors differ, first at guest 0x${first.toString(16)}`
           }
           record(ctx, 'read-equal', detail === '', detail)
+          bothReadEqual = detail === ''
         }
       }
     }
@@ -388,6 +393,46 @@ export class Harness {
             )
           }
         }
+      }
+    }
+    // VHD and VMDK: qemu-img has no repair to compare with (and no check for vpc). imgtool's repairs of these
+    // formats change no guest byte: where both tools read the mutant alike, qemu-img reads the same bytes after
+    // imgtool's repair; and where imgtool says the repair succeeded, qemu-img's check (vmdk) does not call the
+    // image corrupt.
+    if (!isQ && qFmt && !itRepair.timedOut && changedByRepair) {
+      if (bothReadEqual) {
+        const qaRaw = join(dir, 'qa.raw')
+        const ca = await qemu(['convert', '-f', qFmt, '-O', 'raw', rec.main, qaRaw], i)
+        if (!ca.timedOut) {
+          let detail = ''
+          if (ca.code !== 0)
+            detail = `qemu-img read the mutant, not the image after imgtool's repair (exit ${itRepair.code}): ${ca.stderr.trim().slice(0, 160)}`
+          else {
+            const orig = readFileSync(qRaw)
+            const qa = readFileSync(qaRaw)
+            let lost = 0
+            let first = -1
+            for (let o = 0; o < Math.max(orig.length, qa.length); o += 512) {
+              if (orig.subarray(o, o + 512).equals(qa.subarray(o, o + 512))) continue
+              lost++
+              if (first < 0) first = o
+            }
+            if (lost)
+              detail = `${lost} sectors changed by imgtool's repair (exit ${itRepair.code}), first at guest 0x${first.toString(16)}; guest size ${orig.length} -> ${qa.length}`
+          }
+          record(ctx, 'repair-guest', detail === '', detail)
+        }
+      }
+      if (qChecks && itRepair.code === 0) {
+        const qAfterIt = await qemu(['check', '-f', qFmt, rec.main], i)
+        ctx.exc.qAfterIt = qAfterIt
+        if (!qAfterIt.timedOut)
+          record(
+            ctx,
+            'repair-verdict',
+            qAfterIt.code !== 2 && !(qAfterIt.code === 1 && qCheck?.code !== 1),
+            `after imgtool repair (exit 0) qemu-img check exit ${qAfterIt.code} (${(qAfterIt.stdout.toString('utf8') + qAfterIt.stderr).trim().split('\n')[0]?.slice(0, 160)})`,
+          )
       }
     }
     // --- undo -------------------------------------------------------------------

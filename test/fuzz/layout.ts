@@ -2,7 +2,9 @@
  * Where the metadata is, read tolerantly from a seed's bytes, so mutations can
  * aim at structures: qcow2 header fields, extensions, L1/L2 entries,
  * refcount table and block entries, the snapshot table, the bitmap directory
- * and bitmap tables; dm-snapshot header and exception records.
+ * and bitmap tables; dm-snapshot header and exception records; VHD footers,
+ * dynamic header, BAT and block bitmaps; VMDK sparse header (and the stream
+ * footer's copy), descriptor, grain directories, grain tables and markers.
  *
  * A Field is a span of the file with a name and a width; the mutator bends it.
  */
@@ -11,7 +13,7 @@ export interface Field {
   /** e.g. "header.l1_size", "l2[0x30000][5]", "snap[1].l1_size" */
   name: string
   offset: number
-  /** bytes: 1, 2, 4 or 8 (integers, big-endian for qcow2, little-endian for dm-snapshot) */
+  /** bytes: 1, 2, 4 or 8 (integers, big-endian for qcow2 and VHD, little-endian for dm-snapshot and VMDK) */
   width: 1 | 2 | 4 | 8
   le?: boolean
   /** what kind of value lives here: steers the interesting values */
@@ -19,7 +21,7 @@ export interface Field {
 }
 
 export interface Layout {
-  format: 'qcow2' | 'dmsnap'
+  format: 'qcow2' | 'dmsnap' | 'vpc' | 'vmdk'
   fileSize: number
   clusterSize: number
   fields: Field[]
@@ -241,4 +243,180 @@ export function dmsnapLayout(b: Uint8Array): Layout {
     }
   }
   return { format: 'dmsnap', fileSize: b.length, clusterSize: cs, fields, regions }
+}
+
+/** the VHD checksum: the ones' complement of the byte sum, the checksum field counted as zeros */
+export function vhdChecksum(b: Uint8Array, at: number, length: number, checksumAt: number): number {
+  let sum = 0
+  for (let i = 0; i < length; i++) if (i < checksumAt || i >= checksumAt + 4) sum += b[at + i] ?? 0
+  return ~sum >>> 0
+}
+
+/** VHD: footer fields (at 0 for a dynamic disk, and the copy or only footer in the last sector), dynamic header, BAT. */
+export function vpcLayout(b: Uint8Array): Layout {
+  const fields: Field[] = []
+  const regions: Layout['regions'] = []
+  const ascii = (o: number, n: number): string => (o >= 0 && o + n <= b.length ? String.fromCharCode(...b.subarray(o, o + n)) : '')
+  const footer = (tag: string, at: number): void => {
+    const f = (name: string, off: number, width: Field['width'], kind: Field['kind']): void => {
+      fields.push({ name: `${tag}.${name}`, offset: at + off, width, kind })
+    }
+    regions.push({ name: tag, offset: at, length: 512 })
+    f('cookie', 0, 8, 'magic')
+    f('features', 8, 4, 'flags')
+    f('version', 12, 4, 'count')
+    f('data_offset', 16, 8, 'offset')
+    f('creator_app', 28, 4, 'misc')
+    f('original_size', 40, 8, 'size')
+    f('current_size', 48, 8, 'size')
+    f('cylinders', 56, 2, 'count')
+    f('heads', 58, 1, 'count')
+    f('sectors', 59, 1, 'count')
+    f('disk_type', 60, 4, 'count')
+    f('checksum', 64, 4, 'misc')
+    f('saved_state', 84, 1, 'flags')
+  }
+  if (ascii(0, 8) === 'conectix') footer('header', 0)
+  if (b.length >= 512 && ascii(b.length - 512, 8) === 'conectix') footer('footer', b.length - 512)
+  const dv = new DataView(b.buffer, b.byteOffset, b.byteLength)
+  const dataOffset = u64(b, 16)
+  let blockSize = 2 << 20
+  if (ascii(0, 8) === 'conectix' && dataOffset > 0 && dataOffset + 1024 <= b.length && ascii(dataOffset, 8) === 'cxsparse') {
+    const d = dataOffset
+    const f = (name: string, off: number, width: Field['width'], kind: Field['kind']): void => {
+      fields.push({ name: `header.dyn.${name}`, offset: d + off, width, kind })
+    }
+    regions.push({ name: 'dynamic header', offset: d, length: 1024 })
+    f('cookie', 0, 8, 'magic')
+    f('data_offset', 8, 8, 'offset')
+    f('table_offset', 16, 8, 'offset')
+    f('version', 24, 4, 'count')
+    f('max_table_entries', 28, 4, 'count')
+    f('block_size', 32, 4, 'size')
+    f('checksum', 36, 4, 'misc')
+    const bs = u32(b, d + 32)
+    if (bs >= 512 && bs <= 1 << 28 && (bs & (bs - 1)) === 0) blockSize = bs
+    const table = u64(b, d + 16)
+    const n = Math.min(u32(b, d + 28), 1 << 16)
+    if (table > 0 && table < b.length) {
+      const len = Math.min(n * 4, b.length - table)
+      regions.push({ name: 'BAT', offset: table, length: Math.max(1, len) })
+      let unused = 0
+      for (let i = 0; i * 4 + 4 <= len; i++) {
+        const e = dv.getUint32(table + 4 * i)
+        if (e === 0xffff_ffff) {
+          if (unused++ < 2) fields.push({ name: `bat[${i}]`, offset: table + 4 * i, width: 4, kind: 'entry' })
+          continue
+        }
+        fields.push({ name: `bat[${i}]`, offset: table + 4 * i, width: 4, kind: 'entry' })
+        const bitmapAt = e * 512
+        if (bitmapAt + 512 <= b.length) regions.push({ name: `bitmap[${i}]`, offset: bitmapAt, length: 512 })
+      }
+    }
+  }
+  return { format: 'vpc', fileSize: b.length, clusterSize: Math.min(blockSize, 1 << 20), fields, regions }
+}
+
+function le64(b: Uint8Array, o: number): number {
+  if (!Number.isSafeInteger(o) || o < 0 || o + 8 > b.length) return 0
+  return Number(new DataView(b.buffer, b.byteOffset, b.byteLength).getBigUint64(o, true))
+}
+function le32(b: Uint8Array, o: number): number {
+  if (!Number.isSafeInteger(o) || o < 0 || o + 4 > b.length) return 0
+  return new DataView(b.buffer, b.byteOffset, b.byteLength).getUint32(o, true)
+}
+
+/**
+ * VMDK: a sparse extent's header (and, for streamOptimized, the footer's copy near the end), the embedded
+ * descriptor, the grain directory and its redundant copy, grain tables, stream markers; a descriptor file
+ * (text) is one region.
+ */
+export function vmdkLayout(b: Uint8Array): Layout {
+  const fields: Field[] = []
+  const regions: Layout['regions'] = []
+  const isSparse = b.length >= 512 && b[0] === 0x4b && b[1] === 0x44 && b[2] === 0x4d && b[3] === 0x56
+  if (!isSparse) {
+    regions.push({ name: 'descriptor', offset: 0, length: Math.max(1, b.length) })
+    return { format: 'vmdk', fileSize: b.length, clusterSize: 512, fields, regions }
+  }
+  const header = (tag: string, at: number): void => {
+    const f = (name: string, off: number, width: Field['width'], kind: Field['kind']): void => {
+      fields.push({ name: `${tag}.${name}`, offset: at + off, width, le: true, kind })
+    }
+    regions.push({ name: tag, offset: at, length: 512 })
+    f('magic', 0, 4, 'magic')
+    f('version', 4, 4, 'count')
+    f('flags', 8, 4, 'flags')
+    f('capacity', 12, 8, 'size')
+    f('grain_size', 20, 8, 'size')
+    f('descriptor_offset', 28, 8, 'offset')
+    f('descriptor_size', 36, 8, 'size')
+    f('num_gtes_per_gt', 44, 4, 'count')
+    f('rgd_offset', 48, 8, 'offset')
+    f('gd_offset', 56, 8, 'offset')
+    f('overhead', 64, 8, 'size')
+    f('unclean_shutdown', 72, 1, 'flags')
+    f('newline_chars', 73, 4, 'misc')
+    f('compress_algorithm', 77, 2, 'count')
+  }
+  header('header', 0)
+  // streamOptimized: footer marker, footer (a header copy), end-of-stream marker in the last three sectors
+  let h = 0
+  if (b.length >= 1536 && new DataView(b.buffer, b.byteOffset, b.byteLength).getBigUint64(56, true) === 0xffff_ffff_ffff_ffffn) {
+    const fo = b.length - 1024
+    if (b[fo] === 0x4b && b[fo + 1] === 0x44) {
+      header('footer', fo)
+      h = fo
+    }
+  }
+  const descAt = le64(b, 28) * 512
+  const descLen = Math.min(le64(b, 36) * 512, 1 << 20)
+  if (descAt > 0 && descAt + descLen <= b.length && descLen > 0) regions.push({ name: 'descriptor', offset: descAt, length: descLen })
+  const capacity = le64(b, h + 12)
+  const grain = le64(b, h + 20)
+  const perGt = le32(b, h + 44)
+  const grainBytes = grain > 0 && grain <= 1 << 14 ? grain * 512 : 65536
+  if (grain > 0 && perGt > 0 && perGt <= 1 << 14) {
+    const gtCount = Math.min(Math.ceil(capacity / grain / perGt), 1 << 12)
+    for (const [tag, sec] of [
+      ['gd', le64(b, h + 56)],
+      ['rgd', (le32(b, h + 8) & 2) !== 0 ? le64(b, h + 48) : 0],
+    ] as const) {
+      const at = sec * 512
+      if (sec <= 0 || !Number.isSafeInteger(at) || at >= b.length) continue
+      regions.push({ name: tag, offset: at, length: Math.max(1, Math.min(gtCount * 4, b.length - at)) })
+      for (let i = 0; i < gtCount && at + 4 * i + 4 <= b.length; i++) {
+        fields.push({ name: `${tag}[${i}]`, offset: at + 4 * i, width: 4, le: true, kind: 'entry' })
+        const gt = le32(b, at + 4 * i) * 512
+        if (gt === 0 || gt >= b.length || i > 8) continue
+        regions.push({ name: `${tag}.gt[${i}]`, offset: gt, length: Math.min(perGt * 4, b.length - gt) })
+        let shown = 0
+        for (let j = 0; j < perGt && gt + 4 * j + 4 <= b.length && shown < 24; j++) {
+          const e = le32(b, gt + 4 * j)
+          if (e === 0 && j % 64 !== 0) continue
+          shown++
+          fields.push({ name: `${tag}.gt[${i}][${j}]`, offset: gt + 4 * j, width: 4, le: true, kind: 'entry' })
+        }
+      }
+    }
+  }
+  // stream markers after the overhead: grain markers (lba, size, data) and metadata markers (sectors, 0, type)
+  if ((le32(b, 8) & 0x10000) !== 0) {
+    let at = le64(b, 64) * 512
+    for (let n = 0; n < 64 && at + 512 <= b.length; n++) {
+      const size = le32(b, at + 8)
+      if (size > 0) {
+        fields.push({ name: `marker[${n}].lba`, offset: at, width: 8, le: true, kind: 'offset' })
+        fields.push({ name: `marker[${n}].size`, offset: at + 8, width: 4, le: true, kind: 'size' })
+        at += Math.ceil((12 + size) / 512) * 512
+      } else {
+        const sectors = le64(b, at)
+        fields.push({ name: `marker[${n}].sectors`, offset: at, width: 8, le: true, kind: 'size' })
+        fields.push({ name: `marker[${n}].type`, offset: at + 12, width: 4, le: true, kind: 'count' })
+        if (le32(b, at + 12) === 0) break // end of stream
+        at += 512 + sectors * 512
+      }
+    }
+  }
+  return { format: 'vmdk', fileSize: b.length, clusterSize: Math.min(grainBytes, 1 << 20), fields, regions }
 }

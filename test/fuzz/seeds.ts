@@ -1,6 +1,6 @@
 /**
  * Fuzz seeds: small images of every kind imgtool reads, made at run time by
- * the real qemu-img/qemu-io 7.2 (qcow2) or taken from the kernel-made
+ * the real qemu-img/qemu-io 7.2 (qcow2, VHD, VMDK) or taken from the kernel-made
  * dm-snapshot fixtures in images/dmsnap/ and from imgtool's own dm-snapshot
  * writer. The recipes below ARE the seed definitions: a regression case names
  * a seed, and replaying it rebuilds the seed from its recipe.
@@ -14,6 +14,7 @@ import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, 
 import { tmpdir } from 'node:os'
 import { dirname, join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { vhdChecksum } from './layout.js'
 import { runProc } from './proc.js'
 
 /** The checkout: the first directory up from here with imgtool's package.json (works from a tsc build under node_modules/.cache too). */
@@ -36,10 +37,14 @@ type Step =
   | { imgtool: string[] }
   | { copyFixture: string; to: string } // a file under images/
   | { fixDates: string } // fixed timestamps in a qcow2 snapshot table
+  | { fixVhdTimes: string } // fixed timestamp and UUID in a VHD's footers (checksums recomputed)
+  | { fixVmdkIds: string } // fixed CID in a VMDK's descriptor (embedded or a descriptor file)
+
+export type SeedFormat = 'qcow2' | 'dmsnap' | 'vpc' | 'vmdk'
 
 export interface SeedRecipe {
   name: string
-  format: 'qcow2' | 'dmsnap'
+  format: SeedFormat
   /** the file the mutations apply to */
   main: string
   /** dm-snapshot origin (read-only input, never mutated) */
@@ -56,6 +61,32 @@ const q = (name: string, size: string, opts: string, writes: string[], extra: Pa
   format: 'qcow2',
   main: `${name}.qcow2`,
   steps: [{ img: ['create', '-q', '-f', 'qcow2', '-o', opts, `${name}.qcow2`, size] }, ...(writes.length ? [{ io: writes, file: `${name}.qcow2` }] : [])],
+  ...extra,
+})
+
+/** a VHD seed: qemu-img create -f vpc, then qemu-io writes */
+const vpc = (name: string, opts: string, size: string, writes: string[], extra: Partial<SeedRecipe> = {}): SeedRecipe => ({
+  name,
+  format: 'vpc',
+  main: `${name}.vhd`,
+  steps: [
+    { img: ['create', '-q', '-f', 'vpc', '-o', opts, `${name}.vhd`, size] },
+    { io: writes, file: `${name}.vhd`, fmt: 'vpc' },
+    { fixVhdTimes: `${name}.vhd` },
+  ],
+  ...extra,
+})
+
+/** a VMDK seed: qemu-img create -f vmdk, then qemu-io writes */
+const vmdk = (name: string, opts: string, size: string, writes: string[], extra: Partial<SeedRecipe> = {}): SeedRecipe => ({
+  name,
+  format: 'vmdk',
+  main: `${name}.vmdk`,
+  steps: [
+    { img: ['create', '-q', '-f', 'vmdk', '-o', opts, `${name}.vmdk`, size] },
+    { io: writes, file: `${name}.vmdk`, fmt: 'vmdk' },
+    { fixVmdkIds: `${name}.vmdk` },
+  ],
   ...extra,
 })
 
@@ -175,6 +206,36 @@ export const SEEDS: SeedRecipe[] = [
       { io: ['write -P 0x22 4k 4k', 'write -P 0x23 1M 40k'], file: 'v3-bitmaps.qcow2' },
     ],
   },
+  // VHD (qemu's vpc): dynamic disks (footer copy at 0, dynamic header, BAT, blocks with sector bitmaps) and fixed
+  vpc('vpc-dynamic', 'subformat=dynamic', '6M', ['write -P 0x31 0 64k', 'write -P 0x32 2M 4k', 'write -P 0x33 5M 8k', 'write -z 8k 4k']),
+  vpc('vpc-dynamic-force', 'subformat=dynamic,force_size=on', '4M', ['write -P 0x34 4k 4k', 'write -P 0x35 3M 512']),
+  vpc('vpc-fixed', 'subformat=fixed,force_size=on', '1M', ['write -P 0x36 0 8k', 'write -P 0x37 512k 4k'], { weight: 0.5 }),
+  // VMDK: monolithicSparse (embedded descriptor, GD/RGD, grain tables), with zeroed grains, streamOptimized
+  // (compressed grains, markers, footer), and a monolithicFlat descriptor (text) with its flat extent beside it
+  vmdk('vmdk-sparse', 'subformat=monolithicSparse', '4M', ['write -P 0x41 0 64k', 'write -P 0x42 1M 4k', 'write -P 0x43 3M 8k']),
+  vmdk('vmdk-sparse-zeroed', 'subformat=monolithicSparse,zeroed_grain=on', '2M', ['write -P 0x44 0 8k', 'write -z 64k 64k', 'write -P 0x45 1M 4k']),
+  {
+    name: 'vmdk-stream',
+    format: 'vmdk',
+    main: 'vmdk-stream.vmdk',
+    steps: [
+      { img: ['create', '-q', '-f', 'raw', 'src.raw', '2M'] },
+      { io: ['write -P 0x46 0 64k', 'write -P 0x47 1M 8k', 'write -P 0x48 1984k 4k'], file: 'src.raw', fmt: 'raw' },
+      { img: ['convert', '-q', '-f', 'raw', '-O', 'vmdk', '-o', 'subformat=streamOptimized', 'src.raw', 'vmdk-stream.vmdk'] },
+    ],
+  },
+  {
+    name: 'vmdk-flat',
+    format: 'vmdk',
+    main: 'vmdk-flat.vmdk',
+    sides: ['vmdk-flat-flat.vmdk'],
+    weight: 0.5,
+    steps: [
+      { img: ['create', '-q', '-f', 'vmdk', '-o', 'subformat=monolithicFlat', 'vmdk-flat.vmdk', '1M'] },
+      { io: ['write -P 0x49 0 8k', 'write -P 0x4a 512k 4k'], file: 'vmdk-flat.vmdk', fmt: 'vmdk' },
+      { fixVmdkIds: 'vmdk-flat.vmdk' },
+    ],
+  },
   // dm-snapshot: kernel-made stores from images/dmsnap, and imgtool's own writer
   ...['c8-basic', 'c1-areas', 'c16-random', 'c32-default', 'c8-partial', 'c8-full-po', 'c8-invalid'].map((f): SeedRecipe => ({
     name: `dmsnap-${f}`,
@@ -267,6 +328,33 @@ export function fixSnapshotDates(path: string): void {
   writeFileSync(path, b)
 }
 
+/** Fixed timestamp and UUID in both footers of a VHD, so a seed's bytes do not depend on the clock. */
+function fixVhdTimes(path: string): void {
+  const b = readFileSync(path)
+  for (const at of [0, b.length - 512]) {
+    if (at < 0 || b.toString('latin1', at, at + 8) !== 'conectix') continue
+    b.writeUInt32BE(700_000_000, at + 24)
+    for (let i = 0; i < 16; i++) b[at + 68 + i] = 0x10 + i
+    b.writeUInt32BE(vhdChecksum(b, at, 512, 64), at + 64)
+  }
+  writeFileSync(path, b)
+}
+
+/** Fixed CID in a VMDK descriptor (embedded at the sector the header names, or the whole file). */
+function fixVmdkIds(path: string): void {
+  const b = readFileSync(path)
+  let at = 0
+  let len = b.length
+  if (b.toString('latin1', 0, 4) === 'KDMV') {
+    at = Number(b.readBigUInt64LE(28)) * 512
+    len = Number(b.readBigUInt64LE(36)) * 512
+  }
+  const text = b.toString('latin1', at, at + len)
+  const fixed = text.replace(/^CID=[0-9a-fA-F]+/m, (m) => `CID=${'fedcba98'.slice(0, m.length - 4).padStart(m.length - 4, '0')}`)
+  b.write(fixed, at, 'latin1')
+  writeFileSync(path, b)
+}
+
 async function buildOne(recipe: SeedRecipe, dir: string): Promise<void> {
   for (const s of recipe.steps) {
     if ('img' in s) await must('qemu-img', s.img, dir)
@@ -277,6 +365,8 @@ async function buildOne(recipe: SeedRecipe, dir: string): Promise<void> {
       await must('qemu-io', args, dir, s.abort === true)
     } else if ('imgtool' in s) await must(process.execPath, [IMGTOOL_BIN, ...s.imgtool], dir)
     else if ('copyFixture' in s) copyFileSync(join(REPO, s.copyFixture), join(dir, s.to))
+    else if ('fixVhdTimes' in s) fixVhdTimes(join(dir, s.fixVhdTimes))
+    else if ('fixVmdkIds' in s) fixVmdkIds(join(dir, s.fixVmdkIds))
     else fixSnapshotDates(join(dir, s.fixDates))
   }
   for (const f of [recipe.main, ...(recipe.sides ?? []), ...(recipe.origin ? [recipe.origin] : [])]) {
