@@ -22,7 +22,7 @@ export async function checkCopied(st: CheckState, reftable: Uint8Array, cmp: { m
   const byCluster = new Map<number, Finding>()
   for (const f of st.report.findings) if (f.structure === 'refcount' && f.cluster !== undefined) byCluster.set(f.cluster, f)
   const nb = st.imrt.size
-  const counters = st.imrt.counters
+  const imrt = st.imrt
   let cachedBlock: { off: number; data: Uint8Array } | undefined
   const noMismatch = onDiskMap.size === 0
   /** refcount block offset for cluster c: 0 = none, -1 = unreadable (unaligned) */
@@ -40,9 +40,9 @@ export async function checkCopied(st: CheckState, reftable: Uint8Array, cmp: { m
     if (off === 0) return 0
     if (off < 0) return undefined
     if (c < nb) {
-      if (noMismatch) return counters[c] as number
+      if (noMismatch) return imrt.get(c)
       const m = onDiskMap.get(c)
-      return m !== undefined ? m : (counters[c] as number)
+      return m !== undefined ? m : imrt.get(c)
     }
     return null // past the compared range: read the block
   }
@@ -110,7 +110,7 @@ export async function checkCopied(st: CheckState, reftable: Uint8Array, cmp: { m
       const copiedFlag = (ehi & 0x80000000) !== 0
       if (off === 0 && !(st.dataFile && copiedFlag)) continue
       const cl = Math.floor(off / cs)
-      if (!st.dataFile && copiedFlag && off % cs === 0 && cl < nb && noMismatch && (counters[cl] as number) === 1 && blockFor(cl) > 0) continue // the common case
+      if (!st.dataFile && copiedFlag && off % cs === 0 && cl < nb && noMismatch && imrt.get(cl) === 1 && blockFor(cl) > 0) continue // the common case
       // an external data file's offsets are not this file's clusters: they name no finding here
       const mf = byCluster.size && !st.dataFile ? byCluster.get(cl) : undefined
       if (mf && !mf.guestRanges) {

@@ -130,7 +130,7 @@ export async function compareRefcounts(st: CheckState, reftable: Uint8Array): Pr
   const order = h.refcountOrder
   const perBlock = refcountsPerBlock(cs, order)
   const nb = st.imrt.size
-  const counters = st.imrt.counters
+  const imrt = st.imrt
   const rdv = new DataView(reftable.buffer, reftable.byteOffset, reftable.byteLength)
   const tableEntries = reftable.byteLength / 8
   const mismatches: Mismatch[] = []
@@ -215,7 +215,7 @@ export async function compareRefcounts(st: CheckState, reftable: Uint8Array): Pr
     const b16 = block && order === 4 ? block : undefined
     for (let i = base; i < end; i++) {
       const r1 = b16 ? ((b16[(i - base) * 2] as number) << 8) | (b16[(i - base) * 2 + 1] as number) : block ? getRefcountEntry(block, i - base, order) : 0
-      const r2 = counters[i] as number
+      const r2 = imrt.get(i)
       if (r1 !== 1 && bits !== undefined && ((bits[i >>> 3] as number) & (1 << (i & 7))) !== 0) st.copiedSuspect = true
       if (r1 === r2) {
         if (r1 !== 0) highest = i

@@ -140,8 +140,7 @@ export function scanL2(st: CheckState, t: Uint8Array, l2Offset: number, l1Index:
   const shift = 32 - cb
   const hiLimit = 2 ** (30 - shift) // keeps the cluster index below 2^30
   const kEnd = Math.min(Math.floor(st.fileSize / cs), st.imrt.size, 2 ** 30)
-  let counters = st.imrt.counters
-  const maxCount = st.imrt.max
+  const imrt = st.imrt
   const bits = active ? st.copiedBits : undefined
   const bitsLimit = bits ? bits.length * 8 : 0
   const copiedOdd = st.copiedOdd
@@ -167,19 +166,13 @@ export function scanL2(st: CheckState, t: Uint8Array, l2Offset: number, l1Index:
           else if (copiedOdd.length < 1_000_000) copiedOdd.push(k)
           else st.copiedFullPass = true
         }
-        const c = counters[k] as number
-        if (c < maxCount) {
-          counters[k] = c + 1
-          continue
-        }
+        if (imrt.inc(k)) continue
         const r = st.l2Ref(l2Offset, i, active, l1Index)
         st.inc(k * cs, cs, 'data cluster', r) // reports the overflow
-        counters = st.imrt.counters
         continue
       }
     }
     nextK = slowL2Entry(st, dv, i, l2Offset, l1Index, active, stats, nextK)
-    counters = st.imrt.counters // inc() may have grown the array
   }
 }
 
@@ -208,7 +201,6 @@ export function slowL2Entry(
   const x = 70 - st.cb // compressed: offset bits
   const hiOffMask = 2 ** (x - 32) - 1
   const csizeMask = (1 << (st.cb - 8)) - 1
-  const maxCount = st.imrt.max
   const bits = active ? st.copiedBits : undefined
   const bitsLimit = bits ? bits.length * 8 : 0
   const o = i * es
@@ -361,16 +353,13 @@ export function slowL2Entry(
   }
   if (!st.dataFile) {
     const k = offset / cs
-    const counters = st.imrt.counters
     if (bits) {
       if ((hi & 0x80000000) !== 0 && offset % cs === 0 && k < bitsLimit && ((bits[k >>> 3] as number) & (1 << (k & 7))) === 0) {
         bits[k >>> 3] = (bits[k >>> 3] as number) | (1 << (k & 7))
       } else if (st.copiedOdd.length < 1_000_000) st.copiedOdd.push(k)
       else st.copiedFullPass = true
     }
-    if (offset % cs === 0 && offset + cs <= st.fileSize && k < st.imrt.size && (counters[k] as number) < maxCount) {
-      counters[k] = (counters[k] as number) + 1
-    } else {
+    if (!(offset % cs === 0 && offset + cs <= st.fileSize && k < st.imrt.size && st.imrt.inc(k))) {
       const r = st.l2Ref(l2Offset, i, active, l1Index)
       if (!st.inc(offset, cs, 'data cluster', r)) st.addPastEof({ ref: r, kind: 'data', hostOffset: offset })
     }
