@@ -122,6 +122,69 @@ const CASES: Case[] = [
   // a target that is the source: qemu-img's image locks refuse it, imgtool refuses it before the locks
   { sh: '$T dd if=v3-c64k.qcow2 of=v3-c64k.qcow2 -O qcow2; echo "rc=$?"', writes: ['v3-c64k.qcow2'] },
   { sh: '$T convert -n -O qcow2 v3-c64k.qcow2 v3-c64k.qcow2; echo "rc=$?"', writes: ['v3-c64k.qcow2'] },
+  // more of what scripts run (issue 14's list: -U, human map, more option sets, amend, the other commit/rebase forms)
+  { sh: '$T info -U v3-c64k.qcow2' },
+  { sh: '$T info --force-share --output=json v3-c64k.qcow2' },
+  { sh: '$T info v3-dirty-lazy.qcow2' },
+  { sh: '$T info v3-rc1.qcow2' },
+  { sh: '$T info v3-zero.qcow2' },
+  { sh: "$T info v2-snapshot.qcow2 | grep -A3 '^Snapshot list:' | cut -c1-20" },
+  { sh: "$T info --output=json chain-top.qcow2 | grep 'backing-filename-format'" },
+  { sh: '$T info -f raw v3-c64k.qcow2 | head -3' },
+  { sh: "$T info chain-mid.qcow2 | sed -n 's/^backing file: //p'" },
+  { sh: '$T info --output=json v3-c64k.qcow2 | grep -o \'"cluster-size": [0-9]*\'' },
+  { sh: '$T check -U v3-c64k.qcow2' },
+  { sh: '$T check -f qcow2 v2-c4k.qcow2' },
+  { sh: '$T check v3-snapshot.qcow2' },
+  { sh: '$T check --output=json v3-compressed-zstd.qcow2', checkJson: true },
+  { sh: '$T check v3-extl2-c64k.qcow2 && echo ok' },
+  { sh: '$T check chain-top.qcow2' },
+  { sh: '$T check v3-bitmap.qcow2' },
+  { sh: '$T check --output json v2-snapshot.qcow2', checkJson: true },
+  { sh: '$T map v3-c64k.qcow2' },
+  { sh: '$T map chain-top.qcow2' },
+  { sh: '$T map -f qcow2 --output=json v3-compressed-zstd.qcow2' },
+  { sh: '$T map --output=json v3-extl2-c64k.qcow2' },
+  { sh: '$T map --output json v2-snapshot.qcow2' },
+  { sh: '$T map --output=json --start-offset=65536 --max-length=1048576 v3-c64k.qcow2' },
+  { sh: '$T map -U --output=json chain-mid.qcow2' },
+  { sh: '$T compare -f qcow2 -F qcow2 v3-c64k.qcow2 v3-c64k.qcow2; echo "rc=$?"' },
+  { sh: '$T compare chain-top.qcow2 chain-mid.qcow2; echo "rc=$?"' },
+  { sh: '$T compare -U v3-c64k.qcow2 v3-extl2-c64k.qcow2; echo "rc=$?"' },
+  { sh: '$T snapshot -l v3-snapshot.qcow2 | cut -c1-20' },
+  { sh: '$T snapshot -c s1 v2-c4k.qcow2 && $T snapshot -l v2-c4k.qcow2 | wc -l', writes: ['v2-c4k.qcow2'] },
+  { sh: '$T snapshot -d nosuch v3-snapshot.qcow2; echo "rc=$?"', writes: ['v3-snapshot.qcow2'] },
+  { sh: '$T measure --size 1G -O raw' },
+  { sh: '$T measure -f qcow2 -O qcow2 -o compat=0.10 v2-snapshot.qcow2' },
+  { sh: '$T measure --output=json -O qcow2 -o preallocation=metadata --size 2G' },
+  { sh: '$T measure -O qcow2 chain-top.qcow2' },
+  { sh: '$T create -f qcow2 -o preallocation=metadata new.qcow2 64M', writes: ['new.qcow2'] },
+  { sh: '$T create -f qcow2 -o extended_l2=on,cluster_size=128k new.qcow2 64M', writes: ['new.qcow2'] },
+  { sh: '$T create -f qcow2 -o refcount_bits=1 new.qcow2 64M', writes: ['new.qcow2'] },
+  { sh: '$T create -f vmdk new.vmdk 64M', writes: ['new.vmdk'] },
+  { sh: '$T create -f vpc new.vhd 64M', writes: ['new.vhd'] },
+  { sh: '$T create -f qcow2 -o size=32M new.qcow2', writes: ['new.qcow2'] },
+  { sh: '$T create -f qcow2 -u -b missing.qcow2 -F qcow2 new.qcow2 1G; echo "rc=$?"; ls new.qcow2' },
+  { sh: '$T create -f raw -o preallocation=full new.raw 4M', writes: ['new.raw'] },
+  { sh: '$T convert -O qcow2 -o compat=0.10 v3-c64k.qcow2 out.qcow2', writes: ['out.qcow2'] },
+  { sh: '$T convert -f qcow2 -O raw -S 0 v2-c4k.qcow2 out.raw', writes: ['out.raw'] },
+  { sh: '$T convert -O qcow2 -B chain-base.qcow2 -F qcow2 chain-top.qcow2 out.qcow2', writes: ['out.qcow2'] },
+  { sh: '$T convert -t writeback -T writeback -O raw v3-c64k.qcow2 out.raw', writes: ['out.raw'] },
+  { sh: '$T convert -O vmdk v3-c64k.qcow2 out.vmdk', writes: ['out.vmdk'] },
+  { sh: '$T convert -O vmdk -o subformat=streamOptimized v3-c64k.qcow2 out.vmdk', writes: ['out.vmdk'] },
+  { sh: '$T convert -q -O raw v2-snapshot.qcow2 out.raw; echo "rc=$?"', writes: ['out.raw'] },
+  { sh: "$T convert -O qcow2 chain-top.qcow2 out.qcow2 && $T info out.qcow2 | grep -c '^backing file'", writes: ['out.qcow2'] },
+  { sh: '$T convert -O qcow2 missing.qcow2 out.qcow2; echo "rc=$?"', writes: ['out.qcow2'] },
+  { sh: '$T resize -q v3-c64k.qcow2 1G; echo "rc=$?"', writes: ['v3-c64k.qcow2'] },
+  { sh: '$T resize v3-c64k.qcow2 -64M; echo "rc=$?"', writes: ['v3-c64k.qcow2'] },
+  { sh: '$T amend -o lazy_refcounts=on v3-c64k.qcow2; echo "rc=$?"', writes: ['v3-c64k.qcow2'] },
+  { sh: '$T amend -o compat=0.10 v3-snapshot.qcow2; echo "rc=$?"', writes: ['v3-snapshot.qcow2'] },
+  { sh: '$T amend -f qcow2 -o refcount_bits=8 v2-c4k.qcow2; echo "rc=$?"', writes: ['v2-c4k.qcow2'] },
+  { sh: '$T rebase -u -b \'\' chain-top.qcow2; echo "rc=$?"', writes: ['chain-top.qcow2'] },
+  { sh: '$T commit -d chain-top.qcow2', writes: ['chain-top.qcow2', 'chain-mid.qcow2'] },
+  { sh: '$T commit -b chain-base.qcow2 chain-top.qcow2', writes: ['chain-top.qcow2', 'chain-mid.qcow2', 'chain-base.qcow2'] },
+  { sh: '$T dd if=v3-c64k.qcow2 of=out.qcow2 -O qcow2 bs=1M count=1 skip=1; echo "rc=$?"', writes: ['out.qcow2'] },
+  { sh: '$T dd -f qcow2 -O raw if=v2-c4k.qcow2 of=out.raw; echo "rc=$?"', writes: ['out.raw'] },
 ]
 
 /** Run `sh` in `dir` with `$T` bound to the tool. */
@@ -144,6 +207,12 @@ function infoOf(path: string): Record<string, unknown> {
   delete j['filename']
   delete j['full-backing-filename']
   const fs = j['format-specific'] as { data?: Record<string, unknown> } | undefined
+  // a VMDK's CID is random and its extents name the file itself
+  if (fs?.data) {
+    delete fs.data['cid']
+    delete fs.data['parent-cid']
+    for (const e of (fs.data['extents'] as Array<Record<string, unknown>> | undefined) ?? []) delete e['filename']
+  }
   for (const s of (j['snapshots'] as Array<Record<string, unknown>> | undefined) ?? []) {
     delete s['date-sec']
     delete s['date-nsec']
