@@ -46,7 +46,13 @@ export async function checkVhd(device: BlockDevice): Promise<CheckReport> {
   for (const p of layout.problems) {
     const off = typeof p.details.offset === 'number' ? p.details.offset : undefined
     const structure = String(p.details.structure ?? 'footer')
-    const kind = /checksum/.test(p.message) ? `${structure.replace(/ /g, '-')}-checksum` : /truncated/.test(p.message) ? 'block-past-eof' : 'bat-range'
+    const kind = /disk type/.test(p.message)
+      ? 'footer-disk-type'
+      : /checksum/.test(p.message)
+        ? `${structure.replace(/ /g, '-')}-checksum`
+        : /truncated/.test(p.message)
+          ? 'block-past-eof'
+          : 'bat-range'
     report.findings.push(corruption(structure, kind, p.message, off))
   }
   if (!layout.sparse) {

@@ -3,7 +3,7 @@
  * (every byte it overwrites or cuts, and the file's size, saved and flushed
  * before its first change), applied and flushed, then checked again.
  *
- *   F. (-r all) a footer at 0 whose cookie or checksum is bad, when the copy
+ *   F. (-r all) a footer at 0 whose cookie, checksum or disk type is bad, when the copy
  *      that ends the file is valid (cookie, checksum, disk type 3 or 4) and
  *      names a dynamic header: the copy is written at 0 (one sector).
  *   H. (-r all) a dynamic header whose checksum is wrong but which is
@@ -143,7 +143,11 @@ async function planFooter(dev: BlockDevice): Promise<Step | undefined> {
   if (headerAt < BigInt(FOOTER_SIZE) || headerAt + BigInt(HEADER_SIZE) > BigInt(tailAt)) return undefined
   const header = await dev.read(Number(headerAt), 8, 'header')
   if (String.fromCharCode(...header) !== HEADER_COOKIE) return undefined
-  const why = footerCookieOk(head) ? 'its checksum is wrong' : "it has no 'conectix' cookie"
+  const why = !footerCookieOk(head)
+    ? "it has no 'conectix' cookie"
+    : decodeFooter(head).checksum !== vhdChecksum(head, FOOTER_CHECKSUM_AT)
+      ? 'its checksum is wrong'
+      : `its disk type ${decodeFooter(head).diskType} is not ${TYPE_DYNAMIC} or ${TYPE_DIFFERENCING}`
   return {
     action: { kind: 'footer-restored', structure: 'footer', hostOffset: 0, message: `footer at 0x0 (${why}) restored from its copy at ${hex(tailAt)}` },
     writes: [{ offset: 0, data: tail, tag: 'footer' }],
