@@ -146,6 +146,21 @@ describeQemu('vpc repair without a whole copy, judged by qemu-img', () => {
     })
   }
 
+  it('a BAT grown over block 0 by a bent entry count (header checksum wrong): the block is kept', async () => {
+    // fuzz seed 31 case 178: the entry count bent upwards puts the table over the first block
+    const path = join(dir, 'bent-count.vhd')
+    const b = readFileSync(base)
+    const damaged = Buffer.from(b)
+    damaged.writeUInt32BE(256, 512 + 28) // the table now ends at 2560, over block 0's bitmap (all ones: unused entries)
+    writeFileSync(path, damaged)
+    expect(entry(damaged, 0) * 512).toBeLessThan(1536 + 256 * 4)
+    const r = await cli('repair', '-f', 'vpc', '--output', 'json', path)
+    expect(r.code).toBe(2) // (check still names block 0 under the longer table)
+    expect(readFileSync(path).readUInt32BE(1536)).toBe(entry(b, 0))
+    const cmp = await qemuImg(['compare', '-f', 'vpc', '-F', 'vpc', base, path])
+    expect(cmp.code, cmp.stdout + cmp.stderr).toBe(0)
+  })
+
   it('two BAT entries mapping the same block: named by check, left alone (which guest block owns it cannot be told)', async () => {
     const path = join(dir, 'dup.vhd')
     const b = readFileSync(base)

@@ -123,7 +123,8 @@ async function repairSteps(dev: BlockDevice, mode: RepairMode, journal: VhdJourn
     if (f) await apply(f)
     const h = await planHeader(dev)
     if (h) await apply(h)
-    const b = await planBat(dev, notices)
+    // (a header whose checksum this repair rewrote is not proof of where the BAT ends: a bent field may be why it was wrong)
+    const b = await planBat(dev, notices, !before.findings.some((f) => f.kind === 'dynamic-header-checksum'))
     if (b) await apply(b)
   }
   const e = await planEnd(dev, mode)
@@ -389,15 +390,15 @@ async function soundHeader(dev: BlockDevice, at: number): Promise<{ entries: num
 
 /**
  * B: BAT entries whose block overlaps the footer at 0, the dynamic header,
- * the BAT or parent locator data. Those structures are where the footer and
- * the header (both whole: their checksums hold) say they are; a block on
- * top of them holds their bytes, never guest data, and a write through it
- * would overwrite them. The entry is cleared (the block reads as zeros, as
+ * or the part of the BAT the virtual size needs. Those structures are where
+ * the footer and the header (both whole, the header's checksum holding
+ * before the repair began) say they are; a block on top of them holds their
+ * bytes, never guest data, and a write through it would overwrite them. The entry is cleared (the block reads as zeros, as
  * an unmapped block does). Entries that overlap only each other are left:
  * a VHD block names no guest offset, so neither the BAT nor the bitmaps can
  * tell which of two entries the bytes belong to (the check names them).
  */
-async function planBat(dev: BlockDevice, notices: Notice[]): Promise<Step | undefined> {
+async function planBat(dev: BlockDevice, notices: Notice[], headerWasSound: boolean): Promise<Step | undefined> {
   let layout: VhdLayout
   try {
     layout = await readLayout(dev, true)
@@ -407,10 +408,16 @@ async function planBat(dev: BlockDevice, notices: Notice[]): Promise<Step | unde
   }
   const s = layout.sparse
   if (!s) return undefined
+  // the footer at 0 and the header are where the footer says; of the BAT only the entries the virtual size needs are
+  // beyond doubt (a table longer than that may be a bent entry count); parent locators are not counted here
+  const needed = Math.ceil(layout.virtualSize / s.blockSize)
   const spans = metadataSpans(dev, s)
+    .filter((m) => !m.what.startsWith('parent locator'))
+    .map((m) => (m.what === 'the BAT' ? { ...m, end: Math.min(m.end, s.batOffset + needed * 4) } : m))
   const unit = s.bitmapSize + s.blockSize
   const hits: Array<{ index: number; what: string }> = []
-  for (let i = 0; i < s.bat.length; i++) {
+  // (only entries the virtual size uses: those past it may be another structure's bytes read as a longer table)
+  for (let i = 0; i < Math.min(needed, s.bat.length); i++) {
     const v = s.bat[i]!
     if (v === BAT_UNUSED) continue
     const start = v * SECTOR
@@ -418,11 +425,26 @@ async function planBat(dev: BlockDevice, notices: Notice[]): Promise<Step | unde
     if (m) hits.push({ index: i, what: m.what })
   }
   if (hits.length === 0) return undefined
-  if (layout.problems.length > 0 || !sparseFooterOk(layout.footerBytes)) {
+  // and never a BAT sector that another mapped block reaches: that write would change the block's bytes
+  const cleared = new Set(hits.map((h) => h.index))
+  const onBlock = hits.some((h) => {
+    const at = s.batOffset + h.index * 4
+    const sector = at - (at % SECTOR)
+    return Array.from(s.bat).some((v, i) => i < needed && !cleared.has(i) && v !== BAT_UNUSED && v * SECTOR < sector + SECTOR && sector < v * SECTOR + unit)
+  })
+  if (onBlock) {
     notices.push({
       kind: 'bat-not-repaired',
       structure: 'BAT',
-      message: `vpc: ${dev.name}: ${hits.length} BAT entries overlap metadata; not cleared while the footer or dynamic header is itself damaged`,
+      message: `vpc: ${dev.name}: ${hits.length} BAT entries overlap metadata; not cleared: the BAT sector holding them is itself inside a mapped block`,
+    })
+    return undefined
+  }
+  if (!headerWasSound || layout.problems.length > 0 || !sparseFooterOk(layout.footerBytes)) {
+    notices.push({
+      kind: 'bat-not-repaired',
+      structure: 'BAT',
+      message: `vpc: ${dev.name}: ${hits.length} BAT entries overlap metadata; not cleared: the footer or the dynamic header was itself damaged, so where the metadata ends is not proven`,
     })
     return undefined
   }
