@@ -8,7 +8,7 @@
  * A footer at 0 that says fixed is the one reading imgtool does not copy (docs/differences.md):
  * qemu-img reads such a file 1:1 from offset 0, its own metadata as guest data.
  */
-import { copyFileSync, readFileSync, writeFileSync } from 'node:fs'
+import { copyFileSync, readFileSync, statSync, truncateSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { expect, it } from 'vitest'
 import { isImgtoolError } from '../../src/errors.js'
@@ -150,6 +150,38 @@ describeQemu('vpc: damage qemu-img reads past, read as qemu-img reads it', () =>
     expect(rep.code, rep.err + rep.out).toBe(0)
     expect((await qemuImg(['compare', '-f', 'vpc', '-F', 'vpc', base, path])).code).toBe(0)
   })
+
+  for (const short of [1, 308]) {
+    it(`a fixed disk cut ${short} bytes short (into its footer's zeros): read as qemu-img reads it, check names it, writes refused`, async () => {
+      const fixed = join(dir, `fixed-${short}.vhd`)
+      await qemuImgOk(['create', '-q', '-f', 'vpc', '-o', 'subformat=fixed', fixed, '1M'])
+      await qemuIoOk(fixed, ['write -P 0x5a 4k 8k'], { format: 'vpc' })
+      truncateSync(fixed, statSync(fixed).size - short)
+      const cutMd5 = md5(readFileSync(fixed))
+      const qInfo = await qemuImgJson<{ 'virtual-size': number }>(['info', '--output=json', '-f', 'vpc', fixed])
+      const info = await cli('info', '--output=json', '-f', 'vpc', fixed)
+      expect(info.code, info.err).toBe(0)
+      expect((JSON.parse(info.out) as { 'virtual-size': number })['virtual-size']).toBe(qInfo['virtual-size'])
+      const qRaw = join(dir, `fixed-${short}.raw`)
+      await qemuImgOk(['convert', '-f', 'vpc', '-O', 'raw', fixed, qRaw])
+      const cat = await cli('cat', '-f', 'vpc', fixed)
+      expect(cat.code, cat.err).toBe(0)
+      expect(md5(cat.bytes)).toBe(md5(readFileSync(qRaw)))
+      const check = await cli('check', '-f', 'vpc', '--output=json', fixed)
+      expect(check.code).toBe(2)
+      expect((JSON.parse(check.out) as { findings: Array<{ kind: string }> }).findings.map((f) => f.kind)).toContain('footer-cut')
+      let error: unknown
+      try {
+        const img = await openImage(fixed, { format: 'vpc', readOnly: false })
+        await img.close()
+      } catch (e) {
+        error = e
+      }
+      expect(isImgtoolError(error), String(error)).toBe(true)
+      expect((error as Error).message).toMatch(/cut short .* not opened for writing/)
+      expect(md5(readFileSync(fixed))).toBe(cutMd5)
+    })
+  }
 
   it('a footer at 0 with a wrong checksum stays refused, as qemu-img refuses it', async () => {
     const path = join(dir, 'fsum.vhd')

@@ -48,11 +48,13 @@ export async function checkVhd(device: BlockDevice): Promise<CheckReport> {
     const structure = String(p.details.structure ?? 'footer')
     const kind = /disk type/.test(p.message)
       ? 'footer-disk-type'
-      : /checksum/.test(p.message)
-        ? `${structure.replace(/ /g, '-')}-checksum`
-        : /truncated/.test(p.message)
-          ? 'block-past-eof'
-          : 'bat-range'
+      : /cut short/.test(p.message)
+        ? 'footer-cut'
+        : /checksum/.test(p.message)
+          ? `${structure.replace(/ /g, '-')}-checksum`
+          : /truncated/.test(p.message)
+            ? 'block-past-eof'
+            : 'bat-range'
     report.findings.push(corruption(structure, kind, p.message, off))
   }
   if (!layout.sparse) {

@@ -84,12 +84,23 @@ export async function readLayout(device: BlockDevice, lenient: boolean): Promise
   }
   let footerOffset = 0
   let footerBytes = await device.read(0, FOOTER_SIZE, 'header')
+  let cut: CorruptImageError | undefined
   if (!footerCookieOk(footerBytes)) {
-    footerOffset = device.size - FOOTER_SIZE
-    footerBytes = await device.read(footerOffset, FOOTER_SIZE, 'header')
+    // as QEMU: the file's length rounded up to whole sectors, the last sector's missing bytes read as zeros
+    footerOffset = Math.ceil(device.size / SECTOR) * SECTOR - FOOTER_SIZE
+    const held = device.size - footerOffset
+    footerBytes = new Uint8Array(FOOTER_SIZE)
+    footerBytes.set(await device.read(footerOffset, held, 'header'))
     if (!footerCookieOk(footerBytes)) throw corrupt(file, 'footer', footerOffset, `no '${FOOTER_COOKIE}' cookie at the start or in the last 512 bytes`)
+    if (held < FOOTER_SIZE) {
+      cut = corrupt(file, 'footer', footerOffset, `the file is cut short ${FOOTER_SIZE - held} bytes into the footer (read as zeros, as QEMU reads them)`)
+    }
   }
   const footer = decodeFooter(footerBytes)
+  if (cut) {
+    if (lenient) problems.push(cut)
+    else if (!device.readOnly) throw writeRefused(cut, 'the footer is not whole in the file')
+  }
   const sum = vhdChecksum(footerBytes, FOOTER_CHECKSUM_AT)
   if (sum !== footer.checksum) fail(corrupt(file, 'footer', footerOffset, `checksum ${hex(footer.checksum)} does not match the footer (expected ${hex(sum)})`))
   const fixed = footerOffset !== 0
