@@ -2,9 +2,10 @@
  * Damage qemu-img 7.2 reads past, read as it reads it (fuzzer classes VHD-DYNHDR-CHECKSUM and
  * VHD-DISKTYPE-REFUSED): a dynamic header whose checksum is wrong (vpc.c never checks it), and a
  * footer at 0 whose checksum holds but whose disk type is neither 2 (fixed) nor 3/4 (vpc.c reads
- * every such type as a dynamic disk). Read-only opens give qemu-img's size, map and bytes; check
- * names the damage as a corruption; a writable open is refused in one line, writing nothing; and
- * `repair -r all` fixes it, after which qemu-img reads the disk as before the damage.
+ * every such type as a dynamic disk). Read-only opens give qemu-img's size, map and bytes (info,
+ * map, cat, compare, convert); check names the damage as a corruption; a writable open is refused
+ * in one line, writing nothing; and `repair -r all` fixes it, after which qemu-img reads the disk
+ * as before the damage. A fixed disk cut short inside its footer is read as qemu-img reads it too.
  * A footer at 0 that says fixed is the one reading imgtool does not copy (docs/differences.md):
  * qemu-img reads such a file 1:1 from offset 0, its own metadata as guest data.
  */
@@ -88,6 +89,12 @@ describeQemu('vpc: damage qemu-img reads past, read as qemu-img reads it', () =>
       const cat = await cli('cat', path)
       expect(cat.code, cat.err).toBe(0)
       expect(md5(cat.bytes)).toBe(md5(readFileSync(qRaw)))
+      const cmp = await cli('compare', path, base)
+      expect(cmp.code, cmp.err + cmp.out).toBe(0)
+      const conv = join(dir, `${c.name.replace(/\W+/g, '_')}.qcow2`)
+      const cv = await cli('convert', '-O', 'qcow2', path, conv)
+      expect(cv.code, cv.err).toBe(0)
+      expect((await qemuImg(['compare', '-f', 'qcow2', '-F', 'vpc', conv, base])).code).toBe(0)
 
       // check: a corruption at the structure, nothing written
       const check = await cli('check', '--output=json', path)
