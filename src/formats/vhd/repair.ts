@@ -425,13 +425,29 @@ async function planBat(dev: BlockDevice, notices: Notice[], headerWasSound: bool
     if (m) hits.push({ index: i, what: m.what })
   }
   if (hits.length === 0) return undefined
-  // and never a BAT sector that another mapped block reaches: that write would change the block's bytes
+  // and never a BAT sector that another mapped block reaches: that write would change the block's bytes (a guard:
+  // with a sector-aligned BAT such a block lies over needed entries and is cleared itself)
+  // (the BAT sectors to write, sorted; each other mapped block is looked up among them: n log n, whatever the BAT holds)
   const cleared = new Set(hits.map((h) => h.index))
-  const onBlock = hits.some((h) => {
-    const at = s.batOffset + h.index * 4
-    const sector = at - (at % SECTOR)
-    return Array.from(s.bat).some((v, i) => i < needed && !cleared.has(i) && v !== BAT_UNUSED && v * SECTOR < sector + SECTOR && sector < v * SECTOR + unit)
-  })
+  const batSectors = [...new Set(hits.map((h) => s.batOffset + h.index * 4 - ((s.batOffset + h.index * 4) % SECTOR)))].sort((a, b) => a - b)
+  const firstAtOrAfter = (x: number): number => {
+    let lo = 0
+    let hi = batSectors.length
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1
+      if (batSectors[mid]! < x) lo = mid + 1
+      else hi = mid
+    }
+    return lo
+  }
+  let onBlock = false
+  for (let i = 0; i < Math.min(needed, s.bat.length) && !onBlock; i++) {
+    const v = s.bat[i]!
+    if (v === BAT_UNUSED || cleared.has(i)) continue
+    const start = v * SECTOR
+    const k = firstAtOrAfter(start - SECTOR + 1) // the first sector that ends after the block starts
+    onBlock = k < batSectors.length && batSectors[k]! < start + unit
+  }
   if (onBlock) {
     notices.push({
       kind: 'bat-not-repaired',
@@ -461,7 +477,11 @@ async function planBat(dev: BlockDevice, notices: Notice[], headerWasSound: bool
       kind: 'bat-entry-cleared',
       structure: 'BAT',
       hostOffset: s.batOffset + hits[0]!.index * 4,
-      message: hits.map((h) => `BAT entry ${h.index} (at ${hex(s.batOffset + h.index * 4)}) mapped a block over ${h.what}: cleared`).join('; '),
+      message:
+        hits
+          .slice(0, 4)
+          .map((h) => `BAT entry ${h.index} (at ${hex(s.batOffset + h.index * 4)}) mapped a block over ${h.what}: cleared`)
+          .join('; ') + (hits.length > 4 ? `; and ${hits.length - 4} more such entries` : ''),
     },
     writes: [...sectors].map(([offset, data]) => ({ offset, data, tag: 'bat' as const })),
   }
