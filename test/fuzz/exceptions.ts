@@ -33,6 +33,18 @@ export const EXCEPTIONS: FuzzException[] = [
     invariant: 'repair-guest',
     match: (ctx) => ctx.format === 'qcow2' && ctx.lostOnSeedMetadata === true,
   },
+  {
+    // EXCEPTIONS.md#x3
+    id: 'X3-vhd-block-on-metadata',
+    invariant: 'repair-guest',
+    match: (ctx) => ctx.format === 'vpc' && ctx.lostOnSeedMetadata === true,
+  },
+  // EXCEPTIONS.md#x2: a VHD footer at 0 that says fixed; qemu-img reads the file 1:1 from 0, metadata as guest data
+  ...(['info-equal', 'read-refused'] as const).map((invariant): FuzzException => ({
+    id: 'X2-vhd-fixed-footer-at-0',
+    invariant,
+    match: (ctx, detail) => ctx.format === 'vpc' && /footer at 0x0: disk type 2 \(fixed\) at the start of the file/.test(detail),
+  })),
 ]
 
 export function matchException(invariant: string, ctx: ExceptionContext, detail: string): string | undefined {

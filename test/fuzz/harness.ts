@@ -10,7 +10,7 @@ import { runProc, type ProcResult } from './proc.js'
 import { IMGTOOL_BIN, type BuiltSeed } from './seeds.js'
 import { ImgtoolWorker, type CmdResult } from './worker-client.js'
 import { matchException, type ExceptionContext } from './exceptions.js'
-import { qcow2Layout } from './layout.js'
+import { qcow2Layout, vpcLayout } from './layout.js'
 
 export const INVARIANTS = [
   'error-shape', // stderr: nothing, or one line "imgtool: …", no "internal error", no stack; documented exit code
@@ -176,6 +176,32 @@ async function lostOnSeedMetadata(cwd: string, main: string, seedBytes: Uint8Arr
     if (!e || e.depth !== 0 || e.offset === undefined) return false
     const host = e.offset + (g - e.start)
     if (!meta.some((r) => host >= r.lo && host < r.hi)) return false
+  }
+  return true
+}
+
+/**
+ * VHD: whether every lost guest sector lies in a block whose BAT entry, in the mutant, maps it over the
+ * seed's footer at 0, dynamic header or BAT: a block bent onto metadata, whose bytes were never its data.
+ */
+function vpcLostOnSeedMetadata(mutant: Uint8Array, seedBytes: Uint8Array, lostAt: number[]): boolean {
+  const dv = new DataView(mutant.buffer, mutant.byteOffset, mutant.byteLength)
+  if (mutant.length < 512) return false
+  const hdr = Number(dv.getBigUint64(16))
+  if (!Number.isSafeInteger(hdr) || hdr + 1024 > mutant.length) return false
+  const bs = dv.getUint32(hdr + 32)
+  const bat = Number(dv.getBigUint64(hdr + 16))
+  const entries = dv.getUint32(hdr + 28)
+  if (bs < 4096 || (bs & (bs - 1)) !== 0 || !Number.isSafeInteger(bat)) return false
+  const unit = Math.ceil(bs / 4096 / 512) * 512 + bs
+  const meta = vpcLayout(seedBytes).regions.filter((g) => g.name === 'header' || g.name === 'dynamic header' || g.name === 'BAT')
+  for (const g of lostAt) {
+    const k = Math.floor(g / bs)
+    if (k >= entries || bat + 4 * k + 4 > mutant.length) return false
+    const v = dv.getUint32(bat + 4 * k)
+    if (v === 0xffff_ffff) return false
+    const start = v * 512
+    if (!meta.some((m) => start < m.offset + m.length && m.offset < start + unit)) return false
   }
   return true
 }
@@ -412,11 +438,14 @@ export class Harness {
             const qa = readFileSync(qaRaw)
             let lost = 0
             let first = -1
+            const lostAt: number[] = []
             for (let o = 0; o < Math.max(orig.length, qa.length); o += 512) {
               if (orig.subarray(o, o + 512).equals(qa.subarray(o, o + 512))) continue
               lost++
               if (first < 0) first = o
+              lostAt.push(o)
             }
+            if (lost > 0 && rec.format === 'vpc') ctx.exc.lostOnSeedMetadata = vpcLostOnSeedMetadata(mutant, seedBytes, lostAt)
             if (lost)
               detail = `${lost} sectors changed by imgtool's repair (exit ${itRepair.code}), first at guest 0x${first.toString(16)}; guest size ${orig.length} -> ${qa.length}`
           }

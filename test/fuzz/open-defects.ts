@@ -45,18 +45,6 @@ export const OPEN_DEFECTS: OpenDefect[] = [
     matches: (inv, d) => /^(check-verdict|info-equal|read-refused)$/.test(inv) && /descriptor( line \d+)?:/.test(d),
     cases: [30, 34, 37, 39],
   },
-  {
-    id: 'VHD-DYNHDR-CHECKSUM',
-    why: 'imgtool refuses to open a dynamic VHD whose dynamic header checksum is wrong; qemu-img does not check that checksum and reads the disk',
-    matches: (inv, d) => /^(info-equal|read-refused)$/.test(inv) && /dynamic header at 0x[0-9a-f]+: checksum/.test(d),
-    cases: [35, 36],
-  },
-  {
-    id: 'VHD-DISKTYPE-REFUSED',
-    why: 'a footer at 0 (with its checksum) that says disk type 0: qemu-img opens it as a fixed disk, showing the dynamic metadata as guest data; imgtool refuses. Likely a deliberate difference (qemu-img guesses), not yet written down as one',
-    matches: (inv, d) => /^(info-equal|read-refused|check-verdict)$/.test(inv) && /vpc: .*disk type \d+ at the start of the file/.test(d),
-    cases: [40],
-  },
 ]
 
 export function openDefectFor(invariant: string, detail: string): OpenDefect | undefined {

@@ -46,7 +46,15 @@ export async function checkVhd(device: BlockDevice): Promise<CheckReport> {
   for (const p of layout.problems) {
     const off = typeof p.details.offset === 'number' ? p.details.offset : undefined
     const structure = String(p.details.structure ?? 'footer')
-    const kind = /checksum/.test(p.message) ? `${structure.replace(/ /g, '-')}-checksum` : /truncated/.test(p.message) ? 'block-past-eof' : 'bat-range'
+    const kind = /disk type/.test(p.message)
+      ? 'footer-disk-type'
+      : /cut short/.test(p.message)
+        ? 'footer-cut'
+        : /checksum/.test(p.message)
+          ? `${structure.replace(/ /g, '-')}-checksum`
+          : /truncated/.test(p.message)
+            ? 'block-past-eof'
+            : 'bat-range'
     report.findings.push(corruption(structure, kind, p.message, off))
   }
   if (!layout.sparse) {

@@ -62,6 +62,11 @@ function corrupt(file: string, structure: string, offset: number, what: string):
   return new CorruptImageError(`vpc: ${file}: ${structure} at ${hex(offset)}: ${what}`, { file, structure, offset })
 }
 
+/** Damage qemu-img reads past: a read-only open reads on, a writable one is refused (`imgtool repair` fixes it). */
+function writeRefused(e: CorruptImageError, fix: string): CorruptImageError {
+  return new CorruptImageError(`${e.message}; not opened for writing (${fix})`, e.details)
+}
+
 export function footerCookieOk(b: Uint8Array): boolean {
   return b.byteLength >= 8 && String.fromCharCode(...b.subarray(0, 8)) === FOOTER_COOKIE
 }
@@ -79,33 +84,58 @@ export async function readLayout(device: BlockDevice, lenient: boolean): Promise
   }
   let footerOffset = 0
   let footerBytes = await device.read(0, FOOTER_SIZE, 'header')
+  let cut: CorruptImageError | undefined
   if (!footerCookieOk(footerBytes)) {
-    footerOffset = device.size - FOOTER_SIZE
-    footerBytes = await device.read(footerOffset, FOOTER_SIZE, 'header')
+    // as QEMU: the file's length rounded up to whole sectors, the last sector's missing bytes read as zeros
+    footerOffset = Math.ceil(device.size / SECTOR) * SECTOR - FOOTER_SIZE
+    const held = device.size - footerOffset
+    footerBytes = new Uint8Array(FOOTER_SIZE)
+    footerBytes.set(await device.read(footerOffset, held, 'header'))
     if (!footerCookieOk(footerBytes)) throw corrupt(file, 'footer', footerOffset, `no '${FOOTER_COOKIE}' cookie at the start or in the last 512 bytes`)
+    if (held < FOOTER_SIZE) {
+      cut = corrupt(file, 'footer', footerOffset, `the file is cut short ${FOOTER_SIZE - held} bytes into the footer (read as zeros, as QEMU reads them)`)
+    }
   }
   const footer = decodeFooter(footerBytes)
+  if (cut) {
+    if (lenient) problems.push(cut)
+    else if (!device.readOnly) throw writeRefused(cut, 'the footer is not whole in the file')
+  }
   const sum = vhdChecksum(footerBytes, FOOTER_CHECKSUM_AT)
   if (sum !== footer.checksum) fail(corrupt(file, 'footer', footerOffset, `checksum ${hex(footer.checksum)} does not match the footer (expected ${hex(sum)})`))
   const fixed = footerOffset !== 0
   if (fixed && footer.diskType !== TYPE_FIXED) {
     throw corrupt(file, 'footer', footerOffset, `disk type ${footer.diskType} in a footer found only at the end (a fixed disk has type ${TYPE_FIXED})`)
   }
+  if (!fixed && footer.diskType === TYPE_FIXED) {
+    // QEMU 7.2 reads such a file 1:1 from offset 0, its own footer and metadata as guest bytes: a guess imgtool does not make
+    throw corrupt(file, 'footer', 0, `disk type ${TYPE_FIXED} (fixed) at the start of the file, where a fixed disk has no footer`)
+  }
   if (!fixed && footer.diskType !== TYPE_DYNAMIC && footer.diskType !== TYPE_DIFFERENCING) {
-    throw corrupt(
+    // QEMU 7.2 reads any other type in a footer at 0 as a dynamic disk (its header and BAT decide), and so does a
+    // read-only open here; check names the type, and a writable open is refused: the type is not what the disk says it is
+    const e = corrupt(
       file,
       'footer',
       0,
-      `disk type ${footer.diskType} at the start of the file (expected ${TYPE_DYNAMIC} dynamic or ${TYPE_DIFFERENCING} differencing)`,
+      `disk type ${footer.diskType} at the start of the file (expected ${TYPE_DYNAMIC} dynamic or ${TYPE_DIFFERENCING} differencing; read as dynamic)`,
     )
+    if (lenient) problems.push(e)
+    else if (!device.readOnly) throw writeRefused(e, 'imgtool repair -r all restores the footer from a sound copy at the end')
   }
   const virtualSize = footerVirtualSize(footer, file, footerOffset)
   const layout: VhdLayout = { footer, footerBytes, footerOffset, virtualSize, problems }
-  if (!fixed) layout.sparse = await readSparse(device, footer, virtualSize, fail)
+  if (!fixed) layout.sparse = await readSparse(device, footer, virtualSize, lenient, fail)
   return layout
 }
 
-async function readSparse(device: BlockDevice, footer: Footer, virtualSize: number, fail: (e: CorruptImageError) => void): Promise<SparseLayout> {
+async function readSparse(
+  device: BlockDevice,
+  footer: Footer,
+  virtualSize: number,
+  lenient: boolean,
+  fail: (e: CorruptImageError) => void,
+): Promise<SparseLayout> {
   const file = device.name
   const headerOffset = toSafeNumber(footer.dataOffset, `vpc: ${file}: footer data offset`)
   if (headerOffset + HEADER_SIZE > device.size) {
@@ -115,8 +145,12 @@ async function readSparse(device: BlockDevice, footer: Footer, virtualSize: numb
   const header = decodeHeader(headerBytes)
   if (header.cookie !== HEADER_COOKIE) throw corrupt(file, 'dynamic header', headerOffset, `no '${HEADER_COOKIE}' cookie`)
   const hsum = vhdChecksum(headerBytes, HEADER_CHECKSUM_AT)
-  if (hsum !== header.checksum)
-    fail(corrupt(file, 'dynamic header', headerOffset, `checksum ${hex(header.checksum)} does not match the header (expected ${hex(hsum)})`))
+  if (hsum !== header.checksum) {
+    // QEMU 7.2 does not check this checksum and reads the disk: so does a read-only open; check names it, repair rewrites it
+    const e = corrupt(file, 'dynamic header', headerOffset, `checksum ${hex(header.checksum)} does not match the header (expected ${hex(hsum)})`)
+    if (lenient) fail(e)
+    else if (!device.readOnly) throw writeRefused(e, 'imgtool repair -r all rewrites the checksum')
+  }
   const blockSize = header.blockSize
   if (!isPowerOfTwo(blockSize) || blockSize < SECTOR)
     throw corrupt(file, 'dynamic header', headerOffset + 32, `invalid block size ${blockSize} (a power of two, at least 512)`)
