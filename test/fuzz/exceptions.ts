@@ -33,6 +33,21 @@ export const EXCEPTIONS: FuzzException[] = [
     invariant: 'repair-guest',
     match: (ctx) => ctx.format === 'qcow2' && ctx.lostOnSeedMetadata === true,
   },
+  // EXCEPTIONS.md#x2: a VMDK descriptor line that decides what is read (CID, parentCID, parentFileNameHint,
+  // a descriptor file's createType and extent lines) is refused when malformed, where qemu-img guesses
+  ...(['check-verdict', 'info-equal', 'read-refused'] as const).map((invariant) => ({
+    id: 'X2-vmdk-deciding-descriptor-line',
+    invariant,
+    match: (ctx: ExceptionContext, d: string) =>
+      ctx.format === 'vmdk' && /vmdk: [^:]+: ((embedded )?descriptor line \d+: |descriptor: no extent lines)/.test(d),
+  })),
+  // EXCEPTIONS.md#x3: a VMDK capacity QEMU cannot address (its grain directory size wraps in 32 bits)
+  ...(['check-verdict', 'info-equal', 'read-refused'] as const).map((invariant) => ({
+    id: 'X3-vmdk-capacity-wraps',
+    invariant,
+    match: (ctx: ExceptionContext, d: string) =>
+      ctx.format === 'vmdk' && /vmdk: .*(header capacity .*too large \(above 2\^53\)|capacity \d+ sectors needs \d+ grain directory entries)/.test(d),
+  })),
 ]
 
 export function matchException(invariant: string, ctx: ExceptionContext, detail: string): string | undefined {
