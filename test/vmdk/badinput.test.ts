@@ -145,6 +145,14 @@ describe('vmdk: bad input', () => {
     expect(md5(readFileSync(path))).toBe(before)
   })
 
+  it('a grain directory offset of 0: a writable open refuses it (the header would be written as the directory)', async () => {
+    const b = Buffer.from(SPARSE)
+    b.writeBigUInt64LE(0n, 56)
+    const path = join(dir, 'gd-zero.vmdk')
+    writeFileSync(path, b)
+    await expect(openImage(path, { format: 'vmdk', readOnly: false })).rejects.toThrow(/header at 0x38: the grain directory offset is 0/)
+  })
+
   it('a grain directory past the end of the file: a writable open refuses it with the offset', async () => {
     const b = Buffer.from(SPARSE)
     b.writeBigUInt64LE(0x10000n, 56)

@@ -111,6 +111,32 @@ describeQemu(
         opens: false,
         check: 1,
       },
+      {
+        name: 'a grain directory offset of 0 (the header read as the directory)',
+        from: 'sparse-data.vmdk',
+        damage: (b) => (b.writeBigUInt64LE(0n, 56), b),
+        opens: true,
+      },
+      {
+        name: 'a grain directory offset that wraps to the real one (sector + 2^55)',
+        from: 'sparse-data.vmdk',
+        damage: (b) => (b.writeBigUInt64LE(b.readBigUInt64LE(56) + 2n ** 55n, 56), b),
+        opens: true,
+      },
+      {
+        name: 'a grain directory offset that wraps negative',
+        from: 'sparse-data.vmdk',
+        damage: (b) => (b.writeBigUInt64LE(0xffffffffffff001an, 56), b),
+        opens: false,
+        check: 1,
+      },
+      {
+        name: 'a grain directory offset just below 2^63 bytes',
+        from: 'sparse-data.vmdk',
+        damage: (b) => (b.writeBigUInt64LE(2n ** 54n - 1n, 56), b),
+        opens: false,
+        check: 1,
+      },
       // VMDK-DESCRIPTOR-STRICT: lines qemu-img does not read
       {
         name: 'an unbalanced quote in a ddb value',
@@ -157,6 +183,7 @@ describeQemu(
       { name: 'a control character in a ddb line', edit: (d) => Buffer.from(d.replace('ddb.adapterType', 'ddb.adapter\x7fype')) },
       { name: 'a stray line', edit: (d) => Buffer.from(d.replace('# The Disk Data Base', 'what is this')) },
       { name: "a damaged 'version' line", edit: (d) => Buffer.from(d.replace('version=1', 'vevsion=1')) },
+      { name: 'zeros after it up to more than 1 MiB', edit: (d) => Buffer.concat([Buffer.from(d), Buffer.alloc(1 << 20)]) },
       {
         name: 'a ddb line with bytes that are not UTF-8',
         edit: (d) => {

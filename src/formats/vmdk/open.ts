@@ -96,6 +96,10 @@ export function corrupt(file: string, structure: string, offset: number, what: s
 
 type Fail = (e: CorruptImageError) => void
 
+const U64_MASK = (1n << 64n) - 1n
+/** QEMU's BDRV_MAX_LENGTH: INT64_MAX aligned down to 1 GiB, the end of the last byte offset it reads */
+const BDRV_MAX_LENGTH = ((1n << 63n) - 1n) & ~((1n << 30n) - 1n)
+
 /** where QEMU reads a hosted sparse file's descriptor, and how much of it (DESC_SIZE) */
 const EMBEDDED_DESCRIPTOR_AT = 0x200
 const EMBEDDED_DESCRIPTOR_BYTES = 20 * SECTOR
@@ -148,10 +152,8 @@ async function readDescriptorFile(
   problems: CorruptImageError[],
 ): Promise<VmdkLayout> {
   const file = device.name
-  if (device.size > MAX_DESCRIPTOR_BYTES) {
-    throw corrupt(file, 'descriptor', 0, `a descriptor file of ${device.size} bytes (neither "KDMV" nor a text descriptor of at most 1 MiB)`)
-  }
-  const descriptor = parseDescriptor(await device.read(0, device.size, 'header'), file, 'descriptor', 0, { mode: 'qemu' })
+  // QEMU reads the first 1 MiB - 1 bytes of a descriptor file (vmdk_read_desc), up to the first NUL
+  const descriptor = parseDescriptor(await device.read(0, Math.min(device.size, MAX_DESCRIPTOR_BYTES), 'header'), file, 'descriptor', 0, { mode: 'qemu' })
   refuseParent(descriptor, file)
   const ct = descriptor.createType
   if (!QEMU_CREATE_TYPES.includes(ct)) {
@@ -328,8 +330,16 @@ export async function readSparse(
   const overhead = Number(header.overhead) * SECTOR
   const readDir = async (offsetSectors: bigint, what: string, fieldAt: number): Promise<{ offset: number; table: Uint32Array }> => {
     const bytes = gdEntries * 4
-    if (offsetSectors === 0n && gdEntries > 0) throw corrupt(file, 'header', ho + fieldAt, `the ${what} offset is 0`)
-    const offsetBig = offsetSectors * BigInt(SECTOR)
+    // QEMU shifts the sector offset into a signed 64-bit byte offset (it wraps); a negative one, or one whose
+    // directory would end past the block layer's largest offset, fails its read ("Could not read l1 table")
+    const offsetBig = (offsetSectors << 9n) & U64_MASK
+    if (offsetBig + BigInt(bytes) > BDRV_MAX_LENGTH) {
+      throw corrupt(file, 'header', ho + fieldAt, `the ${what} offset (sector ${offsetSectors}) is not a byte offset that can be read`)
+    }
+    if (offsetBig === 0n && gdEntries > 0) {
+      // QEMU reads the header as the directory; imgtool does too, read-only (never writes through it)
+      zeros(corrupt(file, 'header', ho + fieldAt, `the ${what} offset is 0 (the header is read as the directory)`))
+    }
     const raw = new Uint8Array(bytes)
     const offset = offsetBig <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(offsetBig) : Number.MAX_SAFE_INTEGER
     if (offsetBig + BigInt(bytes) > BigInt(device.size)) {
