@@ -183,6 +183,7 @@ describeQemu(
       { name: 'a control character in a ddb line', edit: (d) => Buffer.from(d.replace('ddb.adapterType', 'ddb.adapter\x7fype')) },
       { name: 'a stray line', edit: (d) => Buffer.from(d.replace('# The Disk Data Base', 'what is this')) },
       { name: "a damaged 'version' line", edit: (d) => Buffer.from(d.replace('version=1', 'vevsion=1')) },
+      { name: 'a parentCID but no parent named', edit: (d) => Buffer.from(d.replace('parentCID=ffffffff', 'parentCID=dfffffff')) },
       { name: 'zeros after it up to more than 1 MiB', edit: (d) => Buffer.concat([Buffer.from(d), Buffer.alloc(1 << 20)]) },
       {
         name: 'a ddb line with bytes that are not UTF-8',

@@ -132,8 +132,9 @@ export async function readLayout(device: BlockDevice, context: OpenContext, opti
   return readDescriptorFile(device, context, options, fail, problems)
 }
 
+/** QEMU opens a parent only when the descriptor names one (parentFileNameHint); a parentCID alone is just shown */
 function refuseParent(d: Descriptor, file: string): void {
-  if (d.entries.has('parentFileNameHint') || d.parentCid !== 0xffffffff) {
+  if (d.entries.has('parentFileNameHint')) {
     throw new UnsupportedFeatureError(`vmdk: ${file}: a delta disk (parentCID ${d.parentCid.toString(16)}): imgtool does not read VMDK parents`, {
       file,
       structure: 'descriptor',
