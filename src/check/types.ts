@@ -3,9 +3,11 @@ import type { JournalIdentity } from './undo.js'
 
 /**
  * Findings are data: what is wrong with an image. Leak or corruption is the
- * first fact of each; it drives repair modes and exit codes.
+ * first fact of each; it drives repair modes and exit codes. A 'warning' is
+ * damage imgtool sees where qemu-img check counts nothing (vmdk: the redundant
+ * grain directory, overlaps): listed, never counted, no change to the exit code.
  */
-export type Severity = 'leak' | 'corruption' | 'check-error'
+export type Severity = 'leak' | 'corruption' | 'check-error' | 'warning'
 
 export interface GuestRange {
   offset: number

@@ -45,6 +45,21 @@ export const EXCEPTIONS: FuzzException[] = [
     invariant,
     match: (ctx, detail) => ctx.format === 'vpc' && /footer at 0x0: disk type 2 \(fixed\) at the start of the file/.test(detail),
   })),
+  // EXCEPTIONS.md#x4: a VMDK descriptor line that decides what is read (CID, parentCID, parentFileNameHint,
+  // a descriptor file's createType and extent lines) is refused when malformed, where qemu-img guesses
+  ...(['check-verdict', 'info-equal', 'read-refused'] as const).map((invariant) => ({
+    id: 'X4-vmdk-deciding-descriptor-line',
+    invariant,
+    match: (ctx: ExceptionContext, d: string) =>
+      ctx.format === 'vmdk' && /vmdk: [^:]+: ((embedded )?descriptor line \d+: |descriptor: no extent lines)/.test(d),
+  })),
+  // EXCEPTIONS.md#x5: a VMDK capacity QEMU cannot address (its grain directory size wraps in 32 bits)
+  ...(['check-verdict', 'info-equal', 'read-refused'] as const).map((invariant) => ({
+    id: 'X5-vmdk-capacity-wraps',
+    invariant,
+    match: (ctx: ExceptionContext, d: string) =>
+      ctx.format === 'vmdk' && /vmdk: .*(header capacity .*too large \(above 2\^53\)|capacity \d+ sectors needs \d+ grain directory entries)/.test(d),
+  })),
 ]
 
 export function matchException(invariant: string, ctx: ExceptionContext, detail: string): string | undefined {

@@ -1,23 +1,28 @@
 /**
  * Check a VMDK: a diff of what the metadata implies against what the files
- * hold. qemu-img's own rule (vmdk_co_check) comes first: a grain (or a flat
- * extent's start) at or past the end of its file is a corruption that stops
- * qemu's walk ("Check failed", exit 1), so it counts as a check error too.
- * Beyond qemu-img, for every sparse extent:
+ * hold. The counts and the exit code are qemu-img's (vmdk_co_check, 7.2): it
+ * walks the guest grain by grain through the *primary* grain directory (a
+ * table past the end of the file reads as zeros), and the first grain (or
+ * flat extent start) at or past the end of its file ends the walk: one
+ * corruption and "Check failed" (exit 1). Nothing else is counted; qemu-img
+ * never says 2 for a VMDK.
+ *
+ * Beyond qemu-img, listed as warnings (severity 'warning': no count, no change
+ * to the exit code), for every sparse extent:
  *
  *  - the grain directory, its redundant copy and every grain table inside the
  *    file; the redundant directory's tables equal to the primary's;
+ *  - no grain-table entry past the capacity, no grain cut by the end of the file;
  *  - no overlaps between header, embedded descriptor, directories, tables,
  *    grains and the footer;
  *  - compressed grains: the marker names the grain's sector, and the bytes
  *    inflate to the grain (the last grain of an extent may be shorter);
- *  - a stream's footer agrees with its header on the geometry;
- *  - leaked grains: past the metadata, reached by no table entry (a crash
- *    between writing a grain and its table entry, or QEMU's own zeroed-grain
- *    write over an allocated grain). A notice, not a leak: qemu-img check has
- *    no leak rule for vmdk and exits 0, and imgtool keeps its exit code.
+ *  - a stream's footer agrees with its header on the geometry.
  *
- * qemu-img judges only the first rule; on the others it says "No errors".
+ * Notices: leaked grains (past the metadata, reached by no table entry: a
+ * crash between writing a grain and its table entry, or QEMU's own
+ * zeroed-grain write over an allocated grain), a redundant table behind its
+ * primary (an interrupted write).
  */
 import { CorruptImageError, hex } from '../../errors.js'
 import { emptyReport, type CheckReport, type Finding, type Notice } from '../../check/types.js'
@@ -36,6 +41,8 @@ interface Region {
 
 class Report {
   readonly report: CheckReport
+  /** qemu-img's walk has ended (its first grain past the end of a file) */
+  stopped = false
   private listed = new Map<string, number>()
   constructor(filename: string) {
     this.report = emptyReport(filename, 'vmdk')
@@ -56,12 +63,30 @@ function corruption(structure: string, kind: string, message: string, hostOffset
   return { kind, severity: 'corruption', structure, message, ...(hostOffset !== undefined ? { hostOffset } : {}) }
 }
 
+/** damage qemu-img check does not count */
+function warning(structure: string, kind: string, message: string, hostOffset?: number): Finding {
+  return { kind, severity: 'warning', structure, message, ...(hostOffset !== undefined ? { hostOffset } : {}) }
+}
+
+/** qemu-img's one rule: the first hit ends its walk (a corruption and a check error); later ones are warnings */
+function pastEof(r: Report, structure: string, kind: string, message: string, hostOffset: number): void {
+  if (r.stopped) {
+    r.add(warning(structure, kind, message, hostOffset))
+    return
+  }
+  r.stopped = true
+  r.add(corruption(structure, kind, message, hostOffset))
+  r.report.checkErrors = 1
+}
+
 export async function checkVmdk(filename: string, layout: VmdkLayout): Promise<CheckReport> {
   const r = new Report(filename)
   for (const p of layout.problems) {
     const off = typeof p.details.offset === 'number' ? p.details.offset : undefined
     const structure = String(p.details.structure ?? 'header')
-    r.add(corruption(structure, `${structure.replace(/ /g, '-')}-range`, p.message, off))
+    // what a check-open let through (directories past the end of the file, a descriptor size that is not
+    // the header's): qemu-img reads zeros there, or uses the header, and counts nothing
+    r.add(warning(structure, `${structure.replace(/ /g, '-')}-range`, p.message, off))
   }
   for (const e of layout.extents) {
     if (e.kind === 'flat') checkFlat(e, r)
@@ -74,15 +99,13 @@ function checkFlat(e: FlatExtent, r: Report): void {
   const size = e.device.size
   if (e.hostStart >= size) {
     // qemu-img: "cluster offset for sector N points after EOF" and Check failed
-    r.add(
-      corruption(
-        'flat extent',
-        'extent-past-eof',
-        `vmdk: ${e.file}: flat extent starts at ${hex(e.hostStart)}, at or past the end of its file (size ${hex(size)})`,
-        e.hostStart,
-      ),
+    pastEof(
+      r,
+      'flat extent',
+      'extent-past-eof',
+      `vmdk: ${e.file}: flat extent starts at ${hex(e.hostStart)}, at or past the end of its file (size ${hex(size)})`,
+      e.hostStart,
     )
-    r.report.checkErrors = 1
   } else if (e.hostStart + e.length > size) {
     r.notice({
       kind: 'flat-extent-short',
@@ -109,15 +132,16 @@ async function checkSparse(e: SparseExtent, r: Report): Promise<void> {
   if (e.footerOffset !== undefined) await checkFooter(e, r)
 
   const gtBytes = e.gtes * 4
-  const tableOk = (sector: number, i: number, which: string): boolean => {
+  /** true when the table lies whole inside the file; one past it reads as zeros there (as in qemu-img) */
+  const tableInFile = (sector: number, i: number, which: string): boolean => {
     if (sector === 0) return false
     const at = sector * SECTOR
     if (at + gtBytes > size) {
       r.add(
-        corruption(
+        warning(
           'grain table',
           'gt-past-eof',
-          `vmdk: ${file}: ${which} entry ${i} names a grain table at ${hex(at)} that extends past the end of the file (size ${hex(size)})`,
+          `vmdk: ${file}: ${which} entry ${i} names a grain table at ${hex(at)} that extends past the end of the file (size ${hex(size)}); it reads as zeros there`,
           at,
         ),
       )
@@ -128,9 +152,10 @@ async function checkSparse(e: SparseExtent, r: Report): Promise<void> {
   }
   const grains: Region[] = []
   for (let i = 0; i < e.gd.length; i++) {
-    const primary = tableOk(e.gd[i]!, i, 'grain directory')
-    const redundant = e.rgd ? tableOk(e.rgd[i]!, i, 'redundant grain directory') : false
-    const t = primary ? await map.table(i) : undefined
+    tableInFile(e.gd[i]!, i, 'grain directory')
+    const redundant = e.rgd ? tableInFile(e.rgd[i]!, i, 'redundant grain directory') : false
+    // qemu-img's walk reads the primary table wherever it is (zeros past the end of the file)
+    const t = await map.table(i)
     if (e.rgd) await compareRedundant(e, i, t, redundant, r)
     if (!t) continue
     for (let j = 0; j < e.gtes; j++) {
@@ -138,7 +163,7 @@ async function checkSparse(e: SparseExtent, r: Report): Promise<void> {
       if (guestGrain * e.grainSize >= e.length) {
         if (t[j] !== 0)
           r.add(
-            corruption(
+            warning(
               'grain table',
               'entry-past-capacity',
               `vmdk: ${file}: grain table ${i} entry ${j} maps a grain past the capacity`,
@@ -151,25 +176,22 @@ async function checkSparse(e: SparseExtent, r: Report): Promise<void> {
       if (g.kind !== 'normal' && g.kind !== 'compressed') continue
       const at = g.sector * SECTOR
       if (at >= size) {
-        // qemu-img check's one rule, which ends its walk with an error
-        r.add(
-          corruption(
-            'grain',
-            'grain-past-eof',
-            `vmdk: ${file}: grain table ${i} entry ${j} (guest sector ${(guestGrain * e.grainSize) / SECTOR}) points at ${hex(at)}, past the end of the file (size ${hex(size)})`,
-            at,
-          ),
+        pastEof(
+          r,
+          'grain',
+          'grain-past-eof',
+          `vmdk: ${file}: grain table ${i} entry ${j} (guest sector ${(guestGrain * e.grainSize) / SECTOR}) points at ${hex(at)}, past the end of the file (size ${hex(size)})`,
+          at,
         )
-        r.report.checkErrors = 1
         continue
       }
       if (g.kind === 'normal') {
         if (at + e.grainSize > size)
           r.add(
-            corruption(
+            warning(
               'grain',
               'grain-past-eof',
-              `vmdk: ${file}: grain at ${hex(at)} (grain table ${i} entry ${j}) ends past the end of the file (size ${hex(size)})`,
+              `vmdk: ${file}: grain at ${hex(at)} (grain table ${i} entry ${j}) ends past the end of the file (size ${hex(size)}); the rest reads as zeros`,
               at,
             ),
           )
@@ -189,7 +211,7 @@ async function compareRedundant(e: SparseExtent, i: number, primary: Uint32Array
   const ps = e.gd[i]!
   if ((ps === 0) !== (rs === 0)) {
     r.add(
-      corruption(
+      warning(
         'redundant grain directory',
         'rgd-differs',
         `vmdk: ${e.file}: grain directory entry ${i} is ${hex(ps)} but its redundant copy is ${hex(rs)}`,
@@ -212,7 +234,7 @@ async function compareRedundant(e: SparseExtent, i: number, primary: Uint32Array
     }
     if (v !== primary[j]) {
       r.add(
-        corruption(
+        warning(
           'redundant grain table',
           'rgt-differs',
           `vmdk: ${e.file}: redundant grain table ${i} entry ${j} at ${hex(rs * SECTOR + j * 4)} is ${hex(v)}, the primary's is ${hex(primary[j]!)}`,
@@ -235,18 +257,32 @@ async function compareRedundant(e: SparseExtent, i: number, primary: Uint32Array
 /** Returns the bytes the compressed grain occupies (marker included), 0 when it is unreadable. */
 async function checkCompressed(e: SparseExtent, map: GrainMap, sector: number, guestGrain: number, i: number, j: number, r: Report): Promise<number> {
   const at = sector * SECTOR
+  if (e.markers) {
+    const head = await e.device.read(at, 8, 'compressed')
+    const lba = new DataView(head.buffer, head.byteOffset, 8).getBigUint64(0, true)
+    const want = BigInt((guestGrain * e.grainSize) / SECTOR)
+    if (lba !== want)
+      r.add(
+        warning(
+          'grain marker',
+          'grain-marker-lba',
+          `vmdk: ${e.file}: grain marker at ${hex(at)} says sector ${lba}, but grain table ${i} entry ${j} maps sector ${want} here (qemu-img reads it as sector ${want})`,
+          at,
+        ),
+      )
+  }
   let bytes: Uint8Array
   try {
-    bytes = await map.compressedGrain(sector, guestGrain)
+    bytes = await map.compressedGrain(sector)
   } catch (err) {
     if (!(err instanceof CorruptImageError)) throw err
-    r.add(corruption('compressed grain', 'compressed-grain', `${err.message} (grain table ${i} entry ${j})`, at))
+    r.add(warning('compressed grain', 'compressed-grain', `${err.message} (grain table ${i} entry ${j})`, at))
     return 0
   }
   const want = Math.min(e.grainSize, e.length - guestGrain * e.grainSize)
   if (bytes.byteLength < want) {
     r.add(
-      corruption(
+      warning(
         'compressed grain',
         'compressed-grain',
         `vmdk: ${e.file}: compressed grain at ${hex(at)} inflates to ${bytes.byteLength} bytes, not ${want} (grain table ${i} entry ${j})`,
@@ -271,7 +307,7 @@ async function checkFooter(e: SparseExtent, r: Report): Promise<void> {
   ]
   for (const [what, a, b, at] of fields) {
     if (a !== b)
-      r.add(corruption('footer', 'footer-differs', `vmdk: ${e.file}: the footer's ${what} (${b}) differs from the header's (${a})`, e.headerOffset + at))
+      r.add(warning('footer', 'footer-differs', `vmdk: ${e.file}: the footer's ${what} (${b}) differs from the header's (${a})`, e.headerOffset + at))
   }
 }
 
@@ -281,12 +317,7 @@ function checkOverlaps(file: string, all: Region[], r: Report): void {
   for (const x of sorted) {
     if (reach && x.start < reach.end) {
       r.add(
-        corruption(
-          'overlap',
-          'overlap',
-          `vmdk: ${file}: ${x.what} at ${hex(x.start)} overlaps ${reach.what} (${hex(reach.start)}..${hex(reach.end)})`,
-          x.start,
-        ),
+        warning('overlap', 'overlap', `vmdk: ${file}: ${x.what} at ${hex(x.start)} overlaps ${reach.what} (${hex(reach.start)}..${hex(reach.end)})`, x.start),
       )
     }
     if (!reach || x.end > reach.end) reach = x

@@ -70,14 +70,38 @@ function decimal(v: string): bigint | undefined {
 }
 
 /**
+ * How a descriptor is read. 'strict' (validate): the whole grammar above.
+ * 'qemu' (opening an image): the lines that decide what is read stay strict
+ * (CID, parentCID, parentFileNameHint, and in a descriptor file createType and
+ * every line whose first word is RW, RDONLY or NOACCESS); the lines QEMU never
+ * reads are read as QEMU reads them: ignored when they do not parse (ddb.*,
+ * version, unknown keys, stray text, a key given twice). `hosted`: the
+ * descriptor embedded in a sparse file, where QEMU reads only CID, parentCID
+ * and parentFileNameHint (block/vmdk.c: strstr in the 20 sectors at 0x200);
+ * createType and extent lines are then not read either.
+ */
+export interface ParseOptions {
+  mode?: 'strict' | 'qemu'
+  hosted?: boolean
+}
+
+/** keys whose values decide what is read: refused when malformed, in every mode */
+const DECIDING_KEYS = new Set(['CID', 'parentCID', 'parentFileNameHint'])
+
+/**
  * Parse descriptor bytes. `structure` names where they sit ('descriptor' in
  * a descriptor file, 'embedded descriptor' in a sparse extent) and
  * `baseOffset` their host offset, for messages.
  */
-export function parseDescriptor(bytes: Uint8Array, file: string, structure = 'descriptor', baseOffset = 0): Descriptor {
+export function parseDescriptor(bytes: Uint8Array, file: string, structure = 'descriptor', baseOffset = 0, options: ParseOptions = {}): Descriptor {
+  const lenient = options.mode === 'qemu'
+  const hosted = lenient && (options.hosted ?? false)
+  const deciding = (key: string): boolean => !lenient || DECIDING_KEYS.has(key) || (key === 'createType' && !hosted)
   const nul = bytes.indexOf(0)
   const body = nul < 0 ? bytes : bytes.subarray(0, nul)
-  const text = strictUtf8(body)
+  // QEMU reads bytes, not UTF-8: in 'qemu' mode a byte that is not UTF-8 is kept as U+FFFD (only the
+  // deciding lines must parse, and their grammar is ASCII)
+  const text = lenient ? new TextDecoder('utf-8', { fatal: false }).decode(body) : strictUtf8(body)
   if (text === undefined) fail(file, structure, baseOffset, 1 + countLines(body), 'not valid UTF-8 text')
   const lines = text.split('\n')
   const entries = new Map<string, string>()
@@ -88,11 +112,20 @@ export function parseDescriptor(bytes: Uint8Array, file: string, structure = 'de
     if (l.endsWith('\r')) l = l.slice(0, -1)
     l = l.trim()
     if (l === '' || l.startsWith('#')) continue
-    if (/[\u0000-\u0008\u000b-\u001f\u007f]/.test(l)) fail(file, structure, baseOffset, n, 'control character in the line')
     const kv = KEY_RE.exec(l)
+    const extentLike = !kv && /^(RW|RDONLY|NOACCESS)(\s|$)/.test(l)
+    if (/[\u0000-\u0008\u000b-\u001f\u007f]/.test(l)) {
+      if (!lenient || (kv && deciding(kv[1]!)) || (extentLike && !hosted)) fail(file, structure, baseOffset, n, 'control character in the line')
+      continue
+    }
     if (kv) {
       const key = kv[1]!
       const value = parseValue(kv[2]!.trim())
+      if (!deciding(key)) {
+        // a line QEMU does not read: kept when it parses, the first of a key given twice
+        if (value !== undefined && !entries.has(key)) entries.set(key, value)
+        continue
+      }
       if (value === undefined)
         fail(file, structure, baseOffset, n, `value of '${key}' is neither a "quoted string" nor one bare word: ${escapeControls(kv[2]!)}`)
       if (entries.has(key)) fail(file, structure, baseOffset, n, `'${key}' given a second time`)
@@ -100,6 +133,17 @@ export function parseDescriptor(bytes: Uint8Array, file: string, structure = 'de
       continue
     }
     const ex = EXTENT_RE.exec(l)
+    if (lenient && (hosted || !extentLike)) {
+      // QEMU skips a line whose first word is not RW, and reads no extent line of a hosted file
+      if (ex && hosted) {
+        try {
+          extents.push(extentLine(ex, n, file, structure, baseOffset))
+        } catch {
+          // not read
+        }
+      }
+      continue
+    }
     if (!ex) fail(file, structure, baseOffset, n, `not a comment, a key = value line or an extent line: ${escapeControls(l.slice(0, 80))}`)
     extents.push(extentLine(ex, n, file, structure, baseOffset))
   }
@@ -108,14 +152,21 @@ export function parseDescriptor(bytes: Uint8Array, file: string, structure = 'de
     if (v === undefined) fail(file, structure, baseOffset, lines.length, `no '${key}' line`)
     return v
   }
-  const versionText = need('version')
-  if (!/^[123]$/.test(versionText)) fail(file, structure, baseOffset, lineOf(lines, 'version'), `version ${escapeControls(versionText)} (1, 2 or 3)`)
+  let version = 1
+  if (!lenient) {
+    const versionText = need('version')
+    if (!/^[123]$/.test(versionText)) fail(file, structure, baseOffset, lineOf(lines, 'version'), `version ${escapeControls(versionText)} (1, 2 or 3)`)
+    version = Number(versionText)
+  } else {
+    const v = entries.get('version')
+    if (v !== undefined && /^[123]$/.test(v)) version = Number(v)
+  }
   const cid = parseCid(need('CID'))
   if (cid === undefined) fail(file, structure, baseOffset, lineOf(lines, 'CID'), `CID is not 1 to 8 hex digits`)
   const parentCid = parseCid(need('parentCID'))
   if (parentCid === undefined) fail(file, structure, baseOffset, lineOf(lines, 'parentCID'), `parentCID is not 1 to 8 hex digits`)
-  const createType = need('createType')
-  return { version: Number(versionText), cid, parentCid, createType, entries, extents }
+  const createType = hosted ? (entries.get('createType') ?? '') : need('createType')
+  return { version, cid, parentCid, createType, entries, extents }
 }
 
 function extentLine(ex: RegExpExecArray, n: number, file: string, structure: string, baseOffset: number): ExtentLine {

@@ -28,7 +28,7 @@ export class VmdkImage implements DiskImage {
   ) {
     for (const e of layout.extents) {
       if (e.kind !== 'sparse') continue
-      const map = new GrainMap(e)
+      const map = new GrainMap(e, !writable)
       this.maps.set(e, map)
       if (writable) this.writers.set(e, new SparseWriter(e, map))
     }
@@ -75,8 +75,7 @@ export class VmdkImage implements DiskImage {
       dst.set(await e.device.read(entry.sector * 512 + inGrain, dst.byteLength, 'data'))
       return
     }
-    const grain = Math.floor(rel / e.grainSize)
-    const bytes = await map.compressedGrain(entry.sector, grain)
+    const bytes = await map.compressedGrain(entry.sector)
     if (inGrain + dst.byteLength > bytes.byteLength) {
       throw new CorruptImageError(
         `vmdk: ${e.file}: compressed grain at ${hex(entry.sector * 512)}: inflates to ${bytes.byteLength} bytes, fewer than the ${inGrain + dst.byteLength} read from it`,

@@ -96,6 +96,16 @@ export function corrupt(file: string, structure: string, offset: number, what: s
 
 type Fail = (e: CorruptImageError) => void
 
+const U64_MASK = (1n << 64n) - 1n
+/** QEMU's BDRV_MAX_LENGTH: INT64_MAX aligned down to 1 GiB, the end of the last byte offset it reads */
+const BDRV_MAX_LENGTH = ((1n << 63n) - 1n) & ~((1n << 30n) - 1n)
+
+/** where QEMU reads a hosted sparse file's descriptor, and how much of it (DESC_SIZE) */
+const EMBEDDED_DESCRIPTOR_AT = 0x200
+const EMBEDDED_DESCRIPTOR_BYTES = 20 * SECTOR
+
+const writable = (o: OpenImageOptions): boolean => !o.readOnly && !(o.forCheck ?? false)
+
 /** Read the descriptor and every extent. */
 export async function readLayout(device: BlockDevice, context: OpenContext, options: OpenImageOptions): Promise<VmdkLayout> {
   const lenient = options.forCheck ?? false
@@ -109,26 +119,22 @@ export async function readLayout(device: BlockDevice, context: OpenContext, opti
   const head = await device.read(0, Math.min(HEADER_SIZE, device.size), 'header')
   const magic = head[0]! | (head[1]! << 8) | (head[2]! << 16) | (head[3]! << 24)
   if (magic >>> 0 === SPARSE_MAGIC) {
-    const extent = await readSparse(device, file, 0, '', 0, fail)
-    const h = extent.header
-    const descriptorOffset = toSafeNumber(h.descriptorOffset, `vmdk: ${file}: descriptor offset`) * SECTOR
-    const descriptorBytes = toSafeNumber(h.descriptorSize, `vmdk: ${file}: descriptor size`) * SECTOR
-    if (descriptorOffset === 0 || descriptorBytes === 0) throw corrupt(file, 'header', 28, 'no embedded descriptor (descriptor offset or size is 0)')
-    if (descriptorOffset + Math.min(descriptorBytes, MAX_DESCRIPTOR_BYTES) > device.size) {
-      throw corrupt(file, 'embedded descriptor', descriptorOffset, `${descriptorBytes} bytes extend past the end of the file (size ${hex(device.size)})`)
-    }
-    const text = await device.read(descriptorOffset, Math.min(descriptorBytes, MAX_DESCRIPTOR_BYTES), 'header')
-    const descriptor = parseDescriptor(text, file, 'embedded descriptor', descriptorOffset)
+    const extent = await readSparse(device, file, 0, '', 0, fail, writable(options), problems)
+    // QEMU reads a hosted file's descriptor at 0x200, 20 sectors, whatever the header's descriptor offset and
+    // size say (block/vmdk.c: desc_offset = 0x200; CID, parentCID, parentFileNameHint by strstr in DESC_SIZE)
+    const text = await device.read(EMBEDDED_DESCRIPTOR_AT, EMBEDDED_DESCRIPTOR_BYTES, 'header')
+    const descriptor = parseDescriptor(text, file, 'embedded descriptor', EMBEDDED_DESCRIPTOR_AT, { mode: 'qemu', hosted: true })
     refuseParent(descriptor, file)
     // QEMU names a hosted sparse file by its header, not by the descriptor's createType
     const createType = extent.compressed ? 'streamOptimized' : 'monolithicSparse'
-    return { descriptor, descriptorOffset, createType, extents: [extent], virtualSize: extent.length, extraDevices: [], problems }
+    return { descriptor, descriptorOffset: EMBEDDED_DESCRIPTOR_AT, createType, extents: [extent], virtualSize: extent.length, extraDevices: [], problems }
   }
   return readDescriptorFile(device, context, options, fail, problems)
 }
 
+/** QEMU opens a parent only when the descriptor names one (parentFileNameHint); a parentCID alone is just shown */
 function refuseParent(d: Descriptor, file: string): void {
-  if (d.entries.has('parentFileNameHint') || d.parentCid !== 0xffffffff) {
+  if (d.entries.has('parentFileNameHint')) {
     throw new UnsupportedFeatureError(`vmdk: ${file}: a delta disk (parentCID ${d.parentCid.toString(16)}): imgtool does not read VMDK parents`, {
       file,
       structure: 'descriptor',
@@ -147,10 +153,8 @@ async function readDescriptorFile(
   problems: CorruptImageError[],
 ): Promise<VmdkLayout> {
   const file = device.name
-  if (device.size > MAX_DESCRIPTOR_BYTES) {
-    throw corrupt(file, 'descriptor', 0, `a descriptor file of ${device.size} bytes (neither "KDMV" nor a text descriptor of at most 1 MiB)`)
-  }
-  const descriptor = parseDescriptor(await device.read(0, device.size, 'header'), file)
+  // QEMU reads the first 1 MiB - 1 bytes of a descriptor file (vmdk_read_desc), up to the first NUL
+  const descriptor = parseDescriptor(await device.read(0, Math.min(device.size, MAX_DESCRIPTOR_BYTES), 'header'), file, 'descriptor', 0, { mode: 'qemu' })
   refuseParent(descriptor, file)
   const ct = descriptor.createType
   if (!QEMU_CREATE_TYPES.includes(ct)) {
@@ -192,7 +196,7 @@ async function readDescriptorFile(
         const hostStart = toSafeNumber((line.offset ?? 0n) * BigInt(SECTOR), `vmdk: ${file}: descriptor line ${line.line}: extent offset`)
         extents.push({ kind: 'flat', device: dev, file: path, start, length, type: line.type, line: line.line, hostStart })
       } else if (line.type === 'SPARSE') {
-        const s = await readSparse(dev, path, start, line.type, line.line, fail)
+        const s = await readSparse(dev, path, start, line.type, line.line, fail, writable(options), problems)
         if (s.length !== length) {
           fail(corrupt(path, 'header', 12, `capacity ${s.length / SECTOR} sectors, but descriptor line ${line.line} of ${file} says ${line.sectors}`))
         }
@@ -250,7 +254,21 @@ async function openExtentDevice(context: OpenContext, path: string, readOnly: bo
 }
 
 /** A hosted sparse extent: header (or a stream's footer), grain directory and its redundant copy. */
-export async function readSparse(device: BlockDevice, file: string, start: number, type: string, line: number, fail: Fail): Promise<SparseExtent> {
+export async function readSparse(
+  device: BlockDevice,
+  file: string,
+  start: number,
+  type: string,
+  line: number,
+  fail: Fail,
+  forWriting = false,
+  problems: CorruptImageError[] = [],
+): Promise<SparseExtent> {
+  /** what QEMU reads as zeros: refused when the image is open for writing, else kept for check */
+  const zeros = (e: CorruptImageError): void => {
+    if (forWriting) throw e
+    problems.push(e)
+  }
   if (device.size < HEADER_SIZE) throw corrupt(file, 'header', 0, `the file (${device.size} bytes) is too small for a sparse extent header`)
   const first = decodeHeader(await device.read(0, HEADER_SIZE, 'header'))
   if (first.magic !== SPARSE_MAGIC) throw corrupt(file, 'header', 0, `no "KDMV" magic (found ${hex(first.magic)})`)
@@ -289,14 +307,8 @@ export async function readSparse(device: BlockDevice, file: string, start: numbe
       offset: ho + 4,
     })
   }
+  // QEMU: any algorithm but deflate (1) is no compression
   const compressed = header.compressAlgorithm === COMPRESSION_DEFLATE
-  if (header.compressAlgorithm !== 0 && !compressed) {
-    throw new UnsupportedFeatureError(`vmdk: ${file}: header at ${hex(ho)}: compression algorithm ${header.compressAlgorithm} (0 none, 1 deflate)`, {
-      file,
-      structure: 'header',
-      offset: ho + 77,
-    })
-  }
   if (header.numGTEsPerGT > MAX_GTES_PER_GT)
     throw corrupt(file, 'header', ho + 44, `${header.numGTEsPerGT} entries per grain table (at most ${MAX_GTES_PER_GT})`)
   if (header.numGTEsPerGT === 0 || header.grainSize === 0n) throw corrupt(file, 'header', ho + 20, 'grain size or grain table size is 0')
@@ -311,19 +323,33 @@ export async function readSparse(device: BlockDevice, file: string, start: numbe
   }
   const gdEntries = Number(gdEntriesBig)
   const length = toSafeNumber(header.capacity * BigInt(SECTOR), `vmdk: ${file}: header capacity`)
-  const overhead = toSafeNumber(header.overhead * BigInt(SECTOR), `vmdk: ${file}: header overhead`)
-  if (overhead > device.size)
-    fail(corrupt(file, 'header', ho + 64, `file truncated: the grains start at ${hex(overhead)}, past the end of the file (size ${hex(device.size)})`))
+  // QEMU: "File truncated" when the file has fewer sectors (rounded up) than the header's overhead
+  const fileSectors = BigInt(Math.ceil(device.size / SECTOR))
+  if (fileSectors < header.overhead) {
+    throw corrupt(file, 'header', ho + 64, `file truncated: the grains start at sector ${header.overhead}, past the end of the file (size ${hex(device.size)})`)
+  }
+  const overhead = Number(header.overhead) * SECTOR
   const readDir = async (offsetSectors: bigint, what: string, fieldAt: number): Promise<{ offset: number; table: Uint32Array }> => {
-    const offset = toSafeNumber(offsetSectors * BigInt(SECTOR), `vmdk: ${file}: ${what} offset`)
     const bytes = gdEntries * 4
-    if (offset === 0 && gdEntries > 0) throw corrupt(file, 'header', ho + fieldAt, `the ${what} offset is 0`)
-    if (offset + bytes > device.size) {
-      fail(corrupt(file, what, offset, `${gdEntries} entries (${bytes} bytes) extend past the end of the file (size ${hex(device.size)})`))
+    // QEMU shifts the sector offset into a signed 64-bit byte offset (it wraps); a negative one, or one whose
+    // directory would end past the block layer's largest offset, fails its read ("Could not read l1 table")
+    const offsetBig = (offsetSectors << 9n) & U64_MASK
+    if (offsetBig + BigInt(bytes) > BDRV_MAX_LENGTH) {
+      throw corrupt(file, 'header', ho + fieldAt, `the ${what} offset (sector ${offsetSectors}) is not a byte offset that can be read`)
     }
-    const inFile = Math.max(0, Math.min(bytes, device.size - offset))
+    if (offsetBig === 0n && gdEntries > 0) {
+      // QEMU reads the header as the directory; imgtool does too, read-only (never writes through it)
+      zeros(corrupt(file, 'header', ho + fieldAt, `the ${what} offset is 0 (the header is read as the directory)`))
+    }
     const raw = new Uint8Array(bytes)
-    if (inFile > 0) raw.set(await device.read(offset, inFile, 'l1'))
+    const offset = offsetBig <= BigInt(Number.MAX_SAFE_INTEGER) ? Number(offsetBig) : Number.MAX_SAFE_INTEGER
+    if (offsetBig + BigInt(bytes) > BigInt(device.size)) {
+      // QEMU reads zeros past the end of the file
+      zeros(corrupt(file, what, offset, `${gdEntries} entries (${bytes} bytes) extend past the end of the file (size ${hex(device.size)})`))
+    }
+    if (offsetBig < BigInt(device.size)) {
+      raw.set(await device.read(offset, Math.min(bytes, device.size - offset), 'l1'))
+    }
     const dv = new DataView(raw.buffer)
     const table = new Uint32Array(gdEntries)
     for (let i = 0; i < gdEntries; i++) table[i] = dv.getUint32(i * 4, true)
@@ -331,7 +357,8 @@ export async function readSparse(device: BlockDevice, file: string, start: numbe
   }
   const gd = await readDir(header.gdOffset, 'grain directory', 56)
   let rgd: { offset: number; table: Uint32Array } | undefined
-  if (header.flags & FLAG_RGD) rgd = await readDir(header.rgdOffset, 'redundant grain directory', 48)
+  // QEMU: a redundant directory offset of 0 is no redundant directory, whatever the flag says
+  if (header.flags & FLAG_RGD && header.rgdOffset !== 0n) rgd = await readDir(header.rgdOffset, 'redundant grain directory', 48)
   return {
     kind: 'sparse',
     device,
