@@ -68,6 +68,13 @@ export const rgdPastEnd: Damage = (b) => {
   return c
 }
 
+/** the header's rgdOffset naming the primary directory (its entries: the primary tables) */
+export const rgdOnPrimary: Damage = (b) => {
+  const c = b.slice()
+  u64(c, 48, geometry(c).gd / 512)
+  return c
+}
+
 /** redundant directory entry 1 pointing into a leaked grain at the end of the file */
 export const rgdIntoLeak: Damage = (b) => {
   const c = leak(1)(b)
@@ -150,6 +157,15 @@ export const CASES: RepairCase[] = [
   {
     name: 'the redundant directory past the end of the file (moved)',
     damage: rgdPastEnd,
+    mode: 'all',
+    before: 2,
+    after: 0,
+    kinds: ['rgt-rewritten', 'rgd-rewritten', 'rgd-moved'],
+    sameAsBase: true,
+  },
+  {
+    name: 'the redundant directory on the primary one (both moved off it)',
+    damage: rgdOnPrimary,
     mode: 'all',
     before: 2,
     after: 0,

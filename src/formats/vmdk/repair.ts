@@ -252,7 +252,7 @@ function planCut(m: Model): Step | undefined {
       kind: 'leak-freed',
       structure: 'grain',
       hostOffset: end,
-      message: `${freed} bytes at ${hex(end)} that no grain table entry reaches (${Math.max(0, grains)} leaked grain(s)) cut off the end of the file`,
+      message: `${freed} bytes at ${hex(end)} that no grain table entry reaches${grains > 0 ? ` (${grains} leaked grain(s))` : ''} cut off the end of the file`,
     },
     writes: [],
     truncate: end,
