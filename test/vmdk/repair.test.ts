@@ -11,7 +11,7 @@ import { copyFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { expect, it } from 'vitest'
 import { describeQemu, makeTempDir, md5, qemuImg, qemuImgOk, qemuIoOk, useTempDirs } from '../support/qemu.js'
-import { cli } from './support.js'
+import { cli, withFooter } from './support.js'
 import { CASES, GRAIN, geometry, leak, rgtEntry } from './repair-damage.js'
 
 useTempDirs()
@@ -147,6 +147,42 @@ describeQemu('vmdk repair (CLI), judged by qemu-img', () => {
     expect(r.code).toBe(check.code)
     expect(r.out).toContain('not-repaired')
     expect(readFileSync(path).equals(b)).toBe(true)
+    expect(existsSync(`${path}.imgtool-undo`)).toBe(false)
+  })
+
+  it('a stream whose header at 0 disagrees with its footer (the footer in force): nothing written, and it says why', async () => {
+    const qemuStream = join(dir, 'footer-src.vmdk')
+    await qemuImgOk(['convert', '-f', 'vmdk', '-O', 'vmdk', '-o', 'subformat=streamOptimized', base, qemuStream])
+    const b = withFooter(readFileSync(qemuStream))
+    b.writeBigUInt64LE(b.readBigUInt64LE(12) * 2n, 12) // the header's capacity, not the footer's
+    const path = join(dir, 'footer.vmdk')
+    writeFileSync(path, b)
+    const check = await cli('check', path)
+    expect(check.code).toBe(2)
+    const dry = await cli('repair', '--dry-run', '--output', 'json', path)
+    expect(dry.code).toBe(2)
+    expect(dry.out).toContain('footer is the header in force')
+    const r = await cli('repair', '--output', 'json', path)
+    expect(r.code).toBe(2)
+    expect(r.out).toContain('footer is the header in force')
+    expect(readFileSync(path).equals(b)).toBe(true)
+    expect(existsSync(`${path}.imgtool-undo`)).toBe(false)
+    expect(await guestMd5(path)).toBe(baseRaw)
+  })
+
+  it('a twoGbMaxExtentSparse image with a leak in its extent file: not written (hosted files only), exit as the check', async () => {
+    const path = join(dir, 'split.vmdk')
+    await qemuImgOk(['create', '-q', '-f', 'vmdk', '-o', 'subformat=twoGbMaxExtentSparse', path, '8M'])
+    await qemuIoOk(path, ['write -P 0x71 0 64k'], { format: 'vmdk' })
+    const extent = join(dir, 'split-s001.vmdk')
+    writeFileSync(extent, Buffer.concat([readFileSync(extent), Buffer.alloc(GRAIN, 0x5a)]))
+    const bytes = readFileSync(extent)
+    const check = await cli('check', '--output', 'json', path)
+    expect(check.out).toContain('leaked-grain')
+    const r = await cli('repair', '--output', 'json', path)
+    expect(r.code).toBe(check.code)
+    expect(r.out).toContain('not-repaired')
+    expect(readFileSync(extent).equals(bytes)).toBe(true)
     expect(existsSync(`${path}.imgtool-undo`)).toBe(false)
   })
 
