@@ -54,8 +54,10 @@ interface Region {
 interface Model {
   e: SparseExtent
   size: number
-  /** header, descriptor, primary directory, primary tables and grains, sorted, disjoint when `unsound` is unset */
-  used: Region[]
+  /** header, descriptor, primary directory and primary tables, sorted, disjoint when `unsound` is unset */
+  meta: Region[]
+  /** the grains' host offsets (each one grain long), sorted, disjoint from each other and `meta` when `unsound` is unset */
+  grains: Float64Array
   /** the end of everything the metadata names (redundant structures inside the file included) */
   reach: number
   unsound?: string
@@ -187,13 +189,14 @@ async function repairSteps(
   return { before: { ...before, leaksFixed, corruptionsFixed }, after, actions, dryRun: false }
 }
 
-/** Read the extent's primary metadata and judge it. Memory: one grain table at a time, 16 bytes per allocated grain. */
+/** Read the extent's primary metadata and judge it. Memory: one grain table at a time, 16 bytes per allocated grain at most. */
 async function readModel(dev: BlockDevice, base: SparseExtent): Promise<Model> {
   const { e, problems } = await load(dev, base)
   const size = dev.size
   const used: Region[] = [{ start: 0, end: HEADER_SIZE }]
+  const grainAt: number[] = []
   let reach = HEADER_SIZE
-  const model: Model = { e, size, used, reach }
+  const model: Model = { e, size, meta: used, grains: new Float64Array(0), reach }
   const bad = (why: string): Model => ((model.unsound ??= why), model)
   const primaryProblem = problems.find((p) => p.details['structure'] !== 'redundant grain directory')
   if (primaryProblem) return bad(primaryProblem.message)
@@ -222,16 +225,24 @@ async function readModel(dev: BlockDevice, base: SparseExtent): Promise<Model> {
       const gAt = g.sector * SECTOR
       if (gAt + e.grainSize > size)
         return bad(`vmdk: ${e.file}: grain at ${hex(gAt)} (grain table ${i} entry ${j}) ends past the end of the file (size ${hex(size)})`)
-      used.push({ start: gAt, end: gAt + e.grainSize })
+      grainAt.push(gAt)
     }
   }
+  const overlap = (at: number) => bad(`vmdk: ${e.file}: the primary metadata and grains overlap at ${hex(at)} (overlapping grains or tables)`)
   used.sort((a, b) => a.start - b.start || a.end - b.end)
   for (let k = 0; k < used.length; k++) {
     const x = used[k]!
-    if (k > 0 && x.start < used[k - 1]!.end)
-      return bad(`vmdk: ${e.file}: the primary metadata and grains overlap at ${hex(x.start)} (overlapping grains or tables)`)
+    if (k > 0 && x.start < used[k - 1]!.end) return overlap(x.start)
     reach = Math.max(reach, x.end)
   }
+  const grains = Float64Array.from(grainAt).sort()
+  grainAt.length = 0
+  model.grains = grains
+  for (let k = 0; k < grains.length; k++) {
+    if (k > 0 && grains[k]! < grains[k - 1]! + e.grainSize) return overlap(grains[k]!)
+    reach = Math.max(reach, grains[k]! + e.grainSize)
+  }
+  for (const x of used) if (!clearOfGrains(grains, e.grainSize, x.start, x.end - x.start)) return overlap(x.start)
   // redundant structures inside the file are never cut
   if (e.rgd && e.rgdOffset !== undefined) {
     if (e.rgdOffset + gdBytes <= size) reach = Math.max(reach, e.rgdOffset + gdBytes)
@@ -257,6 +268,18 @@ function planCut(m: Model): Step | undefined {
     writes: [],
     truncate: end,
   }
+}
+
+/** Is [start, start+len) clear of the sorted disjoint grains (each `grainSize` long)? */
+function clearOfGrains(starts: Float64Array, grainSize: number, start: number, len: number): boolean {
+  let lo = 0
+  let hi = starts.length
+  while (lo < hi) {
+    const mid = (lo + hi) >> 1
+    if (starts[mid]! + grainSize <= start) lo = mid + 1
+    else hi = mid
+  }
+  return lo >= starts.length || starts[lo]! >= start + len
 }
 
 /** Is [start, start+len) clear of the sorted disjoint regions? */
@@ -289,7 +312,8 @@ async function planRedundant(dev: BlockDevice, m: Model): Promise<Step[]> {
     for (let s = Math.floor(start / SECTOR); s < Math.ceil((start + len) / SECTOR); s++) if (claimed.has(s)) return false
     return true
   }
-  const usable = (start: number, len: number) => start >= HEADER_SIZE && start % SECTOR === 0 && start + len <= size && clearOf(m.used, start, len)
+  const usable = (start: number, len: number) =>
+    start >= HEADER_SIZE && start % SECTOR === 0 && start + len <= size && clearOf(m.meta, start, len) && clearOfGrains(m.grains, e.grainSize, start, len)
   const rgdUsable = usable(e.rgdOffset, gdBytes)
   if (e.rgdOffset + gdBytes <= size) claim(e.rgdOffset, gdBytes)
   let alloc = roundUp(size, SECTOR)
