@@ -114,6 +114,17 @@ describeQemu('vmdk repair (CLI), judged by qemu-img', () => {
     expect((await cli('check', '--output', 'json', path)).out).toContain('leaked-grain')
   })
 
+  it('no byte of a redundant table that runs past the end of the file is cut (-r leaks)', async () => {
+    const path = join(dir, 'straddle.vmdk')
+    const b = Buffer.from(leak(1)(readFileSync(base)))
+    b.writeUInt32LE((b.length - 1024) / 512, geometry(b).rgd + 4) // redundant table 1: its first 1 KiB inside the file
+    writeFileSync(path, b)
+    expect((await cli('check', path)).code).toBe(2)
+    const r = await cli('repair', '--mode', 'leaks', path)
+    expect(r.code, r.err).toBe(2)
+    expect(readFileSync(path).equals(b)).toBe(true)
+  })
+
   it('check -r all repairs as repair does', async () => {
     const path = join(dir, 'check-r.vmdk')
     writeFileSync(path, rgtEntry(7, 99)(readFileSync(base)))

@@ -243,10 +243,13 @@ async function readModel(dev: BlockDevice, base: SparseExtent): Promise<Model> {
     reach = Math.max(reach, grains[k]! + e.grainSize)
   }
   for (const x of used) if (!clearOfGrains(grains, e.grainSize, x.start, x.end - x.start)) return overlap(x.start)
-  // redundant structures inside the file are never cut
+  // no byte of a redundant structure that starts inside the file is cut
+  const keep = (start: number, len: number) => {
+    if (start < size) reach = Math.max(reach, Math.min(size, start + len))
+  }
   if (e.rgd && e.rgdOffset !== undefined) {
-    if (e.rgdOffset + gdBytes <= size) reach = Math.max(reach, e.rgdOffset + gdBytes)
-    for (const s of e.rgd) if (s !== 0 && s * SECTOR + gtBytes <= size) reach = Math.max(reach, s * SECTOR + gtBytes)
+    keep(e.rgdOffset, gdBytes)
+    for (const s of e.rgd) if (s !== 0) keep(s * SECTOR, gtBytes)
   }
   model.reach = reach
   return model
