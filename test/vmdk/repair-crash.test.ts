@@ -82,7 +82,7 @@ describeQemu('vmdk repair: crash and fault sweeps, judged by qemu-img', () => {
     const path = join(dir, 'state.vmdk')
     const raw = join(dir, 'state.raw')
     writeFileSync(path, bytes)
-    const check = (await qemuImg(['check', '-f', 'vmdk', path])).code
+    const check = (await qemuImg(['check', '-f', 'vmdk', path])).code ?? -1
     const conv = await qemuImg(['convert', '-f', 'vmdk', '-O', 'raw', path, raw])
     const v = { check, guest: conv.code === 0 ? md5(readFileSync(raw)) : `convert exit ${conv.code}` }
     qemuSeen.set(key, v)
