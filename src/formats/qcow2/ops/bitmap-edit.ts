@@ -29,7 +29,7 @@ import {
   type Qcow2Bitmap,
 } from '../spec/bitmap-directory.js'
 import * as C from '../spec/constants.js'
-import { bitmapsValid, type Qcow2Header } from '../spec/header.js'
+import { bitmapsValid, readHeader, type Qcow2Header } from '../spec/header.js'
 import type { Qcow2State } from '../read/state.js'
 import type { Qcow2Writer } from '../write/write.js'
 import { rewriteHeader } from './amend-header.js'
@@ -298,8 +298,21 @@ async function writeBitmapsOrdered(state: Qcow2State, w: Qcow2Writer, models: Mo
     next.autoclearFeatures = h.autoclearFeatures & ~BigInt(C.AUTOCLEAR_BITMAPS)
   }
   const oldExt = h.bitmaps && bitmapsValid(h) && h.bitmaps.nbBitmaps > 0 ? { ...h.bitmaps } : undefined
-  // a failure from here on gives nothing back: the header may have switched (a leak at worst)
-  await rewriteHeader(state, w, next, h.dataFile)
+  try {
+    await rewriteHeader(state, w, next, h.dataFile)
+  } catch (e) {
+    // did the switch land? The header on disk says; unknown (it cannot be read): nothing is given back, a leak at worst
+    let switched: boolean | undefined
+    try {
+      const now = await readHeader(dev, { file: state.filename, readOnly: true, forCheck: true })
+      const on = now.bitmaps && bitmapsValid(now) && now.bitmaps.nbBitmaps > 0 ? now.bitmaps.directoryOffset : 0
+      switched = on === dirOffset
+    } catch {
+      switched = undefined
+    }
+    if (switched === false) await undo(w, allocated)
+    throw e
+  }
   h.bitmaps = entries.length > 0 ? { nbBitmaps: entries.length, directorySize: dir.byteLength, directoryOffset: dirOffset } : undefined
 
   // the old structures are unreachable now that the switch is durable
