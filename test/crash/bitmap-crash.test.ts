@@ -21,7 +21,10 @@ import type { Qcow2Image } from '../../src/formats/qcow2/image.js'
 import { editQcow2Bitmaps, readQcow2Bitmaps, type BitmapEditOp } from '../../src/formats/qcow2/ops/bitmap-edit.js'
 import { CrashDevice } from '../support/crash-device.js'
 import { sweepFaults } from '../support/faulty-device.js'
-import { setInUse } from '../support/bitmap-damage.js'
+import { breakTableEntry, setInUse } from '../support/bitmap-damage.js'
+import { repairQcow2Device } from '../../src/formats/qcow2/repair/repair.js'
+import { readHeader } from '../../src/formats/qcow2/spec/header.js'
+import { readBitmapDirectory } from '../../src/formats/qcow2/spec/bitmap-directory.js'
 import { hasQemuImg, makeTempDir, md5, qemuImg, useTempDirs } from '../support/qemu.js'
 import { MemFiles, Unclosable, createOn, openOn, pattern } from '../writer/helpers.js'
 
@@ -121,7 +124,7 @@ async function prepare(c: BitmapCase): Promise<Uint8Array> {
 
 /** what the image holds: guest bytes and bitmaps with bits */
 async function stateOf(dev: BlockDevice): Promise<{ guest: string; bitmaps: string }> {
-  const img = await openOn(dev, files, true)
+  const img = await readOnlyCopy(dev)
   try {
     const list = await readQcow2Bitmaps(img)
     const bitmaps = JSON.stringify(list.map((b) => [b.name, b.flags, b.granularity, b.bits ? md5(b.bits) : null]))
@@ -129,6 +132,13 @@ async function stateOf(dev: BlockDevice): Promise<{ guest: string; bitmaps: stri
   } finally {
     await img.close()
   }
+}
+
+/** open a read-only copy of the device's bytes (nothing the open does may change the state under test) */
+async function readOnlyCopy(dev: BlockDevice): Promise<Qcow2Image> {
+  const bytes = (dev as unknown as { snapshot(): Uint8Array }).snapshot()
+  const ro = new MemoryDevice(bytes, { name: 'img.qcow2', readOnly: true })
+  return (await openImageOnDevice(ro, { format: 'qcow2', readOnly: true, context: files.context })) as Qcow2Image
 }
 
 let total = 0
@@ -230,6 +240,131 @@ describe('bitmap: a failed write or flush leaves the old bitmaps (no leak) or th
           LIMIT,
         )
       }
+    }
+  }
+})
+
+/** the names in the bitmap directory the header points at ([] without a valid extension) */
+async function directoryNames(dev: BlockDevice): Promise<string[]> {
+  const h = await readHeader(dev, { file: 'img.qcow2', readOnly: true, forCheck: true })
+  if (!h.bitmaps || (h.autoclearFeatures & 1n) === 0n) return []
+  return (await readBitmapDirectory(dev, 'img.qcow2', h.bitmaps)).map((b) => b.name)
+}
+
+async function guestOf(dev: BlockDevice): Promise<string> {
+  const img = await readOnlyCopy(dev)
+  try {
+    return md5(await img.read(0, img.virtualSize))
+  } finally {
+    await img.close()
+  }
+}
+
+const REPAIRS: Array<{ name: string; create: Record<string, string>; damage: (b: Uint8Array) => Uint8Array; kept: string[] }> = [
+  { name: 'an IN_USE bitmap dropped, one kept', create: {}, damage: (b) => setInUse(b, 0), kept: ['b'] },
+  {
+    name: 'a bitmap with an invalid table entry dropped (4 KiB clusters)',
+    create: { cluster_size: '4096' },
+    damage: (b) => breakTableEntry(b, 1),
+    kept: ['a'],
+  },
+  { name: 'every bitmap in use: the extension goes', create: {}, damage: (b) => setInUse(setInUse(b, 0), 1), kept: [] },
+]
+
+describe('repair of broken bitmaps: at every crash point the damaged or the repaired bitmaps, no corruption', () => {
+  for (const c of REPAIRS) {
+    it(
+      c.name,
+      async () => {
+        const base = c.damage(
+          await prepare({
+            name: c.name,
+            create: c.create,
+            setup: [
+              { name: 'a', ops: [{ op: 'add' }] },
+              { name: 'b', ops: [{ op: 'add', granularity: 4096 }] },
+            ],
+            call: { name: 'a', ops: [] },
+          }),
+        )
+        const guest = await guestOf(new MemoryDevice(base, { name: 'img.qcow2' }))
+        const a0 = await analyzeQcow2(new MemoryDevice(base, { name: 'img.qcow2' }))
+        const dev = new CrashDevice(base, { name: 'img.qcow2' })
+        const r = await repairQcow2Device(dev, { repair: 'all' })
+        expect(r.actions.filter((x) => x.kind === 'drop-bitmap').length).toBe(2 - c.kept.length)
+        const done = dev.flushCount
+        const fixed = new MemoryDevice(dev.snapshot(), { name: 'img.qcow2' })
+        expect(await directoryNames(fixed)).toEqual(c.kept)
+        const a1 = await analyzeQcow2(fixed)
+        expect([a1.report.corruptions, a1.report.leaks, a1.report.checkErrors], a1.report.diagnostics.join('\n')).toEqual([0, 0, 0])
+        const dir = hasQemuImg ? makeTempDir('imgtool-bitmap-repair-crash-') : ''
+        let states = 0
+        let olds = 0
+        for (const s of dev.allCrashStates(SWEEP)) {
+          const where = `${c.name}: ${s.description}`
+          states++
+          const names = await directoryNames(s.device)
+          const a = await analyzeQcow2(s.device)
+          expect(await guestOf(s.device), `${where}: guest bytes`).toBe(guest)
+          if (JSON.stringify(names) === JSON.stringify(c.kept) && c.kept.length !== 2) {
+            expect([a.report.corruptions, a.report.checkErrors], `${where}: repaired\n${a.report.diagnostics.join('\n')}`).toEqual([0, 0])
+            if (s.flushes >= done) expect(a.report.leaks, where).toBe(0)
+            if (hasQemuImg) {
+              const path = join(dir, `s${states % 4}.qcow2`)
+              writeFileSync(path, s.device.snapshot())
+              const q = await qemuImg(['check', '-f', 'qcow2', path])
+              expect(q.code === 0 || q.code === 3, `${where}: qemu-img check\n${q.stdout}${q.stderr}`).toBe(true)
+            }
+          } else {
+            olds++
+            expect(names, `${where}: the damaged directory`).toEqual(['a', 'b'])
+            expect([a.report.corruptions, a.report.checkErrors], `${where}: as damaged`).toEqual([a0.report.corruptions, a0.report.checkErrors])
+          }
+        }
+        total += states
+        lines.push(`${String(states).padStart(5)} states (${olds} damaged)  repair: ${c.name}`)
+        expect(olds).toBeGreaterThan(0)
+        expect(states - olds).toBeGreaterThan(0)
+      },
+      LIMIT,
+    )
+    for (const op of ['write', 'flush'] as const) {
+      it(
+        `${c.name}: every ${op} failing with EIO`,
+        async () => {
+          const base = c.damage(
+            await prepare({
+              name: c.name,
+              create: c.create,
+              setup: [
+                { name: 'a', ops: [{ op: 'add' }] },
+                { name: 'b', ops: [{ op: 'add', granularity: 4096 }] },
+              ],
+              call: { name: 'a', ops: [] },
+            }),
+          )
+          const guest = await guestOf(new MemoryDevice(base, { name: 'img.qcow2' }))
+          let failed = 0
+          const n = await sweepFaults(
+            { op },
+            () => new MemoryDevice(base.slice(), { name: 'img.qcow2' }),
+            (d) => repairQcow2Device(d, { repair: 'all' }).then(() => undefined),
+            async (p) => {
+              if (p.error !== undefined) failed++
+              const inner = p.device.inner as MemoryDevice
+              const names = await directoryNames(inner)
+              expect([['a', 'b'], c.kept]).toContainEqual(names)
+              expect(await guestOf(inner)).toBe(guest)
+              const a = await analyzeQcow2(inner)
+              if (JSON.stringify(names) === JSON.stringify(c.kept)) expect(a.report.corruptions, a.report.diagnostics.join('\n')).toBe(0)
+              if (p.error === undefined) expect([a.report.corruptions, a.report.leaks, a.report.checkErrors]).toEqual([0, 0, 0])
+            },
+          )
+          expect(n).toBeGreaterThan(0)
+          expect(failed).toBeGreaterThan(0)
+        },
+        LIMIT,
+      )
     }
   }
 })
