@@ -106,3 +106,82 @@ export async function readBitmaps(path: string, o: { format?: OpenOptions['forma
     await d.close()
   }
 }
+
+/** What convert --bitmaps copies, checked before the target is made. */
+export interface ConvertBitmapsPlan {
+  /** run the convert, then copy the bitmaps into its target; a failure removes a target the convert created */
+  copyAfter<R extends { created: boolean }>(run: () => Promise<R>): Promise<R>
+}
+
+/**
+ * convert --bitmaps and --skip-broken-bitmaps, with qemu-img 7.2's refusals
+ * (all before the target is created, where qemu-img creates a compat=0.10
+ * target and then fails).
+ */
+export async function planConvertBitmaps(
+  source: string,
+  target: string | NodeJS.WritableStream,
+  o: {
+    bitmaps?: boolean
+    skipBrokenBitmaps?: boolean
+    format?: OpenOptions['format']
+    targetFormat?: string
+    options?: Record<string, string>
+    forceShare?: boolean
+    onWarning?: (w: string) => void
+  },
+): Promise<ConvertBitmapsPlan> {
+  if (!o.bitmaps) throw new UsageError('Use of --skip-broken-bitmaps requires --bitmaps')
+  const s = await openByPath(source, { format: formatOption(o.format), readOnly: true, ...(o.forceShare ? { forceShare: true } : {}) })
+  let list: import('../formats/qcow2/index.js').Qcow2BitmapContents[]
+  let size: number
+  try {
+    if (s.format !== 'qcow2') throw new UnsupportedFeatureError('Source lacks bitmap support')
+    size = s.virtualSize
+    const q = await import('../formats/qcow2/index.js')
+    list = await q.readQcow2Bitmaps(s as import('../formats/qcow2/index.js').Qcow2Image)
+  } finally {
+    await s.close()
+  }
+  const fmt = typeof target === 'string' ? (o.targetFormat ?? 'raw') : 'raw'
+  if (fmt !== 'qcow2') throw new UnsupportedFeatureError(`Format driver '${fmt}' does not support bitmaps`)
+  const compat = o.options?.['compat']
+  if (compat === '0.10' || compat === 'v2') throw new UnsupportedFeatureError(`Format driver 'qcow2' does not support bitmaps`)
+  const broken = list.find((b) => b.inconsistent)
+  if (broken && !o.skipBrokenBitmaps) {
+    throw new UnsupportedFeatureError(
+      `Cannot copy inconsistent bitmap '${broken.name}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it`,
+    )
+  }
+  const from = { size, bitmaps: list }
+  return {
+    async copyAfter(run) {
+      const r = await run()
+      try {
+        const q = await import('../formats/qcow2/index.js')
+        for (const b of list) {
+          if (b.inconsistent) {
+            o.onWarning?.(`Skipping inconsistent bitmap '${b.name}'`)
+            continue
+          }
+          const d = await openByPath(target as string, { format: 'qcow2', readOnly: false, bitmapsByCaller: true })
+          if (d.format !== 'qcow2') {
+            await d.close()
+            throw new UnsupportedFeatureError(`Format driver '${d.format}' does not support bitmaps`)
+          }
+          const ops: import('../formats/qcow2/index.js').BitmapEditOp[] = [
+            { op: 'add', granularity: b.granularity },
+            { op: 'merge', source: b.name, from },
+            ...(b.flags.includes('auto') ? [] : [{ op: 'disable' as const }]),
+          ]
+          const e = await q.editQcow2Bitmaps(d as import('../formats/qcow2/index.js').Qcow2Image, b.name, ops)
+          if (e.error !== undefined) throw new UsageError(e.error)
+        }
+      } catch (e) {
+        if (r.created) await (await import('node:fs/promises')).rm(target as string, { force: true })
+        throw e
+      }
+      return r
+    },
+  }
+}

@@ -7,12 +7,13 @@
  * clean, and every bitmap's contents read back through imgtool's reader are
  * equal.
  */
-import { copyFileSync } from 'node:fs'
+import { copyFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
 import { expect, it } from 'vitest'
 import { readBitmaps } from '../../src/index.js'
 import { mergeBits } from '../../src/formats/qcow2/ops/bitmap-edit.js'
 import { cli } from '../support/cli.js'
+import { setInUse } from '../support/bitmap-damage.js'
 import { describeQemu, makeTempDir, qemuImg, qemuImgJson, qemuImgOk, qemuIoOk, useTempDirs } from '../support/qemu.js'
 
 useTempDirs()
@@ -247,4 +248,66 @@ it('mergeBits: every destination chunk overlapping a dirty source chunk becomes 
   const fine = new Uint8Array(32)
   mergeBits(fine, 12, new Uint8Array([2, 0]), 16, 1 << 20)
   expect([...fine.subarray(0, 5)]).toEqual([0, 0, 0xff, 0xff, 0])
+})
+
+describeQemu('imgtool convert --bitmaps against qemu-img convert --bitmaps', () => {
+  it(
+    'bitmaps copied with flags, granularity and bits; the refusals and the skip warning',
+    async () => {
+      const dir = makeTempDir('imgtool-convert-bitmaps-')
+      const src = join(dir, 'src.qcow2')
+      await qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', src, '16M'])
+      await qemuImgOk(['bitmap', '--add', src, 'a'])
+      await qemuImgOk(['bitmap', '--add', '-g', '512', src, 'fine'])
+      await qemuIoOk(src, ['write -P 1 1M 64k', 'write -P 2 9M 3k'], { format: 'qcow2' })
+      await qemuImgOk(['bitmap', '--disable', src, 'fine'])
+      await qemuIoOk(src, ['write -P 3 12M 8k'], { format: 'qcow2' })
+      const raw = join(dir, 'src.raw')
+      await qemuImgOk(['create', '-q', '-f', 'raw', raw, '1M'])
+      const broken = join(dir, 'broken.qcow2')
+      writeFileSync(broken, setInUse(readFileSync(src), 0))
+      const runs: Array<{ args: string[]; ok: boolean }> = [
+        { args: ['--bitmaps', '-O', 'qcow2', src], ok: true },
+        { args: ['--bitmaps', '-O', 'qcow2', '-o', 'cluster_size=65536', src], ok: true },
+        { args: ['--bitmaps', '--skip-broken-bitmaps', '-O', 'qcow2', broken], ok: true },
+        { args: ['--bitmaps', '-O', 'qcow2', broken], ok: false },
+        { args: ['--skip-broken-bitmaps', '-O', 'qcow2', src], ok: false },
+        { args: ['--bitmaps', '-O', 'raw', src], ok: false },
+        { args: ['--bitmaps', '-f', 'raw', '-O', 'qcow2', raw], ok: false },
+      ]
+      let n = 0
+      for (const r of runs) {
+        const theirs = join(dir, `theirs${n}.out`)
+        const ours = join(dir, `ours${n}.out`)
+        n++
+        const q = await qemuImg(['convert', ...r.args, theirs])
+        const o = await cli('convert', ...r.args, ours)
+        const what = `convert ${r.args.join(' ')}`
+        expect([o.code, normal(o.stderr, 'imgtool', ours)], what).toEqual([q.code, normal(q.stderr, 'qemu-img', theirs)])
+        expect(q.code === 0, `${what}: qemu-img\n${q.stderr}`).toBe(r.ok)
+        if (!r.ok) {
+          expect(existsSync(ours), `${what}: no target left`).toBe(false)
+          continue
+        }
+        const [a, b] = await Promise.all([ours, theirs].map((f) => qemuImgJson<Info>(['info', '--output=json', f])))
+        expect(a!['format-specific'], what).toEqual(b!['format-specific'])
+        expect(await bits(ours), `${what}: bitmap contents`).toEqual(await bits(theirs))
+        expect((await qemuImg(['check', ours])).code).toBe(0)
+        expect((await qemuImg(['compare', ours, theirs])).code).toBe(0)
+      }
+    },
+    LIMIT,
+  )
+
+  it('a compat=0.10 target is refused before it is created (qemu-img creates it, then fails)', async () => {
+    const dir = makeTempDir('imgtool-convert-bitmaps-')
+    const src = join(dir, 'src.qcow2')
+    await qemuImgOk(['create', '-q', '-f', 'qcow2', src, '1M'])
+    await qemuImgOk(['bitmap', '--add', src, 'a'])
+    const q = await qemuImg(['convert', '--bitmaps', '-O', 'qcow2', '-o', 'compat=0.10', src, join(dir, 'theirs.qcow2')])
+    const o = await cli('convert', '--bitmaps', '-O', 'qcow2', '-o', 'compat=0.10', src, join(dir, 'ours.qcow2'))
+    expect([o.code, normal(o.stderr, 'imgtool', '')]).toEqual([q.code, normal(q.stderr, 'qemu-img', '')])
+    expect(existsSync(join(dir, 'theirs.qcow2'))).toBe(true)
+    expect(existsSync(join(dir, 'ours.qcow2'))).toBe(false)
+  })
 })
