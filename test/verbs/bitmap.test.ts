@@ -19,7 +19,7 @@ import { describeQemu, makeTempDir, qemuImg, qemuImgJson, qemuImgOk, qemuIoOk, u
 useTempDirs()
 const LIMIT = 120_000
 
-type Step = { bitmap: string[] } | { io: string[] } | { other: string; bitmap: string[] }
+type Step = { bitmap: string[] } | { io: string[] } | { inUse: number }
 
 interface Case {
   name: string
@@ -115,6 +115,24 @@ const CASES: Case[] = [
     ],
   },
   {
+    name: 'an in-use bitmap: clear, enable, merge refused; remove works',
+    steps: [
+      { bitmap: ['--add', 'IMG', 'a'] },
+      { bitmap: ['--add', '-g', '4k', 'IMG', 'b'] },
+      { io: ['write 1M 8k'] },
+      { inUse: 0 },
+      { bitmap: ['--clear', 'IMG', 'a'] },
+      { bitmap: ['--enable', 'IMG', 'a'] },
+      { bitmap: ['--disable', 'IMG', 'a'] },
+      { bitmap: ['--merge', 'a', 'IMG', 'b'] },
+      { bitmap: ['--merge', 'b', 'IMG', 'a'] },
+      { bitmap: ['--add', 'IMG', 'a'] },
+      { bitmap: ['--clear', 'IMG', 'b'] },
+      { bitmap: ['--remove', 'IMG', 'a'] },
+      { bitmap: ['--add', 'IMG', 'a'] },
+    ],
+  },
+  {
     name: 'usage errors',
     steps: [
       { bitmap: ['IMG', 'b1'] },
@@ -181,7 +199,7 @@ describeQemu('imgtool bitmap against qemu-img bitmap', () => {
           await qemuImgOk(['create', '-q', '-f', 'qcow2', ...(c.other.create ?? c.create ?? []), other, c.other.size ?? size], { cwd: dir })
           for (const s of c.other.steps) {
             if ('io' in s) await qemuIoOk(other, s.io, { format: 'qcow2' })
-            else await qemuImgOk(['bitmap', ...s.bitmap.map((a) => (a === 'IMG' ? other : a))])
+            else if ('bitmap' in s) await qemuImgOk(['bitmap', ...s.bitmap.map((a) => (a === 'IMG' ? other : a))])
           }
         }
         const ours = join(dir, 'ours.qcow2')
@@ -191,6 +209,10 @@ describeQemu('imgtool bitmap against qemu-img bitmap', () => {
         for (const s of c.steps) {
           if ('io' in s) {
             for (const f of [ours, theirs]) await qemuIoOk(f, s.io, { format: 'qcow2' })
+            continue
+          }
+          if ('inUse' in s) {
+            for (const f of [ours, theirs]) writeFileSync(f, setInUse(readFileSync(f), s.inUse))
             continue
           }
           const args = (f: string) => s.bitmap.map((a) => (a === 'IMG' ? f : a === 'OTHER' ? other : a))
