@@ -52,6 +52,7 @@ export {
 } from './api/ops.js'
 export { rebase, commit, type RebaseOptions, type RebaseResult, type CommitOptions, type CommitResult } from './api/rebase.js'
 export { amend, amendOptionHelp, type AmendOptions, type AmendOptionHelp, type AmendResult } from './api/amend.js'
+export { bitmap, readBitmaps, type BitmapOperation, type BitmapOptions, type BitmapResult, type BitmapContents } from './api/bitmap.js'
 export { measure, type MeasureOptions, type MeasureResult } from './api/measure.js'
 export { dd, type DdOptions, type DdResult } from './api/dd.js'
 export { nativeParts, QEMU_IMG_VERSION, type NativeParts } from './api/native.js'

@@ -99,6 +99,8 @@ export async function openImage(
     infoOnly?: boolean
     /** qemu-img -U: no image locks on any file of the image */
     forceShare?: boolean
+    /** qcow2 read-write: the caller edits the persistent bitmaps (see OpenImageOptions.bitmapsByCaller) */
+    bitmapsByCaller?: boolean
   } = {},
 ): Promise<DiskImage> {
   const base = options.openDevice ?? openFileDevice
@@ -113,5 +115,6 @@ export async function openImage(
     options: options.options ?? {},
     forCheck: options.forCheck ?? false,
     infoOnly: options.infoOnly ?? false,
+    ...(options.bitmapsByCaller ? { bitmapsByCaller: true } : {}),
   })
 }

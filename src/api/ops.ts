@@ -199,6 +199,12 @@ export interface ConvertOptions extends CommonOptions {
   parallel?: number
   /** qemu-img's -U: open the source (and its chain) without image locks */
   forceShare?: boolean
+  /** --bitmaps: copy the source's persistent bitmaps (qcow2 to qcow2) */
+  bitmaps?: boolean
+  /** --skip-broken-bitmaps (with `bitmaps`): in-use bitmaps are skipped with a warning instead of refused */
+  skipBrokenBitmaps?: boolean
+  /** called with each warning (a skipped bitmap) */
+  onWarning?: (warning: string) => void
 }
 
 export type { ConvertFileResult as ConvertResult, TargetFormat }
@@ -210,8 +216,20 @@ export type { ConvertFileResult as ConvertResult, TargetFormat }
  * guest bytes in order; a reader that goes away (EPIPE) ends it quietly.
  */
 export async function convert(source: string, target: string | NodeJS.WritableStream, o: ConvertOptions = {}): Promise<ConvertFileResult> {
+  // persistent bitmaps: checked before anything is created, copied once the guest bytes are
+  const bitmaps = o.bitmaps || o.skipBrokenBitmaps ? await (await import('./bitmap.js')).planConvertBitmaps(source, target, o) : undefined
   if (typeof target !== 'string') return convertToStream(source, target, o)
   const { convertFile } = await import('../convert/to-file.js')
+  if (bitmaps) return bitmaps.copyAfter(() => convertFileWith(convertFile, source, target, o))
+  return convertFileWith(convertFile, source, target, o)
+}
+
+function convertFileWith(
+  convertFile: typeof import('../convert/to-file.js').convertFile,
+  source: string,
+  target: string,
+  o: ConvertOptions,
+): Promise<ConvertFileResult> {
   return convertFile(source, target, {
     ...(o.format !== undefined ? { sourceFormat: formatOption(o.format)! } : {}),
     sourceOptions: o.origin !== undefined ? { origin: o.origin } : {},

@@ -36,6 +36,11 @@ export interface OpenImageOptions {
    * A missing or looping backing file is then a name to show, not a failure.
    */
   infoOnly?: boolean
+  /**
+   * qcow2 opened read-write: attach the writer without loading the persistent
+   * bitmaps (no IN_USE marking); the caller edits them in one switch (bitmap).
+   */
+  bitmapsByCaller?: boolean
 }
 
 export interface CreateImageOptions {

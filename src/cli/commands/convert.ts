@@ -32,6 +32,8 @@ const convert: CommandModule = {
       .option('-p, --progress', "show progress (a terminal line; otherwise qemu-img's '    (NN.NN/100%)' lines)")
       .option('-q, --quiet', 'print nothing')
       .option('-U, --force-share', 'open the source without image locks (it may be in use)')
+      .option('--bitmaps', 'copy the persistent bitmaps (qcow2 to qcow2)')
+      .option('--skip-broken-bitmaps', 'with --bitmaps: skip in-use (inconsistent) bitmaps with a warning')
       .argument('<source>')
       .argument('<target>')
   },
@@ -62,6 +64,12 @@ const convert: CommandModule = {
     const { startProgress } = await import('../progress.js')
     const progressOptions = { requested: Boolean(opts['progress']), quiet: Boolean(opts['quiet']) }
     const common = { ...(srcFmt !== undefined ? { format: srcFmt } : {}), ...origin, forceShare: opts['forceShare'] === true, parallel: inFlight }
+    // persistent bitmaps (--bitmaps, --skip-broken-bitmaps)
+    Object.assign(common, {
+      ...(opts['bitmaps'] ? { bitmaps: true } : {}),
+      ...(opts['skipBrokenBitmaps'] ? { skipBrokenBitmaps: true } : {}),
+      onWarning: (w: string) => void io.stderr.write(`imgtool: warning: ${w}\n`),
+    })
     if (dstPath === '-') {
       // the guest bytes as raw, or a streamOptimized vmdk, on stdout (nothing is created, nothing to clean up)
       const stream = outFmt === 'vmdk' && options['subformat'] === 'streamOptimized'

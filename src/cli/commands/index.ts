@@ -28,6 +28,7 @@ export const COMMANDS: CommandEntry[] = [
   { name: 'snapshot', load: async () => (await import('./snapshot.js')).default },
   { name: 'resize', load: async () => (await import('./resize.js')).default },
   { name: 'amend', load: async () => (await import('./amend.js')).default },
+  { name: 'bitmap', load: async () => (await import('./bitmap.js')).default },
   { name: 'measure', load: async () => (await import('./measure.js')).default },
   { name: 'dd', load: async () => (await import('./dd.js')).default },
   { name: 'validate', load: async () => (await import('./validate.js')).default },

@@ -384,7 +384,7 @@ export async function openQcow2(device: BlockDevice, context: OpenContext, optio
       try {
         // the writer is loaded only for images opened read/write
         const loadBitmaps = async (state: Qcow2State) => (await import('./ops/bitmap-write.js')).PersistentBitmaps.load(state)
-        image.writer = await (await import('./write/write.js')).Qcow2Writer.attach(image.state, loadBitmaps)
+        image.writer = await (await import('./write/write.js')).Qcow2Writer.attach(image.state, options.bitmapsByCaller ? undefined : loadBitmaps)
       } catch (e) {
         if (!(e instanceof UnsupportedFeatureError)) throw e
         image.writerRefusal = e

@@ -18,3 +18,11 @@ export { parseQcow2MeasureOptions, checkQcow2MeasureSize, measureQcow2, qcow2Bit
 export { deflateAddon } from './write/deflate-addon.js'
 export { rebaseQcow2, type RebaseQcow2Options, type RebaseQcow2Result } from './ops/rebase.js'
 export { commitQcow2, emptyOverlay, type CommitQcow2Options, type CommitQcow2Result } from './ops/commit.js'
+export {
+  editQcow2Bitmaps,
+  readQcow2Bitmaps,
+  type BitmapEditOp,
+  type BitmapEditResult,
+  type BitmapSourceImage,
+  type Qcow2BitmapContents,
+} from './ops/bitmap-edit.js'

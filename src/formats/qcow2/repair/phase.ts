@@ -45,6 +45,10 @@ export function guardPhase(file: string, fileSize: number, clusterSize: number, 
       )
     }
     if (w.offset < clusterSize) {
+      // the bitmaps extension's count, size and directory offset: one write inside one sector, past the magic
+      const bitmapsFields =
+        w.tag === 'bitmaps-extension' && w.offset >= 8 && w.data.byteLength <= 24 && Math.floor(w.offset / 512) === Math.floor((end - 1) / 512)
+      if (bitmapsFields) continue
       const headerSector = w.tag === 'header' && w.offset === 0 && w.data.byteLength <= 512 && MAGIC.every((b, i) => w.data[i] === b)
       if (!headerSector) {
         throw new CorruptImageError(

@@ -41,6 +41,7 @@ import { CheckFailedError, analyzeQcow2, type Qcow2Analysis, type UncountedRegio
 import { PLACEMENT_REACH, TableEdits, firstClearCluster, planEntries, planTrim } from './entries.js'
 import { guardPhase, type Phase, type Write } from './phase.js'
 import { planSnapshotTable } from './snapshots.js'
+import { planBitmaps } from './bitmaps.js'
 import { hasLazyRefcounts, isCorrupt, isDirty } from '../spec/header.js'
 import { Qcow2Journal, type JournalRegion } from './journal.js'
 import { maxRefcount, refcountsPerBlock, setRefcountEntry } from '../spec/refcount-codec.js'
@@ -178,6 +179,12 @@ async function repairSteps(
       putU64be(sector, 88, autoclear & known)
       await run({ writes: [], then: [{ offset: 0, data: sector, tag: 'header' }], actions: [], leaksFixed: 0, corruptionsFixed: 0 })
     }
+  }
+
+  // M. persistent bitmaps qemu-img refuses to load or cannot use are dropped (-r all, bitmaps.ts)
+  if (o.repair === 'all') {
+    const p = await planBitmaps(dev, filename)
+    if (p) await run(p)
   }
 
   let first: Qcow2Analysis | undefined

@@ -108,24 +108,29 @@ export function validateBitmapDirectory(list: Qcow2Bitmap[], ext: BitmapsExtensi
         offset: at,
       })
     }
-    const bad =
-      bm.tableSize === 0 ||
-      bm.tableOffset === 0 ||
-      bm.tableOffset % clusterSize !== 0 ||
-      bm.tableSize > BME_MAX_TABLE_SIZE ||
-      bm.granularityBits > BME_MAX_GRANULARITY_BITS ||
-      bm.granularityBits < BME_MIN_GRANULARITY_BITS ||
-      (bm.flags & BME_RESERVED_FLAGS) !== 0 ||
-      bm.nameBytes.byteLength > BME_MAX_NAME_SIZE ||
-      bm.type !== BME_TYPE_DIRTY_TRACKING ||
-      bm.tableSize * clusterSize > BME_MAX_PHYS_SIZE ||
-      ((bm.flags & BME_FLAG_IN_USE) === 0 && size > bm.tableSize * clusterSize * 8 * 2 ** bm.granularityBits)
-    if (bad) corrupt(`Bitmap '${bm.name}' doesn't satisfy the constraints`, at)
+    if (bitmapEntryBroken(bm, size, clusterSize)) corrupt(`Bitmap '${bm.name}' doesn't satisfy the constraints`, at)
     total += directoryEntrySize(bm.nameBytes.byteLength, bm.extraData.byteLength)
   }
   if (total !== ext.directorySize) {
     corrupt(`Broken bitmap directory: ${ext.nbBitmaps} entries take ${total} bytes, the header extension says ${ext.directorySize}`, ext.directoryOffset)
   }
+}
+
+/** True when a directory entry breaks QEMU's check_dir_entry (extra data aside). */
+export function bitmapEntryBroken(bm: Qcow2Bitmap, size: number, clusterSize: number): boolean {
+  return (
+    bm.tableSize === 0 ||
+    bm.tableOffset === 0 ||
+    bm.tableOffset % clusterSize !== 0 ||
+    bm.tableSize > BME_MAX_TABLE_SIZE ||
+    bm.granularityBits > BME_MAX_GRANULARITY_BITS ||
+    bm.granularityBits < BME_MIN_GRANULARITY_BITS ||
+    (bm.flags & BME_RESERVED_FLAGS) !== 0 ||
+    bm.nameBytes.byteLength > BME_MAX_NAME_SIZE ||
+    bm.type !== BME_TYPE_DIRTY_TRACKING ||
+    bm.tableSize * clusterSize > BME_MAX_PHYS_SIZE ||
+    ((bm.flags & BME_FLAG_IN_USE) === 0 && size > bm.tableSize * clusterSize * 8 * 2 ** bm.granularityBits)
+  )
 }
 
 /** Decode one bitmap table entry; undefined when it breaks the spec (check_table_entry). */
