@@ -40,6 +40,7 @@ export {
   type CreatePlan,
   type ConvertOptions,
   type ConvertResult,
+  type SalvageEvent,
   type TargetFormat,
   type CompareOptions,
   type CompareResult,

@@ -9,6 +9,7 @@ import type { DiskImage, SnapshotInfo } from '../image/disk-image.js'
 import { driverFor, makeContext, openImage as openByPath } from '../open.js'
 // the convert and compare engines load when they are called: importing the package stays cheap (the CLI's start)
 import type { CompareResult } from '../convert/compare.js'
+import type { SalvageEvent } from '../convert/convert.js'
 import type { ConvertFileResult, TargetFormat } from '../convert/to-file.js'
 import type { CacheMode } from '../convert/unsafe-cache.js'
 import { diskImageOf, formatOption, openOptionsOf, type Image, type OpenOptions } from './image.js'
@@ -199,9 +200,14 @@ export interface ConvertOptions extends CommonOptions {
   parallel?: number
   /** qemu-img's -U: open the source (and its chain) without image locks */
   forceShare?: boolean
+  /**
+   * --salvage: read errors of the source become zeros in the target instead of failing the convert; each
+   * sector that could not be read (or whose allocation status could not be) is handed to this function
+   */
+  salvage?: (event: SalvageEvent) => void
 }
 
-export type { ConvertFileResult as ConvertResult, TargetFormat }
+export type { ConvertFileResult as ConvertResult, SalvageEvent, TargetFormat }
 
 /**
  * Convert an image file into a new file, or (raw, or vmdk with
@@ -225,6 +231,7 @@ export async function convert(source: string, target: string | NodeJS.WritableSt
     ...(o.targetIsZero ? { targetIsZero: true } : {}),
     ...(o.parallel !== undefined ? { inFlight: o.parallel } : {}),
     ...(o.forceShare ? { sourceForceShare: true } : {}),
+    ...(o.salvage ? { salvage: o.salvage } : {}),
     ...(o.onProgress ? { onProgress: o.onProgress } : {}),
     ...(o.signal ? { signal: o.signal } : {}),
   })
@@ -233,6 +240,7 @@ export async function convert(source: string, target: string | NodeJS.WritableSt
 /** convert to a stream: the guest bytes as raw (nothing is created, nothing to clean up). */
 async function convertToStream(source: string, output: NodeJS.WritableStream, o: ConvertOptions): Promise<ConvertFileResult> {
   checkAborted(o.signal, 'convert')
+  if (o.salvage) throw new UsageError('--salvage needs a target file (not a stream)')
   const target = o.targetFormat ?? 'raw'
   if (target === 'vmdk' && o.options?.['subformat'] === 'streamOptimized') return vmdkToStream(source, output, o)
   if (target !== 'raw') throw new UsageError('Only raw output, or vmdk with -o subformat=streamOptimized, can go to a stream')

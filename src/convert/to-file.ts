@@ -19,7 +19,7 @@ import { driverFor, makeContext, openImage } from '../open.js'
 import { parseCreateOptions } from '../formats/qcow2/index.js'
 import { parseRawPreallocation } from '../formats/raw/index.js'
 import { flatExtentName, parseVmdkCreateOptions } from '../formats/vmdk/index.js'
-import { convert, type ConvertOptions, type ConvertResult } from './convert.js'
+import { convert, type ConvertOptions, type ConvertResult, type SalvageEvent } from './convert.js'
 import { unsafeCacheOpener, type CacheMode } from './unsafe-cache.js'
 
 export type TargetFormat = 'raw' | 'qcow2' | 'dmsnap' | 'vpc' | 'vmdk'
@@ -48,6 +48,8 @@ export interface ConvertFileOptions {
    */
   skipCreate?: boolean
   targetIsZero?: boolean
+  /** --salvage: read errors of the source become zeros in the target, each failed sector reported here */
+  salvage?: (event: SalvageEvent) => void
   onProgress?: (done: number, total: number) => void
   signal?: AbortSignal
   /**
@@ -146,6 +148,8 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
   if (o.targetIsZero && !o.skipCreate) throw new UsageError('--target-is-zero requires use of -n flag')
   if (o.skipCreate && Object.keys(options).length > 0) throw new UsageError('-o has no effect when skipping image creation')
   if (o.skipCreate && o.targetFormat === 'dmsnap') throw new UsageError('-n cannot write into a dm-snapshot store')
+  if (o.salvage && (o.targetFormat === 'dmsnap' || (o.targetFormat === 'vmdk' && options['subformat'] === 'streamOptimized')))
+    throw new UsageError('--salvage is not supported for this target (dm-snapshot stores and streamOptimized vmdk are written by their own copy)')
   checkAborted(o.signal, 'convert')
 
   // 1. the source, every file it reads recorded
@@ -252,6 +256,7 @@ async function writeTarget(
         targetHasBacking: o.backingFile !== undefined,
         ...(o.minSparse !== undefined ? { minSparse: o.minSparse } : {}),
         ...compressFns,
+        ...(o.salvage ? { salvage: o.salvage } : {}),
         ...(o.onProgress ? { onProgress: o.onProgress } : {}),
         ...(o.signal ? { signal: o.signal } : {}),
       })
@@ -284,6 +289,7 @@ async function writeExisting(src: DiskImage, dstPath: string, o: ConvertFileOpti
       targetHasBacking: o.backingFile !== undefined,
       targetDirty: o.targetIsZero !== true,
       ...(o.minSparse !== undefined ? { minSparse: o.minSparse } : {}),
+      ...(o.salvage ? { salvage: o.salvage } : {}),
       ...(o.onProgress ? { onProgress: o.onProgress } : {}),
       ...(o.signal ? { signal: o.signal } : {}),
     })

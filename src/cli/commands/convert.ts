@@ -1,4 +1,4 @@
-import type { CacheMode } from '../../index.js'
+import type { CacheMode, SalvageEvent } from '../../index.js'
 import type { CommandModule } from '../command.js'
 import { accumulateOptions, parseKeyValues } from '../common.js'
 
@@ -32,6 +32,7 @@ const convert: CommandModule = {
       .option('-p, --progress', "show progress (a terminal line; otherwise qemu-img's '    (NN.NN/100%)' lines)")
       .option('-q, --quiet', 'print nothing')
       .option('-U, --force-share', 'open the source without image locks (it may be in use)')
+      .option('--salvage', 'read errors of the source become zeros in the target, each failed sector reported on stderr (unless -q)')
       .argument('<source>')
       .argument('<target>')
   },
@@ -62,6 +63,10 @@ const convert: CommandModule = {
     const { startProgress } = await import('../progress.js')
     const progressOptions = { requested: Boolean(opts['progress']), quiet: Boolean(opts['quiet']) }
     const common = { ...(srcFmt !== undefined ? { format: srcFmt } : {}), ...origin, forceShare: opts['forceShare'] === true, parallel: inFlight }
+    if (opts['salvage'] === true) {
+      const quiet = Boolean(opts['quiet'])
+      Object.assign(common, { salvage: (ev: SalvageEvent) => quiet || io.stderr.write(`imgtool: warning: ${salvageWarning(ev)}\n`) })
+    }
     if (dstPath === '-') {
       // the guest bytes as raw, or a streamOptimized vmdk, on stdout (nothing is created, nothing to clean up)
       const stream = outFmt === 'vmdk' && options['subformat'] === 'streamOptimized'
@@ -100,4 +105,11 @@ const convert: CommandModule = {
     return 0
   },
 }
+/** qemu-img's warning for a sector --salvage turned into zeros (the errno's text, as strerror words it) */
+function salvageWarning(ev: SalvageEvent): string {
+  const errno = (ev.error as { errno?: unknown }).errno
+  const text = errno === 'ENOSPC' ? 'No space left on device' : errno === 'EACCES' ? 'Permission denied' : 'Input/output error'
+  return ev.kind === 'read' ? `error while reading offset ${ev.offset}: ${text}` : `error while reading block status at offset ${ev.offset}: ${text}`
+}
+
 export default convert
