@@ -10,6 +10,7 @@ import { driverFor, makeContext, openImage as openByPath } from '../open.js'
 // the convert and compare engines load when they are called: importing the package stays cheap (the CLI's start)
 import type { CompareResult } from '../convert/compare.js'
 import type { SalvageEvent } from '../convert/convert.js'
+import type { SnapshotSelector } from '../image/disk-image.js'
 import type { ConvertFileResult, TargetFormat } from '../convert/to-file.js'
 import type { CacheMode } from '../convert/unsafe-cache.js'
 import { diskImageOf, formatOption, openOptionsOf, type Image, type OpenOptions } from './image.js'
@@ -205,6 +206,8 @@ export interface ConvertOptions extends CommonOptions {
    * sector that could not be read (or whose allocation status could not be) is handed to this function
    */
   salvage?: (event: SalvageEvent) => void
+  /** qemu-img's -l: convert this internal snapshot of the source (qcow2) instead of its current state */
+  snapshot?: SnapshotSelector
 }
 
 export type { ConvertFileResult as ConvertResult, SalvageEvent, TargetFormat }
@@ -232,6 +235,7 @@ export async function convert(source: string, target: string | NodeJS.WritableSt
     ...(o.parallel !== undefined ? { inFlight: o.parallel } : {}),
     ...(o.forceShare ? { sourceForceShare: true } : {}),
     ...(o.salvage ? { salvage: o.salvage } : {}),
+    ...(o.snapshot ? { snapshot: o.snapshot } : {}),
     ...(o.onProgress ? { onProgress: o.onProgress } : {}),
     ...(o.signal ? { signal: o.signal } : {}),
   })
@@ -241,6 +245,7 @@ export async function convert(source: string, target: string | NodeJS.WritableSt
 async function convertToStream(source: string, output: NodeJS.WritableStream, o: ConvertOptions): Promise<ConvertFileResult> {
   checkAborted(o.signal, 'convert')
   if (o.salvage) throw new UsageError('--salvage needs a target file (not a stream)')
+  if (o.snapshot) throw new UsageError('-l needs a target file (not a stream)')
   const target = o.targetFormat ?? 'raw'
   if (target === 'vmdk' && o.options?.['subformat'] === 'streamOptimized') return vmdkToStream(source, output, o)
   if (target !== 'raw') throw new UsageError('Only raw output, or vmdk with -o subformat=streamOptimized, can go to a stream')

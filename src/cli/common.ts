@@ -128,3 +128,22 @@ export function qemuJson(value: unknown): string {
     return m.length === 6 ? m.toUpperCase().replace('\\U', '\\u') : m
   })
 }
+
+/**
+ * qemu-img's -l (convert, measure): `snapshot.id=ID[,snapshot.name=NAME]` (qemu's internal snapshot
+ * options), or a bare word tried as an id, then as a name.
+ */
+export function parseSnapshotParam(text: string): import('../index.js').SnapshotSelector {
+  if (!text.startsWith('snapshot.')) return { idOrName: text }
+  const sel: { id?: string; name?: string } = {}
+  for (const part of text.replace(/,,/g, '\u0000').split(',')) {
+    if (!part) continue
+    const eq = part.indexOf('=')
+    const key = eq < 0 ? part : part.slice(0, eq)
+    const value = eq < 0 ? '' : part.slice(eq + 1).replace(/\u0000/g, ',')
+    if (key === 'snapshot.id') sel.id = value
+    else if (key === 'snapshot.name') sel.name = value
+    else throw new UsageError(`Invalid parameter '${key.replace(/\u0000/g, ',')}'\nFailed in parsing snapshot param '${text}'`)
+  }
+  return sel
+}

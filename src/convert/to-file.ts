@@ -13,7 +13,7 @@ import { dirname, resolve } from 'node:path'
 import { AbortedError, ImgtoolError, UnsupportedFeatureError, UsageError, checkAborted } from '../errors.js'
 import type { BlockDevice, DeviceOpener } from '../io/block-device.js'
 import { openFileDevice } from '../io/file-device.js'
-import type { DiskImage } from '../image/disk-image.js'
+import type { DiskImage, SnapshotSelector } from '../image/disk-image.js'
 import type { FormatName } from '../image/probe.js'
 import { driverFor, makeContext, openImage } from '../open.js'
 import { parseCreateOptions } from '../formats/qcow2/index.js'
@@ -48,6 +48,8 @@ export interface ConvertFileOptions {
    */
   skipCreate?: boolean
   targetIsZero?: boolean
+  /** -l: an internal snapshot of the source is what is converted (qcow2 sources) */
+  snapshot?: SnapshotSelector
   /** --salvage: read errors of the source become zeros in the target, each failed sector reported here */
   salvage?: (event: SalvageEvent) => void
   onProgress?: (done: number, total: number) => void
@@ -130,6 +132,20 @@ export function checkTargetOptions(format: TargetFormat, size: number, options: 
   }
 }
 
+/**
+ * The snapshot `sel` of an open source (qemu-img -l), read-only; a format without internal snapshots is
+ * refused in qemu-img's words.
+ */
+export async function loadSnapshotOf(src: DiskImage, sel: SnapshotSelector): Promise<DiskImage> {
+  if (!src.loadSnapshot) {
+    throw new UnsupportedFeatureError(
+      `Failed to load snapshot: Block format '${src.format}' used by device '' does not support temporarily loading internal snapshots`,
+      { file: src.filename, structure: 'header' },
+    )
+  }
+  return src.loadSnapshot(sel)
+}
+
 export interface ConvertFileResult extends ConvertResult {
   /** the target was created by this call (not a block device written in place) */
   created: boolean
@@ -163,7 +179,8 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
   })
   let origin: DiskImage | undefined
   try {
-    const view = o.view ? o.view(src) : src
+    const base = o.snapshot ? await loadSnapshotOf(src, o.snapshot) : src
+    const view = o.view ? o.view(base) : base
     // 2. options, and the files the target must not be
     if (!o.skipCreate) checkTargetOptions(o.targetFormat, view.virtualSize, options, o.backingFile, o.backingFormat)
     if ((await src.info()).encrypted) {

@@ -32,6 +32,7 @@ const convert: CommandModule = {
       .option('-p, --progress', "show progress (a terminal line; otherwise qemu-img's '    (NN.NN/100%)' lines)")
       .option('-q, --quiet', 'print nothing')
       .option('-U, --force-share', 'open the source without image locks (it may be in use)')
+      .option('-l, --snapshot <param>', 'convert an internal snapshot of the source: snapshot.id=ID, snapshot.name=NAME, or a bare id or name')
       .option('--salvage', 'read errors of the source become zeros in the target, each failed sector reported on stderr (unless -q)')
       .argument('<source>')
       .argument('<target>')
@@ -63,6 +64,10 @@ const convert: CommandModule = {
     const { startProgress } = await import('../progress.js')
     const progressOptions = { requested: Boolean(opts['progress']), quiet: Boolean(opts['quiet']) }
     const common = { ...(srcFmt !== undefined ? { format: srcFmt } : {}), ...origin, forceShare: opts['forceShare'] === true, parallel: inFlight }
+    if (typeof opts['snapshot'] === 'string') {
+      const { parseSnapshotParam } = await import('../common.js')
+      Object.assign(common, { snapshot: parseSnapshotParam(opts['snapshot']) })
+    }
     if (opts['salvage'] === true) {
       const quiet = Boolean(opts['quiet'])
       Object.assign(common, { salvage: (ev: SalvageEvent) => quiet || io.stderr.write(`imgtool: warning: ${salvageWarning(ev)}\n`) })

@@ -1,5 +1,5 @@
 import type { CommandModule } from '../command.js'
-import { accumulateOptions, parseImageOptions, parseKeyValues, printJson } from '../common.js'
+import { accumulateOptions, parseImageOptions, parseKeyValues, parseSnapshotParam, printJson } from '../common.js'
 
 /** imgtool measure [--output human|json] [-O FMT] [-o OPTS] [--size N | [-f FMT] [-l SNAPSHOT] FILENAME] (qemu-img measure's syntax) */
 const measureCommand: CommandModule = {
@@ -17,7 +17,7 @@ const measureCommand: CommandModule = {
       )
       .option('--size <size>', 'measure an empty image of SIZE bytes (instead of FILENAME)')
       .option('-f, --format <fmt>', 'source format (probed when absent)')
-      .option('-l, --snapshot <name>', 'an internal snapshot of the source (not supported)')
+      .option('-l, --snapshot <param>', 'measure an internal snapshot of the source: snapshot.id=ID, snapshot.name=NAME, or a bare id or name')
       .option('-U, --force-share', 'open the source without image locks')
       .argument('[filename...]')
   },
@@ -42,7 +42,7 @@ const measureCommand: CommandModule = {
       targetFormat: String(opts['outputFormat'] ?? 'raw'),
       targetOptions: parseKeyValues(opts['options'] as string | undefined),
       ...(size !== undefined ? { size } : {}),
-      ...(typeof opts['snapshot'] === 'string' ? { snapshot: opts['snapshot'] } : {}),
+      ...(typeof opts['snapshot'] === 'string' ? { snapshot: parseSnapshotParam(opts['snapshot']) } : {}),
       forceShare: opts['forceShare'] === true,
       ...(io.signal ? { signal: io.signal } : {}),
     })
