@@ -11,8 +11,7 @@ const convert: CommandModule = {
       .option('-f, --format <fmt>', 'source format (probed when absent)')
       .option(
         '-O, --output-format <fmt>',
-        'target format: raw, qcow2, vpc, vmdk (-o subformat=monolithicSparse|monolithicFlat|streamOptimized), or dmsnap (a COW store against -o origin=PATH)',
-        'raw',
+        'target format: raw (the default), qcow2, vpc, vmdk (-o subformat=monolithicSparse|monolithicFlat|streamOptimized), or dmsnap (a COW store against -o origin=PATH)',
       )
       .option('--origin <path>', 'origin of a dm-snapshot source (with -f dmsnap)')
       .option('-c, --compress', 'write compressed clusters (qcow2; accepted for vmdk, whose streamOptimized grains are always compressed)')
@@ -33,6 +32,8 @@ const convert: CommandModule = {
       .option('-q, --quiet', 'print nothing')
       .option('-U, --force-share', 'open the source without image locks (it may be in use)')
       .option('-l, --snapshot <param>', 'convert an internal snapshot of the source: snapshot.id=ID, snapshot.name=NAME, or a bare id or name')
+      .option('--image-opts', 'the source is given as driver=FMT,file.filename=PATH (qemu-img --image-opts; simple spellings only)')
+      .option('--target-image-opts', 'with -n: the target is given as driver=FMT,file.filename=PATH')
       .option('--salvage', 'read errors of the source become zeros in the target, each failed sector reported on stderr (unless -q)')
       .argument('<source>')
       .argument('<target>')
@@ -40,8 +41,25 @@ const convert: CommandModule = {
   async run(args, opts, io) {
     const { CACHE_MODES, UsageError, convert, isFormatName, parseSize } = await import('../../index.js')
     if (args.length !== 2) throw new UsageError('Expecting one source and one target')
-    const [srcPath, dstPath] = args as [string, string]
-    const outFmt = String(opts['outputFormat'] ?? 'raw')
+    let [srcPath, dstPath] = args as [string, string]
+    let outFmt = String(opts['outputFormat'] ?? 'raw')
+    if (opts['imageOpts'] === true || opts['targetImageOpts'] === true) {
+      const { parseImageOptsArg } = await import('../common.js')
+      if (opts['imageOpts'] === true) {
+        if (opts['format'] !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive')
+        const o = parseImageOptsArg(srcPath)
+        srcPath = o.path
+        if (o.format !== undefined) opts['format'] = o.format
+      }
+      if (opts['targetImageOpts'] === true) {
+        if (opts['create'] !== false) throw new UsageError('--target-image-opts requires use of -n flag')
+        if (opts['outputFormat'] !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive')
+        const t = parseImageOptsArg(dstPath)
+        if (t.format === undefined) throw new UsageError(`Could not open '${dstPath}': imgtool needs the target's format (driver=FMT)`)
+        dstPath = t.path
+        outFmt = t.format
+      }
+    }
     if (outFmt !== 'raw' && outFmt !== 'qcow2' && outFmt !== 'dmsnap' && outFmt !== 'vpc' && outFmt !== 'vmdk')
       throw new UsageError(`Unknown target format '${outFmt}' (raw, qcow2, dmsnap, vpc, vmdk)`)
     const srcFmt = opts['format'] === undefined ? undefined : String(opts['format'])
