@@ -3,7 +3,7 @@
  * where that makes sense), reporting progress through `onProgress` and
  * stopping when its AbortSignal fires. They return data; nothing prints.
  */
-import { UsageError, checkAborted } from '../errors.js'
+import { UnsupportedFeatureError, UsageError, checkAborted } from '../errors.js'
 import { openFileDevice } from '../io/file-device.js'
 import type { DiskImage, SnapshotInfo } from '../image/disk-image.js'
 import { driverFor, makeContext, openImage as openByPath } from '../open.js'
@@ -410,16 +410,24 @@ export const snapshot = {
 export interface ResizeOptions extends Qcow2OpOptions {
   /** allow a smaller size (only unallocated space past the new end may go) */
   shrink?: boolean
+  /**
+   * qemu-img resize --preallocation, for growing only: raw images take off, falloc and full (as qemu's
+   * file driver); qcow2 images take off (the other modes are refused: imgtool does not preallocate the
+   * new clusters of a resize)
+   */
+  preallocation?: string
   signal?: AbortSignal
 }
 
 /**
- * Change a qcow2 image's virtual size. `size` in bytes, or a string as
+ * Change a qcow2 or raw image's virtual size. `size` in bytes, or a string as
  * qemu-img resize takes it: '2G', '+1M', '-512K'.
  */
 export async function resize(path: string, size: number | string, o: ResizeOptions = {}): Promise<{ size: number; notices: string[] }> {
   checkAborted(o.signal, 'resize')
   const { parseSize } = await import('../util/size.js')
+  const prealloc = o.preallocation
+  if (prealloc !== undefined && !['off', 'metadata', 'falloc', 'full'].includes(prealloc)) throw new UsageError(`Invalid preallocation mode '${prealloc}'`)
   const d = await openByPath(path, { format: formatOption(o.format), readOnly: false, options: { ...(o.options ?? {}) } })
   let closed = false
   try {
@@ -434,8 +442,22 @@ export async function resize(path: string, size: number | string, o: ResizeOptio
     }
     if (target < 0) throw new UsageError('New image size must be positive')
     if (!Number.isSafeInteger(target)) throw new UsageError(`Invalid image size ${target}`)
+    if (prealloc !== undefined && prealloc !== 'off' && target <= d.virtualSize) throw new UsageError('Preallocation can only be used for growing images')
     if (target < d.virtualSize && !o.shrink) throw new UsageError('Use the --shrink option to perform a shrink operation.')
-    if (d.format !== 'qcow2') throw new UsageError(`${d.format}: resize is supported for qcow2 images`)
+    if (d.format === 'raw') {
+      if (prealloc === 'metadata') throw new UsageError('Unsupported preallocation mode: metadata')
+      const { resizeRaw, RawImage } = await import('../formats/raw/index.js')
+      if (!(d instanceof RawImage)) throw new UsageError(`${d.format}: resize is supported for qcow2 and raw images`)
+      await resizeRaw(d, target, (prealloc ?? 'off') as 'off' | 'falloc' | 'full')
+      return { size: target, notices }
+    }
+    if (d.format !== 'qcow2') throw new UsageError(`${d.format}: resize is supported for qcow2 and raw images`)
+    if (prealloc !== undefined && prealloc !== 'off') {
+      throw new UnsupportedFeatureError(
+        `qcow2: ${d.filename}: resize --preallocation=${prealloc} is not supported by imgtool (only off: the new clusters are not preallocated)`,
+        { file: d.filename, structure: 'header' },
+      )
+    }
     const { resizeQcow2 } = await import('../formats/qcow2/index.js')
     closed = true // resizeQcow2 closes the image, whatever happens
     await resizeQcow2(d as import('../formats/qcow2/index.js').Qcow2Image, target)
