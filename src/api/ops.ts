@@ -206,6 +206,8 @@ export interface ConvertOptions extends CommonOptions {
    * sector that could not be read (or whose allocation status could not be) is handed to this function
    */
   salvage?: (event: SalvageEvent) => void
+  /** qemu-img's -r: at most this many bytes per second (0: no limit) */
+  rateLimit?: number
   /** qemu-img's -l: convert this internal snapshot of the source (qcow2) instead of its current state */
   snapshot?: SnapshotSelector
 }
@@ -236,6 +238,7 @@ export async function convert(source: string, target: string | NodeJS.WritableSt
     ...(o.forceShare ? { sourceForceShare: true } : {}),
     ...(o.salvage ? { salvage: o.salvage } : {}),
     ...(o.snapshot ? { snapshot: o.snapshot } : {}),
+    ...(o.rateLimit ? { rateLimit: o.rateLimit } : {}),
     ...(o.onProgress ? { onProgress: o.onProgress } : {}),
     ...(o.signal ? { signal: o.signal } : {}),
   })

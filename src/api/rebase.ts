@@ -93,6 +93,8 @@ export interface CommitOptions extends CommonOptions {
   origin?: string
   /** dm-snapshot: the origin's format (probed when absent) */
   originFormat?: OpenOptions['format']
+  /** qcow2: qemu-img commit -r, at most this many bytes copied per second (0: no limit) */
+  rateLimit?: number
 }
 
 export interface CommitResult {
@@ -157,6 +159,7 @@ export async function commit(path: string, o: CommitOptions = {}): Promise<Commi
       const q = await import('../formats/qcow2/index.js')
       const r = await q.commitQcow2(top as Qcow2Image, baseImg, depth, {
         keepOverlay,
+        ...(o.rateLimit ? { rateLimit: o.rateLimit } : {}),
         ...(o.onProgress ? { onProgress: o.onProgress } : {}),
         ...(o.signal ? { signal: o.signal } : {}),
       })

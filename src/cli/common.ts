@@ -1,7 +1,7 @@
 /** Options shared by commands that open one image, parsed with zod. */
 import type { Command } from 'commander'
 import { createRequire } from 'node:module'
-import { FORMAT_NAMES, UsageError, isFormatName, type FormatName } from '../index.js'
+import { FORMAT_NAMES, UsageError, isFormatName, parseSize, type FormatName } from '../index.js'
 
 /**
  * zod costs ~30 ms to load, more than reading a 1 TiB image's map takes; the
@@ -191,4 +191,16 @@ export function imageArg(args: string[], opts: Record<string, unknown>): ImageAr
   if (opts['format'] !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive')
   const o = parseImageOptsArg(path)
   return { ...parseImageOptions(opts), path: o.path, format: o.format }
+}
+
+/** qemu-img's -r RATE (convert, commit): bytes per second with qemu's suffixes; 0 is no limit. */
+export function parseRateLimit(text: unknown): number | undefined {
+  if (text === undefined) return undefined
+  try {
+    return parseSize(String(text), 'rate limit')
+  } catch {
+    throw new UsageError(
+      'Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for\nkilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.',
+    )
+  }
 }

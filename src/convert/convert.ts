@@ -8,6 +8,7 @@
 import { UsageError, checkAborted } from '../errors.js'
 import type { DiskImage, Extent } from '../image/disk-image.js'
 import { mergeExtents } from '../image/range.js'
+import { RateLimiter } from '../util/rate.js'
 import { BufferPool, HostFiles, readGuest, sourceOf, type Source } from './host-reads.js'
 
 /** A target that can store compressed clusters (qcow2), found by capability, not by format. */
@@ -67,6 +68,8 @@ export interface ConvertOptions {
    * reported here, in guest order within a chunk (qemu-img: one warning line each).
    */
   salvage?: (event: SalvageEvent) => void
+  /** -r: at most this many bytes of the source read per second (QEMU's rate limit); absent or 0: no limit */
+  rateLimit?: number
 }
 
 /** One sector convert --salvage could not read (kind 'read') or whose allocation status failed ('status'). */
@@ -280,6 +283,7 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     }
     return out
   }
+  const limiter = options.rateLimit ? new RateLimiter(options.rateLimit) : undefined
   const prepareData = async (c: DataChunk): Promise<Prepared> => {
     // zero-flagged data (a host hole under a preallocated cluster) reads as zeros: nothing to
     // write when zero blocks are skipped anyway (-S > 0, or -c)
@@ -291,6 +295,7 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
       }
     }
     const failed: SalvageEvent[] = []
+    await limiter?.take(c.length)
     const buf = await readSalvaged(c, failed)
     result.bytesRead += c.length
     // reported when the chunk's turn comes: guest order, whatever order the reads finished in

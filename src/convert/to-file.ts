@@ -48,6 +48,8 @@ export interface ConvertFileOptions {
    */
   skipCreate?: boolean
   targetIsZero?: boolean
+  /** -r: bytes read per second at most */
+  rateLimit?: number
   /** -l: an internal snapshot of the source is what is converted (qcow2 sources) */
   snapshot?: SnapshotSelector
   /** --salvage: read errors of the source become zeros in the target, each failed sector reported here */
@@ -274,6 +276,7 @@ async function writeTarget(
         ...(o.minSparse !== undefined ? { minSparse: o.minSparse } : {}),
         ...compressFns,
         ...(o.salvage ? { salvage: o.salvage } : {}),
+        ...(o.rateLimit ? { rateLimit: o.rateLimit } : {}),
         ...(o.onProgress ? { onProgress: o.onProgress } : {}),
         ...(o.signal ? { signal: o.signal } : {}),
       })
@@ -307,6 +310,7 @@ async function writeExisting(src: DiskImage, dstPath: string, o: ConvertFileOpti
       targetDirty: o.targetIsZero !== true,
       ...(o.minSparse !== undefined ? { minSparse: o.minSparse } : {}),
       ...(o.salvage ? { salvage: o.salvage } : {}),
+      ...(o.rateLimit ? { rateLimit: o.rateLimit } : {}),
       ...(o.onProgress ? { onProgress: o.onProgress } : {}),
       ...(o.signal ? { signal: o.signal } : {}),
     })

@@ -18,7 +18,7 @@ const convert: CommandModule = {
       .option('-o, --options <opts>', 'target format options (as for create); may be repeated', accumulateOptions)
       .option('-B, --backing <file>', 'target backing file: only data not in it is written')
       .option('-F, --backing-format <fmt>', 'format of the -B backing file')
-      .option('-S, --sparse-size <size>', 'zero runs of at least SIZE bytes are left sparse (0: write all)', '4k')
+      .option('-S, --sparse-size <size>', 'zero runs of at least SIZE bytes are left sparse (0: write all; default 4k)')
       .option('-m, --parallel <n>', 'I/Os in flight', '4')
       .option(
         '-t, --cache <mode>',
@@ -34,6 +34,8 @@ const convert: CommandModule = {
       .option('-l, --snapshot <param>', 'convert an internal snapshot of the source: snapshot.id=ID, snapshot.name=NAME, or a bare id or name')
       .option('--image-opts', 'the source is given as driver=FMT,file.filename=PATH (qemu-img --image-opts; simple spellings only)')
       .option('--target-image-opts', 'with -n: the target is given as driver=FMT,file.filename=PATH')
+      .option('-r, --rate-limit <rate>', 'read at most RATE bytes per second (qemu suffixes: k, M, G...)')
+      .option('-C, --copy-range', "copy offloading, as qemu-img -C (not with -c, -S or --salvage); imgtool's copy is the same")
       .option('--salvage', 'read errors of the source become zeros in the target, each failed sector reported on stderr (unless -q)')
       .argument('<source>')
       .argument('<target>')
@@ -65,6 +67,13 @@ const convert: CommandModule = {
     const srcFmt = opts['format'] === undefined ? undefined : String(opts['format'])
     if (srcFmt !== undefined && !isFormatName(srcFmt)) throw new UsageError(`Unknown file format '${srcFmt}'`)
     const compress = Boolean(opts['compress'])
+    if (opts['copyRange'] === true) {
+      if (compress) throw new UsageError('Cannot enable copy offloading when -c is used')
+      if (opts['sparseSize'] !== undefined) throw new UsageError('Cannot enable copy offloading when -S is used')
+      if (opts['salvage'] === true) throw new UsageError('Cannot use copy offloading in salvaging mode')
+    }
+    const { parseRateLimit } = await import('../common.js')
+    const rateLimit = parseRateLimit(opts['rateLimit'])
     if (compress && outFmt !== 'qcow2' && outFmt !== 'vmdk') throw new UsageError('Compression not supported for this file format')
     const minSparse = parseSize(String(opts['sparseSize'] ?? '4k'), '-S')
     const inFlight = Number(opts['parallel'] ?? 4)
@@ -81,7 +90,13 @@ const convert: CommandModule = {
     const origin = typeof opts['origin'] === 'string' ? { origin: opts['origin'] } : {}
     const { startProgress } = await import('../progress.js')
     const progressOptions = { requested: Boolean(opts['progress']), quiet: Boolean(opts['quiet']) }
-    const common = { ...(srcFmt !== undefined ? { format: srcFmt } : {}), ...origin, forceShare: opts['forceShare'] === true, parallel: inFlight }
+    const common = {
+      ...(srcFmt !== undefined ? { format: srcFmt } : {}),
+      ...origin,
+      forceShare: opts['forceShare'] === true,
+      parallel: inFlight,
+      ...(rateLimit ? { rateLimit } : {}),
+    }
     if (typeof opts['snapshot'] === 'string') {
       const { parseSnapshotParam } = await import('../common.js')
       Object.assign(common, { snapshot: parseSnapshotParam(opts['snapshot']) })
