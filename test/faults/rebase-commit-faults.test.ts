@@ -105,48 +105,50 @@ async function checkClean(p: FaultPoint, errno: FaultErrno, dev: MemoryDevice, f
 }
 
 describeQemu('fault sweeps of rebase and commit', () => {
-  it('rebase: every EIO/ENOSPC in the image or a backing file fails it cleanly, the image reads as before', async () => {
-    const names = ['img.qcow2', 'base1.qcow2', 'base2.qcow2']
-    const bytes = await makeFiles(async (d) => {
-      await q(d, 'base1.qcow2')
-      await qemuIoOk(join(d, 'base1.qcow2'), ['write -P 1 0 64k', 'write -P 5 200k 8k'])
-      await q(d, 'base2.qcow2')
-      await qemuIoOk(join(d, 'base2.qcow2'), ['write -P 2 32k 64k'])
-      await q(d, 'img.qcow2', 'base1.qcow2')
-      await qemuIoOk(join(d, 'img.qcow2'), ['write -P 3 128k 32k', 'write -P 4 40k 2k'])
-    }, names)
-    const fresh = () => Object.fromEntries(names.map((n) => [n, new MemoryDevice(bytes[n]!, { name: n })])) as Record<string, MemoryDevice>
-    const before = await guest(fresh(), 'img.qcow2')
-    let faults = 0
-    for (const target of names) {
-      for (const [op, errno] of KINDS) {
-        let files = fresh()
-        await sweepFaults(
-          { op, errno },
-          () => {
-            files = fresh()
-            return files[target]!
-          },
-          async (dev) => {
-            const f: Record<string, BlockDevice> = { ...files, [target]: dev }
-            const img = (await open(f, 'img.qcow2', false)) as Qcow2Image
-            await closing([img], async () => {
-              const newBacking = await open(f, 'base2.qcow2', true)
-              await closing([newBacking], () => rebaseQcow2(img, { backingFile: 'base2.qcow2', backingFormat: 'qcow2', newBacking, unsafe: false }))
-            })
-          },
-          async (p) => {
-            if (!p.triggered) return
-            faults++
-            await checkClean(p, errno, files['img.qcow2']!, files, 'img.qcow2')
-            expect((await guest(files, 'img.qcow2')).equals(before), `${target}: ${p.description}: guest bytes`).toBe(true)
-          },
-        )
+  for (const compress of [false, true]) {
+    it(`rebase${compress ? ' -c' : ''}: every EIO/ENOSPC in the image or a backing file fails it cleanly, the image reads as before`, async () => {
+      const names = ['img.qcow2', 'base1.qcow2', 'base2.qcow2']
+      const bytes = await makeFiles(async (d) => {
+        await q(d, 'base1.qcow2')
+        await qemuIoOk(join(d, 'base1.qcow2'), ['write -P 1 0 64k', 'write -P 5 200k 8k'])
+        await q(d, 'base2.qcow2')
+        await qemuIoOk(join(d, 'base2.qcow2'), ['write -P 2 32k 64k'])
+        await q(d, 'img.qcow2', 'base1.qcow2')
+        await qemuIoOk(join(d, 'img.qcow2'), ['write -P 3 128k 32k', 'write -P 4 40k 2k'])
+      }, names)
+      const fresh = () => Object.fromEntries(names.map((n) => [n, new MemoryDevice(bytes[n]!, { name: n })])) as Record<string, MemoryDevice>
+      const before = await guest(fresh(), 'img.qcow2')
+      let faults = 0
+      for (const target of names) {
+        for (const [op, errno] of KINDS) {
+          let files = fresh()
+          await sweepFaults(
+            { op, errno },
+            () => {
+              files = fresh()
+              return files[target]!
+            },
+            async (dev) => {
+              const f: Record<string, BlockDevice> = { ...files, [target]: dev }
+              const img = (await open(f, 'img.qcow2', false)) as Qcow2Image
+              await closing([img], async () => {
+                const newBacking = await open(f, 'base2.qcow2', true)
+                await closing([newBacking], () => rebaseQcow2(img, { backingFile: 'base2.qcow2', backingFormat: 'qcow2', newBacking, unsafe: false, compress }))
+              })
+            },
+            async (p) => {
+              if (!p.triggered) return
+              faults++
+              await checkClean(p, errno, files['img.qcow2']!, files, 'img.qcow2')
+              expect((await guest(files, 'img.qcow2')).equals(before), `${target}: ${p.description}: guest bytes`).toBe(true)
+            },
+          )
+        }
       }
-    }
-    expect(faults).toBeGreaterThan(0)
-    totals.push(`rebase: ${faults} faults`)
-  }, 600_000)
+      expect(faults).toBeGreaterThan(0)
+      totals.push(`rebase${compress ? ' -c' : ''}: ${faults} faults`)
+    }, 600_000)
+  }
 
   it('commit: every EIO/ENOSPC in the overlay or the base fails it cleanly; overlay as before, base old or new per sector', async () => {
     const names = ['top.qcow2', 'base.qcow2']
