@@ -66,7 +66,8 @@ export async function rebaseQcow2(img: Qcow2OpenImage, o: RebaseQcow2Options): P
     throw new UsageError(`qcow2: ${file}: backing format name '${o.backingFormat}' is longer than 15 bytes`)
   }
   if (o.compress && o.unsafe) throw new UsageError("Compression can't be used in unsafe mode")
-  if (o.compress && hasDataFile(h)) throw new UnsupportedFeatureError(`qcow2: ${file}: compressed clusters are not possible with an external data file (rebase -c)`)
+  if (o.compress && hasDataFile(h))
+    throw new UnsupportedFeatureError(`qcow2: ${file}: compressed clusters are not possible with an external data file (rebase -c)`)
   let bytesCopied = 0
   if (!o.unsafe) bytesCopied = await copyDifferences(img, w, o)
   await w.mutex.run(async () => {
