@@ -40,6 +40,7 @@ export {
   type CreatePlan,
   type ConvertOptions,
   type ConvertResult,
+  type SalvageEvent,
   type TargetFormat,
   type CompareOptions,
   type CompareResult,
@@ -60,7 +61,7 @@ export { exportImage, type ExportOptions, type ExportResult } from './convert/ex
 export { CACHE_MODES, type CacheMode } from './convert/unsafe-cache.js'
 export type { CheckReport, Finding, Notice, Severity, GuestRange, RepairMode, RepairAction, RepairResult } from './check/types.js'
 export { checkExitCode, EXIT_CLEAN, EXIT_CHECK_FAILED, EXIT_CORRUPT, EXIT_LEAKS, EXIT_NO_CHECK } from './check/types.js'
-export type { Extent, ImageInfo, SnapshotInfo } from './image/disk-image.js'
+export type { Extent, ImageInfo, SnapshotInfo, SnapshotSelector } from './image/disk-image.js'
 export type { BlockDevice, IoTag, HostStatus } from './io/block-device.js'
 export { MemoryDevice } from './io/memory-device.js'
 export { FORMAT_NAMES, isFormatName, type FormatName } from './image/probe.js'

@@ -4,8 +4,8 @@
  * raw, as in qemu-img 7.2 (its vpc, vmdk and other drivers do not measure,
  * and neither does imgtool: the same refusal, in the same words).
  */
-import { UnsupportedFeatureError, UsageError, checkAborted } from '../errors.js'
-import type { DiskImage } from '../image/disk-image.js'
+import { UsageError, checkAborted } from '../errors.js'
+import type { DiskImage, SnapshotSelector } from '../image/disk-image.js'
 import { mergeExtents } from '../image/range.js'
 import { isFormatName } from '../image/probe.js'
 import { openImage as openByPath } from '../open.js'
@@ -18,8 +18,8 @@ export interface MeasureOptions extends Pick<OpenOptions, 'format' | 'origin' | 
   targetOptions?: Record<string, string>
   /** measure a new image of this many bytes instead of a source (qemu-img's --size) */
   size?: number
-  /** an internal snapshot of the source (qemu-img's -l): refused, imgtool does not read snapshots' contents */
-  snapshot?: string
+  /** an internal snapshot of the source (qemu-img's -l): the snapshot's content is measured */
+  snapshot?: SnapshotSelector
 }
 
 /** qemu-img measure's answer, with its JSON names in the CLI. */
@@ -48,6 +48,7 @@ export async function measure(source: string | undefined, o: MeasureOptions = {}
   }
   if (o.size !== undefined && (!Number.isSafeInteger(o.size) || o.size < 0)) throw new UsageError(`Invalid image size specified: ${o.size}`)
   let src: DiskImage | undefined
+  let opened: DiskImage | undefined
   if (source !== undefined) {
     src = await openByPath(source, {
       format: formatOption(o.format),
@@ -55,13 +56,12 @@ export async function measure(source: string | undefined, o: MeasureOptions = {}
       options: openOptionsOf(o),
       forceShare: o.forceShare === true,
     })
+    opened = src
   }
   try {
-    if (o.snapshot !== undefined) {
-      throw new UnsupportedFeatureError(`Failed to load snapshot: imgtool does not measure internal snapshots (-l ${o.snapshot})`, {
-        file: source!,
-        structure: 'snapshot table',
-      })
+    if (src && o.snapshot !== undefined) {
+      const { loadSnapshotOf } = await import('../convert/to-file.js')
+      src = await loadSnapshotOf(src, o.snapshot)
     }
     const target = o.targetFormat ?? 'raw'
     if (!KNOWN_TARGETS.has(target) && !isFormatName(target)) throw new UsageError(`Unknown file format '${target}'`)
@@ -70,6 +70,7 @@ export async function measure(source: string | undefined, o: MeasureOptions = {}
     return target === 'qcow2' ? await measureQcow2Target(src, opts, o) : measureRawTarget(src, opts, o.size ?? 0)
   } finally {
     await src?.close()
+    if (opened !== src) await opened?.close()
   }
 }
 

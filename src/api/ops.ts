@@ -3,12 +3,14 @@
  * where that makes sense), reporting progress through `onProgress` and
  * stopping when its AbortSignal fires. They return data; nothing prints.
  */
-import { UsageError, checkAborted } from '../errors.js'
+import { UnsupportedFeatureError, UsageError, checkAborted } from '../errors.js'
 import { openFileDevice } from '../io/file-device.js'
 import type { DiskImage, SnapshotInfo } from '../image/disk-image.js'
 import { driverFor, makeContext, openImage as openByPath } from '../open.js'
 // the convert and compare engines load when they are called: importing the package stays cheap (the CLI's start)
 import type { CompareResult } from '../convert/compare.js'
+import type { SalvageEvent } from '../convert/convert.js'
+import type { SnapshotSelector } from '../image/disk-image.js'
 import type { ConvertFileResult, TargetFormat } from '../convert/to-file.js'
 import type { CacheMode } from '../convert/unsafe-cache.js'
 import { diskImageOf, formatOption, openOptionsOf, type Image, type OpenOptions } from './image.js'
@@ -205,9 +207,18 @@ export interface ConvertOptions extends CommonOptions {
   skipBrokenBitmaps?: boolean
   /** called with each warning (a skipped bitmap) */
   onWarning?: (warning: string) => void
+  /**
+   * --salvage: read errors of the source become zeros in the target instead of failing the convert; each
+   * sector that could not be read (or whose allocation status could not be) is handed to this function
+   */
+  salvage?: (event: SalvageEvent) => void
+  /** qemu-img's -r: at most this many bytes per second (0: no limit) */
+  rateLimit?: number
+  /** qemu-img's -l: convert this internal snapshot of the source (qcow2) instead of its current state */
+  snapshot?: SnapshotSelector
 }
 
-export type { ConvertFileResult as ConvertResult, TargetFormat }
+export type { ConvertFileResult as ConvertResult, SalvageEvent, TargetFormat }
 
 /**
  * Convert an image file into a new file, or (raw, or vmdk with
@@ -243,6 +254,9 @@ function convertFileWith(
     ...(o.targetIsZero ? { targetIsZero: true } : {}),
     ...(o.parallel !== undefined ? { inFlight: o.parallel } : {}),
     ...(o.forceShare ? { sourceForceShare: true } : {}),
+    ...(o.salvage ? { salvage: o.salvage } : {}),
+    ...(o.snapshot ? { snapshot: o.snapshot } : {}),
+    ...(o.rateLimit ? { rateLimit: o.rateLimit } : {}),
     ...(o.onProgress ? { onProgress: o.onProgress } : {}),
     ...(o.signal ? { signal: o.signal } : {}),
   })
@@ -251,6 +265,8 @@ function convertFileWith(
 /** convert to a stream: the guest bytes as raw (nothing is created, nothing to clean up). */
 async function convertToStream(source: string, output: NodeJS.WritableStream, o: ConvertOptions): Promise<ConvertFileResult> {
   checkAborted(o.signal, 'convert')
+  if (o.salvage) throw new UsageError('--salvage needs a target file (not a stream)')
+  if (o.snapshot) throw new UsageError('-l needs a target file (not a stream)')
   const target = o.targetFormat ?? 'raw'
   if (target === 'vmdk' && o.options?.['subformat'] === 'streamOptimized') return vmdkToStream(source, output, o)
   if (target !== 'raw') throw new UsageError('Only raw output, or vmdk with -o subformat=streamOptimized, can go to a stream')
@@ -415,16 +431,24 @@ export const snapshot = {
 export interface ResizeOptions extends Qcow2OpOptions {
   /** allow a smaller size (only unallocated space past the new end may go) */
   shrink?: boolean
+  /**
+   * qemu-img resize --preallocation, for growing only: raw images take off, falloc and full (as qemu's
+   * file driver); qcow2 images take off (the other modes are refused: imgtool does not preallocate the
+   * new clusters of a resize)
+   */
+  preallocation?: string
   signal?: AbortSignal
 }
 
 /**
- * Change a qcow2 image's virtual size. `size` in bytes, or a string as
+ * Change a qcow2 or raw image's virtual size. `size` in bytes, or a string as
  * qemu-img resize takes it: '2G', '+1M', '-512K'.
  */
 export async function resize(path: string, size: number | string, o: ResizeOptions = {}): Promise<{ size: number; notices: string[] }> {
   checkAborted(o.signal, 'resize')
   const { parseSize } = await import('../util/size.js')
+  const prealloc = o.preallocation
+  if (prealloc !== undefined && !['off', 'metadata', 'falloc', 'full'].includes(prealloc)) throw new UsageError(`Invalid preallocation mode '${prealloc}'`)
   const d = await openByPath(path, { format: formatOption(o.format), readOnly: false, options: { ...(o.options ?? {}) } })
   let closed = false
   try {
@@ -439,8 +463,22 @@ export async function resize(path: string, size: number | string, o: ResizeOptio
     }
     if (target < 0) throw new UsageError('New image size must be positive')
     if (!Number.isSafeInteger(target)) throw new UsageError(`Invalid image size ${target}`)
+    if (prealloc !== undefined && prealloc !== 'off' && target <= d.virtualSize) throw new UsageError('Preallocation can only be used for growing images')
     if (target < d.virtualSize && !o.shrink) throw new UsageError('Use the --shrink option to perform a shrink operation.')
-    if (d.format !== 'qcow2') throw new UsageError(`${d.format}: resize is supported for qcow2 images`)
+    if (d.format === 'raw') {
+      if (prealloc === 'metadata') throw new UsageError('Unsupported preallocation mode: metadata')
+      const { resizeRaw, RawImage } = await import('../formats/raw/index.js')
+      if (!(d instanceof RawImage)) throw new UsageError(`${d.format}: resize is supported for qcow2 and raw images`)
+      await resizeRaw(d, target, (prealloc ?? 'off') as 'off' | 'falloc' | 'full')
+      return { size: target, notices }
+    }
+    if (d.format !== 'qcow2') throw new UsageError(`${d.format}: resize is supported for qcow2 and raw images`)
+    if (prealloc !== undefined && prealloc !== 'off') {
+      throw new UnsupportedFeatureError(
+        `qcow2: ${d.filename}: resize --preallocation=${prealloc} is not supported by imgtool (only off: the new clusters are not preallocated)`,
+        { file: d.filename, structure: 'header' },
+      )
+    }
     const { resizeQcow2 } = await import('../formats/qcow2/index.js')
     closed = true // resizeQcow2 closes the image, whatever happens
     await resizeQcow2(d as import('../formats/qcow2/index.js').Qcow2Image, target)

@@ -24,6 +24,8 @@ export interface RebaseOptions extends CommonOptions {
   backingFormat?: string
   /** only change the name in the header; nothing is read or copied (qemu-img rebase -u) */
   unsafe?: boolean
+  /** qemu-img 8.2's rebase -c: the clusters copied in are written compressed (safe mode only) */
+  compress?: boolean
 }
 
 export interface RebaseResult {
@@ -57,6 +59,7 @@ export async function rebase(path: string, backingFile: string, o: RebaseOptions
   }
   const backingFormat = flatten ? undefined : o.backingFormat
   if (!o.unsafe && backingFormat !== undefined && !isFormatName(backingFormat)) throw new UsageError(`Unknown driver '${escapeControls(backingFormat)}'`)
+  if (o.compress && o.unsafe) throw new UsageError("Compression can't be used in unsafe mode")
   // unsafe mode needs no working backing file: the image is opened alone (as qemu-img info opens it)
   const d = await openByPath(path, { format: formatOption(o.format), readOnly: false, infoOnly: o.unsafe === true })
   let newBacking: DiskImage | undefined
@@ -72,6 +75,7 @@ export async function rebase(path: string, backingFile: string, o: RebaseOptions
       backingFormat,
       newBacking,
       unsafe: o.unsafe === true,
+      ...(o.compress ? { compress: true } : {}),
       ...(o.onProgress ? { onProgress: o.onProgress } : {}),
       ...(o.signal ? { signal: o.signal } : {}),
     })
@@ -93,6 +97,8 @@ export interface CommitOptions extends CommonOptions {
   origin?: string
   /** dm-snapshot: the origin's format (probed when absent) */
   originFormat?: OpenOptions['format']
+  /** qcow2: qemu-img commit -r, at most this many bytes copied per second (0: no limit) */
+  rateLimit?: number
 }
 
 export interface CommitResult {
@@ -157,6 +163,7 @@ export async function commit(path: string, o: CommitOptions = {}): Promise<Commi
       const q = await import('../formats/qcow2/index.js')
       const r = await q.commitQcow2(top as Qcow2Image, baseImg, depth, {
         keepOverlay,
+        ...(o.rateLimit ? { rateLimit: o.rateLimit } : {}),
         ...(o.onProgress ? { onProgress: o.onProgress } : {}),
         ...(o.signal ? { signal: o.signal } : {}),
       })

@@ -1,7 +1,7 @@
 /** Options shared by commands that open one image, parsed with zod. */
 import type { Command } from 'commander'
 import { createRequire } from 'node:module'
-import { FORMAT_NAMES, UsageError, isFormatName, type FormatName } from '../index.js'
+import { FORMAT_NAMES, UsageError, isFormatName, parseSize, type FormatName } from '../index.js'
 
 /**
  * zod costs ~30 ms to load, more than reading a 1 TiB image's map takes; the
@@ -19,6 +19,11 @@ export function addImageOptions(cmd: Command): Command {
     .option('-f, --format <fmt>', `image format (${FORMAT_NAMES.join(', ')}); probed when absent`)
     .option('-o, --options <opts>', 'format options as key=value[,key=value...] (e.g. origin=ORIGIN for dmsnap); may be repeated', accumulateOptions)
     .option('--origin <path>', 'dm-snapshot origin device or file (same as -o origin=PATH)')
+}
+
+/** --image-opts: the image argument(s) given as driver=FMT,file.filename=PATH (parseImageOptsArg) */
+export function addImageOptsOption(cmd: Command): Command {
+  return cmd.option('--image-opts', 'image arguments are driver=FMT,file.filename=PATH (qemu-img --image-opts; simple spellings only)')
 }
 
 export function addOutputOption(cmd: Command): Command {
@@ -127,4 +132,75 @@ export function qemuJson(value: unknown): string {
     if (m.length === 1) return `\\u${m.charCodeAt(0).toString(16).toUpperCase().padStart(4, '0')}`
     return m.length === 6 ? m.toUpperCase().replace('\\U', '\\u') : m
   })
+}
+
+/**
+ * qemu-img's -l (convert, measure): `snapshot.id=ID[,snapshot.name=NAME]` (qemu's internal snapshot
+ * options), or a bare word tried as an id, then as a name.
+ */
+export function parseSnapshotParam(text: string): import('../index.js').SnapshotSelector {
+  if (!text.startsWith('snapshot.')) return { idOrName: text }
+  const sel: { id?: string; name?: string } = {}
+  for (const part of text.replace(/,,/g, '\u0000').split(',')) {
+    if (!part) continue
+    const eq = part.indexOf('=')
+    const key = eq < 0 ? part : part.slice(0, eq)
+    const value = eq < 0 ? '' : part.slice(eq + 1).replace(/\u0000/g, ',')
+    if (key === 'snapshot.id') sel.id = value
+    else if (key === 'snapshot.name') sel.name = value
+    else throw new UsageError(`Invalid parameter '${key.replace(/\u0000/g, ',')}'\nFailed in parsing snapshot param '${text}'`)
+  }
+  return sel
+}
+
+/**
+ * qemu-img's --image-opts / --target-image-opts, in the simple spellings scripts use:
+ * `driver=FMT,file.filename=PATH` (`file.driver=file` allowed; without `driver` the format is probed).
+ * Anything else is refused: imgtool opens files by path, not through QEMU's block layer.
+ */
+export function parseImageOptsArg(text: string): { path: string; format: FormatName | undefined } {
+  const kv: Record<string, string> = {}
+  for (const part of text.replace(/,,/g, '\u0000').split(',')) {
+    if (!part) continue
+    const eq = part.indexOf('=')
+    const key = eq < 0 ? part : part.slice(0, eq)
+    if (eq < 0 || !['driver', 'file.filename', 'file.driver'].includes(key)) {
+      throw new UsageError(
+        `Could not open '${text}': imgtool takes --image-opts as driver=FMT,file.filename=PATH[,file.driver=file] only (not '${key.replace(/\u0000/g, ',')}')`,
+      )
+    }
+    kv[key] = part.slice(eq + 1).replace(/\u0000/g, ',')
+  }
+  if (kv['file.driver'] !== undefined && kv['file.driver'] !== 'file') {
+    throw new UsageError(`Could not open '${text}': imgtool reads local files only (file.driver=file), not file.driver=${kv['file.driver']}`)
+  }
+  const path = kv['file.filename']
+  if (path === undefined || path === '') throw new UsageError(`Could not open '${text}': A block device must be specified for "file"`)
+  const driver = kv['driver']
+  if (driver !== undefined && !isFormatName(driver)) throw new UsageError(`Could not open '${text}': Unknown driver '${driver}'`)
+  return { path, format: driver }
+}
+
+/**
+ * The one image argument of info, check, map, cat: with --image-opts it is parsed as qemu-img's image
+ * options (and -f is refused, as qemu-img refuses it).
+ */
+export function imageArg(args: string[], opts: Record<string, unknown>): ImageArgs & { path: string } {
+  const path = oneImageArg(args)
+  if (opts['imageOpts'] !== true) return { path, ...parseImageOptions(opts) }
+  if (opts['format'] !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive')
+  const o = parseImageOptsArg(path)
+  return { ...parseImageOptions(opts), path: o.path, format: o.format }
+}
+
+/** qemu-img's -r RATE (convert, commit): bytes per second with qemu's suffixes; 0 is no limit. */
+export function parseRateLimit(text: unknown): number | undefined {
+  if (text === undefined) return undefined
+  try {
+    return parseSize(String(text), 'rate limit')
+  } catch {
+    throw new UsageError(
+      'Invalid rate limit specified. You may use k, M, G, T, P or E suffixes for\nkilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.',
+    )
+  }
 }

@@ -8,6 +8,7 @@
 import { UsageError, checkAborted } from '../errors.js'
 import type { DiskImage, Extent } from '../image/disk-image.js'
 import { mergeExtents } from '../image/range.js'
+import { RateLimiter } from '../util/rate.js'
 import { BufferPool, HostFiles, readGuest, sourceOf, type Source } from './host-reads.js'
 
 /** A target that can store compressed clusters (qcow2), found by capability, not by format. */
@@ -60,9 +61,76 @@ export interface ConvertOptions {
   onProgress?: (done: number, total: number) => void
   /** stops the conversion between chunks (the target is left partial: the caller removes what it created) */
   signal?: AbortSignal
+  /**
+   * --salvage: a read error of the source is not fatal. As qemu-img, a failed read is retried sector by
+   * sector (512 bytes) and every sector that still fails becomes zeros; a failed allocation-status query
+   * is retried on shorter ranges down to one sector, which is then read as data. Each failed sector is
+   * reported here, in guest order within a chunk (qemu-img: one warning line each).
+   */
+  salvage?: (event: SalvageEvent) => void
+  /** -r: at most this many bytes of the source read per second (QEMU's rate limit); absent or 0: no limit */
+  rateLimit?: number
+}
+
+/** One sector convert --salvage could not read (kind 'read') or whose allocation status failed ('status'). */
+export interface SalvageEvent {
+  kind: 'read' | 'status'
+  offset: number
+  error: unknown
+}
+
+const SECTOR = 512
+
+/**
+ * The source's extents over [0, size); with `salvage`, an extents failure at `pos` is retried as qemu-img
+ * convert retries block status (on a range a quarter as long, down to one sector), and a sector whose
+ * status cannot be read is reported and taken as data (its read then fails or not on its own).
+ */
+export async function* salvagedExtents(src: DiskImage, salvage: ((e: SalvageEvent) => void) | undefined): AsyncGenerator<Extent> {
+  const size = src.virtualSize
+  if (!salvage) {
+    yield* src.extents(0, size)
+    return
+  }
+  let pos = 0
+  while (pos < size) {
+    try {
+      for await (const e of src.extents(pos, size - pos)) {
+        yield e
+        pos = e.start + e.length
+      }
+      return
+    } catch (error) {
+      // shorter ranges from `pos`: the first one that answers is taken whole
+      let n = Math.ceil((size - pos) / SECTOR)
+      let got: Extent[] | undefined
+      let last: unknown = error
+      while (n > 1 && !got) {
+        n = Math.ceil(n / 4)
+        try {
+          const list: Extent[] = []
+          for await (const e of src.extents(pos, Math.min(n * SECTOR, size - pos))) list.push(e)
+          got = list
+        } catch (e) {
+          last = e
+        }
+      }
+      if (got) {
+        for (const e of got) yield e
+        pos = got.length > 0 ? got[got.length - 1]!.start + got[got.length - 1]!.length : size
+        continue
+      }
+      salvage({ kind: 'status', offset: pos, error: last })
+      const length = Math.min(SECTOR, size - pos)
+      yield { start: pos, length, depth: 0, present: true, zero: false, data: true }
+      pos += length
+    }
+  }
 }
 
 export interface ConvertResult {
+  /** --salvage: sectors that read as zeros because their read failed */
+  salvagedSectors?: number
   bytesRead: number
   bytesWritten: number
   compressedClusters: number
@@ -90,7 +158,7 @@ async function* plan(
   align = 0,
 ): AsyncGenerator<{ kind: 'zero'; c: Chunk } | { kind: 'skip'; c: Chunk } | { kind: 'data'; c: DataChunk }> {
   let covered = 0 // the end of the last data chunk (align mode)
-  for await (const e of mergeExtents(src.extents(0, src.virtualSize)) as AsyncIterable<Extent>) {
+  for await (const e of mergeExtents(salvagedExtents(src, o.salvage)) as AsyncIterable<Extent>) {
     const fromBacking = e.depth > 0 || !e.present
     let kind: 'data' | 'zero' | 'skip'
     if (e.data && !(o.targetHasBacking && e.depth > 0)) kind = 'data'
@@ -194,6 +262,28 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
   const pool = new BufferPool(chunkSize)
   const zeroes = (offset: number, length: number): Promise<void> =>
     dst.writeZeroes ? dst.writeZeroes(offset, length) : dst.write!(offset, new Uint8Array(length))
+  /**
+   * A chunk's guest bytes; with --salvage a failed read is read again sector by sector, and the sectors
+   * that fail again are zeros (as qemu-img's convert_co_read), each one recorded in `failed`.
+   */
+  const readSalvaged = async (c: DataChunk, failed: SalvageEvent[]): Promise<Uint8Array> => {
+    try {
+      return await readGuest(src, c.source.kind === 'zero' ? { kind: 'image' } : c.source, c.offset, c.length, files, pool)
+    } catch (e) {
+      if (!options.salvage) throw e
+    }
+    const out = new Uint8Array(c.length)
+    for (let at = 0; at < c.length; at += SECTOR) {
+      const n = Math.min(SECTOR, c.length - at)
+      try {
+        out.set(await src.read(c.offset + at, n), at)
+      } catch (error) {
+        failed.push({ kind: 'read', offset: c.offset + at, error })
+      }
+    }
+    return out
+  }
+  const limiter = options.rateLimit ? new RateLimiter(options.rateLimit) : undefined
   const prepareData = async (c: DataChunk): Promise<Prepared> => {
     // zero-flagged data (a host hole under a preallocated cluster) reads as zeros: nothing to
     // write when zero blocks are skipped anyway (-S > 0, or -c)
@@ -204,8 +294,15 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
         progress(c.length)
       }
     }
-    const buf = await readGuest(src, c.source.kind === 'zero' ? { kind: 'image' } : c.source, c.offset, c.length, files, pool)
+    const failed: SalvageEvent[] = []
+    await limiter?.take(c.length)
+    const buf = await readSalvaged(c, failed)
     result.bytesRead += c.length
+    // reported when the chunk's turn comes: guest order, whatever order the reads finished in
+    const report = () => {
+      for (const f of failed) options.salvage!(f)
+      if (failed.length > 0) result.salvagedSectors = (result.salvagedSectors ?? 0) + failed.filter((f) => f.kind === 'read').length
+    }
     if (compress) {
       const target = dst as unknown as CompressedTarget
       // the clusters of the chunk in guest order: skipped (zero), compressed, or stored as they are
@@ -260,9 +357,10 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
           else for (const z of run) submitted.push(target.writeCompressed(z.offset, z.data))
           i = j
         }
+        report()
         const settled = await Promise.allSettled(submitted)
-        const failed = settled.find((x) => x.status === 'rejected')
-        if (failed) throw (failed as PromiseRejectedResult).reason
+        const rejected = settled.find((x) => x.status === 'rejected')
+        if (rejected) throw (rejected as PromiseRejectedResult).reason
         for (const it of items) {
           result.bytesWritten += it.data.byteLength
           if (it.packed) result.compressedClusters++
@@ -283,9 +381,10 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
           at = r.offset + r.length
         }
       }
+      report()
       const settled = await Promise.allSettled(submitted)
-      const failed = settled.find((x) => x.status === 'rejected')
-      if (failed) throw (failed as PromiseRejectedResult).reason
+      const rejected = settled.find((x) => x.status === 'rejected')
+      if (rejected) throw (rejected as PromiseRejectedResult).reason
       for (const r of runs) result.bytesWritten += r.length
       pool.put(buf)
       progress(c.length)
@@ -296,6 +395,9 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     // -S 0 asks for a fully allocated target, as qemu-img makes it: every range not copied as data
     // (unallocated, zero, or from a backing file the target does not have) is written as zeros
     const allocateAll = minSparse === 0 && !compress && !options.targetHasBacking
+    // qemu-img convert first walks the whole source's block status to size its progress: with --salvage,
+    // a status failure is reported by that walk and again by the copy
+    if (options.salvage) for await (const _ of salvagedExtents(src, options.salvage)) checkAborted(options.signal, 'convert')
     for await (const item of plan(src, { ...options, chunkSize }, compress ? cs : 0)) {
       checkAborted(options.signal, 'convert')
       if (allocateAll && item.kind !== 'data') {

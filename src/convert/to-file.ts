@@ -13,13 +13,13 @@ import { dirname, resolve } from 'node:path'
 import { AbortedError, ImgtoolError, UnsupportedFeatureError, UsageError, checkAborted } from '../errors.js'
 import type { BlockDevice, DeviceOpener } from '../io/block-device.js'
 import { openFileDevice } from '../io/file-device.js'
-import type { DiskImage } from '../image/disk-image.js'
+import type { DiskImage, SnapshotSelector } from '../image/disk-image.js'
 import type { FormatName } from '../image/probe.js'
 import { driverFor, makeContext, openImage } from '../open.js'
 import { parseCreateOptions } from '../formats/qcow2/index.js'
 import { parseRawPreallocation } from '../formats/raw/index.js'
 import { flatExtentName, parseVmdkCreateOptions } from '../formats/vmdk/index.js'
-import { convert, type ConvertOptions, type ConvertResult } from './convert.js'
+import { convert, type ConvertOptions, type ConvertResult, type SalvageEvent } from './convert.js'
 import { unsafeCacheOpener, type CacheMode } from './unsafe-cache.js'
 
 export type TargetFormat = 'raw' | 'qcow2' | 'dmsnap' | 'vpc' | 'vmdk'
@@ -48,6 +48,12 @@ export interface ConvertFileOptions {
    */
   skipCreate?: boolean
   targetIsZero?: boolean
+  /** -r: bytes read per second at most */
+  rateLimit?: number
+  /** -l: an internal snapshot of the source is what is converted (qcow2 sources) */
+  snapshot?: SnapshotSelector
+  /** --salvage: read errors of the source become zeros in the target, each failed sector reported here */
+  salvage?: (event: SalvageEvent) => void
   onProgress?: (done: number, total: number) => void
   signal?: AbortSignal
   /**
@@ -128,6 +134,20 @@ export function checkTargetOptions(format: TargetFormat, size: number, options: 
   }
 }
 
+/**
+ * The snapshot `sel` of an open source (qemu-img -l), read-only; a format without internal snapshots is
+ * refused in qemu-img's words.
+ */
+export async function loadSnapshotOf(src: DiskImage, sel: SnapshotSelector): Promise<DiskImage> {
+  if (!src.loadSnapshot) {
+    throw new UnsupportedFeatureError(
+      `Failed to load snapshot: Block format '${src.format}' used by device '' does not support temporarily loading internal snapshots`,
+      { file: src.filename, structure: 'header' },
+    )
+  }
+  return src.loadSnapshot(sel)
+}
+
 export interface ConvertFileResult extends ConvertResult {
   /** the target was created by this call (not a block device written in place) */
   created: boolean
@@ -146,6 +166,8 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
   if (o.targetIsZero && !o.skipCreate) throw new UsageError('--target-is-zero requires use of -n flag')
   if (o.skipCreate && Object.keys(options).length > 0) throw new UsageError('-o has no effect when skipping image creation')
   if (o.skipCreate && o.targetFormat === 'dmsnap') throw new UsageError('-n cannot write into a dm-snapshot store')
+  if (o.salvage && (o.targetFormat === 'dmsnap' || (o.targetFormat === 'vmdk' && options['subformat'] === 'streamOptimized')))
+    throw new UsageError('--salvage is not supported for this target (dm-snapshot stores and streamOptimized vmdk are written by their own copy)')
   checkAborted(o.signal, 'convert')
 
   // 1. the source, every file it reads recorded
@@ -159,7 +181,8 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
   })
   let origin: DiskImage | undefined
   try {
-    const view = o.view ? o.view(src) : src
+    const base = o.snapshot ? await loadSnapshotOf(src, o.snapshot) : src
+    const view = o.view ? o.view(base) : base
     // 2. options, and the files the target must not be
     if (!o.skipCreate) checkTargetOptions(o.targetFormat, view.virtualSize, options, o.backingFile, o.backingFormat)
     if ((await src.info()).encrypted) {
@@ -252,6 +275,8 @@ async function writeTarget(
         targetHasBacking: o.backingFile !== undefined,
         ...(o.minSparse !== undefined ? { minSparse: o.minSparse } : {}),
         ...compressFns,
+        ...(o.salvage ? { salvage: o.salvage } : {}),
+        ...(o.rateLimit ? { rateLimit: o.rateLimit } : {}),
         ...(o.onProgress ? { onProgress: o.onProgress } : {}),
         ...(o.signal ? { signal: o.signal } : {}),
       })
@@ -284,6 +309,8 @@ async function writeExisting(src: DiskImage, dstPath: string, o: ConvertFileOpti
       targetHasBacking: o.backingFile !== undefined,
       targetDirty: o.targetIsZero !== true,
       ...(o.minSparse !== undefined ? { minSparse: o.minSparse } : {}),
+      ...(o.salvage ? { salvage: o.salvage } : {}),
+      ...(o.rateLimit ? { rateLimit: o.rateLimit } : {}),
       ...(o.onProgress ? { onProgress: o.onProgress } : {}),
       ...(o.signal ? { signal: o.signal } : {}),
     })

@@ -65,6 +65,16 @@ export interface ImageInfo {
   backing?: ImageInfo
 }
 
+/**
+ * An internal snapshot as qemu-img's -l names it: `snapshot.id=ID` and/or `snapshot.name=NAME` (both must
+ * match when both are given), or a bare word tried as an id, then as a name (`idOrName`).
+ */
+export interface SnapshotSelector {
+  id?: string
+  name?: string
+  idOrName?: string
+}
+
 export interface DiskImage {
   readonly format: string
   readonly filename: string
@@ -82,6 +92,12 @@ export interface DiskImage {
   writeZeroes?(offset: number, length: number, options?: { discard?: boolean }): Promise<void>
   flush(): Promise<void>
   close(): Promise<void>
+  /**
+   * Formats with internal snapshots (qcow2): a read-only view of one snapshot's guest bytes, as qemu's
+   * bdrv_snapshot_load_tmp (the current virtual size; what the snapshot does not map reads from the backing
+   * file). The view shares this image's files: closing it closes nothing, closing this image ends it.
+   */
+  loadSnapshot?(selector: SnapshotSelector): Promise<DiskImage>
   /** Formats that can be checked (qemu-img check) implement these. */
   check?(options?: CheckOptions): Promise<CheckReport>
   repair?(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult>

@@ -109,6 +109,13 @@ const CASES: Case[] = [
   { sh: '$T convert -O vpc -o subformat=dynamic v3-c64k.qcow2 out.vhd', writes: ['out.vhd'] },
   { sh: '$T convert -p -O raw v3-c64k.qcow2 out.raw | tail -c 20 | od -c | head -1', writes: ['out.raw'], exitOnly: true },
   { sh: '$T convert -n -O qcow2 v2-c4k.qcow2 v3-c64k.qcow2; echo "rc=$?"', writes: ['v3-c64k.qcow2'] },
+  { sh: '$T convert -l snap1 -O raw v3-snapshot.qcow2 out.raw', writes: ['out.raw'] },
+  { sh: '$T convert -l snapshot.name=snap2 -O qcow2 v2-snapshot.qcow2 out.qcow2', writes: ['out.qcow2'] },
+  { sh: '$T convert -l snapshot.id=9 -O raw v3-snapshot.qcow2 out.raw 2>/dev/null; echo "rc=$?"' },
+  { sh: '$T measure --output=json -l snapshot.id=1 -O qcow2 v3-snapshot.qcow2' },
+  { sh: '$T check --image-opts driver=qcow2,file.filename=v3-c64k.qcow2' },
+  { sh: '$T map --output=json --image-opts driver=qcow2,file.driver=file,file.filename=chain-top.qcow2' },
+  { sh: '$T convert --image-opts -O raw driver=qcow2,file.filename=v3-c64k.qcow2 out.raw', writes: ['out.raw'] },
   // resize, snapshot changes, rebase, commit, dd
   { sh: '$T resize v3-c64k.qcow2 +64M', writes: ['v3-c64k.qcow2'] },
   { sh: '$T resize -f qcow2 v2-c4k.qcow2 2G', writes: ['v2-c4k.qcow2'] },

@@ -66,53 +66,55 @@ const q = (dir: string, name: string, backing?: string) =>
   qemuImgOk(['create', '-q', '-f', 'qcow2', '-o', 'cluster_size=4096', ...(backing ? ['-b', backing, '-F', 'qcow2'] : []), join(dir, name), String(SIZE)])
 
 describeQemu('crash sweeps of rebase and commit', () => {
-  it('rebase: every crash state reads as before and has no corruption', async () => {
-    const bytes = await makeFiles(
-      async (d) => {
-        await q(d, 'base1.qcow2')
-        await qemuIoOk(join(d, 'base1.qcow2'), ['write -P 1 0 64k', 'write -P 5 200k 8k'])
-        await q(d, 'base2.qcow2')
-        await qemuIoOk(join(d, 'base2.qcow2'), ['write -P 2 32k 64k'])
-        await q(d, 'img.qcow2', 'base1.qcow2')
-        await qemuIoOk(join(d, 'img.qcow2'), ['write -P 3 128k 32k', 'write -P 4 40k 2k'])
-      },
-      ['base1.qcow2', 'base2.qcow2', 'img.qcow2'],
-    )
-    const mem = Object.fromEntries(Object.entries(bytes).map(([n, b]) => [n, new MemoryDevice(b, { name: n })]))
-    const before = await (async () => {
-      const d = await open(mem, 'img.qcow2', true)
-      const r = await readAll(d)
-      await d.close()
-      return r
-    })()
-    const group = new CrashGroup()
-    const files: Record<string, BlockDevice> = {
-      'img.qcow2': group.add('img.qcow2', bytes['img.qcow2']!),
-      'base1.qcow2': group.add('base1.qcow2', bytes['base1.qcow2']!),
-      'base2.qcow2': group.add('base2.qcow2', bytes['base2.qcow2']!),
-    }
-    const img = (await open(files, 'img.qcow2', false)) as Qcow2Image
-    const newBacking = await openImageOnDevice(new Unclosable(files['base2.qcow2']!), { format: 'qcow2', readOnly: true, context: contextOf(files) })
-    const r = await rebaseQcow2(img, { backingFile: 'base2.qcow2', backingFormat: 'qcow2', newBacking, unsafe: false })
-    expect(r.bytesCopied).toBeGreaterThan(0)
-    await newBacking.close()
-    await img.close()
-    let states = 0
-    const named = new Set<string>()
-    for (const s of group.allCrashStates(OPTIONS)) {
-      states++
-      const [dImg, d1, d2] = s.devices
-      const f = { 'img.qcow2': dImg!, 'base1.qcow2': d1!, 'base2.qcow2': d2! }
-      const c = await checkCounts(dImg!)
-      expect(c.corruptions, s.description).toBe(0)
-      const d = (await open(f, 'img.qcow2', true)) as Qcow2Image
-      named.add(String(d.header.backingFile))
-      expect(Buffer.compare(Buffer.from(await readAll(d)), Buffer.from(before)), s.description).toBe(0)
-      await d.close()
-    }
-    expect([...named].sort()).toEqual(['base1.qcow2', 'base2.qcow2'])
-    totals.push(`rebase: ${states} states`)
-  }, 600_000)
+  for (const compress of [false, true]) {
+    it(`rebase${compress ? ' -c' : ''}: every crash state reads as before and has no corruption`, async () => {
+      const bytes = await makeFiles(
+        async (d) => {
+          await q(d, 'base1.qcow2')
+          await qemuIoOk(join(d, 'base1.qcow2'), ['write -P 1 0 64k', 'write -P 5 200k 8k'])
+          await q(d, 'base2.qcow2')
+          await qemuIoOk(join(d, 'base2.qcow2'), ['write -P 2 32k 64k'])
+          await q(d, 'img.qcow2', 'base1.qcow2')
+          await qemuIoOk(join(d, 'img.qcow2'), ['write -P 3 128k 32k', 'write -P 4 40k 2k'])
+        },
+        ['base1.qcow2', 'base2.qcow2', 'img.qcow2'],
+      )
+      const mem = Object.fromEntries(Object.entries(bytes).map(([n, b]) => [n, new MemoryDevice(b, { name: n })]))
+      const before = await (async () => {
+        const d = await open(mem, 'img.qcow2', true)
+        const r = await readAll(d)
+        await d.close()
+        return r
+      })()
+      const group = new CrashGroup()
+      const files: Record<string, BlockDevice> = {
+        'img.qcow2': group.add('img.qcow2', bytes['img.qcow2']!),
+        'base1.qcow2': group.add('base1.qcow2', bytes['base1.qcow2']!),
+        'base2.qcow2': group.add('base2.qcow2', bytes['base2.qcow2']!),
+      }
+      const img = (await open(files, 'img.qcow2', false)) as Qcow2Image
+      const newBacking = await openImageOnDevice(new Unclosable(files['base2.qcow2']!), { format: 'qcow2', readOnly: true, context: contextOf(files) })
+      const r = await rebaseQcow2(img, { backingFile: 'base2.qcow2', backingFormat: 'qcow2', newBacking, unsafe: false, compress })
+      expect(r.bytesCopied).toBeGreaterThan(0)
+      await newBacking.close()
+      await img.close()
+      let states = 0
+      const named = new Set<string>()
+      for (const s of group.allCrashStates(OPTIONS)) {
+        states++
+        const [dImg, d1, d2] = s.devices
+        const f = { 'img.qcow2': dImg!, 'base1.qcow2': d1!, 'base2.qcow2': d2! }
+        const c = await checkCounts(dImg!)
+        expect(c.corruptions, s.description).toBe(0)
+        const d = (await open(f, 'img.qcow2', true)) as Qcow2Image
+        named.add(String(d.header.backingFile))
+        expect(Buffer.compare(Buffer.from(await readAll(d)), Buffer.from(before)), s.description).toBe(0)
+        await d.close()
+      }
+      expect([...named].sort()).toEqual(['base1.qcow2', 'base2.qcow2'])
+      totals.push(`rebase${compress ? ' -c' : ''}: ${states} states`)
+    }, 600_000)
+  }
 
   it('commit: the overlay reads as before, the base holds old or committed bytes per sector', async () => {
     const bytes = await makeFiles(

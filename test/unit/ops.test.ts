@@ -46,7 +46,8 @@ describe('convert to a stream, resize, snapshot, compare', () => {
 
   it('resize checks the size before the format, as qemu-img resize does', async () => {
     await expect(resize(raw, '-1M')).rejects.toThrow('Use the --shrink option to perform a shrink operation.')
-    await expect(resize(raw, '+1M')).rejects.toThrow('raw: resize is supported for qcow2 images')
+    // raw images resize now (flags-resize.test.ts); metadata preallocation is theirs to refuse
+    await expect(resize(raw, '+1M', { preallocation: 'metadata' })).rejects.toThrow('Unsupported preallocation mode: metadata')
     expect((await resize(q, '+1M')).size).toBe(3 * M)
     await expect(resize(q, '-4M', { shrink: true })).rejects.toThrow('New image size must be positive')
   })

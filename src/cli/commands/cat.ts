@@ -1,11 +1,11 @@
 import type { CommandModule } from '../command.js'
-import { addImageOptions, oneImageArg, parseImageOptions } from '../common.js'
+import { addImageOptions, addImageOptsOption, imageArg } from '../common.js'
 
 const cat: CommandModule = {
   name: 'cat',
   description: 'write the guest bytes of an image to stdout',
   configure(cmd) {
-    addImageOptions(cmd)
+    addImageOptsOption(addImageOptions(cmd))
       .option('--offset <n>', 'first guest byte (sizes like 1M accepted)')
       .option('--length <n>', 'how many bytes (default: to the end)')
       .option('-U, --force-share', 'open without image locks (read-only; the image may be in use)')
@@ -13,8 +13,7 @@ const cat: CommandModule = {
       .argument('<image>')
   },
   async run(args, opts, io) {
-    const path = oneImageArg(args)
-    const { format, options } = parseImageOptions(opts)
+    const { path, format, options } = imageArg(args, opts)
     const { exportImage } = await import('../../index.js')
     const { startProgress } = await import('../progress.js')
     const progress = await startProgress(io, 'copying', { requested: Boolean(opts['progress']), dataOnStdout: true })

@@ -1,12 +1,12 @@
 import type { CliIo, CommandModule } from '../command.js'
 import type { ImageArgs, OutputMode } from '../common.js'
-import { addImageOptions, addOutputOption, oneImageArg, parseImageOptions, parseOutput } from '../common.js'
+import { addImageOptions, addImageOptsOption, addOutputOption, imageArg, parseOutput } from '../common.js'
 
 const check: CommandModule = {
   name: 'check',
   description: 'check an image for consistency, optionally repair it (qemu-img check)',
   configure(cmd) {
-    addOutputOption(addImageOptions(cmd))
+    addOutputOption(addImageOptsOption(addImageOptions(cmd)))
       .option('-r, --repair <mode>', "repair: 'leaks' or 'all'")
       .option('-q, --quiet', 'print nothing on stdout')
       .option('--journal <path>', 'with -r: where to write the undo journal (default IMAGE.imgtool-undo[.N])')
@@ -17,7 +17,7 @@ const check: CommandModule = {
       .argument('[image...]')
   },
   async run(args, opts, io) {
-    const path = oneImageArg(args)
+    const { path, ...image } = imageArg(args, opts)
     const repair = opts['repair']
     if (repair !== undefined && repair !== 'leaks' && repair !== 'all') {
       io.stderr.write(`imgtool: Unknown option value for -r (expecting 'leaks' or 'all'): ${String(repair)}\n`)
@@ -25,7 +25,7 @@ const check: CommandModule = {
     }
     return runCheck(io, {
       path,
-      image: parseImageOptions(opts),
+      image,
       output: parseOutput(opts),
       quiet: Boolean(opts['quiet']),
       repair: repair as 'leaks' | 'all' | undefined,

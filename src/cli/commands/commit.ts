@@ -4,7 +4,7 @@
  * into its origin (--origin ORIGIN, as merge). The image's format decides.
  */
 import type { CommandModule } from '../command.js'
-import { addImageOptions, addOutputOption, oneImageArg, parseImageOptions, parseOutput, printJson } from '../common.js'
+import { addImageOptions, addOutputOption, oneImageArg, parseImageOptions, parseOutput, parseRateLimit, printJson } from '../common.js'
 
 const CACHE_MODES = ['none', 'writeback', 'writethrough', 'directsync', 'unsafe']
 
@@ -18,12 +18,14 @@ const commit: CommandModule = {
       .option('-d, --keep', "keep the overlay's data (do not empty it)")
       .option('-p, --progress', 'show progress')
       .option('-q, --quiet', 'print nothing')
+      .option('-r, --rate-limit <rate>', 'copy at most RATE bytes per second (qemu suffixes: k, M, G...)')
       .argument('<image>')
   },
   async run(args, opts, io) {
     const { UsageError, isFormatName, commit: commitImage } = await import('../../index.js')
     const path = oneImageArg(args)
     const { format, options } = parseImageOptions(opts)
+    const rateLimit = parseRateLimit(opts['rateLimit'])
     const cache = opts['cache']
     if (cache !== undefined && !CACHE_MODES.includes(String(cache))) throw new UsageError(`Invalid cache option: ${String(cache)}`)
     const originFormat = options['origin_format']
@@ -42,6 +44,7 @@ const commit: CommandModule = {
         ...(format !== undefined ? { format } : {}),
         ...(typeof opts['base'] === 'string' ? { base: opts['base'] } : {}),
         keepOverlay: Boolean(opts['keep']),
+        ...(rateLimit ? { rateLimit } : {}),
         ...(options['origin'] !== undefined ? { origin: options['origin'] } : {}),
         ...(originFormat !== undefined ? { originFormat } : {}),
         onProgress: progress.update,

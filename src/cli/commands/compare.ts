@@ -14,6 +14,7 @@ const compare: CommandModule = {
       .option('-p, --progress', "show progress (a terminal line; otherwise qemu-img's '    (NN.NN/100%)' lines)")
       .option('-q, --quiet', 'print nothing')
       .option('-U, --force-share', 'open without image locks (read-only; the image may be in use)')
+      .option('--image-opts', 'both images are given as driver=FMT,file.filename=PATH (qemu-img --image-opts; simple spellings only)')
       .argument('<image1>')
       .argument('<image2>')
   },
@@ -29,12 +30,18 @@ const compare: CommandModule = {
         return f
       }
       const formats: [ReturnType<typeof fmt>, ReturnType<typeof fmt>] = [fmt(opts['format']), fmt(opts['secondFormat'])]
+      const paths = [args[0]!, args[1]!]
+      if (opts['imageOpts'] === true) {
+        if (formats[0] !== undefined || formats[1] !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive')
+        const { parseImageOptsArg } = await import('../common.js')
+        for (const i of [0, 1] as const) ({ path: paths[i], format: formats[i] } = parseImageOptsArg(paths[i]!))
+      }
       const { startProgress } = await import('../progress.js')
       const json = parseOutput(opts) === 'json'
       const progress = await startProgress(io, 'comparing', { requested: Boolean(opts['progress']), quiet: Boolean(opts['quiet']), dataOnStdout: json })
       let r: Awaited<ReturnType<typeof compare>>
       try {
-        r = await compare(args[0]!, args[1]!, {
+        r = await compare(paths[0]!, paths[1]!, {
           strict: Boolean(opts['strict']),
           formats,
           ...(typeof opts['origin'] === 'string' ? { origin: opts['origin'] } : {}),

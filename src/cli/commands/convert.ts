@@ -1,4 +1,4 @@
-import type { CacheMode } from '../../index.js'
+import type { CacheMode, SalvageEvent } from '../../index.js'
 import type { CommandModule } from '../command.js'
 import { accumulateOptions, parseKeyValues } from '../common.js'
 
@@ -11,15 +11,14 @@ const convert: CommandModule = {
       .option('-f, --format <fmt>', 'source format (probed when absent)')
       .option(
         '-O, --output-format <fmt>',
-        'target format: raw, qcow2, vpc, vmdk (-o subformat=monolithicSparse|monolithicFlat|streamOptimized), or dmsnap (a COW store against -o origin=PATH)',
-        'raw',
+        'target format: raw (the default), qcow2, vpc, vmdk (-o subformat=monolithicSparse|monolithicFlat|streamOptimized), or dmsnap (a COW store against -o origin=PATH)',
       )
       .option('--origin <path>', 'origin of a dm-snapshot source (with -f dmsnap)')
       .option('-c, --compress', 'write compressed clusters (qcow2; accepted for vmdk, whose streamOptimized grains are always compressed)')
       .option('-o, --options <opts>', 'target format options (as for create); may be repeated', accumulateOptions)
       .option('-B, --backing <file>', 'target backing file: only data not in it is written')
       .option('-F, --backing-format <fmt>', 'format of the -B backing file')
-      .option('-S, --sparse-size <size>', 'zero runs of at least SIZE bytes are left sparse (0: write all)', '4k')
+      .option('-S, --sparse-size <size>', 'zero runs of at least SIZE bytes are left sparse (0: write all; default 4k)')
       .option('-m, --parallel <n>', 'I/Os in flight', '4')
       .option(
         '-t, --cache <mode>',
@@ -34,19 +33,49 @@ const convert: CommandModule = {
       .option('-U, --force-share', 'open the source without image locks (it may be in use)')
       .option('--bitmaps', 'copy the persistent bitmaps (qcow2 to qcow2)')
       .option('--skip-broken-bitmaps', 'with --bitmaps: skip in-use (inconsistent) bitmaps with a warning')
+      .option('-l, --snapshot <param>', 'convert an internal snapshot of the source: snapshot.id=ID, snapshot.name=NAME, or a bare id or name')
+      .option('--image-opts', 'the source is given as driver=FMT,file.filename=PATH (qemu-img --image-opts; simple spellings only)')
+      .option('--target-image-opts', 'with -n: the target is given as driver=FMT,file.filename=PATH')
+      .option('-r, --rate-limit <rate>', 'read at most RATE bytes per second (qemu suffixes: k, M, G...)')
+      .option('-C, --copy-range', "copy offloading, as qemu-img -C (not with -c, -S or --salvage); imgtool's copy is the same")
+      .option('--salvage', 'read errors of the source become zeros in the target, each failed sector reported on stderr (unless -q)')
       .argument('<source>')
       .argument('<target>')
   },
   async run(args, opts, io) {
     const { CACHE_MODES, UsageError, convert, isFormatName, parseSize } = await import('../../index.js')
     if (args.length !== 2) throw new UsageError('Expecting one source and one target')
-    const [srcPath, dstPath] = args as [string, string]
-    const outFmt = String(opts['outputFormat'] ?? 'raw')
+    let [srcPath, dstPath] = args as [string, string]
+    let outFmt = String(opts['outputFormat'] ?? 'raw')
+    if (opts['imageOpts'] === true || opts['targetImageOpts'] === true) {
+      const { parseImageOptsArg } = await import('../common.js')
+      if (opts['imageOpts'] === true) {
+        if (opts['format'] !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive')
+        const o = parseImageOptsArg(srcPath)
+        srcPath = o.path
+        if (o.format !== undefined) opts['format'] = o.format
+      }
+      if (opts['targetImageOpts'] === true) {
+        if (opts['create'] !== false) throw new UsageError('--target-image-opts requires use of -n flag')
+        if (opts['outputFormat'] !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive')
+        const t = parseImageOptsArg(dstPath)
+        if (t.format === undefined) throw new UsageError(`Could not open '${dstPath}': imgtool needs the target's format (driver=FMT)`)
+        dstPath = t.path
+        outFmt = t.format
+      }
+    }
     if (outFmt !== 'raw' && outFmt !== 'qcow2' && outFmt !== 'dmsnap' && outFmt !== 'vpc' && outFmt !== 'vmdk')
       throw new UsageError(`Unknown target format '${outFmt}' (raw, qcow2, dmsnap, vpc, vmdk)`)
     const srcFmt = opts['format'] === undefined ? undefined : String(opts['format'])
     if (srcFmt !== undefined && !isFormatName(srcFmt)) throw new UsageError(`Unknown file format '${srcFmt}'`)
     const compress = Boolean(opts['compress'])
+    if (opts['copyRange'] === true) {
+      if (compress) throw new UsageError('Cannot enable copy offloading when -c is used')
+      if (opts['sparseSize'] !== undefined) throw new UsageError('Cannot enable copy offloading when -S is used')
+      if (opts['salvage'] === true) throw new UsageError('Cannot use copy offloading in salvaging mode')
+    }
+    const { parseRateLimit } = await import('../common.js')
+    const rateLimit = parseRateLimit(opts['rateLimit'])
     if (compress && outFmt !== 'qcow2' && outFmt !== 'vmdk') throw new UsageError('Compression not supported for this file format')
     const minSparse = parseSize(String(opts['sparseSize'] ?? '4k'), '-S')
     const inFlight = Number(opts['parallel'] ?? 4)
@@ -63,7 +92,21 @@ const convert: CommandModule = {
     const origin = typeof opts['origin'] === 'string' ? { origin: opts['origin'] } : {}
     const { startProgress } = await import('../progress.js')
     const progressOptions = { requested: Boolean(opts['progress']), quiet: Boolean(opts['quiet']) }
-    const common = { ...(srcFmt !== undefined ? { format: srcFmt } : {}), ...origin, forceShare: opts['forceShare'] === true, parallel: inFlight }
+    const common = {
+      ...(srcFmt !== undefined ? { format: srcFmt } : {}),
+      ...origin,
+      forceShare: opts['forceShare'] === true,
+      parallel: inFlight,
+      ...(rateLimit ? { rateLimit } : {}),
+    }
+    if (typeof opts['snapshot'] === 'string') {
+      const { parseSnapshotParam } = await import('../common.js')
+      Object.assign(common, { snapshot: parseSnapshotParam(opts['snapshot']) })
+    }
+    if (opts['salvage'] === true) {
+      const quiet = Boolean(opts['quiet'])
+      Object.assign(common, { salvage: (ev: SalvageEvent) => quiet || io.stderr.write(`imgtool: warning: ${salvageWarning(ev)}\n`) })
+    }
     // persistent bitmaps (--bitmaps, --skip-broken-bitmaps)
     Object.assign(common, {
       ...(opts['bitmaps'] ? { bitmaps: true } : {}),
@@ -108,4 +151,11 @@ const convert: CommandModule = {
     return 0
   },
 }
+/** qemu-img's warning for a sector --salvage turned into zeros (the errno's text, as strerror words it) */
+function salvageWarning(ev: SalvageEvent): string {
+  const errno = (ev.error as { errno?: unknown }).errno
+  const text = errno === 'ENOSPC' ? 'No space left on device' : errno === 'EACCES' ? 'Permission denied' : 'Input/output error'
+  return ev.kind === 'read' ? `error while reading offset ${ev.offset}: ${text}` : `error while reading block status at offset ${ev.offset}: ${text}`
+}
+
 export default convert

@@ -1,19 +1,18 @@
 import type { CommandModule } from '../command.js'
-import { addImageOptions, addOutputOption, oneImageArg, parseImageOptions, parseOutput, printJson } from '../common.js'
+import { addImageOptions, addImageOptsOption, addOutputOption, imageArg, parseOutput, printJson } from '../common.js'
 
 const info: CommandModule = {
   name: 'info',
   description: 'show information about an image (qemu-img info)',
   configure(cmd) {
-    addOutputOption(addImageOptions(cmd))
+    addOutputOption(addImageOptsOption(addImageOptions(cmd)))
       .option('--backing-chain', 'show every image of the backing chain')
       .option('--table', "human output as a table (imgtool's older layout) instead of qemu-img's lines")
       .option('-U, --force-share', 'open without image locks (read-only; the image may be in use)')
       .argument('<image>')
   },
   async run(args, opts, io) {
-    const path = oneImageArg(args)
-    const { format, options } = parseImageOptions(opts)
+    const { path, format, options } = imageArg(args, opts)
     const output = parseOutput(opts)
     const { imageInfo } = await import('../../index.js')
     const { infoHuman, infoJson, infoTable } = await import('../render/info.js')

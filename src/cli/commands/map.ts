@@ -1,20 +1,19 @@
 import type { CommandModule } from '../command.js'
-import { addImageOptions, addOutputOption, oneImageArg, parseImageOptions, parseOutput } from '../common.js'
+import { addImageOptions, addImageOptsOption, addOutputOption, imageArg, parseOutput } from '../common.js'
 import { writeOut } from '../stream.js'
 
 const map: CommandModule = {
   name: 'map',
   description: 'show the allocation status of every guest range (qemu-img map)',
   configure(cmd) {
-    addOutputOption(addImageOptions(cmd))
+    addOutputOption(addImageOptsOption(addImageOptions(cmd)))
       .option('--start-offset <n>', 'first guest byte to map')
       .option('--max-length <n>', 'how many guest bytes to map')
       .option('-U, --force-share', 'open without image locks (read-only; the image may be in use)')
       .argument('<image>')
   },
   async run(args, opts, io) {
-    const path = oneImageArg(args)
-    const { format, options } = parseImageOptions(opts)
+    const { path, format, options } = imageArg(args, opts)
     const output = parseOutput(opts)
     const { mapImage } = await import('../../index.js')
     const records = mapImage(path, {

@@ -1,5 +1,5 @@
 import type { CommandModule } from '../command.js'
-import { accumulateOptions, parseImageOptions, parseKeyValues, printJson } from '../common.js'
+import { accumulateOptions, parseImageOptions, parseImageOptsArg, parseKeyValues, parseSnapshotParam, printJson } from '../common.js'
 
 /** imgtool measure [--output human|json] [-O FMT] [-o OPTS] [--size N | [-f FMT] [-l SNAPSHOT] FILENAME] (qemu-img measure's syntax) */
 const measureCommand: CommandModule = {
@@ -17,8 +17,9 @@ const measureCommand: CommandModule = {
       )
       .option('--size <size>', 'measure an empty image of SIZE bytes (instead of FILENAME)')
       .option('-f, --format <fmt>', 'source format (probed when absent)')
-      .option('-l, --snapshot <name>', 'an internal snapshot of the source (not supported)')
+      .option('-l, --snapshot <param>', 'measure an internal snapshot of the source: snapshot.id=ID, snapshot.name=NAME, or a bare id or name')
       .option('-U, --force-share', 'open the source without image locks')
+      .option('--image-opts', 'the source is given as driver=FMT,file.filename=PATH (qemu-img --image-opts; simple spellings only)')
       .argument('[filename...]')
   },
   async run(args, opts, io) {
@@ -36,13 +37,18 @@ const measureCommand: CommandModule = {
         )
       }
     }
-    const { format } = parseImageOptions({ format: opts['format'] })
-    const r = await measure(args[0], {
+    let { format } = parseImageOptions({ format: opts['format'] })
+    let source = args[0]
+    if (opts['imageOpts'] === true) {
+      if (format !== undefined) throw new UsageError('--image-opts and --format are mutually exclusive')
+      if (source !== undefined) ({ path: source, format } = parseImageOptsArg(source))
+    }
+    const r = await measure(source, {
       ...(format !== undefined ? { format } : {}),
       targetFormat: String(opts['outputFormat'] ?? 'raw'),
       targetOptions: parseKeyValues(opts['options'] as string | undefined),
       ...(size !== undefined ? { size } : {}),
-      ...(typeof opts['snapshot'] === 'string' ? { snapshot: opts['snapshot'] } : {}),
+      ...(typeof opts['snapshot'] === 'string' ? { snapshot: parseSnapshotParam(opts['snapshot']) } : {}),
       forceShare: opts['forceShare'] === true,
       ...(io.signal ? { signal: io.signal } : {}),
     })

@@ -14,6 +14,7 @@ const rebase: CommandModule = {
       .requiredOption('-b, --backing <file>', "the new backing file ('' for none: the image is flattened)")
       .option('-F, --backing-format <fmt>', 'the new backing file format (required with a backing file)')
       .option('-u, --unsafe', 'only change the name in the header; nothing is compared or copied')
+      .option('-c, --compress', 'write the copied clusters compressed (qemu-img 8.2; not with -u)')
       .option('-p, --progress', 'show progress')
       .option('-q, --quiet', 'no progress output')
       .argument('<image>')
@@ -33,6 +34,7 @@ const rebase: CommandModule = {
         ...(f !== undefined ? { format: f } : {}),
         ...(backingFormat !== undefined ? { backingFormat } : {}),
         unsafe: Boolean(opts['unsafe']),
+        ...(opts['compress'] === true ? { compress: true } : {}),
         onProgress: progress.update,
       })
       ok = true

@@ -8,6 +8,7 @@ const resize: CommandModule = {
   configure(cmd) {
     addImageOptions(cmd)
       .option('--shrink', 'allow shrinking (only unallocated space past the new end may be cut)')
+      .option('--preallocation <mode>', 'growing only: off, falloc or full for raw images; off for qcow2')
       .option('-q, --quiet', 'print nothing')
       .argument('<image>')
       .argument('<size>', 'new size, or +SIZE / -SIZE')
@@ -21,6 +22,7 @@ const resize: CommandModule = {
       ...(format !== undefined ? { format } : {}),
       options,
       shrink: Boolean(opts['shrink']),
+      ...(typeof opts['preallocation'] === 'string' ? { preallocation: opts['preallocation'] } : {}),
       onNotice: (n) => void io.stderr.write(`imgtool: ${n}\n`),
     })
     if (!opts['quiet']) io.stdout.write('Image resized.\n')

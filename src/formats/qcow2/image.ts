@@ -5,7 +5,7 @@
 import { UnsupportedFeatureError } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
 import { l2CacheBudget, type OpenContext, type OpenImageOptions } from '../../image/context.js'
-import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
+import type { DiskImage, Extent, ImageInfo, SnapshotSelector } from '../../image/disk-image.js'
 import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../../check/types.js'
 import { checkGuestRange } from '../../image/range.js'
 import { bitmapFlagNames, readBitmapDirectory, type Qcow2Bitmap } from './spec/bitmap-directory.js'
@@ -283,6 +283,32 @@ export class Qcow2Image implements DiskImage {
     const h = this.header
     if (h.cryptMethod === CRYPT_AES) return { format: 'aes' }
     return readLuksInfo(this.device, this.filename, h.crypto!)
+  }
+
+  /**
+   * A read-only view of an internal snapshot (qemu-img convert/measure -l): the snapshot's L1 table over
+   * this image's files, the current virtual size (as qemu's qcow2_snapshot_load_tmp), no writer. Closing
+   * the view closes nothing; it must not be used after this image is closed.
+   */
+  async loadSnapshot(selector: SnapshotSelector): Promise<DiskImage> {
+    const { findSnapshotToLoad, readSnapshotL1 } = await import('./ops/snapshot-view.js')
+    if (!this.readOnly) throw new UnsupportedFeatureError(`qcow2: ${this.filename}: a snapshot is loaded for reading only from an image opened read-only`)
+    const sn = findSnapshotToLoad(this.snapshots, selector, this.filename)
+    const l1 = await readSnapshotL1(this.state, sn)
+    const header: Qcow2Header = { ...this.header, l1Size: sn.l1Size, l1TableOffset: sn.l1TableOffset }
+    const inner = new Qcow2Image(this.device, header, l1, this.dataDevice, this.backing, this.snapshots, this.bitmaps, this.context, this.openOptions)
+    return {
+      format: inner.format,
+      filename: inner.filename,
+      virtualSize: inner.virtualSize,
+      readOnly: true,
+      backing: inner.backing,
+      read: (offset, length) => inner.read(offset, length),
+      extents: (offset, length) => inner.extents(offset, length),
+      info: () => inner.info(),
+      flush: async () => undefined,
+      close: async () => undefined,
+    }
   }
 
   /** qemu-img check's verdict (check.ts) */

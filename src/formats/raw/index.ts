@@ -5,3 +5,4 @@
  */
 export { RawImage, rawDriver } from './image.js'
 export { parseRawPreallocation } from './create.js'
+export { resizeRaw } from './resize.js'

@@ -12,6 +12,7 @@
 import { UsageError, checkAborted } from '../../../errors.js'
 import type { DiskImage } from '../../../image/disk-image.js'
 import { setBitmap, setStandard } from '../spec/l2-meta.js'
+import { RateLimiter } from '../../../util/rate.js'
 import { commit, prepareTable, undo, type TableWork } from '../write/commit.js'
 import type { Qcow2Writer } from '../write/write.js'
 import { writerOf, type Qcow2OpenImage } from './open-image.js'
@@ -19,6 +20,8 @@ import { writerOf, type Qcow2OpenImage } from './open-image.js'
 export interface CommitQcow2Options {
   /** keep the overlay's data (qemu-img commit -d; implied by -b) */
   keepOverlay: boolean
+  /** qemu-img commit -r: at most this many bytes copied per second */
+  rateLimit?: number
   onProgress?: (done: number, total: number) => void
   signal?: AbortSignal
 }
@@ -45,6 +48,7 @@ export async function commitQcow2(top: Qcow2OpenImage & DiskImage, base: DiskIma
     )
   }
   const size = top.virtualSize
+  const limiter = o.rateLimit ? new RateLimiter(o.rateLimit) : undefined
   let committed = 0
   for await (const e of top.extents(0, size)) {
     checkAborted(o.signal, 'commit')
@@ -55,6 +59,7 @@ export async function commitQcow2(top: Qcow2OpenImage & DiskImage, base: DiskIma
         if (base.writeZeroes) await base.writeZeroes(p, n)
         else await base.write(p, new Uint8Array(n))
       } else {
+        await limiter?.take(n)
         await base.write(p, await top.read(p, n))
       }
       committed += n

@@ -19,6 +19,7 @@ import { alignUp, putU32be, putU64be } from '../../../util/bytes.js'
 import { EXT_BACKING_FORMAT, EXT_CRYPTO, MAX_BACKING_FILE_NAME } from '../spec/constants.js'
 import { dataFileRaw, hasDataFile, readHeader, type Qcow2Header } from '../spec/header.js'
 import type { Qcow2State } from '../read/state.js'
+import { compressCluster } from '../write/compress-write.js'
 import type { Qcow2Writer } from '../write/write.js'
 import { writerOf, type Qcow2OpenImage } from './open-image.js'
 
@@ -31,6 +32,11 @@ export interface RebaseQcow2Options {
   newBacking?: DiskImage | undefined
   /** only rewrite the header (qemu-img rebase -u) */
   unsafe: boolean
+  /**
+   * qemu-img 8.2's rebase -c: each whole cluster copied in is written compressed (stored as it is when it
+   * does not shrink, as convert -c); a cluster cut short by the image's end is written as it is
+   */
+  compress?: boolean
   onProgress?: (done: number, total: number) => void
   signal?: AbortSignal
 }
@@ -59,6 +65,9 @@ export async function rebaseQcow2(img: Qcow2OpenImage, o: RebaseQcow2Options): P
   if (o.backingFormat !== undefined && new TextEncoder().encode(o.backingFormat).byteLength >= 16) {
     throw new UsageError(`qcow2: ${file}: backing format name '${o.backingFormat}' is longer than 15 bytes`)
   }
+  if (o.compress && o.unsafe) throw new UsageError("Compression can't be used in unsafe mode")
+  if (o.compress && hasDataFile(h))
+    throw new UnsupportedFeatureError(`qcow2: ${file}: compressed clusters are not possible with an external data file (rebase -c)`)
   let bytesCopied = 0
   if (!o.unsafe) bytesCopied = await copyDifferences(img, w, o)
   await w.mutex.run(async () => {
@@ -125,7 +134,9 @@ async function copyDifferences(img: Qcow2OpenImage, w: Qcow2Writer, o: RebaseQco
         const to = Math.min(end, (Math.floor(p / cs) + 1) * cs)
         const a = before.subarray(p - run.guest, to - run.guest)
         if (!equalBytes(a, after.subarray(p - run.guest, to - run.guest))) {
-          await w.write(p, a.slice())
+          const z = o.compress && p % cs === 0 && to - p === cs ? await compressCluster(a, cs, state.header.compressionType) : undefined
+          if (z) await w.writeCompressed(p, z)
+          else await w.write(p, a.slice())
           copied += to - p
         }
         p = to
