@@ -14,8 +14,7 @@ export interface OpenDefect {
   cases: number[]
 }
 
-export const OPEN_DEFECTS: OpenDefect[] = [
-]
+export const OPEN_DEFECTS: OpenDefect[] = []
 
 export function openDefectFor(invariant: string, detail: string): OpenDefect | undefined {
   return OPEN_DEFECTS.find((d) => d.matches(invariant, detail))
