@@ -199,6 +199,8 @@ export interface ConvertOptions extends CommonOptions {
   targetIsZero?: boolean
   /** reads in flight (qemu-img convert -m; default 4) */
   parallel?: number
+  /** qemu-img convert -W: chunks are written as soon as they are read, not in guest order */
+  outOfOrder?: boolean
   /** qemu-img's -U: open the source (and its chain) without image locks */
   forceShare?: boolean
   /** --bitmaps: copy the source's persistent bitmaps (qcow2 to qcow2) */
@@ -253,6 +255,7 @@ function convertFileWith(
     ...(o.skipCreate ? { skipCreate: true } : {}),
     ...(o.targetIsZero ? { targetIsZero: true } : {}),
     ...(o.parallel !== undefined ? { inFlight: o.parallel } : {}),
+    ...(o.outOfOrder ? { outOfOrder: true } : {}),
     ...(o.forceShare ? { sourceForceShare: true } : {}),
     ...(o.salvage ? { salvage: o.salvage } : {}),
     ...(o.snapshot ? { snapshot: o.snapshot } : {}),

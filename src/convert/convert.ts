@@ -70,6 +70,13 @@ export interface ConvertOptions {
   salvage?: (event: SalvageEvent) => void
   /** -r: at most this many bytes of the source read per second (QEMU's rate limit); absent or 0: no limit */
   rateLimit?: number
+  /**
+   * -W: out-of-order writes, as qemu-img convert -W: a chunk is written as soon as it has been read, whatever
+   * chunks before it are still being read; at most `inFlight` chunks are read or written at once. The target
+   * gets the same guest bytes; its layout (qcow2: which host cluster holds which guest cluster) may differ
+   * from an in-order convert's.
+   */
+  outOfOrder?: boolean
 }
 
 /** One sector convert --salvage could not read (kind 'read') or whose allocation status failed ('status'). */
@@ -257,6 +264,19 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     writing.push(done)
     while (writing.length > writesInFlight) await writing.shift()!
   }
+  // -W: every chunk read then written on its own; at most inFlight of them at once, the first failure ends the copy
+  const running = new Set<Promise<void>>()
+  const submit = async (job: Promise<Prepared>): Promise<void> => {
+    if (!options.outOfOrder) {
+      queue.push(job)
+      while (queue.length >= inFlight) await drainOne()
+      return
+    }
+    const run: Promise<void> = job.then((write) => write()).finally(() => running.delete(run))
+    run.catch(() => undefined) // surfaced by the race below or the final wait
+    running.add(run)
+    while (running.size >= inFlight) await Promise.race(running)
+  }
 
   const files = new HostFiles()
   const pool = new BufferPool(chunkSize)
@@ -403,21 +423,20 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
       if (allocateAll && item.kind !== 'data') {
         for (let p = item.c.offset; p < item.c.offset + item.c.length; p += chunkSize) {
           const n = Math.min(chunkSize, item.c.offset + item.c.length - p)
-          queue.push(
+          await submit(
             Promise.resolve(async () => {
               await dst.write!(p, zeroBuffer(n))
               result.bytesWritten += n
               progress(n)
             }),
           )
-          while (queue.length >= inFlight) await drainOne()
         }
         continue
       }
       if (item.kind === 'skip') {
-        queue.push(Promise.resolve(async () => progress(item.c.length)))
+        await submit(Promise.resolve(async () => progress(item.c.length)))
       } else if (item.kind === 'zero') {
-        queue.push(
+        await submit(
           Promise.resolve(async () => {
             if (dst.writeZeroes) await dst.writeZeroes(item.c.offset, item.c.length)
             else await dst.write!(item.c.offset, new Uint8Array(item.c.length))
@@ -427,18 +446,19 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
       } else {
         const p = prepareData(item.c)
         p.catch(() => undefined) // surfaced when drained
-        queue.push(p)
+        await submit(p)
       }
-      while (queue.length >= inFlight) await drainOne()
     }
     while (queue.length > 0) {
       checkAborted(options.signal, 'convert')
       await drainOne()
     }
     while (writing.length > 0) await writing.shift()!
+    while (running.size > 0) await Promise.race(running)
   } finally {
     await Promise.allSettled(queue)
     await Promise.allSettled(writing)
+    await Promise.allSettled(running)
     await files.close()
   }
   const ct = compress ? (dst as unknown as CompressedTarget) : undefined

@@ -39,6 +39,8 @@ export interface ConvertFileOptions {
   compress?: boolean
   minSparse?: number
   inFlight?: number
+  /** -W: out-of-order writes (see ConvertOptions.outOfOrder) */
+  outOfOrder?: boolean
   /** qemu's cache mode for the target (default unsafe, as qemu-img convert: no flush) */
   cache?: CacheMode
   /**
@@ -277,6 +279,7 @@ async function writeTarget(
         ...compressFns,
         ...(o.salvage ? { salvage: o.salvage } : {}),
         ...(o.rateLimit ? { rateLimit: o.rateLimit } : {}),
+        ...(o.outOfOrder ? { outOfOrder: true } : {}),
         ...(o.onProgress ? { onProgress: o.onProgress } : {}),
         ...(o.signal ? { signal: o.signal } : {}),
       })
@@ -311,6 +314,7 @@ async function writeExisting(src: DiskImage, dstPath: string, o: ConvertFileOpti
       ...(o.minSparse !== undefined ? { minSparse: o.minSparse } : {}),
       ...(o.salvage ? { salvage: o.salvage } : {}),
       ...(o.rateLimit ? { rateLimit: o.rateLimit } : {}),
+      ...(o.outOfOrder ? { outOfOrder: true } : {}),
       ...(o.onProgress ? { onProgress: o.onProgress } : {}),
       ...(o.signal ? { signal: o.signal } : {}),
     })

@@ -180,6 +180,8 @@ const CASES: Case[] = [
   { sh: '$T convert -O vmdk v3-c64k.qcow2 out.vmdk', writes: ['out.vmdk'] },
   { sh: '$T convert -O vmdk -o subformat=streamOptimized v3-c64k.qcow2 out.vmdk', writes: ['out.vmdk'] },
   { sh: '$T convert -q -O raw v2-snapshot.qcow2 out.raw; echo "rc=$?"', writes: ['out.raw'] },
+  { sh: '$T convert -W -m 16 -O raw v3-c64k.qcow2 out.raw', writes: ['out.raw'] },
+  { sh: '$T convert -m 17 -O raw v3-c64k.qcow2 out.raw 2>&1 | sed "s/^[a-z-]*: //"; echo "rc=$?"' },
   { sh: "$T convert -O qcow2 chain-top.qcow2 out.qcow2 && $T info out.qcow2 | grep -c '^backing file'", writes: ['out.qcow2'] },
   { sh: '$T convert -O qcow2 missing.qcow2 out.qcow2; echo "rc=$?"', writes: ['out.qcow2'] },
   { sh: '$T resize -q v3-c64k.qcow2 1G; echo "rc=$?"', writes: ['v3-c64k.qcow2'] },

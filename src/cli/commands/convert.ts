@@ -19,7 +19,8 @@ const convert: CommandModule = {
       .option('-B, --backing <file>', 'target backing file: only data not in it is written')
       .option('-F, --backing-format <fmt>', 'format of the -B backing file')
       .option('-S, --sparse-size <size>', 'zero runs of at least SIZE bytes are left sparse (0: write all; default 4k)')
-      .option('-m, --parallel <n>', 'I/Os in flight', '4')
+      .option('-m, --parallel <n>', 'chunks read or written at once, 1 to 16 (as qemu-img convert -m)', '4')
+      .option('-W', 'out-of-order writes: a chunk is written as soon as it is read (qemu-img -W; same guest bytes, layout may differ)')
       .option(
         '-t, --cache <mode>',
         'target cache mode: unsafe (as qemu-img: no flush at all), writeback or none (flushed once, at the end), writethrough or directsync (every write flushed)',
@@ -78,8 +79,8 @@ const convert: CommandModule = {
     const rateLimit = parseRateLimit(opts['rateLimit'])
     if (compress && outFmt !== 'qcow2' && outFmt !== 'vmdk') throw new UsageError('Compression not supported for this file format')
     const minSparse = parseSize(String(opts['sparseSize'] ?? '4k'), '-S')
-    const inFlight = Number(opts['parallel'] ?? 4)
-    if (!Number.isInteger(inFlight) || inFlight < 1) throw new UsageError('-m must be a positive whole number')
+    const inFlight = parseCoroutines(String(opts['parallel'] ?? '4'))
+    if (inFlight === undefined) throw new UsageError('Invalid number of coroutines. Allowed number of coroutines is between 1 and 16')
     const cache = String(opts['cache'] ?? 'unsafe') as CacheMode
     if (!CACHE_MODES.includes(cache)) throw new UsageError(`Invalid cache option: ${cache}`)
     const sourceCache = String(opts['sourceCache'] ?? 'writeback') as CacheMode
@@ -97,6 +98,7 @@ const convert: CommandModule = {
       ...origin,
       forceShare: opts['forceShare'] === true,
       parallel: inFlight,
+      ...(opts['W'] === true ? { outOfOrder: true } : {}),
       ...(rateLimit ? { rateLimit } : {}),
     }
     if (typeof opts['snapshot'] === 'string') {
@@ -159,3 +161,15 @@ function salvageWarning(ev: SalvageEvent): string {
 }
 
 export default convert
+
+/**
+ * -m as qemu-img reads it (qemu_strtol, base 0: leading blanks and a sign allowed, 0x hex, a leading 0 octal,
+ * nothing after the number), between 1 and MAX_COROUTINES (16); undefined for anything else.
+ */
+export function parseCoroutines(text: string): number | undefined {
+  const m = /^\s*([+-]?)(0x[0-9a-f]+|0[0-7]*|[1-9][0-9]*)$/i.exec(text)
+  const digits = m?.[2] ?? ''
+  const magnitude = /^0x/i.test(digits) ? parseInt(digits.slice(2), 16) : digits.startsWith('0') ? parseInt(digits, 8) : parseInt(digits, 10)
+  const n = m ? (m[1] === '-' ? -magnitude : magnitude) : NaN
+  return n >= 1 && n <= 16 ? n : undefined
+}
