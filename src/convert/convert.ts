@@ -45,8 +45,9 @@ export interface ConvertOptions {
    */
   targetDirty?: boolean
   /**
-   * bytes per read and per target write request (default 8 MiB, 2 MiB with -c; rounded to the target's cluster
-   * size): the qcow2 writer's cost per request made 2 MiB requests take 0.4 s of CPU for 2 GiB, 8 MiB ones 0.2 s
+   * bytes per read and per target write request (default 2 MiB, qemu-img's IO_BUF_SIZE; rounded to the target's
+   * cluster size). 8 MiB chunks (the default until 2026-12-05) kept 48 MiB of buffers cycling: the kernel's copies
+   * into and out of buffers no cache held cost 30 % more CPU for raw -> qcow2 (bench/README-write.md)
    */
   chunkSize?: number
   /** reads in flight (default 4) */
@@ -239,7 +240,7 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
   if (compress && !isCompressedTarget(dst)) throw new UsageError(`convert: ${dst.format} targets cannot store compressed clusters (-c)`)
   const cs = isCompressedTarget(dst) ? dst.clusterSize : 65536
   // -c: 2 MiB, as every cluster of a chunk is compressed at once (deflate state per cluster: RSS)
-  const chunkSize = Math.max(cs, Math.floor((options.chunkSize ?? (compress ? 2 : 8) * 1024 * 1024) / cs) * cs)
+  const chunkSize = Math.max(cs, Math.floor((options.chunkSize ?? 2 * 1024 * 1024) / cs) * cs)
   const minSparse = options.minSparse ?? 4096
   const inFlight = Math.max(1, options.inFlight ?? 4)
   const writesInFlight = Math.max(1, options.writesInFlight ?? 2)
