@@ -18,10 +18,11 @@
  *   half-N.{vhd,fixed.vhd,vmdk,stream.vmdk}   half-N.raw converted by qemu-img (the sources of "back to raw")
  */
 import { spawn, spawnSync } from 'node:child_process'
-import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, readFileSync, rmSync, writeFileSync, writeSync } from 'node:fs'
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs'
 import { loadavg } from 'node:os'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { writeRaw } from './gen.mjs'
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
 const WORK = join(ROOT, 'bench', 'work')
@@ -99,36 +100,10 @@ function run(cmd) {
   })
 }
 
-/** compressible but not trivial: runs of one random byte, 1..64 long (the write bench's data) */
-function mixedChunk(n, seed) {
-  const b = Buffer.alloc(n)
-  let x = seed >>> 0 || 1
-  let i = 0
-  while (i < n) {
-    x ^= x << 13
-    x >>>= 0
-    x ^= x >>> 17
-    x ^= x << 5
-    x >>>= 0
-    const len = 1 + (x & 63)
-    b.fill((x >>> 8) & 0xff, i, Math.min(n, i + len))
-    i += len
-  }
-  return b
-}
-
-function writeRaw(path, dataBytes) {
-  const fd = openSync(path, 'w')
-  const chunk = 8 * 1024 * 1024
-  for (let p = 0; p < dataBytes; p += chunk) writeSync(fd, mixedChunk(Math.min(chunk, dataBytes - p), p / chunk + 1), 0, Math.min(chunk, dataBytes - p), p)
-  ftruncateSync(fd, SIZE)
-  closeSync(fd)
-}
-
 async function prepare() {
   mkdirSync(WORK, { recursive: true })
-  if (!existsSync(F.full)) writeRaw(F.full, SIZE)
-  if (!existsSync(F.half)) writeRaw(F.half, SIZE / 2)
+  if (!existsSync(F.full)) writeRaw(F.full, SIZE, SIZE)
+  if (!existsSync(F.half)) writeRaw(F.half, SIZE / 2, SIZE)
   const made = [
     [F.q, ['-O', 'qcow2', F.full]],
     [F.vhd, ['-O', 'vpc', F.half]],

@@ -16,9 +16,10 @@
  *   create          create -f qcow2 -o preallocation=metadata X 1T
  */
 import { spawn, spawnSync } from 'node:child_process'
-import { closeSync, existsSync, ftruncateSync, mkdirSync, openSync, rmSync, writeSync } from 'node:fs'
+import { existsSync, mkdirSync, rmSync } from 'node:fs'
 import { dirname, join, resolve } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { writeRaw } from './gen.mjs'
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..')
 const WORK = join(ROOT, 'bench', 'work')
@@ -50,35 +51,13 @@ function run(cmd, args) {
   })
 }
 
-/** compressible but not trivial: runs of one random byte, 1..64 long */
-function mixedChunk(n, seed) {
-  const b = Buffer.alloc(n)
-  let x = seed >>> 0 || 1
-  let i = 0
-  while (i < n) {
-    x ^= x << 13; x >>>= 0; x ^= x >>> 17; x ^= x << 5; x >>>= 0
-    const len = 1 + (x & 63)
-    b.fill((x >>> 8) & 0xff, i, Math.min(n, i + len))
-    i += len
-  }
-  return b
-}
-
-function writeRaw(path, dataBytes) {
-  const fd = openSync(path, 'w')
-  const chunk = 8 * 1024 * 1024
-  for (let p = 0; p < dataBytes; p += chunk) writeSync(fd, mixedChunk(Math.min(chunk, dataBytes - p), p / chunk + 1), 0, Math.min(chunk, dataBytes - p), p)
-  ftruncateSync(fd, SIZE)
-  closeSync(fd)
-}
-
 async function prepare() {
   mkdirSync(WORK, { recursive: true })
   const full = join(WORK, `mixed-full-${GB}.raw`)
   const half = join(WORK, `half-${GB}.raw`)
   const q = join(WORK, `full-${GB}.qcow2`)
-  if (!existsSync(full)) writeRaw(full, SIZE)
-  if (!existsSync(half)) writeRaw(half, SIZE / 2)
+  if (!existsSync(full)) writeRaw(full, SIZE, SIZE)
+  if (!existsSync(half)) writeRaw(half, SIZE / 2, SIZE)
   if (!existsSync(q)) await run('qemu-img', ['convert', '-O', 'qcow2', full, q])
   return { full, half, q }
 }

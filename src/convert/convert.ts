@@ -47,7 +47,7 @@ export interface ConvertOptions {
   /**
    * bytes per read and per target write request (default 2 MiB, qemu-img's IO_BUF_SIZE; rounded to the target's
    * cluster size). 8 MiB chunks (the default until 2026-12-05) kept 48 MiB of buffers cycling: the kernel's copies
-   * into and out of buffers no cache held cost 30 % more CPU for raw -> qcow2 (bench/README-write.md)
+   * into and out of buffers no cache held cost 30 % more CPU for raw -> qcow2 (bench/README-write.md, 2026-12-05)
    */
   chunkSize?: number
   /** reads in flight (default 4) */
@@ -239,7 +239,6 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
   if (compress && options.targetDirty) throw new UsageError('convert: -c cannot write into a target that holds data (-n without --target-is-zero)')
   if (compress && !isCompressedTarget(dst)) throw new UsageError(`convert: ${dst.format} targets cannot store compressed clusters (-c)`)
   const cs = isCompressedTarget(dst) ? dst.clusterSize : 65536
-  // -c: 2 MiB, as every cluster of a chunk is compressed at once (deflate state per cluster: RSS)
   const chunkSize = Math.max(cs, Math.floor((options.chunkSize ?? 2 * 1024 * 1024) / cs) * cs)
   const minSparse = options.minSparse ?? 4096
   const inFlight = Math.max(1, options.inFlight ?? 4)
