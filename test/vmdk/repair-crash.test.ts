@@ -4,7 +4,9 @@
  * crash group (the image and its undo journal lose power together); at every
  * crash state:
  *  - imgtool's check is no worse than before the repair (corruptions and
- *    check errors each at most what they were; leaked grains are allowed);
+ *    check errors each at most what they were, no finding of a kind the
+ *    damaged image did not have, warnings included; leaked grains are
+ *    allowed);
  *  - qemu-img check on the state's bytes exits as it did on the damaged image
  *    (each distinct state once);
  *  - the guest reads what qemu-img convert -O raw read from the damaged image;
@@ -98,6 +100,9 @@ describeQemu('vmdk repair: crash and fault sweeps, judged by qemu-img', () => {
   async function judge(bytes: Uint8Array, journal: Uint8Array, b: Before): Promise<void> {
     const rep = await checkOf(bytes)
     expect(rep.corruptions, JSON.stringify(rep.findings)).toBeLessThanOrEqual(b.report.corruptions)
+    // warnings count nothing (qemu-img's verdicts), so they are judged by kind: no kind the damaged image lacked
+    const was = new Set(b.report.findings.map((f) => f.kind))
+    for (const f of rep.findings) expect(was.has(f.kind), `a new finding: ${f.message}`).toBe(true)
     expect(rep.checkErrors).toBeLessThanOrEqual(b.report.checkErrors)
     const q = await qemuView(bytes)
     expect(q.check, 'qemu-img check as on the damaged image').toBe(b.qemu.check)
@@ -131,6 +136,9 @@ describeQemu('vmdk repair: crash and fault sweeps, judged by qemu-img', () => {
       const r = await repairOn(image, c.mode, journal)
       expect(r.actions.map((a) => a.kind)).toEqual(c.kinds)
       expect(checkExitCode(r.after)).toBe(c.after)
+      // the kinds the repair fixed are gone from the check after it, warnings and notices included
+      const after = [...r.after.findings, ...(r.after.notices ?? [])].map((f) => f.kind).filter((k) => k !== 'not-repaired')
+      expect(new Set(after)).toEqual(new Set(c.left))
       let states = 0
       for (const s of group.allCrashStates({ subsets: true, torn: true, tornTail: true })) {
         states++

@@ -111,9 +111,13 @@ export interface RepairCase {
   name: string
   damage: Damage
   mode: RepairMode
-  /** imgtool check's exit code before and after the repair */
+  /** imgtool check's exit code before and after the repair: qemu-img check's (a VMDK check counts as qemu-img's) */
   before: number
   after: number
+  /** the kinds the check reports before the repair (findings of any severity, warnings included, and notices) */
+  reported: string[]
+  /** of those, the kinds the check still reports after it (the rest are gone) */
+  left: string[]
   /** the steps the repair takes, in order ([] : it writes nothing) */
   kinds: string[]
   /** the repair keeps every guest byte of the undamaged image (false: the damage itself changed the guest) */
@@ -125,14 +129,36 @@ export interface RepairCase {
  * (qemu-io writes at 0, 64k, 33M).
  */
 export const CASES: RepairCase[] = [
-  { name: 'two leaked grains at the end (-r leaks)', damage: leak(2), mode: 'leaks', before: 0, after: 0, kinds: ['leak-freed'], sameAsBase: true },
-  { name: 'two leaked grains at the end (-r all)', damage: leak(2), mode: 'all', before: 0, after: 0, kinds: ['leak-freed'], sameAsBase: true },
+  {
+    name: 'two leaked grains at the end (-r leaks)',
+    damage: leak(2),
+    mode: 'leaks',
+    before: 0,
+    after: 0,
+    reported: ['leaked-grain'],
+    left: [],
+    kinds: ['leak-freed'],
+    sameAsBase: true,
+  },
+  {
+    name: 'two leaked grains at the end (-r all)',
+    damage: leak(2),
+    mode: 'all',
+    before: 0,
+    after: 0,
+    reported: ['leaked-grain'],
+    left: [],
+    kinds: ['leak-freed'],
+    sameAsBase: true,
+  },
   {
     name: 'a redundant table entry differs',
     damage: rgtEntry(7, 12345),
     mode: 'all',
-    before: 2,
+    before: 0,
     after: 0,
+    reported: ['rgt-differs'],
+    left: [],
     kinds: ['rgt-rewritten'],
     sameAsBase: true,
   },
@@ -142,6 +168,8 @@ export const CASES: RepairCase[] = [
     mode: 'all',
     before: 0,
     after: 0,
+    reported: ['rgt-behind'],
+    left: [],
     kinds: ['rgt-rewritten'],
     sameAsBase: true,
   },
@@ -149,8 +177,10 @@ export const CASES: RepairCase[] = [
     name: 'a redundant directory entry naming a primary table (a new table)',
     damage: rgdAtPrimary,
     mode: 'all',
-    before: 2,
+    before: 0,
     after: 0,
+    reported: ['rgt-differs', 'overlap'],
+    left: [],
     kinds: ['rgt-rewritten', 'rgd-rewritten'],
     sameAsBase: true,
   },
@@ -158,8 +188,10 @@ export const CASES: RepairCase[] = [
     name: 'the redundant directory past the end of the file (moved)',
     damage: rgdPastEnd,
     mode: 'all',
-    before: 2,
+    before: 0,
     after: 0,
+    reported: ['redundant-grain-directory-range', 'rgd-differs'],
+    left: [],
     kinds: ['rgt-rewritten', 'rgd-rewritten', 'rgd-moved'],
     sameAsBase: true,
   },
@@ -167,8 +199,10 @@ export const CASES: RepairCase[] = [
     name: 'the redundant directory on the primary one (both moved off it)',
     damage: rgdOnPrimary,
     mode: 'all',
-    before: 2,
+    before: 0,
     after: 0,
+    reported: ['overlap'],
+    left: [],
     kinds: ['rgt-rewritten', 'rgd-rewritten', 'rgd-moved'],
     sameAsBase: true,
   },
@@ -176,17 +210,21 @@ export const CASES: RepairCase[] = [
     name: 'a redundant table in a leaked grain at the end (the rest of the grain cut, the table rewritten in place)',
     damage: rgdIntoLeak,
     mode: 'all',
-    before: 2,
+    before: 0,
     after: 0,
+    reported: ['rgt-differs'],
+    left: [],
     kinds: ['leak-freed', 'rgt-rewritten'],
     sameAsBase: true,
   },
   {
-    name: 'a leak and a differing redundant table (-r leaks: the corruption stays)',
+    name: 'a leak and a differing redundant table (-r leaks: the redundant table stays)',
     damage: both(leak(1), rgtEntry(7, 12345)),
     mode: 'leaks',
-    before: 2,
-    after: 2,
+    before: 0,
+    after: 0,
+    reported: ['rgt-differs', 'leaked-grain'],
+    left: ['rgt-differs'],
     kinds: ['leak-freed'],
     sameAsBase: true,
   },
@@ -196,6 +234,8 @@ export const CASES: RepairCase[] = [
     mode: 'all',
     before: 1,
     after: 1,
+    reported: ['grain-past-eof', 'rgt-behind', 'leaked-grain'],
+    left: ['grain-past-eof', 'rgt-behind', 'leaked-grain'],
     kinds: [],
     sameAsBase: false,
   },
@@ -203,8 +243,10 @@ export const CASES: RepairCase[] = [
     name: 'two guest grains on one host grain, and a differing redundant table (not repaired)',
     damage: both(overlapGrains(5, 0), rgtEntry(9, 777)),
     mode: 'all',
-    before: 2,
-    after: 2,
+    before: 0,
+    after: 0,
+    reported: ['rgt-differs', 'overlap'],
+    left: ['rgt-differs', 'overlap'],
     kinds: [],
     sameAsBase: false,
   },

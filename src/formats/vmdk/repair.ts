@@ -123,11 +123,62 @@ function withNotice(r: CheckReport, n: Notice | undefined): CheckReport {
   return n ? { ...r, notices: [...(r.notices ?? []), n] } : r
 }
 
-/** A notice that the repair left the image as it was, when there is something it could have meant to fix. */
+/**
+ * What the repair does about a finding or notice, by its kind and whatever its severity (a VMDK check
+ * counts as qemu-img's: the redundant copy's damage and leaked grains are warnings and notices, exit 0):
+ * 'tail' (-r leaks and -r all) the leaked grains at the end; 'redundant' (-r all) the redundant grain
+ * directory and tables made equal to the primary; undefined: nothing (reported as not repaired).
+ */
+export type VmdkFix = 'tail' | 'redundant'
+
+export function fixFor(f: { kind: string; structure: string; message: string }): VmdkFix | undefined {
+  switch (f.kind) {
+    case 'leaked-grain':
+      return 'tail'
+    case 'rgd-differs':
+    case 'rgt-differs':
+    case 'rgt-behind':
+    case 'redundant-grain-directory-range':
+      return 'redundant'
+    case 'gt-past-eof':
+      return /: redundant grain directory entry /.test(f.message) ? 'redundant' : undefined
+    case 'overlap':
+      // an overlap that only a redundant structure takes part in (the primary ones and the grains stay where they are)
+      return /^vmdk: .*: (grain table \d+ \(redundant\)|redundant grain directory) at /.test(f.message) ||
+        / overlaps (grain table \d+ \(redundant\)|redundant grain directory) \(/.test(f.message)
+        ? 'redundant'
+        : undefined
+    default:
+      return undefined
+  }
+}
+
+/** Everything a check reports, findings of every severity and the notices the repair acts on, with what fixes it. */
+function items(r: CheckReport): Array<{ kind: string; fix: VmdkFix | undefined }> {
+  const notices = (r.notices ?? []).filter((n) => n.kind === 'leaked-grain' || n.kind === 'rgt-behind')
+  return [...r.findings, ...notices.map((n) => ({ ...n, severity: 'warning' as const }))].map((f) => ({ kind: f.kind, fix: fixFor(f) }))
+}
+
+/** A notice naming what a check still reports (any severity), when there is any: the repair left it. */
 function notRepaired(r: CheckReport, file: string, why: string): Notice | undefined {
-  const repairable = (r.notices ?? []).some((n) => n.kind === 'leaked-grain' || n.kind === 'rgt-behind')
-  if (r.corruptions + r.checkErrors === 0 && !repairable) return undefined
-  return { kind: 'not-repaired', structure: 'image', message: `vmdk: ${file}: not repaired: ${why}; nothing was written` }
+  const kinds = [...new Set(items(r).map((x) => x.kind))]
+  if (r.corruptions + r.checkErrors === 0 && kinds.length === 0) return undefined
+  return {
+    kind: 'not-repaired',
+    structure: 'image',
+    message: `vmdk: ${file}: not repaired${kinds.length > 0 ? ` (${kinds.join(', ')})` : ''}: ${why}; nothing was written for ${kinds.length === 1 ? 'it' : 'them'}`,
+  }
+}
+
+/** Why what a repair leaves (its after-check) is left, by the kinds of what is left. */
+function whyLeft(r: CheckReport, mode: RepairMode): string {
+  const left = items(r)
+  const why: string[] = []
+  if (left.some((x) => x.fix === undefined)) why.push('imgtool repairs only the redundant grain directory and tables and the leaked end of the file')
+  if (mode === 'leaks' && left.some((x) => x.fix === 'redundant')) why.push("the redundant copy is repaired by --mode all, not 'leaks'")
+  if (left.some((x) => x.fix === 'tail')) why.push('leaked grains before the last grain a table reaches stay (only the end of the file is cut)')
+  if (left.some((x) => x.fix === 'redundant') && mode === 'all') why.push('the redundant copy could not be made equal to the primary')
+  return why.join('; ')
 }
 
 const leakedGrains = (r: CheckReport) => (r.notices ?? []).filter((n) => n.kind === 'leaked-grain').reduce((s, n) => s + (n.cluster ?? 0), 0)
@@ -135,7 +186,8 @@ const leakedGrains = (r: CheckReport) => (r.notices ?? []).filter((n) => n.kind 
 /** The hosted extent read again from `dev` (the repair changes it), with the problems a check-open lets through. */
 async function load(dev: BlockDevice, base: SparseExtent): Promise<{ e: SparseExtent; problems: CorruptImageError[] }> {
   const problems: CorruptImageError[] = []
-  const e = await readSparse(dev, base.file, base.start, base.type, base.line, (p) => problems.push(p))
+  // what QEMU reads as zeros (a directory past the end of the file) is a problem too: the repair never writes there
+  const e = await readSparse(dev, base.file, base.start, base.type, base.line, (p) => problems.push(p), false, problems)
   return { e, problems }
 }
 
@@ -169,20 +221,27 @@ async function repairSteps(
       await dev.flush()
     }
   }
+  // the plan follows the kinds the check reports, whatever their severity (a VMDK check counts as qemu-img's:
+  // the redundant copy's damage and the leaked end are warnings and notices there, exit 0)
+  const wanted = new Set(items(before).map((x) => x.fix))
+  const redundant = mode === 'all' && wanted.has('redundant')
   let model = await readModel(dev, base)
-  const unsound = model.unsound
-  if (!unsound) {
+  const unsound = wanted.has('tail') || redundant ? model.unsound : undefined
+  if ((wanted.has('tail') || redundant) && !unsound) {
+    // the cut takes only bytes nothing reaches: the leaked end, or what a redundant table in a leaked grain left of it
     const cut = planCut(model)
     if (cut) {
       await apply(cut)
       model = await readModel(dev, base)
     }
-    if (mode === 'all') for (const step of await planRedundant(dev, model)) await apply(step)
+    if (redundant) for (const step of await planRedundant(dev, model)) await apply(step)
   }
   let after = await checkOn(dev, layout, base)
   if (unsound) {
     const why = `${unsound.replace(/^vmdk: [^:]*: /, '')} (imgtool repairs the redundant metadata and the end of the file only from a sound primary)`
     after = withNotice(after, notRepaired(after, dev.name, why))
+  } else {
+    after = withNotice(after, notRepaired(after, dev.name, whyLeft(after, mode)))
   }
   const leaksFixed = Math.max(0, leakedGrains(before) - leakedGrains(after))
   const corruptionsFixed = Math.max(0, before.corruptions - after.corruptions)
