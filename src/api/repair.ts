@@ -159,7 +159,12 @@ export async function undoRepair(journalPath: string, imagePath: string, o: Undo
   const journal = await openFileDevice(journalPath, { readOnly: true })
   try {
     const magic = new TextDecoder().decode(await journal.read(0, 16, 'journal'))
-    if (!magic.startsWith('IMGTOOL-QC2UNDO') && !magic.startsWith('IMGTOOL-DMSUNDO') && !magic.startsWith('IMGTOOL-VHDUNDO')) {
+    if (
+      !magic.startsWith('IMGTOOL-QC2UNDO') &&
+      !magic.startsWith('IMGTOOL-DMSUNDO') &&
+      !magic.startsWith('IMGTOOL-VHDUNDO') &&
+      !magic.startsWith('IMGTOOL-VMKUNDO')
+    ) {
       throw new ImgtoolError('WRONG_FORMAT', `${journalPath} is not an imgtool undo journal`, { file: journalPath, structure: 'journal', offset: 0 })
     }
     const current = await imageIdentity(imagePath)
@@ -173,6 +178,10 @@ export async function undoRepair(journalPath: string, imagePath: string, o: Undo
       if (magic.startsWith('IMGTOOL-VHDUNDO')) {
         const { applyVhdUndo } = await import('../formats/vhd/index.js')
         return { regionsRestored: await applyVhdUndo(journal, image, options) }
+      }
+      if (magic.startsWith('IMGTOOL-VMKUNDO')) {
+        const { applyVmdkUndo } = await import('../formats/vmdk/index.js')
+        return { regionsRestored: await applyVmdkUndo(journal, image, options) }
       }
       const { applyUndoJournal } = await import('../formats/dmsnap/index.js')
       return { regionsRestored: await applyUndoJournal(journal, image, options) }

@@ -14,16 +14,7 @@ export interface OpenDefect {
   cases: number[]
 }
 
-export const OPEN_DEFECTS: OpenDefect[] = [
-  // Found by the first runs on VHD and VMDK seeds (issue 13's readers): seeds 1 and 2, 460 mutants.
-  {
-    id: 'VMDK-REPAIR-NONE',
-    why: 'repair and repair --dry-run on a VMDK exit 63 ("does not support checks") where check gives a verdict: VMDK repair is being built (issue 13)',
-    matches: (inv, d) => inv === 'dry-run' && /does not support checks/.test(d),
-    // 27, 29-34, 37-39: their check/open differences are fixed (vmdkcheck); only the dry-run still fails
-    cases: [27, 28, 29, 30, 31, 32, 33, 34, 37, 38, 39],
-  },
-]
+export const OPEN_DEFECTS: OpenDefect[] = []
 
 export function openDefectFor(invariant: string, detail: string): OpenDefect | undefined {
   return OPEN_DEFECTS.find((d) => d.matches(invariant, detail))

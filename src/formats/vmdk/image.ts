@@ -6,7 +6,7 @@
  */
 import { CorruptImageError, ReadOnlyError, UsageError, hex } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
-import type { CheckOptions, CheckReport } from '../../check/types.js'
+import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../../check/types.js'
 import type { OpenContext, OpenImageOptions } from '../../image/context.js'
 import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
 import { checkGuestRange } from '../../image/range.js'
@@ -190,6 +190,12 @@ export class VmdkImage implements DiskImage {
     void options
     const { checkVmdk } = await import('./check.js')
     return checkVmdk(this.filename, this.layout)
+  }
+
+  /** Repair where it is safe (repair.ts): a hosted monolithicSparse extent's redundant metadata and leaked end. */
+  async repair(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult> {
+    const { repairVmdk } = await import('./repair.js')
+    return repairVmdk(this.device, this.layout, options)
   }
 
   async close(): Promise<void> {

@@ -5,6 +5,8 @@ import { openVmdk } from './image.js'
 
 export { VmdkImage, openVmdk } from './image.js'
 export { checkVmdk } from './check.js'
+export { repairVmdk } from './repair.js'
+export { applyVmdkUndo, VMDK_UNDO_MAGIC } from './journal.js'
 export { createVmdk, flatExtentName, parseVmdkCreateOptions, type VmdkCreateOptions } from './create.js'
 export { writeStreamOptimized, type StreamSink, type StreamWriteResult } from './stream.js'
 // for validate: the strict descriptor grammar and the sparse header codec, on bytes it read itself
