@@ -3,7 +3,7 @@
  * where that makes sense), reporting progress through `onProgress` and
  * stopping when its AbortSignal fires. They return data; nothing prints.
  */
-import { UnsupportedFeatureError, UsageError, checkAborted } from '../errors.js'
+import { UsageError, checkAborted } from '../errors.js'
 import { openFileDevice } from '../io/file-device.js'
 import type { DiskImage, SnapshotInfo } from '../image/disk-image.js'
 import { driverFor, makeContext, openImage as openByPath } from '../open.js'
@@ -436,8 +436,7 @@ export interface ResizeOptions extends Qcow2OpOptions {
   shrink?: boolean
   /**
    * qemu-img resize --preallocation, for growing only: raw images take off, falloc and full (as qemu's
-   * file driver); qcow2 images take off (the other modes are refused: imgtool does not preallocate the
-   * new clusters of a resize)
+   * file driver); qcow2 images take off, metadata, falloc and full (laid out as qemu 7.2 lays them out)
    */
   preallocation?: string
   signal?: AbortSignal
@@ -476,15 +475,9 @@ export async function resize(path: string, size: number | string, o: ResizeOptio
       return { size: target, notices }
     }
     if (d.format !== 'qcow2') throw new UsageError(`${d.format}: resize is supported for qcow2 and raw images`)
-    if (prealloc !== undefined && prealloc !== 'off') {
-      throw new UnsupportedFeatureError(
-        `qcow2: ${d.filename}: resize --preallocation=${prealloc} is not supported by imgtool (only off: the new clusters are not preallocated)`,
-        { file: d.filename, structure: 'header' },
-      )
-    }
     const { resizeQcow2 } = await import('../formats/qcow2/index.js')
     closed = true // resizeQcow2 closes the image, whatever happens
-    await resizeQcow2(d as import('../formats/qcow2/index.js').Qcow2Image, target)
+    await resizeQcow2(d as import('../formats/qcow2/index.js').Qcow2Image, target, (prealloc ?? 'off') as 'off' | 'metadata' | 'falloc' | 'full')
     return { size: target, notices }
   } finally {
     if (!closed) await d.close()

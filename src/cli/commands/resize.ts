@@ -8,7 +8,7 @@ const resize: CommandModule = {
   configure(cmd) {
     addImageOptions(cmd)
       .option('--shrink', 'allow shrinking (only unallocated space past the new end may be cut)')
-      .option('--preallocation <mode>', 'growing only: off, falloc or full for raw images; off for qcow2')
+      .option('--preallocation <mode>', 'growing only: off, falloc or full for raw images; off, metadata, falloc or full for qcow2')
       .option('-q, --quiet', 'print nothing')
       .argument('<image>')
       .argument('<size>', 'new size, or +SIZE / -SIZE')

@@ -10,8 +10,13 @@ import { dataFileRaw, hasDataFile, l1EntriesNeeded } from '../spec/header.js'
 import type { Qcow2State } from '../read/state.js'
 import type { Qcow2Writer } from '../write/write.js'
 import { writerOf, type Qcow2OpenImage } from './open-image.js'
+import { preallocateGrowth, type GrowPreallocation } from './resize-prealloc.js'
 
-export async function resizeQcow2(img: Qcow2OpenImage, size: number): Promise<void> {
+/**
+ * `preallocation` (growing only; qemu-img resize --preallocation): metadata, falloc and full map the new
+ * range as qemu 7.2 does (resize-prealloc.ts); the header's size is written last.
+ */
+export async function resizeQcow2(img: Qcow2OpenImage, size: number, preallocation: 'off' | GrowPreallocation = 'off'): Promise<void> {
   const w = writerOf(img)
   const state = img.state
   if (!Number.isSafeInteger(size) || size < 0) throw new UsageError(`qcow2: invalid size ${size}`)
@@ -27,11 +32,55 @@ export async function resizeQcow2(img: Qcow2OpenImage, size: number): Promise<vo
         throw new UnsupportedFeatureError(`qcow2: ${state.filename}: Can't resize a v2 image which has snapshots`)
       }
       if (newSize < h.size) await refuseShrinkOverData(state, newSize)
+      let mode = preallocation
+      // data_file_raw: the new range must be mapped 1:1 too (qemu forces metadata)
+      if (mode === 'off' && newSize > h.size && hasDataFile(h) && dataFileRaw(h)) mode = 'metadata'
+      if (mode !== 'off' && newSize > h.size) {
+        if (h.backingFileOffset !== 0) {
+          throw new UnsupportedFeatureError(
+            `qcow2: ${state.filename}: resize --preallocation=${mode} of an image with a backing file is not supported by imgtool (qemu would also zero the new range over the backing file's data)`,
+          )
+        }
+        const oldSize = h.size
+        await w.refcounts.persist()
+        await w.flushNow()
+        // the L1 table first (old size kept), then the new range, then the size
+        const before = { offset: h.l1TableOffset, size: h.l1Size }
+        await switchSize(w, state.l1, newSize, false)
+        // qemu's allocation cursor (free_cluster_index): past the new L1 table, back to the old one it freed
+        const cs = h.clusterSize
+        const cursor =
+          h.l1TableOffset !== before.offset
+            ? Math.min(Math.ceil((h.l1TableOffset + h.l1Size * 8) / cs), before.size > 0 ? Math.floor(before.offset / cs) : Infinity)
+            : 0
+        if (state.l1.byteLength < h.l1Size * 8) {
+          const grown = new Uint8Array(h.l1Size * 8)
+          grown.set(state.l1)
+          state.replaceL1(grown)
+        }
+        await w.flushNow()
+        await w.refcounts.persist()
+        await w.flushNow()
+        await preallocateGrowth(w, state, oldSize, newSize, mode, cursor)
+        const b = new Uint8Array(8)
+        putU64be(b, 0, newSize)
+        await w.writeMetadata(24, b, 'header')
+        await w.flushNow()
+        h.size = newSize
+        await w.refcounts.persist()
+        await w.flushNow()
+        await w.refcounts.persist()
+        await w.flushNow()
+        return
+      }
       await w.refcounts.persist()
       await w.flushNow()
       await switchSize(w, state.l1, newSize)
       await w.flushNow()
-      if (hasDataFile(h) && dataFileRaw(h) && state.dataDevice !== state.device) await state.dataDevice.truncate(newSize)
+      // the data file follows the new size (qemu truncates it; a plain data file only grows here)
+      if (hasDataFile(h) && state.dataDevice !== state.device && (dataFileRaw(h) || newSize > state.dataDevice.size)) {
+        await state.dataDevice.truncate(newSize)
+      }
       await w.refcounts.persist()
       await w.flushNow()
     })
@@ -60,12 +109,12 @@ async function refuseShrinkOverData(state: Qcow2State, newSize: number): Promise
  * write covers size and L1 fields. A new table the header never pointed at is
  * given back.
  */
-async function switchSize(w: Qcow2Writer, activeL1: Uint8Array, newSize: number): Promise<void> {
+async function switchSize(w: Qcow2Writer, activeL1: Uint8Array, newSize: number, setSize = true): Promise<void> {
   const h = w.header
   const cs = h.clusterSize
   const need = l1EntriesNeeded({ ...h, size: newSize })
   const hdr = new Uint8Array(24) // size (24), crypt_method (32), l1_size (36), l1_table_offset (40)
-  putU64be(hdr, 0, newSize)
+  putU64be(hdr, 0, setSize ? newSize : h.size)
   putU32be(hdr, 8, h.cryptMethod)
   let l1Size = h.l1Size
   let l1Offset = h.l1TableOffset
@@ -96,7 +145,7 @@ async function switchSize(w: Qcow2Writer, activeL1: Uint8Array, newSize: number)
     throw e
   } finally {
     if (switched) {
-      h.size = newSize
+      if (setSize) h.size = newSize
       if (l1Offset !== oldL1.offset) {
         w.guard.setRange(oldL1.offset, oldL1.bytes, undefined)
         w.guard.setRange(l1Offset, l1Size * 8, 'l1')

@@ -247,11 +247,22 @@ export class RefcountWriter {
     this.dirtyBlocks.add(this.blockOffset(ti))
   }
 
-  private async createBlock(ti: number): Promise<void> {
+  /**
+   * Create the refcount block of table index `ti` (inside the table) at free cluster `at`, a
+   * cluster it describes itself: for callers that place blocks as qemu does.
+   */
+  async createBlockAt(ti: number, at: number): Promise<void> {
+    if (ti >= this.tableEntries || this.blockOffset(ti) !== 0 || Math.floor(at / this.perBlock) !== ti || !(await this.isFree(at))) {
+      throw new ImgtoolError('INTERNAL', `qcow2: ${this.file}: refcount block ${ti} cannot be placed at ${hex(at * this.clusterSize)}`)
+    }
+    await this.createBlock(ti, at)
+  }
+
+  private async createBlock(ti: number, at?: number): Promise<void> {
     if (ti >= this.tableEntries) await this.growTable(ti)
     if (this.blockOffset(ti) !== 0) return
     this.structureChanges++
-    const b = await this.find(1)
+    const b = at ?? (await this.find(1))
     this.reserved.add(b, 1)
     try {
       const blk = new Uint8Array(this.clusterSize)
