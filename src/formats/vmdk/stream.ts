@@ -13,7 +13,8 @@
  *
  * Grains are deflated whole (the last grain of the disk zero-padded) with the
  * zlib stream format, level 6 (zlib's default, as QEMU's compress() call),
- * several at once on libuv's thread pool. Grains of zeros are not stored.
+ * a batch of grains per call on libuv's thread pool (util/deflate.ts: the
+ * system zlib through the optional addon, else Node's), several batches at once. Grains of zeros are not stored.
  *
  * Not a durable-in-place format: the file is valid only once the footer and
  * end-of-stream marker are written (before that, open refuses it: no
@@ -21,11 +22,10 @@
  * directory, and the directory before the footer, so a crash leaves a file
  * that open refuses or one that reads whole.
  */
-import { promisify } from 'node:util'
-import { deflate as deflateCb } from 'node:zlib'
 import { checkAborted } from '../../errors.js'
 import type { DiskImage } from '../../image/disk-image.js'
-import { isAllZero, putU32le, putU64le } from '../../util/bytes.js'
+import { putU32le, putU64le } from '../../util/bytes.js'
+import { zlibBlocks } from '../../util/deflate.js'
 import { type VmdkCreateOptions, streamDescriptor } from './create.js'
 import {
   COMPRESSION_DEFLATE,
@@ -42,14 +42,12 @@ import {
   encodeMarker,
 } from './spec.js'
 
-const deflate = promisify(deflateCb)
-
 const GRAIN_SECTORS = 128
 const GRAIN = GRAIN_SECTORS * SECTOR
 const GTES = 512
 const DESCRIPTOR_SECTORS = 20
 /** grains read and deflated at once */
-const BATCH = 16
+const BATCH = 32
 /** batches being read and deflated while earlier ones are written */
 const AHEAD = 3
 /** bytes gathered before one call to the sink */
@@ -192,19 +190,38 @@ export async function writeStreamOptimized(
     result.compressedClusters++
   }
 
-  // a batch is read and deflated while the ones before it are emitted (in order, at most AHEAD in flight)
-  const prepare = (batch: number[]): Promise<Array<Uint8Array | undefined>> =>
-    Promise.all(
-      batch.map(async (g) => {
-        const at = g * GRAIN
-        const n = Math.min(GRAIN, src.virtualSize - at)
-        const bytes = await src.read(at, n)
-        result.bytesRead += n
-        if (isAllZero(bytes)) return undefined
-        const whole = n === GRAIN ? bytes : padded(bytes)
-        return new Uint8Array(await deflate(whole, { level: 6 }))
-      }),
-    )
+  // a batch is read and deflated while the ones before it are emitted (in order, at most AHEAD in flight):
+  // each run of consecutive grains in one read, the batch's grains deflated in one call (util/deflate.ts)
+  const prepare = async (batch: number[]): Promise<Array<Uint8Array | undefined>> => {
+    const packed: Array<Uint8Array | undefined> = new Array<Uint8Array | undefined>(batch.length).fill(undefined)
+    const jobs: Array<Promise<void>> = []
+    for (let i = 0; i < batch.length;) {
+      let j = i + 1
+      while (j < batch.length && batch[j] === batch[j - 1]! + 1) j++
+      const at = batch[i]! * GRAIN
+      const n = Math.min((j - i) * GRAIN, src.virtualSize - at)
+      const first = i
+      jobs.push(
+        src.read(at, n).then(async (bytes) => {
+          result.bytesRead += n
+          // the disk's last grain, cut short by its end, is deflated zero-padded
+          const buf = n % GRAIN === 0 ? bytes : padded(bytes, Math.ceil(n / GRAIN) * GRAIN)
+          const offsets: number[] = []
+          const index: number[] = []
+          for (let k = 0; k * GRAIN < buf.byteLength; k++) {
+            if (isZeroFast(buf.subarray(k * GRAIN, (k + 1) * GRAIN))) continue
+            offsets.push(k * GRAIN)
+            index.push(first + k)
+          }
+          const zs = await zlibBlocks(buf, offsets, GRAIN, 6)
+          for (const [k, z] of zs.entries()) packed[index[k]!] = z
+        }),
+      )
+      i = j
+    }
+    await Promise.all(jobs)
+    return packed
+  }
   const inFlight: Array<{ batch: number[]; packed: Promise<Array<Uint8Array | undefined>> }> = []
   const emitOldest = async (): Promise<void> => {
     const { batch, packed } = inFlight.shift()!
@@ -254,8 +271,14 @@ export async function writeStreamOptimized(
   return result
 }
 
-function padded(b: Uint8Array): Uint8Array {
-  const g = new Uint8Array(GRAIN)
+function padded(b: Uint8Array, size: number): Uint8Array {
+  const g = new Uint8Array(size)
   g.set(b)
   return g
+}
+
+const ZEROS = Buffer.alloc(GRAIN)
+/** a grain of zeros? (memcmp through Buffer.equals) */
+function isZeroFast(b: Uint8Array): boolean {
+  return b[0] === 0 && Buffer.from(b.buffer, b.byteOffset, b.byteLength).equals(ZEROS.subarray(0, b.byteLength))
 }
