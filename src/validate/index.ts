@@ -1,5 +1,19 @@
 /** validate: the library entry of this folder (the public API re-exports it from src/index.ts). */
-export { validate, type ValidateOptions } from './validate.js'
+import type { ValidateOptions } from './validate.js'
+import type { Policy, PolicyInput, PresetName } from './policy.js'
+import type { ValidationReport } from './report.js'
+
+export type { ValidateOptions }
+
+/**
+ * Validate one image file against a policy (a preset name, policy input or a resolved policy) and return the
+ * report. The engine and its format rules load on the first call, so importing the package (and every command that
+ * is not validate) does not pay for them.
+ */
+export async function validate(path: string, policy: PolicyInput | PresetName | Policy = {}, o: ValidateOptions = {}): Promise<ValidationReport> {
+  const engine = await import('./validate.js')
+  return engine.validate(path, policy, o)
+}
 export {
   basePolicy,
   mergePolicy,
