@@ -263,9 +263,9 @@ async function writeTarget(
     try {
       let compressFns: Pick<ConvertOptions, 'compress' | 'compressMany'> = {}
       if (o.compress && o.targetFormat === 'qcow2') {
-        const { CompressPool } = await import('../formats/qcow2/index.js')
+        const { newCompressPool } = await import('../formats/qcow2/index.js')
         const q = dst as import('../formats/qcow2/index.js').Qcow2Image
-        const p = (pool = new CompressPool())
+        const p = (pool = await newCompressPool())
         compressFns = {
           compress: (c) => p.compress(c, q.clusterSize, q.header.compressionType),
           compressMany: (buf, offsets) => p.compressMany(buf, offsets, q.clusterSize, q.header.compressionType),

@@ -8,7 +8,7 @@
 import { UnsupportedFeatureError, UsageError } from '../../../errors.js'
 import { parseSize } from '../../../util/size.js'
 import * as C from '../spec/constants.js'
-import { refcountMetadataSize } from './prealloc-data.js'
+import { refcountMetadataSize } from './refcount-size.js'
 
 /** the keys qemu-img measure accepts for -O qcow2 (qcow2's create options and the file protocol's) */
 const ACCEPTED = new Set([

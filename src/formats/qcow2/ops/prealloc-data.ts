@@ -24,28 +24,9 @@ import type { Qcow2Header } from '../spec/header.js'
 import type { RefcountWriter } from '../write/refcount-writer.js'
 import { getRefcountEntry, refcountsPerBlock, setRefcountEntry } from '../spec/refcount-codec.js'
 import { decodeReftableEntry } from '../read/refcount.js'
+import { refcountMetadataSize } from './refcount-size.js'
 
-/** qcow2_refcount_metadata_size: refcount blocks and table clusters to count `clusters` and themselves. */
-export function refcountMetadataSize(clusters: number, clusterSize: number, order: number, generous: boolean): { blocks: number; table: number } {
-  const perTableCluster = clusterSize / 8
-  const perBlock = refcountsPerBlock(clusterSize, order)
-  let table = 0
-  let blocks = 0
-  let n = 0
-  let last: number
-  do {
-    last = n
-    blocks = Math.ceil((clusters + table + blocks) / perBlock)
-    table = Math.ceil(blocks / perTableCluster)
-    n = clusters + blocks + table
-    if (n === last && generous) {
-      clusters += Math.ceil(table / 2)
-      n = 0
-      generous = false
-    }
-  } while (n !== last)
-  return { blocks, table }
-}
+export { refcountMetadataSize }
 
 /**
  * Lay out the whole virtual size as preallocated data clusters in the image
