@@ -3,7 +3,11 @@
  * Every ratio issue 15 asks for, in one command: imgtool against qemu-img on the same inputs, run
  * alternately (qemu-img first, then imgtool, RUNS rounds), page cache warm, no fsync on either side.
  *
- *   npm run build && node bench/ratios.mjs [--gb 4] [--runs 5] [--only raw-qcow2,qcow2-raw,...] [--list]
+ *   npm run build && node bench/ratios.mjs [--gb 4] [--runs 5] [--only raw-qcow2,qcow2-raw,...] [--list] [--no-native]
+ *
+ * --no-native runs imgtool as on a machine where the optional native addons could not be built (the
+ * IMGTOOL_NO_SEEK_HOLE, IMGTOOL_NO_NATIVE_DEFLATE and IMGTOOL_NO_LOCKS switches): what the README's
+ * "without the addons" figures are.
  *
  * For each measurement: the median wall time of each tool and its range, the ratio of the medians, the
  * ratio of the median CPU times (user + system, /usr/bin/time: it moves less than wall time on a shared
@@ -36,6 +40,9 @@ const opt = (name, dflt) => {
 const GB = Number(opt('--gb', '4'))
 const RUNS = Number(opt('--runs', '5'))
 const SIZE = GB * 1024 ** 3
+const NO_NATIVE = argv.includes('--no-native')
+if (NO_NATIVE) Object.assign(process.env, { IMGTOOL_NO_SEEK_HOLE: '1', IMGTOOL_NO_NATIVE_DEFLATE: '1', IMGTOOL_NO_LOCKS: '1' })
+const LAST = join(WORK, NO_NATIVE ? 'ratios-last-no-native.json' : 'ratios-last.json')
 if (!existsSync(TIME)) {
   console.error('bench/ratios.mjs needs GNU time at /usr/bin/time (Debian: apt-get install time)')
   process.exit(2)
@@ -131,7 +138,7 @@ await prepare()
 for (const f of Object.values(F)) spawnSync('cat', [f], { stdio: ['ignore', 'ignore', 'ignore'] })
 
 const results = []
-console.log(`# imgtool vs qemu-img, ${GB} GiB inputs, ${RUNS} alternating rounds each (${new Date().toISOString()})`)
+console.log(`# imgtool vs qemu-img, ${GB} GiB inputs, ${RUNS} alternating rounds each${NO_NATIVE ? ", imgtool WITHOUT its native addons" : ""} (${new Date().toISOString()})`)
 console.log(`# node ${process.version}; ${spawnSync('qemu-img', ['--version']).stdout.toString().split('\n')[0]}`)
 console.log(`# imgtool ${spawnSync(BIN, ['--version']).stdout.toString().trim().split('\n').join('; ')}`)
 console.log()
@@ -169,6 +176,6 @@ for (const [name, ours, theirs, target] of MEASUREMENTS) {
 const peak = Math.max(...results.map((r) => r.rss))
 console.log()
 console.log(`peak RSS of imgtool over every run: ${peak.toFixed(0)} MiB (target ≤ 150 MiB: ${peak <= 150 ? 'met' : 'NOT met'})`)
-writeFileSync(join(WORK, 'ratios-last.json'), JSON.stringify({ date: new Date().toISOString(), gb: GB, runs: RUNS, results }, null, 1))
+writeFileSync(LAST, JSON.stringify({ date: new Date().toISOString(), gb: GB, runs: RUNS, noNative: NO_NATIVE, results }, null, 1))
 // keep the JSON readable by later tools (and catch a write that silently failed)
-JSON.parse(readFileSync(join(WORK, 'ratios-last.json'), 'utf8'))
+JSON.parse(readFileSync(LAST, 'utf8'))
