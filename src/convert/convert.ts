@@ -215,18 +215,23 @@ export function isZeroFast(b: Uint8Array): boolean {
 export function dataRuns(buf: Uint8Array, offset: number, block: number): Chunk[] {
   if (block <= 0) return [{ offset, length: buf.byteLength }]
   const runs: Chunk[] = []
+  const n = buf.byteLength
+  // one Buffer view of the chunk: each block is compared with the zero buffer by range (memcmp), no view per block
+  const view = Buffer.from(buf.buffer, buf.byteOffset, n)
+  const zeros = block <= ZEROS.byteLength ? ZEROS : undefined
+  let runStart = -1
   let i = 0
-  while (i < buf.byteLength) {
-    const next = Math.min(buf.byteLength, (Math.floor((offset + i) / block) + 1) * block - offset)
+  while (i < n) {
+    const next = Math.min(n, i + block - ((offset + i) % block))
     // most data blocks start with a non-zero byte: no memcmp for those
-    const zero = buf[i] === 0 && buf[next - 1] === 0 && isZeroFast(buf.subarray(i, next))
-    if (!zero) {
-      const last = runs[runs.length - 1]
-      if (last && last.offset + last.length === offset + i) last.length += next - i
-      else runs.push({ offset: offset + i, length: next - i })
-    }
+    const zero = view[i] === 0 && view[next - 1] === 0 && (zeros ? view.compare(zeros, 0, next - i, i, next) === 0 : isZeroFast(view.subarray(i, next)))
+    if (zero) {
+      if (runStart >= 0) runs.push({ offset: offset + runStart, length: i - runStart })
+      runStart = -1
+    } else if (runStart < 0) runStart = i
     i = next
   }
+  if (runStart >= 0) runs.push({ offset: offset + runStart, length: n - runStart })
   return runs
 }
 

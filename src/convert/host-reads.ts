@@ -123,5 +123,23 @@ export async function readGuest(img: DiskImage, src: Source, pos: number, n: num
     if (await files.read(src.file, src.offset, buf, n)) return n === buf.byteLength ? buf : buf.subarray(0, n)
     pool.put(buf)
   }
+  // an image that reads into a caller's buffer (a capability, not a format: vmdk) fills a pooled one
+  const into = (img as Partial<ReadsInto>).readInto
+  if (typeof into === 'function' && n <= pool.size) {
+    const buf = pool.get()
+    const view = n === buf.byteLength ? buf : buf.subarray(0, n)
+    try {
+      await into.call(img, pos, view)
+    } catch (e) {
+      pool.put(buf)
+      throw e
+    }
+    return view
+  }
   return img.read(pos, n)
+}
+
+/** An image that writes guest bytes [offset, offset + buf.byteLength) into `buf`, every byte of it. */
+export interface ReadsInto {
+  readInto(offset: number, buf: Uint8Array): Promise<void>
 }

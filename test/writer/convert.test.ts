@@ -17,6 +17,39 @@ describe('convert over DiskImage', () => {
     expect(dataRuns(b, 0, 0)).toEqual([{ offset: 0, length: 16384 }])
   })
 
+  it('data runs agree with a byte-by-byte reference (unaligned offsets, every block size)', () => {
+    // the reference: each block of [offset, offset + n) aligned to `block`, zero when every byte is 0
+    const slow = (buf: Uint8Array, offset: number, block: number) => {
+      const runs: Array<{ offset: number; length: number }> = []
+      for (let i = 0; i < buf.byteLength;) {
+        const next = Math.min(buf.byteLength, (Math.floor((offset + i) / block) + 1) * block - offset)
+        if (buf.subarray(i, next).some((x) => x !== 0)) {
+          const last = runs[runs.length - 1]
+          if (last && last.offset + last.length === offset + i) last.length += next - i
+          else runs.push({ offset: offset + i, length: next - i })
+        }
+        i = next
+      }
+      return runs
+    }
+    let seed = 12345
+    const rnd = (n: number) => {
+      seed = (seed * 1103515245 + 12345) >>> 0
+      return seed % n
+    }
+    for (let round = 0; round < 60; round++) {
+      const block = [512, 4096, 65536, 3 * 1024 * 1024][round % 4]!
+      const n = 1 + rnd(4 * 1024 * 1024)
+      const backing = new Uint8Array(n + 100)
+      const buf = backing.subarray(rnd(100), rnd(100) + n) // a view at an odd byteOffset
+      // sparse non-zero bytes, some at block edges
+      for (let k = rnd(40); k > 0; k--) buf[rnd(buf.byteLength)] = 1 + rnd(255)
+      if (round % 3 === 0) buf[buf.byteLength - 1] = 7
+      const offset = rnd(8) * 512 + (round % 5 === 0 ? rnd(512) : 0)
+      expect(dataRuns(buf, offset, block), `round ${round}`).toEqual(slow(buf, offset, block))
+    }
+  })
+
   it('copies qcow2 to qcow2 sparsely, compressed, with progress, and compares identical', async () => {
     const files = new MemFiles()
     const a = new MemoryDevice(0, { name: 'a.qcow2' })

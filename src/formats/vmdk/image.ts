@@ -5,7 +5,7 @@
  * and zeroed grains read as zeros, compressed grains are inflated).
  */
 import { CorruptImageError, ReadOnlyError, UsageError, hex } from '../../errors.js'
-import type { BlockDevice } from '../../io/block-device.js'
+import { readInto, type BlockDevice } from '../../io/block-device.js'
 import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../../check/types.js'
 import type { OpenContext, OpenImageOptions } from '../../image/context.js'
 import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
@@ -51,38 +51,87 @@ export class VmdkImage implements DiskImage {
   }
 
   async read(offset: number, length: number): Promise<Uint8Array> {
-    checkGuestRange(`vmdk: ${this.filename}: read`, offset, length, this.virtualSize)
-    if (this.infoOnly) throw new UsageError(`vmdk: ${this.filename}: opened for info only; cannot read`)
     const out = new Uint8Array(length)
-    for (let pos = offset; pos < offset + length;) {
-      const e = this.extentAt(pos)
-      const rel = pos - e.start
-      const n = e.kind === 'flat' ? Math.min(e.start + e.length, offset + length) - pos : Math.min(e.grainSize - (rel % e.grainSize), offset + length - pos)
-      const dst = out.subarray(pos - offset, pos - offset + n)
-      if (e.kind === 'flat') dst.set(await e.device.read(e.hostStart + rel, n, 'data'))
-      else await this.readGrain(e, rel, dst)
-      pos += n
-    }
+    await this.readInto(offset, out)
     return out
   }
 
-  private async readGrain(e: SparseExtent, rel: number, dst: Uint8Array): Promise<void> {
-    const map = this.maps.get(e)!
-    const entry = await map.entry(rel)
-    const inGrain = rel % e.grainSize
-    if (entry.kind === 'unallocated' || entry.kind === 'zero') return
-    if (entry.kind === 'normal') {
-      dst.set(await e.device.read(entry.sector * 512 + inGrain, dst.byteLength, 'data'))
-      return
+  /**
+   * Guest bytes [offset, offset + buf.byteLength) into `buf`, every byte of it written (zeros where the image
+   * stores none), so a caller (convert) can hand in a reused buffer instead of taking a new one per read.
+   */
+  async readInto(offset: number, buf: Uint8Array): Promise<void> {
+    const length = buf.byteLength
+    checkGuestRange(`vmdk: ${this.filename}: read`, offset, length, this.virtualSize)
+    if (this.infoOnly) throw new UsageError(`vmdk: ${this.filename}: opened for info only; cannot read`)
+    for (let pos = offset; pos < offset + length;) {
+      const e = this.extentAt(pos)
+      const rel = pos - e.start
+      const n = Math.min(e.start + e.length, offset + length) - pos
+      const dst = buf.subarray(pos - offset, pos - offset + n)
+      if (e.kind === 'flat') await readInto(e.device, e.hostStart + rel, dst, 'data')
+      else await this.readSparse(e, rel, dst)
+      pos += n
     }
-    const bytes = await map.compressedGrain(entry.sector)
-    if (inGrain + dst.byteLength > bytes.byteLength) {
-      throw new CorruptImageError(
-        `vmdk: ${e.file}: compressed grain at ${hex(entry.sector * 512)}: inflates to ${bytes.byteLength} bytes, fewer than the ${inGrain + dst.byteLength} read from it`,
-        { file: e.file, structure: 'compressed grain', offset: entry.sector * 512 },
+  }
+
+  /**
+   * Bytes [rel, rel + dst.byteLength) of a sparse extent: the grains' entries first, then every read at
+   * once: runs of grains that follow each other in the file in one read each, compressed grains
+   * together (GrainMap.compressedGrains: one read of a stream's span, each grain inflated from it).
+   */
+  private async readSparse(e: SparseExtent, rel: number, dst: Uint8Array): Promise<void> {
+    const map = this.maps.get(e)!
+    const gs = e.grainSize
+    const end = rel + dst.byteLength
+    const jobs: Array<Promise<void>> = []
+    let run: { host: number; at: number; length: number } | undefined
+    const flushRun = () => {
+      if (!run) return
+      const r = run
+      jobs.push(readInto(e.device, r.host, dst.subarray(r.at, r.at + r.length), 'data'))
+      run = undefined
+    }
+    const packed: Array<{ sector: number; inGrain: number; at: number; length: number }> = []
+    for (let pos = rel; pos < end;) {
+      const inGrain = pos % gs
+      const n = Math.min(gs - inGrain, end - pos)
+      const entry = await map.entry(pos)
+      if (entry.kind === 'normal') {
+        const host = entry.sector * 512 + inGrain
+        if (run && run.host + run.length === host && run.length < 8 << 20) run.length += n
+        else {
+          flushRun()
+          run = { host, at: pos - rel, length: n }
+        }
+      } else {
+        flushRun()
+        if (entry.kind === 'compressed') packed.push({ sector: entry.sector, inGrain, at: pos - rel, length: n })
+        // unallocated and zeroed grains read as zeros (dst may be a reused buffer)
+        else dst.fill(0, pos - rel, pos - rel + n)
+      }
+      pos += n
+    }
+    flushRun()
+    if (packed.length > 0) {
+      jobs.push(
+        map.compressedGrains(packed.map((p) => p.sector)).then((grains) => {
+          for (const [i, p] of packed.entries()) {
+            const bytes = grains[i]!
+            if (p.inGrain + p.length > bytes.byteLength) {
+              throw new CorruptImageError(
+                `vmdk: ${e.file}: compressed grain at ${hex(p.sector * 512)}: inflates to ${bytes.byteLength} bytes, fewer than the ${p.inGrain + p.length} read from it`,
+                { file: e.file, structure: 'compressed grain', offset: p.sector * 512 },
+              )
+            }
+            dst.set(bytes.subarray(p.inGrain, p.inGrain + p.length), p.at)
+          }
+        }),
       )
     }
-    dst.set(bytes.subarray(inGrain, inGrain + dst.byteLength))
+    const settled = await Promise.allSettled(jobs)
+    const failed = settled.find((x) => x.status === 'rejected')
+    if (failed) throw (failed as PromiseRejectedResult).reason
   }
 
   async *extents(offset = 0, length = this.virtualSize - offset): AsyncIterable<Extent> {

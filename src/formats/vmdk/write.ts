@@ -125,23 +125,44 @@ export class SparseWriter {
     await this.link(grains)
   }
 
-  /** Law 1, 2 and 4: the grains at the end of the file in one write, flushed; cut back when it fails. */
+  /**
+   * Law 1, 2 and 4: the grains at the end of the file in one write, flushed; cut back when it fails.
+   * When the batch's grains are whole grains lying one after another in one caller's buffer (convert's
+   * usual case), that buffer is written as it is; otherwise the grains are assembled in the writer's own
+   * scratch buffer (reused from batch to batch, used for grain data only), pieces in call order (a later
+   * write wins) and the rest of a partly written grain zero. One write per batch either way.
+   */
   private async writeGrains(grains: NewGrain[]): Promise<void> {
     const e = this.extent
     const gs = e.grainSize
     const start = this.end
-    // one buffer, one copy of the caller's bytes (pieces land in call order: a later write wins)
-    const all = new Uint8Array(grains.length * gs)
-    for (const [i, g] of grains.entries()) for (const p of g.pieces) all.set(p.data, i * gs + p.at)
+    const bytes = contiguous(grains, gs) ?? this.assemble(grains, gs)
     try {
-      await e.device.write(start, all, 'data')
+      await e.device.write(start, bytes, 'data')
       await e.device.flush()
     } catch (err) {
       await e.device.truncate(start).catch(() => undefined)
       throw err
+    } finally {
+      // a scratch buffer larger than the usual batch is not kept
+      if (this.scratch && this.scratch.byteLength > SCRATCH_KEEP) this.scratch = undefined
     }
     for (const [i, g] of grains.entries()) g.sector = (start + i * gs) / SECTOR
     this.end = start + grains.length * gs
+  }
+
+  private scratch: Uint8Array | undefined
+
+  private assemble(grains: NewGrain[], gs: number): Uint8Array {
+    const n = grains.length * gs
+    if (!this.scratch || this.scratch.byteLength < n) this.scratch = new Uint8Array(Math.max(n, Math.min(SCRATCH_KEEP, 2 * n)))
+    const all = this.scratch.subarray(0, n)
+    for (const [i, g] of grains.entries()) {
+      const p0 = g.pieces[0]!
+      if (g.pieces.length !== 1 || p0.at !== 0 || p0.data.byteLength !== gs) all.fill(0, i * gs, (i + 1) * gs)
+      for (const p of g.pieces) all.set(p.data, i * gs + p.at)
+    }
+    return all
   }
 
   /** The primary tables, flushed, then the redundant ones, flushed (one write per table each). */
@@ -187,4 +208,23 @@ export class SparseWriter {
   async flush(): Promise<void> {
     await this.extent.device.flush()
   }
+}
+
+/** the scratch buffer kept between batches: at most this many bytes (convert's batches are 2 to 8 MiB) */
+const SCRATCH_KEEP = 8 * 1024 * 1024
+
+/**
+ * The batch's bytes without a copy: every grain written whole by one piece, the pieces following each
+ * other in one buffer; else undefined.
+ */
+function contiguous(grains: NewGrain[], gs: number): Uint8Array | undefined {
+  let first: Uint8Array | undefined
+  for (const [i, g] of grains.entries()) {
+    if (g.pieces.length !== 1) return undefined
+    const p = g.pieces[0]!
+    if (p.at !== 0 || p.data.byteLength !== gs) return undefined
+    if (!first) first = p.data
+    else if (p.data.buffer !== first.buffer || p.data.byteOffset !== first.byteOffset + i * gs) return undefined
+  }
+  return first && new Uint8Array(first.buffer, first.byteOffset, grains.length * gs)
 }
