@@ -38,7 +38,10 @@ const convert: CommandModule = {
       .option('--image-opts', 'the source is given as driver=FMT,file.filename=PATH (qemu-img --image-opts; simple spellings only)')
       .option('--target-image-opts', 'with -n: the target is given as driver=FMT,file.filename=PATH')
       .option('-r, --rate-limit <rate>', 'read at most RATE bytes per second (qemu suffixes: k, M, G...)')
-      .option('-C, --copy-range', "copy offloading, as qemu-img -C (not with -c, -S or --salvage); imgtool's copy is the same")
+      .option(
+        '-C, --copy-range',
+        'copy offloading, as qemu-img -C: data ranges copied whole by copy_file_range while the kernel can (not with -c, -S or --salvage)',
+      )
       .option('--salvage', 'read errors of the source become zeros in the target, each failed sector reported on stderr (unless -q)')
       .argument('<source>')
       .argument('<target>')
@@ -143,6 +146,7 @@ const convert: CommandModule = {
         cache,
         ...(skipCreate ? { skipCreate } : {}),
         ...(targetIsZero ? { targetIsZero } : {}),
+        ...(opts['copyRange'] === true ? { copyRange: true } : {}),
         onProgress: progress.update,
         ...(io.signal ? { signal: io.signal } : {}),
       })
