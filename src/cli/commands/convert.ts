@@ -110,7 +110,18 @@ const convert: CommandModule = {
     }
     if (opts['salvage'] === true) {
       const quiet = Boolean(opts['quiet'])
-      Object.assign(common, { salvage: (ev: SalvageEvent) => quiet || io.stderr.write(`imgtool: warning: ${salvageWarning(ev)}\n`) })
+      let corruption = false
+      Object.assign(common, {
+        salvage: (ev: SalvageEvent) => {
+          // qemu's qcow2 driver reports a corrupt structure once, -q or not (a read-only source: not marked corrupt)
+          const event = (ev.error as { details?: { qemuCorruption?: unknown } }).details?.qemuCorruption
+          if (typeof event === 'string' && !corruption) {
+            corruption = true
+            io.stderr.write(`qcow2: Image is corrupt: ${event}; further non-fatal corruption events will be suppressed\n`)
+          }
+          if (!quiet) io.stderr.write(`imgtool: warning: ${salvageWarning(ev)}\n`)
+        },
+      })
     }
     // persistent bitmaps (--bitmaps, --skip-broken-bitmaps)
     Object.assign(common, {
