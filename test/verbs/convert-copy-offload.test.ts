@@ -147,9 +147,9 @@ describeQemu('convert -C against qemu-img -C', () => {
         const what = `${fmt}, ${good} good calls`
         expect(failed, what).toBe(fmt === 'raw' ? 1 : 0) // once off, never tried again; qcow2 targets are written whole
         expect((await qemuImg(['compare', '-f', 'raw', '-F', fmt, src.raw!, target])).code, what).toBe(0)
-        const m = JSON.parse(await qemuImgOk(['map', '--output=json', '-f', fmt, target])) as Array<{ start: number; data: boolean }>
+        const m = JSON.parse(await qemuImgOk(['map', '--output=json', '-f', fmt, target])) as Array<{ start: number; length: number; data: boolean }>
         // the zero-filled data range at 1 MiB is the second chunk: allocated while offloading, sparse after it
-        const at1M = m.find((e) => e.start <= 1 << 20 && (e as { length: number }).length + e.start > 1 << 20)!
+        const at1M = m.find((e) => e.start <= 1 << 20 && e.length + e.start > 1 << 20)!
         if (fmt === 'raw') expect(at1M.data, what).toBe(good >= 2)
         else expect(at1M.data, what).toBe(true)
       }
