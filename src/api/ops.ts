@@ -216,6 +216,8 @@ export interface ConvertOptions extends CommonOptions {
   salvage?: (event: SalvageEvent) => void
   /** qemu-img's -r: at most this many bytes per second (0: no limit) */
   rateLimit?: number
+  /** qemu-img's -C: copy offloading (copy_file_range) while it works; not with compress, minSparse or salvage */
+  copyRange?: boolean
   /** qemu-img's -l: convert this internal snapshot of the source (qcow2) instead of its current state */
   snapshot?: SnapshotSelector
 }
@@ -260,6 +262,7 @@ function convertFileWith(
     ...(o.salvage ? { salvage: o.salvage } : {}),
     ...(o.snapshot ? { snapshot: o.snapshot } : {}),
     ...(o.rateLimit ? { rateLimit: o.rateLimit } : {}),
+    ...(o.copyRange ? { copyRange: true } : {}),
     ...(o.onProgress ? { onProgress: o.onProgress } : {}),
     ...(o.signal ? { signal: o.signal } : {}),
   })

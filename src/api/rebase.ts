@@ -59,7 +59,6 @@ export async function rebase(path: string, backingFile: string, o: RebaseOptions
   }
   const backingFormat = flatten ? undefined : o.backingFormat
   if (!o.unsafe && backingFormat !== undefined && !isFormatName(backingFormat)) throw new UsageError(`Unknown driver '${escapeControls(backingFormat)}'`)
-  if (o.compress && o.unsafe) throw new UsageError("Compression can't be used in unsafe mode")
   // unsafe mode needs no working backing file: the image is opened alone (as qemu-img info opens it)
   const d = await openByPath(path, { format: formatOption(o.format), readOnly: false, infoOnly: o.unsafe === true })
   let newBacking: DiskImage | undefined

@@ -9,6 +9,7 @@ import { UsageError, checkAborted } from '../errors.js'
 import type { DiskImage, Extent } from '../image/disk-image.js'
 import { mergeExtents } from '../image/range.js'
 import { RateLimiter } from '../util/rate.js'
+import { CopyOffload, type CopyRange } from './copy-offload.js'
 import { BufferPool, HostFiles, readGuest, sourceOf, type Source } from './host-reads.js'
 
 /** A target that can store compressed clusters (qcow2), found by capability, not by format. */
@@ -78,6 +79,12 @@ export interface ConvertOptions {
    * from an in-order convert's.
    */
   outOfOrder?: boolean
+  /**
+   * -C: copy offloading as qemu-img -C (copy-offload.ts): data chunks go whole through copy_file_range (raw
+   * targets) or the target's write path, until the first one that cannot; `true` uses the native addon, a
+   * function stands in for copy_file_range (tests). Not with `compress`.
+   */
+  copyRange?: true | CopyRange
 }
 
 /** One sector convert --salvage could not read (kind 'read') or whose allocation status failed ('status'). */
@@ -309,6 +316,50 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     return out
   }
   const limiter = options.rateLimit ? new RateLimiter(options.rateLimit) : undefined
+  const offload = options.copyRange && !compress ? CopyOffload.create(src, dst, options.copyRange === true ? undefined : options.copyRange) : undefined
+  /**
+   * -C: the chunk offered to the kernel when its turn to be written comes. One chunk at a time, from the
+   * offer to the submission of its writes, so the target allocates in guest order as qemu-img's does.
+   */
+  let offloadTurn: Promise<unknown> = Promise.resolve()
+  const offloaded = async (c: DataChunk, kernel: CopyOffload): Promise<void> => {
+    const turn = offloadTurn.then(async () => {
+      const how = await kernel.offer(c.source, c.offset, c.length)
+      result.bytesRead += c.length
+      if (how === 'copied') {
+        result.bytesWritten += c.length
+        progress(c.length)
+        return undefined
+      }
+      // offloading is off from now on ('off': zero detection again) or the target writes it ('whole': none)
+      const buf = await readSalvaged(c, [])
+      const runs = how === 'whole' ? [{ offset: c.offset, length: c.length }] : dataRuns(buf, c.offset, minSparse)
+      return { written: writeRuns(c, buf, runs, () => undefined) } // its writes are submitted now
+    })
+    offloadTurn = turn.catch(() => undefined)
+    const r = await turn
+    await r?.written
+  }
+  /** a chunk's data runs written (and, into a target that holds data, zeros in the gaps between them) */
+  const writeRuns = async (c: DataChunk, buf: Uint8Array, runs: Chunk[], report: () => void): Promise<void> => {
+    // every run submitted now, in order; the buffer goes back to the pool once all are written
+    const submitted = runs.map((r) => dst.write!(r.offset, buf.subarray(r.offset - c.offset, r.offset - c.offset + r.length)))
+    // a target that holds data gets zeros in the gaps between the runs (zero blocks -S skipped)
+    if (options.targetDirty) {
+      let at = c.offset
+      for (const r of [...runs, { offset: c.offset + c.length, length: 0 }]) {
+        if (r.offset > at) submitted.push(zeroes(at, r.offset - at))
+        at = r.offset + r.length
+      }
+    }
+    report()
+    const settled = await Promise.allSettled(submitted)
+    const rejected = settled.find((x) => x.status === 'rejected')
+    if (rejected) throw (rejected as PromiseRejectedResult).reason
+    for (const r of runs) result.bytesWritten += r.length
+    pool.put(buf)
+    progress(c.length)
+  }
   const prepareData = async (c: DataChunk): Promise<Prepared> => {
     // zero-flagged data (a host hole under a preallocated cluster) reads as zeros: nothing to
     // write when zero blocks are skipped anyway (-S > 0, or -c)
@@ -318,6 +369,10 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
         await zeroes(c.offset, c.length)
         progress(c.length)
       }
+    }
+    if (offload?.active) {
+      await limiter?.take(c.length)
+      return () => offloaded(c, offload)
     }
     const failed: SalvageEvent[] = []
     await limiter?.take(c.length)
@@ -395,25 +450,7 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
       }
     }
     const runs = dataRuns(buf, c.offset, minSparse)
-    return async () => {
-      // every run submitted now, in order; the buffer goes back to the pool once all are written
-      const submitted = runs.map((r) => dst.write!(r.offset, buf.subarray(r.offset - c.offset, r.offset - c.offset + r.length)))
-      // a target that holds data gets zeros in the gaps between the runs (zero blocks -S skipped)
-      if (options.targetDirty) {
-        let at = c.offset
-        for (const r of [...runs, { offset: c.offset + c.length, length: 0 }]) {
-          if (r.offset > at) submitted.push(zeroes(at, r.offset - at))
-          at = r.offset + r.length
-        }
-      }
-      report()
-      const settled = await Promise.allSettled(submitted)
-      const rejected = settled.find((x) => x.status === 'rejected')
-      if (rejected) throw (rejected as PromiseRejectedResult).reason
-      for (const r of runs) result.bytesWritten += r.length
-      pool.put(buf)
-      progress(c.length)
-    }
+    return () => writeRuns(c, buf, runs, report)
   }
 
   try {
@@ -465,6 +502,7 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     await Promise.allSettled(writing)
     await Promise.allSettled(running)
     await files.close()
+    await offload?.close()
   }
   const ct = compress ? (dst as unknown as CompressedTarget) : undefined
   if (ct?.finishCompressed) await ct.finishCompressed()

@@ -52,6 +52,8 @@ export interface ConvertFileOptions {
   targetIsZero?: boolean
   /** -r: bytes read per second at most */
   rateLimit?: number
+  /** -C: copy offloading as qemu-img -C (see copy-offload.ts) */
+  copyRange?: boolean
   /** -l: an internal snapshot of the source is what is converted (qcow2 sources) */
   snapshot?: SnapshotSelector
   /** --salvage: read errors of the source become zeros in the target, each failed sector reported here */
@@ -280,6 +282,7 @@ async function writeTarget(
         ...(o.salvage ? { salvage: o.salvage } : {}),
         ...(o.rateLimit ? { rateLimit: o.rateLimit } : {}),
         ...(o.outOfOrder ? { outOfOrder: true } : {}),
+        ...(o.copyRange ? { copyRange: true as const } : {}),
         ...(o.onProgress ? { onProgress: o.onProgress } : {}),
         ...(o.signal ? { signal: o.signal } : {}),
       })
@@ -315,6 +318,7 @@ async function writeExisting(src: DiskImage, dstPath: string, o: ConvertFileOpti
       ...(o.salvage ? { salvage: o.salvage } : {}),
       ...(o.rateLimit ? { rateLimit: o.rateLimit } : {}),
       ...(o.outOfOrder ? { outOfOrder: true } : {}),
+      ...(o.copyRange ? { copyRange: true as const } : {}),
       ...(o.onProgress ? { onProgress: o.onProgress } : {}),
       ...(o.signal ? { signal: o.signal } : {}),
     })

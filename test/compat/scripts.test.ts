@@ -194,6 +194,15 @@ const CASES: Case[] = [
   { sh: '$T commit -b chain-base.qcow2 chain-top.qcow2', writes: ['chain-top.qcow2', 'chain-mid.qcow2', 'chain-base.qcow2'] },
   { sh: '$T dd if=v3-c64k.qcow2 of=out.qcow2 -O qcow2 bs=1M count=1 skip=1; echo "rc=$?"', writes: ['out.qcow2'] },
   { sh: '$T dd -f qcow2 -O raw if=v2-c4k.qcow2 of=out.raw; echo "rc=$?"', writes: ['out.raw'] },
+  // convert -C, --salvage, rebase -c, resize --preallocation (issue 14's last flags)
+  { sh: '$T convert -C -O raw v3-c64k.qcow2 out.raw; echo "rc=$?"', writes: ['out.raw'] },
+  { sh: '$T convert -C -O qcow2 chain-top.qcow2 out.qcow2; echo "rc=$?"', writes: ['out.qcow2'] },
+  { sh: '$T convert -C -c -O qcow2 v3-c64k.qcow2 out.qcow2; echo "rc=$?"', writes: ['out.qcow2'] },
+  { sh: "$T convert -C -S 4k -O raw v3-c64k.qcow2 out.raw 2>&1 | sed 's/^[^:]*: //'", writes: ['out.raw'] },
+  { sh: '$T convert -C --salvage -O raw v3-c64k.qcow2 out.raw; echo "rc=$?"', writes: ['out.raw'] },
+  { sh: '$T convert --salvage -O qcow2 v3-compressed-zstd.qcow2 out.qcow2 2>&1; echo "rc=$?"', writes: ['out.qcow2'] },
+  { sh: "$T resize --preallocation=metadata v2-snapshot.qcow2 +1M 2>&1 | sed 's/^[^:]*: //'", writes: ['v2-snapshot.qcow2'] },
+  { sh: '$T resize --preallocation=falloc v3-c64k.qcow2 +1M; echo "rc=$?"', writes: ['v3-c64k.qcow2'] },
 ]
 
 /** Run `sh` in `dir` with `$T` bound to the tool. */
@@ -275,6 +284,12 @@ describeQemu('script compatibility: the same invocations, the same answers', () 
       qemu: [0, /^file format: raw\n$/],
       ours: [0, /^file format: vpc\n$/],
       why: 'qemu-img probes a fixed VHD as raw and shows its footer as guest data; imgtool recognises the footer',
+    },
+    {
+      sh: '$T rebase -c -u -b \'\' chain-top.qcow2 2>/dev/null; echo "rc=$?"',
+      qemu: [0, /^rc=1\n$/],
+      ours: [0, /^rc=0\n$/],
+      why: "-c is qemu-img 8.2's (7.2 has no such option); as 8.2, with -u nothing is copied and -c changes nothing",
     },
   ]
   DIFFERENCES.forEach((d, i) => {

@@ -2,7 +2,8 @@
  * convert --salvage: read errors of the source become zeros, each failed sector reported as qemu-img reports
  * it (one warning line each, the same set of lines), exit 0; without --salvage the error fails the convert.
  * Against qemu-img 7.2 on the same broken images: a qcow2 whose compressed cluster does not inflate (data
- * reads fail), and one whose L2 table offset is unaligned (block status and reads fail).
+ * reads fail), one whose L2 table offset is unaligned (block status and reads fail), and one whose data
+ * cluster offset is unaligned; the qcow2 driver's one "qcow2: Image is corrupt: ..." line as qemu-img's (-q too).
  */
 import { existsSync, openSync, readSync, writeSync, closeSync } from 'node:fs'
 import { join } from 'node:path'
@@ -58,6 +59,25 @@ async function brokenCompressed(dir: string): Promise<string> {
   return img
 }
 
+/** the lines that are not warnings (the qcow2 driver's corruption event), tool name dropped */
+const others = (stderr: string) =>
+  stderr
+    .split('\n')
+    .filter((l) => l !== '' && !l.includes('warning:'))
+    .map((l) => l.replace(/^(qemu-img|imgtool): /, ''))
+
+/** a qcow2 whose L2 entry 1 points 512 bytes into its data cluster: status and reads of that cluster fail */
+async function brokenDataCluster(dir: string): Promise<string> {
+  const img = join(dir, 'd.qcow2')
+  await qemuImgOk(['create', '-q', '-f', 'qcow2', img, '1M'])
+  await qemuIoOk(img, ['write -P 5 0 128k'])
+  const l2 = Number(u64(img, Number(u64(img, 40))) & 0x00fffffffffffe00n)
+  const b = Buffer.alloc(8)
+  b.writeBigUInt64BE(u64(img, l2 + 8) + 0x200n)
+  put(img, l2 + 8, b)
+  return img
+}
+
 /** a qcow2 whose L1 entry 0 points at an unaligned L2 table: status and reads of its range fail */
 async function brokenL2(dir: string): Promise<string> {
   const img = join(dir, 'b.qcow2')
@@ -78,6 +98,7 @@ describeQemu('convert --salvage against qemu-img', () => {
   for (const [name, make, lines] of [
     ['a compressed cluster that does not inflate', brokenCompressed, 128],
     ['an unaligned L2 table', brokenL2, 6144],
+    ['an unaligned data cluster', brokenDataCluster, 384],
   ] as const) {
     for (const fmt of ['raw', 'qcow2'] as const) {
       it(`${name}, -O ${fmt}: exit 0, the same warnings, the same guest bytes; without --salvage both fail`, async () => {
@@ -91,13 +112,18 @@ describeQemu('convert --salvage against qemu-img', () => {
         expect(o.code).toBe(0)
         expect(warnings(o.stderr)).toEqual(warnings(q.stderr))
         expect(warnings(o.stderr).length).toBe(lines)
+        expect(others(o.stderr)).toEqual(others(q.stderr))
+        expect(others(o.stderr).length).toBe(make === brokenCompressed ? 0 : 1)
         const cmp = await qemuImg(['compare', '-f', fmt, '-F', fmt, ours, theirs])
         expect(cmp.code, cmp.stdout + cmp.stderr).toBe(0)
         if (fmt === 'qcow2') expect((await qemuImg(['check', ours])).code).toBe(0)
         // -q: the same zeros, no words
         const quiet = await cli('convert', '-q', '--salvage', '-O', fmt, src, join(dir, `iq.${fmt}`))
+        const qquiet = await qemuImg(['convert', '-q', '--salvage', '-O', fmt, src, join(dir, `qq.${fmt}`)])
         expect(quiet.code).toBe(0)
-        expect(quiet.stderr).toBe('')
+        expect(warnings(quiet.stderr)).toEqual([])
+        // only the driver's corruption event, which qemu-img prints with -q too
+        expect(others(quiet.stderr)).toEqual(others(qquiet.stderr))
         // no --salvage: the read error fails both, and ours leaves no target
         const failed = join(dir, `f.${fmt}`)
         const of = await cli('convert', '-O', fmt, src, failed)

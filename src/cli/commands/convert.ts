@@ -38,7 +38,10 @@ const convert: CommandModule = {
       .option('--image-opts', 'the source is given as driver=FMT,file.filename=PATH (qemu-img --image-opts; simple spellings only)')
       .option('--target-image-opts', 'with -n: the target is given as driver=FMT,file.filename=PATH')
       .option('-r, --rate-limit <rate>', 'read at most RATE bytes per second (qemu suffixes: k, M, G...)')
-      .option('-C, --copy-range', "copy offloading, as qemu-img -C (not with -c, -S or --salvage); imgtool's copy is the same")
+      .option(
+        '-C, --copy-range',
+        'copy offloading, as qemu-img -C: data ranges copied whole by copy_file_range while the kernel can (not with -c, -S or --salvage)',
+      )
       .option('--salvage', 'read errors of the source become zeros in the target, each failed sector reported on stderr (unless -q)')
       .argument('<source>')
       .argument('<target>')
@@ -107,7 +110,18 @@ const convert: CommandModule = {
     }
     if (opts['salvage'] === true) {
       const quiet = Boolean(opts['quiet'])
-      Object.assign(common, { salvage: (ev: SalvageEvent) => quiet || io.stderr.write(`imgtool: warning: ${salvageWarning(ev)}\n`) })
+      let corruption = false
+      Object.assign(common, {
+        salvage: (ev: SalvageEvent) => {
+          // qemu's qcow2 driver reports a corrupt structure once, -q or not (a read-only source: not marked corrupt)
+          const event = (ev.error as { details?: { qemuCorruption?: unknown } }).details?.qemuCorruption
+          if (typeof event === 'string' && !corruption) {
+            corruption = true
+            io.stderr.write(`qcow2: Image is corrupt: ${event}; further non-fatal corruption events will be suppressed\n`)
+          }
+          if (!quiet) io.stderr.write(`imgtool: warning: ${salvageWarning(ev)}\n`)
+        },
+      })
     }
     // persistent bitmaps (--bitmaps, --skip-broken-bitmaps)
     Object.assign(common, {
@@ -143,6 +157,7 @@ const convert: CommandModule = {
         cache,
         ...(skipCreate ? { skipCreate } : {}),
         ...(targetIsZero ? { targetIsZero } : {}),
+        ...(opts['copyRange'] === true ? { copyRange: true } : {}),
         onProgress: progress.update,
         ...(io.signal ? { signal: io.signal } : {}),
       })

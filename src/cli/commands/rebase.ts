@@ -14,7 +14,7 @@ const rebase: CommandModule = {
       .requiredOption('-b, --backing <file>', "the new backing file ('' for none: the image is flattened)")
       .option('-F, --backing-format <fmt>', 'the new backing file format (required with a backing file)')
       .option('-u, --unsafe', 'only change the name in the header; nothing is compared or copied')
-      .option('-c, --compress', 'write the copied clusters compressed (qemu-img 8.2; not with -u)')
+      .option('-c, --compress', 'write the copied clusters compressed (qemu-img 8.2; with -u nothing is copied, so it changes nothing)')
       .option('-p, --progress', 'show progress')
       .option('-q, --quiet', 'no progress output')
       .argument('<image>')

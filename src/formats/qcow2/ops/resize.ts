@@ -29,7 +29,8 @@ export async function resizeQcow2(img: Qcow2OpenImage, size: number, preallocati
       const h = state.header
       // v3 snapshots keep their own disk sizes (QEMU 7.2 resizes such images); v2 ones do not
       if (state.snapshots.length > 0 && h.version < 3) {
-        throw new UnsupportedFeatureError(`qcow2: ${state.filename}: Can't resize a v2 image which has snapshots`)
+        // qemu-img's words, unprefixed (as it prints them: 'qemu-img: Can't resize ...'); the file is in the details
+        throw new UnsupportedFeatureError("Can't resize a v2 image which has snapshots", { file: state.filename, structure: 'snapshot table' })
       }
       if (newSize < h.size) await refuseShrinkOverData(state, newSize)
       let mode = preallocation

@@ -124,7 +124,12 @@ export class ClusterMapper {
     if (l2Offset % this.clusterSize !== 0) {
       throw new CorruptImageError(
         `qcow2: ${this.file}: L2 table offset ${hex(l2Offset)} is not aligned to cluster size ${hex(this.clusterSize)} (L1 entry ${l1Index} at ${hex(this.header.l1TableOffset + l1Index * 8)})`,
-        { file: this.file, structure: 'l1', offset: this.header.l1TableOffset + l1Index * 8 },
+        {
+          file: this.file,
+          structure: 'l1',
+          offset: this.header.l1TableOffset + l1Index * 8,
+          qemuCorruption: `L2 table offset ${cHex(l2Offset)} unaligned (L1 index: ${cHex(l1Index)})`,
+        },
       )
     }
     const eofLimit = Math.ceil(this.dev.size / this.clusterSize) * this.clusterSize
@@ -343,7 +348,12 @@ export class ClusterMapper {
     if (host % this.clusterSize !== 0) {
       throw new CorruptImageError(
         `qcow2: ${this.file}: data cluster offset ${hex(host)} for guest ${hex(clusterStart)} is not aligned to cluster size ${hex(this.clusterSize)} (L2 entry ${l2Index} at ${hex(l2Offset + l2Index * l2EntrySize(this.header))})`,
-        { file: this.file, structure: 'l2', offset: l2Offset + l2Index * l2EntrySize(this.header) },
+        {
+          file: this.file,
+          structure: 'l2',
+          offset: l2Offset + l2Index * l2EntrySize(this.header),
+          qemuCorruption: `Cluster allocation offset ${cHex(host)} unaligned (L2 offset: ${cHex(l2Offset)}, L2 index: ${cHex(l2Index)})`,
+        },
       )
     }
     if (this.ctx.dataFile && host !== clusterStart) {
@@ -353,4 +363,12 @@ export class ClusterMapper {
       )
     }
   }
+}
+
+/**
+ * printf("%#x"), as qemu's qcow2_signal_corruption() words its events (0 prints as "0"); the text goes in an
+ * error's `qemuCorruption` detail so that a caller that reports as qemu-img (convert --salvage) can print it.
+ */
+function cHex(n: number): string {
+  return n === 0 ? '0' : hex(n)
 }
