@@ -7,7 +7,7 @@
 import { checkAborted } from '../errors.js'
 import type { DiskImage, Extent } from '../image/disk-image.js'
 import { mergeExtents } from '../image/range.js'
-import { isZeroFast as isAllZero } from './convert.js'
+import { isAllZero } from '../util/bytes.js'
 import { BufferPool, HostFiles, readGuest, sourceOf, type Source } from './host-reads.js'
 
 /**

@@ -8,6 +8,7 @@
 import { UsageError, checkAborted } from '../errors.js'
 import type { DiskImage, Extent } from '../image/disk-image.js'
 import { mergeExtents } from '../image/range.js'
+import { isAllZero } from '../util/bytes.js'
 import { RateLimiter } from '../util/rate.js'
 import { CopyOffload, type CopyRange } from './copy-offload.js'
 import { BufferPool, HostFiles, readGuest, sourceOf, type Source } from './host-reads.js'
@@ -207,17 +208,6 @@ function zeroBuffer(n: number): Uint8Array {
   return zeroChunk.subarray(0, n)
 }
 
-/** Zero test through memcmp (Buffer.equals): far faster than a JavaScript loop over data. */
-export function isZeroFast(b: Uint8Array): boolean {
-  let i = 0
-  while (i < b.byteLength) {
-    const n = Math.min(ZEROS.byteLength, b.byteLength - i)
-    if (!Buffer.from(b.buffer, b.byteOffset + i, n).equals(ZEROS.subarray(0, n))) return false
-    i += n
-  }
-  return true
-}
-
 /** Runs of [offset, length) holding non-zero `block`-aligned blocks (the rest is sparse). */
 export function dataRuns(buf: Uint8Array, offset: number, block: number): Chunk[] {
   if (block <= 0) return [{ offset, length: buf.byteLength }]
@@ -231,7 +221,7 @@ export function dataRuns(buf: Uint8Array, offset: number, block: number): Chunk[
   while (i < n) {
     const next = Math.min(n, i + block - ((offset + i) % block))
     // most data blocks start with a non-zero byte: no memcmp for those
-    const zero = view[i] === 0 && view[next - 1] === 0 && (zeros ? view.compare(zeros, 0, next - i, i, next) === 0 : isZeroFast(view.subarray(i, next)))
+    const zero = view[i] === 0 && view[next - 1] === 0 && (zeros ? view.compare(zeros, 0, next - i, i, next) === 0 : isAllZero(view.subarray(i, next)))
     if (zero) {
       if (runStart >= 0) runs.push({ offset: offset + runStart, length: i - runStart })
       runStart = -1
@@ -395,7 +385,7 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
         const piece = buf.subarray(p, cEnd)
         const at = p
         p = cEnd
-        if (isZeroFast(piece)) continue
+        if (isAllZero(piece)) continue
         const last = abs % cs === 0 && piece.byteLength < cs && abs + piece.byteLength === src.virtualSize && abs + cs > src.virtualSize
         if (last) {
           tail = new Uint8Array(cs)

@@ -48,16 +48,21 @@ export function u64beMasked(dv: DataView, o: number, hiMask: number): number {
   return hi * 0x1_0000_0000 + lo
 }
 
+/** zeros to compare against, grown on first use up to ZERO_SPAN */
+let zeroSpan = Buffer.alloc(0)
+const ZERO_SPAN = 1024 * 1024
+
+/** Every byte zero? Compared with memcmp (Buffer.equals) against a zero buffer, at most 1 MiB at a time. */
 export function isAllZero(b: Uint8Array): boolean {
-  // Check 8 bytes at a time where aligned.
   const n = b.byteLength
-  let i = 0
-  if ((b.byteOffset & 7) === 0) {
-    const words = new BigUint64Array(b.buffer, b.byteOffset, n >>> 3)
-    for (let w = 0; w < words.length; w++) if (words[w] !== 0n) return false
-    i = words.length << 3
+  if (n === 0) return true
+  if (b[0] !== 0 || b[n - 1] !== 0) return false
+  if (zeroSpan.byteLength < Math.min(n, ZERO_SPAN)) zeroSpan = Buffer.alloc(Math.min(Math.max(n, 4096), ZERO_SPAN))
+  for (let i = 0; i < n;) {
+    const k = Math.min(zeroSpan.byteLength, n - i)
+    if (!Buffer.from(b.buffer, b.byteOffset + i, k).equals(zeroSpan.subarray(0, k))) return false
+    i += k
   }
-  for (; i < n; i++) if (b[i] !== 0) return false
   return true
 }
 

@@ -24,7 +24,7 @@
  */
 import { checkAborted } from '../../errors.js'
 import type { DiskImage } from '../../image/disk-image.js'
-import { putU32le, putU64le } from '../../util/bytes.js'
+import { isAllZero, putU32le, putU64le } from '../../util/bytes.js'
 import { zlibBlocks } from '../../util/deflate.js'
 import { type VmdkCreateOptions, streamDescriptor } from './create.js'
 import {
@@ -209,7 +209,7 @@ export async function writeStreamOptimized(
           const offsets: number[] = []
           const index: number[] = []
           for (let k = 0; k * GRAIN < buf.byteLength; k++) {
-            if (isZeroFast(buf.subarray(k * GRAIN, (k + 1) * GRAIN))) continue
+            if (isAllZero(buf.subarray(k * GRAIN, (k + 1) * GRAIN))) continue
             offsets.push(k * GRAIN)
             index.push(first + k)
           }
@@ -275,10 +275,4 @@ function padded(b: Uint8Array, size: number): Uint8Array {
   const g = new Uint8Array(size)
   g.set(b)
   return g
-}
-
-const ZEROS = Buffer.alloc(GRAIN)
-/** a grain of zeros? (memcmp through Buffer.equals) */
-function isZeroFast(b: Uint8Array): boolean {
-  return b[0] === 0 && Buffer.from(b.buffer, b.byteOffset, b.byteLength).equals(ZEROS.subarray(0, b.byteLength))
 }
