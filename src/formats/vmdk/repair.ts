@@ -1,7 +1,9 @@
 /**
  * VMDK repair, where it is safe (qemu-img has none for vmdk: `check -r` only
- * checks). Only a hosted monolithicSparse extent (header at 0, no compressed
- * grains, no footer) is written, and only when its primary metadata is sound:
+ * checks). Only hosted sparse extents (header at 0, no compressed grains, no
+ * footer) are written: a monolithicSparse file, or each extent file of a
+ * twoGbMaxExtentSparse image (repairSplit: one undo journal per extent, the
+ * descriptor never written), and only when its primary metadata is sound:
  * the primary grain directory and every primary grain table inside the file,
  * every grain inside the file and below the capacity, and no two of header,
  * embedded descriptor, primary directory, primary tables and grains
@@ -25,7 +27,7 @@
  * No step writes a byte the primary directory, a primary table or a grain
  * uses, and QEMU reads the primary only: the guest reads what it read at
  * every crash state. Everything else (a primary table outside the file,
- * overlapping grains, a stream, a descriptor file's extents) is reported as
+ * overlapping grains, a stream, a flat descriptor file's extents) is reported as
  * not repaired, and the exit code is the check's.
  */
 import { CorruptImageError, ImgtoolError, ReadOnlyError, hex } from '../../errors.js'
