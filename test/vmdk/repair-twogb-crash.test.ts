@@ -35,6 +35,8 @@ useTempDirs()
 const same = (a: Uint8Array, b: Uint8Array) => Buffer.from(a).equals(Buffer.from(b))
 const NAME: Record<ExtentName, string> = { s001: 'd-s001.vmdk', s002: 'd-s002.vmdk' }
 type Files = Record<ExtentName, Uint8Array>
+/** hundreds of crash states, each run through qemu-img on a machine others share: a generous limit, not a timing */
+const SLOW = 900_000
 
 /** The image on devices: the descriptor `d.vmdk` and its extents by name (fresh memory devices unless given). */
 async function openOn(descriptor: Uint8Array, extents: Record<ExtentName, Uint8Array | BlockDevice>, writable: boolean) {
@@ -188,46 +190,50 @@ describeQemu('vmdk twoGbMaxExtentSparse repair: crash and fault sweeps, judged b
 
   let totalStates = 0
   TWOGB_CASES.forEach((c, n) => {
-    it(`${c.name}: every crash state no worse, the guest as before, undo of each extent exact`, async () => {
-      const damaged = damage(c)
-      const b = await before(String(n), damaged)
-      const group = new CrashGroup()
-      const desc = group.add('d.vmdk', descriptor)
-      const ext = { s001: group.add(NAME.s001, damaged.s001), s002: group.add(NAME.s002, damaged.s002) }
-      const jr = { s001: group.add('j1', 0), s002: group.add('j2', 0) }
-      const r = await repairOn(desc, ext, jr, c.mode)
-      expect(r.actions.map((a) => a.kind).filter((k) => k !== 'undo-journal')).toEqual(c.kinds)
-      let states = 0
-      for (const s of group.allCrashStates({ subsets: true, torn: true, tornTail: true })) {
-        states++
-        const [d, s1, s2, j1, j2] = s.devices.map((x) => x.snapshot())
-        try {
-          await judge(d!, { s001: s1!, s002: s2! }, { s001: j1!, s002: j2! }, b)
-        } catch (e) {
-          throw new Error(`${s.description}: ${(e as Error).message}`, { cause: e })
+    it(
+      `${c.name}: every crash state no worse, the guest as before, undo of each extent exact`,
+      async () => {
+        const damaged = damage(c)
+        const b = await before(String(n), damaged)
+        const group = new CrashGroup()
+        const desc = group.add('d.vmdk', descriptor)
+        const ext = { s001: group.add(NAME.s001, damaged.s001), s002: group.add(NAME.s002, damaged.s002) }
+        const jr = { s001: group.add('j1', 0), s002: group.add('j2', 0) }
+        const r = await repairOn(desc, ext, jr, c.mode)
+        expect(r.actions.map((a) => a.kind).filter((k) => k !== 'undo-journal')).toEqual(c.kinds)
+        let states = 0
+        for (const s of group.allCrashStates({ subsets: true, torn: true, tornTail: true })) {
+          states++
+          const [d, s1, s2, j1, j2] = s.devices.map((x) => x.snapshot())
+          try {
+            await judge(d!, { s001: s1!, s002: s2! }, { s001: j1!, s002: j2! }, b)
+          } catch (e) {
+            throw new Error(`${s.description}: ${(e as Error).message}`, { cause: e })
+          }
         }
-      }
-      totalStates += states
-      if (process.env['VMDK_REPAIR_STATS']) process.stderr.write(`states ${c.name}: ${states}, qemu-distinct so far ${qemuSeen.size}\n`)
-      expect(states).toBeGreaterThan(2)
-      // the sealed journals undo the finished repair, with every check on; an extent not written has none
-      for (const x of EXTENTS) {
-        if (!c.written.includes(x)) {
-          expect(jr[x].size).toBe(0)
-          continue
+        totalStates += states
+        if (process.env['VMDK_REPAIR_STATS']) process.stderr.write(`states ${c.name}: ${states}, qemu-distinct so far ${qemuSeen.size}\n`)
+        expect(states).toBeGreaterThan(2)
+        // the sealed journals undo the finished repair, with every check on; an extent not written has none
+        for (const x of EXTENTS) {
+          if (!c.written.includes(x)) {
+            expect(jr[x].size).toBe(0)
+            continue
+          }
+          const done = new MemoryDevice(await ext[x].read(0, ext[x].size), { name: NAME[x] })
+          await applyVmdkUndo(new MemoryDevice(await jr[x].read(0, jr[x].size), { name: 'j' }), done)
+          expect(same(done.snapshot(), damaged[x])).toBe(true)
         }
-        const done = new MemoryDevice(await ext[x].read(0, ext[x].size), { name: NAME[x] })
-        await applyVmdkUndo(new MemoryDevice(await jr[x].read(0, jr[x].size), { name: 'j' }), done)
-        expect(same(done.snapshot(), damaged[x])).toBe(true)
-      }
-      // each extent's journal is flushed before that extent's first change
-      const all = group.events
-      for (const x of c.written) {
-        const m = x === 's001' ? 1 : 2
-        const first = all.findIndex((e) => e.member === m && e.kind !== 'flush')
-        expect(all.slice(0, first).some((e) => e.member === m + 2 && e.kind === 'flush')).toBe(true)
-      }
-    })
+        // each extent's journal is flushed before that extent's first change
+        const all = group.events
+        for (const x of c.written) {
+          const m = x === 's001' ? 1 : 2
+          const first = all.findIndex((e) => e.member === m && e.kind !== 'flush')
+          expect(all.slice(0, first).some((e) => e.member === m + 2 && e.kind === 'flush')).toBe(true)
+        }
+      },
+      SLOW,
+    )
   })
 
   it('the sweeps covered the cases', () => {
@@ -237,44 +243,51 @@ describeQemu('vmdk twoGbMaxExtentSparse repair: crash and fault sweeps, judged b
 
   for (const errno of ['EIO', 'ENOSPC'] as FaultErrno[]) {
     for (const op of ['write', 'flush', 'truncate'] as FaultOp[]) {
-      it(`every ${op} of an extent file failing with ${errno}: one-line error naming it, no worse, undo exact`, async () => {
-        let points = 0
-        for (const [n, c] of TWOGB_CASES.entries()) {
-          const damaged = damage(c)
-          const b = await before(String(n), damaged)
-          for (const target of c.written) {
-            let devs = {} as Record<ExtentName, MemoryDevice>
-            let journals = {} as Record<ExtentName, MemoryDevice>
-            const desc = new MemoryDevice(descriptor.slice(), { name: 'd.vmdk' })
-            points += await sweepFaults(
-              { op, errno },
-              () => {
-                devs = { s001: new MemoryDevice(damaged.s001.slice(), { name: NAME.s001 }), s002: new MemoryDevice(damaged.s002.slice(), { name: NAME.s002 }) }
-                journals = { s001: new MemoryDevice(new Uint8Array(0), { name: 'j1' }), s002: new MemoryDevice(new Uint8Array(0), { name: 'j2' }) }
-                return devs[target]
-              },
-              async (faulty) => {
-                await repairOn(desc, { ...devs, [target]: faulty }, journals, c.mode)
-              },
-              async (p) => {
-                if (p.triggered) {
-                  expect(p.error).toBeDefined()
-                  expect((p.error as Error).message.split('\n')).toHaveLength(1)
-                  expect((p.error as Error).message).toContain(NAME[target])
-                }
-                await judge(
-                  desc.snapshot(),
-                  { s001: devs.s001.snapshot(), s002: devs.s002.snapshot() },
-                  { s001: journals.s001.snapshot(), s002: journals.s002.snapshot() },
-                  b,
-                )
-              },
-            )
+      it(
+        `every ${op} of an extent file failing with ${errno}: one-line error naming it, no worse, undo exact`,
+        async () => {
+          let points = 0
+          for (const [n, c] of TWOGB_CASES.entries()) {
+            const damaged = damage(c)
+            const b = await before(String(n), damaged)
+            for (const target of c.written) {
+              let devs = {} as Record<ExtentName, MemoryDevice>
+              let journals = {} as Record<ExtentName, MemoryDevice>
+              const desc = new MemoryDevice(descriptor.slice(), { name: 'd.vmdk' })
+              points += await sweepFaults(
+                { op, errno },
+                () => {
+                  devs = {
+                    s001: new MemoryDevice(damaged.s001.slice(), { name: NAME.s001 }),
+                    s002: new MemoryDevice(damaged.s002.slice(), { name: NAME.s002 }),
+                  }
+                  journals = { s001: new MemoryDevice(new Uint8Array(0), { name: 'j1' }), s002: new MemoryDevice(new Uint8Array(0), { name: 'j2' }) }
+                  return devs[target]
+                },
+                async (faulty) => {
+                  await repairOn(desc, { ...devs, [target]: faulty }, journals, c.mode)
+                },
+                async (p) => {
+                  if (p.triggered) {
+                    expect(p.error).toBeDefined()
+                    expect((p.error as Error).message.split('\n')).toHaveLength(1)
+                    expect((p.error as Error).message).toContain(NAME[target])
+                  }
+                  await judge(
+                    desc.snapshot(),
+                    { s001: devs.s001.snapshot(), s002: devs.s002.snapshot() },
+                    { s001: journals.s001.snapshot(), s002: journals.s002.snapshot() },
+                    b,
+                  )
+                },
+              )
+            }
           }
-        }
-        expect(points).toBeGreaterThan(0)
-        if (process.env['VMDK_REPAIR_STATS']) process.stderr.write(`fault points ${op} ${errno}: ${points}\n`)
-      })
+          expect(points).toBeGreaterThan(0)
+          if (process.env['VMDK_REPAIR_STATS']) process.stderr.write(`fault points ${op} ${errno}: ${points}\n`)
+        },
+        SLOW,
+      )
     }
   }
 })
