@@ -6,7 +6,7 @@
  * undoRepair puts the bytes back only onto the image that repair left.
  */
 import { stat } from 'node:fs/promises'
-import { resolve } from 'node:path'
+import { basename, resolve } from 'node:path'
 import { ImgtoolError, NoCheckError, checkAborted, isImgtoolError, type ErrorDetails } from '../errors.js'
 import type { CheckOptions, CheckReport, RepairAction, RepairMode } from '../check/types.js'
 import type { JournalIdentity, UndoOptions } from '../check/undo.js'
@@ -99,6 +99,8 @@ export async function repair(path: string, o: RepairOptions = {}): Promise<Repai
     }),
   )
   let created: CreatedJournal | undefined
+  /** journals of the other files the repair writes (a twoGbMaxExtentSparse image's extent files), one each */
+  const extents: CreatedJournal[] = []
   try {
     if (typeof image.repair !== 'function') throw new NoCheckError(`${image.format}: ${path}: this image format does not support checks`, { file: path })
     if (!dryRun && o.journal !== false) created = await createJournal(path, o.journal)
@@ -109,6 +111,12 @@ export async function repair(path: string, o: RepairOptions = {}): Promise<Repai
       opts.journal = created.device
       opts.journalPath = created.path
       opts.journalIdentity = await imageIdentity(path)
+      const explicit = o.journal
+      opts.extentJournal = async (file) => {
+        const j = await createJournal(file, explicit === undefined ? undefined : `${explicit}.${basename(file)}`)
+        extents.push(j)
+        return { device: j.device, path: j.path, identity: await imageIdentity(file) }
+      }
     }
     let result
     try {
@@ -138,6 +146,10 @@ export async function repair(path: string, o: RepairOptions = {}): Promise<Repai
     if (created) {
       await created.device.close()
       await dropJournalIfEmpty(created)
+    }
+    for (const j of extents) {
+      await j.device.close()
+      await dropJournalIfEmpty(j)
     }
   }
 }

@@ -110,6 +110,8 @@ export interface CheckOptions {
   journal?: BlockDevice
   /** with repair: the image's identity, recorded in the journal's seal so undo can refuse another image */
   journalIdentity?: JournalIdentity
+  /** with repair: a new undo journal for another file the repair writes (vmdk: an extent file), made on its first change */
+  extentJournal?: (file: string) => Promise<{ device: BlockDevice; path: string; identity?: JournalIdentity }>
   /** format-specific switches, e.g. dmsnap's forceValid */
   flags?: Record<string, boolean>
   onProgress?: (done: number, total: number) => void

@@ -10,7 +10,8 @@
  * check finds the repaired image clean and qemu-img compare finds it
  * identical to the undamaged one (or, where the damage itself changed the
  * guest, to the damaged one: nothing was written); `repair --undo` puts the
- * damaged bytes back exactly. Streams and descriptor files are left alone.
+ * damaged bytes back exactly. Streams and flat descriptor files are left alone;
+ * a twoGbMaxExtentSparse image's extent files are repaired (repair-twogb.test.ts).
  */
 import { copyFileSync, existsSync, readFileSync, writeFileSync } from 'node:fs'
 import { join } from 'node:path'
@@ -213,19 +214,31 @@ describeQemu('vmdk repair (CLI), judged by qemu-img', () => {
     expect(await guestMd5(path)).toBe(baseRaw)
   })
 
-  it('a twoGbMaxExtentSparse image with a leak in its extent file: not written (hosted files only), exit as the check', async () => {
+  it('a twoGbMaxExtentSparse image: its extent file repaired, not the descriptor (more in repair-twogb.test.ts)', async () => {
     const path = join(dir, 'split.vmdk')
     await qemuImgOk(['create', '-q', '-f', 'vmdk', '-o', 'subformat=twoGbMaxExtentSparse', path, '8M'])
     await qemuIoOk(path, ['write -P 0x71 0 64k'], { format: 'vmdk' })
     const extent = join(dir, 'split-s001.vmdk')
-    writeFileSync(extent, Buffer.concat([readFileSync(extent), Buffer.alloc(GRAIN, 0x5a)]))
-    const bytes = readFileSync(extent)
+    const good = readFileSync(extent)
+    const descriptor = readFileSync(path)
+    writeFileSync(extent, Buffer.concat([good, Buffer.alloc(GRAIN, 0x5a)]))
     const check = await cli('check', '--output', 'json', path)
     expect(check.out).toContain('leaked-grain')
     const r = await cli('repair', '--output', 'json', path)
-    expect(r.code).toBe(check.code)
-    expect(r.out).toContain('not-repaired')
-    expect(readFileSync(extent).equals(bytes)).toBe(true)
+    expect(r.code, r.err).toBe(check.code)
+    expect(readFileSync(extent).equals(good)).toBe(true)
+    expect(readFileSync(path).equals(descriptor)).toBe(true)
+    expect(existsSync(`${path}.imgtool-undo`)).toBe(false)
+    expect(existsSync(`${extent}.imgtool-undo`)).toBe(true)
+  })
+
+  it('a twoGbMaxExtentFlat image: nothing to repair, nothing written, exit as the check', async () => {
+    const path = join(dir, 'splitflat.vmdk')
+    await qemuImgOk(['create', '-q', '-f', 'vmdk', '-o', 'subformat=twoGbMaxExtentFlat', path, '8M'])
+    const flat = readFileSync(join(dir, 'splitflat-f001.vmdk'))
+    const r = await cli('repair', '--output', 'json', path)
+    expect(r.code, r.err).toBe((await qemuImg(['check', '-f', 'vmdk', path])).code)
+    expect(readFileSync(join(dir, 'splitflat-f001.vmdk')).equals(flat)).toBe(true)
     expect(existsSync(`${path}.imgtool-undo`)).toBe(false)
   })
 

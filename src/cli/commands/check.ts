@@ -96,7 +96,7 @@ export async function runCheck(io: CliIo, a: RunCheckArgs): Promise<number> {
       // what was found before the repair, on stderr as qemu-img prints it before repairing
       if (a.output === 'human') io.stderr.write(checkHumanDetails(result.before))
       // dropped persistent bitmaps are named on stderr among the report lines, whatever the output (the result's actions carry them)
-      for (const act of result.actions ?? []) if (act.kind === 'drop-bitmap') io.stderr.write(`Repair: ${act.message}\n`)
+      for (const act of result.actions ?? []) if (act.kind === 'drop-bitmap' || act.kind === 'undo-journal') io.stderr.write(`Repair: ${act.message}\n`)
       if (fixed > 0 && a.output === 'human') out(repairBanner(result.before.leaksFixed, result.before.corruptionsFixed))
       report = result.report
       if (result.journalPath) {

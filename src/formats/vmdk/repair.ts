@@ -1,7 +1,9 @@
 /**
  * VMDK repair, where it is safe (qemu-img has none for vmdk: `check -r` only
- * checks). Only a hosted monolithicSparse extent (header at 0, no compressed
- * grains, no footer) is written, and only when its primary metadata is sound:
+ * checks). Only hosted sparse extents (header at 0, no compressed grains, no
+ * footer) are written: a monolithicSparse file, or each extent file of a
+ * twoGbMaxExtentSparse image (repairSplit: one undo journal per extent, the
+ * descriptor never written), and only when its primary metadata is sound:
  * the primary grain directory and every primary grain table inside the file,
  * every grain inside the file and below the capacity, and no two of header,
  * embedded descriptor, primary directory, primary tables and grains
@@ -25,13 +27,14 @@
  * No step writes a byte the primary directory, a primary table or a grain
  * uses, and QEMU reads the primary only: the guest reads what it read at
  * every crash state. Everything else (a primary table outside the file,
- * overlapping grains, a stream, a descriptor file's extents) is reported as
+ * overlapping grains, a stream, a flat descriptor file's extents) is reported as
  * not repaired, and the exit code is the check's.
  */
 import { CorruptImageError, ImgtoolError, ReadOnlyError, hex } from '../../errors.js'
 import type { BlockDevice } from '../../io/block-device.js'
 import { OverlayDevice } from '../../io/overlay-device.js'
 import type { CheckOptions, CheckReport, Notice, RepairAction, RepairMode, RepairResult } from '../../check/types.js'
+import type { JournalIdentity } from '../../check/undo.js'
 import { putU32le, putU64le } from '../../util/bytes.js'
 import { checkVmdk } from './check.js'
 import { VmdkJournal } from './journal.js'
@@ -71,13 +74,15 @@ export async function repairVmdk(device: BlockDevice, layout: VmdkLayout, option
   const dryRun = options.dryRun ?? false
   const e = layout.extents[0]
   const hosted = layout.extents.length === 1 && e?.kind === 'sparse' && e.device === device ? e : undefined
+  const split = hosted ? undefined : splitExtents(device, layout)
+  if (split && 'extents' in split) return repairSplit(device, layout, split.extents, options)
   if (!hosted || hosted.compressed || hosted.markers || hosted.footerOffset !== undefined || hosted.headerOffset !== 0) {
-    // nothing written: a stream's metadata (its footer is the header in force) and a descriptor file's extents
+    // nothing written: a stream's metadata (its footer is the header in force) and other descriptor files' extents
     const why = hosted
       ? hosted.footerOffset !== undefined
         ? 'a stream-optimized extent whose footer is the header in force (imgtool does not rewrite a stream: no change to it is provably safe)'
         : 'a stream-optimized extent (compressed grains: imgtool does not rewrite a stream)'
-      : `a ${layout.createType} descriptor file (imgtool repairs hosted monolithicSparse files only)`
+      : split!.why
     const report = await checkVmdk(file, layout)
     const after = withNotice(report, notRepaired(report, file, why))
     return { before: after, after, actions: [], dryRun }
@@ -86,10 +91,10 @@ export async function repairVmdk(device: BlockDevice, layout: VmdkLayout, option
     // the real steps on an overlay that keeps its writes in memory: the plan and the prediction are the repair's own
     const overlay = new OverlayDevice(device)
     try {
-      const r = await repairSteps(overlay, layout, hosted, options.repair, undefined, { wrote: false })
+      const r = await repairSteps(overlay, layout, hosted, options.repair, async () => undefined, { wrote: false })
       // a dry run reports the check before: with what the repair would leave alone said there too
       const left = (r.after.notices ?? []).find((n) => n.kind === 'not-repaired')
-      return { ...r, before: withNotice(r.before, left), dryRun: true }
+      return { before: withNotice(r.before, left), after: r.after, actions: r.actions, dryRun: true }
     } finally {
       await overlay.close()
     }
@@ -98,7 +103,8 @@ export async function repairVmdk(device: BlockDevice, layout: VmdkLayout, option
   const state = { wrote: false }
   let result: RepairResult
   try {
-    result = await repairSteps(device, layout, hosted, options.repair, journal, state)
+    const r = await repairSteps(device, layout, hosted, options.repair, async () => journal, state)
+    result = { before: r.before, after: r.after, actions: r.actions, dryRun: false }
   } catch (err) {
     throw failure(err, file, state.wrote, journal && journal.records > 0 ? options.journalPath : undefined)
   }
@@ -107,6 +113,111 @@ export async function repairVmdk(device: BlockDevice, layout: VmdkLayout, option
     if (options.journalPath) result.journalPath = options.journalPath
   }
   return result
+}
+
+/** The extent files of a twoGbMaxExtentSparse image the repair may write: each a hosted sparse file of its own, opened (and confined) as check opened it. */
+function splitExtents(device: BlockDevice, layout: VmdkLayout): { extents: SparseExtent[] } | { why: string } {
+  const whyNot = `a ${layout.createType} descriptor file (imgtool repairs hosted monolithicSparse files and the extent files of a twoGbMaxExtentSparse image)`
+  if (layout.createType !== 'twoGbMaxExtentSparse' || layout.extents.length === 0) return { why: whyNot }
+  const out: SparseExtent[] = []
+  const seen = new Set<BlockDevice>()
+  for (const e of layout.extents) {
+    if (e.kind !== 'sparse' || e.device === device) return { why: whyNot }
+    if (seen.has(e.device)) return { why: `the extent file ${e.file} is named by more than one descriptor line (imgtool repairs each extent file once)` }
+    if (e.compressed || e.markers || e.footerOffset !== undefined || e.headerOffset !== 0)
+      return { why: `the extent file ${e.file} is stream-optimized (imgtool does not rewrite a stream)` }
+    seen.add(e.device)
+    out.push(e)
+  }
+  return { extents: out }
+}
+
+/**
+ * A twoGbMaxExtentSparse image: each extent file repaired as a hosted monolithicSparse file is (its
+ * leaked end, its redundant directory and tables), one after the other, each with its own undo journal
+ * (`extentJournal`, made on the extent's first change and sealed to that file when its repair ends).
+ * The descriptor file is never written: no plan needs it.
+ */
+async function repairSplit(
+  device: BlockDevice,
+  layout: VmdkLayout,
+  extents: SparseExtent[],
+  options: CheckOptions & { repair: RepairMode },
+): Promise<RepairResult> {
+  const file = device.name
+  const dryRun = options.dryRun ?? false
+  const before = await checkVmdk(file, layout)
+  if (!dryRun && options.journal && !options.extentJournal) {
+    const after = withNotice(before, notRepaired(before, file, 'no undo journal can be made for its extent files'))
+    return { before: after, after, actions: [], dryRun }
+  }
+  const actions: RepairAction[] = []
+  const reloaded: SparseExtent[] = []
+  const extentFiles = new Set(extents.map((e) => e.file))
+  // the problems of the check-open not of an extent's metadata (each extent's own are read again after its repair)
+  const problems = layout.problems.filter((p) => !extentFiles.has(String(p.details.file ?? '')))
+  const left: Notice[] = []
+  let leaksFixed = 0
+  // a dry run: each extent's steps on an overlay, kept until the prediction (the check after) is made
+  const overlays: OverlayDevice[] = []
+  try {
+    for (const e of extents) {
+      const overlay = dryRun ? new OverlayDevice(e.device) : undefined
+      if (overlay) overlays.push(overlay)
+      const dev = overlay ?? e.device
+      let created: { device: BlockDevice; path: string; identity?: JournalIdentity } | undefined
+      let journal: VmdkJournal | undefined
+      const journalFor = async (): Promise<VmdkJournal | undefined> => {
+        if (dryRun || !options.extentJournal) return undefined
+        if (!journal) {
+          created = await options.extentJournal(e.file)
+          journal = new VmdkJournal(created.device)
+        }
+        return journal
+      }
+      const state = { wrote: false }
+      try {
+        const r = await repairSteps(dev, layout, e, options.repair, journalFor, state)
+        for (const a of r.actions) actions.push({ ...a, message: `${e.file}: ${a.message}` })
+        reloaded.push(r.extent)
+        problems.push(...r.problems)
+        leaksFixed += r.before.leaksFixed
+        const n = (r.after.notices ?? []).find((x) => x.kind === 'not-repaired')
+        if (n) left.push(n)
+      } catch (err) {
+        const path = journal && journal.records > 0 ? created?.path : undefined
+        const f = failure(err, e.file, state.wrote, undefined)
+        if (!state.wrote || !path) throw f
+        throw new ImgtoolError(
+          f.code,
+          `${f.message.replace(/; no undo journal was kept$/, '')}; to put it back: imgtool repair --undo ${path} --force ${e.file}`,
+          {
+            file: e.file,
+            journal: path,
+          },
+        )
+      }
+      if (journal && journal.records > 0 && created) {
+        await journal.seal(e.device, HEADER_SIZE, created.identity) // this extent's repair has finished: tie its journal to what it left
+        actions.push({
+          kind: 'undo-journal',
+          structure: 'journal',
+          message: `undo journal of ${e.file} written to ${created.path} (restore with: imgtool repair --undo ${created.path} ${e.file})`,
+        })
+      }
+    }
+    let after = await checkVmdk(file, { ...layout, extents: reloaded, problems })
+    for (const n of left) after = withNotice(after, n)
+    const corruptionsFixed = Math.max(0, before.corruptions - after.corruptions)
+    const b = { ...before, leaksFixed, corruptionsFixed }
+    if (!dryRun) return { before: b, after, actions, dryRun }
+    // a dry run reports the check before, with what the repair would leave alone said there too
+    let shown: CheckReport = b
+    for (const n of left) shown = withNotice(shown, n)
+    return { before: shown, after, actions, dryRun }
+  } finally {
+    for (const o of overlays) await o.close()
+  }
 }
 
 function failure(e: unknown, file: string, wrote: boolean, journalPath: string | undefined): ImgtoolError {
@@ -201,13 +312,14 @@ async function repairSteps(
   layout: VmdkLayout,
   base: SparseExtent,
   mode: RepairMode,
-  journal: VmdkJournal | undefined,
+  journalFor: () => Promise<VmdkJournal | undefined>,
   state: { wrote: boolean },
-): Promise<RepairResult> {
+): Promise<{ before: CheckReport; after: CheckReport; actions: RepairAction[]; extent: SparseExtent; problems: CorruptImageError[] }> {
   const before = await checkOn(dev, layout, base)
   const actions: RepairAction[] = []
   const apply = async (step: Step): Promise<void> => {
     actions.push(step.action)
+    const journal = await journalFor()
     if (journal) {
       if (step.truncate !== undefined || step.writes.some((w) => w.offset + w.data.byteLength > dev.size)) await journal.saveSize(dev)
       for (const w of step.writes) await journal.save(dev, w.offset, w.data.byteLength)
@@ -236,7 +348,8 @@ async function repairSteps(
     }
     if (redundant) for (const step of await planRedundant(dev, model)) await apply(step)
   }
-  let after = await checkOn(dev, layout, base)
+  const now = await load(dev, base)
+  let after = await checkVmdk(dev.name, { ...layout, extents: [now.e], problems: now.problems })
   if (unsound) {
     const why = `${unsound.replace(/^vmdk: [^:]*: /, '')} (imgtool repairs the redundant metadata and the end of the file only from a sound primary)`
     after = withNotice(after, notRepaired(after, dev.name, why))
@@ -245,7 +358,7 @@ async function repairSteps(
   }
   const leaksFixed = Math.max(0, leakedGrains(before) - leakedGrains(after))
   const corruptionsFixed = Math.max(0, before.corruptions - after.corruptions)
-  return { before: { ...before, leaksFixed, corruptionsFixed }, after, actions, dryRun: false }
+  return { before: { ...before, leaksFixed, corruptionsFixed }, after, actions, extent: now.e, problems: now.problems }
 }
 
 /** Read the extent's primary metadata and judge it. Memory: one grain table at a time, 16 bytes per allocated grain at most. */
