@@ -7,7 +7,7 @@
  * whole and its bitmap is not consulted.
  */
 import { CorruptImageError, ReadOnlyError, UsageError, hex } from '../../errors.js'
-import type { BlockDevice } from '../../io/block-device.js'
+import { readInto, type BlockDevice } from '../../io/block-device.js'
 import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../../check/types.js'
 import type { OpenContext, OpenImageOptions } from '../../image/context.js'
 import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
@@ -69,27 +69,50 @@ export class VhdImage implements DiskImage {
     return this.readNow(offset, length)
   }
 
+  /**
+   * Guest bytes [offset, offset + buf.byteLength) into `buf`, every byte of it written (zeros where the disk
+   * stores none), so a caller (convert) can hand in a reused buffer instead of taking a new one per read.
+   * Fixed disks: one read. Dynamic disks: every mapped block's part read at once straight into `buf`, as
+   * qemu reads them (the data only: a dynamic disk's bitmap is not consulted), unmapped parts zero-filled.
+   */
+  async readInto(offset: number, buf: Uint8Array): Promise<void> {
+    checkGuestRange(`vpc: ${this.filename}: read`, offset, buf.byteLength, this.virtualSize)
+    this.refuseInfoOnly('read')
+    if (this.writer) await this.writer.idle()
+    await this.readNowInto(offset, buf)
+  }
+
   /** read() without waiting for the writer (the writer's own reads of guest bytes) */
   async readNow(offset: number, length: number): Promise<Uint8Array> {
-    const s = this.sparse
-    if (!s) return this.device.read(offset, length, 'data')
     const out = new Uint8Array(length)
+    await this.readNowInto(offset, out, true)
+    return out
+  }
+
+  private async readNowInto(offset: number, buf: Uint8Array, zeroed = false): Promise<void> {
+    const s = this.sparse
+    if (!s) return readInto(this.device, offset, buf, 'data')
+    const length = buf.byteLength
+    // a differencing disk's parent may end before the child: what it does not hold reads as zeros
+    if (this.differencing && !zeroed) buf.fill(0)
+    const jobs: Array<Promise<void>> = []
     for (let pos = offset; pos < offset + length;) {
       const index = Math.floor(pos / s.blockSize)
       const inBlock = pos - index * s.blockSize
       const n = Math.min(s.blockSize - inBlock, offset + length - pos)
       const block = this.blockOffset(index)
-      const dst = out.subarray(pos - offset, pos - offset + n)
+      const dst = buf.subarray(pos - offset, pos - offset + n)
       if (block === undefined) {
         if (this.differencing) await this.readParent(pos, dst)
+        else if (!zeroed) dst.fill(0)
       } else if (!this.differencing) {
-        dst.set(await this.device.read(block + s.bitmapSize + inBlock, n, 'data'))
+        jobs.push(readInto(this.device, block + s.bitmapSize + inBlock, dst, 'data'))
       } else {
         await this.readDifferencing(block, inBlock, pos, dst)
       }
       pos += n
     }
-    return out
+    if (jobs.length > 0) await settleAll(jobs)
   }
 
   private async readParent(pos: number, dst: Uint8Array): Promise<void> {
@@ -253,6 +276,7 @@ export class VhdImage implements DiskImage {
 
   async repair(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult> {
     if (this.writer) await this.writer.idle()
+    this.writer?.forgetTail()
     const { repairVhd } = await import('./repair.js')
     return repairVhd(this.device, options)
   }
@@ -310,6 +334,13 @@ export class UnreadableVhd implements DiskImage {
     const { repairVhd } = await import('./repair.js')
     return repairVhd(this.device, options)
   }
+}
+
+/** Wait for every job (none is left writing into a buffer its caller reuses), then throw the first failure. */
+async function settleAll(jobs: Array<Promise<void>>): Promise<void> {
+  const settled = await Promise.allSettled(jobs)
+  const failed = settled.find((x) => x.status === 'rejected')
+  if (failed) throw (failed as PromiseRejectedResult).reason
 }
 
 const uuidText = (u: Uint8Array) => Array.from(u, (b) => b.toString(16).padStart(2, '0')).join('')

@@ -31,12 +31,25 @@ export interface DifferencingHooks {
 
 export class VhdWriter {
   private tail: Promise<void> = Promise.resolve()
+  /**
+   * The file's last sector as this writer left it (the footer copy an allocation wrote), with the
+   * file size it ends: an allocation that finds the file so needs no read of its old tail for the undo
+   * (one pread per new block less, 256 per GiB converted)
+   */
+  private lastTail: { size: number; bytes: Uint8Array } | undefined
+  /** a new block's sector bitmap: every sector present (only ever read: never changed once made) */
+  private fullBitmap: Uint8Array | undefined
 
   constructor(
     private readonly device: BlockDevice,
     private readonly layout: VhdLayout,
     private readonly diff?: DifferencingHooks,
   ) {}
+
+  /** Forget what this writer knows of the file's tail (something else, a repair, wrote the file). */
+  forgetTail(): void {
+    this.lastTail = undefined
+  }
 
   /** Resolves once every request made so far has finished (failed ones too). */
   idle(): Promise<void> {
@@ -154,7 +167,8 @@ export class VhdWriter {
     // bytes past the old footer copy (a block leaked by a crash) are not zero: write the whole block
     // (a differencing block's bitmap marks only what is written: the rest is never read from it)
     const stale = before > at + FOOTER_SIZE && bitmap === undefined
-    const oldTail = await dev.read(before - FOOTER_SIZE, FOOTER_SIZE, 'footer')
+    const oldTail = this.lastTail?.size === before ? this.lastTail.bytes : await dev.read(before - FOOTER_SIZE, FOOTER_SIZE, 'footer')
+    this.lastTail = undefined
     try {
       // 1. the file ends in a footer copy again
       await dev.write(end, this.layout.footerBytes, 'footer')
@@ -167,7 +181,7 @@ export class VhdWriter {
       } else {
         await dev.write(dataAt + inBlock, part, 'data')
       }
-      await dev.write(at, bitmap ?? new Uint8Array(s.bitmapSize).fill(0xff), 'bitmap')
+      await dev.write(at, bitmap ?? (this.fullBitmap ??= new Uint8Array(s.bitmapSize).fill(0xff)), 'bitmap')
       await dev.flush()
       // 3. the BAT entry
       const entry = new Uint8Array(4)
@@ -185,6 +199,7 @@ export class VhdWriter {
       await dev.truncate(end + FOOTER_SIZE)
       await dev.flush()
     }
+    if (dev.size === end + FOOTER_SIZE) this.lastTail = { size: end + FOOTER_SIZE, bytes: this.layout.footerBytes }
   }
 
   /**
