@@ -74,9 +74,11 @@ export async function checkCopied(st: CheckState, reftable: Uint8Array, cmp: { m
     const lo = dv.getUint32(i * 8 + 4, false)
     const l2Offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
     if (l2Offset === 0) continue
-    const l1Ref: EntryRef = { tableOffset: h.l1TableOffset, index: i, active: true, l1Index: i, entrySize: 8 }
-    const rc = await onDisk(Math.floor(l2Offset / cs))
+    // the refcount from memory where the comparison knows it (no promise per L1 entry), else read
+    let rc = onDiskSync(Math.floor(l2Offset / cs))
+    if (rc === null) rc = await onDisk(Math.floor(l2Offset / cs))
     if (rc !== undefined && (rc === 1) !== ((hi & 0x80000000) !== 0)) {
+      const l1Ref: EntryRef = { tableOffset: h.l1TableOffset, index: i, active: true, l1Index: i, entrySize: 8 }
       out.push({ where: 'l1', ref: l1Ref, refcount: rc, set: rc === 1 })
       st.finding(
         'corruption',

@@ -147,12 +147,12 @@ export async function compareRefcounts(st: CheckState, reftable: Uint8Array): Pr
     const lo = (rdv.getUint32(ti * 8 + 4, false) & 0xfffffe00) >>> 0
     return hi > 0x7fffffff || (hi === 0x7fffffff && lo + cs > 0xc0000000)
   }
-  const wanted: { offset: number; length: number }[] = []
+  const wanted: number[] = []
   for (let ti = 0; ti * perBlock < nb; ti++) {
     const off = blockAt(ti)
-    if (off !== 0 && !unalignedAt(ti) && !unreachableAt(ti)) wanted.push({ offset: off, length: cs })
+    if (off !== 0 && !unalignedAt(ti) && !unreachableAt(ti)) wanted.push(off)
   }
-  const prefetch = new Prefetcher(st.dev, wanted, 'refblock')
+  const prefetch = new Prefetcher(st.dev, Float64Array.from(wanted), cs, 'refblock')
   for (let ti = 0, base = 0; base < nb; ti++, base += perBlock) {
     const end = Math.min(nb, base + perBlock)
     let blockOffset = 0

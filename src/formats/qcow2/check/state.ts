@@ -10,6 +10,7 @@ import type { BlockDevice } from '../../../io/block-device.js'
 import { emptyReport, type CheckReport, type Finding, type Severity } from '../../../check/types.js'
 import { hasDataFile, hasExtendedL2, type Qcow2Header } from '../spec/header.js'
 import type { Imrt } from './imrt.js'
+import type { Prefetcher } from './prefetch.js'
 import type { CheckSnapshot } from './snapshots.js'
 
 /** Findings kept per report (the counts are always exact). */
@@ -248,8 +249,14 @@ export class CheckState {
     return true
   }
 
+  /** the read-ahead's next table if its read has finished (the abort signal polled as readTable polls it), else undefined */
+  readyTable(offset: number, tag: string, prefetch: Prefetcher): Uint8Array | undefined {
+    if (this.signal?.aborted) checkAborted(this.signal, `qcow2: ${this.file}: check stopped before the ${tag} table at ${hex(offset)}`)
+    return prefetch.takeReady()
+  }
+
   async readTable(offset: number, length: number, tag: string, what: string, pending?: Promise<Uint8Array>): Promise<Uint8Array> {
-    checkAborted(this.signal, `qcow2: ${this.file}: check stopped before the ${tag} table at ${hex(offset)}`)
+    if (this.signal?.aborted) checkAborted(this.signal, `qcow2: ${this.file}: check stopped before the ${tag} table at ${hex(offset)}`)
     try {
       return await (pending ?? this.dev.read(offset, length, tag))
     } catch (e) {
