@@ -106,14 +106,17 @@ export class CheckState {
   readonly refblocksOutside: number[] = []
   /**
    * OFLAG_COPIED pre-check, so the common clean case needs no second pass over
-   * the active L2 tables: one bit per cluster "an active entry with COPIED set
-   * points here"; the rare other cases (COPIED clear, several such entries,
-   * offsets out of range) are listed; past a limit we just do the second pass.
+   * the active L2 tables. An active entry with COPIED set on a cluster of the
+   * file (below copiedLimit, the file's clusters; 0: not tracked) is wrong only
+   * if that cluster's refcount is not 1: with the on-disk refcounts equal to
+   * the counted ones (no mismatch) that means a cluster counted twice or more,
+   * which the IMRT remembers (Imrt.shared). So nothing is kept per cluster; the
+   * rare other entries (COPIED clear, out of range, unaligned) are listed, and
+   * past a limit we just do the second pass.
    */
-  copiedBits: Uint8Array | undefined
+  copiedLimit = 0
   copiedOdd: number[] = []
   copiedFullPass = false
-  copiedSuspect = false
   /** aligned-down offsets of L2 tables whose L1 entry is unaligned: their data is kept */
   readonly unalignedL2: number[] = []
   corruptSignalled = false

@@ -155,8 +155,7 @@ export function scanL2(st: CheckState, t: Uint8Array, l2Offset: number, l1Index:
   const hiLimit = 2 ** (30 - shift) // keeps the cluster index below 2^30
   const kEnd = Math.min(Math.floor(st.fileSize / cs), st.imrt.size, 2 ** 30)
   const imrt = st.imrt
-  const bits = active ? st.copiedBits : undefined
-  const bitsLimit = bits ? bits.length * 8 : 0
+  const copiedLimit = active ? st.copiedLimit : 0
   const copiedOdd = st.copiedOdd
   const ext = st.extL2
   /** the next contiguous host cluster: -1 none yet, -2 a byte offset kept in nextBytes (see contiguousAfter) */
@@ -175,9 +174,9 @@ export function scanL2(st: CheckState, t: Uint8Array, l2Offset: number, l1Index:
           if (nextK !== -1 && (nextK === -2 ? k * cs !== st.nextBytes[0] : k !== nextK)) stats.fragmented++
           nextK = k + 1
         }
-        if (bits) {
-          if (hi < 0 && k < bitsLimit && ((bits[k >>> 3] as number) & (1 << (k & 7))) === 0) bits[k >>> 3] = (bits[k >>> 3] as number) | (1 << (k & 7))
-          else if (copiedOdd.length < 1_000_000) copiedOdd.push(k)
+        // COPIED set (hi < 0) on a cluster of the file is the common case; the rest is listed for checkCopied
+        if (copiedLimit !== 0 && (hi >= 0 || k >= copiedLimit)) {
+          if (copiedOdd.length < 1_000_000) copiedOdd.push(k)
           else st.copiedFullPass = true
         }
         if (imrt.inc(k)) continue
@@ -215,8 +214,7 @@ export function slowL2Entry(
   const x = 70 - st.cb // compressed: offset bits
   const hiOffMask = 2 ** (x - 32) - 1
   const csizeMask = (1 << (st.cb - 8)) - 1
-  const bits = active ? st.copiedBits : undefined
-  const bitsLimit = bits ? bits.length * 8 : 0
+  const copiedLimit = active ? st.copiedLimit : 0
   const o = i * es
   const hi = dv.getUint32(o, false)
   const lo = dv.getUint32(o + 4, false)
@@ -367,10 +365,8 @@ export function slowL2Entry(
   }
   if (!st.dataFile) {
     const k = offset / cs
-    if (bits) {
-      if ((hi & 0x80000000) !== 0 && offset % cs === 0 && k < bitsLimit && ((bits[k >>> 3] as number) & (1 << (k & 7))) === 0) {
-        bits[k >>> 3] = (bits[k >>> 3] as number) | (1 << (k & 7))
-      } else if (st.copiedOdd.length < 1_000_000) st.copiedOdd.push(k)
+    if (copiedLimit !== 0 && !((hi & 0x80000000) !== 0 && offset % cs === 0 && k < copiedLimit)) {
+      if (st.copiedOdd.length < 1_000_000) st.copiedOdd.push(k)
       else st.copiedFullPass = true
     }
     if (!(offset % cs === 0 && offset + cs <= st.fileSize && k < st.imrt.size && st.imrt.inc(k))) {
