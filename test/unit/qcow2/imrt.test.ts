@@ -73,6 +73,39 @@ describe('compact in-memory refcount table', () => {
     expect(imrt.bytes).toBeLessThan(n / 8 + 2 * CHUNK + 1000 * 64 + 64 * 1024)
   })
 
+  it('remembers whether any cluster was ever counted twice (shared), in every form and through a clone', () => {
+    const a = new Imrt(4, 4 * CHUNK)
+    for (let i = 0; i < 4 * CHUNK; i += 3) a.inc(i)
+    expect(a.shared).toBe(false) // single references only
+    a.set(5, 1)
+    a.set(6, 0)
+    expect(a.shared).toBe(false)
+    a.inc(3)
+    expect(a.shared).toBe(true) // sparse chunk, second reference
+    expect(a.clone().shared).toBe(true)
+    const b = new Imrt(4, 2 * CHUNK)
+    b.set(9, 2)
+    expect(b.shared).toBe(true) // set to 2
+    const c = new Imrt(4, 2 * CHUNK)
+    // a chunk that turns dense (many shared clusters) before the flag is looked at
+    for (let i = 0; i < CHUNK; i++) c.inc(i)
+    expect(c.shared).toBe(false)
+    for (let i = 0; i < CHUNK; i++) c.inc(i)
+    expect(c.denseChunks).toBe(1)
+    expect(c.shared).toBe(true)
+    // 1-bit refcounts: a second reference overflows and is not counted: nothing is shared
+    const d = new Imrt(0, 16)
+    d.inc(2)
+    expect(d.inc(2)).toBe(false)
+    expect(d.shared).toBe(false)
+    // random operations: the flag is set exactly when some counter reached 2 or more
+    for (const order of [1, 4, 6]) {
+      const { imrt, ref } = drive(order, 77 + order, 20_000, 4 * CHUNK, 50)
+      expect(ref.some((v) => (v ?? 0) >= 2)).toBe(true) // the hot clusters are shared
+      expect(imrt.shared).toBe(true)
+    }
+  })
+
   it('saturates at the refcount width and says so', () => {
     const one = new Imrt(0, 4)
     expect(one.inc(2)).toBe(true)

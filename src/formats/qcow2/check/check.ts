@@ -123,7 +123,7 @@ async function runCheck(st: CheckState): Promise<Qcow2Analysis> {
   const nb = Math.ceil(st.fileSize / cs)
   st.imrt = new Imrt(h.refcountOrder, nb)
   if (st.dataFile) st.copiedFullPass = true
-  else st.copiedBits = new Uint8Array(Math.ceil(nb / 8))
+  else st.copiedLimit = nb
   const virtual = Math.floor(h.size / 512) * 512
   st.report.totalClusters = Math.ceil(virtual / cs)
 

@@ -1,7 +1,7 @@
 /**
  * qcow2 check, OFLAG_COPIED (qemu's check_oflag_copied): the COPIED flag of
  * every active L1 and L2 entry against the on-disk refcount of what it points
- * at. The walk's pre-check (CheckState.copiedBits) and the comparison decide
+ * at. The walk's pre-check (CheckState.copiedOdd, Imrt.shared) and the comparison decide
  * whether the active L2 tables need to be read a second time at all.
  */
 import { hex } from '../../../errors.js'
@@ -54,8 +54,10 @@ export async function checkCopied(st: CheckState, reftable: Uint8Array, cmp: { m
     return getRefcountEntry(cachedBlock.data, c % perBlock, h.refcountOrder)
   }
   if (h.l1Size === 0) return out
-  // the L2 pass is needed only if some active entry may disagree with its refcount
-  let needL2Pass = st.copiedFullPass || st.copiedSuspect || byCluster.size > 0
+  // the L2 pass is needed only if some active entry may disagree with its refcount: an entry with COPIED
+  // set on a cluster of the file may only where the cluster was counted twice or more (imrt.shared) or its
+  // on-disk refcount differs from the count (a mismatch); the other entries are listed in copiedOdd
+  let needL2Pass = st.copiedFullPass || byCluster.size > 0 || cmp.mismatches.length > 0 || imrt.shared
   for (let n = 0; !needL2Pass && n < st.copiedOdd.length; n++) {
     const k = st.copiedOdd[n]!
     if (!Number.isInteger(k) || k >= nb || onDiskMap.size > 0) needL2Pass = true
@@ -74,9 +76,11 @@ export async function checkCopied(st: CheckState, reftable: Uint8Array, cmp: { m
     const lo = dv.getUint32(i * 8 + 4, false)
     const l2Offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
     if (l2Offset === 0) continue
-    const l1Ref: EntryRef = { tableOffset: h.l1TableOffset, index: i, active: true, l1Index: i, entrySize: 8 }
-    const rc = await onDisk(Math.floor(l2Offset / cs))
+    // the refcount from memory where the comparison knows it (no promise per L1 entry), else read
+    let rc = onDiskSync(Math.floor(l2Offset / cs))
+    if (rc === null) rc = await onDisk(Math.floor(l2Offset / cs))
     if (rc !== undefined && (rc === 1) !== ((hi & 0x80000000) !== 0)) {
+      const l1Ref: EntryRef = { tableOffset: h.l1TableOffset, index: i, active: true, l1Index: i, entrySize: 8 }
       out.push({ where: 'l1', ref: l1Ref, refcount: rc, set: rc === 1 })
       st.finding(
         'corruption',

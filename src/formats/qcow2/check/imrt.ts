@@ -44,6 +44,8 @@ export class Imrt {
   readonly max: number
   /** Map entries a sparse chunk may hold before it becomes dense */
   private readonly denseAt: number
+  /** some cluster has been counted at 2 or more (set by inc and set, never cleared) */
+  shared = false
 
   constructor(
     readonly refcountOrder: number,
@@ -115,6 +117,7 @@ export class Imrt {
     const j = i & MASK
     if (c.dense !== null) {
       c.dense[j] = v
+      if (v >= 2) this.shared = true
       return
     }
     const bits = c.bits as Int32Array
@@ -126,6 +129,7 @@ export class Imrt {
       c.over?.delete(j)
       return
     }
+    this.shared = true
     ;(c.over ??= new Map()).set(j, v)
     if (c.over.size > this.denseAt) this.densify(c)
   }
@@ -145,6 +149,7 @@ export class Imrt {
       const v = d[j] as number
       if (v >= this.max) return false
       d[j] = v + 1
+      if (v >= 1) this.shared = true
       return true
     }
     const bits = c.bits as Int32Array
@@ -163,6 +168,7 @@ export class Imrt {
     const over = (c.over ??= new Map())
     const v = over.get(j) ?? 1
     if (v >= this.max) return false
+    this.shared = true
     over.set(j, v + 1)
     if (over.size > this.denseAt) this.densify(c)
     return true
@@ -184,6 +190,7 @@ export class Imrt {
 
   clone(): Imrt {
     const copy = new Imrt(this.refcountOrder, this.size)
+    copy.shared = this.shared
     copy.chunks = this.chunks.map((c) => {
       if (c === undefined) return undefined
       const n = new Chunk()

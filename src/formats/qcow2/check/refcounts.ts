@@ -136,7 +136,6 @@ export async function compareRefcounts(st: CheckState, reftable: Uint8Array): Pr
   const mismatches: Mismatch[] = []
   const unreadable = new Set<number>()
   let highest = 0 // qemu starts from cluster 0: the image end offset is at least one cluster
-  const bits = st.copiedBits
   const blockAt = (ti: number) => (ti < tableEntries ? rdv.getUint32(ti * 8, false) * TWO32 + ((rdv.getUint32(ti * 8 + 4, false) & 0xfffffe00) >>> 0) : 0)
   /** the refblock offset is unaligned: decided on the low word (above 2^53 the double has lost those bits) */
   const unalignedAt = (ti: number) => ti < tableEntries && (rdv.getUint32(ti * 8 + 4, false) & 0xfffffe00 & (cs - 1)) !== 0
@@ -147,12 +146,12 @@ export async function compareRefcounts(st: CheckState, reftable: Uint8Array): Pr
     const lo = (rdv.getUint32(ti * 8 + 4, false) & 0xfffffe00) >>> 0
     return hi > 0x7fffffff || (hi === 0x7fffffff && lo + cs > 0xc0000000)
   }
-  const wanted: { offset: number; length: number }[] = []
+  const wanted: number[] = []
   for (let ti = 0; ti * perBlock < nb; ti++) {
     const off = blockAt(ti)
-    if (off !== 0 && !unalignedAt(ti) && !unreachableAt(ti)) wanted.push({ offset: off, length: cs })
+    if (off !== 0 && !unalignedAt(ti) && !unreachableAt(ti)) wanted.push(off)
   }
-  const prefetch = new Prefetcher(st.dev, wanted, 'refblock')
+  const prefetch = new Prefetcher(st.dev, Float64Array.from(wanted), cs, 'refblock')
   for (let ti = 0, base = 0; base < nb; ti++, base += perBlock) {
     const end = Math.min(nb, base + perBlock)
     let blockOffset = 0
@@ -216,7 +215,6 @@ export async function compareRefcounts(st: CheckState, reftable: Uint8Array): Pr
     for (let i = base; i < end; i++) {
       const r1 = b16 ? ((b16[(i - base) * 2] as number) << 8) | (b16[(i - base) * 2 + 1] as number) : block ? getRefcountEntry(block, i - base, order) : 0
       const r2 = imrt.get(i)
-      if (r1 !== 1 && bits !== undefined && ((bits[i >>> 3] as number) & (1 << (i & 7))) !== 0) st.copiedSuspect = true
       if (r1 === r2) {
         if (r1 !== 0) highest = i
         continue

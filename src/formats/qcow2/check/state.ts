@@ -10,6 +10,7 @@ import type { BlockDevice } from '../../../io/block-device.js'
 import { emptyReport, type CheckReport, type Finding, type Severity } from '../../../check/types.js'
 import { hasDataFile, hasExtendedL2, type Qcow2Header } from '../spec/header.js'
 import type { Imrt } from './imrt.js'
+import type { Prefetcher } from './prefetch.js'
 import type { CheckSnapshot } from './snapshots.js'
 
 /** Findings kept per report (the counts are always exact). */
@@ -105,14 +106,17 @@ export class CheckState {
   readonly refblocksOutside: number[] = []
   /**
    * OFLAG_COPIED pre-check, so the common clean case needs no second pass over
-   * the active L2 tables: one bit per cluster "an active entry with COPIED set
-   * points here"; the rare other cases (COPIED clear, several such entries,
-   * offsets out of range) are listed; past a limit we just do the second pass.
+   * the active L2 tables. An active entry with COPIED set on a cluster of the
+   * file (below copiedLimit, the file's clusters; 0: not tracked) is wrong only
+   * if that cluster's refcount is not 1: with the on-disk refcounts equal to
+   * the counted ones (no mismatch) that means a cluster counted twice or more,
+   * which the IMRT remembers (Imrt.shared). So nothing is kept per cluster; the
+   * rare other entries (COPIED clear, out of range, unaligned) are listed, and
+   * past a limit we just do the second pass.
    */
-  copiedBits: Uint8Array | undefined
+  copiedLimit = 0
   copiedOdd: number[] = []
   copiedFullPass = false
-  copiedSuspect = false
   /** aligned-down offsets of L2 tables whose L1 entry is unaligned: their data is kept */
   readonly unalignedL2: number[] = []
   corruptSignalled = false
@@ -248,8 +252,14 @@ export class CheckState {
     return true
   }
 
+  /** the read-ahead's next table if its read has finished (the abort signal polled as readTable polls it), else undefined */
+  readyTable(offset: number, tag: string, prefetch: Prefetcher): Uint8Array | undefined {
+    if (this.signal?.aborted) checkAborted(this.signal, `qcow2: ${this.file}: check stopped before the ${tag} table at ${hex(offset)}`)
+    return prefetch.takeReady()
+  }
+
   async readTable(offset: number, length: number, tag: string, what: string, pending?: Promise<Uint8Array>): Promise<Uint8Array> {
-    checkAborted(this.signal, `qcow2: ${this.file}: check stopped before the ${tag} table at ${hex(offset)}`)
+    if (this.signal?.aborted) checkAborted(this.signal, `qcow2: ${this.file}: check stopped before the ${tag} table at ${hex(offset)}`)
     try {
       return await (pending ?? this.dev.read(offset, length, tag))
     } catch (e) {

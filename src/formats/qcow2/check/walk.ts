@@ -50,24 +50,30 @@ export async function walkL1(
   l1Size = inFile
   const l1 = await st.readTable(l1Offset, l1Size * 8, 'l1', 'check_refcounts_l1')
   const dv = new DataView(l1.buffer, l1.byteOffset, l1.byteLength)
-  const tables: { offset: number; length: number }[] = []
   // qemu walks every non-zero entry, offset 0 too (it then reads the header
   // cluster as an L2 table); a table wholly past the end of the file reads as
   // zeros and counts nothing, so it is not read at all
+  let count = 0
+  const tables = new Float64Array(l1Size)
   for (let i = 0; i < l1Size; i++) {
     if (dv.getUint32(i * 8, false) === 0 && dv.getUint32(i * 8 + 4, false) === 0) continue
     const off = (dv.getUint32(i * 8, false) & 0x00ffffff) * TWO32 + ((dv.getUint32(i * 8 + 4, false) & 0xfffffe00) >>> 0)
-    if (off < st.fileSize) tables.push({ offset: off, length: st.clusterSize })
+    if (off < st.fileSize) tables[count++] = off
   }
-  const prefetch = new Prefetcher(st.dev, tables, 'l2')
+  const prefetch = new Prefetcher(st.dev, tables.subarray(0, count), st.clusterSize, 'l2')
   for (let i = 0; i < l1Size; i++) {
     const hi = dv.getUint32(i * 8, false)
     const lo = dv.getUint32(i * 8 + 4, false)
     if (hi === 0 && lo === 0) continue
     const l2Offset = (hi & 0x00ffffff) * TWO32 + ((lo & 0xfffffe00) >>> 0)
-    const ref: EntryRef = { tableOffset: l1Offset, index: i, active, l1Index: i, entrySize: 8 }
+    // the entry's reference is made only where something may name it (no table, or one past the end of the
+    // file): an object per L1 entry was most of the walk's allocations on a large image
+    const ref: EntryRef | undefined =
+      l2Offset === 0 || l2Offset + st.clusterSize - st.fileSize >= st.clusterSize
+        ? { tableOffset: l1Offset, index: i, active, l1Index: i, entrySize: 8 }
+        : undefined
     // non-zero but no L2 table: a guest read sees unallocated clusters; qemu's check counts the header again
-    if (l2Offset === 0) st.l1ZeroOffset.push(ref)
+    if (l2Offset === 0) st.l1ZeroOffset.push(ref!)
     if ((lo & 0x1ff) !== 0 || (hi & 0x7f000000) !== 0) {
       st.saturated
         ? st.countOnly()
@@ -83,7 +89,7 @@ export async function walkL1(
             `ERROR found L1 entry with reserved bits set: ${entryHex(hi, lo).slice(2)}`,
           )
     }
-    if (!st.inc(l2Offset, st.clusterSize, 'L2 table', ref)) st.addPastEof({ ref, kind: 'l2-table', hostOffset: l2Offset })
+    if (!st.inc(l2Offset, st.clusterSize, 'L2 table', ref)) st.addPastEof({ ref: ref!, kind: 'l2-table', hostOffset: l2Offset })
     if (l2Offset % st.clusterSize !== 0) {
       st.saturated
         ? st.countOnly()
@@ -100,7 +106,15 @@ export async function walkL1(
           )
     }
     if (l2Offset % st.clusterSize !== 0) st.unalignedL2.push(l2Offset - (l2Offset % st.clusterSize))
-    if (l2Offset < st.fileSize) await walkL2(st, l2Offset, i, active, stats, prefetch)
+    if (l2Offset < st.fileSize) {
+      // the table from the read-ahead: without awaiting when its read has finished (most tables)
+      const ready = st.readyTable(l2Offset, 'l2', prefetch)
+      if (ready === undefined) await walkL2(st, l2Offset, i, active, stats, prefetch)
+      else {
+        scanL2(st, ready, l2Offset, i, active, stats) // keeps nothing of it
+        prefetch.release(ready)
+      }
+    }
   }
 }
 
@@ -141,8 +155,7 @@ export function scanL2(st: CheckState, t: Uint8Array, l2Offset: number, l1Index:
   const hiLimit = 2 ** (30 - shift) // keeps the cluster index below 2^30
   const kEnd = Math.min(Math.floor(st.fileSize / cs), st.imrt.size, 2 ** 30)
   const imrt = st.imrt
-  const bits = active ? st.copiedBits : undefined
-  const bitsLimit = bits ? bits.length * 8 : 0
+  const copiedLimit = active ? st.copiedLimit : 0
   const copiedOdd = st.copiedOdd
   const ext = st.extL2
   /** the next contiguous host cluster: -1 none yet, -2 a byte offset kept in nextBytes (see contiguousAfter) */
@@ -161,9 +174,9 @@ export function scanL2(st: CheckState, t: Uint8Array, l2Offset: number, l1Index:
           if (nextK !== -1 && (nextK === -2 ? k * cs !== st.nextBytes[0] : k !== nextK)) stats.fragmented++
           nextK = k + 1
         }
-        if (bits) {
-          if (hi < 0 && k < bitsLimit && ((bits[k >>> 3] as number) & (1 << (k & 7))) === 0) bits[k >>> 3] = (bits[k >>> 3] as number) | (1 << (k & 7))
-          else if (copiedOdd.length < 1_000_000) copiedOdd.push(k)
+        // COPIED set (hi < 0) on a cluster of the file is the common case; the rest is listed for checkCopied
+        if (copiedLimit !== 0 && (hi >= 0 || k >= copiedLimit)) {
+          if (copiedOdd.length < 1_000_000) copiedOdd.push(k)
           else st.copiedFullPass = true
         }
         if (imrt.inc(k)) continue
@@ -201,8 +214,7 @@ export function slowL2Entry(
   const x = 70 - st.cb // compressed: offset bits
   const hiOffMask = 2 ** (x - 32) - 1
   const csizeMask = (1 << (st.cb - 8)) - 1
-  const bits = active ? st.copiedBits : undefined
-  const bitsLimit = bits ? bits.length * 8 : 0
+  const copiedLimit = active ? st.copiedLimit : 0
   const o = i * es
   const hi = dv.getUint32(o, false)
   const lo = dv.getUint32(o + 4, false)
@@ -353,10 +365,8 @@ export function slowL2Entry(
   }
   if (!st.dataFile) {
     const k = offset / cs
-    if (bits) {
-      if ((hi & 0x80000000) !== 0 && offset % cs === 0 && k < bitsLimit && ((bits[k >>> 3] as number) & (1 << (k & 7))) === 0) {
-        bits[k >>> 3] = (bits[k >>> 3] as number) | (1 << (k & 7))
-      } else if (st.copiedOdd.length < 1_000_000) st.copiedOdd.push(k)
+    if (copiedLimit !== 0 && !((hi & 0x80000000) !== 0 && offset % cs === 0 && k < copiedLimit)) {
+      if (st.copiedOdd.length < 1_000_000) st.copiedOdd.push(k)
       else st.copiedFullPass = true
     }
     if (!(offset % cs === 0 && offset + cs <= st.fileSize && k < st.imrt.size && st.imrt.inc(k))) {
