@@ -18,7 +18,6 @@ import type { FormatName } from '../image/probe.js'
 import { driverFor, makeContext, openImage } from '../open.js'
 import { parseCreateOptions } from '../formats/qcow2/index.js'
 import { parseRawPreallocation } from '../formats/raw/index.js'
-import { flatExtentName, parseVmdkCreateOptions } from '../formats/vmdk/index.js'
 import { convert, type ConvertOptions, type ConvertResult, type SalvageEvent } from './convert.js'
 import { unsafeCacheOpener, type CacheMode } from './unsafe-cache.js'
 
@@ -116,8 +115,20 @@ export async function refuseSourceAsTarget(target: string, protectedFiles: Reado
   }
 }
 
+/**
+ * The VMDK module, loaded for vmdk targets only: its 14 modules cost a conversion to another format about 0.04 s
+ * of CPU at start-up (bench/README.md, 2026-12-05).
+ */
+const vmdkModule = () => import('../formats/vmdk/index.js')
+
 /** The target's create options checked before any file is created (a mistake leaves no new file). */
-export function checkTargetOptions(format: TargetFormat, size: number, options: Record<string, string>, backingFile?: string, backingFormat?: string): void {
+export async function checkTargetOptions(
+  format: TargetFormat,
+  size: number,
+  options: Record<string, string>,
+  backingFile?: string,
+  backingFormat?: string,
+): Promise<void> {
   if (format === 'qcow2') {
     const o = { ...options }
     delete o['backing_file']
@@ -129,7 +140,7 @@ export function checkTargetOptions(format: TargetFormat, size: number, options: 
   } else if (format === 'vpc') {
     // the vpc driver checks its options before it writes a byte; a target it refuses is removed
   } else if (format === 'vmdk') {
-    parseVmdkCreateOptions({ size, options })
+    ;(await vmdkModule()).parseVmdkCreateOptions({ size, options })
   } else {
     for (const k of Object.keys(options)) {
       if (!['origin', 'chunk_size', 'cow_size'].includes(k)) throw new UsageError(`-O dmsnap: unknown option '${k}' (origin, chunk_size, cow_size)`)
@@ -188,7 +199,7 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
     const base = o.snapshot ? await loadSnapshotOf(src, o.snapshot) : src
     const view = o.view ? o.view(base) : base
     // 2. options, and the files the target must not be
-    if (!o.skipCreate) checkTargetOptions(o.targetFormat, view.virtualSize, options, o.backingFile, o.backingFormat)
+    if (!o.skipCreate) await checkTargetOptions(o.targetFormat, view.virtualSize, options, o.backingFile, o.backingFormat)
     if ((await src.info()).encrypted) {
       throw new UnsupportedFeatureError(`${src.format}: ${srcPath}: encrypted images cannot be read by imgtool (no key is taken)`, {
         file: srcPath,
@@ -211,7 +222,7 @@ export async function convertFile(srcPath: string, dstPath: string, o: ConvertFi
       protect.push({ path, role: "the target's own backing file" })
     }
     await refuseSourceAsTarget(dstPath, protect, o.verb)
-    const flat = vmdkFlatPath(o.targetFormat, dstPath, options)
+    const flat = await vmdkFlatPath(o.targetFormat, dstPath, options)
     if (flat !== undefined) await refuseSourceAsTarget(flat, protect, o.verb)
     checkAborted(o.signal, 'convert')
     if (o.skipCreate) return await writeExisting(view, dstPath, o)
@@ -237,7 +248,7 @@ async function writeTarget(
   }
   const isBlock = (await fileId(dstPath))?.block ?? false
   // a monolithicFlat target is two files: the flat extent beside the descriptor is removed on failure too
-  const flat = vmdkFlatPath(o.targetFormat, dstPath, options)
+  const flat = await vmdkFlatPath(o.targetFormat, dstPath, options)
   const flatExisted = flat !== undefined && (await fileId(flat)) !== undefined
   let created = false
   let ok = false
@@ -329,14 +340,14 @@ async function writeExisting(src: DiskImage, dstPath: string, o: ConvertFileOpti
 }
 
 /** The flat extent file a monolithicFlat vmdk target writes beside its descriptor. */
-function vmdkFlatPath(format: TargetFormat, dstPath: string, options: Record<string, string>): string | undefined {
+async function vmdkFlatPath(format: TargetFormat, dstPath: string, options: Record<string, string>): Promise<string | undefined> {
   if (format !== 'vmdk' || options['subformat'] !== 'monolithicFlat') return undefined
-  return resolve(dirname(dstPath), flatExtentName(dstPath))
+  return resolve(dirname(dstPath), (await vmdkModule()).flatExtentName(dstPath))
 }
 
 /** A streamOptimized vmdk target: written front to back from the source (no image is opened on it). */
 async function writeVmdkStream(dev: BlockDevice, src: DiskImage, o: ConvertFileOptions, options: Record<string, string>): Promise<ConvertResult> {
-  const { writeStreamOptimized } = await import('../formats/vmdk/index.js')
+  const { writeStreamOptimized, parseVmdkCreateOptions } = await vmdkModule()
   const vo = parseVmdkCreateOptions({ size: src.virtualSize, options })
   await dev.truncate(0)
   let at = 0

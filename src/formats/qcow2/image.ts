@@ -129,13 +129,9 @@ export class Qcow2Image implements DiskImage {
       const realClusters = Math.floor((await this.device.allocatedSize()) / this.clusterSize)
       const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2)
       const endCluster = Math.ceil(this.device.size / this.clusterSize)
-      let count = 0
       try {
         // as qcow2_detect_metadata_preallocation: reaching the threshold is enough
-        for (let i = 0; i < endCluster && count < threshold; i++) {
-          if ((await this.refcounts.get(i)) !== 0) count++
-        }
-        result = count >= threshold
+        result = (await this.refcounts.countReferenced(endCluster, threshold)) >= threshold
       } catch {
         result = false // QEMU ignores the failure and reports block status without it
       }

@@ -61,17 +61,42 @@ export class RefcountReader {
 
   /** Refcount of host cluster `cluster`; 0 where no refcount block exists. */
   async get(cluster: number): Promise<number> {
-    const ti = Math.floor(cluster / this.perBlock)
+    const b = await this.blockOf(Math.floor(cluster / this.perBlock))
+    return b ? getRefcountEntry(b, cluster % this.perBlock, this.header.refcountOrder) : 0
+  }
+
+  /**
+   * How many of the host clusters [0, end) have a non-zero refcount, counted in order and no further
+   * than `limit`: the answer and the error (if any) of calling get() on each cluster in turn, with one
+   * await per refcount block instead of three per cluster (16 384 clusters per GiB of 64 KiB clusters).
+   */
+  async countReferenced(end: number, limit: number): Promise<number> {
+    const order = this.header.refcountOrder
+    let count = 0
+    for (let i = 0; i < end && count < limit;) {
+      const ti = Math.floor(i / this.perBlock)
+      const blockEnd = Math.min(end, (ti + 1) * this.perBlock)
+      const b = await this.blockOf(ti)
+      if (!b) {
+        i = blockEnd
+        continue
+      }
+      for (let k = i % this.perBlock; i < blockEnd && count < limit; i++, k++) if (getRefcountEntry(b, k, order) !== 0) count++
+    }
+    return count
+  }
+
+  /** The refcount block of refcount table index `ti`; undefined where there is none. */
+  private async blockOf(ti: number): Promise<Uint8Array | undefined> {
     const e = await this.reftableEntry(ti)
-    if (e.offset === 0) return 0
+    if (e.offset === 0) return undefined
     if (e.offset % this.header.clusterSize !== 0) {
       throw new CorruptImageError(
         `qcow2: ${this.file}: refcount block offset ${hex(e.offset)} is not aligned to cluster size ${hex(this.header.clusterSize)} (refcount table index ${ti})`,
         { file: this.file, structure: 'reftable', offset: this.header.refcountTableOffset + ti * 8 },
       )
     }
-    const b = await this.block(e.offset)
-    return getRefcountEntry(b, cluster % this.perBlock, this.header.refcountOrder)
+    return this.block(e.offset)
   }
 
   /** Drop cached state (after a writer replaced the table or blocks). */
