@@ -5,7 +5,7 @@
  * qcow2_inc_refcounts_imrt) and record a finding, the error that means the
  * check could not complete, and the types the analysis returns.
  */
-import { ImgtoolError, checkAborted, hex } from '../../../errors.js'
+import { AbortedError, ImgtoolError, hex } from '../../../errors.js'
 import type { BlockDevice } from '../../../io/block-device.js'
 import { emptyReport, type CheckReport, type Finding, type Severity } from '../../../check/types.js'
 import { hasDataFile, hasExtendedL2, type Qcow2Header } from '../spec/header.js'
@@ -252,14 +252,21 @@ export class CheckState {
     return true
   }
 
+  /** the signal has fired (polled once by the caller: the message is built only now, and the signal not polled again) */
+  private stopBefore(tag: string, offset: number): never {
+    const why = this.signal?.reason instanceof Error ? this.signal.reason.message : 'aborted'
+    throw new AbortedError(`qcow2: ${this.file}: check stopped before the ${tag} table at ${hex(offset)}: ${why}`)
+  }
+
   /** the read-ahead's next table if its read has finished (the abort signal polled as readTable polls it), else undefined */
   readyTable(offset: number, tag: string, prefetch: Prefetcher): Uint8Array | undefined {
-    if (this.signal?.aborted) checkAborted(this.signal, `qcow2: ${this.file}: check stopped before the ${tag} table at ${hex(offset)}`)
+    if (this.signal?.aborted) this.stopBefore(tag, offset)
     return prefetch.takeReady()
   }
 
-  async readTable(offset: number, length: number, tag: string, what: string, pending?: Promise<Uint8Array>): Promise<Uint8Array> {
-    if (this.signal?.aborted) checkAborted(this.signal, `qcow2: ${this.file}: check stopped before the ${tag} table at ${hex(offset)}`)
+  /** one table read whole; `polled` when readyTable has just polled the signal for this table (one poll per table) */
+  async readTable(offset: number, length: number, tag: string, what: string, pending?: Promise<Uint8Array>, polled = false): Promise<Uint8Array> {
+    if (!polled && this.signal?.aborted) this.stopBefore(tag, offset)
     try {
       return await (pending ?? this.dev.read(offset, length, tag))
     } catch (e) {

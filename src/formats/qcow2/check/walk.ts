@@ -109,7 +109,7 @@ export async function walkL1(
     if (l2Offset < st.fileSize) {
       // the table from the read-ahead: without awaiting when its read has finished (most tables)
       const ready = st.readyTable(l2Offset, 'l2', prefetch)
-      if (ready === undefined) await walkL2(st, l2Offset, i, active, stats, prefetch)
+      if (ready === undefined) await walkL2(st, l2Offset, i, active, stats, prefetch, true)
       else {
         scanL2(st, ready, l2Offset, i, active, stats) // keeps nothing of it
         prefetch.release(ready)
@@ -126,9 +126,10 @@ export async function walkL2(
   active: boolean,
   stats: WalkStats | undefined,
   prefetch: Prefetcher,
+  polled = false,
 ): Promise<void> {
   const cs = st.clusterSize
-  const t = await st.readTable(l2Offset, cs, 'l2', 'check_refcounts_l2', prefetch.take())
+  const t = await st.readTable(l2Offset, cs, 'l2', 'check_refcounts_l2', prefetch.take(), polled)
   scanL2(st, t, l2Offset, l1Index, active, stats) // keeps nothing of t
   prefetch.release(t)
 }
