@@ -60,7 +60,9 @@ export class FileDevice implements BlockDevice {
           throw fsError(e, path, 'truncate to 0')
         }
       }
-      let size = options.create && st.isFile() ? 0 : Number(st.size)
+      // the size as it is under the lock: another writer may have grown the file since the stat above
+      const locked = lock ? await fh.stat({ bigint: true }) : st
+      let size = options.create && st.isFile() ? 0 : Number(locked.size)
       if (st.isBlockDevice()) {
         const { size: bsize } = await blockDeviceSize(fh)
         size = bsize

@@ -154,6 +154,13 @@ function errnoName(errno: number): string {
   return Object.entries(osConstants.errno).find(([, v]) => v === errno)?.[0] ?? `errno ${errno}`
 }
 
+/** mark a refusal that came from another process's bytes (worth one more try: see acquireImageLock) */
+function raced(err: ImageLockedError): ImageLockedError {
+  racedRefusals.add(err)
+  return err
+}
+const racedRefusals = new WeakSet<ImageLockedError>()
+
 /** Lock or unlock one byte through `fd`; a conflict or failure is thrown. */
 function setByte(ops: OfdOps, fd: number, path: string, byte: number, lock: boolean): 'ok' | 'unsupported' {
   const r = ops.ofdLock(fd, byte, lock)
@@ -189,6 +196,34 @@ function applyBytes(ops: OfdOps, e: Entry, path: string, target: Set<number>): '
  * included).
  */
 export function acquireImageLock(fd: number, path: string, key: string, mode: LockMode): ImageLock {
+  // Two openers racing (both lock, then both test) each see the other and would both be refused,
+  // as two qemu-imgs are; a conflict with a holder that stays (a VM) is still there after a short,
+  // jittered pause, one with a racer that backed off is not. So a refusal is retried twice.
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return acquireOnce(fd, path, key, mode)
+    } catch (err) {
+      if (!(err instanceof ImageLockedError) || !racedAcquire(err) || attempt >= LOCK_ATTEMPTS) throw err
+      sleepSync(LOCK_RETRY_MS * attempt * (1 + Math.random()))
+    }
+  }
+}
+
+/** how often a refused lock is tried in all, and the base pause (ms) before a retry */
+const LOCK_ATTEMPTS = 3
+const LOCK_RETRY_MS = 20
+
+/** a refusal from another process's lock bytes (not from another open in this process, which cannot race) */
+function racedAcquire(err: ImageLockedError): boolean {
+  return racedRefusals.has(err)
+}
+
+/** block this thread for `ms` milliseconds (opening is synchronous; the pause is short and rare) */
+function sleepSync(ms: number): void {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms)
+}
+
+function acquireOnce(fd: number, path: string, key: string, mode: LockMode): ImageLock {
   const ops = ofdOps()
   if (!ops) return NO_LOCK
   const want: Holder = { path, ...lockPerms(mode) }
@@ -232,13 +267,13 @@ export function acquireImageLock(fd: number, path: string, key: string, mode: Lo
     for (let n = 0; n < PERM_BITS; n++) {
       if (!(want.perm & (1 << n))) continue
       const r = ops.ofdTest(entry.fd, LOCK_SHARED_BASE + n)
-      if (r === 1) throw conflictError(path, n, false)
+      if (r === 1) throw raced(conflictError(path, n, false))
       if (r < 0 && !NO_LOCKS.has(-r)) throw new ImageIoError(`${path}: lock test failed: ${errnoName(-r)}`, errnoName(-r), { file: path })
     }
     for (let n = 0; n < PERM_BITS; n++) {
       if (want.shared & (1 << n)) continue
       const r = ops.ofdTest(entry.fd, LOCK_PERM_BASE + n)
-      if (r === 1) throw conflictError(path, n, true)
+      if (r === 1) throw raced(conflictError(path, n, true))
       if (r < 0 && !NO_LOCKS.has(-r)) throw new ImageIoError(`${path}: lock test failed: ${errnoName(-r)}`, errnoName(-r), { file: path })
     }
   } catch (err) {
