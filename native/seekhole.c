@@ -36,12 +36,22 @@
  * close(fd) -> close(2): 0 or -errno.
  * clearNonblock(fd) -> clears O_NONBLOCK (images are opened with it so that a
  *   FIFO cannot block open(2)); 0 or -errno.
+ * copySparse(fdIn, offIn, fdOut, offOut, length, block) -> a Promise, on a
+ *   libuv thread: pread `length` bytes at offIn (zeros past the input's end),
+ *   then pwrite at offOut only the runs of `block`-sized blocks (aligned to
+ *   offOut, as convert's -S) that hold a non-zero byte: convert's read, zero
+ *   scan and write of one chunk into a raw target with no JavaScript buffer.
+ *   The bytes written (>= 0), -errno for a failed read, or -(4096 + errno)
+ *   for a failed write. The chunk is read into a buffer of the thread's own,
+ *   kept for the thread's life (libuv's pool threads live as long as the
+ *   process), so a 2 MiB chunk costs no allocation and no fresh pages.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <node_api.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -186,7 +196,7 @@ static napi_value do_clear_nonblock(napi_env env, napi_callback_info info) {
  * copyRange and fallocate: one request shape, run on a libuv thread, settling a
  * Promise of an int64 (bytes copied / 0, or -errno).
  */
-typedef enum { OP_COPY, OP_FALLOC } op_kind;
+typedef enum { OP_COPY, OP_FALLOC, OP_SPARSE } op_kind;
 
 typedef struct {
   napi_async_work work;
@@ -194,8 +204,86 @@ typedef struct {
   op_kind op;
   int32_t fd_in, fd_out; /* fallocate: fd_out */
   int64_t off_in, off_out, len;
+  int64_t block; /* copySparse: the zero-detection block */
   int64_t result;
 } io_req;
+
+/* Largest copySparse chunk: convert's chunks are 2 MiB (cluster-rounded); anything larger is refused. */
+#define SPARSE_MAX (64 * 1024 * 1024)
+#define WRITE_ERR 4096
+
+/* all `n` bytes at p zero: the first byte, then p against itself shifted by one (glibc's vector memcmp) */
+static int all_zero(const unsigned char *p, size_t n) {
+  if (n == 0) return 1;
+  if (p[0] != 0 || p[n - 1] != 0) return 0;
+  return memcmp(p, p + 1, n - 1) == 0;
+}
+
+static int64_t write_all(int fd, const unsigned char *p, int64_t n, int64_t off) {
+  int64_t done = 0;
+  while (done < n) {
+    ssize_t w = pwrite(fd, p + done, (size_t)(n - done), (off_t)(off + done));
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return -(int64_t)(WRITE_ERR + errno);
+    }
+    if (w == 0) return -(int64_t)(WRITE_ERR + EIO);
+    done += w;
+  }
+  return 0;
+}
+
+static void sparse_execute(io_req *r) {
+  static __thread unsigned char *buf;
+  static __thread size_t cap;
+  if ((size_t)r->len > cap) {
+    unsigned char *b = (unsigned char *)realloc(buf, (size_t)r->len);
+    if (!b) {
+      r->result = -(int64_t)ENOMEM;
+      return;
+    }
+    buf = b;
+    cap = (size_t)r->len;
+  }
+  int64_t got = 0;
+  while (got < r->len) {
+    ssize_t n = pread(r->fd_in, buf + got, (size_t)(r->len - got), (off_t)(r->off_in + got));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      r->result = -(int64_t)errno;
+      return;
+    }
+    if (n == 0) break; /* the input ends: zeros, as the image layer reads past a host file's end */
+    got += n;
+  }
+  if (got < r->len) memset(buf + got, 0, (size_t)(r->len - got));
+  int64_t written = 0, run = -1, i = 0;
+  while (i < r->len) {
+    int64_t next = i + r->block - ((r->off_out + i) % r->block);
+    if (next > r->len) next = r->len;
+    if (all_zero(buf + i, (size_t)(next - i))) {
+      if (run >= 0) {
+        int64_t e = write_all(r->fd_out, buf + run, i - run, r->off_out + run);
+        if (e < 0) {
+          r->result = e;
+          return;
+        }
+        written += i - run;
+        run = -1;
+      }
+    } else if (run < 0) run = i;
+    i = next;
+  }
+  if (run >= 0) {
+    int64_t e = write_all(r->fd_out, buf + run, r->len - run, r->off_out + run);
+    if (e < 0) {
+      r->result = e;
+      return;
+    }
+    written += r->len - run;
+  }
+  r->result = written;
+}
 
 static void copy_execute(io_req *r) {
 #if defined(__linux__)
@@ -236,6 +324,7 @@ static void io_execute(napi_env env, void *data) {
   (void)env;
   io_req *r = (io_req *)data;
   if (r->op == OP_COPY) copy_execute(r);
+  else if (r->op == OP_SPARSE) sparse_execute(r);
   else falloc_execute(r);
 }
 
@@ -281,6 +370,23 @@ static napi_value do_copy_range(napi_env env, napi_callback_info info) {
   return io_queue(env, r, "imgtool.copyRange");
 }
 
+static napi_value do_copy_sparse(napi_env env, napi_callback_info info) {
+  size_t argc = 6;
+  napi_value argv[6];
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 6) return einval(env);
+  io_req *r = (io_req *)calloc(1, sizeof *r);
+  if (!r) return einval(env);
+  r->op = OP_SPARSE;
+  if (napi_get_value_int32(env, argv[0], &r->fd_in) != napi_ok || napi_get_value_int64(env, argv[1], &r->off_in) != napi_ok ||
+      napi_get_value_int32(env, argv[2], &r->fd_out) != napi_ok || napi_get_value_int64(env, argv[3], &r->off_out) != napi_ok ||
+      napi_get_value_int64(env, argv[4], &r->len) != napi_ok || napi_get_value_int64(env, argv[5], &r->block) != napi_ok || r->off_in < 0 ||
+      r->off_out < 0 || r->len <= 0 || r->len > SPARSE_MAX || r->block <= 0) {
+    free(r);
+    return einval(env);
+  }
+  return io_queue(env, r, "imgtool.copySparse");
+}
+
 static napi_value do_fallocate(napi_env env, napi_callback_info info) {
   size_t argc = 3;
   napi_value argv[3];
@@ -309,6 +415,7 @@ static napi_value init(napi_env env, napi_value exports) {
   export_fn(env, exports, "getfl", do_getfl);
   export_fn(env, exports, "copyRange", do_copy_range);
   export_fn(env, exports, "fallocate", do_fallocate);
+  export_fn(env, exports, "copySparse", do_copy_sparse);
   export_fn(env, exports, "ofdLock", do_ofd_lock);
   export_fn(env, exports, "ofdTest", do_ofd_test);
   export_fn(env, exports, "dup", do_dup);

@@ -11,6 +11,7 @@ import { mergeExtents } from '../image/range.js'
 import { isAllZero } from '../util/bytes.js'
 import { RateLimiter } from '../util/rate.js'
 import { CopyOffload, type CopyRange } from './copy-offload.js'
+import { SparseCopier, type CopySparse } from './sparse-copy.js'
 import { BufferPool, HostFiles, readGuest, sourceOf, type Source } from './host-reads.js'
 
 /** A target that can store compressed clusters (qcow2), found by capability, not by format. */
@@ -86,6 +87,12 @@ export interface ConvertOptions {
    * function stands in for copy_file_range (tests). Not with `compress`.
    */
   copyRange?: true | CopyRange
+  /**
+   * Data chunks that are one host range go into a raw target through the addon's copySparse (read,
+   * zero scan and write on a libuv thread; see sparse-copy.ts): true for the addon's, or a stand-in
+   * (tests). Not with -c, -S 0, -C, --salvage, or into a target that holds data.
+   */
+  sparseCopy?: true | CopySparse
 }
 
 /** One sector convert --salvage could not read (kind 'read') or whose allocation status failed ('status'). */
@@ -147,6 +154,8 @@ export async function* salvagedExtents(src: DiskImage, salvage: ((e: SalvageEven
 export interface ConvertResult {
   /** --salvage: sectors that read as zeros because their read failed */
   salvagedSectors?: number
+  /** guest bytes copied by the native data path (sparseCopy), never held in a JavaScript buffer */
+  nativeBytes?: number
   bytesRead: number
   bytesWritten: number
   compressedClusters: number
@@ -307,6 +316,18 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
   }
   const limiter = options.rateLimit ? new RateLimiter(options.rateLimit) : undefined
   const offload = options.copyRange && !compress ? CopyOffload.create(src, dst, options.copyRange === true ? undefined : options.copyRange) : undefined
+  const sparse =
+    options.sparseCopy && !compress && !offload && !options.salvage && !options.targetDirty && minSparse > 0
+      ? SparseCopier.for(dst, options.sparseCopy === true ? undefined : options.sparseCopy)
+      : undefined
+  /** the chunk copied by the native data path (its bytes written), or undefined: copy it as usual */
+  const copiedNatively = async (c: DataChunk): Promise<number | undefined> => {
+    if (!sparse || c.source.kind !== 'host') return undefined
+    await files.probe(src)
+    const fd = await files.fd(c.source.file)
+    if (fd === undefined) return undefined
+    return sparse.copyChunk(fd, c.source.file, c.source.offset, c.offset, c.length, minSparse)
+  }
   /**
    * -C: the chunk offered to the kernel when its turn to be written comes. One chunk at a time, from the
    * offer to the submission of its writes, so the target allocates in guest order as qemu-img's does.
@@ -366,6 +387,12 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     }
     const failed: SalvageEvent[] = []
     await limiter?.take(c.length)
+    const native = await copiedNatively(c)
+    if (native !== undefined) {
+      result.bytesRead += c.length
+      result.bytesWritten += native
+      return async () => progress(c.length)
+    }
     const buf = await readSalvaged(c, failed)
     result.bytesRead += c.length
     // reported when the chunk's turn comes: guest order, whatever order the reads finished in
@@ -493,7 +520,9 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
     await Promise.allSettled(running)
     await files.close()
     await offload?.close()
+    await sparse?.close()
   }
+  if (sparse && sparse.bytes > 0) result.nativeBytes = sparse.bytes
   const ct = compress ? (dst as unknown as CompressedTarget) : undefined
   if (ct?.finishCompressed) await ct.finishCompressed()
   await dst.flush()

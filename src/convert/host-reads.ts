@@ -87,6 +87,11 @@ export class HostFiles {
     return h
   }
 
+  /** the read-only descriptor of `file` (a regular file), or undefined where it cannot be opened here */
+  async fd(file: string): Promise<number | undefined> {
+    return (await this.handle(file))?.fd
+  }
+
   /**
    * Fill `buf[0, n)` with host bytes at `offset` of `file` (zeros past its
    * end, as the image layer reads them). False: the file cannot be read here.

@@ -294,6 +294,7 @@ async function writeTarget(
         ...(o.rateLimit ? { rateLimit: o.rateLimit } : {}),
         ...(o.outOfOrder ? { outOfOrder: true } : {}),
         ...(o.copyRange ? { copyRange: true as const } : {}),
+        sparseCopy: true,
         ...(o.onProgress ? { onProgress: o.onProgress } : {}),
         ...(o.signal ? { signal: o.signal } : {}),
       })
@@ -330,6 +331,7 @@ async function writeExisting(src: DiskImage, dstPath: string, o: ConvertFileOpti
       ...(o.rateLimit ? { rateLimit: o.rateLimit } : {}),
       ...(o.outOfOrder ? { outOfOrder: true } : {}),
       ...(o.copyRange ? { copyRange: true as const } : {}),
+      sparseCopy: true,
       ...(o.onProgress ? { onProgress: o.onProgress } : {}),
       ...(o.signal ? { signal: o.signal } : {}),
     })

@@ -24,6 +24,8 @@ export interface SeekHole {
   copyRange?(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number): Promise<number> | number
   /** fallocate(fd, 0, offset, length) on a libuv thread: 0 or -errno (absent from addons built before it) */
   fallocate?(fd: number, offset: number, length: number): Promise<number> | number
+  /** read, -S zero scan and write of one chunk on a libuv thread: bytes written, -errno (read), -(4096 + errno) (write) */
+  copySparse?(fdIn: number, offIn: number, fdOut: number, offOut: number, length: number, block: number): Promise<number> | number
   /** clear O_NONBLOCK on fd: 0 or -errno (absent from addons built before it) */
   clearNonblock?(fd: number): number
   /** F_OFD_SETLK of one byte (a read lock, or an unlock): 0 or -errno; see src/io/lock.ts */
@@ -88,6 +90,27 @@ export function copyRangeAddon(): CopyRange | null {
   if (!a || typeof a.copyRange !== 'function') return null
   const copyRange = a.copyRange
   return async (fdIn, offIn, fdOut, offOut, length) => copyRange(fdIn, offIn, fdOut, offOut, length)
+}
+
+/**
+ * One convert chunk copied off the main thread: `length` bytes read at offIn of
+ * fdIn (zeros past its end), and only the runs of `block`-sized blocks (aligned
+ * to offOut) holding a non-zero byte written at offOut of fdOut. The bytes
+ * written, -errno for a failed read, or -(COPY_SPARSE_WRITE_ERROR + errno) for
+ * a failed write; null without the addon (or with one built before it).
+ */
+export type CopySparse = (fdIn: number, offIn: number, fdOut: number, offOut: number, length: number, block: number) => Promise<number>
+export const COPY_SPARSE_WRITE_ERROR = 4096
+/** the largest chunk copySparse takes (native/seekhole.c's SPARSE_MAX) */
+export const COPY_SPARSE_MAX = 64 * 1024 * 1024
+
+export function copySparseAddon(): CopySparse | null {
+  // IMGTOOL_NO_SPARSE_COPY=1: convert's JavaScript data path with the rest of the addon (bench A/B)
+  if (process.env['IMGTOOL_NO_SPARSE_COPY'] === '1') return null
+  const a = seekHoleAddon()
+  if (!a || typeof a.copySparse !== 'function') return null
+  const copySparse = a.copySparse
+  return async (fdIn, offIn, fdOut, offOut, length, block) => copySparse(fdIn, offIn, fdOut, offOut, length, block)
 }
 
 /**

@@ -1,0 +1,216 @@
+/**
+ * convert's native data path (src/convert/sparse-copy.ts): chunks that are one host range go into a raw
+ * target through the addon's copySparse. It must make the target the JavaScript path makes, byte for
+ * byte and hole for hole (SEEK_DATA map, blocks), for every -S, odd sizes and unaligned runs; take the
+ * chunks it can (nativeBytes) and none it must not (-S 0, -c, -n into data, --salvage, non-raw targets);
+ * and turn its read and write errors into the usual one-line errors naming the right file. Against
+ * qemu-img: qcow2, vpc and vmdk sources to raw give qemu-img's bytes and map.
+ */
+import { closeSync, openSync, readFileSync, statSync, writeSync } from 'node:fs'
+import { join } from 'node:path'
+import { afterEach, describe, expect, it, vi } from 'vitest'
+import { convert } from '../../src/convert/convert.js'
+import { convertFile } from '../../src/convert/to-file.js'
+import { ImageIoError } from '../../src/errors.js'
+import { copySparseAddon, seekHoleAddon, type CopySparse } from '../../src/io/seek-hole.js'
+import { openImage } from '../../src/open.js'
+import { describeQemu, makeTempDir, qemuImgOk, qemuIoOk, useTempDirs } from '../support/qemu.js'
+
+useTempDirs()
+const addon = copySparseAddon()
+
+/** the data/hole layout of a file, by SEEK_DATA/SEEK_HOLE (the addon's seek) */
+function holes(path: string): Array<[number, number]> {
+  const a = seekHoleAddon()!
+  const fd = openSync(path, 'r')
+  try {
+    const size = statSync(path).size
+    const out: Array<[number, number]> = []
+    let at = 0
+    while (at < size) {
+      const d = a.seek(fd, at, 0)
+      if (d < 0) break
+      const h = a.seek(fd, d, 1)
+      out.push([d, h])
+      at = h
+    }
+    return out
+  } finally {
+    closeSync(fd)
+  }
+}
+
+/** xorshift32 */
+function rng(seed: number): () => number {
+  let x = seed >>> 0 || 1
+  return () => {
+    x ^= x << 13
+    x >>>= 0
+    x ^= x >>> 17
+    x ^= x << 5
+    return (x >>>= 0)
+  }
+}
+
+/** a raw file of `size` bytes: random runs of data, zero-filled data and holes, at odd offsets */
+function randomRaw(path: string, size: number, seed: number): void {
+  const r = rng(seed)
+  const fd = openSync(path, 'w')
+  try {
+    let at = 0
+    while (at < size) {
+      const len = Math.min(size - at, 1 + (r() % (300 * 1024)))
+      const kind = r() % 3
+      if (kind === 0) {
+        const b = Buffer.alloc(len)
+        for (let i = 0; i < len; i += 1 + (r() % 700)) b[i] = 1 + (r() % 255)
+        writeSync(fd, b, 0, len, at)
+      } else if (kind === 1) writeSync(fd, Buffer.alloc(len), 0, len, at) // zeros written as data
+      at += len // kind 2: a hole
+    }
+    if (statSync(path).size < size) writeSync(fd, Buffer.alloc(1), 0, 1, size - 1)
+  } finally {
+    closeSync(fd)
+  }
+}
+
+async function convertBoth(src: string, dir: string, name: string, minSparse?: number) {
+  const opt = { targetFormat: 'raw' as const, ...(minSparse !== undefined ? { minSparse } : {}) }
+  const native = join(dir, `${name}-n.raw`)
+  const plain = join(dir, `${name}-p.raw`)
+  const rn = await convertFile(src, native, opt)
+  process.env['IMGTOOL_NO_SPARSE_COPY'] = '1'
+  try {
+    const rp = await convertFile(src, plain, opt)
+    expect(rp.nativeBytes, 'the JavaScript path takes no native chunk').toBeUndefined()
+  } finally {
+    delete process.env['IMGTOOL_NO_SPARSE_COPY']
+  }
+  return { native, plain, rn }
+}
+
+describe.skipIf(!addon)('convert into raw: the native data path makes what the JavaScript path makes', () => {
+  afterEach(() => {
+    delete process.env['IMGTOOL_NO_SPARSE_COPY']
+  })
+
+  it('random raw sources, odd sizes, every -S: the same bytes, the same holes, the same bytes written', async () => {
+    const dir = makeTempDir('imgtool-sparse-copy-')
+    let n = 0
+    for (const [size, seed] of [
+      [5 * 1024 * 1024 + 777, 1],
+      [8 * 1024 * 1024, 2],
+      [3 * 1024 * 1024 + 4096 * 3 + 1, 3],
+    ] as const) {
+      const src = join(dir, `s${seed}.raw`)
+      randomRaw(src, size, seed)
+      for (const s of [undefined, 512, 4096, 65536, 1 << 20]) {
+        const { native, plain, rn } = await convertBoth(src, dir, `c${n++}`, s)
+        const what = `size ${size}, -S ${s ?? 'default'}`
+        expect(rn.nativeBytes, what).toBeGreaterThan(0)
+        expect(readFileSync(native).equals(readFileSync(plain)), what).toBe(true)
+        // a raw target is the source's size rounded up to a sector, as qemu-img creates it
+        expect(readFileSync(native).subarray(0, size).equals(readFileSync(src)), what).toBe(true)
+        expect(holes(native), what).toEqual(holes(plain))
+        expect(statSync(native).blocks, what).toBe(statSync(plain).blocks)
+      }
+    }
+  })
+
+  it('takes no chunk where the JavaScript path must run: -S 0, -c (qcow2 target), a target that holds data', async () => {
+    const dir = makeTempDir('imgtool-sparse-copy-off-')
+    const src = join(dir, 's.raw')
+    randomRaw(src, 4 << 20, 7)
+    const full = await convertFile(src, join(dir, 'full.raw'), { targetFormat: 'raw', minSparse: 0 })
+    expect(full.nativeBytes).toBeUndefined()
+    expect(readFileSync(join(dir, 'full.raw')).equals(readFileSync(src))).toBe(true)
+    const q = await convertFile(src, join(dir, 'q.qcow2'), { targetFormat: 'qcow2' })
+    expect(q.nativeBytes).toBeUndefined()
+    // -n without --target-is-zero: the gaps must be written as zeros, which only the JavaScript path does
+    const dirty = join(dir, 'dirty.raw')
+    writeSync(openSync(dirty, 'w'), Buffer.alloc(4 << 20, 0xaa))
+    const d = await convertFile(src, dirty, { targetFormat: 'raw', skipCreate: true })
+    expect(d.nativeBytes).toBeUndefined()
+    expect(readFileSync(dirty).equals(readFileSync(src))).toBe(true)
+    // -n --target-is-zero into a fresh file: the native path again
+    const zero = join(dir, 'zero.raw')
+    closeSync(openSync(zero, 'w'))
+    const fd = openSync(zero, 'r+')
+    writeSync(fd, Buffer.alloc(1), 0, 1, (4 << 20) - 1)
+    closeSync(fd)
+    const z = await convertFile(src, zero, { targetFormat: 'raw', skipCreate: true, targetIsZero: true })
+    expect(z.nativeBytes).toBeGreaterThan(0)
+    expect(readFileSync(zero).equals(readFileSync(src))).toBe(true)
+  })
+
+  it('a failed write names the target, a failed read the source; one line, an ImageIoError', async () => {
+    const dir = makeTempDir('imgtool-sparse-copy-err-')
+    const src = join(dir, 's.raw')
+    randomRaw(src, 4 << 20, 9)
+    for (const [ret, file, code, kind] of [
+      [-(4096 + 28), 't.raw', 'ENOSPC', 'NO_SPACE'],
+      [-5, 's.raw', 'EIO', 'IO'],
+    ] as const) {
+      const target = join(dir, 't.raw')
+      closeSync(openSync(target, 'w'))
+      const fd = openSync(target, 'r+')
+      writeSync(fd, Buffer.alloc(1), 0, 1, (4 << 20) - 1)
+      closeSync(fd)
+      let calls = 0
+      const failing: CopySparse = async (...a) => (++calls === 2 ? ret : addon!(...a))
+      const s = await openImage(src, { format: 'raw', readOnly: true })
+      const d = await openImage(target, { format: 'raw', readOnly: false })
+      const err = await convert(s, d, { hostFiles: true, sparseCopy: failing })
+        .catch((e: unknown) => e)
+        .finally(async () => {
+          await d.close()
+          await s.close()
+        })
+      expect(err).toBeInstanceOf(ImageIoError)
+      const msg = (err as Error).message
+      expect(msg.split('\n')).toHaveLength(1)
+      expect(msg).toContain(join(dir, file))
+      expect(msg).toContain(code)
+      expect((err as ImageIoError).code).toBe(kind) // as the JavaScript path's fs errors map it
+    }
+  })
+})
+
+describeQemu('convert to raw on the native data path against qemu-img', () => {
+  vi.setConfig({ testTimeout: 300_000 })
+  it.skipIf(!addon)('qcow2 (4k and 64k clusters, zero clusters, a backing file), vpc, vmdk: qemu-img convert -O raw bytes and map', async () => {
+    const dir = makeTempDir('imgtool-sparse-copy-qemu-')
+    const raw = join(dir, 'base.raw')
+    randomRaw(raw, 6 << 20, 11)
+    const srcs: Array<[string, string]> = []
+    for (const cs of ['4096', '65536']) {
+      const q = join(dir, `c${cs}.qcow2`)
+      await qemuImgOk(['convert', '-f', 'raw', '-O', 'qcow2', '-o', `cluster_size=${cs}`, raw, q])
+      await qemuIoOk(q, ['write -z 1M 64k', 'write -P 0 2M 128k', 'write -P 7 3000k 5k'])
+      srcs.push([q, 'qcow2'])
+    }
+    const top = join(dir, 'top.qcow2')
+    await qemuImgOk(['create', '-q', '-f', 'qcow2', '-b', srcs[1]![0], '-F', 'qcow2', top])
+    await qemuIoOk(top, ['write -P 3 512k 300k', 'write -z 4M 1M'])
+    srcs.push([top, 'qcow2'])
+    for (const [fmt, o] of [
+      ['vpc', 'subformat=dynamic'],
+      ['vpc', 'subformat=fixed'],
+      ['vmdk', 'subformat=monolithicSparse'],
+      ['vmdk', 'subformat=monolithicFlat'],
+    ] as const) {
+      const f = join(dir, `s-${o.split('=')[1]}.${fmt}`)
+      await qemuImgOk(['convert', '-f', 'raw', '-O', fmt, '-o', o, raw, f])
+      srcs.push([f, fmt])
+    }
+    for (const [s, fmt] of srcs) {
+      const ours = join(dir, `${s.split('/').pop()}.ours.raw`)
+      const theirs = join(dir, `${s.split('/').pop()}.theirs.raw`)
+      const r = await convertFile(s, ours, { targetFormat: 'raw', sourceFormat: fmt as 'qcow2' })
+      await qemuImgOk(['convert', '-f', fmt, '-O', 'raw', s, theirs])
+      expect(r.nativeBytes, s).toBeGreaterThan(0)
+      expect(readFileSync(ours).equals(readFileSync(theirs)), s).toBe(true)
+      expect(await qemuImgOk(['map', '--output=json', '-f', 'raw', ours]), s).toBe(await qemuImgOk(['map', '--output=json', '-f', 'raw', theirs]))
+    }
+  })
+})
