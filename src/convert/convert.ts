@@ -88,7 +88,7 @@ export interface ConvertOptions {
    */
   copyRange?: true | CopyRange
   /**
-   * Data chunks that are one host range go into a raw target through the addon's copySparse (read,
+   * Data chunks that are one host range go into a target that stores them in place (raw, fixed vpc, flat vmdk) through the addon's copySparse (read,
    * zero scan and write on a libuv thread; see sparse-copy.ts): true for the addon's, or a stand-in
    * (tests). Not with -c, -S 0, -C, --salvage, or into a target that holds data.
    */

@@ -1,10 +1,11 @@
 /**
- * The native data path of convert into a raw target.
+ * The native data path of convert into a target that stores guest bytes in
+ * place (DiskImage.inPlace: raw, a fixed VHD, a flat VMDK extent).
  *
  * A data chunk whose guest bytes are one host range (a raw source, a qcow2
  * source's run of contiguous clusters, a VHD block, a VMDK grain run or flat
- * extent) lands in a raw target at its guest offset: nothing to plan but which
- * blocks are zero. The addon's copySparse reads the chunk, scans it in -S
+ * extent) lands in such a target at one host range too: nothing to plan but
+ * which blocks are zero. The addon's copySparse reads the chunk, scans it in -S
  * blocks and writes the non-zero runs on a libuv thread, so the bytes never
  * enter a JavaScript buffer and the main thread does one call per chunk
  * instead of a read, a scan and a write per run. The output is the one the
@@ -12,17 +13,18 @@
  * against qemu-img). Without the addon, or for any other chunk or target,
  * convert takes its ordinary path.
  *
- * The target is written through a descriptor of its own, as convert -C's
- * copy_file_range does: a raw target has no metadata to order against its
- * data, and the target's flush at the end covers these writes (fsync is per
- * inode). Chunks may complete in any order, which a raw file does not mind.
+ * The target's file is written through a descriptor of its own, as convert
+ * -C's copy_file_range does: an in-place range has no metadata to order
+ * against its data, and the target's flush at the end covers these writes
+ * (fsync is per inode). Chunks may complete in any order, which such a range
+ * does not mind.
  */
 import { open, type FileHandle } from 'node:fs/promises'
 import { getSystemErrorMap } from 'node:util'
 import { fsError } from '../io/file-device.js'
 import { COPY_SPARSE_MAX, COPY_SPARSE_WRITE_ERROR, copySparseAddon, type CopySparse } from '../io/seek-hole.js'
 import { hex } from '../errors.js'
-import type { DiskImage } from '../image/disk-image.js'
+import type { DiskImage, WritesInPlace } from '../image/disk-image.js'
 
 export type { CopySparse }
 
@@ -36,33 +38,37 @@ export class SparseCopier {
   /** chunks (and their bytes) copied natively, and the bytes written for them */
   chunks = 0
   bytes = 0
-  private target: Promise<FileHandle | undefined> | undefined
+  private readonly targets = new Map<string, Promise<FileHandle | undefined>>()
 
   private constructor(
-    private readonly dst: DiskImage,
+    private readonly dst: DiskImage & WritesInPlace,
     private readonly copy: CopySparse,
   ) {}
 
-  /** a copier for `dst` when it is a raw image and the addon (or `inject`) has copySparse; else undefined */
+  /** a copier for `dst` when it stores guest bytes in place and the addon (or `inject`) has copySparse; else undefined */
   static for(dst: DiskImage, inject?: CopySparse): SparseCopier | undefined {
-    if (dst.format !== 'raw') return undefined
+    if (typeof (dst as Partial<WritesInPlace>).inPlace !== 'function') return undefined
     const copy = inject ?? copySparseAddon()
-    return copy ? new SparseCopier(dst, copy) : undefined
+    return copy ? new SparseCopier(dst as DiskImage & WritesInPlace, copy) : undefined
   }
 
-  /** the target's own read-write descriptor; undefined for anything but a regular file */
-  private async targetFd(): Promise<number | undefined> {
-    this.target ??= (async () => {
-      try {
-        const fh = await open(this.dst.filename, 'r+')
-        if ((await fh.stat()).isFile()) return fh
-        await fh.close()
-      } catch {
-        // not copied natively: the ordinary path meets whatever error there is
-      }
-      return undefined
-    })()
-    return (await this.target)?.fd
+  /** a read-write descriptor of the target's `file`; undefined for anything but a regular file */
+  private async targetFd(file: string): Promise<number | undefined> {
+    let h = this.targets.get(file)
+    if (!h) {
+      h = (async () => {
+        try {
+          const fh = await open(file, 'r+')
+          if ((await fh.stat()).isFile()) return fh
+          await fh.close()
+        } catch {
+          // not copied natively: the ordinary path meets whatever error there is
+        }
+        return undefined
+      })()
+      this.targets.set(file, h)
+    }
+    return (await h)?.fd
   }
 
   /**
@@ -71,11 +77,14 @@ export class SparseCopier {
    */
   async copyChunk(srcFd: number, srcFile: string, srcOffset: number, offset: number, length: number, block: number): Promise<number | undefined> {
     if (length <= 0 || length > COPY_SPARSE_MAX || block <= 0) return undefined
-    const fd = await this.targetFd()
+    const at = this.dst.inPlace(offset, length)
+    // -S blocks are aligned to guest offsets: a host range at another alignment would scan other blocks
+    if (!at || (at.hostOffset - offset) % block !== 0) return undefined
+    const fd = await this.targetFd(at.file)
     if (fd === undefined) return undefined
-    const r = await this.copy(srcFd, srcOffset, fd, offset, length, block)
+    const r = await this.copy(srcFd, srcOffset, fd, at.hostOffset, length, block)
     if (r < -COPY_SPARSE_WRITE_ERROR) {
-      throw fsError(errnoError(-r - COPY_SPARSE_WRITE_ERROR, 'write'), this.dst.filename, `write data in ${hex(offset)}+${hex(length)}`, offset, 'data')
+      throw fsError(errnoError(-r - COPY_SPARSE_WRITE_ERROR, 'write'), at.file, `write data at ${hex(at.hostOffset)}+${hex(length)}`, at.hostOffset, 'data')
     }
     if (r < 0) throw fsError(errnoError(-r, 'read'), srcFile, `read data at ${hex(srcOffset)}`, srcOffset, 'data')
     this.chunks++
@@ -84,8 +93,8 @@ export class SparseCopier {
   }
 
   async close(): Promise<void> {
-    const t = this.target
-    this.target = undefined
-    await (await t)?.close().catch(() => undefined)
+    const all = [...this.targets.values()]
+    this.targets.clear()
+    for (const h of all) await (await h)?.close().catch(() => undefined)
   }
 }

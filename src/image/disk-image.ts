@@ -102,3 +102,22 @@ export interface DiskImage {
   check?(options?: CheckOptions): Promise<CheckReport>
   repair?(options: CheckOptions & { repair: RepairMode }): Promise<RepairResult>
 }
+
+/** Where a writable image stores guest bytes as they are (see DiskImage.inPlace). */
+export interface InPlaceRange {
+  /** the host file, as the image's extents name it */
+  file: string
+  /** the host byte that holds the range's first guest byte */
+  hostOffset: number
+}
+
+/**
+ * A writable image whose guest range [offset, offset + length) is stored as it is in one host range,
+ * written by nothing but those bytes (no table, bitmap or footer to update): raw, a fixed VHD, a flat
+ * VMDK extent. convert's native data path writes such a range straight into the host file
+ * (src/convert/sparse-copy.ts); undefined where the range is not stored so (the caller writes through
+ * the image).
+ */
+export interface WritesInPlace {
+  inPlace(offset: number, length: number): InPlaceRange | undefined
+}

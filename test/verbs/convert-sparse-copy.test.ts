@@ -14,7 +14,7 @@ import { convertFile } from '../../src/convert/to-file.js'
 import { ImageIoError } from '../../src/errors.js'
 import { copySparseAddon, seekHoleAddon, type CopySparse } from '../../src/io/seek-hole.js'
 import { openImage } from '../../src/open.js'
-import { describeQemu, makeTempDir, qemuImgOk, qemuIoOk, useTempDirs } from '../support/qemu.js'
+import { describeQemu, makeTempDir, qemuImg, qemuImgOk, qemuIoOk, useTempDirs } from '../support/qemu.js'
 
 useTempDirs()
 const addon = copySparseAddon()
@@ -172,6 +172,52 @@ describe.skipIf(!addon)('convert into raw: the native data path makes what the J
       expect(msg).toContain(join(dir, file))
       expect(msg).toContain(code)
       expect((err as ImageIoError).code).toBe(kind) // as the JavaScript path's fs errors map it
+    }
+  })
+})
+
+describeQemu('convert into fixed vpc and flat vmdk on the native data path', () => {
+  vi.setConfig({ testTimeout: 300_000 })
+  it.skipIf(!addon)('the same data and holes as the JavaScript path, qemu-img compare identical, the same virtual size', async () => {
+    const dir = makeTempDir('imgtool-sparse-copy-inplace-')
+    const raw = join(dir, 'src.raw')
+    randomRaw(raw, 7 << 20, 21)
+    const q = join(dir, 'src.qcow2')
+    await qemuImgOk(['convert', '-f', 'raw', '-O', 'qcow2', raw, q])
+    for (const s of [raw, q]) {
+      for (const [fmt, sub, data] of [
+        ['vpc', 'fixed', (f: string) => f],
+        ['vmdk', 'monolithicFlat', (f: string) => f.replace(/\.vmdk$/, '-flat.vmdk')],
+      ] as const) {
+        const base = `${s.endsWith('.raw') ? 'r' : 'q'}-${sub}`
+        const native = join(dir, `${base}-n.${fmt}`)
+        const plain = join(dir, `${base}-p.${fmt}`)
+        const options = { subformat: sub, ...(fmt === 'vpc' ? { force_size: 'on' } : {}) }
+        const rn = await convertFile(s, native, { targetFormat: fmt, options })
+        process.env['IMGTOOL_NO_SPARSE_COPY'] = '1'
+        try {
+          expect((await convertFile(s, plain, { targetFormat: fmt, options })).nativeBytes).toBeUndefined()
+        } finally {
+          delete process.env['IMGTOOL_NO_SPARSE_COPY']
+        }
+        const what = `${s} -> ${fmt} ${sub}`
+        expect(rn.nativeBytes, what).toBeGreaterThan(0)
+        // the guest bytes (a fixed disk's footer holds a fresh UUID and time: left out)
+        const guest = 7 << 20
+        expect(
+          readFileSync(data(native))
+            .subarray(0, guest)
+            .equals(readFileSync(data(plain)).subarray(0, guest)),
+          what,
+        ).toBe(true)
+        expect(
+          holes(data(native)).filter(([a]) => a < guest),
+          what,
+        ).toEqual(holes(data(plain)).filter(([a]) => a < guest))
+        expect((await qemuImg(['compare', '-f', 'raw', '-F', fmt, raw, native])).code, what).toBe(0)
+        const info = JSON.parse(await qemuImgOk(['info', '--output=json', '-f', fmt, native])) as { 'virtual-size': number }
+        expect(info['virtual-size'], what).toBe(guest)
+      }
     }
   })
 })

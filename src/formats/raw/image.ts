@@ -4,12 +4,12 @@
  * (whole sectors); the bytes past the end of the file read as zeros.
  */
 import type { BlockDevice } from '../../io/block-device.js'
-import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
+import type { DiskImage, Extent, ImageInfo, InPlaceRange, WritesInPlace } from '../../image/disk-image.js'
 import type { FormatDriver } from '../../image/context.js'
 import { checkGuestRange } from '../../image/range.js'
 import { createRaw } from './create.js'
 
-export class RawImage implements DiskImage {
+export class RawImage implements DiskImage, WritesInPlace {
   readonly format = 'raw'
   constructor(readonly device: BlockDevice) {}
 
@@ -31,6 +31,12 @@ export class RawImage implements DiskImage {
   async write(offset: number, data: Uint8Array): Promise<void> {
     checkGuestRange(`raw: ${this.filename}: write`, offset, data.byteLength, this.virtualSize)
     await this.device.write(offset, data, 'data')
+  }
+
+  /** every guest byte is the file's byte at the same offset */
+  inPlace(offset: number, length: number): InPlaceRange | undefined {
+    if (this.readOnly || offset < 0 || length <= 0 || offset + length > this.virtualSize) return undefined
+    return { file: this.filename, hostOffset: offset }
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {

@@ -10,14 +10,14 @@ import { CorruptImageError, ReadOnlyError, UsageError, hex } from '../../errors.
 import { readInto, type BlockDevice } from '../../io/block-device.js'
 import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../../check/types.js'
 import type { OpenContext, OpenImageOptions } from '../../image/context.js'
-import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
+import type { DiskImage, Extent, ImageInfo, InPlaceRange, WritesInPlace } from '../../image/disk-image.js'
 import { checkGuestRange } from '../../image/range.js'
 import { readLayout, type SparseLayout, type VhdLayout } from './open.js'
 import { openParent } from './parent.js'
 import { BAT_UNUSED, SECTOR, TYPE_DIFFERENCING } from './spec.js'
 import { VhdWriter } from './write.js'
 
-export class VhdImage implements DiskImage {
+export class VhdImage implements DiskImage, WritesInPlace {
   readonly format = 'vpc'
   writer: VhdWriter | undefined
   private bitmapCache: { offset: number; bits: Uint8Array } | undefined
@@ -225,6 +225,13 @@ export class VhdImage implements DiskImage {
   async write(offset: number, data: Uint8Array): Promise<void> {
     checkGuestRange(`vpc: ${this.filename}: write`, offset, data.byteLength, this.virtualSize)
     await this.requireWriter().write(offset, data)
+  }
+
+  /** a fixed disk stores its guest bytes in place, before the footer (a dynamic disk maps blocks: undefined) */
+  inPlace(offset: number, length: number): InPlaceRange | undefined {
+    if (!this.writer || this.sparse || offset < 0 || length <= 0 || offset + length > this.virtualSize) return undefined
+    if (this.layout.virtualSize > this.layout.footerOffset) return undefined // the writer refuses it, with its error
+    return { file: this.filename, hostOffset: offset }
   }
 
   async writeZeroes(offset: number, length: number): Promise<void> {

@@ -8,13 +8,13 @@ import { CorruptImageError, ReadOnlyError, UsageError, hex } from '../../errors.
 import { readInto, type BlockDevice } from '../../io/block-device.js'
 import type { CheckOptions, CheckReport, RepairMode, RepairResult } from '../../check/types.js'
 import type { OpenContext, OpenImageOptions } from '../../image/context.js'
-import type { DiskImage, Extent, ImageInfo } from '../../image/disk-image.js'
+import type { DiskImage, Extent, ImageInfo, InPlaceRange, WritesInPlace } from '../../image/disk-image.js'
 import { checkGuestRange } from '../../image/range.js'
 import { GrainMap } from './grains.js'
 import { readLayout, type FlatExtent, type SparseExtent, type VmdkExtent, type VmdkLayout } from './open.js'
 import { SparseWriter } from './write.js'
 
-export class VmdkImage implements DiskImage {
+export class VmdkImage implements DiskImage, WritesInPlace {
   readonly format = 'vmdk'
   readonly maps = new Map<VmdkExtent, GrainMap>()
   /** one writer per sparse extent when the image was opened for writing */
@@ -228,6 +228,14 @@ export class VmdkImage implements DiskImage {
     const settled = await Promise.allSettled(parts)
     const failed = settled.find((x) => x.status === 'rejected')
     if (failed) throw (failed as PromiseRejectedResult).reason
+  }
+
+  /** a range inside one flat extent is stored in place in the extent's file (sparse extents: undefined) */
+  inPlace(offset: number, length: number): InPlaceRange | undefined {
+    if (!this.writable || offset < 0 || length <= 0 || offset + length > this.virtualSize) return undefined
+    const e = this.extentAt(offset)
+    if (e.kind !== 'flat' || offset + length > e.start + e.length) return undefined
+    return { file: e.device.name, hostOffset: e.hostStart + offset - e.start }
   }
 
   async flush(): Promise<void> {
