@@ -7,7 +7,16 @@ import type { DiskImage } from './image/disk-image.js'
 import { MAX_CHAIN_DEPTH, type FormatDriver, type OpenContext, type OpenImageOptions } from './image/context.js'
 import { PROBE_BYTES, PROBE_TAIL_BYTES, probeFormat, probeFormatTail, type FormatName } from './image/probe.js'
 import { rawDriver } from './formats/raw/index.js'
-import { qcow2Driver } from './formats/qcow2/index.js'
+
+/**
+ * qcow2 is loaded when a qcow2 image is opened or created: a raw, VHD or VMDK command need not load its 21
+ * modules (start-up is most of a small command's time: bench/README.md, 2026-12-06).
+ */
+const qcow2Driver: FormatDriver = {
+  name: 'qcow2',
+  open: async (device, context, options) => (await import('./formats/qcow2/index.js')).qcow2Driver.open(device, context, options),
+  create: async (device, context, options) => (await import('./formats/qcow2/index.js')).qcow2Driver.create!(device, context, options),
+}
 
 /** dm-snapshot is loaded when a dm-snapshot store is opened: a qcow2 command need not pay for it. */
 const dmsnapDriver: FormatDriver = {

@@ -16,7 +16,6 @@ import { openFileDevice } from '../io/file-device.js'
 import type { DiskImage, SnapshotSelector } from '../image/disk-image.js'
 import type { FormatName } from '../image/probe.js'
 import { driverFor, makeContext, openImage } from '../open.js'
-import { parseCreateOptions } from '../formats/qcow2/index.js'
 import { parseRawPreallocation } from '../formats/raw/index.js'
 import { convert, type ConvertOptions, type ConvertResult, type SalvageEvent } from './convert.js'
 import { unsafeCacheOpener, type CacheMode } from './unsafe-cache.js'
@@ -133,6 +132,7 @@ export async function checkTargetOptions(
     const o = { ...options }
     delete o['backing_file']
     delete o['backing_fmt']
+    const { parseCreateOptions } = await import('../formats/qcow2/index.js')
     parseCreateOptions({ size, options: o, ...(backingFile !== undefined ? { backingFile, backingFormat: backingFormat ?? 'qcow2' } : {}) })
   } else if (format === 'raw') {
     for (const k of Object.keys(options)) if (k !== 'size' && k !== 'preallocation') throw new UsageError(`Invalid parameter '${k}' for raw`)
