@@ -88,9 +88,10 @@ export interface ConvertOptions {
    */
   copyRange?: true | CopyRange
   /**
-   * Data chunks that are one host range go into a target that stores them in place (raw, fixed vpc, flat vmdk) through the addon's copySparse (read,
-   * zero scan and write on a libuv thread; see sparse-copy.ts): true for the addon's, or a stand-in
-   * (tests). Not with -c, -S 0, -C, --salvage, or into a target that holds data.
+   * Data chunks that are one host range go into a target that stores them in place (raw, fixed vpc, flat
+   * vmdk) through the addon's copySparse (read, zero scan and write on a libuv thread; see sparse-copy.ts):
+   * true for the addon's, or a stand-in (tests). Not with -c, -S 0, -C, --salvage, or into a target that
+   * holds data.
    */
   sparseCopy?: true | CopySparse
 }

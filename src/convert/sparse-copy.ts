@@ -35,8 +35,7 @@ function errnoError(errno: number, syscall: string): NodeJS.ErrnoException {
 }
 
 export class SparseCopier {
-  /** chunks (and their bytes) copied natively, and the bytes written for them */
-  chunks = 0
+  /** guest bytes of the chunks copied natively */
   bytes = 0
   private readonly targets = new Map<string, Promise<FileHandle | undefined>>()
 
@@ -87,7 +86,6 @@ export class SparseCopier {
       throw fsError(errnoError(-r - COPY_SPARSE_WRITE_ERROR, 'write'), at.file, `write data at ${hex(at.hostOffset)}+${hex(length)}`, at.hostOffset, 'data')
     }
     if (r < 0) throw fsError(errnoError(-r, 'read'), srcFile, `read data at ${hex(srcOffset)}`, srcOffset, 'data')
-    this.chunks++
     this.bytes += length
     return r
   }

@@ -6,15 +6,17 @@
  * and turn its read and write errors into the usual one-line errors naming the right file. Against
  * qemu-img: qcow2, vpc and vmdk sources to raw give qemu-img's bytes and map.
  */
-import { closeSync, openSync, readFileSync, statSync, writeSync } from 'node:fs'
-import { join } from 'node:path'
+import { closeSync, openSync, readFileSync, statSync, truncateSync, writeSync } from 'node:fs'
+import { join, resolve } from 'node:path'
 import { afterEach, describe, expect, it, vi } from 'vitest'
 import { convert } from '../../src/convert/convert.js'
 import { convertFile } from '../../src/convert/to-file.js'
 import { ImageIoError } from '../../src/errors.js'
 import { copySparseAddon, seekHoleAddon, type CopySparse } from '../../src/io/seek-hole.js'
 import { openImage } from '../../src/open.js'
-import { describeQemu, makeTempDir, qemuImg, qemuImgOk, qemuIoOk, useTempDirs } from '../support/qemu.js'
+import { describeQemu, makeTempDir, qemuImg, qemuImgOk, qemuIoOk, run, useTempDirs } from '../support/qemu.js'
+
+const BIN = resolve(__dirname, '..', '..', 'bin', 'imgtool')
 
 useTempDirs()
 const addon = copySparseAddon()
@@ -72,6 +74,12 @@ function randomRaw(path: string, size: number, seed: number): void {
   } finally {
     closeSync(fd)
   }
+}
+
+/** a fresh file of `size` bytes that is all hole (a target that reads as zeros) */
+function sparseFile(path: string, size: number): void {
+  closeSync(openSync(path, 'w'))
+  truncateSync(path, size)
 }
 
 async function convertBoth(src: string, dir: string, name: string, minSparse?: number) {
@@ -134,10 +142,7 @@ describe.skipIf(!addon)('convert into raw: the native data path makes what the J
     expect(readFileSync(dirty).equals(readFileSync(src))).toBe(true)
     // -n --target-is-zero into a fresh file: the native path again
     const zero = join(dir, 'zero.raw')
-    closeSync(openSync(zero, 'w'))
-    const fd = openSync(zero, 'r+')
-    writeSync(fd, Buffer.alloc(1), 0, 1, (4 << 20) - 1)
-    closeSync(fd)
+    sparseFile(zero, 4 << 20)
     const z = await convertFile(src, zero, { targetFormat: 'raw', skipCreate: true, targetIsZero: true })
     expect(z.nativeBytes).toBeGreaterThan(0)
     expect(readFileSync(zero).equals(readFileSync(src))).toBe(true)
@@ -147,32 +152,64 @@ describe.skipIf(!addon)('convert into raw: the native data path makes what the J
     const dir = makeTempDir('imgtool-sparse-copy-err-')
     const src = join(dir, 's.raw')
     randomRaw(src, 4 << 20, 9)
-    for (const [ret, file, code, kind] of [
-      [-(4096 + 28), 't.raw', 'ENOSPC', 'NO_SPACE'],
-      [-5, 's.raw', 'EIO', 'IO'],
-    ] as const) {
-      const target = join(dir, 't.raw')
-      closeSync(openSync(target, 'w'))
-      const fd = openSync(target, 'r+')
-      writeSync(fd, Buffer.alloc(1), 0, 1, (4 << 20) - 1)
-      closeSync(fd)
-      let calls = 0
-      const failing: CopySparse = async (...a) => (++calls === 2 ? ret : addon!(...a))
+    const target = join(dir, 't.raw')
+    /** convert src into a fresh sparse t.raw with `copy` standing in for the addon's copySparse */
+    const run = async (copy: CopySparse): Promise<unknown> => {
+      sparseFile(target, 4 << 20)
       const s = await openImage(src, { format: 'raw', readOnly: true })
       const d = await openImage(target, { format: 'raw', readOnly: false })
-      const err = await convert(s, d, { hostFiles: true, sparseCopy: failing })
+      return convert(s, d, { hostFiles: true, sparseCopy: copy })
         .catch((e: unknown) => e)
         .finally(async () => {
           await d.close()
           await s.close()
         })
-      expect(err).toBeInstanceOf(ImageIoError)
-      const msg = (err as Error).message
-      expect(msg.split('\n')).toHaveLength(1)
-      expect(msg).toContain(join(dir, file))
-      expect(msg).toContain(code)
-      expect((err as ImageIoError).code).toBe(kind) // as the JavaScript path's fs errors map it
     }
+    let total = 0
+    const ok = await run(async (...a) => (total++, addon!(...a)))
+    expect((ok as { nativeBytes?: number }).nativeBytes).toBeGreaterThan(0)
+    expect(total).toBeGreaterThan(1)
+    // every call failed in turn, as a write error and as a read error
+    for (let k = 1; k <= total; k++) {
+      for (const [ret, file, code, kind] of [
+        [-(4096 + 28), 't.raw', 'ENOSPC', 'NO_SPACE'],
+        [-5, 's.raw', 'EIO', 'IO'],
+      ] as const) {
+        let calls = 0
+        const err = await run(async (...a) => (++calls === k ? ret : addon!(...a)))
+        const what = `call ${k} of ${total}: ${code}`
+        expect(err, what).toBeInstanceOf(ImageIoError)
+        const msg = (err as Error).message
+        expect(msg.split('\n'), what).toHaveLength(1)
+        expect(msg, what).toContain(join(dir, file))
+        expect(msg, what).toContain(code)
+        expect((err as ImageIoError).code, what).toBe(kind) // as the JavaScript path's fs errors map it
+      }
+    }
+  })
+
+  it('a real write failure (EFBIG under ulimit -f) on the native path: the exit code of the JavaScript path and a one-line error', async () => {
+    const dir = makeTempDir('imgtool-sparse-copy-efbig-')
+    const src = join(dir, 's.raw')
+    randomRaw(src, 8 << 20, 13)
+    const codes: number[] = []
+    for (const env of [{}, { IMGTOOL_NO_SPARSE_COPY: '1' }]) {
+      const target = join(dir, 't.raw')
+      sparseFile(target, 8 << 20) // -n --target-is-zero: no ftruncate, so the first data write past 1 MiB fails
+      const script = `trap '' XFSZ; ulimit -f 2048; exec "$0" "$@"`
+      const r = await run('bash', ['-c', script, process.execPath, BIN, 'convert', '-n', '--target-is-zero', '-f', 'raw', '-O', 'raw', src, target], {
+        env: { ...process.env, ...env },
+        timeout: 120_000,
+      })
+      const what = JSON.stringify(env)
+      expect(r.code, `${what}: ${r.stderr}`).not.toBe(0)
+      const lines = r.stderr.trim().split('\n')
+      expect(lines, what).toHaveLength(1)
+      expect(lines[0], what).toContain(target)
+      expect(lines[0], what).toContain('EFBIG')
+      codes.push(r.code ?? -1)
+    }
+    expect(codes[0]).toBe(codes[1])
   })
 })
 
