@@ -45,11 +45,19 @@
  *   for a failed write. The chunk is read into a buffer of the thread's own,
  *   kept for the thread's life (libuv's pool threads live as long as the
  *   process), so a 2 MiB chunk costs no allocation and no fresh pages.
+ *
+ * copySparse's writes and copyRange run under a lock of the target descriptor
+ * (one of 16, by fd): two pool threads writing one file at once contend for
+ * its inode lock, and the kernel spins waiting for it (rwsem_spin_on_owner:
+ * 11-34% of all CPU samples of a 4 GiB convert or cat under perf). Reads still
+ * run ahead on the other threads; the writes go one at a time, as qemu-img's
+ * in-order convert issues them.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <node_api.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
@@ -212,6 +220,16 @@ typedef struct {
 #define SPARSE_MAX (64 * 1024 * 1024)
 #define WRITE_ERR 4096
 
+/* The writers' locks, by target descriptor (see the header). */
+#define WRITE_LOCKS 16
+static pthread_mutex_t write_locks[WRITE_LOCKS] = {
+    PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
+    PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
+    PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
+    PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
+};
+static pthread_mutex_t *write_lock(int fd) { return &write_locks[(unsigned)fd % WRITE_LOCKS]; }
+
 /* all `n` bytes at p zero: the first byte, then p against itself shifted by one (glibc's vector memcmp) */
 static int all_zero(const unsigned char *p, size_t n) {
   if (n == 0) return 1;
@@ -232,6 +250,8 @@ static int64_t write_all(int fd, const unsigned char *p, int64_t n, int64_t off)
   }
   return 0;
 }
+
+static int64_t sparse_write(const io_req *r, const unsigned char *buf);
 
 static void sparse_execute(io_req *r) {
   static __thread unsigned char *buf;
@@ -257,6 +277,14 @@ static void sparse_execute(io_req *r) {
     got += n;
   }
   if (got < r->len) memset(buf + got, 0, (size_t)(r->len - got));
+  pthread_mutex_t *lock = write_lock(r->fd_out);
+  pthread_mutex_lock(lock);
+  r->result = sparse_write(r, buf);
+  pthread_mutex_unlock(lock);
+}
+
+/* the runs of non-zero blocks of buf written at off_out: the bytes written, or -(WRITE_ERR + errno) */
+static int64_t sparse_write(const io_req *r, const unsigned char *buf) {
   int64_t written = 0, run = -1, i = 0;
   while (i < r->len) {
     int64_t next = i + r->block - ((r->off_out + i) % r->block);
@@ -264,10 +292,7 @@ static void sparse_execute(io_req *r) {
     if (all_zero(buf + i, (size_t)(next - i))) {
       if (run >= 0) {
         int64_t e = write_all(r->fd_out, buf + run, i - run, r->off_out + run);
-        if (e < 0) {
-          r->result = e;
-          return;
-        }
+        if (e < 0) return e;
         written += i - run;
         run = -1;
       }
@@ -276,16 +301,22 @@ static void sparse_execute(io_req *r) {
   }
   if (run >= 0) {
     int64_t e = write_all(r->fd_out, buf + run, r->len - run, r->off_out + run);
-    if (e < 0) {
-      r->result = e;
-      return;
-    }
+    if (e < 0) return e;
     written += r->len - run;
   }
-  r->result = written;
+  return written;
 }
 
+static void copy_range(io_req *r);
+
 static void copy_execute(io_req *r) {
+  pthread_mutex_t *lock = write_lock(r->fd_out);
+  pthread_mutex_lock(lock);
+  copy_range(r);
+  pthread_mutex_unlock(lock);
+}
+
+static void copy_range(io_req *r) {
 #if defined(__linux__)
   int64_t done = 0;
   while (done < r->len) {
