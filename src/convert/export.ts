@@ -377,6 +377,14 @@ async function copyPlaced(
   let next = offset
   let failedAt = Infinity
   let failure: unknown
+  // the reads run ahead on several workers; the writes go one at a time (two at once only wait on the file's
+  // inode lock in the kernel, spinning: see FileDevice.write)
+  let writing: Promise<unknown> = Promise.resolve()
+  const writeNext = (data: Uint8Array, position: number): Promise<void> => {
+    const turn = writing.then(() => writeFd(out.fd, data, position))
+    writing = turn.catch(() => undefined)
+    return turn
+  }
   const worker = async (): Promise<void> => {
     while (next < end && next < failedAt) {
       const pos = next
@@ -390,7 +398,7 @@ async function copyPlaced(
         }
         const data = await pool.read(image, pos, n)
         if (pos > failedAt) return
-        await writeFd(out.fd, data, out.start + (pos - offset))
+        await writeNext(data, out.start + (pos - offset))
         pool.giveBack(data) // the kernel has the bytes now
         step(n)
       } catch (e) {
