@@ -11,7 +11,9 @@
  *
  * For each measurement: the median wall time of each tool and its range, the ratio of the medians, the
  * ratio of the median CPU times (user + system, /usr/bin/time: it moves less than wall time on a shared
- * machine), imgtool's peak RSS, the target and whether it is met. The load average is printed before and
+ * machine), the user and system medians apart (user time is the tool's own work; on this project's VMs
+ * the system time of writing into new page-cache pages swings by 10x from run to run, bench/README.md,
+ * 2026-12-06), imgtool's peak RSS, the target and whether it is met. The load average is printed before and
  * after each measurement; the whole run is written to bench/work/ratios-last.json.
  *
  * Before each timed run (outside the timing) the output is removed and `sync` runs, so neither tool pays
@@ -102,7 +104,7 @@ function run(cmd) {
       const ms = Number(process.hrtime.bigint() - t0) / 1e6
       const m = /@@ (\d+) ([\d.]+) ([\d.]+)\s*$/.exec(err)
       if ((code !== 0 && code !== 1) || !m) return rej(new Error(`${cmd.join(' ')} exited ${code}: ${err}`))
-      res({ ms, cpu: Number(m[2]) + Number(m[3]), rss: Number(m[1]) / 1024 })
+      res({ ms, cpu: Number(m[2]) + Number(m[3]), user: Number(m[2]), sys: Number(m[3]), rss: Number(m[1]) / 1024 })
     })
   })
 }
@@ -142,8 +144,8 @@ console.log(`# imgtool vs qemu-img, ${GB} GiB inputs, ${RUNS} alternating rounds
 console.log(`# node ${process.version}; ${spawnSync('qemu-img', ['--version']).stdout.toString().split('\n')[0]}`)
 console.log(`# imgtool ${spawnSync(BIN, ['--version']).stdout.toString().trim().split('\n').join('; ')}`)
 console.log()
-console.log('| measurement | imgtool s (range) | qemu-img s (range) | wall ratio | CPU s imgtool / qemu-img | CPU ratio | peak RSS imgtool | target | met | load before→after |')
-console.log('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+console.log('| measurement | imgtool s (range) | qemu-img s (range) | wall ratio | CPU s imgtool / qemu-img | CPU ratio | user s | sys s | peak RSS imgtool | target | met | load before→after |')
+console.log('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
 for (const [name, ours, theirs, target] of MEASUREMENTS) {
   if (!ONLY.includes(name)) continue
   const loadBefore = load()
@@ -163,6 +165,8 @@ for (const [name, ours, theirs, target] of MEASUREMENTS) {
     qemu: b,
     wall: [median(a.map((x) => x.ms)) / 1000, median(b.map((x) => x.ms)) / 1000],
     cpu: [median(a.map((x) => x.cpu)), median(b.map((x) => x.cpu))],
+    user: [median(a.map((x) => x.user)), median(b.map((x) => x.user))],
+    sys: [median(a.map((x) => x.sys)), median(b.map((x) => x.sys))],
     rss: Math.max(...a.map((x) => x.rss)),
     load: [loadBefore, load()],
   }
@@ -170,7 +174,7 @@ for (const [name, ours, theirs, target] of MEASUREMENTS) {
   const range = (xs) => `${(Math.min(...xs.map((x) => x.ms)) / 1000).toFixed(2)}–${(Math.max(...xs.map((x) => x.ms)) / 1000).toFixed(2)}`
   const ratio = r.wall[0] / r.wall[1]
   console.log(
-    `| ${name} | ${r.wall[0].toFixed(2)} (${range(a)}) | ${r.wall[1].toFixed(2)} (${range(b)}) | **${ratio.toFixed(2)}×** | ${r.cpu[0].toFixed(2)} / ${r.cpu[1].toFixed(2)} | ${(r.cpu[0] / r.cpu[1]).toFixed(2)}× | ${r.rss.toFixed(0)} MiB | ≤ ${target.toFixed(1)}× | ${ratio <= target ? 'yes' : 'no'} | ${r.load[0]}→${r.load[1]} |`,
+    `| ${name} | ${r.wall[0].toFixed(2)} (${range(a)}) | ${r.wall[1].toFixed(2)} (${range(b)}) | **${ratio.toFixed(2)}×** | ${r.cpu[0].toFixed(2)} / ${r.cpu[1].toFixed(2)} | ${(r.cpu[0] / r.cpu[1]).toFixed(2)}× | ${r.user[0].toFixed(2)} / ${r.user[1].toFixed(2)} | ${r.sys[0].toFixed(2)} / ${r.sys[1].toFixed(2)} | ${r.rss.toFixed(0)} MiB | ≤ ${target.toFixed(1)}× | ${ratio <= target ? 'yes' : 'no'} | ${r.load[0]}→${r.load[1]} |`,
   )
 }
 const peak = Math.max(...results.map((r) => r.rss))
