@@ -16,8 +16,9 @@
  * 2026-12-06), imgtool's peak RSS, the target and whether it is met. The load average is printed before and
  * after each measurement; the whole run is written to bench/work/ratios-last.json.
  *
- * Before each timed run (outside the timing) the output is removed and `sync` runs, so neither tool pays
- * for the previous run's dirty pages. Inputs are made in bench/work/ (gitignored) with node and qemu-img:
+ * Before each measurement the page cache is emptied (as root) and that measurement's inputs are read once,
+ * untimed (warmOnly). Before each timed run (outside the timing) the output is removed and `sync` runs, so
+ * neither tool pays for the previous run's dirty pages. Inputs are made in bench/work/ (gitignored) with node and qemu-img:
  *   mixed-full-N.raw   N GiB of compressible mixed data, every byte written
  *   half-N.raw         the first half the same data, the second half a hole
  *   full-N.qcow2       mixed-full-N.raw converted by qemu-img
@@ -136,8 +137,27 @@ const settle = () => {
 }
 
 await prepare()
-// one untimed warm-up of each input, so the page cache holds them before the first timed round
-for (const f of Object.values(F)) spawnSync('cat', [f], { stdio: ['ignore', 'ignore', 'ignore'] })
+/**
+ * The inputs of one measurement in the page cache, and as little else as possible: the inputs of every
+ * measurement (~16 GiB at --gb 4) and an output do not fit in this project's 24 GiB machines together, so
+ * a run could find its input evicted by the previous measurement's outputs. Where the bench may drop the
+ * page cache (root), it does before each measurement; either way each input is read once, untimed.
+ */
+const DROP = '/proc/sys/vm/drop_caches'
+let canDrop = true
+function warmOnly(files) {
+  spawnSync('sync')
+  if (canDrop) {
+    try {
+      writeFileSync(DROP, '1')
+    } catch {
+      canDrop = false
+      console.error(`# cannot write ${DROP} (not root): inputs are warmed but the page cache is not emptied first`)
+    }
+  }
+  for (const f of files) spawnSync('cat', [f], { stdio: ['ignore', 'ignore', 'ignore'] })
+}
+const inputsOf = (...cmds) => Object.values(F).filter((f) => cmds.some((c) => c.some((a) => a === f || a.includes(`'${f}'`))))
 
 const results = []
 console.log(`# imgtool vs qemu-img, ${GB} GiB inputs, ${RUNS} alternating rounds each${NO_NATIVE ? ", imgtool WITHOUT its native addons" : ""} (${new Date().toISOString()})`)
@@ -148,6 +168,7 @@ console.log('| measurement | imgtool s (range) | qemu-img s (range) | wall ratio
 console.log('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
 for (const [name, ours, theirs, target] of MEASUREMENTS) {
   if (!ONLY.includes(name)) continue
+  warmOnly(inputsOf(ours, theirs))
   const loadBefore = load()
   const a = []
   const b = []
