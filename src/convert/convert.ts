@@ -13,6 +13,7 @@ import { RateLimiter } from '../util/rate.js'
 import { CopyOffload, type CopyRange } from './copy-offload.js'
 import { SparseCopier, type CopySparse } from './sparse-copy.js'
 import { BufferPool, HostFiles, readGuest, sourceOf, type Source } from './host-reads.js'
+import { Turns } from '../util/turns.js'
 
 /** A target that can store compressed clusters (qcow2), found by capability, not by format. */
 export interface CompressedTarget {
@@ -333,9 +334,9 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
    * -C: the chunk offered to the kernel when its turn to be written comes. One chunk at a time, from the
    * offer to the submission of its writes, so the target allocates in guest order as qemu-img's does.
    */
-  let offloadTurn: Promise<unknown> = Promise.resolve()
+  const offloadTurns = new Turns()
   const offloaded = async (c: DataChunk, kernel: CopyOffload): Promise<void> => {
-    const turn = offloadTurn.then(async () => {
+    const r = await offloadTurns.run(async () => {
       const how = await kernel.offer(c.source, c.offset, c.length)
       result.bytesRead += c.length
       if (how === 'copied') {
@@ -348,8 +349,6 @@ export async function convert(src: DiskImage, dst: DiskImage, options: ConvertOp
       const runs = how === 'whole' ? [{ offset: c.offset, length: c.length }] : dataRuns(buf, c.offset, minSparse)
       return { written: writeRuns(c, buf, runs, () => undefined) } // its writes are submitted now
     })
-    offloadTurn = turn.catch(() => undefined)
-    const r = await turn
     await r?.written
   }
   /** a chunk's data runs written (and, into a target that holds data, zeros in the gaps between them) */

@@ -17,6 +17,7 @@ import type { CopyRange, FileOffset } from '../io/seek-hole.js'
 import { openImage } from '../open.js'
 import { formatOption } from '../api/image.js'
 import { parseSize } from '../util/size.js'
+import { Turns } from '../util/turns.js'
 
 /**
  * Bytes per read, and reads in flight. 1 MiB reads still coalesce host ranges
@@ -379,12 +380,7 @@ async function copyPlaced(
   let failure: unknown
   // the reads run ahead on several workers; the writes go one at a time (two at once only wait on the file's
   // inode lock in the kernel, spinning: see FileDevice.write)
-  let writing: Promise<unknown> = Promise.resolve()
-  const writeNext = (data: Uint8Array, position: number): Promise<void> => {
-    const turn = writing.then(() => writeFd(out.fd, data, position))
-    writing = turn.catch(() => undefined)
-    return turn
-  }
+  const writes = new Turns()
   const worker = async (): Promise<void> => {
     while (next < end && next < failedAt) {
       const pos = next
@@ -398,7 +394,7 @@ async function copyPlaced(
         }
         const data = await pool.read(image, pos, n)
         if (pos > failedAt) return
-        await writeNext(data, out.start + (pos - offset))
+        await writes.run(() => writeFd(out.fd, data, out.start + (pos - offset)))
         pool.giveBack(data) // the kernel has the bytes now
         step(n)
       } catch (e) {
@@ -457,7 +453,7 @@ class DirectCopies {
   private readonly it: AsyncIterator<Extent>
   private pending: Extent[] = []
   private ended = false
-  private queue: Promise<unknown> = Promise.resolve()
+  private readonly walk = new Turns()
   private off = false
 
   private constructor(
@@ -484,8 +480,7 @@ class DirectCopies {
   /** Copy guest [pos, pos+n) to outFd at outPos; false when it must be read instead. */
   async copy(pos: number, n: number, outFd: number, outPos: number): Promise<boolean> {
     if (this.off) return false
-    const ranges = this.queue.then(() => this.cover(pos, pos + n))
-    this.queue = ranges.catch(() => undefined)
+    const ranges = this.walk.run(() => this.cover(pos, pos + n))
     let plan: Array<{ fd: number; host: number; guest: number; length: number }> | undefined
     try {
       plan = await ranges

@@ -10,6 +10,7 @@ import { allocateByWriting } from './prealloc.js'
 import { ENOSYS, ENXIO, EOPNOTSUPP, clearNonblock, fallocateAddon, seekHoleAddon } from './seek-hole.js'
 import { acquireImageLock, type ImageLock } from './lock.js'
 import { constants as osConstants } from 'node:os'
+import { Turns } from '../util/turns.js'
 
 export class FileDevice implements BlockDevice {
   private constructor(
@@ -23,8 +24,8 @@ export class FileDevice implements BlockDevice {
     private readonly regular: boolean,
   ) {}
 
-  /** the last write submitted (regular files): the next one starts when it has ended */
-  private writing: Promise<unknown> = Promise.resolve()
+  /** a regular file's writes, one at a time */
+  private readonly writes = new Turns()
 
   static async open(path: string, options: OpenDeviceOptions): Promise<FileDevice> {
     if (options.forceShare && !options.readOnly) {
@@ -126,9 +127,7 @@ export class FileDevice implements BlockDevice {
     // (rwsem_spin_on_owner was 22% of all CPU samples of a 4 GiB qcow2 -> raw convert on the JavaScript path,
     // two writes in flight) and keeping that thread from a read it could be doing.
     if (!this.regular) return this.writeAll(offset, data, tag)
-    const turn = this.writing.then(() => this.writeAll(offset, data, tag))
-    this.writing = turn.catch(() => undefined)
-    return turn
+    return this.writes.run(() => this.writeAll(offset, data, tag))
   }
 
   private async writeAll(offset: number, data: Uint8Array, tag?: IoTag): Promise<void> {
@@ -146,7 +145,7 @@ export class FileDevice implements BlockDevice {
 
   /** after the writes already submitted (regular files): truncate, allocate and flush keep call order with them */
   private async afterWrites(): Promise<void> {
-    if (this.regular) await this.writing
+    if (this.regular) await this.writes.idle()
   }
 
   async flush(): Promise<void> {
